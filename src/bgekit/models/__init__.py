@@ -1,0 +1,1 @@
+"""Embedders and rerankers: prompts, tokenization, pooling and scoring."""

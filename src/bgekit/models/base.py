@@ -1,0 +1,147 @@
+"""The part every embedder and reranker shares: a loaded model on its devices, and the
+batch loop ``tokenized inputs -> length-sorted batches -> forward -> input order``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..runtime.batching import length_sorted_batches, run_with_oom_backoff
+from ..runtime.devices import ReplicaPool, resolve_devices, resolve_dtype
+from .tokenization import TextTokenizer, Tokenized
+
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+PROGRESS_MIN_ITEMS = 256
+
+
+class ModelHost:
+    """A transformers module and its tokenizer, placed on one or more devices."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        tokenizer: TextTokenizer,
+        devices: str | int | Sequence[str | int] | None,
+        use_fp16: bool,
+        use_bf16: bool,
+    ):
+        self.tokenizer = tokenizer
+        self.devices = resolve_devices(devices)
+        self.use_fp16, self.use_bf16 = use_fp16, use_bf16
+        module.eval()
+        self.pool = ReplicaPool(module, self.devices, lambda d: resolve_dtype(d, use_fp16, use_bf16))
+        self.max_positions = _max_positions(module.config)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.pool.primary
+
+    def clamp_length(self, max_length: int | None, default: int) -> int:
+        """Validate ``max_length`` and keep it inside the model's position table."""
+        value = default if max_length is None else max_length
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"max_length must be a positive int, got {value!r}")
+        if self.max_positions is not None and value > self.max_positions:
+            logger.info(
+                "max_length=%d is beyond the model's %d positions; using %d",
+                value,
+                self.max_positions,
+                self.max_positions,
+            )
+            value = self.max_positions
+        return value
+
+    def run(
+        self,
+        tokenized: Tokenized,
+        forward: Forward,
+        batch_size: int,
+        *,
+        desc: str,
+        pad_to_multiple_of: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> torch.Tensor:
+        """Forward every input in length-sorted batches; rows come back in input order (float32, CPU)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        lengths = [len(x) for x in tokenized.ids]
+        order, batches = length_sorted_batches(lengths, batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(lengths) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
+        bar = tqdm(total=len(lengths), desc=desc, disable=not show_progress_bar, unit="item")
+
+        def work(module: torch.nn.Module, device: str, batch: np.ndarray) -> torch.Tensor:
+            def step(rows: np.ndarray) -> torch.Tensor:
+                inputs = self.tokenizer.collate(
+                    [tokenized.ids[i] for i in rows],
+                    None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows],
+                    pad_to_multiple_of,
+                )
+                inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                return forward(module, inputs).float().cpu()
+
+            with torch.inference_mode():
+                out = run_with_oom_backoff(step, batch)
+            bar.update(len(batch))
+            return out
+
+        try:
+            outputs = self.pool.map(work, batches)
+        finally:
+            bar.close()
+        stacked = torch.cat(outputs)
+        result = torch.empty_like(stacked)
+        result[torch.from_numpy(order)] = stacked
+        return result
+
+    def log_truncation(self, tokenized: Tokenized, max_length: int, what: str) -> None:
+        if tokenized.truncated:
+            logger.info(
+                "%d of %d %s were longer than max_length=%d tokens and were truncated",
+                tokenized.truncated,
+                len(tokenized.ids),
+                what,
+                max_length,
+            )
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _max_positions(config) -> int | None:
+    """Longest input the position table allows (RoBERTa-style models reserve pad+1 slots)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if getattr(config, "model_type", "") in {"roberta", "xlm-roberta", "camembert", "bart"}:
+        pad = getattr(config, "pad_token_id", 1) or 1
+        limit -= pad + 1
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None  # relative positions have no hard table
+    return limit
+
+
+def load_module(loader, folder: Path, trust_remote_code: bool, **kwargs) -> torch.nn.Module:
+    """``loader.from_pretrained`` with float32 weights and a clear error on failure."""
+    from transformers.utils import logging as hf_logging
+
+    from ..errors import ModelNotFoundError
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return loader.from_pretrained(str(folder), trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"could not load model weights from {folder}: {exc}") from exc
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,220 @@
+"""The Embedder base: ``encode``, ``encode_queries`` and ``encode_corpus`` for every family.
+
+One encode path serves all embedders (``texts -> prompt -> tokenize -> sorted batches ->
+forward -> pool -> normalize -> input order``); a family supplies its prompt rule and
+its pooling. Behaviour follows FlagEmbedding 1.4.2 so its users get the same numbers:
+one string in gives one 1-D vector out, a list gives a 2-D array in input order,
+queries get the instruction, passages only when a passage instruction is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import hub, registry
+from ..errors import InputError
+from .inputs import as_text_list
+
+logger = logging.getLogger(__name__)
+
+
+class Embedder:
+    """Base class of bgekit's embedders. Build one with :meth:`from_pretrained`.
+
+    Example:
+        >>> from bgekit import Embedder
+        >>> model = Embedder.from_pretrained("BAAI/bge-small-en-v1.5")  # doctest: +SKIP
+        >>> model.encode_queries(["what is BGE?"]).shape                  # doctest: +SKIP
+        (1, 384)
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        normalize_embeddings: bool = True,
+        use_fp16: bool = True,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        devices: str | int | Sequence[str | int] | None = None,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        convert_to_numpy: bool = True,
+        use_bf16: bool = False,
+        passage_instruction_for_retrieval: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        truncate_dim: int | None = None,
+        **kwargs: Any,
+    ):
+        self.model_name_or_path = str(model_name_or_path)
+        self.normalize_embeddings = normalize_embeddings
+        self.use_fp16 = use_fp16
+        self.use_bf16 = use_bf16
+        self.query_instruction_for_retrieval = query_instruction_for_retrieval
+        self.query_instruction_format = _unescape(query_instruction_format)
+        self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
+        self.passage_instruction_format = _unescape(passage_instruction_format)
+        self.batch_size = batch_size
+        self.query_max_length = query_max_length
+        self.passage_max_length = passage_max_length
+        self.convert_to_numpy = convert_to_numpy
+        if truncate_dim is not None and (
+            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1
+        ):
+            raise InputError(f"truncate_dim must be a positive int or None, got {truncate_dim!r}")
+        self.truncate_dim = truncate_dim
+        self._devices_arg = devices
+        if kwargs:
+            warnings.warn(f"{type(self).__name__} ignores unknown options: {sorted(kwargs)}", stacklevel=3)
+        self.kwargs = kwargs
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, model_class: str | None = None, **options: Any) -> Embedder:
+        """Load any embedder by hub id or folder; the family comes from the registry or the folder.
+
+        ``model_class`` (``"encoder-only-base"``, ``"encoder-only-m3"``, ``"decoder-only-base"``,
+        ``"decoder-only-icl"``) and ``pooling_method`` override what bgekit would choose.
+        Known models get their recommended query instruction unless you pass one
+        (``query_instruction_for_retrieval=None`` keeps it; ``""`` turns it off).
+        """
+        name, spec = hub.resolve(model_name_or_path, registry.EMBEDDERS, model_class)
+        defaults = spec_options(spec)
+        defaults.update({k: v for k, v in options.items() if v is not None})
+        if defaults.get("query_instruction_for_retrieval") == "":
+            defaults["query_instruction_for_retrieval"] = None
+        return embedder_class(spec.kind)(name, **defaults)
+
+    # -- public encode API ----------------------------------------------------------------
+    def encode_queries(
+        self,
+        queries: str | list[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        convert_to_numpy: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Embed queries with the query instruction (if any). Shapes as :meth:`encode`."""
+        return self.encode(
+            queries,
+            batch_size=batch_size,
+            max_length=self.query_max_length if max_length is None else max_length,
+            convert_to_numpy=convert_to_numpy,
+            instruction=self.query_instruction_for_retrieval,
+            instruction_format=self.query_instruction_format,
+            **kwargs,
+        )
+
+    def encode_corpus(
+        self,
+        corpus: str | list[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        convert_to_numpy: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Embed passages; a passage instruction is added only if one was configured."""
+        return self.encode(
+            corpus,
+            batch_size=batch_size,
+            max_length=self.passage_max_length if max_length is None else max_length,
+            convert_to_numpy=convert_to_numpy,
+            instruction=self.passage_instruction_for_retrieval,
+            instruction_format=self.passage_instruction_format,
+            **kwargs,
+        )
+
+    def encode(
+        self,
+        sentences: str | list[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        convert_to_numpy: bool | None = None,
+        instruction: str | None = None,
+        instruction_format: str | None = None,
+        *,
+        normalize_embeddings: bool | None = None,
+        show_progress_bar: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Embed texts as they are (plus ``instruction`` if given).
+
+        Returns a float32 ``np.ndarray`` of shape ``(n, dim)`` for a list and ``(dim,)``
+        for a single string; a CPU ``torch.Tensor`` with ``convert_to_numpy=False``.
+        Texts longer than ``max_length`` tokens (default ``passage_max_length``) are
+        truncated; the count is logged at INFO level.
+        """
+        if kwargs:
+            raise InputError(f"encode() got unexpected options {sorted(kwargs)}")
+        texts, single = as_text_list(sentences, "sentences")
+        if instruction is not None:
+            fmt = _unescape(instruction_format or "{}{}")
+            texts = [fmt.format(instruction, text) for text in texts]
+        embeddings = self._embed(
+            texts,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            max_length=self.passage_max_length if max_length is None else max_length,
+            show_progress_bar=show_progress_bar,
+        )
+        if self.truncate_dim is not None:
+            embeddings = embeddings[:, : self.truncate_dim]
+        normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
+        if normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        if single:
+            embeddings = embeddings[0]
+        to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
+        return embeddings.numpy() if to_numpy else embeddings
+
+    def _embed(
+        self, texts: list[str], batch_size: int, max_length: int, show_progress_bar: bool | None
+    ) -> torch.Tensor:
+        """Pooled float32 vectors (before truncation and normalization), in input order."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release worker threads of a multi-device pool (the model stays usable)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model_name_or_path!r})"
+
+
+def _unescape(fmt: str) -> str:
+    """FlagEmbedding turns a literal backslash-n in a format into a newline."""
+    if not isinstance(fmt, str):
+        raise InputError(f"instruction format must be a string with two {{}} slots, got {fmt!r}")
+    return fmt.replace("\\n", "\n")
+
+
+def spec_options(spec: registry.ModelSpec) -> dict[str, Any]:
+    """Constructor options a registry entry implies."""
+    options: dict[str, Any] = {}
+    if spec.pooling_method:
+        options["pooling_method"] = spec.pooling_method
+    if spec.query_instruction:
+        options["query_instruction_for_retrieval"] = spec.query_instruction
+    if spec.query_instruction_format != "{}{}":
+        options["query_instruction_format"] = spec.query_instruction_format
+    if spec.passage_instruction:
+        options["passage_instruction_for_retrieval"] = spec.passage_instruction
+    if spec.trust_remote_code:
+        options["trust_remote_code"] = True
+    if spec.max_length:
+        options["query_max_length"] = options["passage_max_length"] = spec.max_length
+    return options
+
+
+def embedder_class(kind: str) -> type[Embedder]:
+    """The bgekit class that runs an embedder kind."""
+    if kind == registry.ENCODER:
+        from .encoder import FlagModel
+
+        return FlagModel
+    raise InputError(
+        f"model class {kind!r} is not available in this version of bgekit yet; supported: {registry.ENCODER!r}"
+    )

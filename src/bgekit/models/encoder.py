@@ -1,0 +1,92 @@
+"""Encoder embedders (BERT, XLM-R, ...): one forward, then ``cls`` or ``mean`` pooling.
+
+:class:`FlagModel` keeps FlagEmbedding's name, argument names and defaults, so
+``from bgekit import FlagModel`` is a drop-in replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import hub
+from .base import ModelHost, load_module
+from .embedder import Embedder
+from .pooling import check_pooling, pool
+from .tokenization import TextTokenizer, load_hf_tokenizer
+
+
+class FlagModel(Embedder):
+    """Encoder-only embedder (bge-*-v1.5, e5, gte, bce, MiniLM...).
+
+    Example:
+        >>> from bgekit import FlagModel
+        >>> model = FlagModel("BAAI/bge-base-en-v1.5",  # doctest: +SKIP
+        ...     query_instruction_for_retrieval="Represent this sentence for searching relevant passages: ")
+        >>> q = model.encode_queries(["what is BGE?"])   # doctest: +SKIP
+        >>> p = model.encode_corpus(["BGE is an embedding model."])  # doctest: +SKIP
+        >>> scores = q @ p.T                             # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        normalize_embeddings: bool = True,
+        use_fp16: bool = True,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        devices: str | int | Sequence[str | int] | None = None,
+        pooling_method: str = "cls",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        convert_to_numpy: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            model_name_or_path,
+            normalize_embeddings=normalize_embeddings,
+            use_fp16=use_fp16,
+            query_instruction_for_retrieval=query_instruction_for_retrieval,
+            query_instruction_format=query_instruction_format,
+            devices=devices,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            convert_to_numpy=convert_to_numpy,
+            **kwargs,
+        )
+        self.pooling_method = check_pooling(pooling_method)
+        from transformers import AutoModel
+
+        folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        module = load_module(AutoModel, folder, trust_remote_code)
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        self.target_devices = self.host.devices
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The underlying transformers module (on the first device)."""
+        return self.host.module
+
+    def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = module(**inputs, return_dict=True).last_hidden_state
+        return pool(hidden, inputs["attention_mask"], self.pooling_method)
+
+    def _embed(
+        self, texts: list[str], batch_size: int, max_length: int, show_progress_bar: bool | None
+    ) -> torch.Tensor:
+        max_length = self.host.clamp_length(max_length, self.passage_max_length)
+        tokenized = self.tokenizer.encode(texts, max_length)
+        self.host.log_truncation(tokenized, max_length, "texts")
+        return self.host.run(
+            tokenized, self._forward, batch_size, desc="Embedding", show_progress_bar=show_progress_bar
+        )
+
+    def close(self) -> None:
+        self.host.close()

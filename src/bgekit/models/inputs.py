@@ -1,0 +1,52 @@
+"""Checks on what callers pass in, so bad input fails early with a plain message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import InputError
+
+
+def as_text_list(texts: object, what: str = "texts") -> tuple[list[str], bool]:
+    """Return ``(list_of_strings, was_single_string)`` or raise :class:`InputError`."""
+    if texts is None:
+        raise InputError(f"{what} is None; pass a string or a list of strings")
+    if isinstance(texts, str):
+        return [texts], True
+    if isinstance(texts, (bytes, bytearray)):
+        raise InputError(f"{what} is bytes; decode it to str first")
+    if not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
+        raise InputError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
+    items = list(texts)  # type: ignore[call-overload]
+    if not items:
+        raise InputError(f"{what} is empty; pass at least one string")
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InputError(f"{what}[{index}] is {type(item).__name__} ({item!r:.60}), not a string")
+    return items, False
+
+
+def as_pair_list(pairs: object) -> tuple[list[tuple[str, str]], bool]:
+    """Return ``(list_of_(query, passage), was_single_pair)`` or raise :class:`InputError`."""
+    if pairs is None:
+        raise InputError("sentence_pairs is None; pass a (query, passage) pair or a list of them")
+    if isinstance(pairs, str):
+        raise InputError("sentence_pairs is a single string; pass a (query, passage) pair or a list of them")
+    if not isinstance(pairs, Sequence) and not hasattr(pairs, "__iter__"):
+        raise InputError(f"sentence_pairs must be a list of (query, passage) pairs, got {type(pairs).__name__}")
+    items = list(pairs)  # type: ignore[call-overload]
+    if not items:
+        raise InputError("sentence_pairs is empty; pass at least one (query, passage) pair")
+    single = len(items) == 2 and all(isinstance(x, str) for x in items)
+    if single:
+        items = [items]
+    out = []
+    for index, pair in enumerate(items):
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InputError(f"sentence_pairs[{index}] must be a (query, passage) pair, got {pair!r:.80}")
+        query, passage = pair
+        for name, value in (("query", query), ("passage", passage)):
+            if not isinstance(value, str):
+                raise InputError(f"sentence_pairs[{index}] {name} is {type(value).__name__}, not a string")
+        out.append((query, passage))
+    return out, single

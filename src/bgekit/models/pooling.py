@@ -1,0 +1,31 @@
+"""Pooling of token states into one vector per text (FlagEmbedding's definitions)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+POOLING_METHODS = ("cls", "mean", "last_token")
+
+
+def check_pooling(method: str) -> str:
+    if method not in POOLING_METHODS:
+        raise InputError(f"pooling_method must be one of {POOLING_METHODS}, got {method!r}")
+    return method
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
+    """``cls``: first token; ``mean``: masked mean (special tokens included);
+    ``last_token``: the last real token, right for both left and right padding."""
+    if method == "cls":
+        return hidden[:, 0]
+    if method == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / attention_mask.sum(dim=1, keepdim=True).to(hidden.dtype)
+    if method == "last_token":
+        if bool(attention_mask[:, -1].all()):
+            return hidden[:, -1]
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise InputError(f"pooling_method must be one of {POOLING_METHODS}, got {method!r}")

@@ -1,0 +1,213 @@
+"""Rerankers: ``(query, passage)`` pairs in, relevance scores out.
+
+:class:`Reranker` is the base (instructions, input checks, sigmoid); :class:`FlagReranker`
+is the cross-encoder (bge-reranker-base/large/v2-m3), with FlagEmbedding's name,
+arguments and token layout: the query is cut to ``query_max_length`` on its own first,
+then the passage fills what is left of ``max_length``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import hub, registry
+from ..errors import InputError
+from .base import ModelHost, load_module
+from .inputs import as_pair_list
+from .tokenization import TextTokenizer, load_hf_tokenizer
+
+
+def sigmoid(scores: Sequence[float]) -> list[float]:
+    """``1 / (1 + exp(-x))`` in float64, as FlagEmbedding's ``normalize=True``."""
+    values = np.asarray(scores, dtype=np.float64)
+    return (1.0 / (1.0 + np.exp(-values))).tolist()
+
+
+class Reranker:
+    """Base class of bgekit's rerankers. Build one with :meth:`from_pretrained`.
+
+    Example:
+        >>> from bgekit import Reranker
+        >>> reranker = Reranker.from_pretrained("BAAI/bge-reranker-base")          # doctest: +SKIP
+        >>> reranker.compute_score([("what is panda?", "The giant panda is a bear.")])  # doctest: +SKIP
+        [5.26...]
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        use_fp16: bool = False,
+        query_instruction_for_rerank: str | None = None,
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_rerank: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        devices: str | int | Sequence[str | int] | None = None,
+        batch_size: int = 128,
+        query_max_length: int | None = None,
+        max_length: int = 512,
+        normalize: bool = False,
+        use_bf16: bool = False,
+        **kwargs: Any,
+    ):
+        self.model_name_or_path = str(model_name_or_path)
+        self.use_fp16, self.use_bf16 = use_fp16, use_bf16
+        self.query_instruction_for_rerank = query_instruction_for_rerank
+        self.query_instruction_format = query_instruction_format.replace("\\n", "\n")
+        self.passage_instruction_for_rerank = passage_instruction_for_rerank
+        self.passage_instruction_format = passage_instruction_format.replace("\\n", "\n")
+        self.batch_size = batch_size
+        self.query_max_length = query_max_length
+        self.max_length = max_length
+        self.normalize = normalize
+        if kwargs:
+            warnings.warn(f"{type(self).__name__} ignores unknown options: {sorted(kwargs)}", stacklevel=3)
+        self.kwargs = kwargs
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, model_class: str | None = None, **options: Any) -> Reranker:
+        """Load any reranker by hub id or folder; the family comes from the registry or the folder."""
+        name, spec = hub.resolve(model_name_or_path, registry.RERANKERS, model_class, for_reranker=True)
+        if spec.trust_remote_code:
+            options.setdefault("trust_remote_code", True)
+        return reranker_class(spec.kind)(name, **{k: v for k, v in options.items() if v is not None})
+
+    def detailed_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Apply the query and passage instructions, as text, before tokenizing."""
+        q_ins, p_ins = self.query_instruction_for_rerank, self.passage_instruction_for_rerank
+        return [
+            (
+                q if q_ins is None else self.query_instruction_format.format(q_ins, q),
+                p if p_ins is None else self.passage_instruction_format.format(p_ins, p),
+            )
+            for q, p in pairs
+        ]
+
+    def compute_score(
+        self,
+        sentence_pairs: tuple[str, str] | Sequence[tuple[str, str]],
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        normalize: bool | None = None,
+        *,
+        show_progress_bar: bool | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        """Score pairs; always a list of floats in input order (one pair gives a list of one).
+
+        ``normalize=True`` maps scores through a sigmoid into (0, 1).
+        """
+        if kwargs:
+            raise InputError(f"compute_score() got unexpected options {sorted(kwargs)}")
+        pairs, _ = as_pair_list(sentence_pairs)
+        scores = self._score(
+            self.detailed_pairs(pairs),
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            query_max_length=self.query_max_length if query_max_length is None else query_max_length,
+            max_length=self.max_length if max_length is None else max_length,
+            show_progress_bar=show_progress_bar,
+        )
+        normalize = self.normalize if normalize is None else normalize
+        return sigmoid(scores) if normalize else scores
+
+    def _score(
+        self,
+        pairs: list[tuple[str, str]],
+        batch_size: int,
+        query_max_length: int | None,
+        max_length: int,
+        show_progress_bar: bool | None,
+    ) -> list[float]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release worker threads of a multi-device pool (the model stays usable)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model_name_or_path!r})"
+
+
+class FlagReranker(Reranker):
+    """Cross-encoder reranker (bge-reranker-base / large / v2-m3 and other sequence classifiers)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        use_fp16: bool = False,
+        query_instruction_for_rerank: str | None = None,
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_rerank: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        devices: str | int | Sequence[str | int] | None = None,
+        batch_size: int = 128,
+        query_max_length: int | None = None,
+        max_length: int = 512,
+        normalize: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            model_name_or_path,
+            use_fp16=use_fp16,
+            query_instruction_for_rerank=query_instruction_for_rerank,
+            query_instruction_format=query_instruction_format,
+            passage_instruction_for_rerank=passage_instruction_for_rerank,
+            passage_instruction_format=passage_instruction_format,
+            devices=devices,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            max_length=max_length,
+            normalize=normalize,
+            **kwargs,
+        )
+        from transformers import AutoModelForSequenceClassification
+
+        folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        module = load_module(AutoModelForSequenceClassification, folder, trust_remote_code)
+        if module.config.num_labels != 1:
+            raise InputError(
+                f"{model_name_or_path} has {module.config.num_labels} output labels; a cross-encoder reranker needs 1"
+            )
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        self.target_devices = self.host.devices
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.host.module
+
+    @staticmethod
+    def _forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return module(**inputs, return_dict=True).logits.view(-1)
+
+    def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar):
+        max_length = self.host.clamp_length(max_length, self.max_length)
+        if query_max_length is None:
+            query_max_length = max_length * 3 // 4
+        query_max_length = self.host.clamp_length(query_max_length, max_length)
+        tokenized = self.tokenizer.encode_pairs(
+            [q for q, _ in pairs], [p for _, p in pairs], query_max_length, max_length
+        )
+        self.host.log_truncation(tokenized, max_length, "pairs")
+        scores = self.host.run(
+            tokenized, self._forward, batch_size, desc="Reranking", show_progress_bar=show_progress_bar
+        )
+        return scores.tolist()
+
+    def close(self) -> None:
+        self.host.close()
+
+
+def reranker_class(kind: str) -> type[Reranker]:
+    """The bgekit class that runs a reranker kind."""
+    if kind == registry.CROSS_ENCODER:
+        return FlagReranker
+    raise InputError(
+        f"reranker class {kind!r} is not available in this version of bgekit yet; supported: {registry.CROSS_ENCODER!r}"
+    )

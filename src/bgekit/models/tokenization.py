@@ -1,0 +1,145 @@
+"""Tokenization shared by every model: texts or pairs -> token ids -> padded tensors.
+
+It drives the Rust ``tokenizers`` backend directly (one parallel call per chunk, no
+Python-side padding objects) and reproduces what ``tokenizer(..., truncation=True,
+max_length=n)`` gives: content truncated so that the special tokens still fit. It also
+counts truncated inputs, which the HF call hides.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Encoding, Tokenizer
+
+from ..errors import InputError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokenized:
+    """Token ids per input (unpadded), optional segment ids, and how many were cut."""
+
+    ids: list[list[int]]
+    type_ids: list[list[int]] | None
+    truncated: int = 0
+
+
+def load_hf_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwargs):
+    """Load the folder's tokenizer; fall back to the generic fast tokenizer when the
+    model-specific class cannot rebuild itself from ``tokenizer.json``."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as exc:
+        if not (Path(folder) / "tokenizer.json").exists():
+            raise ModelNotFoundError(f"could not load a tokenizer from {folder}: {exc}") from exc
+        logger.debug("AutoTokenizer failed on %s (%s); loading tokenizer.json directly", folder, exc)
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+
+
+class TextTokenizer:
+    """Wraps a Hugging Face fast tokenizer with batch encode, pair encode and collate."""
+
+    def __init__(self, hf_tokenizer):
+        backend = getattr(hf_tokenizer, "_tokenizer", None)
+        if not isinstance(backend, Tokenizer):
+            raise ModelNotFoundError(
+                f"{type(hf_tokenizer).__name__} is not a fast tokenizer; bgekit needs a tokenizer.json"
+            )
+        self.hf = hf_tokenizer
+        self.backend = Tokenizer.from_str(backend.to_str())
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.pad_id = hf_tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else 0
+        self.padding_side = getattr(hf_tokenizer, "padding_side", "right")
+        self.truncation_side = getattr(hf_tokenizer, "truncation_side", "right")
+        self.uses_type_ids = "token_type_ids" in getattr(hf_tokenizer, "model_input_names", ())
+        processor = self.backend.post_processor
+        self.n_special_single = processor.num_special_tokens_to_add(False) if processor else 0
+        self.n_special_pair = processor.num_special_tokens_to_add(True) if processor else 0
+
+    # -- encoding ---------------------------------------------------------------------------
+    def _raw(self, texts: list[str]) -> list[Encoding]:
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def _cut(self, enc: Encoding, limit: int) -> bool:
+        if len(enc.ids) <= limit:
+            return False
+        enc.truncate(max(limit, 0), direction=self.truncation_side)
+        return True
+
+    def encode(self, texts: list[str], max_length: int, add_special_tokens: bool = True) -> Tokenized:
+        """Token ids of each text, truncated to ``max_length`` tokens special tokens included."""
+        special = self.n_special_single if add_special_tokens else 0
+        if max_length <= special:
+            raise InputError(f"max_length={max_length} leaves no room for text after {special} special tokens")
+        truncated = 0
+        ids, type_ids = [], []
+        for enc in self._raw(texts):
+            truncated += self._cut(enc, max_length - special)
+            if add_special_tokens:
+                enc = self.backend.post_process(enc, None, add_special_tokens=True)
+            ids.append(enc.ids)
+            type_ids.append(enc.type_ids)
+        return Tokenized(ids, type_ids if self.uses_type_ids else None, truncated)
+
+    def encode_pairs(self, firsts: list[str], seconds: list[str], first_max_length: int, max_length: int) -> Tokenized:
+        """``[CLS] first [SEP] second [SEP]``-style ids, FlagEmbedding's cross-encoder layout.
+
+        The first text is cut to ``first_max_length`` tokens on its own, the second to
+        ``max_length``, then the second is cut again so the pair fits in ``max_length``.
+        """
+        if max_length <= self.n_special_pair + 1:
+            raise InputError(
+                f"max_length={max_length} is too small for a pair with {self.n_special_pair} special tokens"
+            )
+        first_max_length = min(first_max_length, max_length - self.n_special_pair - 1)
+        truncated = 0
+        ids, type_ids = [], []
+        for first, second in zip(self._raw(firsts), self._raw(seconds), strict=True):
+            cut = self._cut(first, first_max_length)
+            cut |= self._cut(second, max_length)
+            cut |= self._cut(second, max_length - len(first.ids) - self.n_special_pair)
+            truncated += cut
+            enc = self.backend.post_process(first, second, add_special_tokens=True)
+            ids.append(enc.ids)
+            type_ids.append(enc.type_ids)
+        return Tokenized(ids, type_ids if self.uses_type_ids else None, truncated)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids)
+
+    # -- batching ---------------------------------------------------------------------------
+    def collate(
+        self,
+        ids: list[list[int]],
+        type_ids: list[list[int]] | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pad a batch on the tokenizer's side into CPU tensors."""
+        width = max(len(x) for x in ids)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        types = np.zeros((len(ids), width), dtype=np.int64) if type_ids is not None else None
+        left = self.padding_side == "left"
+        for row, seq in enumerate(ids):
+            span = slice(width - len(seq), width) if left else slice(0, len(seq))
+            input_ids[row, span] = seq
+            mask[row, span] = 1
+            if types is not None:
+                types[row, span] = type_ids[row]
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            batch["token_type_ids"] = torch.from_numpy(types)
+        return batch

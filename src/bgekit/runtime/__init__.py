@@ -1,0 +1,1 @@
+"""Batching, devices and precision: the torch-only layer every model shares."""

@@ -1,0 +1,139 @@
+"""Device and dtype choice, and one model replica per device for multi-device work.
+
+Replicas run in threads, not processes: torch releases the GIL inside kernels and the
+tokenizer releases it in Rust, so one thread per device keeps every device busy without
+pickling the model or leaving child processes behind at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from ..errors import InputError
+
+T = TypeVar("T")
+
+
+def resolve_devices(devices: str | int | Sequence[str | int] | None) -> list[str]:
+    """Normalise FlagEmbedding-style ``devices`` into torch device strings.
+
+    ``None`` means every visible GPU (or MPS, or the CPU); an int or a list of ints
+    names CUDA ordinals; strings pass through (``"cpu"``, ``"cuda:1"``).
+    """
+    if devices is None:
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return ["mps"]
+        return ["cpu"]
+    if isinstance(devices, (str, int)):
+        devices = [devices]
+    if not isinstance(devices, Sequence) or not devices:
+        raise InputError(f"devices must be a device string, an int or a non-empty list of them, got {devices!r}")
+    out = []
+    for device in devices:
+        if isinstance(device, bool) or not isinstance(device, (str, int)):
+            raise InputError(f"devices must be strings like 'cuda:0' or ints, got {device!r}")
+        name = f"cuda:{device}" if isinstance(device, int) else device.strip()
+        try:
+            parsed = torch.device(name)
+        except RuntimeError:
+            raise InputError(f"{name!r} is not a device torch knows (try 'cpu', 'cuda:0', 'mps')") from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {name!r} was asked for but CUDA is not available on this machine")
+        out.append(name)
+    return out
+
+
+def resolve_dtype(device: str, use_fp16: bool = False, use_bf16: bool = False) -> torch.dtype:
+    """float16 / bfloat16 on accelerators when asked; always float32 on the CPU."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    if use_bf16:
+        return torch.bfloat16
+    if use_fp16:
+        return torch.float16
+    return torch.float32
+
+
+class ReplicaPool:
+    """One copy of a module per device, and a thread per device that runs work items.
+
+    The pool starts on first use with more than one device and shuts down on
+    :meth:`close`, when garbage collected, or at interpreter exit, without errors.
+    """
+
+    def __init__(self, module: torch.nn.Module, devices: Sequence[str], dtype_for: Callable[[str], torch.dtype]):
+        self.devices = list(devices)
+        self._dtype_for = dtype_for
+        self._primary = module
+        self._replicas: dict[str, torch.nn.Module] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    def replica(self, device: str) -> torch.nn.Module:
+        """The module on ``device`` (moved there the first time it is asked for)."""
+        with self._lock:
+            if device not in self._replicas:
+                dtype = self._dtype_for(device)
+                if not self._replicas:
+                    module = self._primary
+                else:
+                    module = copy.deepcopy(next(iter(self._replicas.values()))).to("cpu")
+                self._replicas[device] = module.to(device=device, dtype=dtype).eval()
+            return self._replicas[device]
+
+    @property
+    def primary(self) -> torch.nn.Module:
+        return self.replica(self.devices[0])
+
+    def map(self, fn: Callable[[torch.nn.Module, str, Any], T], items: Sequence[Any]) -> list[T]:
+        """Run ``fn(module, device, item)`` for every item, on all devices at once; keep item order."""
+        if len(self.devices) == 1 or len(items) <= 1:
+            module, device = self.primary, self.devices[0]
+            return [fn(module, device, item) for item in items]
+        for device in self.devices:
+            self.replica(device)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=len(self.devices), thread_name_prefix="bgekit-device")
+            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True, cancel_futures=True)
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(len(items)):
+            todo.put(index)
+        results: list[Any] = [None] * len(items)
+        failed = threading.Event()
+
+        def worker(device: str) -> None:
+            module = self._replicas[device]
+            with torch.inference_mode():
+                while not failed.is_set():
+                    try:
+                        index = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        results[index] = fn(module, device, items[index])
+                    except BaseException:
+                        failed.set()
+                        raise
+
+        futures = [self._executor.submit(worker, device) for device in self.devices]
+        for future in futures:
+            future.result()
+        return results
+
+    def close(self) -> None:
+        """Stop the worker threads; the primary module stays usable."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self._executor = None
