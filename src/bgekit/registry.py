@@ -22,7 +22,8 @@ CROSS_ENCODER = "encoder-only-base"
 LLM_RERANKER = "decoder-only-base"
 LAYERWISE_RERANKER = "decoder-only-layerwise"
 LIGHTWEIGHT_RERANKER = "decoder-only-lightweight"
-RERANKER_KINDS = (CROSS_ENCODER, LLM_RERANKER, LAYERWISE_RERANKER, LIGHTWEIGHT_RERANKER)
+BI_ENCODER = "bi-encoder"  # an embedder used as a reranker: cosine of query and passage vectors
+RERANKER_KINDS = (CROSS_ENCODER, LLM_RERANKER, LAYERWISE_RERANKER, LIGHTWEIGHT_RERANKER, BI_ENCODER)
 
 POOLING_METHODS = ("cls", "mean", "last_token")
 

@@ -140,8 +140,10 @@ def load_module(loader, folder: Path, trust_remote_code: bool, **kwargs) -> torc
     hf_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(str(folder), trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(f"could not load model weights from {folder}: {exc}") from exc
+    except Exception as exc:  # corrupt, mismatched or unreadable weights all end here
+        raise ModelNotFoundError(
+            f"could not load model weights from {folder}: {type(exc).__name__}: {exc}".strip()
+        ) from exc
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

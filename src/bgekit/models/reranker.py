@@ -204,10 +204,67 @@ class FlagReranker(Reranker):
         self.host.close()
 
 
+class BiEncoderReranker(Reranker):
+    """Reranks with an embedder: the score is the cosine of query and passage vectors.
+
+    Used when ``Reranker.from_pretrained`` (or ``bgekit rerank``) is given an embedding
+    model; queries get the model's query instruction, passages its passage rule.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        use_fp16: bool = False,
+        devices: str | int | Sequence[str | int] | None = None,
+        batch_size: int = 128,
+        query_max_length: int | None = None,
+        max_length: int = 512,
+        normalize: bool = False,
+        **embedder_options: Any,
+    ):
+        super().__init__(
+            model_name_or_path,
+            use_fp16=use_fp16,
+            devices=devices,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            max_length=max_length,
+            normalize=normalize,
+        )
+        from .embedder import Embedder
+
+        self.embedder = Embedder.from_pretrained(
+            model_name_or_path, use_fp16=use_fp16, devices=devices, normalize_embeddings=True, **embedder_options
+        )
+
+    def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar):
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        row = {q: i for i, q in enumerate(queries)}
+        # the embedder's own limits (e.g. 256 for MiniLM) win over the reranker-style 512 default
+        query_limit = min(query_max_length or max_length, self.embedder.query_max_length)
+        q_vecs = self.embedder.encode_queries(
+            queries, batch_size=batch_size, max_length=query_limit, convert_to_numpy=False
+        )
+        p_vecs = self.embedder.encode_corpus(
+            [p for _, p in pairs],
+            batch_size=batch_size,
+            max_length=min(max_length, self.embedder.passage_max_length),
+            convert_to_numpy=False,
+            show_progress_bar=show_progress_bar,
+        )
+        index = torch.tensor([row[q] for q, _ in pairs])
+        return (q_vecs[index] * p_vecs).sum(dim=-1).tolist()
+
+    def close(self) -> None:
+        self.embedder.close()
+
+
 def reranker_class(kind: str) -> type[Reranker]:
     """The bgekit class that runs a reranker kind."""
     if kind == registry.CROSS_ENCODER:
         return FlagReranker
+    if kind == registry.BI_ENCODER:
+        return BiEncoderReranker
     raise InputError(
         f"reranker class {kind!r} is not available in this version of bgekit yet; supported: {registry.CROSS_ENCODER!r}"
     )

@@ -1,0 +1,133 @@
+"""Check 4: bad input gives a clear bgekit error, never a traceback from torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bgekit import (
+    Embedder,
+    FlagAutoModel,
+    FlagAutoReranker,
+    FlagModel,
+    FlagReranker,
+    InputError,
+    ModelNotFoundError,
+    Reranker,
+    UnknownModelError,
+)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_bert):
+    return FlagModel(str(tiny_bert), devices="cpu")
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_xlmr_reranker):
+    return FlagReranker(str(tiny_xlmr_reranker), devices="cpu")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "sentences is None"),
+        ([], "sentences is empty"),
+        (["ok", None], r"sentences\[1\] is NoneType"),
+        (["ok", 3], r"sentences\[1\] is int"),
+        (b"bytes", "decode it"),
+        (42, "must be a string or a list"),
+    ],
+)
+def test_encode_rejects(embedder, value, message):
+    for method in (embedder.encode, embedder.encode_queries, embedder.encode_corpus):
+        with pytest.raises(InputError, match=message):
+            method(value)
+
+
+def test_encode_rejects_bad_options(embedder):
+    with pytest.raises(InputError, match="batch_size must be a positive int"):
+        embedder.encode(["x"], batch_size=0)
+    with pytest.raises(InputError, match="max_length must be a positive int"):
+        embedder.encode(["x"], max_length=-3)
+    with pytest.raises(InputError, match="no room for text"):
+        embedder.encode(["x"], max_length=2)
+    with pytest.raises(InputError, match="unexpected options"):
+        embedder.encode(["x"], max_lenght=10)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "sentence_pairs is None"),
+        ([], "sentence_pairs is empty"),
+        ("just a string", "single string"),
+        ([("q", "p"), ("only one",)], r"sentence_pairs\[1\] must be a \(query, passage\) pair"),
+        ([("q", None)], r"sentence_pairs\[0\] passage is NoneType"),
+        ([(1, "p")], r"sentence_pairs\[0\] query is int"),
+    ],
+)
+def test_compute_score_rejects(reranker, value, message):
+    with pytest.raises(InputError, match=message):
+        reranker.compute_score(value)
+
+
+def test_unknown_model_name():
+    with pytest.raises(UnknownModelError, match=r"does not know the embedder 'nobody/no-such-model'.*model_class="):
+        Embedder.from_pretrained("nobody/no-such-model")
+    with pytest.raises(UnknownModelError, match="reranker"):
+        Reranker.from_pretrained("nobody/no-such-reranker")
+    with pytest.raises(UnknownModelError, match="model_class must be one of"):
+        FlagAutoModel.from_finetuned("BAAI/bge-base-en-v1.5", model_class="encoder-only-bogus")
+
+
+def test_missing_folder(tmp_path):
+    missing = tmp_path / "no" / "such" / "folder"
+    for build in (FlagModel, FlagReranker):
+        with pytest.raises(ModelNotFoundError, match="does not exist"):
+            build(str(missing))
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
+        FlagModel(str(tmp_path))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        FlagModel(str(tmp_path / "file.txt"))
+
+
+def test_hub_model_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"could not get model 'BAAI/bge-base-en-v1.5'.*Offline"):
+        FlagModel("BAAI/bge-base-en-v1.5")
+    with pytest.raises(ModelNotFoundError):
+        FlagAutoReranker.from_finetuned("BAAI/bge-reranker-base")
+
+
+def test_bad_constructor_options(tiny_bert):
+    with pytest.raises(InputError, match="pooling_method must be one of"):
+        FlagModel(str(tiny_bert), pooling_method="max")
+    with pytest.raises(InputError, match="not a device torch knows"):
+        FlagModel(str(tiny_bert), devices="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            FlagModel(str(tiny_bert), devices="cuda:3")
+    with pytest.raises(InputError, match="truncate_dim"):
+        FlagModel(str(tiny_bert), truncate_dim=0)
+    with pytest.warns(UserWarning, match="ignores unknown options"):
+        FlagModel(str(tiny_bert), devices="cpu", some_typo=1)
+
+
+def test_multi_label_classifier_is_not_a_reranker(tmp_path, golden_dir):
+    from .tiny_models import build_bert
+
+    folder = build_bert(tmp_path / "nli", golden_dir / "models" / "bert-cls", reranker=True, num_labels=3)
+    with pytest.raises(InputError, match="3 output labels"):
+        FlagReranker(str(folder))
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path, tiny_bert):
+    import shutil
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelNotFoundError, match="could not load model weights"):
+        FlagModel(str(folder))

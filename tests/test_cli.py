@@ -1,0 +1,165 @@
+"""Check 6 (and the CLI half of check 4): ``bgekit embed`` / ``rerank`` / ``models`` end to end.
+
+The commands run as real subprocesses through the installed ``bgekit`` entry point,
+on the real all-MiniLM-L6-v2 model (offline) and on a tiny cross-encoder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bgekit import Embedder
+
+BGEKIT = shutil.which("bgekit", path=str(Path(sys.executable).parent)) or "bgekit"
+PASSAGES = [
+    {"_id": "d1", "title": "Pandas", "text": "The giant panda is a bear native to China that eats bamboo."},
+    {"_id": "d2", "title": "", "text": "Paris is the capital of France."},
+    {"_id": "d3", "text": "Dense retrieval ranks passages by the similarity of their vectors to the query."},
+]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([BGEKIT, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture()
+def passages_file(tmp_path) -> Path:
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PASSAGES))
+    return path
+
+
+def test_embed_jsonl_to_npy_matches_library(tmp_path, passages_file, minilm_dir):
+    out = tmp_path / "out" / "vectors.npy"
+    result = run("embed", "--model", str(minilm_dir), "--input", str(passages_file), "--output", str(out))
+    assert "3 x 384" in result.stderr
+    vectors = np.load(out)
+    texts = [(p.get("title", "") + " " + p["text"]).strip() for p in PASSAGES]
+    expected = Embedder.from_pretrained(str(minilm_dir)).encode_corpus(texts)
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert not list(out.parent.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_embed_default_model_offline_plain_text_queries_and_jsonl_output(tmp_path, minilm_dir):
+    source = tmp_path / "queries.txt"
+    source.write_text("what is a panda?\nwhere is paris\n")
+    out = tmp_path / "queries.jsonl"
+    result = run("embed", "--input", str(source), "--output", str(out), "--queries")
+    assert "all-MiniLM-L6-v2" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2"]
+    expected = Embedder.from_pretrained(str(minilm_dir)).encode_queries(["what is a panda?", "where is paris"])
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), expected, atol=1e-6)
+
+
+def test_embed_reads_gzipped_jsonl(tmp_path, minilm_dir):
+    source = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(source, "wt") as handle:
+        handle.writelines(json.dumps(p) + "\n" for p in PASSAGES)
+    out = tmp_path / "v.npy"
+    run("embed", "-m", str(minilm_dir), "-i", str(source), "-o", str(out))
+    assert np.load(out).shape == (3, 384)
+
+
+def test_rerank_with_a_cross_encoder(tmp_path, passages_file, tiny_xlmr_reranker):
+    from bgekit import FlagReranker
+
+    out = tmp_path / "scores.jsonl"
+    query = "which animal eats bamboo?"
+    result = run(
+        "rerank",
+        "--model",
+        str(tiny_xlmr_reranker),
+        "--query",
+        query,
+        "--input",
+        str(passages_file),
+        "--output",
+        str(out),
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["d1", "d2", "d3"]
+    texts = [(p.get("title", "") + " " + p["text"]).strip() for p in PASSAGES]
+    expected = FlagReranker(str(tiny_xlmr_reranker)).compute_score([(query, t) for t in texts])
+    np.testing.assert_allclose([r["score"] for r in rows], expected, atol=1e-5)
+    assert sorted(r["rank"] for r in rows) == [1, 2, 3]
+    printed = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [int(p[0]) for p in printed] == [1, 2, 3]
+    assert [float(p[1]) for p in printed] == sorted((float(p[1]) for p in printed), reverse=True)
+
+
+def test_rerank_with_the_real_minilm_ranks_the_right_passage_first(passages_file, minilm_dir):
+    result = run(
+        "rerank", "-m", str(minilm_dir), "-q", "which animal eats bamboo?", "-i", str(passages_file), "--top-k", "1"
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].split("\t")[2] == "d1"
+
+
+def test_models_lists_the_registry():
+    result = run("models", "--json")
+    names = {row["model"] for row in json.loads(result.stdout)}
+    assert {"BAAI/bge-base-en-v1.5", "BAAI/bge-reranker-v2-m3", "sentence-transformers/all-MiniLM-L6-v2"} <= names
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "ok"}\n{"text": "fine"}\n{"text": broken\n', r"bad\.jsonl, line 3: not valid JSON"),
+        ('{"text": "ok"}\n\n{"body": "no text field"}\n', r"bad\.jsonl, line 3: missing the 'text' field"),
+        ('{"text": "ok"}\n[1, 2]\n', r"bad\.jsonl, line 2: expected a JSON object"),
+        ('{"text": 5}\n', r"bad\.jsonl, line 1: 'text' and 'title' must be strings"),
+    ],
+)
+def test_malformed_jsonl_names_file_and_line(tmp_path, minilm_dir, content, message):
+    import re
+
+    source = tmp_path / "bad.jsonl"
+    source.write_text(content)
+    out = tmp_path / "v.npy"
+    out.write_bytes(b"precious")
+    result = run("embed", "-m", str(minilm_dir), "-i", str(source), "-o", str(out), check=False)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+    assert out.read_bytes() == b"precious", "an existing output must survive a failed run"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["embed", "-i", "{missing}", "-o", "{out}"], "does not exist"),
+        (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{out}"], "does not know the embedder"),
+        (["embed", "-m", "{tmp}/no-folder", "-i", "{good}", "-o", "{out}"], "does not exist"),
+        (["embed", "-i", "{empty}", "-o", "{out}"], "holds no texts"),
+        (["rerank", "-q", "x", "-i", "{good}", "-m", "nobody/unknown"], "does not know the reranker"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tmp_path, args, message):
+    good = tmp_path / "good.txt"
+    good.write_text("hello\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    values = {
+        "missing": tmp_path / "missing.txt",
+        "out": tmp_path / "o.npy",
+        "good": good,
+        "empty": empty,
+        "tmp": tmp_path,
+    }
+    result = run(*[a.format(**values) for a in args], check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

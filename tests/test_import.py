@@ -1,0 +1,47 @@
+"""Check 5: ``import bgekit`` (and the CLI's help) load no torch, transformers or extras."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = [
+    "torch",
+    "transformers",
+    "tokenizers",
+    "numpy",
+    "sentence_transformers",
+    "huggingface_hub",
+    "faiss",
+    "fastapi",
+    "uvicorn",
+    "peft",
+    "scipy",
+]
+
+
+def loaded_after(code: str) -> list[str]:
+    probe = f"import sys, json\n{code}\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_bgekit_is_light():
+    assert loaded_after("import bgekit; bgekit.__version__; bgekit.InputError") == []
+
+
+def test_cli_help_and_models_are_light():
+    code = (
+        "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
+        "r = CliRunner().invoke(app, ['models'])\nassert r.exit_code == 0, r.output\n"
+        "assert 'BAAI/bge-m3' in r.output\n"
+    )
+    assert loaded_after(code) == []
+
+
+def test_lazy_names_resolve():
+    import bgekit
+
+    assert bgekit.FlagModel.__name__ == "FlagModel"
+    assert set(bgekit.__all__) >= {"FlagModel", "FlagReranker", "FlagAutoModel", "FlagAutoReranker", "Embedder"}

@@ -1,0 +1,116 @@
+"""The family table and model resolution: full names, short names, local folders, overrides."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bgekit import Embedder, FlagAutoModel, FlagAutoReranker, FlagModel, FlagReranker, InputError, Reranker, registry
+from bgekit.hub import describe_folder, resolve
+
+
+def test_lookup_full_ids_case_insensitive_and_unique_short_names():
+    assert registry.lookup("BAAI/bge-base-en-v1.5", registry.EMBEDDERS)[0] == "BAAI/bge-base-en-v1.5"
+    assert registry.lookup("baai/BGE-BASE-EN-V1.5", registry.EMBEDDERS)[0] == "BAAI/bge-base-en-v1.5"
+    assert registry.lookup("bge-m3", registry.EMBEDDERS)[1].kind == registry.M3
+    assert registry.lookup("jinaai/jina-reranker-v2-base-multilingual", registry.RERANKERS) is not None
+    assert registry.lookup("someone-else/bge-base-en-v1.5", registry.EMBEDDERS) is None
+    assert registry.lookup("bge-base-en-v1.5-finetuned", registry.EMBEDDERS) is None
+
+
+def test_every_flagembedding_encoder_family_is_known():
+    for name in (
+        "bge-large-en-v1.5",
+        "bge-small-zh-v1.5",
+        "bge-base-en",
+        "e5-large-v2",
+        "multilingual-e5-base",
+        "gte-base",
+        "gte-large-zh",
+        "bce-embedding-base_v1",
+        "bge-en-icl",
+        "e5-mistral-7b-instruct",
+    ):
+        assert registry.lookup(name, registry.EMBEDDERS) is not None, name
+    for name in (
+        "bge-reranker-base",
+        "bge-reranker-large",
+        "bge-reranker-v2-m3",
+        "bge-reranker-v2-gemma",
+        "bge-reranker-v2-minicpm-layerwise",
+        "bge-reranker-v2.5-gemma2-lightweight",
+    ):
+        assert registry.lookup(name, registry.RERANKERS) is not None, name
+
+
+def test_registry_values_are_consistent():
+    for name, spec in {**registry.EMBEDDERS, **registry.RERANKERS}.items():
+        assert "/" in name
+        assert spec.pooling_method in (None, *registry.POOLING_METHODS)
+        assert spec.query_instruction_format.count("{}") == 2
+
+
+def test_local_folders_are_read_from_their_files(golden_dir, minilm_dir):
+    bert = describe_folder(golden_dir / "models" / "bert-cls", registry.EMBEDDERS)
+    assert (bert.kind, bert.pooling_method) == (registry.ENCODER, "cls")
+    minilm = describe_folder(minilm_dir, registry.EMBEDDERS)
+    assert (minilm.pooling_method, minilm.max_length) == ("mean", 256)
+    assert describe_folder(golden_dir / "models" / "xlmr-m3", registry.EMBEDDERS).kind == registry.M3
+    assert describe_folder(golden_dir / "models" / "mistral-llm", registry.EMBEDDERS).kind == registry.DECODER
+    rerankers = {
+        "xlmr-reranker": registry.CROSS_ENCODER,
+        "gemma-llm-reranker": registry.LLM_RERANKER,
+        "minicpm-layerwise": registry.LAYERWISE_RERANKER,
+        "gemma2-lightweight": registry.LIGHTWEIGHT_RERANKER,
+    }
+    for family, kind in rerankers.items():
+        assert describe_folder(golden_dir / "models" / family, registry.RERANKERS, for_reranker=True).kind == kind
+
+
+def test_hub_cache_layout_names_the_model(tmp_path, tiny_bert):
+    snapshot = tmp_path / "models--BAAI--bge-base-en-v1.5" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_bert, snapshot)
+    model = Embedder.from_pretrained(str(snapshot), devices="cpu")
+    assert model.query_instruction_for_retrieval == registry.BGE_EN_QUERY
+    auto = FlagAutoModel.from_finetuned(str(snapshot), devices="cpu")
+    assert auto.query_instruction_for_retrieval is None  # FlagEmbedding adds none unless asked
+    assert auto.pooling_method == "cls"
+
+
+def test_checkpoint_folders_and_overrides(tmp_path, tiny_bert):
+    checkpoint = tmp_path / "run" / "checkpoint-100"
+    shutil.copytree(tiny_bert, checkpoint)
+    model = FlagAutoModel.from_finetuned(str(checkpoint), pooling_method="mean", devices="cpu")
+    assert isinstance(model, FlagModel) and model.pooling_method == "mean"
+    explicit = Embedder.from_pretrained(
+        str(checkpoint), model_class="encoder-only-base", pooling_method="mean", query_instruction_for_retrieval="q: "
+    )
+    assert explicit.query_instruction_for_retrieval == "q: "
+    no_instruction = Embedder.from_pretrained(
+        str(tmp_path / "run" / "checkpoint-100"), query_instruction_for_retrieval=""
+    )
+    assert no_instruction.query_instruction_for_retrieval is None
+
+
+def test_model_class_override_for_unknown_hub_id():
+    name, spec = resolve("my-org/my-model", registry.EMBEDDERS, "encoder-only-base")
+    assert name == "my-org/my-model" and spec.kind == registry.ENCODER
+
+
+def test_rerankers_resolve(golden_dir):
+    folder = str(golden_dir / "models" / "xlmr-reranker")
+    assert isinstance(Reranker.from_pretrained(folder, devices="cpu"), FlagReranker)
+    assert isinstance(FlagAutoReranker.from_finetuned(folder, devices="cpu"), FlagReranker)
+
+
+def test_not_yet_supported_family_is_a_clear_error(golden_dir):
+    with pytest.raises(InputError, match="not available in this version"):
+        Embedder.from_pretrained(str(golden_dir / "models" / "xlmr-m3"))
+
+
+def test_auto_classes_cannot_be_instantiated():
+    with pytest.raises(OSError, match="from_finetuned"):
+        FlagAutoModel()
+    with pytest.raises(OSError, match="from_finetuned"):
+        FlagAutoReranker()
