@@ -13,10 +13,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the offline default model: embed the example passages, then rerank them.
+# The main job on the offline default model (all-MiniLM-L6-v2, shipped as a PyPI package):
+# embed the example passages, then rank them against a query.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/bgekit embed --input examples/passages.jsonl --output out/passages.npy
-	HF_HUB_OFFLINE=1 $(BIN)/bgekit search-demo
+	HF_HUB_OFFLINE=1 $(BIN)/bgekit rerank --model sentence-transformers/all-MiniLM-L6-v2 \
+		--query "which animal eats bamboo?" --input examples/passages.jsonl
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

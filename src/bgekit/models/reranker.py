@@ -35,7 +35,7 @@ class Reranker:
         >>> from bgekit import Reranker
         >>> reranker = Reranker.from_pretrained("BAAI/bge-reranker-base")          # doctest: +SKIP
         >>> reranker.compute_score([("what is panda?", "The giant panda is a bear.")])  # doctest: +SKIP
-        [5.26...]
+        [...]  # one float per pair
     """
 
     def __init__(
