@@ -21,10 +21,10 @@ demo: $(STAMP)
 		--query "which animal eats bamboo?" --input examples/passages.jsonl
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:
