@@ -126,3 +126,19 @@ def test_oom_backoff_splits_and_has_a_floor():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_with_oom_backoff(other_error, np.arange(4))
+
+
+def test_multi_device_pool_exits_cleanly(tiny_bert):
+    """A pool left open at interpreter exit must not print errors (FlagEmbedding's does)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from bgekit import FlagModel\n"
+        f"m = FlagModel({str(tiny_bert)!r}, devices=['cpu', 'cpu'], use_fp16=False)\n"
+        "print(m.encode(['a', 'b', 'c', 'd'], batch_size=1).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(4, 32)"
+    assert "Error" not in result.stderr and "Traceback" not in result.stderr
