@@ -9,6 +9,7 @@ queries get the instruction, passages only when a passage instruction is set.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -209,12 +210,18 @@ def spec_options(spec: registry.ModelSpec) -> dict[str, Any]:
     return options
 
 
+# embedder kind -> (module, class), imported only when a model of that kind is built
+EMBEDDER_CLASSES = {
+    registry.ENCODER: ("bgekit.models.encoder", "FlagModel"),
+    registry.M3: ("bgekit.models.m3", "BGEM3FlagModel"),
+    registry.DECODER: ("bgekit.models.llm", "FlagLLMModel"),
+    registry.ICL: ("bgekit.models.llm", "FlagICLModel"),
+}
+
+
 def embedder_class(kind: str) -> type[Embedder]:
     """The bgekit class that runs an embedder kind."""
-    if kind == registry.ENCODER:
-        from .encoder import FlagModel
-
-        return FlagModel
-    raise InputError(
-        f"model class {kind!r} is not available in this version of bgekit yet; supported: {registry.ENCODER!r}"
-    )
+    if kind not in EMBEDDER_CLASSES:
+        raise InputError(f"unknown embedder class {kind!r}; use one of {sorted(EMBEDDER_CLASSES)}")
+    module, name = EMBEDDER_CLASSES[kind]
+    return getattr(importlib.import_module(module), name)

@@ -8,6 +8,7 @@ then the passage fills what is left of ``max_length``.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -259,12 +260,19 @@ class BiEncoderReranker(Reranker):
         self.embedder.close()
 
 
+# reranker kind -> (module, class), imported only when a model of that kind is built
+RERANKER_CLASSES = {
+    registry.CROSS_ENCODER: ("bgekit.models.reranker", "FlagReranker"),
+    registry.BI_ENCODER: ("bgekit.models.reranker", "BiEncoderReranker"),
+    registry.LLM_RERANKER: ("bgekit.models.llm_reranker", "FlagLLMReranker"),
+    registry.LAYERWISE_RERANKER: ("bgekit.models.layerwise_reranker", "LayerWiseFlagLLMReranker"),
+    registry.LIGHTWEIGHT_RERANKER: ("bgekit.models.layerwise_reranker", "LightWeightFlagLLMReranker"),
+}
+
+
 def reranker_class(kind: str) -> type[Reranker]:
     """The bgekit class that runs a reranker kind."""
-    if kind == registry.CROSS_ENCODER:
-        return FlagReranker
-    if kind == registry.BI_ENCODER:
-        return BiEncoderReranker
-    raise InputError(
-        f"reranker class {kind!r} is not available in this version of bgekit yet; supported: {registry.CROSS_ENCODER!r}"
-    )
+    if kind not in RERANKER_CLASSES:
+        raise InputError(f"unknown reranker class {kind!r}; use one of {sorted(RERANKER_CLASSES)}")
+    module, name = RERANKER_CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
