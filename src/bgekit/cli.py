@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import BgekitError
+from .errors import BgekitError, InputError
 
 app = typer.Typer(
     name="bgekit",
@@ -86,11 +86,18 @@ def embed(
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize the vectors.")] = True,
+    examples: Annotated[
+        Path | None,
+        typer.Option(
+            help="In-context examples for ICL models (bge-en-icl): JSON list or JSONL of "
+            "{'instruct', 'query', 'response'}; used with --queries."
+        ),
+    ] = None,
 ) -> None:
     """Embed every line (or JSONL record) of INPUT and save the vectors."""
     import numpy as np
 
-    from . import hub, io
+    from . import hub, io, registry
     from .models.embedder import Embedder
 
     records = io.read_texts(input, field=text_field)
@@ -99,6 +106,12 @@ def embed(
     options = {"use_fp16": fp16, "devices": device or None, "normalize_embeddings": normalize}
     if query_instruction is not None:
         options["query_instruction_for_retrieval"] = query_instruction
+    if examples is not None:
+        if hub.resolve(name, registry.EMBEDDERS)[1].kind != registry.ICL:
+            raise InputError(
+                f"--examples needs an in-context-learning model such as BAAI/bge-en-icl; {name} is not one"
+            )
+        options["examples_for_task"] = io.read_examples(examples)
     embedder = Embedder.from_pretrained(name, **options)
     encode = embedder.encode_queries if queries else embedder.encode_corpus
     vectors = encode(

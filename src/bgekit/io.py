@@ -96,6 +96,25 @@ def read_texts(path: str | Path, field: str = "text") -> list[TextRecord]:
     return records
 
 
+def read_examples(path: str | Path) -> list[dict[str, Any]]:
+    """In-context examples from a JSON array file or a JSONL file (one example a line)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"examples file {path} does not exist")
+    with _open_text(path) as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith("["):
+        try:
+            examples = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(path, exc.lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    else:
+        examples = [obj for _, obj in read_jsonl(path)]
+    if not examples:
+        raise InputError(f"examples file {path} holds no examples")
+    return examples
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""

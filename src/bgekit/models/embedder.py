@@ -162,6 +162,17 @@ class Embedder:
             max_length=self.passage_max_length if max_length is None else max_length,
             show_progress_bar=show_progress_bar,
         )
+        return self.postprocess(embeddings, single, convert_to_numpy, normalize_embeddings)
+
+    def postprocess(
+        self,
+        embeddings: torch.Tensor,
+        single: bool,
+        convert_to_numpy: bool | None = None,
+        normalize_embeddings: bool | None = None,
+    ):
+        """Pooled vectors -> what the caller asked for: ``truncate_dim`` slice, then L2
+        normalization, one row for a single string, numpy or torch."""
         if self.truncate_dim is not None:
             embeddings = embeddings[:, : self.truncate_dim]
         normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings

@@ -103,8 +103,9 @@ class Reranker:
 
         ``normalize=True`` maps scores through a sigmoid into (0, 1).
         """
-        if kwargs:
-            raise InputError(f"compute_score() got unexpected options {sorted(kwargs)}")
+        unknown = set(kwargs) - set(self.CALL_OPTIONS)
+        if unknown:
+            raise InputError(f"compute_score() got unexpected options {sorted(unknown)}")
         pairs, _ = as_pair_list(sentence_pairs)
         scores = self._score(
             self.detailed_pairs(pairs),
@@ -112,9 +113,15 @@ class Reranker:
             query_max_length=self.query_max_length if query_max_length is None else query_max_length,
             max_length=self.max_length if max_length is None else max_length,
             show_progress_bar=show_progress_bar,
+            **kwargs,
         )
         normalize = self.normalize if normalize is None else normalize
-        return sigmoid(scores) if normalize else scores
+        if not normalize:
+            return scores
+        return [sigmoid(s) for s in scores] if scores and isinstance(scores[0], list) else sigmoid(scores)
+
+    #: extra keyword options a subclass's ``compute_score`` accepts (passed on to ``_score``)
+    CALL_OPTIONS: tuple[str, ...] = ()
 
     def _score(
         self,
@@ -123,7 +130,9 @@ class Reranker:
         query_max_length: int | None,
         max_length: int,
         show_progress_bar: bool | None,
-    ) -> list[float]:
+        **options: Any,
+    ) -> list[float] | list[list[float]]:
+        """Raw scores in input order (one list per cutoff layer for layerwise models)."""
         raise NotImplementedError
 
     def close(self) -> None:

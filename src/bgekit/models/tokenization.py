@@ -115,6 +115,14 @@ class TextTokenizer:
             type_ids.append(enc.type_ids)
         return Tokenized(ids, type_ids if self.uses_type_ids else None, truncated)
 
+    def plain_ids(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
+        """Ids without special tokens, each cut to ``max_length``; also how many were cut."""
+        encodings = self._raw(texts)
+        truncated = 0
+        if max_length is not None:
+            truncated = sum(self._cut(enc, max_length) for enc in encodings)
+        return [enc.ids for enc in encodings], truncated
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids)
 

@@ -1,4 +1,7 @@
-"""Check 1 of the foundation issue: FlagModel / FlagReranker reproduce FlagEmbedding 1.4.2."""
+"""FlagModel, FlagLLMModel, FlagICLModel and FlagReranker reproduce the FlagEmbedding 1.4.2 goldens.
+
+(M3 and the LLM rerankers have golden tests of their own.)
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from bgekit import FlagModel, FlagReranker
+from bgekit import FlagICLModel, FlagLLMModel, FlagModel, FlagReranker
 
 from .conftest import SHARED
 from .golden import ATOL, case_ids, check_returns, expected, golden_model_inputs, resolve_arg
 
 GOLDEN = SHARED / "golden"
-CLASSES = {"FlagModel": FlagModel, "FlagReranker": FlagReranker}
+CLASSES = {
+    "FlagModel": FlagModel,
+    "FlagLLMModel": FlagLLMModel,
+    "FlagICLModel": FlagICLModel,
+    "FlagReranker": FlagReranker,
+}
 CASES = case_ids(GOLDEN, set(CLASSES)) if (GOLDEN / "cases.json").exists() else []
 _models: dict = {}
 
@@ -25,7 +33,7 @@ def build(golden_dir, case):
 
 
 def test_golden_cases_found(golden_dir):
-    assert len(CASES) >= 20, "expected the encoder and cross-encoder golden cases"
+    assert len(CASES) >= 36, "expected the encoder, decoder, ICL and cross-encoder golden cases"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -53,7 +61,10 @@ def test_golden_token_ids(golden_dir, name):
     model = build(golden_dir, case)
     kwargs = case["call_kwargs"]
     args = [resolve_arg(golden_dir, a) for a in case["args"]]
-    if case["class"] == "FlagModel":
+    if case["class"] == "FlagICLModel" and case["method"] == "encode_queries":
+        texts = [args[0]] if isinstance(args[0], str) else list(args[0])
+        ids = model.tokenize_queries(texts, kwargs.get("max_length", model.query_max_length)).ids
+    elif case["class"] != "FlagReranker":
         texts = [args[0]] if isinstance(args[0], str) else list(args[0])
         if case["method"] == "encode_queries" and model.query_instruction_for_retrieval:
             texts = [model.query_instruction_format.format(model.query_instruction_for_retrieval, t) for t in texts]

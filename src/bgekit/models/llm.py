@@ -1,0 +1,227 @@
+"""Decoder-only embedders: last-token pooling with instruction prompts, and in-context examples.
+
+:class:`FlagLLMModel` covers e5-mistral, bge-multilingual-gemma2, gte-Qwen and Qwen3-Embedding
+style models (``query_instruction_format`` per family, e.g. ``"<instruct>{}\\n<query>{}"``).
+:class:`FlagICLModel` is bge-en-icl: few-shot examples go in front of every query, exactly
+as FlagEmbedding lays them out (see :meth:`FlagICLModel.query_prompts`). Both run on
+transformers' own ``AutoModel``; pad token, padding side and EOS come from the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import InputError
+from .encoder import FlagModel
+from .inputs import as_text_list
+from .tokenization import Tokenized
+
+ICL_QUERY_FORMAT = "<instruct>{}\n<query>{}"
+ICL_EXAMPLE_FORMAT = "<instruct>{}\n<query>{}\n<response>{}"
+ICL_SUFFIX = "\n<response>"
+
+
+class FlagLLMModel(FlagModel):
+    """Decoder-only embedder with last-token pooling (FlagEmbedding's ``FlagLLMModel``).
+
+    Example:
+        >>> from bgekit import FlagLLMModel
+        >>> model = FlagLLMModel("BAAI/bge-multilingual-gemma2", use_bf16=True,            # doctest: +SKIP
+        ...     query_instruction_for_retrieval="Given a web search query, retrieve relevant passages.",
+        ...     query_instruction_format="<instruct>{}\\n<query>{}")
+        >>> model.encode_queries(["how much protein should a female eat"]).shape  # doctest: +SKIP
+        (1, 3584)
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        normalize_embeddings: bool = True,
+        use_fp16: bool = True,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "Instruct: {}\nQuery: {}",
+        devices: str | int | Sequence[str | int] | None = None,
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        convert_to_numpy: bool = True,
+        pooling_method: str = "last_token",
+        **kwargs: Any,
+    ):
+        if pooling_method != "last_token":
+            raise InputError(
+                f"decoder-only embedders pool the last token; pooling_method={pooling_method!r} is not supported"
+            )
+        super().__init__(
+            model_name_or_path,
+            normalize_embeddings=normalize_embeddings,
+            use_fp16=use_fp16,
+            query_instruction_for_retrieval=query_instruction_for_retrieval,
+            query_instruction_format=query_instruction_format,
+            devices=devices,
+            pooling_method="last_token",
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            convert_to_numpy=convert_to_numpy,
+            **kwargs,
+        )
+
+
+def check_examples(examples: object) -> list[dict[str, str]] | None:
+    """Validate in-context examples: a list of ``{"instruct"?, "query", "response"}`` dicts."""
+    if examples is None:
+        return None
+    if isinstance(examples, (Mapping, str)) or not isinstance(examples, Sequence):
+        raise InputError("examples_for_task must be a list of {'instruct', 'query', 'response'} dicts")
+    checked = []
+    for index, example in enumerate(examples):
+        if not isinstance(example, Mapping):
+            raise InputError(f"examples_for_task[{index}] must be a dict, got {type(example).__name__}")
+        missing = [key for key in ("query", "response") if key not in example]
+        if missing:
+            raise InputError(
+                f"examples_for_task[{index}] is missing {missing}; each example needs 'query' and 'response'"
+            )
+        unknown = set(example) - {"instruct", "query", "response"}
+        if unknown:
+            raise InputError(f"examples_for_task[{index}] has unknown keys {sorted(unknown)}")
+        for key, value in example.items():
+            if not isinstance(value, str):
+                raise InputError(f"examples_for_task[{index}][{key!r}] must be a string, got {type(value).__name__}")
+        checked.append(dict(example))
+    return checked
+
+
+class FlagICLModel(FlagLLMModel):
+    """In-context-learning embedder (bge-en-icl): few-shot examples prefix every query.
+
+    Passages are encoded plainly. Examples are set at construction, with
+    :meth:`set_examples`, or per call (``encode_queries(..., examples_for_task=[...])``).
+
+    Example:
+        >>> from bgekit import FlagICLModel
+        >>> examples = [{"instruct": "Given a web search query, retrieve relevant passages.",  # doctest: +SKIP
+        ...              "query": "what is a virtual interface",
+        ...              "response": "A virtual interface is a software-defined abstraction..."}]
+        >>> model = FlagICLModel("BAAI/bge-en-icl", examples_for_task=examples,               # doctest: +SKIP
+        ...     query_instruction_for_retrieval="Given a web search query, retrieve relevant passages.")
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        normalize_embeddings: bool = True,
+        use_fp16: bool = True,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = ICL_QUERY_FORMAT,
+        devices: str | int | Sequence[str | int] | None = None,
+        examples_for_task: list[dict[str, str]] | None = None,
+        examples_instruction_format: str = ICL_EXAMPLE_FORMAT,
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        convert_to_numpy: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            model_name_or_path,
+            normalize_embeddings=normalize_embeddings,
+            use_fp16=use_fp16,
+            query_instruction_for_retrieval=query_instruction_for_retrieval,
+            query_instruction_format=query_instruction_format,
+            devices=devices,
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            convert_to_numpy=convert_to_numpy,
+            **kwargs,
+        )
+        self.examples_instruction_format = examples_instruction_format.replace("\\n", "\n")
+        self.examples_for_task = check_examples(examples_for_task)
+        self.suffix = ICL_SUFFIX
+        self.prefix = self.examples_prefix(self.examples_for_task)
+
+    def examples_prefix(self, examples: list[dict[str, str]] | None) -> str:
+        """``"\\n\\n".join(formatted examples) + "\\n\\n"``, or ``""`` without examples."""
+        if not examples:
+            return ""
+        blocks = [
+            self.examples_instruction_format.format(
+                example.get("instruct", self.query_instruction_for_retrieval), example["query"], example["response"]
+            )
+            for example in examples
+        ]
+        return "\n\n".join(blocks) + "\n\n"
+
+    def set_examples(self, examples_for_task: list[dict[str, str]] | None = None) -> None:
+        """Replace the in-context examples (``None`` keeps the constructor's)."""
+        if examples_for_task is not None:
+            self.examples_for_task = check_examples(examples_for_task)
+        self.prefix = self.examples_prefix(self.examples_for_task)
+
+    def query_prompts(self, queries: list[str], max_length: int, prefix: str) -> tuple[list[str], int]:
+        """The texts the model reads for ``queries``: bge-en-icl's truncation rule.
+
+        The instructed query is cut (without special tokens) to ``max_length`` minus the
+        room ``<s>`` and ``\\n<response></s>`` take, decoded back to text, and wrapped as
+        ``prefix + query + "\\n<response>"``. Returns the texts and how many were cut.
+        """
+        if self.query_instruction_for_retrieval is not None:
+            queries = [self.query_instruction_format.format(self.query_instruction_for_retrieval, q) for q in queries]
+        (bos_ids, tail_ids), _ = self.tokenizer.plain_ids(["<s>", "\n<response></s>"])
+        budget = max_length - len(bos_ids) - len(tail_ids)
+        if budget < 1:
+            raise InputError(f"max_length={max_length} leaves no room for the query after the ICL special tokens")
+        ids, truncated = self.tokenizer.plain_ids(queries, budget)
+        texts = self.tokenizer.hf.batch_decode(ids)
+        return [prefix + text + self.suffix for text in texts], truncated
+
+    def tokenize_queries(self, queries: list[str], max_length: int, prefix: str | None = None) -> Tokenized:
+        """Token ids of the query prompts, special tokens included; the whole prompt is
+        capped at ``(len(prefix) + len(suffix) + max_length + 8) // 8 * 8 + 8`` tokens."""
+        prefix = self.prefix if prefix is None else prefix
+        prompts, truncated = self.query_prompts(queries, max_length, prefix)
+        prefix_len = len(self.tokenizer.plain_ids([prefix])[0][0]) if prefix else 0
+        suffix_len = len(self.tokenizer.plain_ids([self.suffix])[0][0])
+        tokenized = self.tokenizer.encode(prompts, (prefix_len + suffix_len + max_length + 8) // 8 * 8 + 8)
+        tokenized.truncated = max(tokenized.truncated, truncated)
+        return tokenized
+
+    def encode_queries(
+        self,
+        queries: str | list[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        convert_to_numpy: bool | None = None,
+        *,
+        examples_for_task: list[dict[str, str]] | None = None,
+        normalize_embeddings: bool | None = None,
+        show_progress_bar: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Embed queries behind the in-context examples (``examples_for_task`` overrides for this call)."""
+        if kwargs:
+            raise InputError(f"encode_queries() got unexpected options {sorted(kwargs)}")
+        texts, single = as_text_list(queries, "queries")
+        max_length = self.host.clamp_length(max_length, self.query_max_length)
+        prefix = self.prefix if examples_for_task is None else self.examples_prefix(check_examples(examples_for_task))
+        tokenized = self.tokenize_queries(texts, max_length, prefix)
+        self.host.log_truncation(tokenized, max_length, "queries")
+        pooled = self.host.run(
+            tokenized,
+            self._forward,
+            self.batch_size if batch_size is None else batch_size,
+            desc="Embedding queries",
+            show_progress_bar=show_progress_bar,
+        )
+        return self.postprocess(pooled, single, convert_to_numpy, normalize_embeddings)

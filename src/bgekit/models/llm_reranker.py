@@ -1,0 +1,176 @@
+"""LLM rerankers (bge-reranker-v2-gemma and friends): the score is the logit of "Yes".
+
+The prompt layout is FlagEmbedding's, token for token: ``[bos] + ids("A: " + query) +
+ids("\\n") + ids("B: " + passage)``, each piece tokenized on its own, the query cut to
+``query_max_length``, the passage to ``max_length``, the pair cut (passage side) to
+``max_length + len(sep) + len(prompt)``, and then ``sep + prompt`` appended. Batches are
+padded to a multiple of 8 on the tokenizer's side.
+
+The model is transformers' own ``AutoModelForCausalLM``; an optional LoRA adapter folder
+(``peft_path``) is merged into it at load time (needs the ``lora`` extra: peft).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import hub
+from ..errors import InputError, ModelNotFoundError
+from .base import ModelHost, load_module
+from .reranker import Reranker
+from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
+
+DEFAULT_PROMPT = (
+    "Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+    "providing a prediction of either 'Yes' or 'No'."
+)
+SEPARATOR = "\n"
+PAD_TO_MULTIPLE_OF = 8
+
+
+def merge_lora(module: torch.nn.Module, peft_path: str | Path) -> torch.nn.Module:
+    """Merge a LoRA adapter folder into ``module``; a clear error when it does not fit."""
+    folder = Path(peft_path).expanduser()
+    if not (folder / "adapter_config.json").exists():
+        raise ModelNotFoundError(f"peft_path {folder} has no adapter_config.json: it is not a LoRA adapter folder")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InputError("peft_path needs the peft package: pip install 'bgekit[lora]'") from None
+    try:
+        return PeftModel.from_pretrained(module, str(folder)).merge_and_unload()
+    except Exception as exc:  # peft raises many kinds on a mismatched adapter
+        raise ModelNotFoundError(
+            f"the LoRA adapter in {folder} does not fit this model ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+class FlagLLMReranker(Reranker):
+    """Decoder-only reranker scored by the "Yes" logit at the last position.
+
+    Example:
+        >>> from bgekit import FlagLLMReranker
+        >>> reranker = FlagLLMReranker("BAAI/bge-reranker-v2-gemma", use_bf16=True)  # doctest: +SKIP
+        >>> reranker.compute_score([("what is panda?", "The giant panda is a bear.")])  # doctest: +SKIP
+    """
+
+    CALL_OPTIONS = ("prompt", "use_dataloader", "num_workers")
+    #: layerwise and lightweight models always start with bos; the base model only if bos != pad
+    ALWAYS_BOS = False
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        peft_path: str | None = None,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+        query_instruction_for_rerank: str = "A: ",
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_rerank: str = "B: ",
+        passage_instruction_format: str = "{}{}",
+        cache_dir: str | None = None,
+        trust_remote_code: bool = False,
+        devices: str | int | Sequence[str | int] | None = None,
+        prompt: str | None = None,
+        batch_size: int = 128,
+        query_max_length: int | None = None,
+        max_length: int = 512,
+        normalize: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            model_name_or_path,
+            use_fp16=use_fp16,
+            use_bf16=use_bf16,
+            query_instruction_for_rerank=query_instruction_for_rerank,
+            query_instruction_format=query_instruction_format,
+            passage_instruction_for_rerank=passage_instruction_for_rerank,
+            passage_instruction_format=passage_instruction_format,
+            devices=devices,
+            batch_size=batch_size,
+            query_max_length=query_max_length,
+            max_length=max_length,
+            normalize=normalize,
+            **kwargs,
+        )
+        self.prompt = prompt
+        folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        module = self._load_module(folder, trust_remote_code)
+        if peft_path:
+            module = merge_lora(module, peft_path)
+        yes = self.tokenizer.plain_ids(["Yes"])[0][0]
+        if not yes:
+            raise ModelNotFoundError(f"the tokenizer of {model_name_or_path} has no token for 'Yes'")
+        self.yes_loc = yes[0]
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        self.target_devices = self.host.devices
+
+    def _load_module(self, folder: Path, trust_remote_code: bool) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return load_module(AutoModelForCausalLM, folder, trust_remote_code)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.host.module
+
+    # -- prompt layout ----------------------------------------------------------------------
+    def pair_inputs(
+        self, pairs: list[tuple[str, str]], query_max_length: int, max_length: int, prompt: str | None
+    ) -> tuple[Tokenized, int]:
+        """Token ids of every pair in FlagEmbedding's layout; also ``len(sep + prompt)``."""
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        queries, cut_q = self.tokenizer.plain_ids([q for q, _ in pairs], query_max_length)
+        passages, cut_p = self.tokenizer.plain_ids([p for _, p in pairs], max_length)
+        (sep,), _ = self.tokenizer.plain_ids([SEPARATOR])
+        (prompt_ids,), _ = self.tokenizer.plain_ids([DEFAULT_PROMPT if prompt is None else prompt])
+        hf = self.tokenizer.hf
+        bos = hf.bos_token_id
+        prefix = [bos] if bos is not None and (self.ALWAYS_BOS or bos != hf.pad_token_id) else []
+        pair_limit = max_length + len(sep) + len(prompt_ids)
+        ids, cut_pair = [], 0
+        for query, passage in zip(queries, passages, strict=True):
+            first, second = prefix + query, sep + passage
+            room = max(pair_limit - len(first), 0)
+            cut_pair += len(second) > room
+            ids.append(first + second[:room] + sep + prompt_ids)
+        return Tokenized(ids, None, max(cut_q, cut_p, cut_pair)), len(sep) + len(prompt_ids)
+
+    def _lengths(self, query_max_length: int | None, max_length: int) -> tuple[int, int]:
+        max_length = self.host.clamp_length(max_length, self.max_length)
+        if query_max_length is None:
+            query_max_length = max_length * 3 // 4
+        return self.host.clamp_length(query_max_length, max_length), max_length
+
+    # -- scoring ----------------------------------------------------------------------------
+    def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        if bool(mask[:, -1].all()):  # left padding: every row ends in the last column
+            logits = module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1]
+        else:
+            logits = module(**inputs, return_dict=True).logits
+            logits = logits[torch.arange(len(mask), device=mask.device), mask.sum(dim=1) - 1]
+        return logits[:, self.yes_loc]
+
+    def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar, **options):
+        query_max_length, max_length = self._lengths(query_max_length, max_length)
+        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, options.get("prompt", self.prompt))
+        self.host.log_truncation(tokenized, max_length, "pairs")
+        scores = self.host.run(
+            tokenized,
+            self._forward,
+            batch_size,
+            desc="Reranking",
+            pad_to_multiple_of=PAD_TO_MULTIPLE_OF,
+            show_progress_bar=show_progress_bar,
+        )
+        return scores.tolist()
+
+    def close(self) -> None:
+        self.host.close()
