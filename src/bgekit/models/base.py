@@ -4,9 +4,11 @@ batch loop ``tokenized inputs -> length-sorted batches -> forward -> input order
 from __future__ import annotations
 
 import logging
+import operator
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from .tokenization import TextTokenizer, Tokenized
 logger = logging.getLogger(__name__)
 
 Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# a forward that returns one Python object per input row, for outputs that do not stack
+ItemForward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[Any]]
+T = TypeVar("T")
 PROGRESS_MIN_ITEMS = 256
 
 
@@ -71,6 +76,65 @@ class ModelHost:
         show_progress_bar: bool | None = None,
     ) -> torch.Tensor:
         """Forward every input in length-sorted batches; rows come back in input order (float32, CPU)."""
+        order, outputs = self._run_batches(
+            tokenized,
+            lambda module, inputs: forward(module, inputs).float().cpu(),
+            batch_size,
+            lambda a, b: torch.cat([a, b]),
+            desc=desc,
+            pad_to_multiple_of=pad_to_multiple_of,
+            show_progress_bar=show_progress_bar,
+        )
+        stacked = torch.cat(outputs)
+        result = torch.empty_like(stacked)
+        result[torch.from_numpy(order)] = stacked
+        return result
+
+    def run_items(
+        self,
+        tokenized: Tokenized,
+        forward: ItemForward,
+        batch_size: int,
+        *,
+        desc: str,
+        pad_to_multiple_of: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[Any]:
+        """Like :meth:`run` for a forward that returns one Python object per input row (outputs that
+        do not stack into one tensor, such as per-token vectors of varying length); input order."""
+
+        def checked(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[Any]:
+            items = list(forward(module, inputs))
+            if len(items) != len(inputs["input_ids"]):
+                raise RuntimeError(f"forward returned {len(items)} items for a batch of {len(inputs['input_ids'])}")
+            return items
+
+        order, outputs = self._run_batches(
+            tokenized,
+            checked,
+            batch_size,
+            operator.add,
+            desc=desc,
+            pad_to_multiple_of=pad_to_multiple_of,
+            show_progress_bar=show_progress_bar,
+        )
+        result: list[Any] = [None] * len(order)
+        for position, item in zip(order.tolist(), (item for batch in outputs for item in batch), strict=True):
+            result[position] = item
+        return result
+
+    def _run_batches(
+        self,
+        tokenized: Tokenized,
+        forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], T],
+        batch_size: int,
+        join: Callable[[T, T], T],
+        *,
+        desc: str,
+        pad_to_multiple_of: int | None,
+        show_progress_bar: bool | None,
+    ) -> tuple[np.ndarray, list[T]]:
+        """The batch loop both ``run`` flavours share: ``(length-sorted order, one output per batch)``."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         lengths = [len(x) for x in tokenized.ids]
@@ -79,18 +143,18 @@ class ModelHost:
             show_progress_bar = len(lengths) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
         bar = tqdm(total=len(lengths), desc=desc, disable=not show_progress_bar, unit="item")
 
-        def work(module: torch.nn.Module, device: str, batch: np.ndarray) -> torch.Tensor:
-            def step(rows: np.ndarray) -> torch.Tensor:
+        def work(module: torch.nn.Module, device: str, batch: np.ndarray) -> T:
+            def step(rows: np.ndarray) -> T:
                 inputs = self.tokenizer.collate(
                     [tokenized.ids[i] for i in rows],
                     None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows],
                     pad_to_multiple_of,
                 )
                 inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-                return forward(module, inputs).float().cpu()
+                return forward(module, inputs)
 
             with torch.inference_mode():
-                out = run_with_oom_backoff(step, batch)
+                out = run_with_oom_backoff(step, batch, join)
             bar.update(len(batch))
             return out
 
@@ -98,10 +162,7 @@ class ModelHost:
             outputs = self.pool.map(work, batches)
         finally:
             bar.close()
-        stacked = torch.cat(outputs)
-        result = torch.empty_like(stacked)
-        result[torch.from_numpy(order)] = stacked
-        return result
+        return order, outputs
 
     def log_truncation(self, tokenized: Tokenized, max_length: int, what: str) -> None:
         if tokenized.truncated:

@@ -57,9 +57,9 @@ class Embedder:
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
-        self.query_instruction_format = _unescape(query_instruction_format)
+        self.query_instruction_format = unescape_format(query_instruction_format)
         self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
-        self.passage_instruction_format = _unescape(passage_instruction_format)
+        self.passage_instruction_format = unescape_format(passage_instruction_format)
         self.batch_size = batch_size
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
@@ -154,7 +154,7 @@ class Embedder:
             raise InputError(f"encode() got unexpected options {sorted(kwargs)}")
         texts, single = as_text_list(sentences, "sentences")
         if instruction is not None:
-            fmt = _unescape(instruction_format or "{}{}")
+            fmt = unescape_format(instruction_format or "{}{}")
             texts = [fmt.format(instruction, text) for text in texts]
         embeddings = self._embed(
             texts,
@@ -196,7 +196,7 @@ class Embedder:
         return f"{type(self).__name__}({self.model_name_or_path!r})"
 
 
-def _unescape(fmt: str) -> str:
+def unescape_format(fmt: str) -> str:
     """FlagEmbedding turns a literal backslash-n in a format into a newline."""
     if not isinstance(fmt, str):
         raise InputError(f"instruction format must be a string with two {{}} slots, got {fmt!r}")
