@@ -93,6 +93,19 @@ def embed(
             "{'instruct', 'query', 'response'}; used with --queries."
         ),
     ] = None,
+    model_class: Annotated[
+        str | None,
+        typer.Option(help="Family override: encoder-only-base, encoder-only-m3, decoder-only-base, decoder-only-icl."),
+    ] = None,
+    pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
+    sparse: Annotated[
+        Path | None,
+        typer.Option(help="M3 models: also write lexical weights here as JSONL {'id', 'lexical_weights'}."),
+    ] = None,
+    colbert: Annotated[
+        Path | None,
+        typer.Option(help="M3 models: also write ColBERT vectors here (.npz: vectors, offsets, ids)."),
+    ] = None,
 ) -> None:
     """Embed every line (or JSONL record) of INPUT and save the vectors."""
     import numpy as np
@@ -106,17 +119,40 @@ def embed(
     options = {"use_fp16": fp16, "devices": device or None, "normalize_embeddings": normalize}
     if query_instruction is not None:
         options["query_instruction_for_retrieval"] = query_instruction
+    kind = hub.resolve(name, registry.EMBEDDERS, model_class)[1].kind
+    if (sparse or colbert) and kind != registry.M3:
+        raise InputError(f"--sparse and --colbert need an M3 model such as BAAI/bge-m3, not {name}")
     if examples is not None:
-        if hub.resolve(name, registry.EMBEDDERS)[1].kind != registry.ICL:
-            raise InputError(
-                f"--examples needs an in-context-learning model such as BAAI/bge-en-icl; {name} is not one"
-            )
+        if kind not in (registry.ICL, registry.DECODER):
+            raise InputError(f"--examples needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
+        kind = registry.ICL  # a decoder embedder given examples runs as an ICL model
         options["examples_for_task"] = io.read_examples(examples)
-    embedder = Embedder.from_pretrained(name, **options)
+    if pooling_method is not None:
+        options["pooling_method"] = pooling_method
+    embedder = Embedder.from_pretrained(name, model_class=kind, **options)
     encode = embedder.encode_queries if queries else embedder.encode_corpus
-    vectors = encode(
-        [r.text for r in records], batch_size=batch_size, max_length=max_length, show_progress_bar=sys.stderr.isatty()
+    m3_outputs = (
+        {"return_sparse": sparse is not None, "return_colbert_vecs": colbert is not None} if kind == registry.M3 else {}
     )
+    vectors = encode(
+        [r.text for r in records],
+        batch_size=batch_size,
+        max_length=max_length,
+        show_progress_bar=sys.stderr.isatty(),
+        **m3_outputs,
+    )
+    if kind == registry.M3:
+        if sparse is not None:
+            io.write_jsonl(
+                sparse,
+                (
+                    {"id": r.id, "lexical_weights": {k: float(v) for k, v in w.items()}}
+                    for r, w in zip(records, vectors["lexical_weights"], strict=True)
+                ),
+            )
+        if colbert is not None:
+            _save_colbert(colbert, [r.id for r in records], vectors["colbert_vecs"])
+        vectors = vectors["dense_vecs"]
     if fmt is OutputFormat.npy:
 
         def save(tmp: Path) -> None:
@@ -127,6 +163,21 @@ def embed(
     else:
         io.write_jsonl(output, ({"id": r.id, "embedding": v.tolist()} for r, v in zip(records, vectors, strict=True)))
     typer.echo(f"wrote {output}: {vectors.shape[0]} x {vectors.shape[1]} float32 from {name}", err=True)
+
+
+def _save_colbert(path: Path, ids: list[str], per_text: list) -> None:
+    """ColBERT vectors of all texts as one ``(total_tokens, dim)`` array plus row offsets."""
+    import numpy as np
+
+    from . import io
+
+    offsets = np.cumsum([0] + [len(v) for v in per_text]).astype(np.int64)
+
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez(handle, vectors=np.concatenate(per_text).astype(np.float32), offsets=offsets, ids=np.array(ids))
+
+    io.write_with(path, save)
 
 
 @app.command()

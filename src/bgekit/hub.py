@@ -12,7 +12,6 @@ import importlib
 import json
 import logging
 import re
-from dataclasses import replace
 from pathlib import Path
 
 from . import registry
@@ -119,8 +118,14 @@ def resolve(
                 + ("" if for_reranker else " and pooling_method= ('cls', 'mean' or 'last_token')")
                 + ", or run `bgekit models` to list known names."
             )
-    if model_class is not None:
-        spec = replace(spec, kind=model_class) if spec else ModelSpec(model_class)
+    if model_class is not None and (spec is None or spec.kind != model_class):
+        # another family: keep what does not depend on it, let the class's own defaults do the rest
+        kept = {} if spec is None else {
+            "query_instruction": spec.query_instruction,
+            "trust_remote_code": spec.trust_remote_code,
+            "max_length": spec.max_length,
+        }
+        spec = ModelSpec(model_class, **kept)
     return name, spec
 
 
