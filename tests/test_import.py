@@ -18,6 +18,13 @@ HEAVY = [
     "uvicorn",
     "peft",
     "scipy",
+    "pytrec_eval",
+    "ranx",
+    "mteb",
+    "datasets",
+    "prometheus_client",
+    "starlette",
+    "openai",
 ]
 
 
@@ -36,6 +43,27 @@ def test_cli_help_and_models_are_light():
         "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
         "r = CliRunner().invoke(app, ['models'])\nassert r.exit_code == 0, r.output\n"
         "assert 'BAAI/bge-m3' in r.output\n"
+    )
+    assert loaded_after(code) == []
+
+
+def test_import_bgekit_eval_and_its_cli_help_are_light():
+    code = (
+        "import bgekit.eval\nbgekit.eval.__all__\n"
+        "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
+        "for args in (['eval', '--help'], ['eval', 'retrieval', '--help'], ['index', 'build', '--help'], "
+        "['search', '--help']):\n"
+        "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
+    )
+    assert loaded_after(code) == []
+
+
+def test_import_bgekit_serve_and_serve_help_are_light():
+    code = (
+        "import bgekit.serve, bgekit.serve.cli\n"
+        "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
+        "r = CliRunner().invoke(app, ['serve', '--help'])\nassert r.exit_code == 0, r.output\n"
+        "assert 'BGEKIT_MODEL' in r.output, r.output\n"
     )
     assert loaded_after(code) == []
 

@@ -255,3 +255,17 @@ def list_models(as_json: Annotated[bool, typer.Option("--json", help="Machine-re
     for r in rows:
         mark = "  (offline: packaged)" if r["packaged"] else ""
         typer.echo(f"{r['model']:<{width}}  {r['task']:<8}  {r['class']:<24}  {r['pooling']}{mark}")
+
+
+def _register_command_groups() -> None:
+    """Evaluation, training and serving commands live beside their code; each module imports
+    only typer at load time, so ``bgekit --help`` stays fast."""
+    from .eval.cli import register as register_eval
+    from .serve.cli import register as register_serve
+    from .train.cli import register as register_train
+
+    for register in (register_eval, register_train, register_serve):
+        register(app)
+
+
+_register_command_groups()

@@ -120,11 +120,15 @@ def resolve(
             )
     if model_class is not None and (spec is None or spec.kind != model_class):
         # another family: keep what does not depend on it, let the class's own defaults do the rest
-        kept = {} if spec is None else {
-            "query_instruction": spec.query_instruction,
-            "trust_remote_code": spec.trust_remote_code,
-            "max_length": spec.max_length,
-        }
+        kept = (
+            {}
+            if spec is None
+            else {
+                "query_instruction": spec.query_instruction,
+                "trust_remote_code": spec.trust_remote_code,
+                "max_length": spec.max_length,
+            }
+        )
         spec = ModelSpec(model_class, **kept)
     return name, spec
 

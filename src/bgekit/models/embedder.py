@@ -183,6 +183,36 @@ class Embedder:
         to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
         return embeddings.numpy() if to_numpy else embeddings
 
+    def tokenize(self, texts: str | list[str], input_type: str | None = None, max_length: int | None = None):
+        """Token ids of ``texts`` exactly as the model reads them, for callers that run the
+        stages themselves (the server tokenizes off its event loop, then batches).
+
+        ``input_type`` picks the prompt rule: ``"query"`` as :meth:`encode_queries`, ``"passage"``
+        as :meth:`encode_corpus`, ``None`` as :meth:`encode` (no instruction). ``max_length``
+        defaults to the matching ``query_max_length`` / ``passage_max_length``. Returns a
+        :class:`~bgekit.models.tokenization.Tokenized` (``truncated`` counts inputs cut);
+        ``embed_tokenized`` turns it into pooled vectors.
+        """
+        texts, _ = as_text_list(texts, "texts")
+        if input_type == "query":
+            instruction, fmt = self.query_instruction_for_retrieval, self.query_instruction_format
+            default = self.query_max_length
+        elif input_type in ("passage", None):
+            instruction, fmt = (
+                (self.passage_instruction_for_retrieval, self.passage_instruction_format)
+                if input_type
+                else (None, None)
+            )
+            default = self.passage_max_length
+        else:
+            raise InputError(f"input_type must be 'query', 'passage' or None, got {input_type!r}")
+        if instruction is not None:
+            fmt = unescape_format(fmt or "{}{}")
+            texts = [fmt.format(instruction, text) for text in texts]
+        # every concrete embedder sets ``tokenizer`` (TextTokenizer) and ``host`` (ModelHost)
+        max_length = self.host.clamp_length(max_length, default)
+        return self.tokenizer.encode(texts, max_length)
+
     def _embed(
         self, texts: list[str], batch_size: int, max_length: int, show_progress_bar: bool | None
     ) -> torch.Tensor:

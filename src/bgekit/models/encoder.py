@@ -15,7 +15,7 @@ from .. import hub
 from .base import ModelHost, load_module
 from .embedder import Embedder
 from .pooling import check_pooling, pool
-from .tokenization import TextTokenizer, load_hf_tokenizer
+from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 
 class FlagModel(Embedder):
@@ -86,6 +86,17 @@ class FlagModel(Embedder):
         self.host.log_truncation(tokenized, max_length, "texts")
         return self.host.run(
             tokenized, self._forward, batch_size, desc="Embedding", show_progress_bar=show_progress_bar
+        )
+
+    def embed_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> torch.Tensor:
+        """Pooled float32 vectors ``(n, dim)`` (CPU, input order) of inputs from :meth:`tokenize`,
+        before ``truncate_dim`` and normalization: :meth:`postprocess` finishes them as ``encode`` does."""
+        return self.host.run(
+            tokenized,
+            self._forward,
+            self.batch_size if batch_size is None else batch_size,
+            desc="Embedding",
+            show_progress_bar=False,
         )
 
     def close(self) -> None:

@@ -197,6 +197,13 @@ class FlagICLModel(FlagLLMModel):
         tokenized.truncated = max(tokenized.truncated, truncated)
         return tokenized
 
+    def tokenize(self, texts: str | list[str], input_type: str | None = None, max_length: int | None = None):
+        """As :meth:`Embedder.tokenize`; queries get the in-context examples, as :meth:`encode_queries`."""
+        if input_type != "query":
+            return super().tokenize(texts, input_type, max_length)
+        texts, _ = as_text_list(texts, "queries")
+        return self.tokenize_queries(texts, self.host.clamp_length(max_length, self.query_max_length))
+
     def encode_queries(
         self,
         queries: str | list[str],

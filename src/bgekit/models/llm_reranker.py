@@ -21,6 +21,7 @@ import torch
 from .. import hub
 from ..errors import InputError, ModelNotFoundError
 from .base import ModelHost, load_module
+from .inputs import as_pair_list
 from .reranker import Reranker
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
@@ -169,6 +170,37 @@ class FlagLLMReranker(Reranker):
             desc="Reranking",
             pad_to_multiple_of=PAD_TO_MULTIPLE_OF,
             show_progress_bar=show_progress_bar,
+        )
+        return scores.tolist()
+
+    def tokenize_pairs(
+        self,
+        sentence_pairs: tuple[str, str] | Sequence[tuple[str, str]],
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        prompt: str | None = None,
+    ) -> Tokenized:
+        """Token ids of the pairs exactly as :meth:`compute_score` lays them out (instructions,
+        truncation, prompt), for callers that run the stages themselves."""
+        pairs = self.detailed_pairs(as_pair_list(sentence_pairs)[0])
+        query_max_length, max_length = self._lengths(
+            self.query_max_length if query_max_length is None else query_max_length,
+            self.max_length if max_length is None else max_length,
+        )
+        return self.pair_inputs(pairs, query_max_length, max_length, self.prompt if prompt is None else prompt)[0]
+
+    def score_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> list[float]:
+        """Raw "Yes" logits (input order) of pairs from :meth:`tokenize_pairs`. Subclasses with
+        their own forward (layerwise, lightweight) score through :meth:`compute_score` instead."""
+        if type(self)._score is not FlagLLMReranker._score:
+            raise NotImplementedError(f"{type(self).__name__} has its own forward; score with compute_score")
+        scores = self.host.run(
+            tokenized,
+            self._forward,
+            self.batch_size if batch_size is None else batch_size,
+            desc="Reranking",
+            pad_to_multiple_of=PAD_TO_MULTIPLE_OF,
+            show_progress_bar=False,
         )
         return scores.tolist()
 

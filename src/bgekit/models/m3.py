@@ -24,7 +24,7 @@ from .base import ItemForward, ModelHost, load_module
 from .embedder import Embedder, unescape_format
 from .inputs import as_pair_list, as_text_list
 from .pooling import check_pooling, pool
-from .tokenization import TextTokenizer, load_hf_tokenizer
+from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +264,50 @@ class BGEM3FlagModel(Embedder):
         """Dense vectors only, unnormalized: what generic :class:`Embedder` code asks for."""
         dense_only = (True, False, False)
         items = self._run(texts, batch_size, max_length, self.passage_max_length, dense_only, False, show_progress_bar)
+        return torch.stack([item.dense for item in items])
+
+    def encode_tokenized(
+        self,
+        tokenized: Tokenized,
+        batch_size: int | None = None,
+        return_dense: bool | None = None,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool | None = None,
+        *,
+        normalize_embeddings: bool | None = None,
+        convert_to_numpy: bool | None = None,
+    ) -> M3Output:
+        """:meth:`encode`'s outputs for inputs from :meth:`tokenize` (always the list shapes:
+        ``dense_vecs`` 2-D, one dict and one array per text), for callers that tokenize themselves."""
+        flags = self._flags(return_dense, return_sparse, return_colbert_vecs)
+        normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
+        items = self.host.run_items(
+            tokenized,
+            self._forward(*flags, normalize_colbert=normalize),
+            self.batch_size if batch_size is None else batch_size,
+            desc="Embedding",
+            show_progress_bar=False,
+        )
+        to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
+        dense = self._dense(items, normalize) if flags[0] else None
+        return {
+            "dense_vecs": None if dense is None else dense.numpy() if to_numpy else dense,
+            "lexical_weights": [self._lexical(item) for item in items] if flags[1] else None,
+            "colbert_vecs": [item.colbert.numpy() if to_numpy else item.colbert for item in items]
+            if flags[2]
+            else None,
+        }
+
+    def embed_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> torch.Tensor:
+        """Dense vectors ``(n, dim)`` of inputs from :meth:`tokenize`, before ``truncate_dim`` and
+        normalization (as ``FlagModel.embed_tokenized``; :meth:`postprocess` finishes them)."""
+        items = self.host.run_items(
+            tokenized,
+            self._forward(True, False, False, normalize_colbert=False),
+            self.batch_size if batch_size is None else batch_size,
+            desc="Embedding",
+            show_progress_bar=False,
+        )
         return torch.stack([item.dense for item in items])
 
     def _flags(self, dense: bool | None, sparse: bool | None, colbert: bool | None) -> tuple[bool, bool, bool]:

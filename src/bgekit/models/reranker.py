@@ -20,7 +20,7 @@ from .. import hub, registry
 from ..errors import InputError
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
-from .tokenization import TextTokenizer, load_hf_tokenizer
+from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 
 def sigmoid(scores: Sequence[float]) -> list[float]:
@@ -207,6 +207,33 @@ class FlagReranker(Reranker):
         self.host.log_truncation(tokenized, max_length, "pairs")
         scores = self.host.run(
             tokenized, self._forward, batch_size, desc="Reranking", show_progress_bar=show_progress_bar
+        )
+        return scores.tolist()
+
+    def tokenize_pairs(
+        self,
+        sentence_pairs: tuple[str, str] | Sequence[tuple[str, str]],
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+    ) -> Tokenized:
+        """Token ids of the pairs exactly as :meth:`compute_score` feeds them to the model
+        (instructions applied, truncated; ``truncated`` counts pairs cut), for callers that run
+        the stages themselves; :meth:`score_tokenized` scores them."""
+        pairs = self.detailed_pairs(as_pair_list(sentence_pairs)[0])
+        max_length = self.host.clamp_length(self.max_length if max_length is None else max_length, self.max_length)
+        if query_max_length is None:
+            query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
+        query_max_length = self.host.clamp_length(query_max_length, max_length)
+        return self.tokenizer.encode_pairs([q for q, _ in pairs], [p for _, p in pairs], query_max_length, max_length)
+
+    def score_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> list[float]:
+        """Raw scores (input order) of pairs from :meth:`tokenize_pairs`; :func:`sigmoid` normalizes them."""
+        scores = self.host.run(
+            tokenized,
+            self._forward,
+            self.batch_size if batch_size is None else batch_size,
+            desc="Reranking",
+            show_progress_bar=False,
         )
         return scores.tolist()
 

@@ -1,0 +1,204 @@
+"""Run any bgekit embedder under the ``mteb`` package (``pip install mteb``), for the full benchmark.
+
+:class:`MtebEncoder` implements mteb's encoder protocol, both generations of it:
+
+- mteb 2.x (``mteb.models.EncoderProtocol``): ``encode(inputs, *, task_metadata, hf_split,
+  hf_subset, prompt_type=None, **kwargs)`` where ``inputs`` is a DataLoader of batches
+  (dicts with a ``"text"`` list; documents arrive as ``(title + " " + text).strip()``),
+  plus ``similarity`` / ``similarity_pairwise`` (cosine) and ``mteb_model_meta``;
+- mteb 1.x: ``encode(sentences, *, task_name, prompt_type=None, **kwargs)`` with a list of
+  strings, and ``encode_queries`` / ``encode_corpus``.
+
+``prompt_type="query"`` goes through the model's ``encode_queries`` (its query instruction),
+``"document"`` through ``encode_corpus``, anything else through ``encode`` (no instruction),
+the same split bgekit's own evaluation makes. mteb itself is not a dependency of bgekit:
+nothing here imports it except ``mteb_model_meta``.
+
+Example:
+    >>> import mteb                                                          # doctest: +SKIP
+    >>> from bgekit.eval.mteb import MtebEncoder                             # doctest: +SKIP
+    >>> model = MtebEncoder("BAAI/bge-small-en-v1.5")                        # doctest: +SKIP
+    >>> mteb.evaluate(model, mteb.get_tasks(tasks=["SciFact", "STSBenchmark"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def _prompt_kind(prompt_type: Any) -> str | None:
+    """``"query"``, ``"document"`` or None from mteb's PromptType (a str enum) or a string."""
+    if prompt_type is None:
+        return None
+    value = str(getattr(prompt_type, "value", prompt_type)).lower()
+    if value in ("query", "queries"):
+        return "query"
+    if value in ("document", "passage", "corpus", "documents"):
+        return "document"
+    return None
+
+
+def _texts_from_inputs(inputs: Any) -> list[str]:
+    """Strings from a list of strings, a list of corpus dicts, or an iterable of batches."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if isinstance(inputs, Mapping):  # one batch, or mteb 1.x corpus {"title": [...], "text": [...]}
+        return _batch_texts(inputs)
+    texts: list[str] = []
+    for item in inputs:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping):
+            if "text" in item and isinstance(item["text"], str):  # one corpus record
+                title = item.get("title") or ""
+                texts.append(f"{title} {item['text']}".strip() if title else item["text"])
+            else:
+                texts.extend(_batch_texts(item))
+        else:
+            raise InputError(f"mteb passed an input bgekit cannot read: {type(item).__name__}")
+    return texts
+
+
+def _batch_texts(batch: Mapping[str, Any]) -> list[str]:
+    if "text" not in batch:
+        raise InputError(f"an mteb batch needs a 'text' column; got {sorted(batch)} (text-only models)")
+    text = batch["text"]
+    values = [text] if isinstance(text, str) else list(text)
+    return [str(v) for v in values]
+
+
+class MtebEncoder:
+    """A bgekit :class:`~bgekit.Embedder` behind mteb's encoder protocol.
+
+    Args:
+        model: an Embedder, or a hub id / folder for ``Embedder.from_pretrained``.
+        revision: recorded in the model metadata (bgekit loads what ``model`` names).
+        device: ``"cpu"``, ``"cuda:0"``...; passed to ``from_pretrained`` as ``devices``.
+        batch_size: default batch size (mteb's ``batch_size`` keyword wins).
+        options: more ``Embedder.from_pretrained`` options.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        revision: str | None = None,
+        *,
+        device: str | None = None,
+        batch_size: int | None = None,
+        **options: Any,
+    ):
+        if isinstance(model, (str, Path)):
+            from ..models.embedder import Embedder
+
+            if device is not None:
+                options.setdefault("devices", device)
+            model = Embedder.from_pretrained(str(model), **options)
+        elif options or device is not None:
+            raise InputError("device and options apply only when MtebEncoder loads the model by name")
+        if not hasattr(model, "encode_queries") or not hasattr(model, "encode_corpus"):
+            raise InputError(f"MtebEncoder needs a bgekit Embedder, got {type(model).__name__}")
+        self.model = model
+        self.revision = revision
+        self.batch_size = batch_size
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model.model_name_or_path)
+
+    def _run(self, texts: list[str], kind: str | None, batch_size: int | None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        batch_size = batch_size or self.batch_size
+        if kind == "query":
+            output = self.model.encode_queries(texts, batch_size=batch_size)
+        elif kind == "document":
+            output = self.model.encode_corpus(texts, batch_size=batch_size)
+        else:
+            output = self.model.encode(texts, batch_size=batch_size)
+        if isinstance(output, dict):  # M3: the dense vectors
+            output = output["dense_vecs"]
+        if hasattr(output, "detach"):
+            output = output.detach().cpu().numpy()
+        return np.asarray(output, dtype=np.float32)
+
+    # -- the protocol -----------------------------------------------------------------------
+    def encode(
+        self,
+        inputs: Iterable[Any],
+        *,
+        task_metadata: Any = None,
+        hf_split: str | None = None,
+        hf_subset: str | None = None,
+        prompt_type: Any = None,
+        task_name: str | None = None,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Vectors ``(n, dim)`` float32 for the inputs, in order (see the module docstring)."""
+        return self._run(_texts_from_inputs(inputs), _prompt_kind(prompt_type), batch_size)
+
+    def encode_queries(self, queries: Iterable[str], *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
+        """mteb 1.x / BEIR: queries with the query instruction."""
+        return self._run(_texts_from_inputs(queries), "query", batch_size)
+
+    def encode_corpus(self, corpus: Any, *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
+        """mteb 1.x / BEIR: documents (dicts with ``title`` / ``text``, or strings)."""
+        if isinstance(corpus, Mapping) and "text" in corpus and not isinstance(corpus["text"], str):
+            titles = corpus.get("title") or [""] * len(corpus["text"])
+            texts = [f"{t} {x}".strip() if t else x for t, x in zip(titles, corpus["text"], strict=True)]
+        else:
+            texts = _texts_from_inputs(corpus)
+        return self._run(texts, "document", batch_size)
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """Cosine similarity matrix ``(n1, n2)``."""
+        a = _unit(embeddings1)
+        b = _unit(embeddings2)
+        return a @ b.T
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """Cosine similarity of each row pair ``(n,)``."""
+        a = _unit(embeddings1)
+        b = _unit(embeddings2)
+        if a.shape != b.shape:
+            raise InputError(f"pairwise similarity needs equal shapes, got {a.shape} and {b.shape}")
+        return (a * b).sum(axis=1)
+
+    @property
+    def mteb_model_meta(self):
+        """mteb's ``ModelMeta`` for the results folder (needs mteb installed)."""
+        from mteb.models.model_meta import ModelMeta
+
+        dim = None
+        try:
+            dim = int(self._run(["dimension probe"], None, 1).shape[1])
+        except Exception:  # metadata only
+            dim = None
+        fields = {
+            "name": self.model_name if "/" in self.model_name else f"bgekit/{self.model_name}",
+            "revision": self.revision,
+            "embed_dim": dim,
+            "max_tokens": getattr(self.model, "passage_max_length", None),
+            "similarity_fn_name": "cosine",
+            "use_instructions": bool(getattr(self.model, "query_instruction_for_retrieval", None)),
+            "framework": ["PyTorch"],
+        }
+        return ModelMeta.create_empty(fields) if hasattr(ModelMeta, "create_empty") else ModelMeta(**fields)
+
+    def __repr__(self) -> str:
+        return f"MtebEncoder({self.model!r})"
+
+
+def _unit(vectors: Any) -> np.ndarray:
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().cpu().numpy()
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[None, :]
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,549 @@
+"""Retrieval evaluation: embed the corpus (cached) -> search -> optional rerank -> metrics -> report.
+
+The method is MTEB's, so published numbers reproduce: documents embedded as
+``(title + " " + text).strip()``, queries with the model's query instruction, cosine
+similarity, exact search over the whole corpus, trec_eval metrics (:mod:`.metrics`).
+
+Corpus embeddings are cached on disk under a key made of the model (name, files, pooling,
+lengths, instructions, precision) and the corpus content. They are written in chunks as they
+are made, so a run that is killed resumes from its last finished chunk; a finished cache is one
+``embeddings.npy`` and a second run does no forward pass on the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__, io
+from ..errors import InputError
+from . import metrics as metrics_mod
+from .datasets import RetrievalDataset, dataset_json, default_cache_dir, load_retrieval_dataset
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_CACHE_WORDS = {
+    "off": "not cached",
+    "miss": "computed and cached",
+    "hit": "from the cache",
+    "resumed": "resumed from an interrupted run",
+}
+DEFAULT_CHUNK_SIZE = 2048
+
+
+@dataclass
+class RetrievalResult:
+    """What :func:`evaluate_retrieval` found. ``metrics`` are for the final ranking (after
+    reranking when a reranker was given; ``retrieval_metrics`` then hold the first stage's)."""
+
+    model: str
+    dataset: dict[str, Any]
+    split: str
+    metrics: dict[str, float]
+    k_values: list[int]
+    timings: dict[str, float]
+    run: dict[str, dict[str, float]] = field(repr=False)
+    retrieval_metrics: dict[str, float] | None = None
+    retrieval_run: dict[str, dict[str, float]] | None = field(default=None, repr=False)
+    reranker: str | None = None
+    rerank_top_k: int | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report: MTEB's metric names, values as fractions."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset["name"],
+            "split": self.split,
+            "metrics": self.metrics,
+            "k_values": self.k_values,
+            "main_score": self.metrics.get("ndcg_at_10"),
+            "reranker": self.reranker,
+            "rerank_top_k": self.rerank_top_k,
+            "retrieval_metrics": self.retrieval_metrics,
+            "timings": self.timings,
+            "dataset_info": self.dataset,
+            "cache": self.cache,
+            "settings": self.settings,
+            "files": self.files,
+            "bgekit_version": __version__,
+        }
+
+    def to_markdown(self) -> str:
+        """A short human report: a metric table (and the first stage's when reranked)."""
+        info = self.dataset
+        lines = [
+            f"## Retrieval: {self.model} on {info['name']} ({self.split})",
+            "",
+            f"{info['queries']} queries, {info['documents']} documents, {info['judgments']} judgments; "
+            f"search: {self.settings.get('index', 'flat')} {self.settings.get('score_function', 'cosine')}"
+            + (f"; reranked top {self.rerank_top_k} with {self.reranker}" if self.reranker else ""),
+            "",
+            metrics_mod.metric_table(self.metrics, self.k_values),
+        ]
+        if self.retrieval_metrics is not None:
+            lines += [
+                "",
+                "First stage (before reranking):",
+                "",
+                metrics_mod.metric_table(self.retrieval_metrics, self.k_values),
+            ]
+        timing = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in self.timings.items())
+        cache = _CACHE_WORDS.get(self.cache.get("status", "off"), self.cache.get("status"))
+        lines += ["", f"Timings: {timing}. Corpus embeddings: {cache}."]
+        return "\n".join(lines) + "\n"
+
+    def save(self, output: str | Path) -> dict[str, str]:
+        """Write ``OUT.json``, ``OUT.md`` and TREC run files (``OUT.trec``; with a reranker also
+        ``OUT.retrieval.trec`` for the first stage), each atomically. Returns the paths."""
+        output = Path(output)
+        stem = output.with_suffix("") if output.suffix.lower() == ".json" else output
+        json_path = stem.with_name(stem.name + ".json")
+        files = {"json": str(json_path), "markdown": str(stem.with_name(stem.name + ".md"))}
+        runs = {"run": (".trec", self.run), "retrieval_run": (".retrieval.trec", self.retrieval_run)}
+        for key, (suffix, run) in runs.items():
+            if run is None:
+                continue
+            try:
+                files[key] = str(metrics_mod.write_trec_run(stem.with_name(stem.name + suffix), run))
+            except InputError as exc:  # ids with spaces cannot go into a TREC run file
+                logger.warning("no TREC run file written: %s", exc)
+        self.files = files
+        io.write_with(files["markdown"], lambda tmp: tmp.write_text(self.to_markdown(), encoding="utf-8"))
+        text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"
+        io.write_with(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return files
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+def evaluate_retrieval(
+    model: Any,
+    dataset: str | Path | RetrievalDataset,
+    split: str = "test",
+    *,
+    reranker: Any = None,
+    rerank_top_k: int = 100,
+    k_values: Sequence[int] = metrics_mod.DEFAULT_K,
+    top_k: int | None = None,
+    query_instruction: str | None = None,
+    score_function: str = "cosine",
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    reranker_batch_size: int | None = None,
+    reranker_max_length: int | None = None,
+    ignore_identical_ids: bool = False,
+    index: str = "flat",
+    quantization: str | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    model_options: Mapping[str, Any] | None = None,
+    reranker_options: Mapping[str, Any] | None = None,
+    output: str | Path | None = None,
+    show_progress_bar: bool | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> RetrievalResult:
+    """Evaluate an embedder (and optionally a reranker) on a retrieval dataset.
+
+    Args:
+        model: an :class:`~bgekit.Embedder` or a name / folder for ``Embedder.from_pretrained``
+            (with ``model_options``).
+        dataset: a dataset folder (BEIR or custom layout), a BEIR name or hub id (online), or a
+            :class:`RetrievalDataset`.
+        reranker: a :class:`~bgekit.Reranker` or a name / folder; reranks each query's top
+            ``rerank_top_k``, and the metrics are computed on that reranked list.
+        k_values: cutoffs for every metric (``ndcg_at_10``, ``map_at_10``, ``recall_at_100``...).
+        top_k: how many documents to retrieve per query (default: the largest k, or
+            ``rerank_top_k`` when reranking, whichever is larger).
+        query_instruction: overrides the model's query instruction (``""`` for none).
+        score_function: ``"cosine"`` (MTEB's; vectors are normalized before the inner product)
+            or ``"dot"``.
+        index / quantization: :class:`~bgekit.eval.index.DenseIndex` options (exact ``flat`` by default).
+        cache_dir / use_cache / chunk_size: where corpus embeddings are cached (default
+            ``$BGEKIT_CACHE`` or ``~/.cache/bgekit``, under ``eval/``), and in how many
+            documents a chunk (the unit a killed run resumes from).
+        output: write the JSON / Markdown report and TREC run files there (see :meth:`RetrievalResult.save`).
+        on_chunk: called as ``on_chunk(done, total)`` after each corpus chunk is embedded.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    k_values = metrics_mod.check_k_values(k_values)
+    if score_function not in ("cosine", "dot"):
+        raise InputError(f"score_function must be 'cosine' or 'dot', got {score_function!r}")
+    if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
+        raise InputError(f"rerank_top_k must be a positive integer, got {rerank_top_k!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+    tick = time.perf_counter()
+    if not isinstance(dataset, RetrievalDataset):
+        dataset = load_retrieval_dataset(
+            dataset, split, cache_dir=None if cache_dir is None else Path(cache_dir) / "datasets"
+        )
+    timings["load_dataset_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    embedder = load_embedder(model, query_instruction, model_options)
+    rerank_model = load_reranker(reranker, reranker_options) if reranker is not None else None
+    timings["load_models_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
+    corpus_vectors, cache = embed_corpus(
+        embedder,
+        dataset,
+        cache_root=root if use_cache else None,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        max_length=max_length,
+        show_progress_bar=show_progress_bar,
+        on_chunk=on_chunk,
+    )
+    timings["encode_corpus_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    query_ids = list(dataset.queries)
+    query_vectors = encode_queries(
+        embedder, [dataset.queries[q] for q in query_ids], query_instruction, batch_size, max_length
+    )
+    timings["encode_queries_s"] = time.perf_counter() - tick
+
+    from .index import DenseIndex, to_run
+
+    tick = time.perf_counter()
+    if score_function == "cosine":
+        corpus_vectors = normalize_rows(corpus_vectors)
+        query_vectors = normalize_rows(query_vectors)
+    dense_index = DenseIndex.build(corpus_vectors, dataset.corpus_ids, kind=index, quantization=quantization)
+    timings["index_s"] = time.perf_counter() - tick
+    depth = top_k or max(max(k_values), rerank_top_k if rerank_model is not None else 0)
+    tick = time.perf_counter()
+    scores, rows = dense_index.search(query_vectors, depth)
+    run = to_run(query_ids, scores, rows, dataset.corpus_ids)
+    timings["search_s"] = time.perf_counter() - tick
+
+    retrieval_run = retrieval_metrics = None
+    if rerank_model is not None:
+        tick = time.perf_counter()
+        retrieval_run = run
+        run = rerank_run(
+            rerank_model,
+            dataset,
+            retrieval_run,
+            rerank_top_k,
+            batch_size=reranker_batch_size,
+            max_length=reranker_max_length,
+            show_progress_bar=show_progress_bar,
+        )
+        timings["rerank_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    final_metrics = metrics_mod.evaluate_run(dataset.qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
+    if retrieval_run is not None:
+        retrieval_metrics = metrics_mod.evaluate_run(
+            dataset.qrels, retrieval_run, k_values, ignore_identical_ids=ignore_identical_ids
+        )
+    timings["evaluate_s"] = time.perf_counter() - tick
+    timings["total_s"] = time.perf_counter() - started
+
+    result = RetrievalResult(
+        model=embedder.model_name_or_path,
+        dataset=dataset_json(dataset),
+        split=dataset.split,
+        metrics=final_metrics,
+        k_values=list(k_values),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        run=run,
+        retrieval_metrics=retrieval_metrics,
+        retrieval_run=retrieval_run,
+        reranker=rerank_model.model_name_or_path if rerank_model is not None else None,
+        rerank_top_k=rerank_top_k if rerank_model is not None else None,
+        cache=cache,
+        settings={
+            "score_function": score_function,
+            "index": index,
+            "quantization": quantization or "none",
+            "top_k": depth,
+            "query_instruction": effective_query_instruction(embedder, query_instruction),
+            "ignore_identical_ids": ignore_identical_ids,
+            "max_length": max_length,
+        },
+    )
+    if output is not None:
+        result.save(output)
+    return result
+
+
+def load_embedder(model: Any, query_instruction: str | None, options: Mapping[str, Any] | None):
+    """An Embedder instance as given, or built with ``Embedder.from_pretrained``."""
+    if isinstance(model, (str, Path)):
+        from ..models.embedder import Embedder
+
+        kwargs = dict(options or {})
+        if query_instruction is not None:
+            kwargs["query_instruction_for_retrieval"] = query_instruction
+        return Embedder.from_pretrained(str(model), **kwargs)
+    if not hasattr(model, "encode_corpus") or not hasattr(model, "encode_queries"):
+        raise InputError(f"model must be a bgekit Embedder or a model name / folder, got {type(model).__name__}")
+    return model
+
+
+def load_reranker(reranker: Any, options: Mapping[str, Any] | None):
+    if isinstance(reranker, (str, Path)):
+        from ..models.reranker import Reranker
+
+        return Reranker.from_pretrained(str(reranker), **dict(options or {}))
+    if not hasattr(reranker, "compute_score"):
+        raise InputError(f"reranker must be a bgekit Reranker or a model name / folder, got {type(reranker).__name__}")
+    return reranker
+
+
+def effective_query_instruction(embedder: Any, override: str | None) -> str | None:
+    if override is not None:
+        return override or None
+    return getattr(embedder, "query_instruction_for_retrieval", None)
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def encode_queries(embedder: Any, texts: list[str], query_instruction: str | None, batch_size, max_length):
+    """Queries through the model's own query path; an instruction given for an Embedder
+    instance is applied with its query format (for a name it was set at load time)."""
+    kwargs = {"batch_size": batch_size, "max_length": max_length}
+    if query_instruction is not None and query_instruction != (embedder.query_instruction_for_retrieval or ""):
+        return np.asarray(
+            embedder.encode(
+                texts,
+                instruction=query_instruction or None,
+                instruction_format=embedder.query_instruction_format,
+                batch_size=batch_size,
+                max_length=embedder.query_max_length if max_length is None else max_length,
+            ),
+            dtype=np.float32,
+        )
+    return _dense(embedder.encode_queries(texts, **kwargs))
+
+
+def _dense(output: Any) -> np.ndarray:
+    """The dense vectors of an encode call (M3 returns a dict)."""
+    if isinstance(output, dict):
+        output = output.get("dense_vecs")
+        if output is None:
+            raise InputError("the model returned no dense vectors")
+    if hasattr(output, "detach"):
+        output = output.detach().cpu().numpy()
+    return np.asarray(output, dtype=np.float32)
+
+
+# -- corpus embeddings with a resumable cache ---------------------------------------------------
+def model_identity(embedder: Any) -> dict[str, Any]:
+    """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision."""
+    devices = [str(d) for d in getattr(embedder, "target_devices", None) or ["cpu"]]
+    on_gpu = any(not d.startswith("cpu") for d in devices)
+    identity = {
+        "class": type(embedder).__name__,
+        "name": str(getattr(embedder, "model_name_or_path", "")),
+        "pooling": getattr(embedder, "pooling_method", None),
+        "passage_max_length": getattr(embedder, "passage_max_length", None),
+        "passage_instruction": getattr(embedder, "passage_instruction_for_retrieval", None),
+        "passage_instruction_format": getattr(embedder, "passage_instruction_format", None),
+        "normalize": getattr(embedder, "normalize_embeddings", None),
+        "truncate_dim": getattr(embedder, "truncate_dim", None),
+        "precision": ("bf16" if getattr(embedder, "use_bf16", False) else "fp16" if embedder.use_fp16 else "fp32")
+        if on_gpu
+        else "fp32",
+        "files": _folder_fingerprint(getattr(embedder, "model_name_or_path", "")),
+    }
+    return identity
+
+
+def _folder_fingerprint(name: str) -> list[Any]:
+    """Names, sizes and modification times of a model's files (no hashing of the weights)."""
+    from .. import hub
+
+    try:
+        folder = hub.model_folder(name)
+    except Exception:  # an unresolvable name: identified by the name alone
+        return []
+    rows = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".pt", ".txt", ".model"):
+            stat = path.stat()
+            rows.append([str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
+    return [str(folder.resolve()), rows]
+
+
+def cache_key(embedder: Any, dataset: RetrievalDataset, max_length: int | None) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "model": model_identity(embedder),
+        "corpus": dataset.fingerprint(),
+        "max_length": max_length,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def embed_corpus(
+    embedder: Any,
+    dataset: RetrievalDataset,
+    *,
+    cache_root: Path | None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    show_progress_bar: bool | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Corpus vectors in corpus order, from the cache where possible. Returns ``(vectors, info)``."""
+    texts = dataset.corpus_texts
+    n = len(texts)
+
+    def encode(batch: list[str]) -> np.ndarray:
+        return _dense(
+            embedder.encode_corpus(
+                batch, batch_size=batch_size, max_length=max_length, show_progress_bar=show_progress_bar
+            )
+        )
+
+    if cache_root is None:
+        vectors = encode(texts)
+        return vectors, {"status": "off", "cached_documents": 0, "embedded_documents": n}
+
+    key = cache_key(embedder, dataset, max_length)
+    folder = cache_root / "corpus" / key[:32]
+    final = folder / "embeddings.npy"
+    info: dict[str, Any] = {"path": str(folder), "key": key}
+    if final.exists():
+        try:
+            vectors = np.load(final)
+        except (OSError, ValueError) as exc:
+            logger.warning("cached embeddings %s are unreadable (%s); embedding again", final, exc)
+        else:
+            if vectors.shape[0] == n:
+                logger.info("corpus embeddings from the cache: %s", final)
+                return vectors, {**info, "status": "hit", "cached_documents": n, "embedded_documents": 0}
+            logger.warning("cached embeddings %s have %d rows, the corpus %d; embedding again", final, len(vectors), n)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = {"documents": n, "chunk_size": chunk_size, "corpus": dataset.fingerprint()}
+    plan_path = folder / "plan.json"
+    if plan_path.exists():
+        try:
+            old_plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        except ValueError:
+            old_plan = None
+        if old_plan != plan:
+            for stale in folder.glob("chunk-*.npy"):
+                stale.unlink()
+    io.write_with(plan_path, lambda tmp: tmp.write_text(json.dumps(plan), encoding="utf-8"))
+    _write_meta(folder / "meta.json", embedder, dataset, max_length)
+
+    # longest texts first, so each chunk holds texts of similar length (little padding)
+    order = np.argsort(-np.fromiter((len(t) for t in texts), dtype=np.int64, count=n), kind="stable")
+    chunks = [order[start : start + chunk_size] for start in range(0, n, chunk_size)]
+    vectors: np.ndarray | None = None
+    cached = embedded = 0
+    for number, rows in enumerate(chunks):
+        path = folder / f"chunk-{number:05d}.npy"
+        block = None
+        if path.exists():
+            try:
+                block = np.load(path)
+            except (OSError, ValueError):
+                block = None
+            if block is not None and block.shape[0] != len(rows):
+                block = None
+        if block is None:
+            block = encode([texts[i] for i in rows])
+            io.write_with(path, lambda tmp, b=block: _save_npy(tmp, b))
+            embedded += len(rows)
+        else:
+            cached += len(rows)
+        if vectors is None:
+            vectors = np.empty((n, block.shape[1]), dtype=np.float32)
+        vectors[rows] = block
+        logger.info("corpus chunk %d/%d done (%d documents)", number + 1, len(chunks), len(rows))
+        if on_chunk is not None:
+            on_chunk(number + 1, len(chunks))
+    assert vectors is not None
+    io.write_with(final, lambda tmp: _save_npy(tmp, vectors))
+    for path in folder.glob("chunk-*.npy"):
+        path.unlink()
+    plan_path.unlink(missing_ok=True)
+    status = "miss" if cached == 0 else "resumed"
+    if cached:
+        logger.info("resumed: %d of %d corpus embeddings came from an interrupted run", cached, n)
+    return vectors, {**info, "status": status, "cached_documents": cached, "embedded_documents": embedded}
+
+
+def _save_npy(tmp: Path, array: np.ndarray) -> None:
+    with tmp.open("wb") as handle:
+        np.save(handle, np.asarray(array, dtype=np.float32))
+
+
+def _write_meta(path: Path, embedder: Any, dataset: RetrievalDataset, max_length: int | None) -> None:
+    meta = {
+        "model": model_identity(embedder),
+        "dataset": dataset.name,
+        "dataset_path": str(dataset.path) if dataset.path else None,
+        "documents": len(dataset.corpus_ids),
+        "corpus_sha256": dataset.fingerprint(),
+        "max_length": max_length,
+        "bgekit_version": __version__,
+    }
+    io.write_with(path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8"))
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> None:
+    """Remove every cached corpus embedding."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
+    shutil.rmtree(root / "corpus", ignore_errors=True)
+
+
+# -- reranking ----------------------------------------------------------------------------------
+def rerank_run(
+    reranker: Any,
+    dataset: RetrievalDataset,
+    run: Mapping[str, Mapping[str, float]],
+    top_n: int,
+    *,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    show_progress_bar: bool | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score each query's top ``top_n`` (query text, document text) pairs with ``reranker``;
+    the reranked run holds those documents with the reranker's scores."""
+    texts = dict(zip(dataset.corpus_ids, dataset.corpus_texts, strict=True))
+    owners: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str]] = []
+    for query_id, docs in run.items():
+        for doc_id, _ in metrics_mod.ranked(docs)[:top_n]:
+            owners.append((query_id, doc_id))
+            pairs.append((dataset.queries[query_id], texts[doc_id]))
+    if not pairs:
+        return {q: {} for q in run}
+    scores = reranker.compute_score(
+        pairs, batch_size=batch_size, max_length=max_length, show_progress_bar=show_progress_bar
+    )
+    if scores and isinstance(scores[0], list):  # layerwise rerankers: one list per cutoff layer
+        logger.info("the reranker returned scores for %d layers; using the last", len(scores))
+        scores = scores[-1]
+    reranked: dict[str, dict[str, float]] = {q: {} for q in run}
+    for (query_id, doc_id), score in zip(owners, scores, strict=True):
+        reranked[query_id][doc_id] = float(score)
+    return reranked

@@ -1,0 +1,445 @@
+"""The FastAPI app: routes, OpenAI-shaped errors, the API key and request metrics.
+
+Build it with :func:`create_app` from loaded engines (the ``bgekit serve`` command does),
+then run it with uvicorn. Every route answers at ``/v1/...`` and without the prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import InputError
+from .batcher import Batcher, ModelFailure, Overloaded, WorkerUnavailable
+from .engines import EmbeddingEngine, EmbedOptions, InputTooLong, RerankEngine
+from .metrics import ServeMetrics
+from .schemas import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+# no API key needed: probes, scrapers and the docs
+OPEN_PATHS = frozenset(
+    ["/health", "/v1/health", "/metrics", "/v1/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"]
+)
+ROUTES = {"/embeddings", "/rerank", "/models", "/health", "/metrics"}
+# pydantic names the member of a union field it tried (input: str | list[str]); not part of the path
+_UNION_TAGS = {"str", "list[str]", "RerankDocument"}
+
+
+@dataclass
+class ServeConfig:
+    """Server behaviour that is not about one model (the CLI fills it from flags or env vars)."""
+
+    api_key: str | None = None
+    truncate: bool = True
+    max_queue: int = 512
+    max_client_batch_size: int = 2048
+    stuck_timeout: float = 60.0
+    failing_after: int = 3
+    batch_wait_ms: float = 0.0
+    tokenizer_threads: int = 2
+    render_threads: int = 2
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Unknown model, or an option the model does not support",
+        401: "Missing or wrong API key",
+        413: "Too many inputs, or an input too long while truncation is off",
+        422: "The request does not fit the schema",
+        429: "The queue is full; retry after the Retry-After header's seconds",
+        500: "The model failed on this request",
+        503: "The model worker is stuck",
+    }.items()
+}
+
+
+class _GuardMiddleware:
+    """Pure ASGI middleware: checks the API key before anything reads the body, and records
+    every request's latency and status for Prometheus."""
+
+    def __init__(self, app, api_key: str | None, metrics: ServeMetrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path.removeprefix("/v1") or "/"
+        route = route if route in ROUTES else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self._expected is not None and path not in OPEN_PATHS and not self._authorized(scope):
+                response = ApiError(
+                    401,
+                    "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with the key the "
+                    "server was started with (--api-key / BGEKIT_API_KEY)",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ).response()
+                await response(scope, receive, send_with_status)
+                return None
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                return hmac.compare_digest(value, self._expected)
+        return False
+
+
+def create_app(
+    embedders: Sequence[EmbeddingEngine] = (),
+    rerankers: Sequence[RerankEngine] = (),
+    config: ServeConfig | None = None,
+) -> FastAPI:
+    """The server app for already loaded (and warmed-up) engines."""
+    config = config or ServeConfig()
+    engines: dict[str, EmbeddingEngine | RerankEngine] = {}
+    for engine in (*embedders, *rerankers):
+        if engine.name in engines:
+            raise InputError(f"two models are served as {engine.name!r}; give them different --served-model-name")
+        engines[engine.name] = engine
+    if not engines:
+        raise InputError("nothing to serve: pass at least one --model or --reranker")
+    tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="bgekit-tokenize")
+    render_pool = ThreadPoolExecutor(config.render_threads, thread_name_prefix="bgekit-render")
+    batchers: dict[str, Batcher] = {}
+    metrics = ServeMetrics(lambda: batchers.values())
+    for name, engine in engines.items():
+        batchers[name] = Batcher(
+            name,
+            engine.forward,
+            tokenize_pool=tokenize_pool,
+            max_batch_tokens=engine.max_batch_tokens,
+            max_queue=config.max_queue,
+            stuck_after=config.stuck_timeout,
+            failing_after=config.failing_after,
+            batch_wait=config.batch_wait_ms / 1000,
+            on_batch=metrics.on_batch,
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for batcher in batchers.values():
+            batcher.start()
+        logger.info("serving %s", ", ".join(f"{n} ({e.task})" for n, e in engines.items()))
+        try:
+            yield
+        finally:
+            for batcher in batchers.values():
+                await batcher.stop()
+            tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            render_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="bgekit server",
+        version=__version__,
+        description=(
+            "OpenAI-compatible embeddings and Cohere / Jina-style rerank for BGE-style models, with dynamic "
+            "batching. Every route also answers without the /v1 prefix. Fields marked *Extension* are bgekit's."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.engines, app.state.batchers, app.state.metrics, app.state.config = engines, batchers, metrics, config
+    app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics)
+    _install_error_handlers(app)
+    bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
+
+    def pick(requested: str | None, task: str) -> EmbeddingEngine | RerankEngine:
+        if requested is None:
+            engine = next((e for e in engines.values() if e.task == task), None)
+            if engine is None:
+                raise ApiError(400, f"this server has no {task} model", param="model", code="model_not_found")
+            return engine
+        engine = engines.get(requested)
+        if engine is None:
+            raise ApiError(
+                400,
+                f"model {requested!r} is not served here; served models: {sorted(engines)}",
+                param="model",
+                code="model_not_found",
+            )
+        if engine.task != task:
+            route = "/v1/rerank" if engine.task == "rerank" else "/v1/embeddings"
+            raise ApiError(
+                400, f"model {requested!r} is a {engine.task} model: use {route}", param="model", code="wrong_task"
+            )
+        return engine
+
+    def check_count(n: int, param: str) -> None:
+        if n > config.max_client_batch_size:
+            raise ApiError(
+                413,
+                f"{n} {param} in one request; the limit is {config.max_client_batch_size} "
+                "(--max-client-batch-size): split the request",
+                param=param,
+                code="too_many_inputs",
+            )
+
+    async def run(engine, prepare_args: tuple, param: str, http: Request) -> tuple[Any, Any]:
+        """Tokenize, queue and run one request; errors become OpenAI-shaped responses. If the
+        client goes away first, its work is dropped from the queue (or its result discarded)."""
+        batcher = batchers[engine.name]
+        submitted = asyncio.ensure_future(batcher.submit(engine.prepare, *prepare_args))
+        watcher = asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({submitted, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not submitted.done():
+                submitted.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await submitted
+        if submitted.cancelled():
+            raise ApiError(499, "the client closed the request", code="client_closed_request")
+        try:
+            work, result = submitted.result()
+        except InputTooLong as exc:
+            metrics.rejected.labels(engine.name, "too_long").inc()
+            raise ApiError(413, str(exc), param=param, code="input_too_long") from None
+        except InputError as exc:
+            raise ApiError(400, str(exc), code="invalid_input") from None
+        except Overloaded as exc:
+            metrics.rejected.labels(engine.name, "queue_full").inc()
+            raise ApiError(
+                429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+            ) from None
+        except WorkerUnavailable as exc:
+            metrics.rejected.labels(engine.name, "worker_unavailable").inc()
+            raise ApiError(
+                503,
+                str(exc),
+                type="server_error",
+                code="worker_unavailable",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        except ModelFailure as exc:
+            metrics.model_errors.labels(engine.name).inc()
+            raise ApiError(
+                500, f"the model failed on this request: {exc}", type="server_error", code="model_error"
+            ) from None
+        metrics.input_tokens.labels(engine.name).inc(work.n_tokens)
+        if work.truncated:
+            metrics.truncated.labels(engine.name).inc(work.truncated)
+        return work, result
+
+    async def render(fn, *args, **kwargs) -> Response:
+        body = await asyncio.get_running_loop().run_in_executor(render_pool, lambda: fn(*args, **kwargs))
+        return Response(body, media_type="application/json")
+
+    router = APIRouter()
+
+    @router.post(
+        "/embeddings",
+        response_model=EmbeddingResponse,
+        responses=ERROR_RESPONSES,
+        summary="Create embeddings (OpenAI schema)",
+        dependencies=[Security(bearer)],
+    )
+    async def embeddings(request: EmbeddingRequest, http: Request) -> Response:
+        """Embed one text or a list of texts. ``usage`` counts the model's real tokens.
+
+        M3 models (BAAI/bge-m3) also return sparse ``lexical_weights`` and ``colbert_vecs`` on request.
+        """
+        engine = pick(request.model, "embeddings")
+        texts = [request.input] if isinstance(request.input, str) else request.input
+        if not texts:
+            raise ApiError(422, "input is an empty list; send at least one text", param="input", code="invalid_schema")
+        check_count(len(texts), "input")
+        if request.dimensions is not None and engine.dimensions is not None and request.dimensions > engine.dimensions:
+            raise ApiError(
+                400,
+                f"dimensions={request.dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
+                param="dimensions",
+                code="invalid_dimensions",
+            )
+        options = EmbedOptions(request.return_dense, request.return_sparse, request.return_colbert_vecs)
+        if (options.sparse or options.colbert or not options.dense) and not engine.is_m3:
+            raise ApiError(
+                400,
+                f"return_sparse / return_colbert_vecs / return_dense=false need an M3 model (BAAI/bge-m3); "
+                f"{engine.name!r} gives dense vectors only",
+                param="return_sparse"
+                if options.sparse
+                else "return_colbert_vecs"
+                if options.colbert
+                else "return_dense",
+                code="unsupported_output",
+            )
+        if not (options.dense or options.sparse or options.colbert):
+            raise ApiError(400, "nothing to return: every return_* option is false", param="return_dense")
+        truncate = config.truncate if request.truncate is None else request.truncate
+        work, result = await run(engine, (texts, request.input_type, truncate, options), "input", http)
+        return await render(
+            engine.render, work, result, encoding_format=request.encoding_format, dimensions=request.dimensions
+        )
+
+    @router.post(
+        "/rerank",
+        response_model=RerankResponse,
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        summary="Rerank documents for a query (Cohere / Jina schema)",
+        dependencies=[Security(bearer)],
+    )
+    async def rerank(request: RerankRequest, http: Request) -> Response:
+        """Score every document against the query; results come best first.
+
+        Scores are the library's ``compute_score``: sigmoid-normalized unless ``raw_scores``.
+        Cross-encoders and LLM rerankers (bge-reranker-v2-gemma, layerwise, lightweight) are all served.
+        """
+        engine = pick(request.model, "rerank")
+        documents = [d.text if isinstance(d, RerankDocument) else d for d in request.documents]
+        check_count(len(documents), "documents")
+        truncate = config.truncate if request.truncate is None else request.truncate
+        work, scores = await run(engine, (request.query, documents, truncate), "documents", http)
+        return await render(
+            engine.render,
+            work,
+            scores,
+            documents=documents,
+            top_n=request.top_n,
+            return_documents=request.return_documents,
+            raw_scores=request.raw_scores,
+        )
+
+    @router.get(
+        "/models",
+        response_model=ModelList,
+        responses={401: ERROR_RESPONSES[401]},
+        summary="List served models",
+        dependencies=[Security(bearer)],
+    )
+    async def models() -> dict:
+        return {"object": "list", "data": [e.card() for e in engines.values()]}
+
+    @router.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "A model worker is stuck, failing or stopped"}},
+        summary="Health: 200 while every model worker makes progress, 503 otherwise",
+    )
+    async def health() -> JSONResponse:
+        report = {
+            name: {
+                "status": b.status(),
+                "queued": b.queued,
+                "busy_seconds": round(b.busy_seconds(), 3),
+                "consecutive_failures": b.consecutive_failures,
+                "last_error": b.last_error,
+            }
+            for name, b in batchers.items()
+        }
+        ok = all(b.healthy() for b in batchers.values())
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "models": report}, status_code=200 if ok else 503)
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, include_in_schema=False)
+    return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+        # the most specific problem: a union field reports one error per member, the deepest names the item
+        first = max(errors, key=lambda e: len(e.get("loc", ())))
+        loc = [part for part in first.get("loc", ()) if part != "body"]
+        if not loc:  # the body itself: not JSON, not an object, or no JSON content type
+            message = (
+                "the request body must be a JSON object sent with 'Content-Type: application/json' "
+                f"({first.get('msg', 'invalid body')})"
+            )
+            return ApiError(422, message, code="invalid_schema").response()
+        path = str(loc[0]) + "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:] if part not in _UNION_TAGS
+        )
+        fields = sorted({str(e["loc"][1]) for e in errors if len(e.get("loc", ())) > 1} - {str(loc[0])})
+        more = f" (also check: {', '.join(fields)})" if fields else ""
+        message = f"{path}: {first.get('msg', 'invalid value')}{more}"
+        return ApiError(422, message, param=str(loc[0]), code="invalid_schema").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, str(exc.detail), type=kind, code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()

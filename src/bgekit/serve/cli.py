@@ -1,0 +1,229 @@
+"""The ``bgekit serve`` command. Only typer is imported here; the server's own dependencies
+(fastapi, uvicorn, prometheus-client) load when the command runs, so ``bgekit --help``
+stays fast. Every option can also come from an environment variable (``BGEKIT_<NAME>``).
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+logger = logging.getLogger("bgekit.serve")
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class DType(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def precision_options(dtype: DType) -> dict[str, bool]:
+    """``--dtype`` as the library's use_fp16 / use_bf16 (auto: each class's own default)."""
+    return {
+        DType.auto: {},
+        DType.float32: {"use_fp16": False, "use_bf16": False},
+        DType.float16: {"use_fp16": True, "use_bf16": False},
+        DType.bfloat16: {"use_fp16": False, "use_bf16": True},
+    }[dtype]
+
+
+def served_names(models: list[str], rerankers: list[str], names: list[str]) -> list[str]:
+    """One name per model: ``--served-model-name`` values in order (embedders, then rerankers),
+    the model argument itself for the rest."""
+    from ..errors import InputError
+
+    sources = [*models, *rerankers]
+    if len(names) > len(sources):
+        raise InputError(
+            f"{len(names)} --served-model-name values for {len(sources)} models; give at most one per model "
+            "(in order: every --model, then every --reranker)"
+        )
+    out = [*names, *sources[len(names) :]]
+    duplicates = sorted({n for n in out if out.count(n) > 1})
+    if duplicates:
+        raise InputError(f"two models would be served as {duplicates}; name them with --served-model-name")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to the ``bgekit`` command line."""
+    from ..cli import friendly_errors
+
+    @app.command()
+    @friendly_errors
+    def serve(
+        model: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--model",
+                "-m",
+                envvar="BGEKIT_MODEL",
+                help="Embedding model (hub id or folder) for /v1/embeddings; repeat for several "
+                "(env: space-separated).",
+            ),
+        ] = None,
+        reranker: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--reranker",
+                "-r",
+                envvar="BGEKIT_RERANKER",
+                help="Reranker (cross-encoder or LLM reranker) for /v1/rerank; repeat for several.",
+            ),
+        ] = None,
+        served_model_name: Annotated[
+            list[str] | None,
+            typer.Option(
+                envvar="BGEKIT_SERVED_MODEL_NAME",
+                help="Name clients use in 'model', one per model in order (every --model, then every "
+                "--reranker); default: the model argument.",
+            ),
+        ] = None,
+        host: Annotated[str, typer.Option(envvar="BGEKIT_HOST", help="Address to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(envvar="BGEKIT_PORT", min=1, max=65535)] = 8000,
+        api_key: Annotated[
+            str | None,
+            typer.Option(envvar="BGEKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on the API routes."),
+        ] = None,
+        max_batch_tokens: Annotated[
+            int | None,
+            typer.Option(
+                envvar="BGEKIT_MAX_BATCH_TOKENS",
+                min=1,
+                help="Padded tokens (items x longest) per forward batch; default 16384 on GPU, 4096 on CPU.",
+            ),
+        ] = None,
+        max_queue: Annotated[
+            int,
+            typer.Option(envvar="BGEKIT_MAX_QUEUE", min=1, help="Requests waiting per model before 429."),
+        ] = 512,
+        max_client_batch_size: Annotated[
+            int,
+            typer.Option(
+                envvar="BGEKIT_MAX_CLIENT_BATCH_SIZE", min=1, help="Most texts (or documents) in one request (413)."
+            ),
+        ] = 2048,
+        truncate: Annotated[
+            bool,
+            typer.Option(
+                "--truncate/--no-truncate",
+                envvar="BGEKIT_TRUNCATE",
+                help="Cut inputs longer than the model's max length (default), or reject them with 413.",
+            ),
+        ] = True,
+        max_length: Annotated[
+            int | None,
+            typer.Option(envvar="BGEKIT_MAX_LENGTH", min=2, help="Token limit per input (default: the model's)."),
+        ] = None,
+        dtype: Annotated[
+            DType, typer.Option(envvar="BGEKIT_DTYPE", help="Precision on GPU (the CPU always runs float32).")
+        ] = DType.auto,
+        device: Annotated[
+            list[str] | None,
+            typer.Option("--device", envvar="BGEKIT_DEVICE", help="Device, e.g. cpu or cuda:0 (default: auto)."),
+        ] = None,
+        trust_remote_code: Annotated[
+            bool,
+            typer.Option(envvar="BGEKIT_TRUST_REMOTE_CODE", help="Run modeling code shipped in the model folder."),
+        ] = False,
+        stuck_timeout: Annotated[
+            float,
+            typer.Option(
+                envvar="BGEKIT_STUCK_TIMEOUT",
+                min=0.1,
+                help="Seconds a batch may run without progress before /health turns red and requests get 503.",
+            ),
+        ] = 60.0,
+        batch_wait_ms: Annotated[
+            float,
+            typer.Option(
+                envvar="BGEKIT_BATCH_WAIT_MS",
+                min=0,
+                help="Wait this long for more requests before a batch (0: never wait; lowest latency).",
+            ),
+        ] = 0.0,
+        tokenizer_threads: Annotated[
+            int, typer.Option(envvar="BGEKIT_TOKENIZER_THREADS", min=1, help="Threads that tokenize requests.")
+        ] = 2,
+        log_level: Annotated[LogLevel, typer.Option(envvar="BGEKIT_LOG_LEVEL")] = LogLevel.info,
+        access_log: Annotated[bool, typer.Option(envvar="BGEKIT_ACCESS_LOG", help="Log one line per request.")] = False,
+    ) -> None:
+        """Serve embedding and rerank models over HTTP (OpenAI /v1/embeddings, Cohere-style /v1/rerank).
+
+        Example: bgekit serve --model BAAI/bge-small-en-v1.5 --reranker BAAI/bge-reranker-base --port 8000
+        """
+        from ..errors import InputError
+
+        models, rerankers = list(model or []), list(reranker or [])
+        if not models and not rerankers:
+            raise InputError("nothing to serve: pass --model (embeddings) and/or --reranker (or set BGEKIT_MODEL)")
+        names = served_names(models, rerankers, list(served_model_name or []))
+        try:
+            import uvicorn
+
+            from .app import ServeConfig, create_app
+            from .engines import EmbeddingEngine, RerankEngine
+        except ImportError as exc:
+            raise InputError(
+                f"bgekit serve needs the serve extra ({exc.name} is missing): pip install 'bgekit[serve]'"
+            ) from None
+        from ..models.embedder import Embedder
+        from ..models.reranker import Reranker
+
+        logging.getLogger("bgekit").setLevel(log_level.value.upper())
+        if host not in LOOPBACK and not api_key:
+            logger.warning("binding %s without --api-key: anyone who can reach this port can use the server", host)
+        options: dict = {**precision_options(dtype), "devices": device or None}
+        if trust_remote_code:
+            options["trust_remote_code"] = True
+        embed_options = {**options, "query_max_length": max_length, "passage_max_length": max_length}
+
+        def budget(engine_devices: list[str]) -> int:
+            if max_batch_tokens is not None:
+                return max_batch_tokens
+            return 16384 if any(d.startswith("cuda") for d in engine_devices) else 4096
+
+        embedders, scorers = [], []
+        for name, source in zip(names, [*models, *rerankers], strict=True):
+            if len(embedders) < len(models):
+                loaded = Embedder.from_pretrained(source, **embed_options)
+                engine = EmbeddingEngine(name, source, loaded, 1)
+                embedders.append(engine)
+            else:
+                loaded = Reranker.from_pretrained(source, **options, max_length=max_length)
+                engine = RerankEngine(name, source, loaded, 1)
+                scorers.append(engine)
+            engine.max_batch_tokens = budget(engine.devices)
+            engine.warm_up()
+            typer.echo(f"loaded {name!r} ({type(loaded).__name__}) from {source}", err=True)
+        config = ServeConfig(
+            api_key=api_key,
+            truncate=truncate,
+            max_queue=max_queue,
+            max_client_batch_size=max_client_batch_size,
+            stuck_timeout=stuck_timeout,
+            batch_wait_ms=batch_wait_ms,
+            tokenizer_threads=tokenizer_threads,
+        )
+        server_app = create_app(embedders, scorers, config)
+        uvicorn.run(
+            server_app,
+            host=host,
+            port=port,
+            log_level=log_level.value,
+            access_log=access_log,
+            timeout_graceful_shutdown=10,
+        )

@@ -1,0 +1,356 @@
+"""Library models as the batcher's three stages: tokenize, forward, post-process.
+
+Nothing here re-implements the encode path. Tokenization is the model's own
+``tokenize`` / ``tokenize_pairs`` (prompt rules, instructions, truncation exactly as
+``encode_queries`` / ``compute_score``), the forward is ``embed_tokenized`` /
+``encode_tokenized`` / ``score_tokenized`` (the same pooling and heads, through the same
+:class:`~bgekit.models.base.ModelHost` with its OOM back-off), and post-processing is the
+model's ``postprocess`` (``dimensions`` as ``truncate_dim``, then normalization) or
+:func:`~bgekit.models.reranker.sigmoid`. So a served vector equals the library's vector for
+the same text, up to float rounding from a different batch padding.
+
+Rerankers without a tokenized scoring path (layerwise / lightweight LLM rerankers, and
+embedders used as rerankers) are tokenized for usage and length checks, then scored with
+``compute_score`` on each batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..models.tokenization import Tokenized
+from ..runtime.batching import length_sorted_batches
+from .batcher import Beat, Work
+
+WARM_UP_TEXT = "warm up"
+
+
+class InputTooLong(InputError):
+    """Inputs longer than the model's limit while truncation is off (HTTP 413)."""
+
+
+def run_chunks(lengths: Sequence[int], max_tokens: int, run: Callable[[list[int]], Sequence[Any]], beat: Beat) -> list:
+    """Run items in length-sorted chunks of at most ``max_tokens`` padded tokens; one result per
+    item in input order. ``run(indices)`` returns one result per index; ``beat()`` follows each chunk."""
+    out: list[Any] = [None] * len(lengths)
+    _, chunks = length_sorted_batches(lengths, max(len(lengths), 1), max_tokens=max_tokens)
+    for chunk in chunks:
+        indices = chunk.tolist()
+        results = run(indices)
+        if len(results) != len(indices):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(indices)} inputs")
+        for index, result in zip(indices, results, strict=True):
+            out[index] = result
+        beat()
+    return out
+
+
+def subset(tokenized: Tokenized, indices: list[int]) -> Tokenized:
+    return Tokenized(
+        [tokenized.ids[i] for i in indices],
+        None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in indices],
+    )
+
+
+def merge(parts: Sequence[Tokenized]) -> Tokenized:
+    """One :class:`Tokenized` holding every part's rows, in order."""
+    ids = [row for part in parts for row in part.ids]
+    has_types = all(part.type_ids is not None for part in parts)
+    type_ids = [row for part in parts for row in part.type_ids] if has_types else None  # type: ignore[union-attr]
+    return Tokenized(ids, type_ids, sum(part.truncated for part in parts))
+
+
+def split(rows: list[Any], works: Sequence[Work]) -> list[list[Any]]:
+    """Rows of a merged batch back into one list per work."""
+    out, start = [], 0
+    for work in works:
+        out.append(rows[start : start + work.n_items])
+        start += work.n_items
+    return out
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def to_json(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _devices(model: Any) -> list[str]:
+    devices = getattr(model, "target_devices", None) or getattr(
+        getattr(model, "embedder", None), "target_devices", None
+    )
+    return list(devices or ["cpu"])
+
+
+@dataclass
+class EmbedOptions:
+    """What one embeddings request asks the forward stage for (M3 outputs)."""
+
+    dense: bool = True
+    sparse: bool = False
+    colbert: bool = False
+
+
+class EmbeddingEngine:
+    """An :class:`~bgekit.models.embedder.Embedder` behind ``/v1/embeddings``."""
+
+    task = "embeddings"
+
+    def __init__(self, name: str, source: str, model: Any, max_batch_tokens: int):
+        self.name, self.source, self.model = name, source, model
+        self.max_batch_tokens = max_batch_tokens
+        self.is_m3 = hasattr(model, "encode_tokenized")
+        # settle the limits once (clamped to the position table), not on every request
+        model.query_max_length = model.host.clamp_length(None, model.query_max_length)
+        model.passage_max_length = model.host.clamp_length(None, model.passage_max_length)
+        self.created = int(time.time())
+        self.dimensions: int | None = None
+        self.devices = _devices(model)
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["dense", "sparse", "colbert"] if self.is_m3 else ["dense"]
+
+    def max_length(self, input_type: str | None = None) -> int:
+        default = self.model.query_max_length if input_type == "query" else self.model.passage_max_length
+        return self.model.host.clamp_length(None, default)
+
+    def card(self) -> dict:
+        return {
+            "id": self.name,
+            "created": self.created,
+            "task": self.task,
+            "source": self.source,
+            "model_class": type(self.model).__name__,
+            "dimensions": self.dimensions,
+            "max_length": self.max_length(),
+            "outputs": self.outputs,
+        }
+
+    # stage 1: tokenize (tokenizer pool)
+    def prepare(self, texts: list[str], input_type: str | None, truncate: bool, options: EmbedOptions) -> Work:
+        tokenized = self.model.tokenize(texts, input_type)
+        if tokenized.truncated and not truncate:
+            raise InputTooLong(
+                f"{tokenized.truncated} of {len(texts)} inputs are longer than this model's limit of "
+                f"{self.max_length(input_type)} tokens; shorten them, or send truncate=true (or start the server "
+                "with --truncate) to cut them"
+            )
+        lengths = [len(row) for row in tokenized.ids]
+        return Work(lengths, (tokenized, options), sum(lengths), tokenized.truncated)
+
+    # stage 2: forward (the model's thread)
+    def forward(self, works: list[Work], beat: Beat) -> list[Any]:
+        merged = merge([w.payload[0] for w in works])
+        lengths = [len(row) for row in merged.ids]
+        if not self.is_m3:
+
+            def run(indices: list[int]):
+                return list(self.model.embed_tokenized(subset(merged, indices), batch_size=len(indices)))
+
+            rows = run_chunks(lengths, self.max_batch_tokens, run, beat)
+            return [self._stack(part) for part in split(rows, works)]
+        wanted = EmbedOptions(
+            dense=any(w.payload[1].dense for w in works),
+            sparse=any(w.payload[1].sparse for w in works),
+            colbert=any(w.payload[1].colbert for w in works),
+        )
+
+        def run_m3(indices: list[int]):
+            out = self.model.encode_tokenized(
+                subset(merged, indices),
+                batch_size=len(indices),
+                return_dense=wanted.dense,
+                return_sparse=wanted.sparse,
+                return_colbert_vecs=wanted.colbert,
+                convert_to_numpy=True,
+            )
+            n = len(indices)
+            dense = out["dense_vecs"] if wanted.dense else [None] * n
+            lexical = out["lexical_weights"] if wanted.sparse else [None] * n
+            colbert = out["colbert_vecs"] if wanted.colbert else [None] * n
+            return list(zip(dense, lexical, colbert, strict=True))
+
+        return split(run_chunks(lengths, self.max_batch_tokens, run_m3, beat), works)
+
+    @staticmethod
+    def _stack(rows: list[Any]):
+        import torch
+
+        return torch.stack(rows)
+
+    def warm_up(self) -> None:
+        """One forward before serving: loads kernels, checks the pipeline, learns the vector size."""
+        work = self.prepare([WARM_UP_TEXT], None, True, EmbedOptions())
+        (result,) = self.forward([work], lambda: None)
+        self.dimensions = int(self._dense(result, None).shape[-1])
+
+    # stage 3: post-process (the app's render pool)
+    def _dense(self, result: Any, dimensions: int | None) -> np.ndarray:
+        """Finished dense vectors: ``dimensions`` works as ``truncate_dim`` (slice, then normalize)."""
+        if not self.is_m3:
+            raw = result if dimensions is None else result[:, :dimensions]
+            return self.model.postprocess(raw, False, convert_to_numpy=True)
+        dense = np.stack([row[0] for row in result])  # already finished by encode_tokenized
+        if dimensions is not None:
+            dense = dense[:, :dimensions]
+            if self.model.normalize_embeddings:
+                dense = dense / np.maximum(np.linalg.norm(dense, axis=-1, keepdims=True), 1e-12)
+        return dense.astype(np.float32, copy=False)
+
+    def render(self, work: Work, result: Any, *, encoding_format: str, dimensions: int | None) -> bytes:
+        options: EmbedOptions = work.payload[1]
+        dense = self._dense(result, dimensions) if options.dense else None
+        data = []
+        for index in range(work.n_items):
+            item: dict[str, Any] = {
+                "object": "embedding",
+                "index": index,
+                "embedding": encode_vector(dense[index], encoding_format)
+                if dense is not None
+                else ("" if encoding_format == "base64" else []),
+            }
+            if options.sparse:
+                item["lexical_weights"] = {key: float(value) for key, value in result[index][1].items()}
+            if options.colbert:
+                vectors = result[index][2]
+                item["colbert_vecs"] = (
+                    [encode_vector(row, "base64") for row in vectors]
+                    if encoding_format == "base64"
+                    else vectors.tolist()
+                )
+            data.append(item)
+        usage = {"prompt_tokens": work.n_tokens, "total_tokens": work.n_tokens}
+        return to_json({"object": "list", "data": data, "model": self.name, "usage": usage})
+
+
+def _scores_tokenized(model: Any) -> bool:
+    """True when the class that defines the model's scoring also defines ``score_tokenized``."""
+    owner = next((cls for cls in type(model).__mro__ if "_score" in cls.__dict__), None)
+    return owner is not None and "score_tokenized" in owner.__dict__
+
+
+class RerankEngine:
+    """A :class:`~bgekit.models.reranker.Reranker` behind ``/v1/rerank``."""
+
+    task = "rerank"
+    outputs = ("scores",)
+    dimensions = None
+
+    def __init__(self, name: str, source: str, model: Any, max_batch_tokens: int):
+        self.name, self.source, self.model = name, source, model
+        self.max_batch_tokens = max_batch_tokens
+        self.tokenized_scoring = _scores_tokenized(model)
+        self.host = getattr(model, "host", None) or model.embedder.host
+        model.max_length = self.host.clamp_length(None, model.max_length)
+        self.created = int(time.time())
+        self.devices = _devices(model)
+
+    def max_length(self) -> int:
+        return self.host.clamp_length(None, self.model.max_length)
+
+    def card(self) -> dict:
+        return {
+            "id": self.name,
+            "created": self.created,
+            "task": self.task,
+            "source": self.source,
+            "model_class": type(self.model).__name__,
+            "dimensions": None,
+            "max_length": self.max_length(),
+            "outputs": list(self.outputs),
+        }
+
+    # stage 1: tokenize
+    def _tokenize(self, query: str, documents: list[str]) -> tuple[Tokenized, int]:
+        """``(tokenized pairs, tokens the model reads)``."""
+        if hasattr(self.model, "tokenize_pairs"):
+            tokenized = self.model.tokenize_pairs([(query, d) for d in documents])
+            return tokenized, sum(len(row) for row in tokenized.ids)
+        # an embedder used as a reranker reads the query once and each passage on its own
+        embedder, limit = self.model.embedder, self.model.max_length
+        q_limit = min(self.model.query_max_length or limit, embedder.query_max_length)
+        q = embedder.tokenize([query], "query", max_length=q_limit)
+        p = embedder.tokenize(documents, "passage", max_length=min(limit, embedder.passage_max_length))
+        pairs = Tokenized([q.ids[0] + row for row in p.ids], None, p.truncated or (q.truncated and len(p.ids)))
+        return pairs, len(q.ids[0]) + sum(len(row) for row in p.ids)
+
+    def prepare(self, query: str, documents: list[str], truncate: bool) -> Work:
+        tokenized, n_tokens = self._tokenize(query, documents)
+        if tokenized.truncated and not truncate:
+            raise InputTooLong(
+                f"{tokenized.truncated} of {len(documents)} (query, document) pairs are longer than this model's "
+                f"limit of {self.max_length()} tokens; shorten them, or send truncate=true (or start the server "
+                "with --truncate) to cut them"
+            )
+        payload = tokenized if self.tokenized_scoring else [(query, d) for d in documents]
+        return Work([len(row) for row in tokenized.ids], payload, n_tokens, tokenized.truncated)
+
+    # stage 2: forward
+    def forward(self, works: list[Work], beat: Beat) -> list[list[float]]:
+        lengths = [n for w in works for n in w.lengths]
+        if self.tokenized_scoring:
+            merged = merge([w.payload for w in works])
+
+            def run(indices: list[int]) -> list[float]:
+                return self.model.score_tokenized(subset(merged, indices), batch_size=len(indices))
+
+        else:
+            pairs = [pair for w in works for pair in w.payload]
+
+            def run(indices: list[int]) -> list[float]:
+                scores = self.model.compute_score([pairs[i] for i in indices], batch_size=len(indices), normalize=False)
+                if scores and isinstance(scores[0], list):  # layerwise with several cutoffs: the last layer
+                    scores = scores[-1]
+                return scores
+
+        return split(run_chunks(lengths, self.max_batch_tokens, run, beat), works)
+
+    def warm_up(self) -> None:
+        work = self.prepare(WARM_UP_TEXT, [WARM_UP_TEXT], True)
+        self.forward([work], lambda: None)
+
+    # stage 3: post-process
+    def render(
+        self,
+        work: Work,
+        scores: list[float],
+        *,
+        documents: list[str],
+        top_n: int | None,
+        return_documents: bool,
+        raw_scores: bool,
+    ) -> bytes:
+        from ..models.reranker import sigmoid
+
+        values = [float(s) for s in scores] if raw_scores else sigmoid(scores)
+        order = sorted(range(len(values)), key=lambda i: -values[i])
+        results = []
+        for index in order[:top_n]:
+            result: dict[str, Any] = {"index": index, "relevance_score": values[index]}
+            if return_documents:
+                result["document"] = {"text": documents[index]}
+            results.append(result)
+        usage = {"prompt_tokens": work.n_tokens, "total_tokens": work.n_tokens}
+        return to_json(
+            {
+                "object": "rerank",
+                "id": f"rerank-{uuid.uuid4().hex}",
+                "model": self.name,
+                "results": results,
+                "usage": usage,
+            }
+        )

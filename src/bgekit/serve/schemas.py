@@ -1,0 +1,167 @@
+"""Request and response models of the HTTP API: the single source of truth for the routes,
+their validation (a request that does not fit gets a 422) and the OpenAPI docs.
+
+``/v1/embeddings`` follows OpenAI's schema, ``/v1/rerank`` Cohere's and Jina's; fields
+marked *extension* are bgekit's own and every OpenAI / Cohere client simply ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    # unknown fields are ignored, as OpenAI-style servers do, so any client's extras pass
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- errors ---------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong and what to do about it.")
+    type: str = Field(
+        description="invalid_request_error (4xx), rate_limit_error (429) or server_error (5xx)",
+        examples=["invalid_request_error"],
+    )
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str | None = Field(None, description="A stable machine-readable code.", examples=["model_not_found"])
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+# -- embeddings -----------------------------------------------------------------------------
+class EmbeddingRequest(_Request):
+    input: str | list[str] = Field(
+        description="One text or a list of texts (at most --max-client-batch-size). Token arrays are not accepted.",
+        examples=["The giant panda is a bear native to China."],
+    )
+    model: str | None = Field(
+        None, description="A served model name (GET /v1/models); default: the first embedding model."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="Keep the first N dimensions (Matryoshka), then re-normalize as the model does."
+    )
+    user: str | None = Field(None, description="Accepted for OpenAI compatibility and ignored.")
+    input_type: Literal["query", "passage"] | None = Field(
+        None,
+        description="Extension. query: add the model's query instruction (encode_queries); passage: the passage "
+        "rule (encode_corpus); omitted: the texts as they are (encode).",
+    )
+    truncate: bool | None = Field(
+        None,
+        description="Extension. Cut inputs longer than the model's max_length (true) or reject them with 413 "
+        "(false); default: the server's --truncate setting.",
+    )
+    return_dense: bool = Field(True, description="Extension (M3 models): include the dense `embedding`.")
+    return_sparse: bool = Field(
+        False, description="Extension (M3 models): include `lexical_weights`, {token_id: weight}."
+    )
+    return_colbert_vecs: bool = Field(
+        False, description="Extension (M3 models): include `colbert_vecs`, one vector per token."
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens the model read (after truncation, special tokens included).")
+    total_tokens: int
+
+
+class EmbeddingObject(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(
+        description="The vector, or its base64 float32 bytes; empty when return_dense is false."
+    )
+    lexical_weights: dict[str, float] | None = Field(
+        None, description="Extension (return_sparse): token id -> weight, as BGEM3FlagModel returns."
+    )
+    colbert_vecs: list[list[float]] | list[str] | None = Field(
+        None, description="Extension (return_colbert_vecs): one vector per token (base64: one string per vector)."
+    )
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+    model: str
+    usage: Usage
+
+
+# -- rerank ---------------------------------------------------------------------------------
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankRequest(_Request):
+    query: str = Field(examples=["what do pandas eat?"])
+    documents: list[str | RerankDocument] = Field(
+        min_length=1,
+        description="Texts to score against the query (strings or {'text': ...}); at most --max-client-batch-size.",
+        examples=[["Pandas eat bamboo.", "Paris is in France."]],
+    )
+    model: str | None = Field(None, description="A served reranker name; default: the first reranker.")
+    top_n: int | None = Field(None, ge=1, description="Return only the best N results.")
+    return_documents: bool = Field(False, description="Include each document's text in its result.")
+    raw_scores: bool = Field(
+        False, description="true: the model's raw logits; false: sigmoid scores in (0, 1) (normalize=True)."
+    )
+    truncate: bool | None = Field(
+        None, description="Extension. As in /v1/embeddings: cut long pairs or reject them with 413."
+    )
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float
+    document: RerankDocument | None = Field(None, description="Only with return_documents.")
+
+
+class RerankResponse(BaseModel):
+    object: Literal["rerank"] = "rerank"
+    id: str
+    model: str
+    results: list[RerankResult] = Field(description="Best first.")
+    usage: Usage
+
+
+# -- models and health ----------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "bgekit"
+    task: Literal["embeddings", "rerank"] = Field(description="Extension: which route serves it.")
+    source: str = Field(description="Extension: the hub id or folder it was loaded from.")
+    model_class: str = Field(description="Extension: the bgekit class running it.")
+    dimensions: int | None = Field(None, description="Extension: dense vector size (embedding models).")
+    max_length: int | None = Field(None, description="Extension: longest input in tokens before truncation.")
+    outputs: list[str] = Field(description="Extension: dense, sparse, colbert (embeddings) or scores (rerank).")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class WorkerHealth(BaseModel):
+    status: Literal["ok", "busy", "stuck", "failing", "stopped"] = Field(
+        description="stuck: the batch in flight made no progress for --stuck-timeout seconds; failing: the last "
+        "batches all failed."
+    )
+    queued: int = Field(description="Requests waiting for the model.")
+    busy_seconds: float = Field(description="Seconds since the batch in flight last made progress (0 when idle).")
+    consecutive_failures: int
+    last_error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    models: dict[str, WorkerHealth]

@@ -1,0 +1,186 @@
+"""Training data: the JSONL schema, its validation, and group sampling.
+
+One record a line: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional
+``pos_scores`` / ``neg_scores`` (teacher scores, one per passage), ``prompt`` (a per-record
+query instruction) and ``type``. The whole file is validated before training starts, and
+every error names the file and line.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataFormatError, InputError
+from ..io import read_jsonl
+
+
+@dataclass
+class TrainRecord:
+    """One validated training example."""
+
+    query: str
+    pos: list[str]
+    neg: list[str]
+    pos_scores: list[float] | None = None
+    neg_scores: list[float] | None = None
+    prompt: str | None = None
+    type: str | None = None
+    source: str = field(default="", compare=False)
+
+
+def _strings(value: object, name: str, path: Path, line: int, allow_empty: bool) -> list[str]:
+    if not isinstance(value, list):
+        raise DataFormatError(path, line, f"{name!r} must be a list of strings, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise DataFormatError(path, line, f"{name!r} is empty; give at least one passage")
+    bad = [i for i, v in enumerate(value) if not isinstance(v, str)]
+    if bad:
+        raise DataFormatError(path, line, f"{name!r}[{bad[0]}] is {type(value[bad[0]]).__name__}, not a string")
+    return value
+
+
+def _scores(obj: dict, name: str, passages: list[str], path: Path, line: int) -> list[float] | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    ):
+        raise DataFormatError(path, line, f"{name!r} must be a list of finite numbers")
+    if len(value) != len(passages):
+        kind = name.split("_")[0]
+        raise DataFormatError(path, line, f"{name!r} has {len(value)} scores but {kind!r} has {len(passages)} passages")
+    return [float(v) for v in value]
+
+
+def parse_record(obj: dict, path: Path, line: int) -> TrainRecord:
+    """Validate one JSON object as a training record."""
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise DataFormatError(path, line, "'query' must be a non-empty string")
+    if "pos" not in obj:
+        raise DataFormatError(path, line, "missing 'pos' (the list of relevant passages)")
+    pos = _strings(obj["pos"], "pos", path, line, allow_empty=False)
+    neg = _strings(obj.get("neg", []), "neg", path, line, allow_empty=True)
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise DataFormatError(path, line, "'prompt' must be a string")
+    kind = obj.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise DataFormatError(path, line, "'type' must be a string")
+    return TrainRecord(
+        query,
+        pos,
+        neg,
+        _scores(obj, "pos_scores", pos, path, line),
+        _scores(obj, "neg_scores", neg, path, line),
+        prompt,
+        kind,
+        source=f"{path}:{line}",
+    )
+
+
+def load_train_data(paths: str | Path | Sequence[str | Path]) -> list[TrainRecord]:
+    """Read and validate every record of one or more JSONL files (or folders of them)."""
+    files: list[Path] = []
+    for item in [paths] if isinstance(paths, (str, Path)) else paths:
+        item = Path(item)
+        if item.is_dir():
+            files += sorted(
+                p for p in item.iterdir() if p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.gz")
+            )
+        else:
+            files.append(item)
+    if not files:
+        raise InputError(f"no training files found in {paths}")
+    records: list[TrainRecord] = []
+    for path in files:
+        before = len(records)
+        records += [parse_record(obj, path, line) for line, obj in read_jsonl(path)]
+        if len(records) == before:
+            raise InputError(f"training file {path} holds no records")
+    scored = {r.pos_scores is not None for r in records}
+    if len(scored) > 1:
+        raise InputError("some records have teacher scores and some do not; score every record or none")
+    return records
+
+
+def write_records(path: str | Path, records: Iterable[TrainRecord]) -> None:
+    """Write records back as JSONL (atomically), leaving out empty optional fields."""
+    from ..io import write_jsonl
+
+    def rows():
+        for r in records:
+            row = {"query": r.query, "pos": r.pos, "neg": r.neg}
+            for key in ("pos_scores", "neg_scores", "prompt", "type"):
+                if getattr(r, key) is not None:
+                    row[key] = getattr(r, key)
+            yield row
+
+    write_jsonl(path, rows())
+
+
+@dataclass
+class Group:
+    """What one record contributes to a batch: a query, 1 positive + negatives, teacher scores."""
+
+    query: str
+    passages: list[str]
+    scores: list[float] | None
+    prompt: str | None
+
+
+class GroupSampler:
+    """Draws ``1 positive + (group_size - 1) negatives`` per record, like FlagEmbedding.
+
+    Negatives are drawn without replacement when there are enough, with replacement when
+    there are too few, and from other records' passages when a record has none.
+    """
+
+    def __init__(
+        self, records: list[TrainRecord], group_size: int, seed: int = 42, corpus: Sequence[str] | None = None
+    ):
+        if group_size < 1:
+            raise InputError(f"train_group_size must be >= 1, got {group_size}")
+        self.records = records
+        self.group_size = group_size
+        self.seed = seed
+        self._pool = list(corpus) if corpus else [p for r in records for p in r.pos + r.neg]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def group(self, index: int, epoch: int = 0) -> Group:
+        record = self.records[index]
+        rng = random.Random(hash((self.seed, epoch, index)))
+        p = rng.randrange(len(record.pos))
+        passages, scores = [record.pos[p]], [record.pos_scores[p]] if record.pos_scores else None
+        wanted = self.group_size - 1
+        if wanted:
+            if record.neg:
+                picks = (
+                    rng.sample(range(len(record.neg)), wanted)
+                    if len(record.neg) >= wanted
+                    else [rng.randrange(len(record.neg)) for _ in range(wanted)]
+                )
+                passages += [record.neg[i] for i in picks]
+                if scores is not None:
+                    scores += [record.neg_scores[i] for i in picks]
+            else:
+                passages += [self._random_negative(rng, set(record.pos)) for _ in range(wanted)]
+                if scores is not None:
+                    scores += [min(scores)] * wanted  # no teacher score for random negatives: the lowest seen
+        return Group(record.query, passages, scores, record.prompt)
+
+    def _random_negative(self, rng: random.Random, positives: set[str]) -> str:
+        """A random corpus passage that is not one of the record's positives (a few tries)."""
+        choice = rng.choice(self._pool)
+        for _ in range(16):
+            if choice not in positives:
+                break
+            choice = rng.choice(self._pool)
+        return choice

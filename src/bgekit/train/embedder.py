@@ -1,0 +1,197 @@
+"""Embedder fine-tuning: InfoNCE with in-batch, hard and cross-device negatives, optional
+distillation from teacher scores and Matryoshka dimensions, on transformers' Trainer.
+
+The saved folder holds the transformers model, its tokenizer and sentence-transformers
+module files (pooling, max length, prompts, normalization), so ``bgekit.Embedder.from_pretrained``
+and ``sentence_transformers.SentenceTransformer`` load it as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import hub, registry
+from ..errors import InputError
+from ..models.pooling import check_pooling, pool
+from ..models.tokenization import TextTokenizer, load_hf_tokenizer
+from . import losses
+from .data import Group, GroupSampler, load_train_data
+from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
+
+logger = logging.getLogger(__name__)
+
+KD_LOSSES = ("kl_div", "m3_kd_loss")
+
+
+@dataclass
+class EmbedderOptions(TrainOptions):
+    """What to train and how; see ``bgekit finetune embedder --help``."""
+
+    model_name_or_path: str = ""
+    train_data: list[str] = field(default_factory=list)
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    temperature: float = 0.05
+    learning_rate: float = 5e-5
+    train_group_size: int = 2
+    per_device_train_batch_size: int = 16
+    sentence_pooling_method: str | None = None
+    normalize_embeddings: bool = True
+    query_instruction_for_retrieval: str | None = None
+    query_instruction_format: str = "{}{}"
+    passage_instruction_for_retrieval: str | None = None
+    use_inbatch_neg: bool = True
+    negatives_cross_device: bool = False
+    kd_loss_type: str = "kl_div"
+    matryoshka_dims: list[int] | None = None
+    resume_from_checkpoint: str | None = None
+
+
+class EmbedderCollator:
+    """Groups -> padded query and passage batches (bgekit's own tokenizer, as at inference)."""
+
+    def __init__(self, tokenizer: TextTokenizer, options: EmbedderOptions):
+        self.tokenizer = tokenizer
+        self.options = options
+
+    def query_text(self, group: Group) -> str:
+        instruction = group.prompt if group.prompt is not None else self.options.query_instruction_for_retrieval
+        if instruction is None:
+            return group.query
+        return self.options.query_instruction_format.format(instruction, group.query)
+
+    def passage_text(self, text: str) -> str:
+        instruction = self.options.passage_instruction_for_retrieval
+        return text if instruction is None else f"{instruction}{text}"
+
+    def __call__(self, groups: list[Group]) -> dict:
+        queries = self.tokenizer.encode([self.query_text(g) for g in groups], self.options.query_max_len)
+        passages = self.tokenizer.encode(
+            [self.passage_text(p) for g in groups for p in g.passages], self.options.passage_max_len
+        )
+        batch = {
+            "query": self.tokenizer.collate(queries.ids, queries.type_ids),
+            "passage": self.tokenizer.collate(passages.ids, passages.type_ids),
+        }
+        if groups[0].scores is not None:
+            batch["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+        return batch
+
+
+class EmbedderTrainer(BgekitTrainer):
+    """The Trainer with the contrastive / distillation loss in ``compute_loss``."""
+
+    def __init__(self, *args, options: EmbedderOptions, pooling_method: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.options = options
+        self.pooling_method = pooling_method
+
+    def embed(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(**inputs, return_dict=True).last_hidden_state
+        vectors = pool(hidden, inputs["attention_mask"], self.pooling_method)
+        return F.normalize(vectors, dim=-1) if self.options.normalize_embeddings else vectors
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.count_tokens(inputs["query"], inputs["passage"])
+        q = self.embed(model, inputs["query"])
+        p = self.embed(model, inputs["passage"])
+        opts = self.options
+        kwargs = {"in_batch": opts.use_inbatch_neg, "cross_device": opts.negatives_cross_device}
+        if opts.matryoshka_dims:
+            loss = losses.matryoshka_info_nce(
+                q, p, opts.train_group_size, opts.matryoshka_dims, opts.temperature, **kwargs
+            )
+        else:
+            loss = losses.info_nce(q, p, opts.train_group_size, opts.temperature, **kwargs)
+        teacher = inputs.get("teacher_scores")
+        if teacher is not None:
+            student = losses.group_scores(q, p, opts.train_group_size)
+            kd = losses.distillation_kl if opts.kd_loss_type == "kl_div" else losses.distillation_m3
+            loss = loss + kd(student, teacher.to(student.device), opts.temperature)
+        return (loss, {"q": q, "p": p}) if return_outputs else loss
+
+
+def write_sentence_transformers_files(folder: Path, pooling_method: str, options: EmbedderOptions) -> None:
+    """Module files so sentence-transformers (and bgekit's folder reader) know pooling, length, prompts."""
+    modes = {
+        "cls": "pooling_mode_cls_token",
+        "mean": "pooling_mode_mean_tokens",
+        "last_token": "pooling_mode_lasttoken",
+    }
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    pooling = {key: False for key in modes.values()}
+    pooling[modes[pooling_method]] = True
+    pooling["word_embedding_dimension"] = config.get("hidden_size")
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if options.normalize_embeddings:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": options.passage_max_len, "do_lower_case": False}, indent=2)
+    )
+    prompts = {}
+    if options.query_instruction_for_retrieval:
+        prompts["query"] = options.query_instruction_format.format(options.query_instruction_for_retrieval, "")
+    if options.passage_instruction_for_retrieval:
+        prompts["passage"] = options.passage_instruction_for_retrieval
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2)
+    )
+
+
+def finetune_embedder(options: EmbedderOptions) -> Path:
+    """Fine-tune an embedder and save it in ``options.output_dir``; returns that folder."""
+    from transformers import AutoModel, TrainerCallback
+
+    records = load_train_data(options.train_data)  # validated before any model loads
+    if options.kd_loss_type not in KD_LOSSES:
+        raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
+    if options.matryoshka_dims and any(d < 1 for d in options.matryoshka_dims):
+        raise InputError("matryoshka_dims must be positive")
+    if options.negatives_cross_device:  # every rank must hold the same number of queries
+        options.extra.setdefault("dataloader_drop_last", True)
+    name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS)
+    pooling_method = check_pooling(options.sentence_pooling_method or (spec.pooling_method if spec else None) or "cls")
+    folder = hub.model_folder(name)
+    hf_tokenizer = load_hf_tokenizer(folder)
+    tokenizer = TextTokenizer(hf_tokenizer)
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
+    throughput = ThroughputCallback()
+    output = Path(options.output_dir)
+
+    class SaveModuleFiles(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = output / f"checkpoint-{state.global_step}"
+            if (checkpoint / "config.json").exists():
+                write_sentence_transformers_files(checkpoint, pooling_method, options)
+
+    trainer = EmbedderTrainer(
+        model=model,
+        args=options.training_arguments(),
+        train_dataset=dataset,
+        data_collator=EmbedderCollator(tokenizer, options),
+        processing_class=hf_tokenizer,
+        callbacks=[EpochCallback(dataset), throughput, SaveModuleFiles()],
+        text_tokenizer=tokenizer,
+        throughput=throughput,
+        options=options,
+        pooling_method=pooling_method,
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.save_model(str(output))
+    if trainer.is_world_process_zero():
+        write_sentence_transformers_files(output, pooling_method, options)
+    return output

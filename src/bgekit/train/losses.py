@@ -1,0 +1,120 @@
+"""Training losses as small functions: contrastive (InfoNCE), distillation, reranker CE.
+
+Shapes: ``q`` is ``(B, D)`` query vectors, ``p`` is ``(B * G, D)`` passage vectors where each
+query's group of ``G`` passages starts with its positive. Scores are dot products (the
+vectors are normalized by the caller when cosine similarity is wanted).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank, keeping gradients; the tensor itself in a single process.
+
+    Cross-device negatives therefore need no launcher: without ``torch.distributed`` (or
+    with one process) they are simply the in-batch negatives. Every rank must pass the same
+    number of rows (the trainer drops the last uneven batch).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    if torch.distributed.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def rank_offset(local_queries: int) -> int:
+    """Index of this rank's first query in the gathered batch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() * local_queries
+    return 0
+
+
+def contrastive_scores(
+    q: torch.Tensor, p: torch.Tensor, group_size: int, *, in_batch: bool = True, cross_device: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score matrix and target column of each query's positive.
+
+    ``in_batch``: every passage in the batch is a candidate; otherwise only the query's own group.
+    ``cross_device``: passages from every rank are candidates (all-gather keeping gradients).
+    """
+    if not in_batch:
+        groups = p.view(q.shape[0], group_size, -1)
+        scores = torch.einsum("bd,bgd->bg", q, groups)
+        return scores, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    if cross_device:
+        p = gather_with_grad(p)
+        offset = rank_offset(q.shape[0])
+    else:
+        offset = 0
+    scores = q @ p.T
+    target = (torch.arange(q.shape[0], device=q.device) + offset) * group_size
+    return scores, target
+
+
+def info_nce(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    group_size: int,
+    temperature: float = 0.02,
+    *,
+    in_batch: bool = True,
+    cross_device: bool = False,
+) -> torch.Tensor:
+    """InfoNCE: cross-entropy of each query's positive among its candidates, scores / temperature."""
+    scores, target = contrastive_scores(q, p, group_size, in_batch=in_batch, cross_device=cross_device)
+    return F.cross_entropy(scores / temperature, target)
+
+
+def group_scores(q: torch.Tensor, p: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(B, G)`` scores of each query against its own group."""
+    return torch.einsum("bd,bgd->bg", q, p.view(q.shape[0], group_size, -1))
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
+    """KL(teacher || student) over each group, teacher scores softmaxed as given (FlagEmbedding's ``kl_div``)."""
+    target = F.softmax(teacher, dim=-1)
+    return F.kl_div(F.log_softmax(student / temperature, dim=-1), target, reduction="batchmean")
+
+
+def distillation_m3(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
+    """M3-style: soft cross-entropy of the student's group scores against the teacher's distribution."""
+    target = F.softmax(teacher, dim=-1)
+    return -(target * F.log_softmax(student / temperature, dim=-1)).sum(dim=-1).mean()
+
+
+def matryoshka_info_nce(
+    q: torch.Tensor, p: torch.Tensor, group_size: int, dims: list[int], temperature: float = 0.02, **kwargs
+) -> torch.Tensor:
+    """Mean InfoNCE over the leading ``dims`` of the vectors (each slice re-normalized)."""
+    losses = [
+        info_nce(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), group_size, temperature, **kwargs)
+        for d in dims
+    ]
+    return torch.stack(losses).mean()
+
+
+def reranker_ce(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Cross-encoder loss: each group's positive (first) against its negatives."""
+    grouped = scores.view(-1, group_size)
+    return F.cross_entropy(grouped, torch.zeros(grouped.shape[0], dtype=torch.long, device=scores.device))

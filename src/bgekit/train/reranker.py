@@ -1,0 +1,83 @@
+"""Cross-encoder reranker fine-tuning: each query with 1 positive and ``train_group_size - 1``
+negatives, cross-entropy over the group, on transformers' Trainer.
+
+Pairs are tokenized exactly as :class:`bgekit.FlagReranker` tokenizes them at inference
+(query cut to ``query_max_len`` first, then the passage fills ``max_len``), and the saved
+folder is a sequence-classification model that ``Reranker.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import hub
+from ..models.tokenization import TextTokenizer, load_hf_tokenizer
+from . import losses
+from .data import Group, GroupSampler, load_train_data
+from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
+
+
+@dataclass
+class RerankerOptions(TrainOptions):
+    """What to train and how; see ``bgekit finetune reranker --help``."""
+
+    model_name_or_path: str = ""
+    train_data: list[str] = field(default_factory=list)
+    query_max_len: int = 64
+    max_len: int = 320
+    learning_rate: float = 3e-5
+    resume_from_checkpoint: str | None = None
+
+
+class RerankerCollator:
+    def __init__(self, tokenizer: TextTokenizer, options: RerankerOptions):
+        self.tokenizer = tokenizer
+        self.options = options
+
+    def __call__(self, groups: list[Group]) -> dict:
+        queries = [g.query for g in groups for _ in g.passages]
+        passages = [p for g in groups for p in g.passages]
+        pairs = self.tokenizer.encode_pairs(queries, passages, self.options.query_max_len, self.options.max_len)
+        return {"pairs": self.tokenizer.collate(pairs.ids, pairs.type_ids)}
+
+
+class RerankerTrainer(BgekitTrainer):
+    def __init__(self, *args, group_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_size = group_size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.count_tokens(inputs["pairs"])
+        scores = model(**inputs["pairs"], return_dict=True).logits.view(-1).float()
+        loss = losses.reranker_ce(scores, self.group_size)
+        return (loss, {"scores": scores}) if return_outputs else loss
+
+
+def finetune_reranker(options: RerankerOptions) -> Path:
+    """Fine-tune a cross-encoder reranker and save it in ``options.output_dir``."""
+    from transformers import AutoModelForSequenceClassification
+
+    records = load_train_data(options.train_data)
+    folder = hub.model_folder(options.model_name_or_path)
+    hf_tokenizer = load_hf_tokenizer(folder)
+    tokenizer = TextTokenizer(hf_tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
+    dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
+    throughput = ThroughputCallback()
+    trainer = RerankerTrainer(
+        model=model,
+        args=options.training_arguments(),
+        train_dataset=dataset,
+        data_collator=RerankerCollator(tokenizer, options),
+        processing_class=hf_tokenizer,
+        callbacks=[EpochCallback(dataset), throughput],
+        text_tokenizer=tokenizer,
+        throughput=throughput,
+        group_size=options.train_group_size,
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.save_model(options.output_dir)
+    return Path(options.output_dir)

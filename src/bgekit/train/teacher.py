@@ -1,0 +1,21 @@
+"""Teacher scores for distillation: a reranker scores every passage of every record."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .data import TrainRecord
+
+
+def score_records(records: list[TrainRecord], reranker, batch_size: int = 128) -> list[TrainRecord]:
+    """Records with ``pos_scores`` and ``neg_scores`` from ``reranker.compute_score`` (raw logits)."""
+    pairs = [(r.query, p) for r in records for p in r.pos + r.neg]
+    scores = reranker.compute_score(pairs, batch_size=batch_size)
+    out, at = [], 0
+    for r in records:
+        pos = scores[at : at + len(r.pos)]
+        at += len(r.pos)
+        neg = scores[at : at + len(r.neg)]
+        at += len(r.neg)
+        out.append(replace(r, pos_scores=[float(s) for s in pos], neg_scores=[float(s) for s in neg]))
+    return out

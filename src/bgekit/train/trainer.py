@@ -1,0 +1,154 @@
+"""What the embedder and reranker trainers share: a ``transformers.Trainer`` with the loss in
+``compute_loss``, the training arguments, and the per-epoch group re-sampling.
+
+The model handed to the Trainer is the plain transformers model (``AutoModel`` or
+``AutoModelForSequenceClassification``), so checkpoints, resume, DeepSpeed, mixed
+precision and gradient checkpointing are the Trainer's own, and every checkpoint folder
+is a model folder bgekit (and sentence-transformers) can load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..errors import InputError
+from ..models.tokenization import TextTokenizer
+from .data import GroupSampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    """Options shared by both trainers (names follow FlagEmbedding's where they exist)."""
+
+    output_dir: str
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    train_group_size: int = 4
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    deepspeed: str | None = None
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def training_arguments(self) -> TrainingArguments:
+        if self.per_device_train_batch_size < 1 or self.train_group_size < 1:
+            raise InputError("per_device_train_batch_size and train_group_size must be >= 1")
+        # without an accelerator the Trainer only runs DDP (gloo) under torchrun when told it is on the CPU
+        extra: dict[str, Any] = {}
+        if not torch.cuda.is_available():
+            extra["use_cpu"] = True
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                extra["ddp_backend"] = "gloo"
+        return TrainingArguments(
+            output_dir=self.output_dir,
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_ratio,
+            weight_decay=self.weight_decay,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            gradient_checkpointing=self.gradient_checkpointing,
+            bf16=self.bf16,
+            fp16=self.fp16,
+            deepspeed=self.deepspeed,
+            logging_steps=self.logging_steps,
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            seed=self.seed,
+            dataloader_num_workers=self.dataloader_num_workers,
+            remove_unused_columns=False,
+            report_to=[],
+            disable_tqdm=False,
+            **{**extra, **self.extra},
+        )
+
+
+class GroupDataset(torch.utils.data.Dataset):
+    """One item per record: its group (query, 1 positive + negatives, teacher scores) for this epoch."""
+
+    def __init__(self, sampler: GroupSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, index: int):
+        return self.sampler.group(index, self.epoch)
+
+
+class EpochCallback(TrainerCallback):
+    """Re-draws the negatives each epoch."""
+
+    def __init__(self, dataset: GroupDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds ``tokens_per_second`` (real, unpadded tokens) to the Trainer's logs."""
+
+    def __init__(self):
+        self.tokens = 0
+        self._last = (time.perf_counter(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), self.tokens)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = time.perf_counter()
+        seen = self.tokens - self._last[1]
+        if logs is not None and seen > 0 and now > self._last[0]:
+            logs["tokens_per_second"] = round(seen / (now - self._last[0]), 1)
+        self._last = (now, self.tokens)
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | bool | None:
+    """``"auto"`` resumes from the newest checkpoint in ``output_dir`` if there is one."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(checkpoints[-1]) if checkpoints else None
+    if not Path(resume).is_dir():
+        raise InputError(f"resume_from_checkpoint {resume} is not a checkpoint folder")
+    return resume
+
+
+class BgekitTrainer(Trainer):
+    """Trainer whose data are :class:`~bgekit.train.data.Group` lists and which counts tokens."""
+
+    def __init__(self, *args, text_tokenizer: TextTokenizer, throughput: ThroughputCallback, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_tokenizer = text_tokenizer
+        self.throughput = throughput
+
+    def count_tokens(self, *batches: dict[str, torch.Tensor]) -> None:
+        self.throughput.tokens += int(sum(b["attention_mask"].sum() for b in batches))

@@ -1,0 +1,138 @@
+"""``bgekit eval retrieval | sts``, ``bgekit index build`` and ``bgekit search`` end to end, as real
+subprocesses of the installed entry point on the real all-MiniLM-L6-v2 (offline) and the fixture."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .test_cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = ROOT / "examples" / "data" / "scifact-mini"
+STS_MINI = ROOT / "examples" / "data" / "stsb-test-mini.tsv"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+def test_eval_retrieval_writes_the_report(tmp_path, minilm_dir, cache):
+    out = tmp_path / "reports" / "mini.json"
+    result = run(
+        "eval", "retrieval", "--model", str(minilm_dir), "--dataset", str(MINI), "--split", "test",
+        "--k", "1,3,5,10,100", "--cache-dir", str(cache), "--output", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["model"] == str(minilm_dir) and report["dataset"] == "scifact-mini" and report["split"] == "test"
+    metrics = report["metrics"]
+    assert {"ndcg_at_10", "map_at_10", "recall_at_100", "mrr_at_10", "precision_at_10"} <= set(metrics)
+    assert 0.5 < metrics["ndcg_at_10"] < 1.0 and metrics["recall_at_100"] == 1.0  # 157 docs: all found by 100
+    assert report["timings"]["total_s"] > 0 and report["cache"]["status"] in ("miss", "hit")
+    printed = re.search(r"\| nDCG \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", result.stdout)
+    assert printed and float(printed.group(4)) == pytest.approx(metrics["ndcg_at_10"], abs=1e-5)
+    assert (tmp_path / "reports" / "mini.md").exists()
+    run_lines = (tmp_path / "reports" / "mini.trec").read_text().splitlines()
+    assert len(run_lines) == 40 * 100 and run_lines[0].split()[1:4:2] == ["Q0", "1"]
+
+
+def test_eval_retrieval_with_a_reranker(tmp_path, minilm_dir, tiny_xlmr_reranker, cache):
+    out = tmp_path / "rr.json"
+    run(
+        "eval", "retrieval", "-m", str(minilm_dir), "-d", str(MINI), "--reranker", str(tiny_xlmr_reranker),
+        "--rerank-top-k", "10", "--k", "1,10", "--cache-dir", str(cache), "-o", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["reranker"] == str(tiny_xlmr_reranker) and report["rerank_top_k"] == 10
+    assert set(report["metrics"]) == set(report["retrieval_metrics"])
+    assert report["metrics"]["recall_at_10"] == pytest.approx(report["retrieval_metrics"]["recall_at_10"])
+    assert (tmp_path / "rr.retrieval.trec").exists() and (tmp_path / "rr.trec").exists()
+
+
+def test_eval_sts(tmp_path, minilm_dir):
+    from scipy.stats import spearmanr
+
+    from bgekit import Embedder
+    from bgekit.eval.datasets import load_sts
+
+    out = tmp_path / "sts.json"
+    small = tmp_path / "small.tsv"
+    small.write_text("\n".join(STS_MINI.read_text().splitlines()[:41]) + "\n")  # header + 40 pairs
+    result = run("eval", "sts", "--model", str(minilm_dir), "--data", str(small), "--output", str(out))
+    report = json.loads(out.read_text())
+    data = load_sts(small)
+    model = Embedder.from_pretrained(str(minilm_dir))
+    a, b = model.encode(data.sentences1), model.encode(data.sentences2)
+    expected = spearmanr((a * b).sum(axis=1), data.scores).statistic
+    assert report["metrics"]["cosine_spearman"] == pytest.approx(expected, abs=1e-6)
+    assert set(report["metrics"]) == {"cosine_spearman", "cosine_pearson"} and report["pairs"] == 40
+    assert "cosine_spearman" in result.stdout
+
+
+def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
+    index = tmp_path / "index"
+    built = run(
+        "index", "build", "--model", str(minilm_dir), "--corpus", str(MINI / "corpus.jsonl"), "--out", str(index)
+    )
+    assert "157 documents x 384" in built.stderr
+    meta = json.loads((index / "index.json").read_text())
+    assert meta["model"] == str(minilm_dir) and meta["count"] == 157
+    query = "Vitamin D deficiency is associated with bone density"
+    result = run("search", "--index", str(index), query, "--top-k", "3", "--json")
+    hits = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    # the index holds the model's vectors of the corpus texts, and search is exact cosine over them
+    from bgekit import Embedder
+    from bgekit.eval.datasets import read_corpus
+    from bgekit.eval.index import DenseIndex
+
+    ids, texts = read_corpus(MINI / "corpus.jsonl")
+    stored = DenseIndex.load(index).index.reconstruct_n(0, 157)
+    model = Embedder.from_pretrained(str(minilm_dir))
+    sample = [0, 50, 156]
+    np.testing.assert_allclose(stored[sample], model.encode_corpus([texts[i] for i in sample]), atol=1e-5)
+    scores = stored @ model.encode_queries(query)
+    best = np.argsort(-scores)[:3]
+    assert [h["id"] for h in hits] == [ids[i] for i in best]
+    np.testing.assert_allclose([h["score"] for h in hits], scores[best], atol=1e-5)
+    assert hits[0]["text"] == texts[best[0]]
+    reranked = run("search", "--index", str(index), query, "--top-k", "3", "--reranker", str(tiny_xlmr_reranker))
+    lines = [line.split("\t") for line in reranked.stdout.strip().splitlines()]
+    assert len(lines) == 3 and [float(p[1]) for p in lines] == sorted((float(p[1]) for p in lines), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "retrieval", "-d", "{tmp}/nowhere", "-m", "{minilm}"], "is not a folder here"),
+        (["eval", "retrieval", "-d", "{no_qrels}", "-m", "{minilm}"], r"no_qrels is missing qrels/test\.tsv"),
+        (["eval", "retrieval", "-d", "{bad_line}", "-m", "{minilm}"], r"corpus\.jsonl, line 2: not valid JSON"),
+        (["eval", "retrieval", "-d", "{mini}", "-m", "{minilm}", "--k", "ten"], "expected positive integers"),
+        (["eval", "sts", "--data", "{tmp}/none.tsv", "-m", "{minilm}"], "does not exist"),
+        (["search", "--index", "{tmp}/no-index", "hello"], "does not exist; build one"),
+        (["index", "build", "-c", "{dup}", "-o", "{tmp}/i", "-m", "{minilm}"], "duplicate id 'a'"),
+    ],
+)
+def test_eval_cli_errors_are_one_clear_line(tmp_path, minilm_dir, args, message):
+    no_qrels = tmp_path / "no_qrels"
+    no_qrels.mkdir()
+    (no_qrels / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    (no_qrels / "queries.jsonl").write_text('{"_id": "q", "text": "x"}\n')
+    bad_line = tmp_path / "bad_line"
+    (bad_line / "qrels").mkdir(parents=True)
+    (bad_line / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b", text}\n')
+    (bad_line / "queries.jsonl").write_text('{"_id": "q", "text": "x"}\n')
+    (bad_line / "qrels" / "test.tsv").write_text("q\ta\t1\n")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n')
+    values = {"tmp": tmp_path, "no_qrels": no_qrels, "bad_line": bad_line, "dup": dup, "mini": MINI}
+    values["minilm"] = minilm_dir
+    result = run(*[a.format(**values) for a in args], check=False)
+    assert result.returncode == 2, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,89 @@
+"""The mteb adapter, tested against mteb's documented encoder protocol (mteb itself is not
+installed in bgekit's environments: it pulls datasets, pyarrow and polars, and its tasks download
+their data from the hub). Inputs are built the way mteb builds them: a torch DataLoader over rows
+with a "text" column (mteb 2.x), or plain lists of strings (mteb 1.x)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from bgekit.eval.mteb import MtebEncoder
+
+
+class PromptType(StrEnum):
+    """mteb.types.PromptType: a str enum with these two values."""
+
+    query = "query"
+    document = "document"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert):
+    from bgekit import Embedder
+
+    return Embedder.from_pretrained(str(tiny_bert), query_instruction_for_retrieval="query: ")
+
+
+TEXTS = ["what is a panda?", "The giant panda is a bear.", "Paris is in France.", "bamboo"]
+
+
+def loader(texts, batch_size=3, **columns):
+    rows = [{"text": t, **{k: v[i] for k, v in columns.items()}} for i, t in enumerate(texts)]
+    return DataLoader(rows, batch_size=batch_size)  # default collate: {"text": [...], ...} per batch
+
+
+def test_mteb2_encode_routes_by_prompt_type(model):
+    encoder = MtebEncoder(model)
+    kwargs = {"task_metadata": None, "hf_split": "test", "hf_subset": "default"}
+    queries = encoder.encode(loader(TEXTS), prompt_type=PromptType.query, **kwargs)
+    documents = encoder.encode(loader(TEXTS, title=["", "Panda", "", ""]), prompt_type=PromptType.document, **kwargs)
+    plain = encoder.encode(loader(TEXTS), prompt_type=None, **kwargs)
+    assert queries.shape == (4, 32) and queries.dtype == np.float32
+    np.testing.assert_allclose(queries, model.encode_queries(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(documents, model.encode_corpus(TEXTS), atol=1e-6)  # mteb joins titles itself
+    np.testing.assert_allclose(plain, model.encode(TEXTS), atol=1e-6)
+    assert not np.allclose(queries, plain), "queries must get the query instruction"
+
+
+def test_mteb1_protocol(model):
+    encoder = MtebEncoder(model, batch_size=2)
+    np.testing.assert_allclose(encoder.encode(TEXTS, task_name="STSBenchmark"), model.encode(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(
+        encoder.encode(TEXTS, task_name="SciFact", prompt_type="query"), model.encode_queries(TEXTS), atol=1e-6
+    )
+    np.testing.assert_allclose(encoder.encode_queries(TEXTS), model.encode_queries(TEXTS), atol=1e-6)
+    corpus = [{"title": "Pandas", "text": "eat bamboo"}, {"title": "", "text": "Paris"}]
+    np.testing.assert_allclose(
+        encoder.encode_corpus(corpus), model.encode_corpus(["Pandas eat bamboo", "Paris"]), atol=1e-6
+    )
+    columns = {"title": ["Pandas", ""], "text": ["eat bamboo", "Paris"]}
+    np.testing.assert_allclose(encoder.encode_corpus(columns), encoder.encode_corpus(corpus), atol=1e-6)
+
+
+def test_similarity_is_cosine(model):
+    encoder = MtebEncoder(model)
+    a = encoder.encode(TEXTS[:2], task_name="x") * 3.0
+    b = encoder.encode(TEXTS[2:], task_name="x")
+    matrix = encoder.similarity(a, b)
+    pairwise = encoder.similarity_pairwise(a, b)
+    assert matrix.shape == (2, 2) and pairwise.shape == (2,)
+    unit = a / np.linalg.norm(a, axis=1, keepdims=True)
+    np.testing.assert_allclose(matrix, unit @ b.T, atol=1e-6)
+    np.testing.assert_allclose(pairwise, np.diag(matrix), atol=1e-6)
+
+
+def test_loads_by_name_like_the_mteb_cli(tiny_bert):
+    encoder = MtebEncoder(str(tiny_bert), revision="abc", device="cpu")
+    assert encoder.encode(["hello"], task_name="x").shape == (1, 32)
+    assert encoder.model_name == str(tiny_bert)
+
+
+def test_satisfies_mteb_protocol_when_mteb_is_installed(model):
+    mteb = pytest.importorskip("mteb")
+    encoder = MtebEncoder(model)
+    assert isinstance(encoder, mteb.models.EncoderProtocol)
+    assert encoder.mteb_model_meta.similarity_fn_name is not None

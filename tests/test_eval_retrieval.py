@@ -1,0 +1,238 @@
+"""The retrieval pipeline on the committed fixture with real models.
+
+- the pipeline's numbers equal an independent computation (encode, numpy cosine, pytrec_eval);
+- check 4: reranking reorders the top k, metrics are computed on the reranked list, and an
+  identity-like reranker (the same embedder scoring pairs) leaves the metrics unchanged;
+- check 5: a second run does no forward pass on the corpus, and a run interrupted (in process, and
+  killed with SIGKILL as a subprocess) resumes from its cached chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytrec_eval
+
+from bgekit.eval.datasets import load_retrieval_dataset
+from bgekit.eval.metrics import evaluate_run, ranked, read_trec_run
+from bgekit.eval.retrieval import evaluate_retrieval
+
+from .test_cli import BGEKIT
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = ROOT / "examples" / "data" / "scifact-mini"
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    from bgekit import Embedder
+
+    return Embedder.from_pretrained(str(minilm_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert):
+    """A 2-layer random BERT: fast, for the cache mechanics."""
+    from bgekit import Embedder
+
+    return Embedder.from_pretrained(str(tiny_bert))
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eval-cache")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_retrieval_dataset(MINI, "test")
+
+
+class ForwardCounter:
+    """Counts the rows that go through a model's forward (a real hook, not a stand-in)."""
+
+    def __init__(self, module):
+        self.rows = 0
+        self.handle = module.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        self.rows += int(ids.shape[0])
+
+    def close(self):
+        self.handle.remove()
+
+
+def test_pipeline_equals_an_independent_computation(minilm, dataset, shared_cache, tmp_path):
+    result = evaluate_retrieval(minilm, MINI, "test", cache_dir=shared_cache, output=tmp_path / "report.json")
+    queries = list(dataset.queries)
+    q = minilm.encode_queries([dataset.queries[i] for i in queries])
+    d = minilm.encode_corpus(dataset.corpus_texts)
+    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+    run = {}
+    for query_id, row in zip(queries, scores, strict=True):
+        best = np.argsort(-row, kind="stable")[:100]
+        run[query_id] = {dataset.corpus_ids[i]: float(row[i]) for i in best}
+    cut = "1,3,5,10,100"
+    theirs = pytrec_eval.RelevanceEvaluator(dataset.qrels, {f"ndcg_cut.{cut}", f"map_cut.{cut}", f"recall.{cut}"})
+    per_query = theirs.evaluate(run)
+    for name, key in (("ndcg_at_10", "ndcg_cut_10"), ("map_at_10", "map_cut_10"), ("recall_at_100", "recall_100")):
+        expected = np.mean([v[key] for v in per_query.values()])
+        assert result.metrics[name] == pytest.approx(expected, abs=1e-6), name
+    assert 0.5 < result.metrics["ndcg_at_10"] < 1.0
+    # the report: MTEB's key names, fractions, timings, run file
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"model", "dataset", "split", "metrics", "timings"} <= set(report)
+    assert report["dataset"] == "scifact-mini" and report["split"] == "test"
+    assert {"ndcg_at_10", "map_at_10", "recall_at_100", "mrr_at_10", "precision_at_10"} <= set(report["metrics"])
+    assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
+    assert report["timings"]["encode_corpus_s"] >= 0 and report["timings"]["total_s"] > 0
+    assert "| nDCG |" in (tmp_path / "report.md").read_text()
+    written = read_trec_run(tmp_path / "report.trec")
+    assert set(written) == set(dataset.queries) and all(len(v) == 100 for v in written.values())
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_rerank_changes_the_ranking_and_metrics_use_the_reranked_list(
+    minilm, shared_cache, tiny_xlmr_reranker, dataset
+):
+    from bgekit import FlagReranker
+
+    reranker = FlagReranker(str(tiny_xlmr_reranker))
+    result = evaluate_retrieval(
+        minilm, MINI, reranker=reranker, rerank_top_k=20, k_values=(1, 5, 10, 20), cache_dir=shared_cache
+    )
+    first, final = result.retrieval_run, result.run
+    assert result.reranker == str(tiny_xlmr_reranker) and result.rerank_top_k == 20
+    # the reranked list holds the first stage's top 20, scored by the reranker
+    query_id = next(iter(dataset.queries))
+    top20 = [d for d, _ in ranked(first[query_id])[:20]]
+    assert set(final[query_id]) == set(top20)
+    expected = reranker.compute_score([(dataset.queries[query_id], text_of(dataset, d)) for d in top20])
+    np.testing.assert_allclose([final[query_id][d] for d in top20], expected, atol=1e-5)
+    changed = sum([d for d, _ in ranked(final[q])] != [d for d, _ in ranked(first[q])[:20]] for q in dataset.queries)
+    assert changed >= len(dataset.queries) // 2, "a random cross-encoder should reorder most queries"
+    assert result.metrics == evaluate_run(dataset.qrels, final, (1, 5, 10, 20))
+    assert result.retrieval_metrics == evaluate_run(dataset.qrels, first, (1, 5, 10, 20))
+    assert result.metrics["ndcg_at_10"] != pytest.approx(result.retrieval_metrics["ndcg_at_10"])
+    assert result.metrics["recall_at_20"] == pytest.approx(result.retrieval_metrics["recall_at_20"])  # same 20 docs
+
+
+def text_of(dataset, doc_id):
+    return dataset.corpus_texts[dataset.corpus_ids.index(doc_id)]
+
+
+def test_identity_like_reranker_leaves_metrics_unchanged(minilm, minilm_dir, shared_cache, dataset):
+    from bgekit import Reranker
+
+    same_model = Reranker.from_pretrained(str(minilm_dir))  # scores pairs by the embedder's own cosine
+    assert type(same_model).__name__ == "BiEncoderReranker"
+    result = evaluate_retrieval(
+        minilm, MINI, reranker=same_model, rerank_top_k=5, k_values=(1, 3, 5), cache_dir=shared_cache
+    )
+    for query_id in dataset.queries:
+        assert [d for d, _ in ranked(result.run[query_id])] == [
+            d for d, _ in ranked(result.retrieval_run[query_id])[:5]
+        ]
+    for name, value in result.retrieval_metrics.items():
+        assert result.metrics[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_second_run_does_no_forward_pass_on_the_corpus(tiny, dataset, tmp_path):
+    counter = ForwardCounter(tiny.model)
+    try:
+        first = evaluate_retrieval(tiny, MINI, cache_dir=tmp_path)
+        rows_first = counter.rows
+        counter.rows = 0
+        second = evaluate_retrieval(tiny, MINI, cache_dir=tmp_path)
+        rows_second = counter.rows
+    finally:
+        counter.close()
+    assert rows_first == len(dataset.corpus_ids) + len(dataset.queries)
+    assert rows_second == len(dataset.queries), "the corpus must come from the cache"
+    assert (first.cache["status"], second.cache["status"]) == ("miss", "hit")
+    assert second.cache["embedded_documents"] == 0
+    assert second.metrics == first.metrics
+    # another model option (a different max length) is another cache entry
+    third = evaluate_retrieval(tiny, MINI, cache_dir=tmp_path, max_length=64)
+    assert third.cache["status"] == "miss" and third.cache["path"] != first.cache["path"]
+
+
+def test_an_interrupted_run_resumes_from_its_chunks(tiny, dataset, tmp_path):
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        evaluate_retrieval(tiny, MINI, cache_dir=tmp_path, chunk_size=40, on_chunk=stop_after_two)
+    folder = next((tmp_path / "corpus").iterdir())
+    assert sorted(p.name for p in folder.glob("chunk-*.npy")) == ["chunk-00000.npy", "chunk-00001.npy"]
+    counter = ForwardCounter(tiny.model)
+    try:
+        resumed = evaluate_retrieval(tiny, MINI, cache_dir=tmp_path, chunk_size=40)
+    finally:
+        counter.close()
+    assert resumed.cache["status"] == "resumed"
+    assert (resumed.cache["cached_documents"], resumed.cache["embedded_documents"]) == (80, 77)
+    assert counter.rows == 77 + len(dataset.queries)
+    assert not list(folder.glob("chunk-*.npy")) and (folder / "embeddings.npy").exists()
+    in_one_go = evaluate_retrieval(tiny, MINI, use_cache=False)
+    assert in_one_go.cache["status"] == "off"
+    np.testing.assert_allclose(np.load(folder / "embeddings.npy"), tiny.encode_corpus(dataset.corpus_texts), atol=1e-5)
+    for query_id, docs in in_one_go.run.items():
+        assert resumed.run[query_id] == pytest.approx(docs, abs=1e-5)
+
+
+def test_a_killed_cli_run_resumes(tmp_path, minilm_dir):
+    cache = tmp_path / "cache"
+    args = [
+        BGEKIT, "eval", "retrieval", "--model", str(minilm_dir), "--dataset", str(MINI),
+        "--cache-dir", str(cache), "--chunk-size", "8", "--output", str(tmp_path / "out.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(cache.glob("corpus/*/chunk-00001.npy")):
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no chunk written in time"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out.json").exists()
+    done_before = len(list(cache.glob("corpus/*/chunk-*.npy")))
+    assert 2 <= done_before < 20  # 157 documents in chunks of 8: killed part way
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["cache"]["status"] == "resumed"
+    assert report["cache"]["cached_documents"] >= 8 * done_before - 7
+    assert report["cache"]["cached_documents"] + report["cache"]["embedded_documents"] == 157
+    assert 0.5 < report["metrics"]["ndcg_at_10"] < 1.0
+
+
+def test_query_instruction_override(minilm, shared_cache):
+    plain = evaluate_retrieval(minilm, MINI, cache_dir=shared_cache)
+    prefixed = evaluate_retrieval(minilm, MINI, cache_dir=shared_cache, query_instruction="Represent this: ")
+    assert prefixed.settings["query_instruction"] == "Represent this: "
+    assert prefixed.cache["status"] == "hit"  # the corpus does not depend on the query instruction
+    assert prefixed.metrics != plain.metrics
+
+
+@pytest.mark.parametrize(("index", "quantization"), [("hnsw", None), ("flat", "int8")])
+def test_approximate_search_stays_close(minilm, shared_cache, index, quantization):
+    exact = evaluate_retrieval(minilm, MINI, cache_dir=shared_cache)
+    approx = evaluate_retrieval(minilm, MINI, cache_dir=shared_cache, index=index, quantization=quantization)
+    assert approx.metrics["ndcg_at_10"] == pytest.approx(exact.metrics["ndcg_at_10"], abs=0.02)

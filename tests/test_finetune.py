@@ -1,0 +1,267 @@
+"""Fine-tuning smoke tests on tiny models: the saved folders load everywhere, bad data fails
+before training, a killed run resumes to the same step count, mining guards hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bgekit import Embedder, FlagReranker, Reranker
+
+from .test_cli import BGEKIT, run
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    records = [
+        {
+            "query": f"what does item {i} do?",
+            "pos": [f"item {i} opens doors number {i}"],
+            "neg": [f"item {(i + 1) % 24} closes windows", f"unrelated text {i}", f"more noise {i}"],
+        }
+        for i in range(24)
+    ]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_finetune_embedder_saves_a_loadable_model(tmp_path, tiny_bert, train_file):
+    out = tmp_path / "emb"
+    run(
+        "finetune",
+        "embedder",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(train_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "4",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--sentence-pooling-method",
+        "mean",
+        "--query-instruction-for-retrieval",
+        "query: ",
+        "--logging-steps",
+        "1",
+    )
+    model = Embedder.from_pretrained(str(out), devices="cpu")
+    assert model.pooling_method == "mean" and model.query_instruction_for_retrieval == "query: "
+    st = pytest.importorskip("sentence_transformers").SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(["hello there"]), model.encode(["hello there"]), atol=1e-5)
+    before = Embedder.from_pretrained(str(tiny_bert), pooling_method="mean").encode(["hello there"])
+    assert np.abs(before - model.encode(["hello there"])).max() > 1e-4, "training changed the weights"
+
+
+def test_finetune_reranker_saves_a_loadable_model(tmp_path, tiny_bert, train_file):
+    out = tmp_path / "rr"
+    run(
+        "finetune",
+        "reranker",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(train_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--per-device-train-batch-size",
+        "2",
+        "--train-group-size",
+        "3",
+    )
+    reranker = Reranker.from_pretrained(str(out), devices="cpu")
+    assert isinstance(reranker, FlagReranker)
+    assert len(reranker.compute_score([("q", "p"), ("q", "r")])) == 2
+
+
+def test_teacher_scores_and_distillation(tmp_path, tiny_bert, tiny_xlmr_reranker, train_file):
+    scored = tmp_path / "scored.jsonl"
+    run("score", "--reranker", str(tiny_xlmr_reranker), "--input", str(train_file), "--output", str(scored))
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert all(len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_scores"]) == len(r["neg"]) for r in rows)
+    expected = FlagReranker(str(tiny_xlmr_reranker)).compute_score([(rows[0]["query"], rows[0]["pos"][0])])[0]
+    assert rows[0]["pos_scores"][0] == pytest.approx(expected, abs=1e-5)
+    run(
+        "finetune",
+        "embedder",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(scored),
+        "--output-dir",
+        str(tmp_path / "kd"),
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "4",
+    )
+    assert (tmp_path / "kd" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"query": "q", "neg": ["n"]}', "line 3: missing 'pos'"),
+        ('{"query": "q", "pos": ["p"], "neg": "n"}', "line 3: 'neg' must be a list"),
+        ('{"query": "q", "pos": ["p"], "pos_scores": [1, 2]}', "line 3: 'pos_scores' has 2 scores"),
+    ],
+)
+def test_bad_training_data_fails_before_training(tmp_path, tiny_bert, train_file, line, message):
+    good = train_file.read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([good[0], good[1], line, good[2]]) + "\n")
+    out = tmp_path / "never"
+    result = run(
+        "finetune",
+        "embedder",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(bad),
+        "--output-dir",
+        str(out),
+        check=False,
+    )
+    assert result.returncode == 2 and message in result.stderr and str(bad) in result.stderr
+    assert not out.exists(), "nothing may be written when the data is bad"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = run(
+        "finetune",
+        "reranker",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(empty),
+        "--output-dir",
+        str(out),
+        check=False,
+    )
+    assert result.returncode == 2 and "holds no records" in result.stderr
+
+
+def test_killed_run_resumes_to_the_same_step_count(tmp_path, tiny_bert, train_file):
+    out = tmp_path / "resume"
+    args = [
+        BGEKIT,
+        "finetune",
+        "embedder",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(train_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "60",
+        "--save-steps",
+        "5",
+        "--per-device-train-batch-size",
+        "8",
+        "--passage-max-len",
+        "64",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-5" / "trainer_state.json").exists() and time.time() < deadline:
+        assert process.poll() is None, "training ended before the first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "model.safetensors").exists(), "the run must have been killed before the end"
+    steps_done = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert steps_done < 60
+    result = subprocess.run(
+        [*args, "--resume-from-checkpoint", "auto"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60 and state["max_steps"] == 60
+    assert (out / "model.safetensors").exists()
+
+
+def test_mining_guards(tmp_path, minilm_dir):
+    from bgekit.train.data import TrainRecord
+    from bgekit.train.mining import MiningOptions, mine_hard_negatives
+
+    corpus = [
+        "The giant panda eats bamboo in the mountains of China.",
+        "Giant pandas feed almost entirely on bamboo shoots and leaves.",  # a near-duplicate positive
+        "what do giant pandas eat?",  # the query itself sits in the corpus
+        "Red pandas also eat bamboo but are not bears.",
+        "Paris is the capital of France.",
+        "The stock market fell sharply on Monday.",
+        "Bamboo is a fast-growing grass.",
+        "Koalas eat eucalyptus leaves.",
+    ]
+    record = TrainRecord("what do giant pandas eat?", [corpus[0]], [])
+    embedder = Embedder.from_pretrained(str(minilm_dir))
+    loose, _ = mine_hard_negatives([record], embedder, corpus, MiningOptions((0, 8), 7, margin=None))
+    assert corpus[0] not in loose[0].neg and record.query not in loose[0].neg
+    assert corpus[1] in loose[0].neg, "without the guard the near-duplicate is taken as a negative"
+    guarded, stats = mine_hard_negatives([record], embedder, corpus, MiningOptions((0, 8), 7, margin=0.9))
+    assert corpus[1] not in guarded[0].neg and stats["margin"] >= 1
+    assert corpus[0] not in guarded[0].neg and record.query not in guarded[0].neg
+    pos_score = float(embedder.encode_queries(record.query) @ embedder.encode_corpus(corpus[0]))
+    kept = embedder.encode_queries([record.query]) @ embedder.encode_corpus(guarded[0].neg).T
+    assert (kept <= 0.9 * pos_score + 1e-6).all()
+    capped, stats = mine_hard_negatives(
+        [record], embedder, corpus, MiningOptions((0, 8), 7, margin=None, max_score=0.3)
+    )
+    scores = embedder.encode_queries([record.query]) @ embedder.encode_corpus(capped[0].neg).T
+    assert (scores <= 0.3 + 1e-6).all() and stats["max_score"] >= 1
+
+
+def test_mine_cli(tmp_path, minilm_dir, train_file):
+    out = tmp_path / "mined.jsonl"
+    run(
+        "mine",
+        "--model",
+        str(minilm_dir),
+        "--input",
+        str(train_file),
+        "--output",
+        str(out),
+        "--range-for-sampling",
+        "0-10",
+        "--negative-number",
+        "2",
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 24 and all(len(r["neg"]) <= 2 for r in rows)
+    assert all(not set(r["neg"]) & set(r["pos"]) and r["query"] not in r["neg"] for r in rows)
+    result = run(
+        "mine",
+        "--model",
+        str(minilm_dir),
+        "--input",
+        str(train_file),
+        "--output",
+        str(out),
+        "--range-for-sampling",
+        "10-5",
+        check=False,
+    )
+    assert result.returncode == 2 and "range_for_sampling" in result.stderr
+
+
+def test_python_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "bgekit.train", "finetune", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "embedder" in result.stdout

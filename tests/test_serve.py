@@ -1,0 +1,409 @@
+"""``bgekit serve`` end to end: a real uvicorn process on 127.0.0.1, real models, real clients.
+
+One server per module (started once, always stopped) serves the packaged all-MiniLM-L6-v2, the
+tiny M3 model, a tiny BERT (for the load test), a tiny cross-encoder and a tiny LLM reranker.
+Every answer is checked against the library on the same model. Nothing is mocked.
+
+Checks of the serving issue proven here: 1 (openai client, float and base64), 2 (rerank),
+3 (401 / 400 / 422 / 413; 429 is in test_serve_faults.py), 4 (500 requests from 50 concurrent
+clients, batching visible in /metrics), 6 (a real process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from bgekit import BGEM3FlagModel, Embedder, Reranker  # noqa: E402
+
+from .serving import running_server  # noqa: E402
+
+KEY = "sk-bgekit-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_CLIENT_BATCH = 64
+TEXTS = [
+    "The giant panda is a bear native to China that eats bamboo.",
+    "Paris is the capital of France.",
+    "Dense retrieval ranks passages by the similarity of their vectors to the query.",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_prompted(tmp_path_factory, tiny_bert) -> Path:
+    """The tiny BERT as a sentence-transformers folder with query and passage prompts (as e5 has)."""
+    folder = tmp_path_factory.mktemp("prompted") / "tiny"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    prompts = {"prompts": {"query": "query: ", "passage": "passage: "}}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(prompts))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, minilm_dir, golden_dir, tiny_prompted, tiny_xlmr_reranker):
+    models = golden_dir / "models"
+    args = [
+        *("--model", str(minilm_dir), "--model", str(models / "xlmr-m3"), "--model", str(tiny_prompted)),
+        *("--reranker", str(tiny_xlmr_reranker), "--reranker", str(models / "gemma-llm-reranker")),
+        *("--reranker", str(models / "minicpm-layerwise"), "--reranker", str(minilm_dir)),
+        *("--served-model-name", "minilm", "--served-model-name", "m3", "--served-model-name", "tiny"),
+        *("--served-model-name", "rr", "--served-model-name", "llm-rr", "--served-model-name", "layerwise"),
+        *("--served-model-name", "bi-encoder"),
+        *("--api-key", KEY, "--max-client-batch-size", str(MAX_CLIENT_BATCH)),
+    ]
+    with running_server(args, tmp_path_factory.mktemp("serve") / "server.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return Embedder.from_pretrained(str(minilm_dir))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers=AUTH if headers is None else headers, timeout=60)
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"], body
+    return body["error"]
+
+
+# -- check 1: the openai client gets the library's vectors ---------------------------------------
+def test_openai_client_float_vectors_equal_the_library(client, minilm):
+    response = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float")
+    got = np.array([d.embedding for d in response.data], dtype=np.float32)
+    np.testing.assert_allclose(got, minilm.encode(TEXTS), atol=1e-5)
+    assert [d.index for d in response.data] == [0, 1, 2]
+    assert response.model == "minilm"
+    tokens = sum(len(ids) for ids in minilm.tokenize(TEXTS).ids)
+    assert response.usage.prompt_tokens == response.usage.total_tokens == tokens  # real tokens, not characters
+
+
+def test_openai_client_base64_vectors_equal_the_library(client, minilm):
+    response = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="base64")
+    got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in response.data])
+    np.testing.assert_allclose(got, minilm.encode(TEXTS), atol=1e-5)
+    # without encoding_format the client asks for base64 and decodes it itself
+    default = client.embeddings.create(model="minilm", input=TEXTS[0])
+    np.testing.assert_allclose(np.array(default.data[0].embedding), minilm.encode(TEXTS[0]), atol=1e-5)
+
+
+def test_input_type_applies_the_prompt_rules(server, tiny_prompted):
+    library = Embedder.from_pretrained(str(tiny_prompted))
+    assert library.query_instruction_for_retrieval == "query: "
+    got = {}
+    for input_type in ("query", "passage", None):
+        body = {"model": "tiny", "input": TEXTS, **({"input_type": input_type} if input_type else {})}
+        response = post(server, "/v1/embeddings", body)
+        assert response.status_code == 200, response.text
+        got[input_type] = np.array([d["embedding"] for d in response.json()["data"]])
+        tokens = sum(len(ids) for ids in library.tokenize(TEXTS, input_type).ids)
+        assert response.json()["usage"]["prompt_tokens"] == tokens
+    np.testing.assert_allclose(got["query"], library.encode_queries(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(got["passage"], library.encode_corpus(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(got[None], library.encode(TEXTS), atol=1e-5)
+    assert not np.allclose(got["query"], got[None])
+
+
+def test_dimensions_and_routes_without_v1(server, minilm, minilm_dir):
+    truncated = post(server, "/v1/embeddings", {"model": "minilm", "input": TEXTS, "dimensions": 64}).json()
+    expected = Embedder.from_pretrained(str(minilm_dir), truncate_dim=64).encode(TEXTS)
+    np.testing.assert_allclose(np.array([d["embedding"] for d in truncated["data"]]), expected, atol=1e-5)
+    # the same routes answer without /v1, and model defaults to the first embedding model
+    plain = post(server, "/embeddings", {"input": TEXTS[1]})
+    assert plain.status_code == 200 and plain.json()["model"] == "minilm"
+    np.testing.assert_allclose(plain.json()["data"][0]["embedding"], minilm.encode(TEXTS[1]), atol=1e-5)
+    unprefixed = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+    assert len(unprefixed.embeddings.create(model="minilm", input="hi", encoding_format="float").data) == 1
+    assert httpx.get(f"{server.url}/models", headers=AUTH, timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/v1/health", timeout=10).status_code == 200
+
+
+def test_m3_sparse_and_colbert_extension(server, golden_dir):
+    library = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"))
+    expected = library.encode(TEXTS, return_sparse=True, return_colbert_vecs=True)
+    body = {"model": "m3", "input": TEXTS, "return_sparse": True, "return_colbert_vecs": True}
+    data = post(server, "/v1/embeddings", body).json()["data"]
+    np.testing.assert_allclose([d["embedding"] for d in data], expected["dense_vecs"], atol=1e-5)
+    for item, weights, vectors in zip(data, expected["lexical_weights"], expected["colbert_vecs"], strict=True):
+        assert list(item["lexical_weights"]) == list(weights)  # same token ids, same order
+        np.testing.assert_allclose(list(item["lexical_weights"].values()), list(weights.values()), atol=1e-5)
+        np.testing.assert_allclose(item["colbert_vecs"], vectors, atol=1e-5)
+    # base64: one string per token vector; sparse only: an empty dense embedding
+    body.update(encoding_format="base64", return_dense=False, return_colbert_vecs=True)
+    data = post(server, "/v1/embeddings", body).json()["data"]
+    assert data[0]["embedding"] == ""
+    decoded = np.stack([np.frombuffer(base64.b64decode(v), dtype="<f4") for v in data[0]["colbert_vecs"]])
+    np.testing.assert_allclose(decoded, expected["colbert_vecs"][0], atol=1e-5)
+    # a plain model refuses the extension with a 400 that says why
+    refused = post(server, "/v1/embeddings", {"model": "minilm", "input": "x", "return_sparse": True})
+    assert refused.status_code == 400 and error_of(refused)["param"] == "return_sparse"
+
+
+# -- check 2: rerank returns the library's scores, sorted, top_n, return_documents ---------------
+@pytest.mark.parametrize("name", ["rr", "llm-rr", "layerwise", "bi-encoder"])
+def test_rerank_matches_the_library(server, name, tiny_xlmr_reranker, golden_dir, minilm_dir):
+    """Cross-encoder, Yes-logit LLM reranker, layerwise LLM reranker, and an embedder used as a reranker."""
+    source = {
+        "rr": tiny_xlmr_reranker,
+        "llm-rr": golden_dir / "models" / "gemma-llm-reranker",
+        "layerwise": golden_dir / "models" / "minicpm-layerwise",
+        "bi-encoder": minilm_dir,
+    }[name]
+    library = Reranker.from_pretrained(str(source))
+    query = "which animal eats bamboo?"
+    pairs = [(query, t) for t in TEXTS]
+    expected = library.compute_score(pairs, normalize=True)
+    response = post(server, "/v1/rerank", {"model": name, "query": query, "documents": TEXTS})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "rerank" and body["model"] == name
+    results = body["results"]
+    assert [r["index"] for r in results] == sorted(range(3), key=lambda i: -expected[i])
+    np.testing.assert_allclose([r["relevance_score"] for r in results], sorted(expected, reverse=True), atol=1e-5)
+    assert all("document" not in r for r in results)
+    if hasattr(library, "tokenize_pairs"):  # a bi-encoder reads the query once and each passage alone
+        assert body["usage"]["total_tokens"] == sum(len(ids) for ids in library.tokenize_pairs(pairs).ids)
+    assert body["usage"]["total_tokens"] > 0
+
+    raw = post(
+        server,
+        "/rerank",
+        {
+            "model": name,
+            "query": query,
+            "documents": [{"text": t} for t in TEXTS],
+            "top_n": 2,
+            "return_documents": True,
+            "raw_scores": True,
+        },
+    ).json()["results"]
+    raw_expected = library.compute_score(pairs)
+    best = sorted(range(3), key=lambda i: -raw_expected[i])[:2]
+    assert [r["index"] for r in raw] == best
+    np.testing.assert_allclose([r["relevance_score"] for r in raw], [raw_expected[i] for i in best], atol=1e-5)
+    assert [r["document"]["text"] for r in raw] == [TEXTS[i] for i in best]
+
+
+# -- check 3: auth, 400, 422, 413 against the real server ---------------------------------------
+def test_missing_or_wrong_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = post(server, "/v1/embeddings", {"model": "minilm", "input": "x"}, headers=headers)
+        assert response.status_code == 401
+        assert error_of(response)["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 401
+    # even a malformed body gets 401 first: nothing is read before the key is checked
+    assert httpx.post(f"{server.url}/v1/embeddings", content=b"{oops", timeout=10).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model="minilm", input="x"
+        )
+    # health, metrics and docs stay open for probes and scrapers
+    for path in ("/health", "/metrics", "/docs", "/openapi.json"):
+        assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
+
+
+def test_unknown_model_and_wrong_task_are_400(server, client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="no-such-model", input="x")
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+    wrong_task = post(server, "/v1/embeddings", {"model": "rr", "input": "x"})
+    assert wrong_task.status_code == 400 and error_of(wrong_task)["code"] == "wrong_task"
+    rerank_unknown = post(server, "/v1/rerank", {"model": "minilm", "query": "q", "documents": ["d"]})
+    assert rerank_unknown.status_code == 400
+    too_wide = post(server, "/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 4096})
+    assert too_wide.status_code == 400 and error_of(too_wide)["param"] == "dimensions"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "minilm"}, "input"),
+        ({"model": "minilm", "input": 5}, "input"),
+        ({"model": "minilm", "input": [1, 2, 3]}, "input"),  # token arrays are not accepted
+        ({"model": "minilm", "input": []}, "input"),
+        ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "minilm", "input": "x", "dimensions": 0}, "dimensions"),
+        ({"model": "minilm", "input": "x", "input_type": "document"}, "input_type"),
+    ],
+)
+def test_bad_schema_is_422_in_openai_shape(server, body, param):
+    response = post(server, "/v1/embeddings", body)
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == "invalid_schema"
+
+
+def test_bad_rerank_schema_and_non_json_body_are_422(server):
+    assert post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": []}).status_code == 422
+    assert post(server, "/v1/rerank", {"model": "rr", "documents": ["d"]}).status_code == 422
+    assert post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": ["d"], "top_n": 0}).status_code == 422
+    not_json = httpx.post(f"{server.url}/v1/embeddings", content=b"input=hello", headers=AUTH, timeout=10)
+    assert not_json.status_code == 422 and "application/json" in error_of(not_json)["message"]
+
+
+def test_too_long_input_is_truncated_or_413(server, minilm):
+    long_text = "pandas eat bamboo " * 400  # far beyond MiniLM's 256 tokens
+    cut = post(server, "/v1/embeddings", {"model": "minilm", "input": long_text})
+    assert cut.status_code == 200  # the server's default: truncate, as the library does
+    np.testing.assert_allclose(cut.json()["data"][0]["embedding"], minilm.encode(long_text), atol=1e-5)
+    assert cut.json()["usage"]["prompt_tokens"] == 256
+    assert metric_value(server, "bgekit_truncated_inputs_total", {"model": "minilm"}) >= 1
+    refused = post(server, "/v1/embeddings", {"model": "minilm", "input": ["ok", long_text], "truncate": False})
+    assert refused.status_code == 413
+    error = error_of(refused)
+    assert error["code"] == "input_too_long" and "256 tokens" in error["message"]
+    refused_pairs = post(
+        server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], "truncate": False}
+    )
+    assert refused_pairs.status_code == 413 and error_of(refused_pairs)["param"] == "documents"
+
+
+def test_too_many_inputs_is_413(server):
+    response = post(server, "/v1/embeddings", {"model": "tiny", "input": ["x"] * (MAX_CLIENT_BATCH + 1)})
+    assert response.status_code == 413 and error_of(response)["code"] == "too_many_inputs"
+    assert post(server, "/v1/embeddings", {"model": "tiny", "input": ["x"] * MAX_CLIENT_BATCH}).status_code == 200
+
+
+def test_unknown_route_is_404_in_openai_shape(server):
+    response = httpx.get(f"{server.url}/v1/nothing", headers=AUTH, timeout=10)
+    assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+
+
+# -- models, docs, metrics ----------------------------------------------------------------------
+def test_models_list_and_openapi_docs(server, client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"minilm", "m3", "tiny", "rr", "llm-rr", "layerwise", "bi-encoder"}
+    assert cards["minilm"].model_extra["task"] == "embeddings"
+    assert cards["minilm"].model_extra["dimensions"] == 384
+    assert cards["m3"].model_extra["outputs"] == ["dense", "sparse", "colbert"]
+    assert cards["llm-rr"].model_extra["model_class"] == "FlagLLMReranker"
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    assert {"/v1/embeddings", "/v1/rerank", "/v1/models", "/v1/health", "/v1/metrics"} <= set(schema["paths"])
+    request_schema = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
+    assert {"input", "model", "encoding_format", "dimensions", "input_type", "return_sparse"} <= set(request_schema)
+
+
+def metric_value(server, name: str, labels: dict[str, str]) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+# -- check 4: 500 requests from 50 concurrent clients, all correct, batching visible -----------------
+def test_500_requests_from_50_concurrent_clients(server, tiny_prompted):
+    n_clients, per_client = 50, 10
+    texts = [f"request {i}: " + "the panda eats bamboo " * (1 + i % 7) for i in range(n_clients * per_client)]
+    expected = Embedder.from_pretrained(str(tiny_prompted)).encode(texts)
+    batches_before = metric_value(server, "bgekit_batch_requests_count", {"model": "tiny"})
+    requests_before = metric_value(server, "bgekit_batch_requests_sum", {"model": "tiny"})
+
+    async def one_client(index: int) -> list[tuple[int, int, list[float]]]:
+        out = []
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as http:
+            for k in range(per_client):
+                i = index * per_client + k
+                response = await http.post("/v1/embeddings", json={"model": "tiny", "input": texts[i]})
+                out.append((i, response.status_code, response.json()["data"][0]["embedding"]))
+        return out
+
+    async def all_clients():
+        return await asyncio.wait_for(asyncio.gather(*(one_client(c) for c in range(n_clients))), timeout=180)
+
+    started = time.monotonic()
+    results = [r for client_results in asyncio.run(all_clients()) for r in client_results]
+    elapsed = time.monotonic() - started
+    assert len(results) == 500 and all(status == 200 for _, status, _ in results)
+    got = np.array([vector for _, _, vector in sorted(results, key=lambda r: r[0])], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    batches = metric_value(server, "bgekit_batch_requests_count", {"model": "tiny"}) - batches_before
+    batched = metric_value(server, "bgekit_batch_requests_sum", {"model": "tiny"}) - requests_before
+    assert batched == 500
+    assert batched / batches > 1, f"no dynamic batching: {batches} batches for 500 requests in {elapsed:.1f} s"
+    assert metric_value(server, "bgekit_requests_total", {"route": "/embeddings", "status": "200"}) >= 500
+    assert metric_value(server, "bgekit_input_tokens_total", {"model": "tiny"}) > 0
+
+
+def test_load_test_script_reports_throughput_and_latency(server):
+    script = ROOT / "benchmarks" / "load_test.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *("--url", server.url, "--model", "tiny", "--api-key", KEY),
+            *("--concurrency", "1", "8", "--requests", "40", "--duration", "20"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "p50" in result.stdout and "p99" in result.stdout and "req/s" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, str(script), "--url", "http://example.com:80", "--model", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "loopback" in refused.stderr
+
+
+def test_an_idle_server_runs_a_lone_request_at_once(server):
+    """No batching window: with nothing else queued, a request goes straight to the model."""
+    series = {"model": "m3"}
+    waits_before = metric_value(server, "bgekit_queue_wait_seconds_count", series)
+    fast_before = metric_value(server, "bgekit_queue_wait_seconds_bucket", {**series, "le": "0.05"})
+    for text in TEXTS:
+        assert post(server, "/v1/embeddings", {"model": "m3", "input": text}).status_code == 200
+    assert metric_value(server, "bgekit_queue_wait_seconds_count", series) - waits_before == len(TEXTS)
+    fast = metric_value(server, "bgekit_queue_wait_seconds_bucket", {**series, "le": "0.05"}) - fast_before
+    assert fast == len(TEXTS)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "nothing to serve"),
+        (["--model", "/no/such/folder"], "does not exist"),
+        (["--model", "x", "--served-model-name", "a", "--served-model-name", "b"], "--served-model-name"),
+    ],
+)
+def test_serve_command_errors_are_one_line(args, message):
+    from .serving import BGEKIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    result = subprocess.run([BGEKIT, "serve", *args], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

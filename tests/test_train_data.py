@@ -1,0 +1,97 @@
+"""Training data: validation with file and line, group sampling rules, BEIR conversion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bgekit import DataFormatError, InputError
+from bgekit.train.data import GroupSampler, TrainRecord, load_train_data, write_records
+
+GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
+
+
+def write(tmp_path, *rows, name="train.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"query": "q", "neg": ["n"]}, "line 2: missing 'pos'"),
+        ({"query": "q", "pos": "p"}, "line 2: 'pos' must be a list of strings"),
+        ({"query": "q", "pos": ["p"], "neg": "n"}, "line 2: 'neg' must be a list of strings, got str"),
+        ({"query": "q", "pos": []}, "line 2: 'pos' is empty"),
+        ({"query": "", "pos": ["p"]}, "line 2: 'query' must be a non-empty string"),
+        ({"query": "q", "pos": ["p", 3]}, r"line 2: 'pos'\[1\] is int"),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1, 2]}, "'pos_scores' has 2 scores but 'pos' has 1"),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": []}, "'neg_scores' has 0 scores"),
+        ({"query": "q", "pos": ["p"], "pos_scores": ["high"]}, "finite numbers"),
+        ('{"query": "q", "pos": ["p"]', "line 2: not valid JSON"),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path, bad, message):
+    path = write(tmp_path, GOOD, bad, GOOD)
+    with pytest.raises(DataFormatError, match=message) as info:
+        load_train_data(path)
+    assert str(path) in str(info.value)
+
+
+def test_empty_file_and_mixed_scores(tmp_path):
+    with pytest.raises(InputError, match="holds no records"):
+        load_train_data(write(tmp_path, "", name="empty.jsonl"))
+    scored = {**GOOD, "pos_scores": [1.0], "neg_scores": [0.1, 0.2]}
+    with pytest.raises(InputError, match="score every record or none"):
+        load_train_data(write(tmp_path, GOOD, scored))
+    with pytest.raises(InputError, match="does not exist"):
+        load_train_data(tmp_path / "missing.jsonl")
+
+
+def test_round_trip_and_folder_input(tmp_path):
+    records = load_train_data(write(tmp_path, GOOD, {**GOOD, "prompt": "Retrieve: ", "type": "qa"}))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_records(folder / "a.jsonl", records)
+    assert load_train_data(folder) == records
+
+
+def test_group_sampling():
+    records = [
+        TrainRecord("q0", ["p0"], ["n0", "n1", "n2", "n3"]),
+        TrainRecord("q1", ["p1"], ["only"]),
+        TrainRecord("q2", ["p2a", "p2b"], []),
+    ]
+    sampler = GroupSampler(records, group_size=4, seed=1)
+    g0 = sampler.group(0)
+    assert g0.passages[0] == "p0" and len(g0.passages) == 4 and len(set(g0.passages[1:])) == 3  # no replacement
+    assert sampler.group(1).passages == ["p1", "only", "only", "only"]  # with replacement when short
+    g2 = sampler.group(2)
+    assert g2.passages[0] in ("p2a", "p2b")
+    assert not set(g2.passages[1:]) & {"p2a", "p2b"}, "random negatives never include the record's positives"
+    assert sampler.group(0, epoch=0) == sampler.group(0, epoch=0)
+    assert any(sampler.group(0, epoch=e).passages != g0.passages for e in range(1, 6)), "re-drawn each epoch"
+    with pytest.raises(InputError, match="train_group_size"):
+        GroupSampler(records, group_size=0)
+
+
+def test_teacher_scores_follow_the_sampled_passages():
+    record = TrainRecord("q", ["p"], ["n0", "n1", "n2"], pos_scores=[9.0], neg_scores=[0.0, 1.0, 2.0])
+    group = GroupSampler([record], group_size=3, seed=0).group(0)
+    expected = {"p": 9.0, "n0": 0.0, "n1": 1.0, "n2": 2.0}
+    assert group.scores == [expected[p] for p in group.passages]
+
+
+def test_beir_to_records(golden_dir):
+    from bgekit.eval.datasets import RetrievalDataset
+    from bgekit.train.beir import beir_to_records
+
+    dataset = RetrievalDataset.from_dicts(
+        corpus={"d1": {"title": "T", "text": "one"}, "d2": {"text": "two"}},
+        queries={"q1": "first", "q2": "second"},
+        qrels={"q1": {"d1": 1, "d2": 0}, "q2": {"d2": 2}},
+    )
+    records = beir_to_records(dataset)
+    assert [(r.query, r.pos, r.neg) for r in records] == [("first", ["T one"], []), ("second", ["two"], [])]
