@@ -153,9 +153,7 @@ class Embedder:
         if kwargs:
             raise InputError(f"encode() got unexpected options {sorted(kwargs)}")
         texts, single = as_text_list(sentences, "sentences")
-        if instruction is not None:
-            fmt = unescape_format(instruction_format or "{}{}")
-            texts = [fmt.format(instruction, text) for text in texts]
+        texts = with_instruction(texts, instruction, instruction_format)
         embeddings = self._embed(
             texts,
             batch_size=self.batch_size if batch_size is None else batch_size,
@@ -206,9 +204,7 @@ class Embedder:
             default = self.passage_max_length
         else:
             raise InputError(f"input_type must be 'query', 'passage' or None, got {input_type!r}")
-        if instruction is not None:
-            fmt = unescape_format(fmt or "{}{}")
-            texts = [fmt.format(instruction, text) for text in texts]
+        texts = with_instruction(texts, instruction, fmt)
         # every concrete embedder sets ``tokenizer`` (TextTokenizer) and ``host`` (ModelHost)
         max_length = self.host.clamp_length(max_length, default)
         return self.tokenizer.encode(texts, max_length)
@@ -224,6 +220,15 @@ class Embedder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_name_or_path!r})"
+
+
+def with_instruction(texts: list[str], instruction: str | None, instruction_format: str | None) -> list[str]:
+    """``instruction_format.format(instruction, text)`` for every text (FlagEmbedding's prompt rule);
+    the texts unchanged when there is no instruction."""
+    if instruction is None:
+        return texts
+    fmt = unescape_format(instruction_format or "{}{}")
+    return [fmt.format(instruction, text) for text in texts]
 
 
 def unescape_format(fmt: str) -> str:

@@ -21,7 +21,7 @@ import torch
 from .. import hub
 from ..errors import InputError, ModelNotFoundError
 from .base import ItemForward, ModelHost, load_module
-from .embedder import Embedder, unescape_format
+from .embedder import Embedder, with_instruction
 from .inputs import as_pair_list, as_text_list
 from .pooling import check_pooling, pool
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
@@ -240,9 +240,7 @@ class BGEM3FlagModel(Embedder):
             raise InputError(f"encode() got unexpected options {sorted(kwargs)}")
         flags = self._flags(return_dense, return_sparse, return_colbert_vecs)
         texts, single = as_text_list(sentences, "sentences")
-        if instruction is not None:
-            fmt = unescape_format(instruction_format or "{}{}")
-            texts = [fmt.format(instruction, text) for text in texts]
+        texts = with_instruction(texts, instruction, instruction_format)
         normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         items = self._run(texts, batch_size, max_length, self.passage_max_length, flags, normalize, show_progress_bar)
         to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
