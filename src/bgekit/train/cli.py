@@ -92,6 +92,10 @@ def finetune_embedder_cmd(
         str, typer.Option(help="kl_div | m3_kd_loss (used when records carry teacher scores)")
     ] = "kl_div",
     matryoshka_dims: Annotated[str | None, typer.Option(help="Comma-separated dims, e.g. 384,256,128")] = None,
+    sub_batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Gradient cache: embed this many sequences at a time (same gradients, less memory)."),
+    ] = None,
     gradient_checkpointing: Flag = False,
     bf16: Flag = False,
     fp16: Flag = False,
@@ -134,6 +138,7 @@ def finetune_embedder_cmd(
         negatives_cross_device=negatives_cross_device,
         kd_loss_type=kd_loss_type,
         matryoshka_dims=[int(d) for d in matryoshka_dims.split(",")] if matryoshka_dims else None,
+        sub_batch_size=sub_batch_size,
         resume_from_checkpoint=resume_from_checkpoint,
     )
     typer.echo(f"saved {finetune_embedder(options)}", err=True)

@@ -20,7 +20,7 @@ from .. import hub, registry
 from ..errors import InputError
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
-from . import losses
+from . import grad_cache, losses
 from .data import Group, GroupSampler, load_train_data
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
 
@@ -51,6 +51,7 @@ class EmbedderOptions(TrainOptions):
     kd_loss_type: str = "kl_div"
     matryoshka_dims: list[int] | None = None
     resume_from_checkpoint: str | None = None
+    sub_batch_size: int | None = None  # gradient cache: embed this many sequences at a time
 
 
 class EmbedderCollator:
@@ -101,6 +102,11 @@ class EmbedderTrainer(BgekitTrainer):
         self.count_tokens(inputs["query"], inputs["passage"])
         q = self.embed(model, inputs["query"])
         p = self.embed(model, inputs["passage"])
+        loss = self.loss_from_vectors(q, p, inputs.get("teacher_scores"))
+        return (loss, {"q": q, "p": p}) if return_outputs else loss
+
+    def loss_from_vectors(self, q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """Contrastive loss (+ distillation when the batch has teacher scores) of query and passage vectors."""
         opts = self.options
         kwargs = {"in_batch": opts.use_inbatch_neg, "cross_device": opts.negatives_cross_device}
         if opts.matryoshka_dims:
@@ -109,12 +115,40 @@ class EmbedderTrainer(BgekitTrainer):
             )
         else:
             loss = losses.info_nce(q, p, opts.train_group_size, opts.temperature, **kwargs)
-        teacher = inputs.get("teacher_scores")
         if teacher is not None:
             student = losses.group_scores(q, p, opts.train_group_size)
             kd = losses.distillation_kl if opts.kd_loss_type == "kl_div" else losses.distillation_m3
             loss = loss + kd(student, teacher.to(student.device), opts.temperature)
-        return (loss, {"q": q, "p": p}) if return_outputs else loss
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or with ``sub_batch_size`` the gradient-cache step (same gradients,
+        a fraction of the activation memory): see :mod:`bgekit.train.grad_cache`."""
+        size = self.options.sub_batch_size
+        if not size or (len(inputs["query"]["input_ids"]) <= size and len(inputs["passage"]["input_ids"]) <= size):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self.count_tokens(inputs["query"], inputs["passage"])
+        query_chunks = grad_cache.split_batch(inputs["query"], size)
+        passage_chunks = grad_cache.split_batch(inputs["passage"], size)
+
+        def embed(chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.embed(model, chunk)
+
+        q, q_states = grad_cache.embed_without_graph(embed, query_chunks)
+        p, p_states = grad_cache.embed_without_graph(embed, passage_chunks)
+        q, p = q.detach().requires_grad_(), p.detach().requires_grad_()
+        with self.compute_loss_context_manager():
+            loss = self.loss_from_vectors(q, p, inputs.get("teacher_scores"))
+        loss = loss / self.current_gradient_accumulation_steps
+        with self.accelerator.no_sync(model):  # the loss touches no weight: nothing to all-reduce yet
+            self.accelerator.backward(loss)
+        no_sync = lambda: self.accelerator.no_sync(model)  # noqa: E731
+        grad_cache.backward_through_chunks(embed, query_chunks, q_states, q.grad, no_sync, last_syncs=False)
+        grad_cache.backward_through_chunks(embed, passage_chunks, p_states, p.grad, no_sync, last_syncs=True)
+        return loss.detach()
 
 
 def write_sentence_transformers_files(folder: Path, pooling_method: str, options: EmbedderOptions) -> None:
@@ -160,6 +194,10 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
     if options.matryoshka_dims and any(d < 1 for d in options.matryoshka_dims):
         raise InputError("matryoshka_dims must be positive")
+    if options.sub_batch_size is not None and options.sub_batch_size < 1:
+        raise InputError(f"sub_batch_size must be >= 1, got {options.sub_batch_size}")
+    if options.sub_batch_size and options.deepspeed:
+        raise InputError("sub_batch_size (gradient cache) does not work with DeepSpeed; use one or the other")
     if options.negatives_cross_device:  # every rank must hold the same number of queries
         options.extra.setdefault("dataloader_drop_last", True)
     name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS)
