@@ -26,7 +26,9 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # every rank's error lines first: the launcher's own tail often shows only the survivor's
+    ranks = "\n".join(line for line in result.stderr.splitlines() if "Error" in line and "[rank" in line)
+    assert result.returncode == 0, ranks[-3000:] + "\n...\n" + result.stderr[-3000:]
     return result
 
 

@@ -38,6 +38,12 @@ def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str 
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} is a file; pass the folder that holds config.json")
+        if not (path / "config.json").exists() and (path / "adapter_config.json").exists():
+            base = (_read_json(path / "adapter_config.json") or {}).get("base_model_name_or_path") or "the base model"
+            raise ModelNotFoundError(
+                f"{path} is a LoRA adapter, not a whole model: load {base} with peft_path={str(path)!r}, "
+                "or the merged model in the folder above it"
+            )
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} has no config.json: it is not a transformers model folder")
         return path
@@ -141,6 +147,14 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             known = registry.lookup(f"{match['org']}/{match['name']}", table)
             if known:
                 return known[1]
+    meta = _read_json(folder / "bgekit.json")  # written by bgekit's trainers (the ICL family)
+    if meta and not for_reranker and meta.get("model_class") in registry.EMBEDDER_KINDS:
+        return ModelSpec(
+            meta["model_class"],
+            meta.get("pooling_method"),
+            meta.get("query_instruction_for_retrieval"),
+            meta.get("query_instruction_format") or "{}{}",
+        )
     config = _read_json(folder / "config.json") or {}
     archs = " ".join(config.get("architectures") or [])
     model_type = config.get("model_type", "")
@@ -161,6 +175,18 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
     if (folder / "colbert_linear.pt").exists() and (folder / "sparse_linear.pt").exists():
         return ModelSpec(registry.M3, "cls", max_length=8192)
     if "ForCausalLM" in archs or (archs and not _is_encoder(config)):
+        trained = (_read_json(folder / "config_sentence_transformers.json") or {}).get("bgekit")
+        saved = _sentence_transformers_spec(folder) if trained else None
+        if saved is not None and saved.pooling_method == "last_token":
+            # fine-tuned by bgekit, which saves the query instruction with its format (not only as a prefix)
+            return ModelSpec(
+                registry.DECODER,
+                "last_token",
+                trained.get("query_instruction_for_retrieval"),
+                trained.get("query_instruction_format") or registry.E5_INSTRUCT,
+                passage_instruction=saved.passage_instruction,
+                max_length=saved.max_length,
+            )
         return ModelSpec(registry.DECODER, "last_token", query_instruction_format=registry.E5_INSTRUCT)
     return _sentence_transformers_spec(folder) or ModelSpec(registry.ENCODER, "cls")
 

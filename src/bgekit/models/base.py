@@ -7,6 +7,7 @@ import logging
 import operator
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,10 +27,17 @@ Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ItemForward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[Any]]
 T = TypeVar("T")
 PROGRESS_MIN_ITEMS = 256
+# inputs tokenized per chunk by run_texts; the next chunk is tokenized while this one runs
+OVERLAP_CHUNK = 4096
 
 
 class ModelHost:
     """A transformers module and its tokenizer, placed on one or more devices."""
+
+    #: CUDA only: copy inputs from pinned memory and outputs back without a synchronisation per batch
+    #: (one at the end of :meth:`run`). Off until a GPU run of tests/test_fast_paths.py has checked it;
+    #: ``host.async_copies = True`` (or ``benchmarks/speed.py --async-copies``) turns it on.
+    async_copies: bool = False
 
     def __init__(
         self,
@@ -38,7 +46,13 @@ class ModelHost:
         devices: str | int | Sequence[str | int] | None,
         use_fp16: bool,
         use_bf16: bool,
+        max_tokens_per_batch: int | None = None,
     ):
+        budget = max_tokens_per_batch
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise InputError(f"max_tokens_per_batch must be a positive int or None, got {max_tokens_per_batch!r}")
+        #: token budget per batch (padded tokens); ``None`` batches by ``batch_size`` alone
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.tokenizer = tokenizer
         self.devices = resolve_devices(devices)
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
@@ -75,20 +89,87 @@ class ModelHost:
         pad_to_multiple_of: int | None = None,
         show_progress_bar: bool | None = None,
     ) -> torch.Tensor:
-        """Forward every input in length-sorted batches; rows come back in input order (float32, CPU)."""
+        """Forward every input in length-sorted batches; rows come back in input order (float32, CPU).
+
+        With :attr:`async_copies` on CUDA each batch's output is copied back without waiting (into
+        pinned memory) and the devices are synchronised once at the end, not once per batch.
+        """
+
+        def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            self._synchronize()  # the halves of an OOM split may still be in flight
+            return torch.cat([a, b])
+
         order, outputs = self._run_batches(
             tokenized,
-            lambda module, inputs: forward(module, inputs).float().cpu(),
+            lambda module, inputs: _to_host(forward(module, inputs).float(), self.async_copies),
             batch_size,
-            lambda a, b: torch.cat([a, b]),
+            joined,
             desc=desc,
             pad_to_multiple_of=pad_to_multiple_of,
             show_progress_bar=show_progress_bar,
         )
+        self._synchronize()
+        if not outputs:
+            raise InputError("nothing to run: no inputs were given")
         stacked = torch.cat(outputs)
         result = torch.empty_like(stacked)
         result[torch.from_numpy(order)] = stacked
         return result
+
+    def run_texts(
+        self,
+        items: Sequence[Any],
+        tokenize: Callable[[list[Any]], Tokenized],
+        forward: Forward,
+        batch_size: int,
+        *,
+        desc: str,
+        chunk_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Tokenize and forward ``items`` (texts or pairs) chunk by chunk, tokenizing the next chunk
+        in a worker thread while this one runs (the Rust tokenizer releases the GIL).
+
+        Returns ``(rows in input order, float32 CPU; how many inputs were truncated)``. Inputs are
+        length-sorted within a chunk of ``chunk_size`` (default :data:`OVERLAP_CHUNK`), so a call
+        with fewer items than that is exactly :meth:`run` on the whole input.
+        """
+        chunk_size = OVERLAP_CHUNK if chunk_size is None else chunk_size
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        items = list(items)
+        chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] or [[]]
+        if len(chunks) == 1:
+            tokenized = tokenize(chunks[0])
+            return self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=show_progress_bar), (
+                tokenized.truncated
+            )
+        if show_progress_bar is None:
+            show_progress_bar = len(items) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
+        bar = tqdm(total=len(items), desc=desc, disable=not show_progress_bar, unit="item")
+        parts, truncated = [], 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgekit-tokenize") as executor:
+            pending = executor.submit(tokenize, chunks[0])
+            try:
+                for index in range(len(chunks)):
+                    tokenized = pending.result()
+                    if index + 1 < len(chunks):
+                        pending = executor.submit(tokenize, chunks[index + 1])
+                    parts.append(self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False))
+                    truncated += tokenized.truncated
+                    bar.update(len(chunks[index]))
+            finally:
+                pending.cancel()
+                bar.close()
+        return torch.cat(parts), truncated
+
+    def _synchronize(self) -> None:
+        """Wait for this host's CUDA devices (outstanding non-blocking copies); free elsewhere."""
+        if not self.async_copies:
+            return
+        for device in self.devices:
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
 
     def run_items(
         self,
@@ -138,19 +219,22 @@ class ModelHost:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         lengths = [len(x) for x in tokenized.ids]
-        order, batches = length_sorted_batches(lengths, batch_size)
+        order, batches = length_sorted_batches(lengths, batch_size, self.max_tokens_per_batch)
         if show_progress_bar is None:
             show_progress_bar = len(lengths) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
         bar = tqdm(total=len(lengths), desc=desc, disable=not show_progress_bar, unit="item")
 
         def work(module: torch.nn.Module, device: str, batch: np.ndarray) -> T:
+            pin = self.async_copies and torch.device(device).type == "cuda"
+
             def step(rows: np.ndarray) -> T:
                 inputs = self.tokenizer.collate(
                     [tokenized.ids[i] for i in rows],
                     None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows],
                     pad_to_multiple_of,
                 )
-                inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                # pinned host memory makes the copy truly asynchronous (pageable memory waits)
+                inputs = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in inputs.items()}
                 return forward(module, inputs)
 
             with torch.inference_mode():
@@ -165,17 +249,28 @@ class ModelHost:
         return order, outputs
 
     def log_truncation(self, tokenized: Tokenized, max_length: int, what: str) -> None:
-        if tokenized.truncated:
+        self.log_cut(tokenized.truncated, len(tokenized.ids), max_length, what)
+
+    @staticmethod
+    def log_cut(cut: int, total: int, max_length: int, what: str) -> None:
+        """Say at INFO level how many of ``total`` inputs were truncated (nothing when none were)."""
+        if cut:
             logger.info(
-                "%d of %d %s were longer than max_length=%d tokens and were truncated",
-                tokenized.truncated,
-                len(tokenized.ids),
-                what,
-                max_length,
+                "%d of %d %s were longer than max_length=%d tokens and were truncated", cut, total, what, max_length
             )
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _to_host(tensor: torch.Tensor, asynchronous: bool) -> torch.Tensor:
+    """Start the copy of a device tensor to CPU memory without waiting for it (CUDA, when
+    ``asynchronous``); a plain ``.cpu()`` otherwise. The caller synchronises before reading."""
+    if not asynchronous or tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _max_positions(config) -> int | None:

@@ -14,6 +14,7 @@ import torch
 from .. import hub
 from .base import ModelHost, load_module
 from .embedder import Embedder
+from .onnx_backend import check_backend, load_onnx_module
 from .pooling import check_pooling, pool
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
@@ -28,6 +29,15 @@ class FlagModel(Embedder):
         >>> q = model.encode_queries(["what is BGE?"])   # doctest: +SKIP
         >>> p = model.encode_corpus(["BGE is an embedding model."])  # doctest: +SKIP
         >>> scores = q @ p.T                             # doctest: +SKIP
+
+    ``backend="onnx"`` (or ``"onnx-int8"``) runs the forward on ONNX Runtime on the CPU
+    (``pip install 'bgekit[onnx]'``); the export is cached after the first load:
+
+        >>> fast = FlagModel("sentence-transformers/all-MiniLM-L6-v2", pooling_method="mean",  # doctest: +SKIP
+        ...     devices="cpu", backend="onnx")
+
+    ``max_tokens_per_batch=N`` also caps each length-sorted batch at N padded tokens, so a batch
+    of long texts shrinks and a batch of short ones keeps ``batch_size`` (same vectors).
     """
 
     def __init__(
@@ -45,6 +55,8 @@ class FlagModel(Embedder):
         query_max_length: int = 512,
         passage_max_length: int = 512,
         convert_to_numpy: bool = True,
+        backend: str = "torch",
+        max_tokens_per_batch: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -65,8 +77,15 @@ class FlagModel(Embedder):
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
-        module = load_module(AutoModel, folder, trust_remote_code)
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        self.backend = check_backend(backend, devices)
+        if self.backend == "torch":
+            module = load_module(AutoModel, folder, trust_remote_code)
+        else:  # ONNX Runtime replaces only the forward; tokenizer, batching and pooling stay
+            module = load_onnx_module(
+                AutoModel, folder, trust_remote_code, self.backend, "last_hidden_state", self.tokenizer.uses_type_ids
+            )
+        devices = devices if self.backend == "torch" else "cpu"
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, max_tokens_per_batch)
         self.target_devices = self.host.devices
 
     @property
@@ -82,11 +101,17 @@ class FlagModel(Embedder):
         self, texts: list[str], batch_size: int, max_length: int, show_progress_bar: bool | None
     ) -> torch.Tensor:
         max_length = self.host.clamp_length(max_length, self.passage_max_length)
-        tokenized = self.tokenizer.encode(texts, max_length)
-        self.host.log_truncation(tokenized, max_length, "texts")
-        return self.host.run(
-            tokenized, self._forward, batch_size, desc="Embedding", show_progress_bar=show_progress_bar
+        # the next chunk is tokenized while this one runs (one chunk, the plain path, for short inputs)
+        embeddings, truncated = self.host.run_texts(
+            texts,
+            lambda chunk: self.tokenizer.encode(chunk, max_length),
+            self._forward,
+            batch_size,
+            desc="Embedding",
+            show_progress_bar=show_progress_bar,
         )
+        self.host.log_cut(truncated, len(texts), max_length, "texts")
+        return embeddings
 
     def embed_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> torch.Tensor:
         """Pooled float32 vectors ``(n, dim)`` (CPU, input order) of inputs from :meth:`tokenize`,

@@ -3,7 +3,7 @@
 :class:`FlagLLMModel` covers e5-mistral, bge-multilingual-gemma2, gte-Qwen and Qwen3-Embedding
 style models (``query_instruction_format`` per family, e.g. ``"<instruct>{}\\n<query>{}"``).
 :class:`FlagICLModel` is bge-en-icl: few-shot examples go in front of every query, exactly
-as FlagEmbedding lays them out (see :meth:`FlagICLModel.query_prompts`). Both run on
+as FlagEmbedding lays them out (see :func:`icl_query_tokens`, which ICL training calls too). Both run on
 transformers' own ``AutoModel``; pad token, padding side and EOS come from the tokenizer.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import InputError
 from .encoder import FlagModel
 from .inputs import as_text_list
-from .tokenization import Tokenized
+from .tokenization import TextTokenizer, Tokenized
 
 ICL_QUERY_FORMAT = "<instruct>{}\n<query>{}"
 ICL_EXAMPLE_FORMAT = "<instruct>{}\n<query>{}\n<response>{}"
@@ -32,6 +32,11 @@ class FlagLLMModel(FlagModel):
         ...     query_instruction_format="<instruct>{}\\n<query>{}")
         >>> model.encode_queries(["how much protein should a female eat"]).shape  # doctest: +SKIP
         (1, 3584)
+
+    ``peft_path`` names a LoRA adapter folder (``bgekit finetune embedder --lora`` writes one
+    in ``OUT/adapter``) that is merged into the base model at load time:
+
+        >>> tuned = FlagLLMModel("BASE", peft_path="OUT/adapter", use_fp16=False)  # doctest: +SKIP
     """
 
     def __init__(
@@ -49,12 +54,15 @@ class FlagLLMModel(FlagModel):
         passage_max_length: int = 512,
         convert_to_numpy: bool = True,
         pooling_method: str = "last_token",
+        peft_path: str | None = None,
         **kwargs: Any,
     ):
         if pooling_method != "last_token":
             raise InputError(
                 f"decoder-only embedders pool the last token; pooling_method={pooling_method!r} is not supported"
             )
+        if peft_path and kwargs.get("backend", "torch") != "torch":
+            raise InputError("peft_path merges a LoRA adapter into the torch model; use backend='torch'")
         super().__init__(
             model_name_or_path,
             normalize_embeddings=normalize_embeddings,
@@ -71,6 +79,27 @@ class FlagLLMModel(FlagModel):
             convert_to_numpy=convert_to_numpy,
             **kwargs,
         )
+        if peft_path:
+            self._merge_adapter(peft_path, trust_remote_code, cache_dir)
+
+    def _merge_adapter(self, peft_path: str, trust_remote_code: bool, cache_dir: str | None) -> None:
+        """Fold a LoRA adapter into the loaded model; its tokenizer (added special tokens) replaces the base's."""
+        from .. import hub
+        from .base import ModelHost
+        from .llm_reranker import merge_lora, tokenizer_folder
+        from .tokenization import load_hf_tokenizer
+
+        folder = hub.model_folder(self.model_name_or_path, cache_dir=cache_dir)
+        tokens_from = tokenizer_folder(folder, peft_path)
+        vocab_size = None
+        if tokens_from != folder:
+            hf_tokenizer = load_hf_tokenizer(tokens_from, trust_remote_code)
+            self.tokenizer, vocab_size = TextTokenizer(hf_tokenizer), len(hf_tokenizer)
+        module = merge_lora(self.host.module, peft_path, vocab_size)
+        budget = getattr(self.host, "max_tokens_per_batch", None)
+        options = {} if budget is None else {"max_tokens_per_batch": budget}
+        self.host = ModelHost(module, self.tokenizer, self._devices_arg, self.use_fp16, self.use_bf16, **options)
+        self.target_devices = self.host.devices
 
 
 def check_examples(examples: object) -> list[dict[str, str]] | None:
@@ -96,6 +125,70 @@ def check_examples(examples: object) -> list[dict[str, str]] | None:
                 raise InputError(f"examples_for_task[{index}][{key!r}] must be a string, got {type(value).__name__}")
         checked.append(dict(example))
     return checked
+
+
+def icl_examples_prefix(
+    examples: Sequence[Mapping[str, str]] | None,
+    default_instruction: str | None,
+    example_format: str = ICL_EXAMPLE_FORMAT,
+) -> str:
+    """The few-shot block in front of a query: ``"\\n\\n".join(formatted examples) + "\\n\\n"``.
+
+    An example without ``instruct`` takes ``default_instruction`` (as FlagEmbedding does, even
+    when that is None); no examples give ``""``. :class:`FlagICLModel` and ICL training
+    (:mod:`bgekit.train.icl`) both build their prefixes here.
+
+    Example:
+        >>> icl_examples_prefix([{"query": "q", "response": "r"}], "Find passages.")
+        '<instruct>Find passages.\\n<query>q\\n<response>r\\n\\n'
+    """
+    if not examples:
+        return ""
+    blocks = [
+        example_format.format(example.get("instruct", default_instruction), example["query"], example["response"])
+        for example in examples
+    ]
+    return "\n\n".join(blocks) + "\n\n"
+
+
+def icl_query_tokens(
+    tokenizer: TextTokenizer, queries: list[str], prefixes: Sequence[str], max_length: int, suffix: str = ICL_SUFFIX
+) -> Tokenized:
+    """Token ids of ICL query prompts, bge-en-icl's rule; one prefix (examples block) per query.
+
+    Each (already instructed) query is cut, without special tokens, to ``max_length`` minus
+    the room ``<s>`` and ``suffix + "</s>"`` take, decoded back to text and wrapped as
+    ``prefix + query + suffix``; that is tokenized with special tokens and capped at
+    ``(len(prefix) + len(suffix) + max_length + 8) // 8 * 8 + 8`` tokens. Inference
+    (:meth:`FlagICLModel.tokenize_queries`) and training call this one function, so a model
+    is trained on exactly the prompts it is later asked with.
+
+    Example:
+        >>> tokenized = icl_query_tokens(model.tokenizer, ["<instruct>Find.\\n<query>q"], [""], 512)  # doctest: +SKIP
+    """
+    if len(prefixes) != len(queries):
+        raise InputError(f"got {len(prefixes)} example prefixes for {len(queries)} queries")
+    (bos_ids, tail_ids), _ = tokenizer.plain_ids(["<s>", suffix + "</s>"])
+    budget = max_length - len(bos_ids) - len(tail_ids)
+    if budget < 1:
+        raise InputError(f"max_length={max_length} leaves no room for the query after the ICL special tokens")
+    ids, truncated = tokenizer.plain_ids(queries, budget)
+    texts = tokenizer.hf.batch_decode(ids)
+    (suffix_ids,), _ = tokenizer.plain_ids([suffix])
+    distinct = sorted(set(prefixes))
+    prefix_lens = dict(zip(distinct, (len(x) for x in tokenizer.plain_ids(distinct)[0]), strict=True))
+    out: list[list[int]] = [[] for _ in queries]
+    out_types: list[list[int]] | None = [[] for _ in queries] if tokenizer.uses_type_ids else None
+    for prefix in distinct:  # one cap per prefix: inference has one prefix, training a few
+        rows = [i for i, p in enumerate(prefixes) if p == prefix]
+        cap = ((prefix_lens[prefix] if prefix else 0) + len(suffix_ids) + max_length + 8) // 8 * 8 + 8
+        part = tokenizer.encode([prefix + texts[i] + suffix for i in rows], cap)
+        truncated = max(truncated, part.truncated)
+        for j, i in enumerate(rows):
+            out[i] = part.ids[j]
+            if out_types is not None and part.type_ids is not None:
+                out_types[i] = part.type_ids[j]
+    return Tokenized(out, out_types, truncated)
 
 
 class FlagICLModel(FlagLLMModel):
@@ -153,15 +246,7 @@ class FlagICLModel(FlagLLMModel):
 
     def examples_prefix(self, examples: list[dict[str, str]] | None) -> str:
         """``"\\n\\n".join(formatted examples) + "\\n\\n"``, or ``""`` without examples."""
-        if not examples:
-            return ""
-        blocks = [
-            self.examples_instruction_format.format(
-                example.get("instruct", self.query_instruction_for_retrieval), example["query"], example["response"]
-            )
-            for example in examples
-        ]
-        return "\n\n".join(blocks) + "\n\n"
+        return icl_examples_prefix(examples, self.query_instruction_for_retrieval, self.examples_instruction_format)
 
     def set_examples(self, examples_for_task: list[dict[str, str]] | None = None) -> None:
         """Replace the in-context examples (``None`` keeps the constructor's)."""
@@ -169,33 +254,12 @@ class FlagICLModel(FlagLLMModel):
             self.examples_for_task = check_examples(examples_for_task)
         self.prefix = self.examples_prefix(self.examples_for_task)
 
-    def query_prompts(self, queries: list[str], max_length: int, prefix: str) -> tuple[list[str], int]:
-        """The texts the model reads for ``queries``: bge-en-icl's truncation rule.
-
-        The instructed query is cut (without special tokens) to ``max_length`` minus the
-        room ``<s>`` and ``\\n<response></s>`` take, decoded back to text, and wrapped as
-        ``prefix + query + "\\n<response>"``. Returns the texts and how many were cut.
-        """
+    def tokenize_queries(self, queries: list[str], max_length: int, prefix: str | None = None) -> Tokenized:
+        """Token ids of the query prompts (see :func:`icl_query_tokens`), special tokens included."""
         if self.query_instruction_for_retrieval is not None:
             queries = [self.query_instruction_format.format(self.query_instruction_for_retrieval, q) for q in queries]
-        (bos_ids, tail_ids), _ = self.tokenizer.plain_ids(["<s>", "\n<response></s>"])
-        budget = max_length - len(bos_ids) - len(tail_ids)
-        if budget < 1:
-            raise InputError(f"max_length={max_length} leaves no room for the query after the ICL special tokens")
-        ids, truncated = self.tokenizer.plain_ids(queries, budget)
-        texts = self.tokenizer.hf.batch_decode(ids)
-        return [prefix + text + self.suffix for text in texts], truncated
-
-    def tokenize_queries(self, queries: list[str], max_length: int, prefix: str | None = None) -> Tokenized:
-        """Token ids of the query prompts, special tokens included; the whole prompt is
-        capped at ``(len(prefix) + len(suffix) + max_length + 8) // 8 * 8 + 8`` tokens."""
         prefix = self.prefix if prefix is None else prefix
-        prompts, truncated = self.query_prompts(queries, max_length, prefix)
-        prefix_len = len(self.tokenizer.plain_ids([prefix])[0][0]) if prefix else 0
-        suffix_len = len(self.tokenizer.plain_ids([self.suffix])[0][0])
-        tokenized = self.tokenizer.encode(prompts, (prefix_len + suffix_len + max_length + 8) // 8 * 8 + 8)
-        tokenized.truncated = max(tokenized.truncated, truncated)
-        return tokenized
+        return icl_query_tokens(self.tokenizer, queries, [prefix] * len(queries), max_length, self.suffix)
 
     def tokenize(self, texts: str | list[str], input_type: str | None = None, max_length: int | None = None):
         """As :meth:`Embedder.tokenize`; queries get the in-context examples, as :meth:`encode_queries`."""

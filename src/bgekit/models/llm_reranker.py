@@ -33,21 +33,90 @@ SEPARATOR = "\n"
 PAD_TO_MULTIPLE_OF = 8
 
 
-def merge_lora(module: torch.nn.Module, peft_path: str | Path) -> torch.nn.Module:
-    """Merge a LoRA adapter folder into ``module``; a clear error when it does not fit."""
+def adapter_folder(peft_path: str | Path) -> Path:
+    """``peft_path`` checked to be a LoRA adapter folder."""
     folder = Path(peft_path).expanduser()
     if not (folder / "adapter_config.json").exists():
         raise ModelNotFoundError(f"peft_path {folder} has no adapter_config.json: it is not a LoRA adapter folder")
+    return folder
+
+
+def tokenizer_folder(model_folder: Path, peft_path: str | Path | None) -> Path:
+    """Where the tokenizer comes from: the adapter folder when it carries one (bgekit's LoRA
+    training saves it there, with any added special tokens), else the model folder."""
+    if peft_path and (adapter_folder(peft_path) / "tokenizer_config.json").exists():
+        return adapter_folder(peft_path)
+    return model_folder
+
+
+def merge_lora(module: torch.nn.Module, peft_path: str | Path, vocab_size: int | None = None) -> torch.nn.Module:
+    """Merge a LoRA adapter folder into ``module``; a clear error when it does not fit.
+
+    ``vocab_size`` (the adapter's tokenizer length) grows the embeddings first when training
+    added special tokens; the adapter then carries the trained embedding rows.
+    """
+    folder = adapter_folder(peft_path)
     try:
         from peft import PeftModel
     except ImportError:
         raise InputError("peft_path needs the peft package: pip install 'bgekit[lora]'") from None
+    if vocab_size is not None and vocab_size > module.get_input_embeddings().weight.shape[0]:
+        module.resize_token_embeddings(vocab_size)
     try:
         return PeftModel.from_pretrained(module, str(folder)).merge_and_unload()
     except Exception as exc:  # peft raises many kinds on a mismatched adapter
         raise ModelNotFoundError(
             f"the LoRA adapter in {folder} does not fit this model ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def yes_token_id(tokenizer: TextTokenizer, name: str) -> int:
+    """Id of the first token of "Yes": the logit that scores a pair."""
+    yes = tokenizer.plain_ids(["Yes"])[0][0]
+    if not yes:
+        raise ModelNotFoundError(f"the tokenizer of {name} has no token for 'Yes'")
+    return yes[0]
+
+
+def yes_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor], yes_loc: int) -> torch.Tensor:
+    """The "Yes" logit at each row's last real token (left or right padding). Inference and
+    training (:mod:`bgekit.train.llm_reranker`) both score pairs here."""
+    mask = inputs["attention_mask"]
+    if bool(mask[:, -1].all()):  # left padding: every row ends in the last column
+        logits = module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1]
+    else:
+        logits = module(**inputs, return_dict=True).logits
+        logits = logits[torch.arange(len(mask), device=mask.device), mask.sum(dim=1) - 1]
+    return logits[:, yes_loc]
+
+
+def llm_pair_inputs(
+    tokenizer: TextTokenizer,
+    pairs: list[tuple[str, str]],
+    query_max_length: int,
+    max_length: int,
+    prompt: str | None,
+    always_bos: bool = False,
+) -> tuple[Tokenized, int]:
+    """Token ids of every ``(query, passage)`` pair (instructions already applied) in
+    FlagEmbedding's layout; also ``len(sep + prompt)``. Inference and training share it."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+    queries, cut_q = tokenizer.plain_ids([q for q, _ in pairs], query_max_length)
+    passages, cut_p = tokenizer.plain_ids([p for _, p in pairs], max_length)
+    (sep,), _ = tokenizer.plain_ids([SEPARATOR])
+    (prompt_ids,), _ = tokenizer.plain_ids([DEFAULT_PROMPT if prompt is None else prompt])
+    hf = tokenizer.hf
+    bos = hf.bos_token_id
+    prefix = [bos] if bos is not None and (always_bos or bos != hf.pad_token_id) else []
+    pair_limit = max_length + len(sep) + len(prompt_ids)
+    ids, cut_pair = [], 0
+    for query, passage in zip(queries, passages, strict=True):
+        first, second = prefix + query, sep + passage
+        room = max(pair_limit - len(first), 0)
+        cut_pair += len(second) > room
+        ids.append(first + second[:room] + sep + prompt_ids)
+    return Tokenized(ids, None, max(cut_q, cut_p, cut_pair)), len(sep) + len(prompt_ids)
 
 
 class FlagLLMReranker(Reranker):
@@ -100,14 +169,13 @@ class FlagLLMReranker(Reranker):
         )
         self.prompt = prompt
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        tokens_from = tokenizer_folder(folder, peft_path)
+        hf_tokenizer = load_hf_tokenizer(tokens_from, trust_remote_code)
+        self.tokenizer = TextTokenizer(hf_tokenizer)
         module = self._load_module(folder, trust_remote_code)
         if peft_path:
-            module = merge_lora(module, peft_path)
-        yes = self.tokenizer.plain_ids(["Yes"])[0][0]
-        if not yes:
-            raise ModelNotFoundError(f"the tokenizer of {model_name_or_path} has no token for 'Yes'")
-        self.yes_loc = yes[0]
+            module = merge_lora(module, peft_path, len(hf_tokenizer) if tokens_from != folder else None)
+        self.yes_loc = yes_token_id(self.tokenizer, model_name_or_path)
         self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
         self.target_devices = self.host.devices
 
@@ -124,24 +192,8 @@ class FlagLLMReranker(Reranker):
     def pair_inputs(
         self, pairs: list[tuple[str, str]], query_max_length: int, max_length: int, prompt: str | None
     ) -> tuple[Tokenized, int]:
-        """Token ids of every pair in FlagEmbedding's layout; also ``len(sep + prompt)``."""
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        queries, cut_q = self.tokenizer.plain_ids([q for q, _ in pairs], query_max_length)
-        passages, cut_p = self.tokenizer.plain_ids([p for _, p in pairs], max_length)
-        (sep,), _ = self.tokenizer.plain_ids([SEPARATOR])
-        (prompt_ids,), _ = self.tokenizer.plain_ids([DEFAULT_PROMPT if prompt is None else prompt])
-        hf = self.tokenizer.hf
-        bos = hf.bos_token_id
-        prefix = [bos] if bos is not None and (self.ALWAYS_BOS or bos != hf.pad_token_id) else []
-        pair_limit = max_length + len(sep) + len(prompt_ids)
-        ids, cut_pair = [], 0
-        for query, passage in zip(queries, passages, strict=True):
-            first, second = prefix + query, sep + passage
-            room = max(pair_limit - len(first), 0)
-            cut_pair += len(second) > room
-            ids.append(first + second[:room] + sep + prompt_ids)
-        return Tokenized(ids, None, max(cut_q, cut_p, cut_pair)), len(sep) + len(prompt_ids)
+        """Token ids of every pair in FlagEmbedding's layout (:func:`llm_pair_inputs`); also ``len(sep + prompt)``."""
+        return llm_pair_inputs(self.tokenizer, pairs, query_max_length, max_length, prompt, self.ALWAYS_BOS)
 
     def _lengths(self, query_max_length: int | None, max_length: int) -> tuple[int, int]:
         max_length = self.host.clamp_length(max_length, self.max_length)
@@ -151,13 +203,7 @@ class FlagLLMReranker(Reranker):
 
     # -- scoring ----------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = inputs["attention_mask"]
-        if bool(mask[:, -1].all()):  # left padding: every row ends in the last column
-            logits = module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1]
-        else:
-            logits = module(**inputs, return_dict=True).logits
-            logits = logits[torch.arange(len(mask), device=mask.device), mask.sum(dim=1) - 1]
-        return logits[:, self.yes_loc]
+        return yes_logits(module, inputs, self.yes_loc)
 
     def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar, **options):
         query_max_length, max_length = self._lengths(query_max_length, max_length)

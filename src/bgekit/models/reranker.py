@@ -20,6 +20,7 @@ from .. import hub, registry
 from ..errors import InputError
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
+from .onnx_backend import check_backend, load_onnx_module
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 
@@ -143,7 +144,13 @@ class Reranker:
 
 
 class FlagReranker(Reranker):
-    """Cross-encoder reranker (bge-reranker-base / large / v2-m3 and other sequence classifiers)."""
+    """Cross-encoder reranker (bge-reranker-base / large / v2-m3 and other sequence classifiers).
+
+    ``backend="onnx"`` / ``"onnx-int8"`` runs the forward on ONNX Runtime (CPU only):
+
+        >>> from bgekit import FlagReranker
+        >>> FlagReranker("BAAI/bge-reranker-base", devices="cpu", backend="onnx")  # doctest: +SKIP
+    """
 
     def __init__(
         self,
@@ -160,6 +167,8 @@ class FlagReranker(Reranker):
         query_max_length: int | None = None,
         max_length: int = 512,
         normalize: bool = False,
+        backend: str = "torch",
+        max_tokens_per_batch: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -180,12 +189,24 @@ class FlagReranker(Reranker):
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
-        module = load_module(AutoModelForSequenceClassification, folder, trust_remote_code)
+        self.backend = check_backend(backend, devices)
+        if self.backend == "torch":
+            module = load_module(AutoModelForSequenceClassification, folder, trust_remote_code)
+        else:  # ONNX Runtime replaces only the forward (CPU); see bgekit.models.onnx_backend
+            module = load_onnx_module(
+                AutoModelForSequenceClassification,
+                folder,
+                trust_remote_code,
+                self.backend,
+                "logits",
+                self.tokenizer.uses_type_ids,
+            )
         if module.config.num_labels != 1:
             raise InputError(
                 f"{model_name_or_path} has {module.config.num_labels} output labels; a cross-encoder reranker needs 1"
             )
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        devices = devices if self.backend == "torch" else "cpu"
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, max_tokens_per_batch)
         self.target_devices = self.host.devices
 
     @property
@@ -201,13 +222,18 @@ class FlagReranker(Reranker):
         if query_max_length is None:
             query_max_length = max_length * 3 // 4
         query_max_length = self.host.clamp_length(query_max_length, max_length)
-        tokenized = self.tokenizer.encode_pairs(
-            [q for q, _ in pairs], [p for _, p in pairs], query_max_length, max_length
+        # the next chunk is tokenized while this one runs (one chunk, the plain path, for short inputs)
+        scores, truncated = self.host.run_texts(
+            pairs,
+            lambda chunk: self.tokenizer.encode_pairs(
+                [q for q, _ in chunk], [p for _, p in chunk], query_max_length, max_length
+            ),
+            self._forward,
+            batch_size,
+            desc="Reranking",
+            show_progress_bar=show_progress_bar,
         )
-        self.host.log_truncation(tokenized, max_length, "pairs")
-        scores = self.host.run(
-            tokenized, self._forward, batch_size, desc="Reranking", show_progress_bar=show_progress_bar
-        )
+        self.host.log_cut(truncated, len(pairs), max_length, "pairs")
         return scores.tolist()
 
     def tokenize_pairs(

@@ -64,6 +64,46 @@ GradAccum = Annotated[int, typer.Option("--gradient-accumulation-steps", min=1)]
 Flag = Annotated[bool, typer.Option()]
 Deepspeed = Annotated[str | None, typer.Option(help="DeepSpeed config file, passed to the Trainer.")]
 Resume = Annotated[str | None, typer.Option(help="A checkpoint folder, or 'auto' for the newest in --output-dir.")]
+UseLora = Annotated[
+    bool,
+    typer.Option(
+        "--lora/--no-lora", "--use-lora", help="Train a LoRA adapter (the lora extra): OUT = merged, OUT/adapter."
+    ),
+]
+LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
+LoraAlpha = Annotated[float, typer.Option(help="LoRA scaling alpha.")]
+LoraDropout = Annotated[float, typer.Option(help="Dropout on the LoRA input.")]
+TargetModules = Annotated[
+    str | None, typer.Option(help="Comma-separated LoRA module names (default: the architecture's, e.g. q_proj,...)")
+]
+SpecialTokens = Annotated[
+    list[str] | None, typer.Option(help="Add this special token to the tokenizer (repeat the option for more).")
+]
+SaveMerged = Annotated[
+    bool,
+    typer.Option("--save-merged-model/--no-save-merged-model", help="With --lora, also save the merged model in OUT."),
+]
+
+
+def _lora(
+    use_lora: bool,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    target_modules: str | None,
+    additional_special_tokens: list[str] | None,
+    save_merged_model: bool,
+) -> dict:
+    """The LoRA options (FlagEmbedding's names) as keyword arguments."""
+    return {
+        "use_lora": use_lora,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None,
+        "additional_special_tokens": list(additional_special_tokens) if additional_special_tokens else None,
+        "save_merged_lora_model": save_merged_model,
+    }
 
 
 @finetune_app.command("embedder")
@@ -104,11 +144,33 @@ def finetune_embedder_cmd(
     save_steps: Annotated[int, typer.Option(min=1)] = 500,
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
+    use_lora: UseLora = False,
+    lora_rank: LoraRank = 64,
+    lora_alpha: LoraAlpha = 16.0,
+    lora_dropout: LoraDropout = 0.1,
+    target_modules: TargetModules = None,
+    additional_special_tokens: SpecialTokens = None,
+    save_merged_model: SaveMerged = True,
+    model_class: Annotated[
+        str | None, typer.Option(help="The model's family, e.g. decoder-only-icl (default: the registry's/folder's).")
+    ] = None,
+    example_query_max_len: Annotated[int, typer.Option(min=1, help="ICL: tokens of an example's query.")] = 64,
+    example_passage_max_len: Annotated[int, typer.Option(min=1, help="ICL: tokens of an example's response.")] = 96,
+    retrieval_use_examples: Annotated[
+        bool,
+        typer.Option(
+            "--retrieval-use-examples/--no-retrieval-use-examples", help="ICL: examples for retrieval records too."
+        ),
+    ] = True,
+    icl_suffix_str: Annotated[str, typer.Option(help="ICL: what ends each query (FlagICLModel's).")] = "\\n<response>",
+    max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
 ) -> None:
-    """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation)."""
-    from .embedder import EmbedderOptions, finetune_embedder
+    """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
+    ICL models (bge-en-icl, --model-class decoder-only-icl) train with in-context examples in the queries."""
+    from .embedder import finetune_embedder
+    from .icl import ICLOptions
 
-    options = EmbedderOptions(
+    options = ICLOptions(
         **_common(
             output_dir,
             num_train_epochs,
@@ -140,6 +202,15 @@ def finetune_embedder_cmd(
         matryoshka_dims=[int(d) for d in matryoshka_dims.split(",")] if matryoshka_dims else None,
         sub_batch_size=sub_batch_size,
         resume_from_checkpoint=resume_from_checkpoint,
+        model_class=model_class,
+        example_query_max_len=example_query_max_len,
+        example_passage_max_len=example_passage_max_len,
+        retrieval_use_examples=retrieval_use_examples,
+        icl_suffix_str=icl_suffix_str.replace("\\n", "\n"),
+        max_examples=max_examples,
+        **_lora(
+            use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
+        ),
     )
     typer.echo(f"saved {finetune_embedder(options)}", err=True)
 
@@ -165,11 +236,39 @@ def finetune_reranker_cmd(
     save_steps: Annotated[int, typer.Option(min=1)] = 500,
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
+    query_instruction_for_rerank: Annotated[
+        str | None, typer.Option(help="LLM rerankers: query prefix (default 'A: ').")
+    ] = None,
+    passage_instruction_for_rerank: Annotated[
+        str | None, typer.Option(help="LLM rerankers: passage prefix (default 'B: ').")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="LLM rerankers: the question after the pair (default: FlagEmbedding's).")
+    ] = None,
+    use_lora: UseLora = False,
+    lora_rank: LoraRank = 64,
+    lora_alpha: LoraAlpha = 16.0,
+    lora_dropout: LoraDropout = 0.1,
+    target_modules: TargetModules = None,
+    additional_special_tokens: SpecialTokens = None,
+    save_merged_model: SaveMerged = True,
+    model_class: Annotated[
+        str | None,
+        typer.Option(help="The model's family, e.g. decoder-only-layerwise (default: the registry's or folder's)."),
+    ] = None,
+    start_layer: Annotated[
+        int | None, typer.Option(help="Layerwise: train every layer from this one on (default: the model's).")
+    ] = None,
+    cutoff_layers: Annotated[
+        str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
+    ] = None,
 ) -> None:
-    """Fine-tune a cross-encoder reranker (group cross-entropy: 1 positive vs negatives)."""
-    from .reranker import RerankerOptions, finetune_reranker
+    """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives): a cross-encoder, or the
+    "Yes" logit of a decoder-only (causal LM) model, or every cutoff layer of a layerwise one; LoRA with --lora."""
+    from .layerwise import LayerwiseOptions
+    from .reranker import finetune_reranker
 
-    options = RerankerOptions(
+    options = LayerwiseOptions(
         **_common(
             output_dir,
             num_train_epochs,
@@ -191,6 +290,15 @@ def finetune_reranker_cmd(
         query_max_len=query_max_len,
         max_len=max_len,
         resume_from_checkpoint=resume_from_checkpoint,
+        query_instruction_for_rerank=query_instruction_for_rerank,
+        passage_instruction_for_rerank=passage_instruction_for_rerank,
+        prompt=prompt,
+        model_class=model_class,
+        start_layer=start_layer,
+        cutoff_layers=[int(v) for v in cutoff_layers.split(",")] if cutoff_layers else None,
+        **_lora(
+            use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
+        ),
     )
     typer.echo(f"saved {finetune_reranker(options)}", err=True)
 
@@ -268,10 +376,210 @@ def beir_to_train(
     typer.echo(f"wrote {output}: {len(records)} records", err=True)
 
 
+def finetune_m3_cmd(
+    model: Model,
+    train_data: TrainData,
+    output_dir: OutputDir,
+    num_train_epochs: Epochs = 1.0,
+    max_steps: MaxSteps = -1,
+    per_device_train_batch_size: BatchSize = 16,
+    learning_rate: Annotated[float, typer.Option()] = 1e-5,
+    train_group_size: GroupSize = 2,
+    gradient_accumulation_steps: GradAccum = 1,
+    query_max_len: Annotated[int, typer.Option(min=4)] = 64,
+    passage_max_len: Annotated[int, typer.Option(min=4)] = 256,
+    temperature: Annotated[float, typer.Option(min=1e-4)] = 0.02,
+    unified_finetuning: Annotated[
+        bool, typer.Option("--unified-finetuning/--no-unified-finetuning", help="Train dense, sparse and ColBERT.")
+    ] = True,
+    use_self_distill: Annotated[bool, typer.Option(help="Distil the heads' ensemble into each head.")] = False,
+    self_distill_start_step: Annotated[int, typer.Option()] = -1,
+    fix_encoder: Annotated[bool, typer.Option(help="Train only the heads; the encoder stays as it is.")] = False,
+    heads: Annotated[
+        str | None, typer.Option(help="Heads to train, e.g. dense,sparse,colbert (overrides --unified-finetuning).")
+    ] = None,
+    colbert_dim: Annotated[int, typer.Option(help="Output size of a new ColBERT head (-1: hidden size).")] = -1,
+    sparse_loss_weight: Annotated[float, typer.Option(min=0)] = 0.1,
+    sparse_floor: Annotated[
+        float, typer.Option(min=0, help="Keep each text's strongest sparse weight above this (0: off).")
+    ] = 0.05,
+    query_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
+    query_instruction_format: Annotated[str, typer.Option()] = "{}{}",
+    use_inbatch_neg: Annotated[bool, typer.Option("--use-inbatch-neg/--no-inbatch-neg")] = True,
+    negatives_cross_device: Flag = False,
+    kd_loss_type: Annotated[str, typer.Option(help="kl_div | m3_kd_loss (records with teacher scores)")] = "m3_kd_loss",
+    gradient_checkpointing: Flag = False,
+    bf16: Flag = False,
+    fp16: Flag = False,
+    deepspeed: Deepspeed = None,
+    logging_steps: Annotated[int, typer.Option(min=1)] = 10,
+    save_steps: Annotated[int, typer.Option(min=1)] = 500,
+    seed: Annotated[int, typer.Option()] = 42,
+    resume_from_checkpoint: Resume = None,
+) -> None:
+    """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
+    from .m3 import M3Options, finetune_m3
+
+    options = M3Options(
+        **_common(
+            output_dir,
+            num_train_epochs,
+            max_steps,
+            per_device_train_batch_size,
+            learning_rate,
+            train_group_size,
+            gradient_accumulation_steps,
+            gradient_checkpointing,
+            bf16,
+            fp16,
+            deepspeed,
+            logging_steps,
+            save_steps,
+            seed,
+        ),
+        model_name_or_path=model,
+        train_data=[str(p) for p in train_data],
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        temperature=temperature,
+        unified_finetuning=unified_finetuning,
+        use_self_distill=use_self_distill,
+        self_distill_start_step=self_distill_start_step,
+        fix_encoder=fix_encoder,
+        heads=[h.strip() for h in heads.split(",") if h.strip()] if heads is not None else None,
+        colbert_dim=colbert_dim,
+        sparse_loss_weight=sparse_loss_weight,
+        sparse_floor=sparse_floor,
+        query_instruction_for_retrieval=query_instruction_for_retrieval,
+        query_instruction_format=query_instruction_format.replace("\\n", "\n"),
+        use_inbatch_neg=use_inbatch_neg,
+        negatives_cross_device=negatives_cross_device,
+        kd_loss_type=kd_loss_type,
+        resume_from_checkpoint=resume_from_checkpoint,
+    )
+    typer.echo(f"saved {finetune_m3(options)}", err=True)
+
+
+def _multi_option(args: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
+    """``--models A B --weights 1 0`` style options (typer options take one value each): the
+    values after each name up to the next ``--option``; anything else is an error."""
+    values: dict[str, list[str]] = {name: [] for name in names}
+    current = None
+    for token in args:
+        name, eq, value = token.partition("=")
+        if name in names:
+            current = name
+            if eq:
+                values[name].append(value)
+        elif token.startswith("--") or current is None:
+            raise typer.BadParameter(f"unexpected argument {token!r}")
+        else:
+            values[current].append(token)
+    return values
+
+
+def merge(
+    ctx: typer.Context,
+    output_dir: OutputDir,
+    example_data: Annotated[
+        Path | None, typer.Option(help="A few training JSONL records; each model's loss on them sets its weight.")
+    ] = None,
+    model_type: Annotated[str, typer.Option(help="auto | embedder | reranker (for --example-data)")] = "auto",
+    temperature: Annotated[float, typer.Option(help="Weights = softmax(-loss / temperature).")] = 5.0,
+    max_examples: Annotated[int, typer.Option(min=1)] = 32,
+    group_size: Annotated[int, typer.Option(min=1, help="Passages per example query.")] = 4,
+    query_max_len: Annotated[int, typer.Option(min=4)] = 64,
+    passage_max_len: Annotated[int, typer.Option(min=4)] = 256,
+) -> None:
+    """Merge same-architecture models by a weighted average of their weights (LM-Cocktail).
+
+    --models A B [C ...] (required) with --weights W_A W_B [...] (one per model), or with
+    --example-data F.jsonl to set the weights from each model's loss on those records.
+    """
+    from .merge import merge_models
+
+    values = _multi_option(list(ctx.args), ("--models", "--weights"))
+    models = values["--models"]
+    try:
+        weights = [float(w) for w in values["--weights"]]
+    except ValueError:
+        raise typer.BadParameter(f"--weights must be numbers, got {values['--weights']}") from None
+    result = merge_models(
+        models,
+        weights or None,
+        output_dir=output_dir,
+        example_data=example_data,
+        model_type=model_type,
+        temperature=temperature,
+        max_examples=max_examples,
+        group_size=group_size,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+    )
+    for i, (name, weight) in enumerate(zip(models, result.weights, strict=True)):
+        loss = f"  (example loss {result.losses[i]:.4f})" if result.losses else ""
+        typer.echo(f"{weight:.4f}  {name}{loss}")
+    typer.echo(f"saved {result.output_dir}", err=True)
+
+
+def pretrain(
+    model: Model,
+    train_data: Annotated[list[Path], typer.Option("--train-data", help="Text or JSONL corpus file(s).")],
+    output_dir: OutputDir,
+    num_train_epochs: Epochs = 1.0,
+    max_steps: MaxSteps = -1,
+    per_device_train_batch_size: BatchSize = 16,
+    learning_rate: Annotated[float, typer.Option()] = 1e-4,
+    gradient_accumulation_steps: GradAccum = 1,
+    max_seq_length: Annotated[int, typer.Option(min=8)] = 256,
+    encoder_mlm_probability: Annotated[float, typer.Option()] = 0.3,
+    decoder_mlm_probability: Annotated[float, typer.Option()] = 0.5,
+    gradient_checkpointing: Flag = False,
+    bf16: Flag = False,
+    fp16: Flag = False,
+    deepspeed: Deepspeed = None,
+    logging_steps: Annotated[int, typer.Option(min=1)] = 10,
+    save_steps: Annotated[int, typer.Option(min=1)] = 500,
+    seed: Annotated[int, typer.Option()] = 42,
+    resume_from_checkpoint: Resume = None,
+) -> None:
+    """Pre-train an encoder for retrieval (RetroMAE: MLM encoder + enhanced decoder from the CLS vector)."""
+    from .pretrain import PretrainOptions
+    from .pretrain import pretrain as run_pretrain
+
+    options = PretrainOptions(
+        **_common(
+            output_dir,
+            num_train_epochs,
+            max_steps,
+            per_device_train_batch_size,
+            learning_rate,
+            1,
+            gradient_accumulation_steps,
+            gradient_checkpointing,
+            bf16,
+            fp16,
+            deepspeed,
+            logging_steps,
+            save_steps,
+            seed,
+        ),
+        model_name_or_path=model,
+        train_data=[str(p) for p in train_data],
+        max_seq_length=max_seq_length,
+        encoder_mlm_probability=encoder_mlm_probability,
+        decoder_mlm_probability=decoder_mlm_probability,
+        resume_from_checkpoint=resume_from_checkpoint,
+    )
+    typer.echo(f"saved {run_pretrain(options)}", err=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the training commands to the main ``bgekit`` app."""
     from ..cli import friendly_errors
 
+    if not any(c.name == "m3" for c in finetune_app.registered_commands):
+        finetune_app.command("m3")(finetune_m3_cmd)
     for group in (finetune_app, data_app):
         for command in group.registered_commands:
             command.callback = friendly_errors(command.callback)
@@ -279,3 +587,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     app.command("mine")(friendly_errors(mine))
     app.command("score")(friendly_errors(score))
+    app.command("merge", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        friendly_errors(merge)
+    )
+    app.command("pretrain")(friendly_errors(pretrain))

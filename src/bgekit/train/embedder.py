@@ -20,7 +20,7 @@ from .. import hub, registry
 from ..errors import InputError
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
-from . import grad_cache, losses
+from . import grad_cache, lora, losses
 from .data import Group, GroupSampler, load_train_data
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
 
@@ -30,7 +30,7 @@ KD_LOSSES = ("kl_div", "m3_kd_loss")
 
 
 @dataclass
-class EmbedderOptions(TrainOptions):
+class EmbedderOptions(TrainOptions, lora.LoraOptions):
     """What to train and how; see ``bgekit finetune embedder --help``."""
 
     model_name_or_path: str = ""
@@ -52,6 +52,7 @@ class EmbedderOptions(TrainOptions):
     matryoshka_dims: list[int] | None = None
     resume_from_checkpoint: str | None = None
     sub_batch_size: int | None = None  # gradient cache: embed this many sequences at a time
+    model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-icl)
 
 
 class EmbedderCollator:
@@ -180,9 +181,12 @@ def write_sentence_transformers_files(folder: Path, pooling_method: str, options
         prompts["query"] = options.query_instruction_format.format(options.query_instruction_for_retrieval, "")
     if options.passage_instruction_for_retrieval:
         prompts["passage"] = options.passage_instruction_for_retrieval
-    (folder / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2)
-    )
+    settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    settings["bgekit"] = {  # the instruction with its format, for bgekit's folder reader (decoders)
+        "query_instruction_for_retrieval": options.query_instruction_for_retrieval or None,
+        "query_instruction_format": options.query_instruction_format,
+    }
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
 
 
 def finetune_embedder(options: EmbedderOptions) -> Path:
@@ -200,12 +204,28 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         raise InputError("sub_batch_size (gradient cache) does not work with DeepSpeed; use one or the other")
     if options.negatives_cross_device:  # every rank must hold the same number of queries
         options.extra.setdefault("dataloader_drop_last", True)
-    name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS)
+    options.check_lora()
+    name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class)
+    if options.use_lora and spec is not None and spec.kind == registry.ICL:
+        raise InputError("LoRA training of ICL embedders is not supported yet; train without --lora")
+    if spec is not None and spec.kind == registry.ICL:  # bge-en-icl: examples in the queries
+        from .icl import finetune_icl
+
+        return finetune_icl(options, records, name, spec)
     pooling_method = check_pooling(options.sentence_pooling_method or (spec.pooling_method if spec else None) or "cls")
+    decoder = spec is not None and spec.kind == registry.DECODER
+    if decoder:
+        decoder_prompts(options, spec, pooling_method)
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
-    tokenizer = TextTokenizer(hf_tokenizer)
     model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    tokenizer = TextTokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
+    use_cache = getattr(model.config, "use_cache", None)
+    if decoder:
+        model.config.use_cache = False  # no key/value cache while training
+    if options.use_lora:
+        model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
     throughput = ThroughputCallback()
     output = Path(options.output_dir)
@@ -213,7 +233,8 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     class SaveModuleFiles(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             checkpoint = output / f"checkpoint-{state.global_step}"
-            if (checkpoint / "config.json").exists():
+            # rank 0 alone: another rank could read config.json while rank 0 is still writing it
+            if state.is_world_process_zero and (checkpoint / "config.json").exists():
                 write_sentence_transformers_files(checkpoint, pooling_method, options)
 
     trainer = EmbedderTrainer(
@@ -229,7 +250,32 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         pooling_method=pooling_method,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    if decoder:
+        trainer.model.config.use_cache = use_cache  # the saved config as it came
+    if options.use_lora:  # OUT/adapter and the merged model in OUT (see bgekit.train.lora)
+        if trainer.is_world_process_zero():
+            return lora.save(
+                trainer.model,
+                hf_tokenizer,
+                output,
+                options,
+                resized=resized,
+                write_extra=lambda folder: write_sentence_transformers_files(folder, pooling_method, options),
+            )
+        return output
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         write_sentence_transformers_files(output, pooling_method, options)
     return output
+
+
+def decoder_prompts(options: EmbedderOptions, spec: registry.ModelSpec, pooling_method: str) -> None:
+    """Decoder-only embedders pool the last token and prompt queries with the family's format
+    (e.g. ``<instruct>{}\n<query>{}``) unless one was given, as :class:`~bgekit.FlagLLMModel` does."""
+    if pooling_method != "last_token":
+        raise InputError(
+            f"{options.model_name_or_path} is a decoder-only model: it pools the last token, "
+            f"not {pooling_method!r} (leave sentence_pooling_method unset)"
+        )
+    if options.query_instruction_format == "{}{}":
+        options.query_instruction_format = spec.query_instruction_format

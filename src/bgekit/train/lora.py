@@ -1,0 +1,200 @@
+"""LoRA fine-tuning: options, wrapping a transformers model with peft, and saving both forms.
+
+Option names follow FlagEmbedding's (``use_lora``, ``lora_rank``, ``lora_alpha``,
+``lora_dropout``, ``target_modules``, ``additional_special_tokens``, ``save_merged_lora_model``).
+A LoRA run leaves this layout in ``output_dir``::
+
+    OUT/            the merged full model (LoRA folded into the weights by merge_and_unload),
+                    its tokenizer and, for embedders, sentence-transformers module files:
+                    Embedder.from_pretrained(OUT) / Reranker.from_pretrained(OUT) load it as it is
+    OUT/adapter/    the LoRA adapter (adapter_config.json, adapter_model.safetensors) and the
+                    tokenizer: load it over the base model with ``peft_path=OUT/adapter``
+    OUT/checkpoint-N/  the Trainer's checkpoints (adapters), for --resume-from-checkpoint
+
+With ``save_merged_lora_model=False`` only ``OUT/adapter/`` (and the checkpoints) is written.
+Added special tokens grow the embedding matrix; the adapter then carries the resized
+embeddings, and ``peft_path`` loading resizes the base model to the adapter's tokenizer first.
+peft is the optional ``lora`` extra and is imported only when LoRA is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_type -> LoRA target modules; other types fall back to peft's own table
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    **{
+        name: DECODER_TARGETS
+        for name in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "minicpm",
+            "phi3",
+        )
+    },
+    **{name: ("query", "key", "value", "dense") for name in ("bert", "roberta", "xlm-roberta", "camembert")},
+}
+
+
+@dataclass(kw_only=True)
+class LoraOptions:
+    """LoRA fields mixed into the embedder and reranker options (FlagEmbedding's names).
+
+    ``target_modules`` None picks the architecture's default (all attention and MLP
+    projections of a decoder; query/key/value/dense of a BERT-style encoder).
+    ``additional_special_tokens`` are added to the tokenizer (the embeddings grow) with or
+    without LoRA.
+
+    Example:
+        >>> from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+        >>> out = finetune_embedder(EmbedderOptions(                                  # doctest: +SKIP
+        ...     output_dir="OUT", model_name_or_path="Qwen/Qwen2.5-0.5B", train_data=["train.jsonl"],
+        ...     query_instruction_for_retrieval="Given a web search query, retrieve relevant passages.",
+        ...     query_instruction_format="<instruct>{}\n<query>{}", use_lora=True, lora_rank=32))
+        >>> from bgekit import Embedder
+        >>> Embedder.from_pretrained(out).encode_queries(["what is LoRA?"]).shape    # doctest: +SKIP
+    """
+
+    use_lora: bool = False
+    lora_rank: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    target_modules: list[str] | None = None
+    additional_special_tokens: list[str] | None = None
+    save_merged_lora_model: bool = True
+
+    def check_lora(self) -> None:
+        """Reject bad LoRA settings before any model loads."""
+        if not self.use_lora:
+            return
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise InputError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
+        if not self.lora_alpha > 0:
+            raise InputError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise InputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.target_modules is not None and (
+            not self.target_modules or not all(isinstance(t, str) and t.strip() for t in self.target_modules)
+        ):
+            raise InputError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        require_peft()
+
+
+def require_peft():
+    """The peft module, or a clear error naming the extra to install."""
+    try:
+        import peft
+    except ImportError:
+        raise InputError("LoRA fine-tuning needs the peft package: pip install 'bgekit[lora]'") from None
+    return peft
+
+
+def add_special_tokens(hf_tokenizer, model: torch.nn.Module, tokens: list[str] | None) -> bool:
+    """Add ``tokens`` as special tokens and grow the model's embeddings to match; True if it grew."""
+    if not tokens:
+        return False
+    added = hf_tokenizer.add_special_tokens(
+        {"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False
+    )
+    rows = model.get_input_embeddings().weight.shape[0]
+    if added == 0 and len(hf_tokenizer) <= rows:
+        return False
+    if len(hf_tokenizer) > rows:
+        model.resize_token_embeddings(len(hf_tokenizer))
+        logger.info("added %d special tokens; embeddings resized %d -> %d", added, rows, len(hf_tokenizer))
+        return True
+    return False
+
+
+def target_modules_for(model: torch.nn.Module, wanted: list[str] | None) -> list[str]:
+    """The modules LoRA wraps: ``wanted`` checked against the model, or the architecture's default."""
+    linear = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d))
+        or type(module).__name__ == "Conv1D"
+    }
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    model_type = getattr(model.config, "model_type", "")
+    if wanted is None:
+        wanted = list(DEFAULT_TARGET_MODULES.get(model_type, ()))
+        if not wanted:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+            wanted = list(PEFT_DEFAULTS.get(model_type, ()))
+        if not wanted:
+            raise InputError(
+                f"no default LoRA target modules for model type {model_type!r}; pass target_modules "
+                f"(--target-modules), e.g. some of {suffixes}"
+            )
+        wanted = [t for t in wanted if t in suffixes] or wanted
+    unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linear)]
+    if unknown:
+        raise InputError(
+            f"target_modules {unknown} are not linear layers of this {model_type or 'model'}; choose from {suffixes}"
+        )
+    return list(wanted)
+
+
+def wrap(model: torch.nn.Module, options: LoraOptions, *, gradient_checkpointing: bool, task_type: str | None = None):
+    """``model`` as a peft LoRA model whose adapter (and nothing else, save a classifier head) trains."""
+    peft = require_peft()
+    targets = target_modules_for(model, options.target_modules)
+    if gradient_checkpointing:  # frozen embeddings give checkpointed blocks no input that needs grad
+        model.enable_input_require_grads()
+    config = peft.LoraConfig(
+        r=options.lora_rank,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+        inference_mode=False,
+    )
+    wrapped = peft.get_peft_model(model, config)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    logger.info("LoRA on %s: %d of %d parameters train (%.2f%%)", targets, trainable, total, 100 * trainable / total)
+    return wrapped
+
+
+def save(
+    model: torch.nn.Module,
+    hf_tokenizer,
+    output_dir: str | Path,
+    options: LoraOptions,
+    *,
+    resized: bool,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``OUT/adapter/`` and, unless turned off, the merged model in ``OUT/``; returns the
+    folder that loads as a plain model (``OUT``), or the adapter folder when nothing was merged."""
+    output = Path(output_dir)
+    adapter = output / ADAPTER_DIR
+    model.save_pretrained(str(adapter), save_embedding_layers=resized)
+    hf_tokenizer.save_pretrained(str(adapter))
+    if not options.save_merged_lora_model:
+        return adapter
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(output))
+    hf_tokenizer.save_pretrained(str(output))
+    if write_extra is not None:
+        write_extra(output)
+    return output

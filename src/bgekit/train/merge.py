@@ -1,0 +1,292 @@
+"""Weight merging, LM-Cocktail style: the weighted average of the parameters of models that share
+one architecture, with the weights given or worked out from each model's loss on a few examples.
+
+Merging reads and writes weight files directly (``model.safetensors``, sharded safetensors or
+``pytorch_model.bin``, and BGE-M3's ``colbert_linear.pt`` / ``sparse_linear.pt``), so any
+transformers model merges without being instantiated. Everything else in the folder (config,
+tokenizer, sentence-transformers modules) is copied from the first model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import hub, registry
+from ..errors import InputError, ModelNotFoundError
+from .data import GroupSampler, load_train_data
+
+logger = logging.getLogger(__name__)
+
+HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+WEIGHTS_JSON = "merge_weights.json"
+# never copied from the first model: its weights (replaced by the average) and training leftovers
+_SKIP = ("model", "pytorch_model", "optimizer", "scheduler", "rng_state", "training_args", "trainer_state")
+
+
+@dataclass
+class MergeResult:
+    """Where the merged model went, the weight of each model, and each model's example loss (if any)."""
+
+    output_dir: Path
+    weights: list[float]
+    losses: list[float] | None = None
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder's main weights (single or sharded safetensors, or ``.bin``),
+    with legacy LayerNorm names (``gamma`` / ``beta``, which transformers 5.0 still writes for
+    some models) as ``weight`` / ``bias``, so folders saved by different versions merge."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").exists():
+        state = load_file(str(folder / "model.safetensors"))
+    elif (folder / "model.safetensors.index.json").exists():
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        state = {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+    elif (folder / "pytorch_model.bin").exists():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ModelNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin to merge")
+    return {_modern_name(k): v for k, v in state.items()}
+
+
+def _modern_name(key: str) -> str:
+    module, _, leaf = key.rpartition(".")
+    if "norm" in module.rsplit(".", 1)[-1].lower() and leaf in ("gamma", "beta"):
+        return f"{module}.{'weight' if leaf == 'gamma' else 'bias'}"
+    return key
+
+
+def _architecture(folder: Path) -> tuple[str, tuple[str, ...]]:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("model_type", ""), tuple(config.get("architectures") or ())
+
+
+def check_same_architecture(folders: Sequence[Path], states: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Same config type, same tensor names and shapes in every model, or an InputError naming the difference."""
+    first = _architecture(folders[0])
+    for folder, state in zip(folders[1:], states[1:], strict=True):
+        other = _architecture(folder)
+        if other != first:
+            raise InputError(
+                f"cannot merge {folders[0]} ({first[0]}, {list(first[1])}) with {folder} ({other[0]}, "
+                f"{list(other[1])}): models must share one architecture"
+            )
+        missing, extra = sorted(set(states[0]) - set(state)), sorted(set(state) - set(states[0]))
+        if missing or extra:
+            raise InputError(
+                f"cannot merge {folder} with {folders[0]}: parameter names differ "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        for name, tensor in states[0].items():
+            if state[name].shape != tensor.shape:
+                raise InputError(
+                    f"cannot merge {folder} with {folders[0]}: {name} has shape {tuple(state[name].shape)} "
+                    f"vs {tuple(tensor.shape)}"
+                )
+
+
+def average_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``sum(w_i * state_i)`` per float tensor (in float32, cast back to the first model's dtype);
+    integer buffers are taken from the first model."""
+    merged = {}
+    for name, tensor in states[0].items():
+        if not tensor.is_floating_point():
+            merged[name] = tensor.clone()
+            continue
+        total = torch.zeros(tensor.shape, dtype=torch.float32)
+        for state, weight in zip(states, weights, strict=True):
+            total += float(weight) * state[name].float()
+        merged[name] = total.to(tensor.dtype).contiguous()
+    return merged
+
+
+def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
+    if len(weights) != n_models:
+        raise InputError(f"got {len(weights)} weights for {n_models} models; give one weight per model")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+        raise InputError(f"weights must be finite numbers, got {list(weights)}")
+    if abs(sum(weights)) < 1e-12:
+        raise InputError(f"weights sum to 0 ({list(weights)}): the merged model would have all-zero weights")
+    return [float(w) for w in weights]
+
+
+def copy_extras(source: Path, target: Path) -> None:
+    """Config, tokenizer and module files of ``source`` (not its weights or training leftovers)."""
+    for item in source.iterdir():
+        if item.name.startswith(_SKIP) or item.name in HEAD_FILES or item.name.startswith("checkpoint-"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy(item, target / item.name)
+
+
+def model_kind(folder: Path) -> str:
+    """``reranker`` for sequence-classification folders, else ``embedder``."""
+    archs = " ".join(_architecture(folder)[1])
+    return "reranker" if "ForSequenceClassification" in archs else "embedder"
+
+
+def example_loss(
+    folder: Path,
+    records,
+    kind: str,
+    *,
+    group_size: int = 4,
+    batch_size: int = 8,
+    loss_temperature: float = 0.05,
+    query_max_len: int = 64,
+    passage_max_len: int = 256,
+    seed: int = 42,
+) -> float:
+    """Mean loss of one model on the example records: InfoNCE with the model's pooling for an
+    embedder, group cross-entropy for a reranker (the losses its fine-tuning uses)."""
+    from ..models.pooling import pool
+    from ..models.tokenization import TextTokenizer, load_hf_tokenizer
+    from . import losses
+
+    tokenizer = TextTokenizer(load_hf_tokenizer(folder))
+    sampler = GroupSampler(records, group_size, seed)
+    groups = [sampler.group(i) for i in range(len(sampler))]
+    total, count = 0.0, 0
+    if kind == "reranker":
+        from transformers import AutoModelForSequenceClassification
+
+        from .reranker import RerankerCollator, RerankerOptions
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
+        collate = RerankerCollator(
+            tokenizer, RerankerOptions(output_dir="", query_max_len=query_max_len, max_len=passage_max_len)
+        )
+    else:
+        from transformers import AutoModel
+
+        from .embedder import EmbedderCollator, EmbedderOptions
+
+        _, spec = hub.resolve(str(folder), registry.EMBEDDERS)
+        pooling = (spec.pooling_method if spec else None) or "cls"
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+        collate = EmbedderCollator(
+            tokenizer,
+            EmbedderOptions(
+                output_dir="",
+                query_max_len=query_max_len,
+                passage_max_len=passage_max_len,
+                query_instruction_for_retrieval=spec.query_instruction if spec else None,
+            ),
+        )
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(groups), batch_size):
+            batch = collate(groups[start : start + batch_size])
+            if kind == "reranker":
+                scores = model(**batch["pairs"], return_dict=True).logits.view(-1).float()
+                loss = losses.reranker_ce(scores, group_size)
+            else:
+                hidden = {key: model(**batch[key], return_dict=True).last_hidden_state for key in ("query", "passage")}
+                q, p = (
+                    torch.nn.functional.normalize(pool(hidden[k], batch[k]["attention_mask"], pooling).float(), dim=-1)
+                    for k in ("query", "passage")
+                )
+                loss = losses.info_nce(q, p, group_size, loss_temperature)
+            n = len(groups[start : start + batch_size])
+            total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+def weights_from_losses(model_losses: Sequence[float], temperature: float) -> list[float]:
+    """LM-Cocktail's rule: ``softmax(-loss / temperature)``; sums to 1, lower loss weighs more."""
+    if temperature <= 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    return torch.softmax(-torch.tensor(model_losses, dtype=torch.float64) / temperature, dim=0).tolist()
+
+
+def merge_models(
+    models: Sequence[str],
+    weights: Sequence[float] | None = None,
+    *,
+    output_dir: str | Path,
+    example_data: str | Path | Sequence[str | Path] | None = None,
+    model_type: str = "auto",
+    temperature: float = 5.0,
+    max_examples: int = 32,
+    group_size: int = 4,
+    batch_size: int = 8,
+    loss_temperature: float = 0.05,
+    query_max_len: int = 64,
+    passage_max_len: int = 256,
+) -> MergeResult:
+    """Average same-architecture models with ``weights``, or with weights from ``example_data``.
+
+    With ``example_data`` (training JSONL records; the first ``max_examples`` are used) each model's
+    loss on them sets its weight, ``softmax(-loss / temperature)`` (LM-Cocktail). The weights (and
+    losses) are also written to ``merge_weights.json`` in ``output_dir``.
+
+    Example:
+        >>> from bgekit.train.merge import merge_models
+        >>> merge_models(["ft-model", "BAAI/bge-base-en-v1.5"], [0.7, 0.3], output_dir="merged")  # doctest: +SKIP
+        MergeResult(output_dir=PosixPath('merged'), weights=[0.7, 0.3], losses=None)
+        >>> merge_models(["ft-a", "ft-b"], example_data="few.jsonl", output_dir="mix").weights  # doctest: +SKIP
+        [0.62, 0.38]
+    """
+    if len(models) < 2:
+        raise InputError(f"merging needs at least two models, got {len(models)}")
+    if (weights is None) == (example_data is None):
+        raise InputError("give either weights (one per model) or example_data to work them out, not both")
+    if model_type not in ("auto", "embedder", "reranker"):
+        raise InputError(f"model_type must be auto, embedder or reranker, got {model_type!r}")
+    folders = [hub.model_folder(str(m)) for m in models]
+    states = [read_state_dict(f) for f in folders]
+    check_same_architecture(folders, states)
+    heads: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for name in HEAD_FILES:
+        present = [(f / name).exists() for f in folders]
+        if any(present) and not all(present):
+            raise InputError(f"cannot merge: only some models have {name} (an M3 model with a plain one?)")
+        if all(present):
+            heads[name] = [torch.load(f / name, map_location="cpu", weights_only=True) for f in folders]
+            check_same_architecture(folders, heads[name])
+    model_losses = None
+    if example_data is not None:
+        if max_examples < 1 or group_size < 1:
+            raise InputError("max_examples and group_size must be >= 1")
+        records = load_train_data(example_data if not isinstance(example_data, (str, Path)) else [example_data])
+        records = records[:max_examples]
+        kind = model_kind(folders[0]) if model_type == "auto" else model_type
+        model_losses = [
+            example_loss(
+                f,
+                records,
+                kind,
+                group_size=group_size,
+                batch_size=batch_size,
+                loss_temperature=loss_temperature,
+                query_max_len=query_max_len,
+                passage_max_len=passage_max_len,
+            )
+            for f in folders
+        ]
+        weights = weights_from_losses(model_losses, temperature)
+        logger.info("example losses %s -> weights %s", model_losses, weights)
+    weights = check_weights(weights, len(folders))
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    copy_extras(folders[0], output)
+    from safetensors.torch import save_file
+
+    save_file(average_states(states, weights), str(output / "model.safetensors"), metadata={"format": "pt"})
+    for name, head_states in heads.items():
+        torch.save(average_states(head_states, weights), output / name)
+    record = {"models": [str(m) for m in models], "weights": weights, "losses": model_losses}
+    (output / WEIGHTS_JSON).write_text(json.dumps({**record, "temperature": temperature}, indent=2))
+    return MergeResult(output, weights, model_losses)

@@ -1,0 +1,125 @@
+"""``bgekit merge``: weighted averages of fine-tuned all-MiniLM-L6-v2 checkpoints (weights 1, 0
+give the first model back bit for bit), LM-Cocktail weights from example losses, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bgekit import Embedder
+from bgekit.errors import InputError
+from bgekit.train.merge import merge_models, read_state_dict
+
+from .test_cli import run
+
+RECORDS = [
+    ("what do pandas eat?", "The giant panda eats bamboo almost exclusively.", "Paris is the capital of France."),
+    ("capital of france", "Paris is the capital and largest city of France.", "Pandas live in the mountains of China."),
+    ("how do vaccines work", "Vaccines train the immune system to recognise a pathogen.", "Bamboo grows very fast."),
+    ("speed of light", "Light travels at about 300,000 kilometres per second.", "Vaccines are given by injection."),
+    ("who wrote hamlet", "Hamlet is a tragedy written by William Shakespeare.", "Light bends in a prism."),
+    ("largest ocean", "The Pacific is the largest and deepest ocean on Earth.", "Shakespeare was born in 1564."),
+]
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    path = tmp_path_factory.mktemp("merge-data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"query": q, "pos": [p], "neg": [n]}) + "\n" for q, p, n in RECORDS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, minilm_dir, examples):
+    """Two short fine-tunes of all-MiniLM-L6-v2 that end in different weights."""
+    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+
+    root = tmp_path_factory.mktemp("merge-models")
+    folders = []
+    for name, seed, lr in (("a", 1, 5e-4), ("b", 2, 1e-3)):
+        options = EmbedderOptions(
+            output_dir=str(root / name),
+            model_name_or_path=str(minilm_dir),
+            train_data=[str(examples)],
+            max_steps=2,
+            per_device_train_batch_size=3,
+            query_max_len=16,
+            passage_max_len=24,
+            learning_rate=lr,
+            seed=seed,
+            save_steps=100,
+        )
+        folders.append(finetune_embedder(options))
+    return folders
+
+
+def test_weights_one_zero_give_the_first_model_back(tmp_path, finetuned):
+    a, b = finetuned
+    out = tmp_path / "merged"
+    result = run("merge", "--models", str(a), str(b), "--weights", "1", "0", "--output-dir", str(out))
+    assert result.stdout.split()[0] == "1.0000"
+    merged, first, second = read_state_dict(out), read_state_dict(a), read_state_dict(b)
+    assert merged.keys() == first.keys()
+    assert all(torch.equal(merged[k], first[k]) for k in first)
+    assert any(not torch.equal(first[k], second[k]) for k in first), "the two fine-tunes must differ"
+    assert (out / "modules.json").exists() and (out / "1_Pooling" / "config.json").exists()
+    texts = ["giant pandas eat bamboo", "where is paris"]
+    np.testing.assert_array_equal(
+        Embedder.from_pretrained(str(out)).encode(texts), Embedder.from_pretrained(str(a)).encode(texts)
+    )
+    assert json.loads((out / "merge_weights.json").read_text())["weights"] == [1.0, 0.0]
+
+    half = merge_models([str(a), str(b)], [0.5, 0.5], output_dir=tmp_path / "half")
+    averaged = read_state_dict(half.output_dir)
+    key = "encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(averaged[key], (first[key] + second[key]) / 2)
+
+
+def test_example_data_weights_favour_the_better_model(tmp_path, finetuned, examples):
+    from transformers import AutoConfig, AutoModel
+
+    a = finetuned[0]
+    noise = tmp_path / "random-minilm"
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(str(a))).save_pretrained(str(noise))
+    for item in a.iterdir():  # same tokenizer and sentence-transformers modules, random weights
+        if not item.name.startswith(("model", "config.json", "checkpoint")):
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, noise / item.name)
+    out = tmp_path / "cocktail"
+    result = run("merge", "--models", str(noise), str(a), "--example-data", str(examples), "--output-dir", str(out))
+    saved = json.loads((out / "merge_weights.json").read_text())
+    assert sum(saved["weights"]) == pytest.approx(1.0)
+    assert saved["losses"][1] < saved["losses"][0], "the fine-tuned model must fit its own data better"
+    assert saved["weights"][1] > saved["weights"][0]
+    expected = torch.softmax(-torch.tensor(saved["losses"]) / 5.0, dim=0)
+    np.testing.assert_allclose(saved["weights"], expected.numpy(), rtol=1e-5)
+    assert f"{saved['weights'][1]:.4f}  {a}" in result.stdout
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+
+
+def test_merge_errors(tmp_path, finetuned, tiny_bert, examples):
+    from transformers import BertConfig, BertModel
+
+    a, b = finetuned
+    with pytest.raises(InputError, match="parameter names differ"):  # 6 layers vs 2
+        merge_models([str(a), str(tiny_bert)], [0.5, 0.5], output_dir=tmp_path / "x")
+    wider = tmp_path / "wider"
+    config = BertConfig.from_pretrained(str(tiny_bert), intermediate_size=128)
+    BertModel(config).save_pretrained(str(wider))
+    with pytest.raises(InputError, match=r"intermediate\.dense\.\w+ has shape \(128"):
+        merge_models([str(tiny_bert), str(wider)], [0.5, 0.5], output_dir=tmp_path / "x")
+    with pytest.raises(InputError, match="got 3 weights for 2 models"):
+        merge_models([str(a), str(b)], [0.2, 0.3, 0.5], output_dir=tmp_path / "x")
+    with pytest.raises(InputError, match="either weights"):
+        merge_models([str(a), str(b)], [0.5, 0.5], example_data=examples, output_dir=tmp_path / "x")
+    with pytest.raises(InputError, match="at least two models"):
+        merge_models([str(a)], [1.0], output_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    result = run(
+        "merge", "--models", str(a), str(b), "--weights", "1", "--output-dir", str(tmp_path / "y"), check=False
+    )
+    assert result.returncode == 2 and "got 1 weights for 2 models" in result.stderr

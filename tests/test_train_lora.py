@@ -1,0 +1,347 @@
+"""LoRA fine-tuning of decoder-only embedders and LLM rerankers on tiny random Mistral, Gemma and
+Qwen3 models (real transformers architectures): the loss on a fixed batch falls, the merged
+folder and base + adapter give the same vectors and scores, training feeds the model the same
+token ids inference does, the CLI form works, and bad LoRA settings fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bgekit import Embedder, FlagLLMModel, FlagLLMReranker, InputError, ModelNotFoundError, Reranker
+from bgekit.train import losses
+from bgekit.train.embedder import EmbedderCollator, EmbedderOptions, finetune_embedder
+from bgekit.train.reranker import RerankerOptions, finetune_reranker
+
+from .test_eval_reference import slow_requested
+
+pytest.importorskip("peft")
+
+INSTRUCTION = "Find the item that does this."
+FORMAT = "<instruct>{}\n<query>{}"
+PROMPT = "Does B answer A?"  # shorter than the default prompt: fewer tokens to train on
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# arch -> (golden folder whose tokenizer it borrows, padding side)
+ARCHS = {"mistral": ("mistral-llm", "left"), "gemma": ("gemma-llm-reranker", "left"), "qwen3": ("mistral-llm", "right")}
+
+
+def build_llm(target: Path, arch: str, golden_dir: Path) -> Path:
+    """A 2-layer causal LM (hidden 32) of ``arch`` with a golden folder's tokenizer."""
+    import transformers
+
+    source, padding_side = ARCHS[arch]
+    source = golden_dir / "models" / source
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, target / name)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "padding_side": padding_side}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(target))
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "initializer_range": 0.2,
+    }
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    torch.manual_seed(5)
+    model_class(config_class(**common)).save_pretrained(str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def tiny_llms(tmp_path_factory, golden_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llms")
+    return {arch: build_llm(root / arch, arch, golden_dir) for arch in ARCHS}
+
+
+RECORDS = [
+    {
+        "query": f"what opens door number {i}?",
+        "pos": [f"key {i} opens door number {i}"],
+        "neg": [f"key {(i + 3) % 12} closes window {i}", f"the weather on day {i} was mild"],
+    }
+    for i in range(12)
+]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+def common_options(out: Path, model: Path, train_file: Path, **overrides) -> dict:
+    return {
+        "output_dir": str(out),
+        "model_name_or_path": str(model),
+        "train_data": [str(train_file)],
+        "max_steps": 10,
+        "per_device_train_batch_size": 4,
+        "train_group_size": 3,
+        "learning_rate": 5e-3,
+        "warmup_ratio": 0.0,
+        "logging_steps": 5,
+        "save_steps": 1000,
+        "use_lora": True,
+        "lora_rank": 8,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.0,
+        **overrides,
+    }
+
+
+def embedding_loss(model: FlagLLMModel) -> float:
+    """InfoNCE (temperature 0.05) of every query against its positive and first negative."""
+    q = torch.from_numpy(model.encode_queries([r["query"] for r in RECORDS]))
+    p = torch.from_numpy(model.encode_corpus([t for r in RECORDS for t in (r["pos"][0], r["neg"][0])]))
+    return float(losses.info_nce(q, p, 2, 0.05))
+
+
+def reranker_loss(model: FlagLLMReranker) -> float:
+    """Group cross-entropy of the positive against the two negatives."""
+    pairs = [(r["query"], t) for r in RECORDS for t in (r["pos"][0], *r["neg"])]
+    return float(losses.reranker_ce(torch.tensor(model.compute_score(pairs, prompt=PROMPT)), 3))
+
+
+def llm_embedder(path, **kwargs) -> FlagLLMModel:
+    options = {"query_instruction_for_retrieval": INSTRUCTION, "query_instruction_format": FORMAT}
+    return FlagLLMModel(str(path), use_fp16=False, devices="cpu", **{**options, **kwargs})
+
+
+def slow(arch: str, extra: dict):
+    """One run of each task stays in the quick suite; the other architectures run with the slow checks."""
+    return pytest.param(arch, extra, marks=pytest.mark.slow, id=arch)
+
+
+def skip_unless_slow(request) -> None:
+    if request.node.get_closest_marker("slow") and not slow_requested(request.config):
+        pytest.skip("more architectures: run with BGEKIT_SLOW=1 or -m slow")
+
+
+# (arch, extra options): added special tokens and gradient checkpointing on the quick one
+EMBEDDER_RUNS = [
+    pytest.param(
+        "mistral",
+        {"additional_special_tokens": ["<instruct>", "<query>"], "gradient_checkpointing": True},
+        id="mistral",
+    ),
+    slow("gemma", {}),
+    slow("qwen3", {}),
+]
+
+
+@pytest.mark.parametrize(("arch", "extra"), EMBEDDER_RUNS)
+def test_lora_embedder_trains_and_both_forms_agree(request, tmp_path, tiny_llms, train_file, arch, extra):
+    skip_unless_slow(request)
+    base = tiny_llms[arch]
+    out = tmp_path / "out"
+    options = EmbedderOptions(
+        **common_options(out, base, train_file, **extra),
+        query_instruction_for_retrieval=INSTRUCTION,
+        query_instruction_format=FORMAT,
+        passage_max_len=64,
+    )
+    assert finetune_embedder(options) == out
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "config.json").exists()
+    merged = Embedder.from_pretrained(str(out), devices="cpu", use_fp16=False)
+    assert isinstance(merged, FlagLLMModel) and merged.pooling_method == "last_token"
+    assert (merged.query_instruction_for_retrieval, merged.query_instruction_format) == (INSTRUCTION, FORMAT)
+    adapted = llm_embedder(base, peft_path=str(out / "adapter"))
+    texts = [r["query"] for r in RECORDS[:4]]
+    np.testing.assert_allclose(merged.encode_queries(texts), adapted.encode_queries(texts), rtol=0, atol=1e-5)
+    passages = [r["pos"][0] for r in RECORDS[:4]]
+    np.testing.assert_allclose(merged.encode_corpus(passages), adapted.encode_corpus(passages), rtol=0, atol=1e-5)
+    assert embedding_loss(adapted) < embedding_loss(llm_embedder(base)) - 0.05, "training must lower the loss"
+    st = pytest.importorskip("sentence_transformers").SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(passages), merged.encode_corpus(passages), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(st.encode(texts, prompt_name="query"), merged.encode_queries(texts), rtol=0, atol=1e-5)
+    if "additional_special_tokens" in extra:
+        n = len(merged.tokenizer.hf)
+        assert {n - 2, n - 1} <= set(merged.tokenize(["x"], "query").ids[0]), "<instruct> and <query> are tokens now"
+        assert merged.model.get_input_embeddings().weight.shape[0] == len(merged.tokenizer.hf)
+
+
+def unpadded(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_training_queries_are_the_token_ids_inference_feeds(tiny_llms, arch):
+    from transformers import AutoTokenizer
+
+    from bgekit.models.tokenization import TextTokenizer
+    from bgekit.train.data import Group
+
+    options = EmbedderOptions(
+        output_dir="unused",
+        query_instruction_for_retrieval=INSTRUCTION,
+        query_instruction_format=FORMAT,
+        query_max_len=24,
+        passage_max_len=16,
+    )
+    collator = EmbedderCollator(TextTokenizer(AutoTokenizer.from_pretrained(str(tiny_llms[arch]))), options)
+    queries = ["a short one", "a much longer question about the weather on day seven and eight " * 3]
+    passages = ["first passage text", "second"]
+    batch = collator([Group(q, [p], None, None) for q, p in zip(queries, passages, strict=True)])
+    model = llm_embedder(tiny_llms[arch], query_max_length=24, passage_max_length=16)
+    assert unpadded(batch["query"]) == model.tokenize(queries, "query").ids
+    assert unpadded(batch["passage"]) == model.tokenize(passages, "passage").ids
+    side = ARCHS[arch][1]
+    padded = batch["query"]["attention_mask"][0]
+    assert bool(padded[-1] if side == "left" else padded[0]), f"{side} padding as the tokenizer says"
+
+
+RERANKER_RUNS = [
+    pytest.param("gemma", {"gradient_checkpointing": True}, id="gemma"),
+    slow("mistral", {"additional_special_tokens": ["<sep>"]}),
+    slow("qwen3", {}),
+]
+
+
+@pytest.mark.parametrize(("arch", "extra"), RERANKER_RUNS)
+def test_lora_llm_reranker_trains_and_both_forms_agree(request, tmp_path, tiny_llms, train_file, arch, extra):
+    skip_unless_slow(request)
+    base = tiny_llms[arch]
+    out = tmp_path / "rr"
+    options = RerankerOptions(
+        **common_options(out, base, train_file, **extra), query_max_len=16, max_len=48, prompt=PROMPT
+    )
+    assert finetune_reranker(options) == out
+    merged = Reranker.from_pretrained(str(out), devices="cpu")
+    assert isinstance(merged, FlagLLMReranker)
+    adapted = FlagLLMReranker(str(base), peft_path=str(out / "adapter"), devices="cpu")
+    pairs = [(r["query"], r["pos"][0]) for r in RECORDS[:4]] + [(r["query"], r["neg"][1]) for r in RECORDS[:4]]
+    np.testing.assert_allclose(
+        merged.compute_score(pairs, prompt=PROMPT), adapted.compute_score(pairs, prompt=PROMPT), rtol=0, atol=1e-5
+    )
+    before = reranker_loss(FlagLLMReranker(str(base), devices="cpu"))
+    assert reranker_loss(merged) < before - 0.05, "training must lower the loss"
+
+
+def test_reranker_training_pairs_are_the_token_ids_inference_feeds(tiny_llms):
+    from transformers import AutoTokenizer
+
+    from bgekit.models.tokenization import TextTokenizer
+    from bgekit.train.data import Group
+    from bgekit.train.llm_reranker import LLMRerankerCollator
+
+    base = tiny_llms["gemma"]
+    options = RerankerOptions(output_dir="unused", query_max_len=8, max_len=24)
+    collator = LLMRerankerCollator(TextTokenizer(AutoTokenizer.from_pretrained(str(base))), options)
+    group = Group("what opens door number seven in the house?", ["key seven " * 20, "no"], None, None)
+    batch = collator([group])["pairs"]
+    assert batch["input_ids"].shape[1] % 8 == 0, "padded to a multiple of 8, as at inference"
+    reranker = FlagLLMReranker(str(base), devices="cpu", query_max_length=8, max_length=24)
+    assert unpadded(batch) == reranker.tokenize_pairs([(group.query, p) for p in group.passages]).ids
+
+
+def cli(*args: str, code: int = 0):
+    """Run ``bgekit ARGS`` in this process (typer's runner), as a user would from the shell."""
+    from typer.testing import CliRunner
+
+    from bgekit.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == code, result.output
+    return result
+
+
+def test_cli_lora_embedder_and_adapter_only_reranker(tmp_path, tiny_llms, train_file):
+    base = tiny_llms["qwen3"]
+    shared = ["--train-data", str(train_file), "--max-steps", "2", "--per-device-train-batch-size", "2", "--lora"]
+    lora = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.05", "--target-modules", "q_proj,v_proj"]
+    out = tmp_path / "emb"
+    cli("finetune", "embedder", "--model", str(base), "--output-dir", str(out), *shared, *lora,
+        "--query-instruction-for-retrieval", INSTRUCTION, "--query-instruction-format", "<instruct>{}\\n<query>{}",
+        "--additional-special-tokens", "<instruct>", "--additional-special-tokens", "<query>")  # fmt: skip
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_dropout"] == 0.05
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    model = Embedder.from_pretrained(str(out), devices="cpu", use_fp16=False)
+    assert (model.query_instruction_for_retrieval, model.query_instruction_format) == (INSTRUCTION, FORMAT)
+    assert model.encode_queries("what opens door 3?").shape == (32,)
+    assert "<instruct>" in model.tokenizer.hf.get_vocab()
+    out = tmp_path / "rr"
+    cli("finetune", "reranker", "--model", str(base), "--output-dir", str(out), *shared, *lora,
+        "--no-save-merged-model", "--train-group-size", "2", "--prompt", PROMPT)  # fmt: skip
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "config.json").exists()
+    with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter, not a whole model: load .* with peft_path="):
+        Reranker.from_pretrained(str(out / "adapter"))
+    reranker = FlagLLMReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", prompt=PROMPT)
+    scores = reranker.compute_score([("q", "p")])
+    assert len(scores) == 1 and np.isfinite(scores[0])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora_rank": 0}, "lora_rank must be an int >= 1"),
+        ({"lora_dropout": 1.5}, "lora_dropout must be in"),
+        ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+        ({"target_modules": ["q_proj", "query_key_value"]}, r"target_modules \['query_key_value'\] are not"),
+    ],
+)
+def test_bad_lora_settings_are_clear_errors(tmp_path, tiny_llms, train_file, overrides, message):
+    out = tmp_path / "never"
+    with pytest.raises(InputError, match=message):
+        finetune_embedder(EmbedderOptions(**common_options(out, tiny_llms["mistral"], train_file, **overrides)))
+    with pytest.raises(InputError, match=message):
+        finetune_reranker(RerankerOptions(**common_options(out, tiny_llms["gemma"], train_file, **overrides)))
+    assert not (out / "adapter").exists()
+
+
+def test_cli_bad_target_module_and_missing_peft(tmp_path, tiny_llms, train_file, monkeypatch):
+    result = cli("finetune", "embedder", "--model", str(tiny_llms["gemma"]), "--train-data", str(train_file),
+                 "--output-dir", str(tmp_path / "x"), "--lora", "--target-modules", "qproj", code=2)  # fmt: skip
+    assert "['qproj'] are not linear layers" in result.output and "q_proj" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    cli("finetune", "reranker", "--model", str(tiny_llms["gemma"]), "--train-data", str(train_file),
+        "--output-dir", str(tmp_path / "x"), "--lora", "--lora-rank", "0", code=2)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if the lora extra were not installed
+    with pytest.raises(InputError, match=r"pip install 'bgekit\[lora\]'"):
+        finetune_embedder(EmbedderOptions(**common_options(tmp_path / "y", tiny_llms["gemma"], train_file)))
+
+
+def test_decoder_embedder_rejects_cls_pooling(tmp_path, tiny_llms, train_file):
+    options = EmbedderOptions(**common_options(tmp_path / "z", tiny_llms["gemma"], train_file, use_lora=False))
+    options.sentence_pooling_method = "cls"
+    with pytest.raises(InputError, match="pools the last token"):
+        finetune_embedder(options)
+
+
+def test_lora_on_encoders_saves_loadable_merged_models(tmp_path, tiny_bert, train_file):
+    from bgekit import FlagModel, FlagReranker
+
+    options = common_options(tmp_path / "emb", tiny_bert, train_file, max_steps=2, lora_rank=4)
+    out = finetune_embedder(EmbedderOptions(**options, sentence_pooling_method="mean", passage_max_len=32))
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["dense", "key", "query", "value"]
+    tuned = Embedder.from_pretrained(str(out), devices="cpu")
+    assert isinstance(tuned, FlagModel) and tuned.pooling_method == "mean"
+    before = FlagModel(str(tiny_bert), pooling_method="mean", devices="cpu").encode("hello there")
+    assert np.abs(tuned.encode("hello there") - before).max() > 1e-4, "the merged LoRA changed the weights"
+    options = common_options(tmp_path / "rr", tiny_bert, train_file, max_steps=2, lora_rank=4)
+    out = finetune_reranker(RerankerOptions(**options, max_len=48))
+    reranker = Reranker.from_pretrained(str(out), devices="cpu")
+    assert isinstance(reranker, FlagReranker) and len(reranker.compute_score([("q", "p"), ("q", "r")])) == 2
