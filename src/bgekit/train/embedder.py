@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import hub, registry
 from ..errors import InputError
 from ..models.pooling import check_pooling, pool
-from ..models.tokenization import TextTokenizer, load_hf_tokenizer
+from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
 from .data import Group, GroupSampler, load_train_data
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
@@ -72,8 +72,12 @@ class EmbedderCollator:
         instruction = self.options.passage_instruction_for_retrieval
         return text if instruction is None else f"{instruction}{text}"
 
+    def query_tokens(self, groups: list[Group]) -> Tokenized:
+        """The batch's queries, tokenized (the ICL collator adds examples here)."""
+        return self.tokenizer.encode([self.query_text(g) for g in groups], self.options.query_max_len)
+
     def __call__(self, groups: list[Group]) -> dict:
-        queries = self.tokenizer.encode([self.query_text(g) for g in groups], self.options.query_max_len)
+        queries = self.query_tokens(groups)
         passages = self.tokenizer.encode(
             [self.passage_text(p) for g in groups for p in g.passages], self.options.passage_max_len
         )

@@ -163,19 +163,6 @@ class ICLCollator(EmbedderCollator):
             prefixes.append(icl_examples_prefix(group.examples, instruction, example_format(opts)))
         return icl_query_tokens(self.tokenizer, queries, prefixes, opts.query_max_len, opts.icl_suffix_str)
 
-    def __call__(self, groups: list[ICLGroup]) -> dict:
-        queries = self.query_tokens(groups)
-        passages = self.tokenizer.encode(
-            [self.passage_text(p) for g in groups for p in g.passages], self.options.passage_max_len
-        )
-        batch = {
-            "query": self.tokenizer.collate(queries.ids, queries.type_ids),
-            "passage": self.tokenizer.collate(passages.ids, passages.type_ids),
-        }
-        if groups[0].scores is not None:
-            batch["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32)
-        return batch
-
 
 def example_format(options: ICLOptions) -> str:
     """``query_instruction_format + icl_suffix_str + "{}"``: FlagEmbedding joins an example's
