@@ -192,6 +192,7 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path, tiny_bert, train_fi
     assert result.returncode == 0, result.stderr[-2000:]
     state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
     assert state["global_step"] == 60 and state["max_steps"] == 60
+    assert any("tokens_per_second" in entry for entry in state["log_history"]), "throughput reaches checkpoints"
     assert (out / "model.safetensors").exists()
 
 

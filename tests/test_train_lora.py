@@ -190,8 +190,8 @@ def unpadded(batch: dict[str, torch.Tensor]) -> list[list[int]]:
 def test_training_queries_are_the_token_ids_inference_feeds(tiny_llms, arch):
     from transformers import AutoTokenizer
 
-    from bgekit.models.tokenization import TextTokenizer
     from bgekit.train.data import Group
+    from bgekit.train.trainer import training_tokenizer
 
     options = EmbedderOptions(
         output_dir="unused",
@@ -200,16 +200,19 @@ def test_training_queries_are_the_token_ids_inference_feeds(tiny_llms, arch):
         query_max_len=24,
         passage_max_len=16,
     )
-    collator = EmbedderCollator(TextTokenizer(AutoTokenizer.from_pretrained(str(tiny_llms[arch]))), options)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tiny_llms[arch]))
+    collator = EmbedderCollator(training_tokenizer(hf_tokenizer), options)
     queries = ["a short one", "a much longer question about the weather on day seven and eight " * 3]
     passages = ["first passage text", "second"]
     batch = collator([Group(q, [p], None, None) for q, p in zip(queries, passages, strict=True)])
     model = llm_embedder(tiny_llms[arch], query_max_length=24, passage_max_length=16)
     assert unpadded(batch["query"]) == model.tokenize(queries, "query").ids
     assert unpadded(batch["passage"]) == model.tokenize(passages, "passage").ids
-    side = ARCHS[arch][1]
-    padded = batch["query"]["attention_mask"][0]
-    assert bool(padded[-1] if side == "left" else padded[0]), f"{side} padding as the tokenizer says"
+    # training pads on the right whatever inference does (left pads gave NaN gradients on CUDA);
+    # the saved tokenizer keeps its own side for inference
+    mask = batch["passage"]["attention_mask"]
+    assert bool(mask[:, 0].all()) and not bool(mask[:, -1].all()), "right padding in training"
+    assert hf_tokenizer.padding_side == ARCHS[arch][1]
 
 
 RERANKER_RUNS = [
@@ -242,13 +245,13 @@ def test_lora_llm_reranker_trains_and_both_forms_agree(request, tmp_path, tiny_l
 def test_reranker_training_pairs_are_the_token_ids_inference_feeds(tiny_llms):
     from transformers import AutoTokenizer
 
-    from bgekit.models.tokenization import TextTokenizer
     from bgekit.train.data import Group
     from bgekit.train.llm_reranker import LLMRerankerCollator
+    from bgekit.train.trainer import training_tokenizer
 
     base = tiny_llms["gemma"]
     options = RerankerOptions(output_dir="unused", query_max_len=8, max_len=24)
-    collator = LLMRerankerCollator(TextTokenizer(AutoTokenizer.from_pretrained(str(base))), options)
+    collator = LLMRerankerCollator(training_tokenizer(AutoTokenizer.from_pretrained(str(base))), options)
     group = Group("what opens door number seven in the house?", ["key seven " * 20, "no"], None, None)
     batch = collator([group])["pairs"]
     assert batch["input_ids"].shape[1] % 8 == 0, "padded to a multiple of 8, as at inference"

@@ -20,7 +20,7 @@ from .work import EncodeJob, ShardWorker
 
 logger = logging.getLogger(__name__)
 _SHARD_FIELDS = [f.name for f in fields(Shard)]
-_RESULT_FIELDS = ("shard", "rows", "dim", "seconds")
+_RESULT_FIELDS = ("shard", "rows", "dim", "seconds", "finished")
 
 
 def _ray():
@@ -49,7 +49,7 @@ class RayShardEncoder:
             try:
                 results.append({**self.worker.run(shard), "error": ""})
             except BgekitError as exc:  # sent back as data: Ray's wrappers do not keep the exception object
-                results.append({"shard": shard.index, "rows": 0, "dim": 0, "seconds": 0.0, "error": _encode_error(exc)})
+                results.append({**dict.fromkeys(_RESULT_FIELDS, 0), "shard": shard.index, "error": _encode_error(exc)})
         return {k: np.array([r[k] for r in results]) for k in (*_RESULT_FIELDS, "error")}
 
 

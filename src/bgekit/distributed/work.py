@@ -74,7 +74,8 @@ class ShardWorker:
         self.folder = Folder(job.output_dir)
 
     def run(self, shard: plan.Shard) -> dict[str, Any]:
-        """Encode and write one shard; returns its index, row count and seconds taken."""
+        """Encode and write one shard; returns its index, row count, seconds taken and the wall-clock
+        time it finished (``finished``, epoch seconds: when it was written, whenever the caller hears)."""
         start = time.perf_counter()
         ids, texts = plan.read_shard(self.job.input_path, self.job.input_format, shard, self.job.text_field)
         vectors = encode_texts(self.embedder, texts, self.job)
@@ -87,7 +88,13 @@ class ShardWorker:
             shard.start_row + shard.num_rows - 1,
             seconds,
         )
-        return {"shard": shard.index, "rows": shard.num_rows, "dim": int(vectors.shape[1]), "seconds": seconds}
+        return {
+            "shard": shard.index,
+            "rows": shard.num_rows,
+            "dim": int(vectors.shape[1]),
+            "seconds": seconds,
+            "finished": time.time(),
+        }
 
     def close(self) -> None:
         self.embedder.close()

@@ -22,7 +22,15 @@ from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
 from .data import Group, GroupSampler, load_train_data
-from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
+from .trainer import (
+    BgekitTrainer,
+    EpochCallback,
+    GroupDataset,
+    ThroughputCallback,
+    TrainOptions,
+    resolve_resume,
+    training_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +230,9 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         decoder_prompts(options, spec, pooling_method)
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
-    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
     resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
-    tokenizer = TextTokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
+    tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache = getattr(model.config, "use_cache", None)
     if decoder:
         model.config.use_cache = False  # no key/value cache while training

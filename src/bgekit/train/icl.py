@@ -41,7 +41,7 @@ from ..models.llm import ICL_QUERY_FORMAT, ICL_SUFFIX, icl_examples_prefix, icl_
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from .data import Group, GroupSampler, TrainRecord, load_train_data
 from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
-from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
+from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def finetune_icl(
         logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
-    tokenizer = TextTokenizer(hf_tokenizer)
+    tokenizer = training_tokenizer(hf_tokenizer)
     model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
     dataset = ICLDataset(
         GroupSampler(records, options.train_group_size, options.seed),

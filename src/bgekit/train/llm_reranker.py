@@ -16,13 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF, llm_pair_inputs, yes_logits, yes_token_id
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
 from .data import Group, GroupSampler, TrainRecord
-from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
+from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
 if TYPE_CHECKING:
     from .reranker import RerankerOptions
@@ -85,10 +83,10 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
 
     options.check_lora()
     hf_tokenizer = load_hf_tokenizer(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
     use_cache, model.config.use_cache = model.config.use_cache, False  # no key/value cache while training
     resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
-    tokenizer = TextTokenizer(hf_tokenizer)
+    tokenizer = training_tokenizer(hf_tokenizer)
     yes_loc = yes_token_id(tokenizer, options.model_name_or_path)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)

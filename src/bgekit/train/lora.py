@@ -98,6 +98,12 @@ class LoraOptions:
             raise InputError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         require_peft()
 
+    def base_dtype(self, bf16: bool) -> torch.dtype:
+        """The dtype to load the base model in: bf16 when LoRA trains under bf16, since the frozen
+        weights need no fp32 master copy (half the memory of a 7B model); peft keeps the adapter
+        itself in fp32. Full fine-tuning keeps fp32 weights and lets the Trainer's autocast work."""
+        return torch.bfloat16 if self.use_lora and bf16 else torch.float32
+
 
 def require_peft():
     """The peft module, or a clear error naming the extra to install."""

@@ -84,6 +84,17 @@ class TrainOptions:
         )
 
 
+def training_tokenizer(hf_tokenizer) -> TextTokenizer:
+    """The collators' tokenizer: the model's own ids, padded on the right whatever side inference
+    pads. Under causal attention a left pad position has no key it may attend to. On an H200, a
+    bf16 LoRA run of a 7B-width Mistral embedder padded on the left had NaN gradient norms from
+    its first step; padded on the right the same run trained (benchmarks/RESULTS.md). Last-token
+    pooling and the Yes logit read the last real token on either side, so nothing else changes."""
+    tokenizer = TextTokenizer(hf_tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 class GroupDataset(torch.utils.data.Dataset):
     """One item per record: its group (query, 1 positive + negatives, teacher scores) for this epoch."""
 
@@ -123,6 +134,9 @@ class ThroughputCallback(TrainerCallback):
         seen = self.tokens - self._last[1]
         if logs is not None and seen > 0 and now > self._last[0]:
             logs["tokens_per_second"] = round(seen / (now - self._last[0]), 1)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                # the Trainer stored a copy of these logs before calling us: checkpoints' trainer_state.json too
+                state.log_history[-1]["tokens_per_second"] = logs["tokens_per_second"]
         self._last = (now, self.tokens)
 
 

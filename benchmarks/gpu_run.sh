@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, on the device machine, after benchmarks/gpu_prepare.sh here:
+#   device run: bash benchmarks/gpu_run.sh      (carry: [".gpu"])
+# Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
+# through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
+# issue check 5), lora (training issue check 6), ray (distributed issue check 4), speed (the
+# speed issue's table; with pinned async copies when the CUDA tests passed). Each step gets
+# its own limit, cut to what is left of BUDGET seconds, so a slow step cannot starve the log.
+# Logs land in $OUT (the device tool's folder) or out/gpu.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+BUDGET=${BUDGET:-540}
+STEPS=${STEPS:-env,gputests,padnan,precision,lora,ray,speed}
+PY=${PY:-python3}
+DEADLINE=$(($(date +%s) + BUDGET))
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true BGEKIT_SHARED=$PWD/.gpu
+mkdir -p /tmp/site
+tar xJf .gpu/ray.tar.xz -C /tmp/site
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+export PYTHONPATH=$PWD/src:/tmp/site:$PWD/benchmarks
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2 left
+    shift 2
+    case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
+    left=$((DEADLINE - $(date +%s) - 5))
+    ((left < limit)) && limit=$left
+    if ((limit < 10)); then echo "== $name skipped: out of time"; return 0; fi
+    echo "== $name (limit ${limit}s) $(date +%T)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "== $name rc=$rc $(date +%T)"
+    grep -v -e 'it/s]' -e 's/it]' "$OUT/$name.log" | tail -n 30
+}
+
+step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$0" -c "
+import torch, transformers, ray, sentence_transformers, peft, bgekit
+print(torch.__version__, transformers.__version__, ray.__version__, sentence_transformers.__version__, peft.__version__)"' "$PY"
+rc=1
+step gputests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_paths.py tests/test_m3.py tests/test_bad_input.py
+async=$( ((rc == 0)) && echo --async-copies)
+step padnan 60 $PY benchmarks/padding_nan.py
+step precision 100 $PY benchmarks/precision.py --golden .gpu/golden --out "$OUT/precision.json"
+step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/data/scifact/corpus.jsonl.gz \
+    --layers 8 --steps 200
+step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-base\", pathlib.Path(\"/tmp/models\"), pathlib.Path(\".gpu/tok\"))" &&
+    "$0" benchmarks/ray_overhead.py --model /tmp/models/bge-base --n-docs 60000 --shard-size 10000 --batch-size 256' "$PY"
+step speed 300 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok $async \
+    --models bge-base,bge-small,bge-large,bge-reranker-base,bge-en-icl-8L --json "$OUT/speed.json"
