@@ -127,7 +127,9 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
 
 
 # -- systems ----------------------------------------------------------------------------------
-def bgekit_embedder(path: Path, args, backend: str, pooling: str) -> Callable[[list[str], bool], object]:
+def bgekit_embedder(
+    path: Path, args, backend: str, pooling: str, async_copies: bool | None = None
+) -> Callable[[list[str], bool], object]:
     from bgekit import Embedder
 
     model = Embedder.from_pretrained(
@@ -141,7 +143,7 @@ def bgekit_embedder(path: Path, args, backend: str, pooling: str) -> Callable[[l
         query_max_length=args.max_length,
         passage_max_length=args.max_length,
     )
-    model.host.async_copies = args.async_copies
+    model.host.async_copies = args.async_copies if async_copies is None else async_copies
     return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
         texts, batch_size=args.query_batch_size if queries else args.batch_size
     )
@@ -298,6 +300,10 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
     systems: dict[str, Callable | str] = {}
     for backend in args.backends:
         systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling))
+        if args.async_copies and args.sync_too:
+            systems[f"bgekit[{backend}, sync copies]"] = build(
+                "bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling, async_copies=False)
+            )
     systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, pooling))
     systems["FlagEmbedding"] = build("flag", lambda: flag_embedder(path, args, pooling))
     systems["infinity"] = build("infinity", lambda: infinity_embedder(path, args, pooling))
@@ -539,6 +545,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="bgekit token budget per batch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--async-copies", action="store_true", help="CUDA: pinned, non-blocking copies, one sync")
+    parser.add_argument(
+        "--sync-too", action="store_true", help="with --async-copies: also time bgekit without them, side by side"
+    )
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models (default: MiniLM's)"
     )

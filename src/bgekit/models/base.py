@@ -27,16 +27,19 @@ Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ItemForward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[Any]]
 T = TypeVar("T")
 PROGRESS_MIN_ITEMS = 256
-# inputs tokenized per chunk by run_texts; the next chunk is tokenized while this one runs
-OVERLAP_CHUNK = 4096
+# inputs tokenized per chunk by run_texts; the next chunk is tokenized while this one runs. Small
+# enough that the device starts after a quarter of a 4,096-text call's tokenization, large enough
+# that length sorting within a chunk still leaves little padding (4 batches of 256 per chunk)
+OVERLAP_CHUNK = 1024
 
 
 class ModelHost:
     """A transformers module and its tokenizer, placed on one or more devices."""
 
     #: CUDA only: copy inputs from pinned memory and outputs back without a synchronisation per batch
-    #: (one at the end of :meth:`run`). Off until a GPU run of tests/test_fast_paths.py has checked it;
-    #: ``host.async_copies = True`` (or ``benchmarks/speed.py --async-copies``) turns it on.
+    #: (one at the end of :meth:`run`). Its results equal the plain path's (tests/test_fast_paths.py
+    #: passed on an H200), but it was slower there (bge-small documents 4,996/s against 6,184/s with
+    #: plain copies: benchmarks/RESULTS.md), so it stays opt-in: ``host.async_copies = True``.
     async_copies: bool = False
 
     def __init__(
