@@ -3,8 +3,8 @@
 #   device run: bash benchmarks/gpu_run.sh      (carry: [".gpu"])
 # Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
-# issue check 5), lora (training issue check 6), ray (distributed issue check 4), speed (the
-# speed issue's table; with pinned async copies when the CUDA tests passed). Each step gets
+# issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (where
+# a bge-small / bge-base encode's time goes on the GPU), speed (the speed issue's table). Each step gets
 # its own limit, cut to what is left of BUDGET seconds, so a slow step cannot starve the log.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
 set -uo pipefail
@@ -12,13 +12,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
-STEPS=${STEPS:-env,gputests,padnan,precision,lora,ray,speed}
+STEPS=${STEPS:-env,gputests,padnan,precision,lora,ray,profile,speed}
 PY=${PY:-python3}
 DEADLINE=$(($(date +%s) + BUDGET))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true BGEKIT_SHARED=$PWD/.gpu
 mkdir -p /tmp/site
 tar xJf .gpu/ray.tar.xz -C /tmp/site
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/flag-site .gpu/flag-whl/*.whl
 export PYTHONPATH=$PWD/src:/tmp/site:$PWD/benchmarks
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -38,14 +39,15 @@ step() {  # step NAME LIMIT_S COMMAND...
 step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$0" -c "
 import torch, transformers, ray, sentence_transformers, peft, bgekit
 print(torch.__version__, transformers.__version__, ray.__version__, sentence_transformers.__version__, peft.__version__)"' "$PY"
-rc=1
 step gputests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_paths.py tests/test_m3.py tests/test_bad_input.py
-async=$( ((rc == 0)) && echo --async-copies)
 step padnan 60 $PY benchmarks/padding_nan.py
 step precision 100 $PY benchmarks/precision.py --golden .gpu/golden --out "$OUT/precision.json"
 step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/data/scifact/corpus.jsonl.gz \
     --layers 8 --steps 200
 step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-base\", pathlib.Path(\"/tmp/models\"), pathlib.Path(\".gpu/tok\"))" &&
     "$0" benchmarks/ray_overhead.py --model /tmp/models/bge-base --n-docs 60000 --shard-size 10000 --batch-size 256' "$PY"
-step speed 300 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok $async \
+step profile 120 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/speed.py --profile --device cuda --models $m \
+    --n 4000 --rounds 2 --tokenizer .gpu/tok || exit; done' "$PY"
+step speed 300 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
+    --flag-path /tmp/flag-site \
     --models bge-base,bge-small,bge-large,bge-reranker-base,bge-en-icl-8L --json "$OUT/speed.json"

