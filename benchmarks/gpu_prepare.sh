@@ -32,4 +32,4 @@ pip_download -d "$work" "ray==$RAY"
     && rm -rf ray/jars ray/rllib ray/llm ray/serve ray/tune ray/dashboard/client/build \
     && tar cf - . | xz -T0 -6 > "$dest")
 rm -rf "$work"
-du -sh .gpu
+du -sh .gpu  # 60 MiB with the tracked tree's ~1.4 MiB: under the device tool's 64 MiB a call
