@@ -109,3 +109,32 @@ def test_auto_classes_cannot_be_instantiated():
         FlagAutoModel()
     with pytest.raises(OSError, match="from_finetuned"):
         FlagAutoReranker()
+
+
+def test_decoder_folders_of_earlier_bgekit_versions_still_read(tmp_path, golden_dir):
+    """Decoder folders fine-tuned before bgekit.json existed kept the instruction and its format under
+    a ``bgekit`` key of config_sentence_transformers.json; they load with the same prompts."""
+    import json
+    import shutil
+
+    folder = tmp_path / "old-decoder"
+    shutil.copytree(golden_dir / "models" / "mistral-llm", folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96}))
+    legacy = {"query_instruction_for_retrieval": "Find it.", "query_instruction_format": "<instruct>{}\n<query>{}"}
+    settings = {"prompts": {"query": "<instruct>Find it.\n<query>", "passage": "doc: "}, "bgekit": legacy}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    spec = describe_folder(folder, registry.EMBEDDERS)
+    assert (spec.kind, spec.pooling_method, spec.query_instruction, spec.query_instruction_format) == (
+        registry.DECODER,
+        "last_token",
+        "Find it.",
+        "<instruct>{}\n<query>{}",
+    )
+    assert (spec.passage_instruction, spec.max_length) == ("doc: ", 96)
+    from bgekit.hub import read_folder_metadata, write_folder_metadata
+
+    write_folder_metadata(folder, registry.DECODER, "last_token", query_instruction_for_retrieval="New.")
+    assert read_folder_metadata(folder)["query_instruction_for_retrieval"] == "New.", "bgekit.json wins"
+    assert describe_folder(folder, registry.EMBEDDERS).query_instruction == "New."

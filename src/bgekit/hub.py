@@ -139,6 +139,29 @@ def resolve(
     return name, spec
 
 
+METADATA_FILE = "bgekit.json"
+
+
+def write_folder_metadata(folder: str | Path, model_class: str, pooling_method: str, **settings) -> None:
+    """``bgekit.json``: the family and prompt settings of a folder bgekit's trainers wrote, for the
+    families whose prompt layout the folder's other files cannot say (decoder-only, ICL)."""
+    meta = {"model_class": model_class, "pooling_method": pooling_method, **settings}
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def read_folder_metadata(folder: Path) -> dict | None:
+    """The folder's ``bgekit.json``; for decoder folders saved before it existed, the same settings
+    from the ``bgekit`` key those versions put in ``config_sentence_transformers.json``."""
+    meta = _read_json(folder / METADATA_FILE)
+    if meta is not None:
+        return meta
+    legacy = (_read_json(folder / "config_sentence_transformers.json") or {}).get("bgekit")
+    saved = _sentence_transformers_spec(folder) if legacy else None
+    if saved is not None and saved.pooling_method == "last_token":
+        return {"model_class": registry.DECODER, "pooling_method": "last_token", **legacy}
+    return None
+
+
 def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: bool = False) -> ModelSpec | None:
     """Infer a model's family from the files in its folder (no weights are read)."""
     for part in reversed(folder.resolve().parts):
@@ -147,13 +170,16 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             known = registry.lookup(f"{match['org']}/{match['name']}", table)
             if known:
                 return known[1]
-    meta = _read_json(folder / "bgekit.json")  # written by bgekit's trainers (the ICL family)
-    if meta and not for_reranker and meta.get("model_class") in registry.EMBEDDER_KINDS:
+    meta = None if for_reranker else read_folder_metadata(folder)  # written by bgekit's trainers
+    if meta and meta.get("model_class") in registry.EMBEDDER_KINDS:
+        saved = _sentence_transformers_spec(folder)  # passage prompt and length, where there are module files
         return ModelSpec(
             meta["model_class"],
             meta.get("pooling_method"),
             meta.get("query_instruction_for_retrieval"),
             meta.get("query_instruction_format") or "{}{}",
+            passage_instruction=saved.passage_instruction if saved else None,
+            max_length=saved.max_length if saved else None,
         )
     config = _read_json(folder / "config.json") or {}
     archs = " ".join(config.get("architectures") or [])
@@ -175,18 +201,6 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
     if (folder / "colbert_linear.pt").exists() and (folder / "sparse_linear.pt").exists():
         return ModelSpec(registry.M3, "cls", max_length=8192)
     if "ForCausalLM" in archs or (archs and not _is_encoder(config)):
-        trained = (_read_json(folder / "config_sentence_transformers.json") or {}).get("bgekit")
-        saved = _sentence_transformers_spec(folder) if trained else None
-        if saved is not None and saved.pooling_method == "last_token":
-            # fine-tuned by bgekit, which saves the query instruction with its format (not only as a prefix)
-            return ModelSpec(
-                registry.DECODER,
-                "last_token",
-                trained.get("query_instruction_for_retrieval"),
-                trained.get("query_instruction_format") or registry.E5_INSTRUCT,
-                passage_instruction=saved.passage_instruction,
-                max_length=saved.max_length,
-            )
         return ModelSpec(registry.DECODER, "last_token", query_instruction_format=registry.E5_INSTRUCT)
     return _sentence_transformers_spec(folder) or ModelSpec(registry.ENCODER, "cls")
 

@@ -165,7 +165,8 @@ class EmbedderTrainer(BgekitTrainer):
 
 
 def write_sentence_transformers_files(folder: Path, pooling_method: str, options: EmbedderOptions) -> None:
-    """Module files so sentence-transformers (and bgekit's folder reader) know pooling, length, prompts."""
+    """Module files so sentence-transformers (and bgekit's folder reader) know pooling, length, prompts;
+    decoder folders also get ``bgekit.json`` (:func:`bgekit.hub.write_folder_metadata`)."""
     modes = {
         "cls": "pooling_mode_cls_token",
         "mean": "pooling_mode_mean_tokens",
@@ -194,11 +195,15 @@ def write_sentence_transformers_files(folder: Path, pooling_method: str, options
     if options.passage_instruction_for_retrieval:
         prompts["passage"] = options.passage_instruction_for_retrieval
     settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
-    settings["bgekit"] = {  # the instruction with its format, for bgekit's folder reader (decoders)
-        "query_instruction_for_retrieval": options.query_instruction_for_retrieval or None,
-        "query_instruction_format": options.query_instruction_format,
-    }
     (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
+    if pooling_method == "last_token":  # decoders: the instruction with its format, not only as a prefix
+        hub.write_folder_metadata(
+            folder,
+            registry.DECODER,
+            pooling_method,
+            query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
+            query_instruction_format=options.query_instruction_format,
+        )
 
 
 def finetune_embedder(options: EmbedderOptions) -> Path:

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import defaultdict
@@ -44,8 +43,6 @@ from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
 from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "bgekit.json"
 
 
 @dataclass
@@ -215,16 +212,16 @@ def check_icl_options(options: ICLOptions, spec: registry.ModelSpec | None) -> I
 
 def write_metadata(folder: Path, options: ICLOptions) -> None:
     """``bgekit.json``: the family and prompt settings that ``Embedder.from_pretrained`` reads."""
-    meta = {
-        "model_class": registry.ICL,
-        "pooling_method": "last_token",
-        "query_instruction_for_retrieval": options.query_instruction_for_retrieval,
-        "query_instruction_format": options.query_instruction_format,
-        "examples_instruction_format": example_format(options),
-        "icl_suffix_str": options.icl_suffix_str,
-        "normalize_embeddings": options.normalize_embeddings,
-    }
-    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    hub.write_folder_metadata(
+        folder,
+        registry.ICL,
+        "last_token",
+        query_instruction_for_retrieval=options.query_instruction_for_retrieval,
+        query_instruction_format=options.query_instruction_format,
+        examples_instruction_format=example_format(options),
+        icl_suffix_str=options.icl_suffix_str,
+        normalize_embeddings=options.normalize_embeddings,
+    )
 
 
 def finetune_icl(
