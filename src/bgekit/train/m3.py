@@ -11,7 +11,6 @@ its tokenizer, ``colbert_linear.pt`` and ``sparse_linear.pt``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,15 @@ from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import losses
 from .data import GroupSampler, load_train_data
 from .embedder import KD_LOSSES, EmbedderCollator, EmbedderOptions
-from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
+from .trainer import (
+    BgekitTrainer,
+    EpochCallback,
+    GroupDataset,
+    LossPartsLogging,
+    OwnFolderLayout,
+    ThroughputCallback,
+    resolve_resume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +164,13 @@ def save_m3_folder(module: M3Module, folder: str | Path, state_dict: dict[str, t
     torch.save(part("sparse_linear."), folder / "sparse_linear.pt")
 
 
-class M3Trainer(BgekitTrainer):
+class M3Trainer(LossPartsLogging, OwnFolderLayout, BgekitTrainer):
     """The Trainer with the M3 unified loss in ``compute_loss``; saves and resumes the M3 layout."""
 
     def __init__(self, *args, options: M3Options, heads: tuple[str, ...], **kwargs):
         super().__init__(*args, **kwargs)
         self.options = options
         self.heads = heads
-        self._sums: dict[str, float] = {}
-        self._count = 0
         self._warned_dead = False
 
     def head_weight(self, head: str) -> float:
@@ -233,38 +238,20 @@ class M3Trainer(BgekitTrainer):
             keep = torch.cat([q["sparse_keep"].flatten(), p["sparse_keep"].flatten()])
             active = torch.cat([q["sparse"].flatten(), p["sparse"].flatten()])[keep] > 0
             logged["sparse_active"] = active.float().mean() if active.numel() else torch.tensor(0.0)
-        self._record(logged)
+        self.record_parts(logged)
         return (loss, {"scores": scores}) if return_outputs else loss
 
-    def _record(self, values: dict[str, torch.Tensor]) -> None:
-        for name, value in values.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
-        self._count += 1
+    def on_logged_parts(self, logs: dict[str, float]) -> None:
+        """Warns once when the sparse head's weights are all 0 (its relu units are dead)."""
+        if logs.get("sparse_active", 1.0) == 0.0 and not self._warned_dead:
+            self._warned_dead = True
+            logger.warning(
+                "every sparse token weight is 0: the sparse head's relu units are dead and it cannot learn. "
+                "Lower --learning-rate, raise --temperature, or start from a fresh sparse head."
+            )
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Adds the mean per-head losses (and the share of live sparse weights) since the last log."""
-        if "loss" in logs and self._count:
-            for name, total in self._sums.items():
-                logs[name] = round(total / self._count, 4)
-            if logs.get("sparse_active", 1.0) == 0.0 and not self._warned_dead:
-                self._warned_dead = True
-                logger.warning(
-                    "every sparse token weight is 0: the sparse head's relu units are dead and it cannot learn. "
-                    "Lower --learning-rate, raise --temperature, or start from a fresh sparse head."
-                )
-            self._sums, self._count = {}, 0
-        super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from transformers.trainer import TRAINING_ARGS_NAME
-
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
+    def save_weights(self, output_dir: str, state_dict: dict | None) -> None:
         save_m3_folder(self.accelerator.unwrap_model(self.model), output_dir, state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import hub, io
 from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
-from .trainer import BgekitTrainer, ThroughputCallback, TrainOptions, resolve_resume
+from .trainer import BgekitTrainer, LossPartsLogging, OwnFolderLayout, ThroughputCallback, TrainOptions, resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -163,35 +163,18 @@ class RetroMAEModule(torch.nn.Module):
         return F.cross_entropy(self._head[0](hidden[chosen]).float(), labels[chosen])
 
 
-class PretrainTrainer(BgekitTrainer):
+class PretrainTrainer(LossPartsLogging, OwnFolderLayout, BgekitTrainer):
     """Trainer for :class:`RetroMAEModule`: logs both losses, saves the encoder as a model folder."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sums: dict[str, float] = {}
-        self._count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(inputs["encoder"])
         out = model(**inputs)
-        for name in ("encoder_loss", "decoder_loss"):
-            self._sums[name] = self._sums.get(name, 0.0) + float(out[name].detach())
-        self._count += 1
+        self.record_parts({name: out[name] for name in ("encoder_loss", "decoder_loss")})
         return (out["loss"], out) if return_outputs else out["loss"]
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._count:
-            logs.update({name: round(total / self._count, 4) for name, total in self._sums.items()})
-            self._sums, self._count = {}, 0
-        super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_weights(self, output_dir: str, state_dict: dict | None) -> None:
         from safetensors.torch import save_file
-        from transformers.trainer import TRAINING_ARGS_NAME
 
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
         module = self.accelerator.unwrap_model(self.model)
         state = module.state_dict() if state_dict is None else state_dict
 
@@ -201,9 +184,6 @@ class PretrainTrainer(BgekitTrainer):
         # an explicit state_dict only when the Trainer gives one (transformers 5.0 renames LayerNorm keys in it)
         module.lm.save_pretrained(output_dir, state_dict=None if state_dict is None else part("lm."))
         save_file(part("decoder."), os.path.join(output_dir, DECODER_FILE), metadata={"format": "pt"})
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         module = self.accelerator.unwrap_model(model if model is not None else self.model)

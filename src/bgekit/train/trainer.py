@@ -156,6 +156,48 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | bool | None:
     return resume
 
 
+class LossPartsLogging:
+    """Trainer mixin: the mean of each recorded loss part (per-head losses, say) since the last log,
+    added to the Trainer's logs. ``on_logged_parts`` sees those logs first (warnings, say)."""
+
+    def record_parts(self, values: dict[str, torch.Tensor]) -> None:
+        sums = self.__dict__.setdefault("_part_sums", {})
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        self._part_count = getattr(self, "_part_count", 0) + 1
+
+    def on_logged_parts(self, logs: dict[str, float]) -> None:
+        """Called with the logs once the part means are in them."""
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        count = getattr(self, "_part_count", 0)
+        if "loss" in logs and count:
+            logs.update({name: round(total / count, 4) for name, total in self._part_sums.items()})
+            self.on_logged_parts(logs)
+            self._part_sums, self._part_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+class OwnFolderLayout:
+    """Trainer mixin for a model that is not one transformers model (M3's encoder and heads, RetroMAE's
+    encoder and decoder): checkpoints and the final save write ``save_weights`` in the model's own
+    layout, plus the tokenizer and the training arguments as the Trainer's own ``_save`` does."""
+
+    def save_weights(self, output_dir: str, state_dict: dict | None) -> None:
+        raise NotImplementedError
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.save_weights(output_dir, state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+
 class BgekitTrainer(Trainer):
     """Trainer whose data are :class:`~bgekit.train.data.Group` lists and which counts tokens."""
 
