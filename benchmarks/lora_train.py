@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from speed import MISTRAL_7B_WIDTH  # this folder is on sys.path when the script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -39,14 +40,9 @@ def build_model(folder: Path, golden: Path, layers: int) -> int:
         shutil.copy(golden / "models" / "mistral-llm" / name, folder / name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     config = MistralConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
+        **MISTRAL_7B_WIDTH,
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
         vocab_size=32000,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-5,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -55,6 +55,15 @@ PEER_VERSIONS: dict[str, str] = {}  # peers measured in a worker process: what t
 MODULES = {"st": ("sentence_transformers",), "flag": ("FlagEmbedding",), "infinity": ("infinity_emb",)}
 ICL_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
 
+# bge-en-icl's (Mistral-7B's) width; the layer count is each benchmark's choice
+MISTRAL_7B_WIDTH = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+)
 ENCODERS = {  # name -> BertConfig keywords (bge-*-en-v1.5 architectures)
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
     "bge-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536),
@@ -114,16 +123,7 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
     elif name == "bge-en-icl-8L":
         from transformers import MistralConfig, MistralModel
 
-        config = MistralConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=8,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=32003,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-5,
-        )
+        config = MistralConfig(**MISTRAL_7B_WIDTH, num_hidden_layers=8, vocab_size=32003)
         model = MistralModel(config).to(torch.bfloat16)
     else:
         raise SystemExit(f"unknown model {name!r}")
