@@ -45,6 +45,18 @@ def test_top_k_breaks_ties_by_lower_index():
     assert rows.tolist() == [[1, 0, 2]] and scores[0].tolist() == pytest.approx([0.9, 0.5, 0.5])
 
 
+def test_top_k_ties_at_the_cut_keep_the_lowest_indices():
+    """Sparse scores tie a lot (every unmatched document scores 0): the rows kept at the k-th score
+    must be the lowest-indexed ones, as a stable full sort would keep them."""
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(50, 300)).astype(np.float32)  # heavy ties everywhere
+    for k in (1, 7, 64, 299, 300, 500):
+        got_scores, got = top_k(scores, k)
+        want = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, 300)]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_scores, np.take_along_axis(scores, want, axis=1))
+
+
 @pytest.mark.parametrize(
     ("kind", "quantization", "min_recall"),
     [("ivf", None, 0.6), ("hnsw", None, 0.9), ("flat", "int8", 0.95), ("ivf", "int8", 0.6), ("hnsw", "int8", 0.85)],

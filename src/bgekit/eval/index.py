@@ -71,13 +71,16 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` of each row of a dense score matrix: score descending, lower index first on ties."""
     n = scores.shape[1]
     k = min(k, n)
-    if k < n:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(n), scores.shape).copy()
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)
-    indices = np.take_along_axis(part, order, axis=1)
+    if k == n:
+        order = np.lexsort((np.broadcast_to(np.arange(n), scores.shape), -scores), axis=1)
+        return np.take_along_axis(scores, order, axis=1), order
+    # argpartition alone may keep any of the rows tied with the k-th score: take every candidate at or
+    # above it (k plus the ties), then the lexsort keeps the lower indices among the tied
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    indices = np.empty((len(scores), k), dtype=np.int64)
+    for row, (values, threshold) in enumerate(zip(scores, kth, strict=True)):
+        candidates = np.flatnonzero(values >= threshold)
+        indices[row] = candidates[np.lexsort((candidates, -values[candidates]))[:k]]
     return np.take_along_axis(scores, indices, axis=1), indices
 
 
