@@ -129,11 +129,13 @@ def text_of(dataset, doc_id):
     return dataset.corpus_texts[dataset.corpus_ids.index(doc_id)]
 
 
-def test_identity_like_reranker_leaves_metrics_unchanged(minilm, minilm_dir, shared_cache, dataset):
+def test_identity_like_reranker_leaves_metrics_unchanged(minilm, minilm_dir, shared_cache, dataset, caplog):
     from bgekit import Reranker
 
-    same_model = Reranker.from_pretrained(str(minilm_dir))  # scores pairs by the embedder's own cosine
+    with caplog.at_level("WARNING", logger="bgekit.models.reranker"):
+        same_model = Reranker.from_pretrained(str(minilm_dir))  # scores pairs by the embedder's own cosine
     assert type(same_model).__name__ == "BiEncoderReranker"
+    assert "is an embedding model" in caplog.text, "an embedder as reranker is said, not silent"
     result = evaluate_retrieval(
         minilm, MINI, reranker=same_model, rerank_top_k=5, k_values=(1, 3, 5), cache_dir=shared_cache
     )

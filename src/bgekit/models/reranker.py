@@ -9,6 +9,7 @@ then the passage fills what is left of ``max_length``.
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from .base import ModelHost, load_module
 from .inputs import as_pair_list
 from .onnx_backend import check_backend, load_onnx_module
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def sigmoid(scores: Sequence[float]) -> list[float]:
@@ -298,6 +301,12 @@ class BiEncoderReranker(Reranker):
 
         self.embedder = Embedder.from_pretrained(
             model_name_or_path, use_fp16=use_fp16, devices=devices, normalize_embeddings=True, **embedder_options
+        )
+        logger.warning(
+            "%s is an embedding model: it reranks by the cosine of its query and passage vectors (a "
+            "bi-encoder); after a first stage by the same model that gives back the same ranking. A "
+            "cross-encoder (e.g. BAAI/bge-reranker-base) is what a second stage usually wants",
+            model_name_or_path,
         )
 
     def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar):
