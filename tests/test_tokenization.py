@@ -47,3 +47,25 @@ def test_max_length_without_room_for_text_is_an_input_error(golden_dir):
     tokenizer = TextTokenizer(load_hf_tokenizer(golden_dir / "models" / "bert-cls"))
     with pytest.raises(InputError, match="max_length=2"):
         tokenizer.encode(["hello"], 2)
+
+
+@pytest.mark.parametrize("folder", ["bert-cls", "xlmr-reranker", "mistral-llm", "gemma-llm-reranker"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pairs_fast_path_equals_pair_by_pair_processing(golden_dir, folder, side):
+    """Pairs are cut in the Rust batch calls and joined by the post-processor's learned layout;
+    the result must be what processing each pair on its own gives (FlagEmbedding's cut rules)."""
+    hf = load_hf_tokenizer(golden_dir / "models" / folder)
+    hf.truncation_side = side
+    tokenizer = TextTokenizer(hf)
+    assert tokenizer._pair_template() is not None, "the common post-processors have a fixed pair layout"
+    firsts = [t for t in TEXTS if t] + ["a query that is long enough to be cut " * 4]
+    seconds = list(reversed(TEXTS)) + ["short"]
+    firsts, seconds = firsts[: len(seconds)], seconds[: len(firsts)]
+    for first_max, max_length in ((4, 12), (8, 16), (64, 512), (30, 40)):
+        got = tokenizer.encode_pairs(firsts, seconds, first_max, max_length)
+        want = tokenizer._encode_pairs_one_by_one(
+            firsts, seconds, min(first_max, max_length - tokenizer.n_special_pair - 1), max_length
+        )
+        assert got.ids == want.ids, (folder, side, first_max, max_length)
+        assert got.type_ids == want.type_ids and got.truncated == want.truncated
+        assert max(map(len, got.ids)) <= max_length

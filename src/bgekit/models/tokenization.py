@@ -113,6 +113,43 @@ class TextTokenizer:
                 f"max_length={max_length} is too small for a pair with {self.n_special_pair} special tokens"
             )
         first_max_length = min(first_max_length, max_length - self.n_special_pair - 1)
+        template = self._pair_template()
+        if template is None:  # a post-processor whose special tokens are not one fixed layout
+            return self._encode_pairs_one_by_one(firsts, seconds, first_max_length, max_length)
+        # both sides cut in the Rust batch calls; only the pair's final cut and the join are Python
+        first_batch = self._truncating(first_max_length).encode_batch(firsts, add_special_tokens=False)
+        second_batch = self._truncating(max_length).encode_batch(seconds, add_special_tokens=False)
+        (prefix, middle, suffix), (prefix_types, type_a, middle_types, type_b, suffix_types) = template
+        keep_tail = self.truncation_side == "left"
+        truncated = 0
+        ids, type_ids = [], []
+        for first, second in zip(first_batch, second_batch, strict=True):
+            a, b = first.ids, second.ids
+            room = max(max_length - len(a) - self.n_special_pair, 0)
+            cut = bool(first.overflowing) or bool(second.overflowing) or len(b) > room
+            if len(b) > room:
+                b = b[len(b) - room :] if keep_tail else b[:room]
+            truncated += cut
+            ids.append(prefix + a + middle + b + suffix)
+            type_ids.append(prefix_types + [type_a] * len(a) + middle_types + [type_b] * len(b) + suffix_types)
+        return Tokenized(ids, type_ids if self.uses_type_ids else None, truncated)
+
+    def _pair_template(self) -> tuple | None:
+        """The post-processor's pair layout, ``prefix + a + middle + b + suffix`` with the segment ids
+        of each part, learned once from two probe pairs and kept only if both give the same layout
+        (``[CLS] a [SEP] b [SEP]``, ``<s> a </s></s> b </s>``, ...); None means "process pair by pair"."""
+        if not hasattr(self, "_pair_layout"):
+            layouts = []
+            for a_text, b_text in (("hello", "world wide web"), ("one two three", "four")):
+                a, b = self.backend.encode_batch([a_text, b_text], add_special_tokens=False)
+                joined = self.backend.post_process(a, b, add_special_tokens=True)
+                layouts.append(_pair_layout(joined.ids, joined.type_ids, a.ids, b.ids))
+            self._pair_layout = layouts[0] if layouts[0] is not None and layouts[0] == layouts[1] else None
+        return self._pair_layout
+
+    def _encode_pairs_one_by_one(
+        self, firsts: list[str], seconds: list[str], first_max_length: int, max_length: int
+    ) -> Tokenized:
         truncated = 0
         ids, type_ids = [], []
         for first, second in zip(self._raw(firsts), self._raw(seconds), strict=True):
@@ -161,3 +198,26 @@ class TextTokenizer:
         if types is not None:
             batch["token_type_ids"] = torch.from_numpy(types)
         return batch
+
+
+def _pair_layout(ids: list[int], types: list[int], a: list[int], b: list[int]) -> tuple | None:
+    """Split a processed pair into ``((prefix, middle, suffix), (prefix types, a's type, middle types,
+    b's type, suffix types))``, or None when ``a`` and ``b`` do not appear whole and in order."""
+    if not a or not b:
+        return None
+    specials = len(ids) - len(a) - len(b)
+    for i in range(specials + 1):
+        if ids[i : i + len(a)] != a:
+            continue
+        for j in range(specials - i + 1):
+            start = i + len(a) + j
+            if ids[start : start + len(b)] != b or len(set(types[i : i + len(a)])) > 1:
+                continue
+            if len(set(types[start : start + len(b)])) > 1:
+                continue
+            end = start + len(b)
+            return (
+                (ids[:i], ids[i + len(a) : start], ids[end:]),
+                (types[:i], types[i], types[i + len(a) : start], types[start], types[end:]),
+            )
+    return None
