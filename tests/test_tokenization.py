@@ -59,7 +59,7 @@ def test_pairs_fast_path_equals_pair_by_pair_processing(golden_dir, folder, side
     tokenizer = TextTokenizer(hf)
     assert tokenizer._pair_template() is not None, "the common post-processors have a fixed pair layout"
     firsts = [t for t in TEXTS if t] + ["a query that is long enough to be cut " * 4]
-    seconds = list(reversed(TEXTS)) + ["short"]
+    seconds = [*reversed(TEXTS), "short"]
     firsts, seconds = firsts[: len(seconds)], seconds[: len(firsts)]
     for first_max, max_length in ((4, 12), (8, 16), (64, 512), (30, 40)):
         got = tokenizer.encode_pairs(firsts, seconds, first_max, max_length)

@@ -112,7 +112,7 @@ class TextTokenizer:
             raise InputError(
                 f"max_length={max_length} is too small for a pair with {self.n_special_pair} special tokens"
             )
-        first_max_length = min(first_max_length, max_length - self.n_special_pair - 1)
+        first_max_length = max(min(first_max_length, max_length - self.n_special_pair - 1), 0)
         template = self._pair_template()
         if template is None:  # a post-processor whose special tokens are not one fixed layout
             return self._encode_pairs_one_by_one(firsts, seconds, first_max_length, max_length)
