@@ -59,6 +59,7 @@ def test_finetune_embedder_saves_a_loadable_model(tmp_path, tiny_bert, train_fil
     )
     model = Embedder.from_pretrained(str(out), devices="cpu")
     assert model.pooling_method == "mean" and model.query_instruction_for_retrieval == "query: "
+    assert not (out / "bgekit.json").exists(), "an encoder's sentence-transformers files say it all"
     st = pytest.importorskip("sentence_transformers").SentenceTransformer(str(out), device="cpu")
     np.testing.assert_allclose(st.encode(["hello there"]), model.encode(["hello there"]), atol=1e-5)
     before = Embedder.from_pretrained(str(tiny_bert), pooling_method="mean").encode(["hello there"])

@@ -167,6 +167,7 @@ def test_lora_embedder_trains_and_both_forms_agree(request, tmp_path, tiny_llms,
     merged = Embedder.from_pretrained(str(out), devices="cpu", use_fp16=False)
     assert isinstance(merged, FlagLLMModel) and merged.pooling_method == "last_token"
     assert (merged.query_instruction_for_retrieval, merged.query_instruction_format) == (INSTRUCTION, FORMAT)
+    assert json.loads((out / "bgekit.json").read_text())["query_instruction_format"] == FORMAT
     adapted = llm_embedder(base, peft_path=str(out / "adapter"))
     texts = [r["query"] for r in RECORDS[:4]]
     np.testing.assert_allclose(merged.encode_queries(texts), adapted.encode_queries(texts), rtol=0, atol=1e-5)

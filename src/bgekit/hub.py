@@ -157,7 +157,8 @@ def read_folder_metadata(folder: Path) -> dict | None:
         return meta
     legacy = (_read_json(folder / "config_sentence_transformers.json") or {}).get("bgekit")
     saved = _sentence_transformers_spec(folder) if legacy else None
-    if saved is not None and saved.pooling_method == "last_token":
+    config = (_read_json(folder / "config.json") or {}) if saved else {}
+    if saved is not None and saved.pooling_method == "last_token" and not _is_encoder(config):
         return {"model_class": registry.DECODER, "pooling_method": "last_token", **legacy}
     return None
 

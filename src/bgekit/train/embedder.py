@@ -164,7 +164,9 @@ class EmbedderTrainer(BgekitTrainer):
         return loss.detach()
 
 
-def write_sentence_transformers_files(folder: Path, pooling_method: str, options: EmbedderOptions) -> None:
+def write_sentence_transformers_files(
+    folder: Path, pooling_method: str, options: EmbedderOptions, *, decoder: bool = False
+) -> None:
     """Module files so sentence-transformers (and bgekit's folder reader) know pooling, length, prompts;
     decoder folders also get ``bgekit.json`` (:func:`bgekit.hub.write_folder_metadata`)."""
     modes = {
@@ -196,7 +198,7 @@ def write_sentence_transformers_files(folder: Path, pooling_method: str, options
         prompts["passage"] = options.passage_instruction_for_retrieval
     settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
-    if pooling_method == "last_token":  # decoders: the instruction with its format, not only as a prefix
+    if decoder:  # the instruction with its format, not only as a prefix
         hub.write_folder_metadata(
             folder,
             registry.DECODER,
@@ -252,7 +254,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
             checkpoint = output / f"checkpoint-{state.global_step}"
             # rank 0 alone: another rank could read config.json while rank 0 is still writing it
             if state.is_world_process_zero and (checkpoint / "config.json").exists():
-                write_sentence_transformers_files(checkpoint, pooling_method, options)
+                write_sentence_transformers_files(checkpoint, pooling_method, options, decoder=decoder)
 
     trainer = EmbedderTrainer(
         model=model,
@@ -277,12 +279,14 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
                 output,
                 options,
                 resized=resized,
-                write_extra=lambda folder: write_sentence_transformers_files(folder, pooling_method, options),
+                write_extra=lambda folder: write_sentence_transformers_files(
+                    folder, pooling_method, options, decoder=decoder
+                ),
             )
         return output
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
-        write_sentence_transformers_files(output, pooling_method, options)
+        write_sentence_transformers_files(output, pooling_method, options, decoder=decoder)
     return output
 
 
