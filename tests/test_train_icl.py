@@ -224,3 +224,43 @@ def test_finetune_icl_cli_trains_and_saves_an_icl_model(tmp_path, icl_dir):
     assert trained.query_instruction_format == "<instruct>{}\n<query>{}"
     before = FlagICLModel(str(icl_dir), devices="cpu", query_instruction_for_retrieval=INSTRUCTION)
     assert eval_loss(trained, rows) < eval_loss(before, rows) - 0.5, "training lowered the loss"
+
+
+def test_icl_lora_merged_and_adapter_forms_agree(tmp_path, icl_dir):
+    pytest.importorskip("peft")
+    rows = records(8)
+    out = tmp_path / "out"
+    options = ICLOptions(
+        output_dir=str(out),
+        model_name_or_path=str(icl_dir),
+        train_data=[write(tmp_path / "train.jsonl", rows)],
+        model_class="decoder-only-icl",
+        use_lora=True,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_dropout=0.0,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        query_max_len=32,
+        passage_max_len=32,
+        example_query_max_len=16,
+        example_passage_max_len=16,
+        save_steps=100,
+    )
+    assert finetune_embedder(options) == out
+    assert json.loads((out / "bgekit.json").read_text())["model_class"] == "decoder-only-icl"
+    merged = Embedder.from_pretrained(
+        str(out), devices="cpu", use_fp16=False, query_instruction_for_retrieval=INSTRUCTION
+    )
+    assert isinstance(merged, FlagICLModel)
+    adapted = FlagICLModel(
+        str(icl_dir), devices="cpu", use_fp16=False, query_instruction_for_retrieval=INSTRUCTION,
+        peft_path=str(out / "adapter"),
+    )  # fmt: skip
+    base = FlagICLModel(str(icl_dir), devices="cpu", use_fp16=False, query_instruction_for_retrieval=INSTRUCTION)
+    examples = [{"query": rows[0]["query"], "response": rows[0]["pos"][0]}]
+    queries = [r["query"] for r in rows[1:4]]
+    got = merged.encode_queries(queries, examples_for_task=examples)
+    np.testing.assert_allclose(got, adapted.encode_queries(queries, examples_for_task=examples), atol=1e-5)
+    assert np.abs(got - base.encode_queries(queries, examples_for_task=examples)).max() > 1e-4, "LoRA trained"

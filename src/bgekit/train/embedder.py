@@ -225,8 +225,6 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options.extra.setdefault("dataloader_drop_last", True)
     options.check_lora()
     name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class)
-    if options.use_lora and spec is not None and spec.kind == registry.ICL:
-        raise InputError("LoRA training of ICL embedders is not supported yet; train without --lora")
     if spec is not None and spec.kind == registry.ICL:  # bge-en-icl: examples in the queries
         from .icl import finetune_icl
 

@@ -32,12 +32,11 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import torch
-
 from .. import hub, registry
 from ..errors import InputError
 from ..models.llm import ICL_QUERY_FORMAT, ICL_SUFFIX, icl_examples_prefix, icl_query_tokens
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
+from . import lora
 from .data import Group, GroupSampler, TrainRecord, load_train_data
 from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
 from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
@@ -242,15 +241,18 @@ def finetune_icl(
         records = load_train_data(options.train_data)
     if name is None:
         name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class or registry.ICL)
-    if getattr(options, "use_lora", False):
-        raise InputError("LoRA is not supported for ICL embedders yet; train the full model (no --lora)")
     options = check_icl_options(options, spec)
+    options.check_lora()
     if options.query_instruction_for_retrieval is None and not any(r.prompt for r in records):
         logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
-    tokenizer = training_tokenizer(hf_tokenizer)
-    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
+    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
+    use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False  # no cache in training
+    if options.use_lora:
+        model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
     dataset = ICLDataset(
         GroupSampler(records, options.train_group_size, options.seed),
         ExamplePicker(records, tokenizer, options),
@@ -278,6 +280,18 @@ def finetune_icl(
         pooling_method="last_token",
     )
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.model.config.use_cache = use_cache  # the saved config as it came
+    if options.use_lora:  # OUT/adapter and the merged model in OUT (see bgekit.train.lora)
+        if trainer.is_world_process_zero():
+            return lora.save(
+                trainer.model,
+                hf_tokenizer,
+                output,
+                options,
+                resized=resized,
+                write_extra=lambda folder: write_metadata(folder, options),
+            )
+        return output
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         write_metadata(output, options)
