@@ -269,23 +269,14 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
     if decoder:
         trainer.model.config.use_cache = use_cache  # the saved config as it came
-    if options.use_lora:  # OUT/adapter and the merged model in OUT (see bgekit.train.lora)
-        if trainer.is_world_process_zero():
-            return lora.save(
-                trainer.model,
-                hf_tokenizer,
-                output,
-                options,
-                resized=resized,
-                write_extra=lambda folder: write_sentence_transformers_files(
-                    folder, pooling_method, options, decoder=decoder
-                ),
-            )
-        return output
-    trainer.save_model(str(output))
-    if trainer.is_world_process_zero():
-        write_sentence_transformers_files(output, pooling_method, options, decoder=decoder)
-    return output
+    return lora.save_trained(  # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)
+        trainer,
+        hf_tokenizer,
+        output,
+        options,
+        resized=resized,
+        write_extra=lambda folder: write_sentence_transformers_files(folder, pooling_method, options, decoder=decoder),
+    )
 
 
 def decoder_prompts(options: EmbedderOptions, spec: registry.ModelSpec, pooling_method: str) -> None:

@@ -281,18 +281,11 @@ def finetune_icl(
     )
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
     trainer.model.config.use_cache = use_cache  # the saved config as it came
-    if options.use_lora:  # OUT/adapter and the merged model in OUT (see bgekit.train.lora)
-        if trainer.is_world_process_zero():
-            return lora.save(
-                trainer.model,
-                hf_tokenizer,
-                output,
-                options,
-                resized=resized,
-                write_extra=lambda folder: write_metadata(folder, options),
-            )
-        return output
-    trainer.save_model(str(output))
-    if trainer.is_world_process_zero():
-        write_metadata(output, options)
-    return output
+    return lora.save_trained(  # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)
+        trainer,
+        hf_tokenizer,
+        output,
+        options,
+        resized=resized,
+        write_extra=lambda folder: write_metadata(folder, options),
+    )

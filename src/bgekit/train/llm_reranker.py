@@ -107,9 +107,4 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
     output = Path(options.output_dir)
     trainer.model.config.use_cache = use_cache  # the saved config as it came
-    if options.use_lora:
-        if trainer.is_world_process_zero():
-            return lora.save(trainer.model, hf_tokenizer, output, options, resized=resized)
-        return output
-    trainer.save_model(str(output))
-    return output
+    return lora.save_trained(trainer, hf_tokenizer, output, options, resized=resized)

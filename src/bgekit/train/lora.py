@@ -204,3 +204,26 @@ def save(
     if write_extra is not None:
         write_extra(output)
     return output
+
+
+def save_trained(
+    trainer,
+    hf_tokenizer,
+    output_dir: str | Path,
+    options: LoraOptions,
+    *,
+    resized: bool,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """The end of every training run: with LoRA, :func:`save` on rank 0 (adapter and merged model);
+    otherwise the Trainer's own ``save_model``, then ``write_extra`` (module files, metadata) on rank 0.
+    Returns the folder that loads as a plain model."""
+    output = Path(output_dir)
+    if options.use_lora:
+        if trainer.is_world_process_zero():
+            return save(trainer.model, hf_tokenizer, output, options, resized=resized, write_extra=write_extra)
+        return output
+    trainer.save_model(str(output))
+    if write_extra is not None and trainer.is_world_process_zero():
+        write_extra(output)
+    return output

@@ -100,9 +100,5 @@ def finetune_reranker(options: RerankerOptions) -> Path:
         group_size=options.train_group_size,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
-    if options.use_lora:  # OUT/adapter and the merged model in OUT (see bgekit.train.lora)
-        if trainer.is_world_process_zero():
-            return lora.save(trainer.model, hf_tokenizer, options.output_dir, options, resized=resized)
-        return Path(options.output_dir)
-    trainer.save_model(options.output_dir)
-    return Path(options.output_dir)
+    # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)
+    return lora.save_trained(trainer, hf_tokenizer, options.output_dir, options, resized=resized)
