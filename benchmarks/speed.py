@@ -135,11 +135,15 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
 
 
 # -- systems ----------------------------------------------------------------------------------
+PACKED = {"auto": None, "on": True, "off": False}
+
+
 def bgekit_embedder(
-    path: Path, args, backend: str, pooling: str, async_copies: bool | None = None
+    path: Path, args, backend: str, pooling: str, async_copies: bool | None = None, packed: str | None = None
 ) -> Callable[[list[str], bool], object]:
     from bgekit import Embedder
 
+    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
     model = Embedder.from_pretrained(
         str(path),
         devices=args.device,
@@ -150,6 +154,7 @@ def bgekit_embedder(
         max_tokens_per_batch=args.max_tokens,
         query_max_length=args.max_length,
         passage_max_length=args.max_length,
+        **extra,
     )
     model.host.async_copies = args.async_copies if async_copies is None else async_copies
     return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
@@ -213,9 +218,10 @@ def infinity_embedder(path: Path, args, pooling: str):
     return lambda texts, queries: asyncio.run(embed(texts))
 
 
-def bgekit_reranker(path: Path, args, backend: str):
+def bgekit_reranker(path: Path, args, backend: str, packed: str | None = None):
     from bgekit import FlagReranker
 
+    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
     model = FlagReranker(
         str(path),
         devices=args.device,
@@ -223,6 +229,7 @@ def bgekit_reranker(path: Path, args, backend: str):
         use_bf16=args.dtype == "bf16",
         backend=backend,
         max_tokens_per_batch=args.max_tokens,
+        **extra,
     )
     model.host.async_copies = args.async_copies
     return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
@@ -384,6 +391,10 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
             systems[f"bgekit[{backend}, sync copies]"] = build(
                 "bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling, async_copies=False)
             )
+        if args.padded_too and backend == "torch":
+            systems["bgekit[torch, padded]"] = build(
+                "bgekit", lambda: bgekit_embedder(path, args, "torch", pooling, packed="off")
+            )
     systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, pooling))
     systems["FlagEmbedding"] = flag_system(
         "embedder", path, args, lambda: flag_embedder(path, args, pooling), pooling=pooling
@@ -421,6 +432,8 @@ def bench_reranker(args, workdir: Path) -> dict:
     systems: dict[str, Callable | str] = {}
     for backend in args.backends:
         systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_reranker(path, args, b))
+        if args.padded_too and backend == "torch":
+            systems["bgekit[torch, padded]"] = build("bgekit", lambda: bgekit_reranker(path, args, "torch", "off"))
     systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
     systems["FlagEmbedding"] = flag_system("reranker", path, args, lambda: flag_reranker(path, args))
     systems["infinity"] = "not measured for rerankers"
@@ -439,7 +452,7 @@ def bench_icl(args, workdir: Path) -> dict:
     path = random_model("bge-en-icl-8L", workdir, args.tokenizer)
     docs, _ = scifact_docs(min(args.n, 4000))
 
-    def ours():
+    def ours(packed: str | None = None):
         from bgekit import FlagICLModel
 
         model = FlagICLModel(
@@ -448,6 +461,7 @@ def bench_icl(args, workdir: Path) -> dict:
             use_bf16=args.dtype == "bf16",
             devices=args.device,
             query_instruction_for_retrieval=ICL_INSTRUCTION,
+            packed=PACKED[packed or args.packed],
         )
         return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
 
@@ -463,8 +477,10 @@ def bench_icl(args, workdir: Path) -> dict:
         )
         return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
 
-    systems = {
-        "bgekit[torch]": build("bgekit", ours),
+    systems = {"bgekit[torch]": build("bgekit", ours)}
+    if args.padded_too:
+        systems["bgekit[torch, padded]"] = build("bgekit", lambda: ours("off"))
+    systems |= {
         "FlagEmbedding": flag_system("icl", path, args, theirs, instruction=ICL_INSTRUCTION, batch_size=64),
     }
     row = {
@@ -527,7 +543,8 @@ def profile(args) -> None:
     (stages interleaved over rounds; best round each). ``minilm`` on STSB sentences, or a random
     model of ``--models`` (its first name) on SciFact documents; on CUDA each stage ends in a sync."""
     from bgekit import Embedder
-    from bgekit.models.pooling import pool
+    from bgekit.models.pooling import pool, pool_packed
+    from bgekit.runtime import packed
     from bgekit.runtime.batching import length_sorted_batches
 
     name = args.models.split(",")[0]
@@ -543,7 +560,10 @@ def profile(args) -> None:
     model = Embedder.from_pretrained(
         str(path), devices=str(device), pooling_method=pooling, use_fp16=args.dtype == "fp16",
         use_bf16=args.dtype == "bf16", passage_max_length=length, query_max_length=length,
+        packed=PACKED[args.packed],
     )  # fmt: skip
+    offset = packed.position_offset(model.host.module)
+    packed.use_packed_attention(model.host.module)  # padded batches still run SDPA through it
     args.max_length = length
     st = st_model(path, args, pooling)
     module, tok = model.host.module, model.tokenizer
@@ -579,9 +599,26 @@ def profile(args) -> None:
             vectors.cpu().numpy()
             clock("bgekit: copy vectors to the host", start)
         del hidden, pooled, inputs
+        # the same batches packed: no padding anywhere, variable-length attention
+        start = time.perf_counter()
+        rows = [packed.pack([tokenized.ids[i] for i in b], [tokenized.type_ids[i] for i in b], offset) for b in batches]
+        clock("bgekit packed: pack (numpy)", start)
+        start = time.perf_counter()
+        rows = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()} for x in rows]
+        clock("bgekit packed: copy inputs to the device", start)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            hidden = [module(**packed.model_inputs(x)).last_hidden_state[0] for x in rows]
+            clock("bgekit packed: transformer forward", start)
+            start = time.perf_counter()
+            pooled = [pool_packed(h, x, pooling) for h, x in zip(hidden, rows, strict=True)]
+            clock(f"bgekit packed: {pooling} pooling", start)
+        del hidden, pooled, rows
+        real = sum(len(x) for x in tokenized.ids)
+        padded = sum(len(b) * max(len(tokenized.ids[i]) for i in b) for b in batches)
         start = time.perf_counter()
         model.encode(texts, batch_size=bs)
-        clock("bgekit: encode() end to end", start)
+        clock(f"bgekit: encode() end to end ({'packed' if model.host.packed else 'padded'})", start)
         start = time.perf_counter()
         for i in range(0, len(texts), bs):
             st.tokenize(texts[i : i + bs])
@@ -594,7 +631,8 @@ def profile(args) -> None:
         f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, best of {args.rounds} rounds "
         "after a warm-up round"
     )
-    total = min(timings["bgekit: encode() end to end"][1:])
+    print(f"{real:,} real tokens; padded batches hold {padded:,} ({100 * (padded - real) / padded:.1f}% padding)")
+    total = min(next(v for k, v in timings.items() if k.startswith("bgekit: encode()"))[1:])
     print("| stage | seconds | share of bgekit encode | texts/s |\n|---|---:|---:|---:|")
     for stage, values in timings.items():
         best = min(values[1:])
@@ -659,6 +697,13 @@ def main() -> None:
     parser.add_argument(
         "--sync-too", action="store_true", help="with --async-copies: also time bgekit without them, side by side"
     )
+    parser.add_argument(
+        "--packed",
+        choices=sorted(PACKED),
+        default="auto",
+        help="bgekit's packed (padding-free) batches: auto (on for CUDA fp16/bf16), on, off",
+    )
+    parser.add_argument("--padded-too", action="store_true", help="also time bgekit with padded batches, side by side")
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models (default: MiniLM's)"
     )

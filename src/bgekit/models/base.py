@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..runtime import packed as packing
 from ..runtime.batching import length_sorted_batches, run_with_oom_backoff
 from ..runtime.devices import ReplicaPool, resolve_devices, resolve_dtype
 from .tokenization import TextTokenizer, Tokenized
@@ -50,7 +51,12 @@ class ModelHost:
         use_fp16: bool,
         use_bf16: bool,
         max_tokens_per_batch: int | None = None,
+        packed: bool | None = False,
+        packable: bool = True,
     ):
+        """``packed``: lay each batch's sequences end to end instead of padding them
+        (:mod:`bgekit.runtime.packed`; ``None`` packs where it pays, on CUDA in fp16/bf16).
+        ``packable`` is False for a family whose forward cannot take packed batches."""
         budget = max_tokens_per_batch
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise InputError(f"max_tokens_per_batch must be a positive int or None, got {max_tokens_per_batch!r}")
@@ -60,12 +66,26 @@ class ModelHost:
         self.devices = resolve_devices(devices)
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         module.eval()
+        if not packable:
+            if packed:
+                raise InputError(f"packed=True is not supported for {type(module).__name__}; use packed=False")
+            packed = False
+        dtypes = [resolve_dtype(d, use_fp16, use_bf16) for d in self.devices]
+        #: first position id of each packed sequence; None when batches are padded
+        self.position_offset = packing.choose(packed, module, dtypes, self.devices)
+        if self.position_offset is not None:
+            packing.use_packed_attention(module)  # before the replicas are copied from it
         self.pool = ReplicaPool(module, self.devices, lambda d: resolve_dtype(d, use_fp16, use_bf16))
         self.max_positions = _max_positions(module.config)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.pool.primary
+
+    @property
+    def packed(self) -> bool:
+        """True when batches reach the forward packed (``cu_seq_lens_q`` in its inputs), not padded."""
+        return self.position_offset is not None
 
     def clamp_length(self, max_length: int | None, default: int) -> int:
         """Validate ``max_length`` and keep it inside the model's position table."""
@@ -189,8 +209,9 @@ class ModelHost:
 
         def checked(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[Any]:
             items = list(forward(module, inputs))
-            if len(items) != len(inputs["input_ids"]):
-                raise RuntimeError(f"forward returned {len(items)} items for a batch of {len(inputs['input_ids'])}")
+            rows = len(inputs[packing.LENGTHS] if packing.LENGTHS in inputs else inputs["input_ids"])
+            if len(items) != rows:
+                raise RuntimeError(f"forward returned {len(items)} items for a batch of {rows}")
             return items
 
         order, outputs = self._run_batches(
@@ -231,14 +252,13 @@ class ModelHost:
             pin = self.async_copies and torch.device(device).type == "cuda"
 
             def step(rows: np.ndarray) -> T:
-                inputs = self.tokenizer.collate(
-                    [tokenized.ids[i] for i in rows],
-                    None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows],
-                    pad_to_multiple_of,
-                )
-                # pinned host memory makes the copy truly asynchronous (pageable memory waits)
-                inputs = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in inputs.items()}
-                return forward(module, inputs)
+                ids = [tokenized.ids[i] for i in rows]
+                types = None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows]
+                if self.position_offset is not None:
+                    inputs = packing.pack(ids, types, self.position_offset)
+                else:
+                    inputs = self.tokenizer.collate(ids, types, pad_to_multiple_of)
+                return forward(module, _to_device(inputs, device, pin))
 
             with torch.inference_mode():
                 out = run_with_oom_backoff(step, batch, join)
@@ -264,6 +284,21 @@ class ModelHost:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _to_device(inputs: dict[str, Any], device: str, pin: bool) -> dict[str, Any]:
+    """Move a batch's tensors to ``device`` (plain values such as a packed batch's longest length
+    stay); a tensor under two keys is copied once. Pinned host memory makes the copy truly
+    asynchronous (pageable memory waits)."""
+    moved: dict[int, torch.Tensor] = {}
+    out: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            if id(value) not in moved:
+                moved[id(value)] = (value.pin_memory() if pin else value).to(device, non_blocking=True)
+            value = moved[id(value)]
+        out[key] = value
+    return out
 
 
 def _to_host(tensor: torch.Tensor, asynchronous: bool) -> torch.Tensor:

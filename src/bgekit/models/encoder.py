@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from .. import hub
+from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .embedder import Embedder
 from .onnx_backend import check_backend, load_onnx_module
-from .pooling import check_pooling, pool
+from .pooling import check_pooling, pool, pool_packed
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 
@@ -35,6 +36,13 @@ class FlagModel(Embedder):
 
         >>> fast = FlagModel("sentence-transformers/all-MiniLM-L6-v2", pooling_method="mean",  # doctest: +SKIP
         ...     devices="cpu", backend="onnx")
+
+    ``packed`` lays each batch's texts end to end instead of padding them, so no layer computes
+    on padding and attention runs the variable-length flash kernel. The default (``None``) packs
+    on CUDA in fp16/bf16 for BERT and RoBERTa-family encoders and Mistral / Llama / Qwen / Gemma
+    decoders (:class:`FlagLLMModel`, :class:`FlagICLModel`); ``True`` forces it (on the CPU and
+    in fp32 attention then runs text by text: exact), ``False`` keeps padded batches. The vectors
+    are the padded path's within float rounding (tests/test_packed.py).
 
     ``max_tokens_per_batch=N`` also caps each length-sorted batch at N padded tokens, so a batch
     of long texts shrinks and a batch of short ones keeps ``batch_size`` (same vectors).
@@ -57,6 +65,7 @@ class FlagModel(Embedder):
         convert_to_numpy: bool = True,
         backend: str = "torch",
         max_tokens_per_batch: int | None = None,
+        packed: bool | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -78,6 +87,7 @@ class FlagModel(Embedder):
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
         self.backend = check_backend(backend, devices)
+        self.packed_option = packed
         if self.backend == "torch":
             module = load_module(AutoModel, folder, trust_remote_code)
         else:  # ONNX Runtime replaces only the forward; tokenizer, batching and pooling stay
@@ -85,7 +95,16 @@ class FlagModel(Embedder):
                 AutoModel, folder, trust_remote_code, self.backend, "last_hidden_state", self.tokenizer.uses_type_ids
             )
         devices = devices if self.backend == "torch" else "cpu"
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, max_tokens_per_batch)
+        self.host = ModelHost(
+            module,
+            self.tokenizer,
+            devices,
+            self.use_fp16,
+            self.use_bf16,
+            max_tokens_per_batch,
+            packed=packed,
+            packable=self.backend == "torch",
+        )
         self.target_devices = self.host.devices
 
     @property
@@ -94,6 +113,9 @@ class FlagModel(Embedder):
         return self.host.module
 
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if packing.LENGTHS in inputs:
+            hidden = module(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
+            return pool_packed(hidden, inputs, self.pooling_method)
         hidden = module(**inputs, return_dict=True).last_hidden_state
         return pool(hidden, inputs["attention_mask"], self.pooling_method)
 

@@ -72,6 +72,7 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
     """
 
     ALWAYS_BOS = True
+    PACKABLE = False
     CALL_OPTIONS = (*FlagLLMReranker.CALL_OPTIONS, "cutoff_layers")
 
     def __init__(
@@ -168,6 +169,7 @@ class LightWeightFlagLLMReranker(FlagLLMReranker):
     """
 
     ALWAYS_BOS = True
+    PACKABLE = False
     CALL_OPTIONS = ("prompt", "cutoff_layers", "compress_layers", "compress_layer", "compress_ratio")
 
     def __init__(

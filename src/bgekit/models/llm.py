@@ -98,7 +98,8 @@ class FlagLLMModel(FlagModel):
         module = merge_lora(self.host.module, peft_path, vocab_size)
         budget = getattr(self.host, "max_tokens_per_batch", None)
         options = {} if budget is None else {"max_tokens_per_batch": budget}
-        self.host = ModelHost(module, self.tokenizer, self._devices_arg, self.use_fp16, self.use_bf16, **options)
+        devices, packed = self._devices_arg, self.packed_option
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed, **options)
         self.target_devices = self.host.devices
 
 

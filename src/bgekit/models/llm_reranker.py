@@ -20,6 +20,7 @@ import torch
 
 from .. import hub
 from ..errors import InputError, ModelNotFoundError
+from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
 from .reranker import Reranker
@@ -81,6 +82,10 @@ def yes_token_id(tokenizer: TextTokenizer, name: str) -> int:
 def yes_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor], yes_loc: int) -> torch.Tensor:
     """The "Yes" logit at each row's last real token (left or right padding). Inference and
     training (:mod:`bgekit.train.llm_reranker`) both score pairs here."""
+    if packing.LENGTHS in inputs:  # packed rows: the language-model head only at each pair's last token
+        last = inputs["cu_seq_lens_q"][1:].long() - 1
+        logits = module(**packing.model_inputs(inputs), logits_to_keep=last, return_dict=True).logits[0]
+        return logits[:, yes_loc]
     mask = inputs["attention_mask"]
     if bool(mask[:, -1].all()):  # left padding: every row ends in the last column
         logits = module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1]
@@ -122,6 +127,10 @@ def llm_pair_inputs(
 class FlagLLMReranker(Reranker):
     """Decoder-only reranker scored by the "Yes" logit at the last position.
 
+    ``packed`` (default ``None``: on CUDA in fp16/bf16 for Gemma / Mistral / Llama / Qwen bases)
+    lays each batch's pairs end to end instead of padding them, and runs the language-model head
+    on each pair's last token only; ``False`` keeps padded batches.
+
     Example:
         >>> from bgekit import FlagLLMReranker
         >>> reranker = FlagLLMReranker("BAAI/bge-reranker-v2-gemma", use_bf16=True)  # doctest: +SKIP
@@ -131,6 +140,9 @@ class FlagLLMReranker(Reranker):
     CALL_OPTIONS = ("prompt", "use_dataloader", "num_workers")
     #: layerwise and lightweight models always start with bos; the base model only if bos != pad
     ALWAYS_BOS = False
+    #: whether batches can be packed (:mod:`bgekit.runtime.packed`); not for the layerwise and
+    #: lightweight models, whose own forwards read per-layer states of padded batches
+    PACKABLE = True
 
     def __init__(
         self,
@@ -150,6 +162,7 @@ class FlagLLMReranker(Reranker):
         query_max_length: int | None = None,
         max_length: int = 512,
         normalize: bool = False,
+        packed: bool | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -176,7 +189,9 @@ class FlagLLMReranker(Reranker):
         if peft_path:
             module = merge_lora(module, peft_path, len(hf_tokenizer) if tokens_from != folder else None)
         self.yes_loc = yes_token_id(self.tokenizer, model_name_or_path)
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        self.host = ModelHost(
+            module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed, packable=self.PACKABLE
+        )
         self.target_devices = self.host.devices
 
     def _load_module(self, folder: Path, trust_remote_code: bool) -> torch.nn.Module:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import InputError
+from ..runtime import packed
 
 POOLING_METHODS = ("cls", "mean", "last_token")
 
@@ -28,4 +31,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
             return hidden[:, -1]
         last = attention_mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise InputError(f"pooling_method must be one of {POOLING_METHODS}, got {method!r}")
+
+
+def pool_packed(hidden: torch.Tensor, batch: dict[str, Any], method: str) -> torch.Tensor:
+    """:func:`pool` for a packed batch: ``hidden`` is ``[total_tokens, H]`` (every token real), the
+    sequence boundaries are the batch's (:func:`bgekit.runtime.packed.pack`); returns ``[B, H]``."""
+    if method == "cls":
+        return packed.first_tokens(hidden, batch)
+    if method == "mean":
+        return packed.mean_tokens(hidden, batch)
+    if method == "last_token":
+        return packed.last_tokens(hidden, batch)
     raise InputError(f"pooling_method must be one of {POOLING_METHODS}, got {method!r}")

@@ -19,6 +19,7 @@ import torch
 
 from .. import hub, registry
 from ..errors import InputError
+from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
 from .onnx_backend import check_backend, load_onnx_module
@@ -153,6 +154,10 @@ class FlagReranker(Reranker):
 
         >>> from bgekit import FlagReranker
         >>> FlagReranker("BAAI/bge-reranker-base", devices="cpu", backend="onnx")  # doctest: +SKIP
+
+    ``packed`` lays each batch's pairs end to end instead of padding them (BERT and RoBERTa-family
+    classifiers; the default ``None`` packs on CUDA in fp16/bf16, ``True`` forces it, ``False``
+    keeps padded batches); the scores are the padded path's within float rounding.
     """
 
     def __init__(
@@ -172,6 +177,7 @@ class FlagReranker(Reranker):
         normalize: bool = False,
         backend: str = "torch",
         max_tokens_per_batch: int | None = None,
+        packed: bool | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -209,7 +215,16 @@ class FlagReranker(Reranker):
                 f"{model_name_or_path} has {module.config.num_labels} output labels; a cross-encoder reranker needs 1"
             )
         devices = devices if self.backend == "torch" else "cpu"
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, max_tokens_per_batch)
+        self.host = ModelHost(
+            module,
+            self.tokenizer,
+            devices,
+            self.use_fp16,
+            self.use_bf16,
+            max_tokens_per_batch,
+            packed=packed,
+            packable=self.backend == "torch" and type(module).__name__ in PACKED_HEADS,
+        )
         self.target_devices = self.host.devices
 
     @property
@@ -218,6 +233,8 @@ class FlagReranker(Reranker):
 
     @staticmethod
     def _forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if packing.LENGTHS in inputs:
+            return _packed_logits(module, inputs).view(-1)
         return module(**inputs, return_dict=True).logits.view(-1)
 
     def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar):
@@ -339,6 +356,26 @@ RERANKER_CLASSES = {
     registry.LAYERWISE_RERANKER: ("bgekit.models.layerwise_reranker", "LayerWiseFlagLLMReranker"),
     registry.LIGHTWEIGHT_RERANKER: ("bgekit.models.layerwise_reranker", "LightWeightFlagLLMReranker"),
 }
+
+
+#: sequence classifiers whose head reads only the first token, so it can run on packed batches
+PACKED_HEADS = (
+    "BertForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "CamembertForSequenceClassification",
+)
+
+
+def _packed_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sequence classifier's logits for a packed batch: the encoder on the packed row, then the
+    classification head on each pair's first token (what the padded forward's head reads)."""
+    encoder = module.base_model
+    hidden = encoder(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
+    first = packing.first_tokens(hidden, inputs).unsqueeze(1)  # [B, 1, H]: the head takes [:, 0]
+    if type(module).__name__ == "BertForSequenceClassification":
+        return module.classifier(module.dropout(encoder.pooler(first)))
+    return module.classifier(first)
 
 
 def reranker_class(kind: str) -> type[Reranker]:

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Encoding, Tokenizer
 
 from ..errors import InputError, ModelNotFoundError
+from ..runtime.batching import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -181,19 +182,24 @@ class TextTokenizer:
         pad_to_multiple_of: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Pad a batch on the tokenizer's side into CPU tensors."""
-        width = max(len(x) for x in ids)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        width = int(lengths.max())
         if pad_to_multiple_of:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        columns = np.arange(width)
+        if self.padding_side == "left":
+            real = columns[None, :] >= (width - lengths)[:, None]
+        else:
+            real = columns[None, :] < lengths[:, None]
+        total = int(lengths.sum())
+        # a boolean mask fills row by row, left to right: the concatenated ids land in place
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        types = np.zeros((len(ids), width), dtype=np.int64) if type_ids is not None else None
-        left = self.padding_side == "left"
-        for row, seq in enumerate(ids):
-            span = slice(width - len(seq), width) if left else slice(0, len(seq))
-            input_ids[row, span] = seq
-            mask[row, span] = 1
-            if types is not None:
-                types[row, span] = type_ids[row]
+        input_ids[real] = flatten(ids, total)
+        mask = real.astype(np.int64)
+        types = None
+        if type_ids is not None:
+            types = np.zeros((len(ids), width), dtype=np.int64)
+            types[real] = flatten(type_ids, total)
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
         if types is not None:
             batch["token_type_ids"] = torch.from_numpy(types)

@@ -1,0 +1,306 @@
+"""Packed (padding-free) batches: every sequence of a batch laid end to end in one row.
+
+A padded batch of documents pays for its padding in every layer, and its attention runs a
+masked kernel. A packed batch holds only real tokens, ``[1, total_tokens]``, with the
+sequence boundaries in ``cu_seq_lens`` (cumulative lengths, as flash attention's variable-
+length kernels take them). The transformers model runs unchanged: its linear layers, norms
+and activations see the packed row, and its attention goes through :func:`packed_attention`,
+registered with transformers' attention interface under :data:`ATTENTION_NAME`, which keeps
+each sequence to itself:
+
+- CUDA, fp16/bf16: the flash variable-length kernel (no mask, no padding);
+- elsewhere (CPU, fp32): scaled dot-product attention sequence by sequence, the exact
+  reference the tests hold the fast kernel to.
+
+Called without packing keys (a normal padded batch) it is transformers' own SDPA attention,
+so a module switched to it behaves as before on padded input.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .batching import flatten
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "bgekit_packed"
+#: the keyword names transformers' models pass through to their attention (FlashAttentionKwargs)
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+#: the packed batch's own keys, which the model never sees
+SEQUENCE_IDS = "sequence_ids"
+LENGTHS = "lengths"
+
+
+#: encoder model types whose positions are absolute and restart per sequence: the first position
+#: is 0 (BERT) or the padding index + 1 (RoBERTa family)
+_ENCODERS = {"bert": False, "xlm-roberta": True, "roberta": True, "camembert": True}
+#: decoder model types with rotary positions from ``position_ids`` and no logit soft-capping
+_DECODERS = {"mistral", "llama", "qwen2", "qwen3", "gemma"}
+
+
+def position_offset(module: Any) -> int | None:
+    """The first position id of a sequence when packing supports ``module``, else None.
+
+    Supported: transformers' own classes (remote code may ignore the attention interface and
+    would attend across sequences) of the model types above, with absolute or rotary positions.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _DECODERS:
+        return 0
+    if model_type not in _ENCODERS or getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if not _ENCODERS[model_type]:
+        return 0
+    pad = getattr(config, "pad_token_id", None)
+    return (1 if pad is None else pad) + 1
+
+
+def choose(requested: bool | None, module: Any, dtypes: Sequence[torch.dtype], devices: Sequence[str]) -> int | None:
+    """Whether to pack ``module``'s batches: the position offset when yes, None when they stay padded.
+
+    ``requested=None`` (auto) packs where it pays: a supported model on CUDA devices in fp16/bf16
+    with flash attention built in. ``True`` packs anywhere the model is supported (on the CPU and
+    in fp32 the attention runs sequence by sequence: exact, for tests and checks); ``False`` never.
+    """
+    if requested is not None and not isinstance(requested, bool):
+        raise InputError(f"packed must be True, False or None, got {requested!r}")
+    if requested is False:
+        return None
+    offset = position_offset(module)
+    if requested is None:
+        fast = all(torch.device(d).type == "cuda" for d in devices) and all(
+            d in (torch.float16, torch.bfloat16) for d in dtypes
+        )
+        return offset if fast and torch.backends.cuda.is_flash_attention_available() else None
+    if offset is None:
+        kinds = ", ".join(sorted(set(_ENCODERS) | _DECODERS))
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        raise InputError(
+            f"packed=True is not supported for {type(module).__name__} (model type {model_type!r}; packing "
+            f"takes transformers' own {kinds} models); use packed=False"
+        )
+    return offset
+
+
+def pack(
+    ids: Sequence[Sequence[int]],
+    type_ids: Sequence[Sequence[int]] | None = None,
+    position_offset: int = 0,
+) -> dict[str, Any]:
+    """Lay a batch's token id lists end to end, with what the model and the pooling need.
+
+    Returns CPU tensors ``input_ids``, ``token_type_ids``, ``position_ids`` (each ``[1, T]``;
+    positions restart at ``position_offset`` for every sequence, as a padded batch's would),
+    ``cu_seq_lens_q``/``_k`` (int32, ``[B + 1]``), :data:`SEQUENCE_IDS` (``[T]``, the row each
+    token belongs to), :data:`LENGTHS` (``[B]``) and the longest length as Python ints
+    ``max_length_q``/``_k``. Token type ids are zeros when the tokenizer has none: a
+    ``[1, T]`` row is longer than the models' buffered defaults.
+    """
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    if len(lengths) == 0 or lengths.min() < 1:
+        raise ValueError("a packed batch needs at least one sequence and no empty sequence")
+    total = int(lengths.sum())
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    flat = flatten(ids, total)
+    types = np.zeros(total, dtype=np.int64) if type_ids is None else flatten(type_ids, total)
+    sequence_ids = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths) + position_offset
+    longest = int(lengths.max())
+    cu_tensor = torch.from_numpy(cu)
+    return {
+        "input_ids": torch.from_numpy(flat)[None],
+        "token_type_ids": torch.from_numpy(types)[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "cu_seq_lens_q": cu_tensor,
+        "cu_seq_lens_k": cu_tensor,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        SEQUENCE_IDS: torch.from_numpy(sequence_ids),
+        LENGTHS: torch.from_numpy(lengths),
+    }
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a packed batch that go to the transformers model (all but the pooling's)."""
+    return {k: v for k, v in batch.items() if k not in (SEQUENCE_IDS, LENGTHS)}
+
+
+def first_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Each sequence's first token (``[CLS]``/``<s>``) from packed ``[T, H]`` states: ``[B, H]``."""
+    return hidden.index_select(0, batch["cu_seq_lens_q"][:-1].long())
+
+
+def last_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Each sequence's last token from packed ``[T, H]`` states: ``[B, H]``."""
+    return hidden.index_select(0, batch["cu_seq_lens_q"][1:].long() - 1)
+
+
+def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Each sequence's mean token state from packed ``[T, H]`` states: ``[B, H]`` (summed in float32)."""
+    lengths = batch[LENGTHS]
+    sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, batch[SEQUENCE_IDS], hidden.float())
+    return (sums / lengths.to(sums.dtype).unsqueeze(-1)).to(hidden.dtype)
+
+
+# -- the attention ------------------------------------------------------------------------------
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature: ``query`` ``[B, heads, L, D]`` in,
+    ``[B, L, heads, D]`` out. Packed input (``cu_seq_lens_q`` given, ``B == 1``) attends within
+    each sequence; anything else is transformers' SDPA attention unchanged."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row of sequences laid end to end, got {query.shape[0]} rows")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("packed attention has no logit soft-capping; run this model padded")
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    longest = int(kwargs["max_length_q"])
+    # a sliding window (Mistral's) matters only for sequences longer than it: each token then sees
+    # itself and the window - 1 tokens before it, as transformers' sliding-window mask has it
+    window = kwargs.get("sliding_window")
+    left = window - 1 if causal and window is not None and longest > window else None
+    # [1, heads, T, D] -> [T, heads, D]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    if _flash_applies(q):
+        out = _flash_varlen(q, k, v, cu, longest, scaling, causal, left)
+    else:
+        out = _per_sequence(q, k, v, cu, scaling, causal, left)
+    return out.unsqueeze(0), None
+
+
+def _flash_applies(q: torch.Tensor) -> bool:
+    """The flash kernel takes CUDA fp16/bf16 with a head size it was built for."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and torch.backends.cuda.is_flash_attention_available()
+    )
+
+
+def _flash_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    longest: int,
+    scale: float | None,
+    causal: bool,
+    left: int | None = None,
+) -> torch.Tensor:
+    """The flash variable-length kernel (``left``: how many earlier tokens a causal token sees)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: one key/value head serves several query heads
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    public = _public_varlen()
+    if public is not None:
+        window = (-1 if left is None else left, 0) if causal else (-1, -1)
+        return public(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window)
+    # torch before 2.10: the aten kernel the public function wraps
+    options = {} if left is None else {"window_size_left": left, "window_size_right": 0}
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, longest, longest, 0.0, causal, False, scale=scale, **options
+    )
+    return out[0]
+
+
+@cache
+def _public_varlen():
+    """``torch.nn.attention.varlen.varlen_attn`` where this torch has the form with ``scale`` and
+    ``window_size`` (2.10 and later; 2.9's first form had neither), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    return varlen_attn if "scale" in parameters and "window_size" in parameters else None
+
+
+def _per_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float | None,
+    causal: bool,
+    left: int | None = None,
+) -> torch.Tensor:
+    """Exact reference: scaled dot-product attention over each sequence on its own."""
+    bounds = cu.tolist()
+    grouped = k.shape[1] != q.shape[1]
+    out = torch.empty_like(q)
+    for start, end in itertools.pairwise(bounds):
+        # [L, heads, D] -> [heads, L, D]
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if grouped:
+            repeat = qs.shape[0] // ks.shape[0]
+            ks, vs = ks.repeat_interleave(repeat, dim=0), vs.repeat_interleave(repeat, dim=0)
+        n = end - start
+        if causal and left is not None and n > left + 1:
+            at = torch.arange(n, device=q.device)
+            seen = (at[None, :] <= at[:, None]) & (at[None, :] >= at[:, None] - left)
+            attended = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen, scale=scale)
+        else:
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=causal and n > 1, scale=scale
+            )
+        out[start:end] = attended.transpose(0, 1)
+    return out
+
+
+def _packed_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    """No mask for a packed batch (the attention keeps sequences apart); SDPA's mask otherwise."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+@cache
+def register() -> str:
+    """Make :data:`ATTENTION_NAME` known to transformers (once per process); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _packed_mask)
+    return ATTENTION_NAME
+
+
+def use_packed_attention(module: torch.nn.Module) -> None:
+    """Switch a loaded transformers module's attention to :func:`packed_attention` (padded input
+    still gets SDPA through it, so this is safe for every call the module will see)."""
+    name = register()
+    module.set_attn_implementation(name)

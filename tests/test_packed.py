@@ -1,0 +1,273 @@
+"""Packed batches (every sequence end to end, no padding) give the padded path's results.
+
+On the CPU the packed attention runs sequence by sequence (``packed=True``); the CUDA flash
+kernel is checked against the padded path on a GPU (``-m gpu``). The model itself is the
+transformers module unchanged, so these tests also guard the assumptions packing makes about
+it: per-sequence positions, token type ids, the first/last/mean token of each sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bgekit import (
+    FlagICLModel,
+    FlagLLMModel,
+    FlagLLMReranker,
+    FlagModel,
+    FlagReranker,
+    LayerWiseFlagLLMReranker,
+    LightWeightFlagLLMReranker,
+)
+from bgekit.errors import InputError
+from bgekit.models.tokenization import load_hf_tokenizer
+from bgekit.runtime import packed
+
+TOL = 1e-5  # float32, the same math summed in another order (observed ~3e-7)
+HALF_TOL = 5e-3  # the documented fp16 tolerance (benchmarks/RESULTS.md)
+
+TEXTS = [
+    "one",
+    "",
+    "a longer sentence about retrieval, embeddings and rerankers " * 40,  # beyond max_length
+    "short text",
+    "the quick brown fox jumps over the lazy dog",
+    "embedding models map text to vectors",
+] * 3 + [f"sentence number {i} " * (1 + i % 9) for i in range(20)]
+PAIRS = [("what is a panda?", "The giant panda is a bear native to China. " * k) for k in range(1, 14)] + [
+    ("query with no passage", ""),
+    ("", "passage with no query"),
+    ("a long query " * 60, "and a long passage " * 60),
+]
+
+
+def test_pack_lays_sequences_end_to_end():
+    batch = packed.pack([[5, 6, 7], [8], [9, 10]], [[0, 0, 1], [0], [1, 1]], position_offset=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 1, 0, 1, 1]]
+    assert batch["position_ids"].tolist() == [[2, 3, 4, 2, 2, 3]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    assert batch[packed.SEQUENCE_IDS].tolist() == [0, 0, 0, 1, 2, 2]
+    assert batch[packed.LENGTHS].tolist() == [3, 1, 2]
+    assert set(packed.model_inputs(batch)) == {"input_ids", "token_type_ids", "position_ids", *packed.PACKING_KEYS}
+    # no type ids from the tokenizer: zeros (a [1, T] row is longer than the models' buffered defaults)
+    assert packed.pack([[1, 2], [3]])["token_type_ids"].tolist() == [[0, 0, 0]]
+    with pytest.raises(ValueError, match="empty"):
+        packed.pack([[1], []])
+
+
+def test_pooling_of_packed_states():
+    hidden = torch.arange(12, dtype=torch.float32).view(6, 2)
+    batch = packed.pack([[1, 1, 1], [1], [1, 1]])
+    assert packed.first_tokens(hidden, batch).tolist() == [[0, 1], [6, 7], [8, 9]]
+    assert packed.last_tokens(hidden, batch).tolist() == [[4, 5], [6, 7], [10, 11]]
+    assert packed.mean_tokens(hidden, batch).tolist() == [[2, 3], [6, 7], [9, 10]]
+
+
+def test_choice_of_packing(tiny_bert):
+    from transformers import AutoModel
+
+    module = AutoModel.from_pretrained(str(tiny_bert))
+    cpu, fp32 = ["cpu"], [torch.float32]
+    assert packed.choose(None, module, fp32, cpu) is None  # auto: CUDA half precision only
+    assert packed.choose(False, module, fp32, cpu) is None
+    assert packed.choose(True, module, fp32, cpu) == 0
+    module.config.model_type, module.config.pad_token_id = "xlm-roberta", 1
+    assert packed.choose(True, module, fp32, cpu) == 2  # RoBERTa positions start after padding
+    module.config.model_type = "gemma2"  # logit soft-capping: the variable-length kernel has none
+    with pytest.raises(InputError, match=r"gemma2.*packed=False"):
+        packed.choose(True, module, fp32, cpu)
+    with pytest.raises(InputError, match="packed must be True, False or None"):
+        packed.choose("yes", module, fp32, cpu)
+
+    class RemoteCode(torch.nn.Module):  # a model's own code may not use transformers' attention interface
+        config = module.config
+
+    module.config.model_type = "bert"
+    assert packed.position_offset(module) == 0 and packed.position_offset(RemoteCode()) is None
+
+
+def test_packed_refused_where_the_forward_cannot_take_it(tiny_bert):
+    with pytest.raises(InputError, match="packed=True is not supported"):
+        FlagModel(str(tiny_bert), devices="cpu", backend="onnx", packed=True)
+    assert not FlagModel(str(tiny_bert), devices="cpu").host.packed  # auto stays padded on the CPU
+
+
+@pytest.mark.parametrize(
+    ("fixture", "pooling"), [("tiny_bert", "cls"), ("tiny_bert", "mean"), ("tiny_xlmr", "cls"), ("tiny_xlmr", "mean")]
+)
+def test_packed_embeddings_match_padded(request, fixture, pooling):
+    folder = str(request.getfixturevalue(fixture))
+    padded = FlagModel(folder, devices="cpu", pooling_method=pooling, passage_max_length=48, packed=False)
+    fast = FlagModel(folder, devices="cpu", pooling_method=pooling, passage_max_length=48, packed=True)
+    assert fast.host.packed and not padded.host.packed
+    reference = padded.encode(TEXTS, batch_size=7)
+    got = fast.encode(TEXTS, batch_size=7)
+    assert got.shape == reference.shape
+    np.testing.assert_allclose(got, reference, atol=TOL)
+    # raw pooled vectors too (normalization can hide a scale error)
+    raw = {"normalize_embeddings": False}
+    np.testing.assert_allclose(fast.encode(TEXTS[:9], **raw), padded.encode(TEXTS[:9], **raw), atol=TOL)
+
+
+def test_packed_minilm_matches_padded(minilm_dir):
+    padded = FlagModel(str(minilm_dir), devices="cpu", pooling_method="mean", packed=False)
+    fast = FlagModel(str(minilm_dir), devices="cpu", pooling_method="mean", packed=True)
+    np.testing.assert_allclose(fast.encode(TEXTS, batch_size=8), padded.encode(TEXTS, batch_size=8), atol=TOL)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_reranker", "tiny_xlmr_reranker"])
+def test_packed_reranker_scores_match_padded(request, fixture):
+    folder = str(request.getfixturevalue(fixture))
+    padded = FlagReranker(folder, devices="cpu", max_length=64, packed=False)
+    fast = FlagReranker(folder, devices="cpu", max_length=64, packed=True)
+    assert fast.host.packed
+    np.testing.assert_allclose(
+        fast.compute_score(PAIRS, batch_size=5), padded.compute_score(PAIRS, batch_size=5), atol=TOL
+    )
+
+
+@pytest.mark.parametrize("name", ["mistral-llm", "mistral-icl"])
+def test_packed_decoder_embeddings_match_padded(golden_dir, name):
+    """Last-token pooling on packed rows: queries with instructions (and in-context examples for
+    ICL) and passages, against the decoder's usual left-padded batches."""
+    folder = str(golden_dir / "models" / name)
+    options = {"devices": "cpu", "query_instruction_for_retrieval": "Given a question, retrieve passages"}
+    if name == "mistral-icl":
+        model_class = FlagICLModel
+        options["examples_for_task"] = [{"instruct": "Find", "query": "what is bge", "response": "an embedder"}]
+    else:
+        model_class = FlagLLMModel
+        options["query_instruction_format"] = "<instruct>{}\n<query>{}"
+    padded, fast = model_class(folder, packed=False, **options), model_class(folder, packed=True, **options)
+    assert fast.host.packed
+    queries = [q for q, _ in PAIRS]
+    passages = [p for _, p in PAIRS]
+    np.testing.assert_allclose(
+        fast.encode_queries(queries, batch_size=4), padded.encode_queries(queries, batch_size=4), atol=TOL
+    )
+    np.testing.assert_allclose(
+        fast.encode_corpus(passages, batch_size=4), padded.encode_corpus(passages, batch_size=4), atol=TOL
+    )
+
+
+def test_switched_module_is_unchanged_on_padded_input(golden_dir):
+    """A module switched to the packed attention gives SDPA's exact output on padded batches."""
+    from transformers import AutoModel
+
+    folder = golden_dir / "models" / "bert-cls"
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokenizer = load_hf_tokenizer(folder)
+    inputs = tokenizer(["a b c d e f", "a", "b c"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**inputs).last_hidden_state
+        packed.use_packed_attention(model)
+        after = model(**inputs).last_hidden_state
+    assert model.config._attn_implementation == packed.ATTENTION_NAME
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize(("name", "window"), [("mistral-llm", None), ("mistral-llm", 3), ("gemma-llm-reranker", None)])
+def test_packed_causal_attention_matches_padded(golden_dir, name, window):
+    """Decoders: causal attention kept inside each sequence, grouped key/value heads, rotary
+    positions restarting per sequence, Mistral's sliding window (shorter than the texts here)."""
+    from transformers import AutoModel
+
+    folder = golden_dir / "models" / name
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert packed.position_offset(model) == 0
+    if window is not None:
+        model.config.sliding_window = window
+    tokenizer = load_hf_tokenizer(folder)
+    tokenizer.padding_side = "right"
+    texts = ["hello world", "a much longer sentence about vectors and search engines", "x", "three more words"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    ids = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+    packed.use_packed_attention(model)
+    batch = packed.pack(ids)
+    with torch.inference_mode():
+        reference = model(**inputs).last_hidden_state
+        flat = model(**packed.model_inputs(batch)).last_hidden_state[0]
+    for row, start in enumerate(batch["cu_seq_lens_q"][:-1].tolist()):
+        n = len(ids[row])
+        torch.testing.assert_close(flat[start : start + n], reference[row, :n], atol=TOL, rtol=0)
+
+
+# -- CUDA: the flash variable-length kernel ------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("fixture", "pooling"), [("tiny_bert", "cls"), ("tiny_xlmr", "mean"), ("minilm_dir", "mean")])
+def test_cuda_packed_half_matches_padded(request, fixture, pooling):
+    folder = str(request.getfixturevalue(fixture))
+    options = {"devices": "cuda:0", "pooling_method": pooling, "use_fp16": True}
+    fast = FlagModel(folder, **options)  # auto: packed on CUDA in fp16
+    padded = FlagModel(folder, packed=False, **options)
+    assert fast.host.packed and not padded.host.packed
+    got, reference = fast.encode(TEXTS, batch_size=8), padded.encode(TEXTS, batch_size=8)
+    np.testing.assert_allclose(got, reference, atol=HALF_TOL)
+    cpu = FlagModel(folder, devices="cpu", pooling_method=pooling).encode(TEXTS, batch_size=8)
+    np.testing.assert_allclose(got, cpu, atol=HALF_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_flash_kernel_is_used_and_matches_per_sequence():
+    torch.manual_seed(0)
+    lengths = [5, 1, 17, 64, 3]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lengths), 4, 32, device="cuda", dtype=torch.float16) for _ in range(3))
+    assert packed._flash_applies(q)
+    for causal, left in ((False, None), (True, None), (True, 4)):  # left: a sliding window's reach
+        fast = packed._flash_varlen(q, k, v, cu, max(lengths), None, causal, left)
+        exact = packed._per_sequence(q.float(), k.float(), v.float(), cu, None, causal, left)
+        torch.testing.assert_close(fast.float(), exact, atol=HALF_TOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packed_reranker_matches_padded(tiny_xlmr_reranker):
+    options = {"devices": "cuda:0", "use_fp16": True, "max_length": 64}
+    fast, padded = (
+        FlagReranker(str(tiny_xlmr_reranker), **options),
+        FlagReranker(str(tiny_xlmr_reranker), packed=False, **options),
+    )
+    assert fast.host.packed
+    np.testing.assert_allclose(
+        fast.compute_score(PAIRS, batch_size=5), padded.compute_score(PAIRS, batch_size=5), atol=HALF_TOL
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packed_decoder_matches_padded(golden_dir):
+    folder = str(golden_dir / "models" / "mistral-icl")
+    options = {"devices": "cuda:0", "use_fp16": True, "query_instruction_for_retrieval": "Given a question"}
+    fast, padded = FlagICLModel(folder, **options), FlagICLModel(folder, packed=False, **options)
+    assert fast.host.packed
+    queries = [q for q, _ in PAIRS]
+    np.testing.assert_allclose(fast.encode_queries(queries), padded.encode_queries(queries), atol=HALF_TOL)
+
+
+def test_packed_llm_reranker_matches_padded(golden_dir):
+    """The Yes logit of each pair's last token, the head run on those tokens only."""
+    folder = str(golden_dir / "models" / "gemma-llm-reranker")
+    padded = FlagLLMReranker(folder, devices="cpu", packed=False)
+    fast = FlagLLMReranker(folder, devices="cpu", packed=True)
+    assert fast.host.packed
+    np.testing.assert_allclose(
+        fast.compute_score(PAIRS, batch_size=5), padded.compute_score(PAIRS, batch_size=5), atol=TOL
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_class", "name"),
+    [(LayerWiseFlagLLMReranker, "minicpm-layerwise"), (LightWeightFlagLLMReranker, "gemma2-lightweight")],
+)
+def test_layerwise_rerankers_stay_padded(golden_dir, model_class, name):
+    folder = str(golden_dir / "models" / name)
+    assert not model_class(folder, devices="cpu").host.packed
+    with pytest.raises(InputError, match="packed=True is not supported"):
+        model_class(folder, devices="cpu", packed=True)
