@@ -5,7 +5,8 @@
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
 # issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (where
 # a bge-small / bge-base encode's time goes on the GPU, padded and packed), speed (the speed issue's
-# table, bgekit packed and padded side by side). The default STEPS are what the open speed issue
+# table, bgekit packed and padded side by side), copies (async_copies against plain copies on
+# bge-small and bge-base). The default STEPS are what the open speed issue
 # needs; name the others to rerun them (every step ran on an H200 on 2026-11-26). Each step gets
 # its own limit, cut to what is left of BUDGET seconds, so a slow step cannot starve the log.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
-STEPS=${STEPS:-env,gputests,profile,speed}
+STEPS=${STEPS:-env,gputests,profile,speed,copies}
 PY=${PY:-python3}
 DEADLINE=$(($(date +%s) + BUDGET))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true BGEKIT_SHARED=$PWD/.gpu
@@ -54,3 +55,5 @@ step profile 120 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/speed.
 step speed 300 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
     --flag-path /tmp/flag-site --padded-too \
     --models bge-base,bge-small,bge-large,bge-reranker-base,bge-en-icl-8L --json "$OUT/speed.json"
+step copies 120 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
+    --async-copies --sync-too --models bge-small,bge-base --json "$OUT/copies.json"

@@ -37,10 +37,14 @@ OVERLAP_CHUNK = 1024
 class ModelHost:
     """A transformers module and its tokenizer, placed on one or more devices."""
 
-    #: CUDA only: copy inputs from pinned memory and outputs back without a synchronisation per batch
-    #: (one at the end of :meth:`run`). Its results equal the plain path's (tests/test_fast_paths.py
-    #: passed on an H200), but it was slower there (bge-small documents 4,996/s against 6,184/s with
-    #: plain copies: benchmarks/RESULTS.md), so it stays opt-in: ``host.async_copies = True``.
+    #: CUDA only: copy inputs from pinned memory and each batch's output back without stopping the
+    #: device: the host waits for batch k's copy only after batch k + 1 is launched (one batch of
+    #: lag), so the device never idles while the host prepares a batch, and the host never runs
+    #: more than one batch ahead (its waits release the GIL for the tokenizer thread). Results equal
+    #: the plain path's (tests/test_fast_paths.py). An earlier form that waited only once at the end
+    #: of :meth:`run` was slower on an H200 (bge-small documents 4,996/s against 6,184/s with plain
+    #: copies: benchmarks/RESULTS.md); this form is not yet timed there, so it stays opt-in:
+    #: ``host.async_copies = True``.
     async_copies: bool = False
 
     def __init__(
@@ -114,24 +118,25 @@ class ModelHost:
     ) -> torch.Tensor:
         """Forward every input in length-sorted batches; rows come back in input order (float32, CPU).
 
-        With :attr:`async_copies` on CUDA each batch's output is copied back without waiting (into
-        pinned memory) and the devices are synchronised once at the end, not once per batch.
+        With :attr:`async_copies` on CUDA each batch's output is copied back into pinned memory
+        while the next batch runs (:class:`_LaggedCopies`).
         """
+        copies = _LaggedCopies(self.async_copies)
 
         def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            self._synchronize()  # the halves of an OOM split may still be in flight
+            copies.finish()  # the halves of an OOM split may still be in flight
             return torch.cat([a, b])
 
         order, outputs = self._run_batches(
             tokenized,
-            lambda module, inputs: _to_host(forward(module, inputs).float(), self.async_copies),
+            lambda module, inputs: copies.submit(forward(module, inputs).float()),
             batch_size,
             joined,
             desc=desc,
             pad_to_multiple_of=pad_to_multiple_of,
             show_progress_bar=show_progress_bar,
         )
-        self._synchronize()
+        copies.finish()
         if not outputs:
             raise InputError("nothing to run: no inputs were given")
         stacked = torch.cat(outputs)
@@ -185,14 +190,6 @@ class ModelHost:
                 pending.cancel()
                 bar.close()
         return torch.cat(parts), truncated
-
-    def _synchronize(self) -> None:
-        """Wait for this host's CUDA devices (outstanding non-blocking copies); free elsewhere."""
-        if not self.async_copies:
-            return
-        for device in self.devices:
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
 
     def run_items(
         self,
@@ -301,14 +298,36 @@ def _to_device(inputs: dict[str, Any], device: str, pin: bool) -> dict[str, Any]
     return out
 
 
-def _to_host(tensor: torch.Tensor, asynchronous: bool) -> torch.Tensor:
-    """Start the copy of a device tensor to CPU memory without waiting for it (CUDA, when
-    ``asynchronous``); a plain ``.cpu()`` otherwise. The caller synchronises before reading."""
-    if not asynchronous or tensor.device.type != "cuda":
-        return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
+class _LaggedCopies:
+    """Each batch's output to host memory, one batch late on CUDA (with ``asynchronous``).
+
+    ``submit`` queues the device-to-host copy of batch k into pinned memory behind batch k's
+    kernels, records an event, and then waits for batch k - 1's event only: by then batch k is
+    queued, so the device stays busy while the host prepares batch k + 1. A plain ``.cpu()``
+    (copy and wait) otherwise. Read the returned tensors after :meth:`finish`.
+    """
+
+    def __init__(self, asynchronous: bool):
+        self.asynchronous = asynchronous
+        self._last: dict[torch.device, torch.cuda.Event] = {}  # one entry per device thread
+
+    def submit(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.asynchronous or tensor.device.type != "cuda":
+            return tensor.cpu()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+        previous = self._last.get(tensor.device)
+        self._last[tensor.device] = done
+        if previous is not None:
+            previous.synchronize()
+        return host
+
+    def finish(self) -> None:
+        """Wait for every copy submitted so far."""
+        for done in list(self._last.values()):
+            done.synchronize()
 
 
 def _max_positions(config) -> int | None:
