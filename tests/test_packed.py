@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bgekit import (
+    BGEM3FlagModel,
     FlagICLModel,
     FlagLLMModel,
     FlagLLMReranker,
@@ -271,3 +272,25 @@ def test_layerwise_rerankers_stay_padded(golden_dir, model_class, name):
     assert not model_class(folder, devices="cpu").host.packed
     with pytest.raises(InputError, match="packed=True is not supported"):
         model_class(folder, devices="cpu", packed=True)
+
+
+def test_packed_m3_matches_padded(golden_dir):
+    """M3's three outputs from packed rows: dense (CLS), lexical weights and ColBERT vectors per token."""
+    folder = str(golden_dir / "models" / "xlmr-m3")
+    padded = BGEM3FlagModel(folder, devices="cpu", packed=False)
+    fast = BGEM3FlagModel(folder, devices="cpu", packed=True)
+    assert fast.host.packed
+    texts = [t for pair in PAIRS for t in pair]
+    flags = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True, "batch_size": 6}
+    got, reference = fast.encode(texts, **flags), padded.encode(texts, **flags)
+    np.testing.assert_allclose(got["dense_vecs"], reference["dense_vecs"], atol=TOL)
+    for mine, theirs in zip(got["lexical_weights"], reference["lexical_weights"], strict=True):
+        assert mine.keys() == theirs.keys()
+        np.testing.assert_allclose([mine[k] for k in theirs], list(theirs.values()), atol=TOL)
+    for mine, theirs in zip(got["colbert_vecs"], reference["colbert_vecs"], strict=True):
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs, atol=TOL)
+    scores = fast.compute_score(PAIRS[:4], batch_size=3)
+    expected = padded.compute_score(PAIRS[:4], batch_size=3)
+    for mode in expected:
+        np.testing.assert_allclose(scores[mode], expected[mode], atol=TOL)

@@ -20,10 +20,11 @@ import torch
 
 from .. import hub
 from ..errors import InputError, ModelNotFoundError
+from ..runtime import packed as packing
 from .base import ItemForward, ModelHost, load_module
 from .embedder import Embedder, with_instruction
 from .inputs import as_pair_list, as_text_list
-from .pooling import check_pooling, pool
+from .pooling import check_pooling, pool, pool_packed
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ class M3Module(torch.nn.Module):
         """The encoder's config (ModelHost reads the position limit from it)."""
         return self.encoder.config
 
+    @property
+    def packing_core(self) -> torch.nn.Module:
+        """The transformers module whose attention packing switches (the heads are per token)."""
+        return self.encoder
+
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the encoder."""
         return self.encoder(**inputs, return_dict=True).last_hidden_state
@@ -89,6 +95,9 @@ def load_head(path: Path, out_features: int | None = None) -> torch.nn.Linear:
 
 class BGEM3FlagModel(Embedder):
     """BGE-M3 embedder: dense, sparse (lexical) and multi-vector (ColBERT) outputs, and hybrid scores.
+
+    ``packed`` (default ``None``: on CUDA in fp16/bf16) lays each batch's texts end to end
+    instead of padding them, so the encoder and both per-token heads compute on real tokens only.
 
     Example:
         >>> from bgekit import BGEM3FlagModel
@@ -118,6 +127,7 @@ class BGEM3FlagModel(Embedder):
         return_dense: bool = True,
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
+        packed: bool | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -139,7 +149,7 @@ class BGEM3FlagModel(Embedder):
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
         module = self._load_module(folder, trust_remote_code, colbert_dim)
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16)
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed)
         self.target_devices = self.host.devices
         hf = self.tokenizer.hf
         # ids that never get a lexical weight (FlagEmbedding's list)
@@ -345,6 +355,8 @@ class BGEM3FlagModel(Embedder):
         """A batch forward computing only the requested outputs, split per text with padding removed."""
 
         def forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[_Item]:
+            if packing.LENGTHS in inputs:
+                return packed_forward(module, inputs)
             hidden = module(**inputs)
             mask = inputs["attention_mask"]
             vectors = pool(hidden, mask, self.pooling_method).float().cpu() if dense else None
@@ -365,6 +377,30 @@ class BGEM3FlagModel(Embedder):
                     colbert=None if multi is None else multi[row][keep[row, 1:]],
                 )
                 for row in range(len(ids))
+            ]
+
+        def packed_forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[_Item]:
+            """The same outputs from packed rows: every token is real, so the heads run on no padding."""
+            hidden = module(**packing.model_inputs(inputs))[0]  # [T, H]
+            lengths = inputs[packing.LENGTHS].tolist()
+            vectors = pool_packed(hidden, inputs, self.pooling_method).float().cpu() if dense else None
+            ids = weights = multi = None
+            if sparse:
+                ids = inputs["input_ids"][0].cpu().split(lengths)
+                weights = torch.relu(module.sparse_linear(hidden)).squeeze(-1).float().cpu().split(lengths)
+            if colbert:
+                multi = module.colbert_linear(hidden).float()
+                if normalize_colbert:
+                    multi = torch.nn.functional.normalize(multi, dim=-1)
+                multi = [row[1:] for row in multi.cpu().split(lengths)]  # every token but the first
+            return [
+                _Item(
+                    dense=None if vectors is None else vectors[row],
+                    token_ids=None if ids is None else ids[row].numpy(),
+                    token_weights=None if weights is None else weights[row].numpy(),
+                    colbert=None if multi is None else multi[row],
+                )
+                for row in range(len(lengths))
             ]
 
         return forward

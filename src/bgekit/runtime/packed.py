@@ -54,6 +54,7 @@ def position_offset(module: Any) -> int | None:
     Supported: transformers' own classes (remote code may ignore the attention interface and
     would attend across sequences) of the model types above, with absolute or rotary positions.
     """
+    module = packing_core(module)
     if not type(module).__module__.startswith("transformers."):
         return None
     config = getattr(module, "config", None)
@@ -66,6 +67,12 @@ def position_offset(module: Any) -> int | None:
         return 0
     pad = getattr(config, "pad_token_id", None)
     return (1 if pad is None else pad) + 1
+
+
+def packing_core(module: Any) -> Any:
+    """The transformers module inside a wrapper that names one (``packing_core``, as M3's encoder
+    plus heads does), else ``module`` itself."""
+    return getattr(module, "packing_core", module)
 
 
 def choose(requested: bool | None, module: Any, dtypes: Sequence[torch.dtype], devices: Sequence[str]) -> int | None:
@@ -87,9 +94,10 @@ def choose(requested: bool | None, module: Any, dtypes: Sequence[torch.dtype], d
         return offset if fast and torch.backends.cuda.is_flash_attention_available() else None
     if offset is None:
         kinds = ", ".join(sorted(set(_ENCODERS) | _DECODERS))
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        core = packing_core(module)
+        model_type = getattr(getattr(core, "config", None), "model_type", None)
         raise InputError(
-            f"packed=True is not supported for {type(module).__name__} (model type {model_type!r}; packing "
+            f"packed=True is not supported for {type(core).__name__} (model type {model_type!r}; packing "
             f"takes transformers' own {kinds} models); use packed=False"
         )
     return offset
@@ -303,4 +311,4 @@ def use_packed_attention(module: torch.nn.Module) -> None:
     """Switch a loaded transformers module's attention to :func:`packed_attention` (padded input
     still gets SDPA through it, so this is safe for every call the module will see)."""
     name = register()
-    module.set_attn_implementation(name)
+    packing_core(module).set_attn_implementation(name)
