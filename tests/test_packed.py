@@ -56,7 +56,7 @@ def test_pack_lays_sequences_end_to_end():
     assert set(packed.model_inputs(batch)) == {"input_ids", "token_type_ids", "position_ids", *packed.PACKING_KEYS}
     # no type ids from the tokenizer: zeros (a [1, T] row is longer than the models' buffered defaults)
     assert packed.pack([[1, 2], [3]])["token_type_ids"].tolist() == [[0, 0, 0]]
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(InputError, match="input 1 of a batch has no tokens"):
         packed.pack([[1], []])
 
 
@@ -294,3 +294,23 @@ def test_packed_m3_matches_padded(golden_dir):
     expected = padded.compute_score(PAIRS[:4], batch_size=3)
     for mode in expected:
         np.testing.assert_allclose(scores[mode], expected[mode], atol=TOL)
+
+
+def test_model_refusing_packed_attention(tiny_bert, monkeypatch):
+    """A model class that refuses a custom attention: a clear error when packing was asked for,
+    padded batches when it was only the automatic choice."""
+    from transformers import AutoModel
+
+    from bgekit.models.base import ModelHost
+    from bgekit.models.tokenization import TextTokenizer
+
+    def refuse(self, name):
+        raise ValueError(f"{type(self).__name__} does not support an attention backend")
+
+    monkeypatch.setattr(type(AutoModel.from_pretrained(str(tiny_bert))), "set_attn_implementation", refuse)
+    tokenizer = TextTokenizer(load_hf_tokenizer(tiny_bert))
+    with pytest.raises(InputError, match="packed=True: BertModel refused packed attention"):
+        ModelHost(AutoModel.from_pretrained(str(tiny_bert)), tokenizer, "cpu", False, False, packed=True)
+    monkeypatch.setattr(packed, "choose", lambda *args: 0)  # as if on CUDA in fp16
+    host = ModelHost(AutoModel.from_pretrained(str(tiny_bert)), tokenizer, "cpu", False, False, packed=None)
+    assert not host.packed

@@ -78,7 +78,13 @@ class ModelHost:
         #: first position id of each packed sequence; None when batches are padded
         self.position_offset = packing.choose(packed, module, dtypes, self.devices)
         if self.position_offset is not None:
-            packing.use_packed_attention(module)  # before the replicas are copied from it
+            try:
+                packing.use_packed_attention(module)  # before the replicas are copied from it
+            except (ValueError, NotImplementedError) as exc:  # a model class that refuses custom attention
+                if packed:
+                    raise InputError(f"packed=True: {type(module).__name__} refused packed attention: {exc}") from exc
+                logger.info("padded batches for %s: it refused packed attention (%s)", type(module).__name__, exc)
+                self.position_offset = None
         self.pool = ReplicaPool(module, self.devices, lambda d: resolve_dtype(d, use_fp16, use_bf16))
         self.max_positions = _max_positions(module.config)
 

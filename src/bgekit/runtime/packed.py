@@ -118,8 +118,13 @@ def pack(
     ``[1, T]`` row is longer than the models' buffered defaults.
     """
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    if len(lengths) == 0 or lengths.min() < 1:
-        raise ValueError("a packed batch needs at least one sequence and no empty sequence")
+    if len(lengths) == 0:
+        raise InputError("nothing to pack: the batch is empty")
+    if lengths.min() < 1:
+        raise InputError(
+            f"input {int(lengths.argmin())} of a batch has no tokens (an empty text, with a tokenizer that adds "
+            "no special tokens): drop empty texts, or use packed=False"
+        )
     total = int(lengths.sum())
     cu = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
