@@ -163,11 +163,19 @@ def last_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Each sequence's mean token state from packed ``[T, H]`` states: ``[B, H]`` (summed in float32)."""
+    """Each sequence's mean token state from packed ``[T, H]`` states: ``[B, H]``.
+
+    The states are laid back into a zero-padded ``[B, longest, H]`` grid and summed there in float32:
+    the same order on every run (a scatter-add's atomics on CUDA would not be), at the memory a
+    padded batch's states take anyway.
+    """
     lengths = batch[LENGTHS]
-    sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, batch[SEQUENCE_IDS], hidden.float())
-    return (sums / lengths.to(sums.dtype).unsqueeze(-1)).to(hidden.dtype)
+    rows = batch[SEQUENCE_IDS]
+    starts = batch["cu_seq_lens_q"][:-1].long()
+    columns = torch.arange(hidden.shape[0], device=hidden.device) - starts[rows]
+    grid = hidden.new_zeros(len(lengths), int(batch["max_length_q"]), hidden.shape[-1])
+    grid[rows, columns] = hidden
+    return (grid.float().sum(dim=1) / lengths.to(torch.float32).unsqueeze(-1)).to(hidden.dtype)
 
 
 # -- the attention ------------------------------------------------------------------------------
