@@ -74,6 +74,7 @@ def test_choice_of_packing(tiny_bert):
     module = AutoModel.from_pretrained(str(tiny_bert))
     cpu, fp32 = ["cpu"], [torch.float32]
     assert packed.choose(None, module, fp32, cpu) is None  # auto: CUDA half precision only
+    assert not packed._flash_device(torch.device("cpu"))
     assert packed.choose(False, module, fp32, cpu) is None
     assert packed.choose(True, module, fp32, cpu) == 0
     module.config.model_type, module.config.pad_token_id = "xlm-roberta", 1

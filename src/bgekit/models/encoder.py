@@ -39,10 +39,11 @@ class FlagModel(Embedder):
 
     ``packed`` lays each batch's texts end to end instead of padding them, so no layer computes
     on padding and attention runs the variable-length flash kernel. The default (``None``) packs
-    on CUDA in fp16/bf16 for BERT and RoBERTa-family encoders and Mistral / Llama / Qwen / Gemma
-    decoders (:class:`FlagLLMModel`, :class:`FlagICLModel`); ``True`` forces it (on the CPU and
-    in fp32 attention then runs text by text: exact), ``False`` keeps padded batches. The vectors
-    are the padded path's within float rounding (tests/test_packed.py).
+    on CUDA in fp16/bf16 (cards of compute capability 8.0 and up) for BERT and RoBERTa-family
+    encoders and Mistral / Llama / Qwen / Gemma decoders (:class:`FlagLLMModel`,
+    :class:`FlagICLModel`); ``True`` forces it (on the CPU and in fp32 attention then runs text by
+    text: exact), ``False`` keeps padded batches. The vectors are the padded path's within float
+    rounding (tests/test_packed.py).
 
     ``max_tokens_per_batch=N`` also caps each length-sorted batch at N padded tokens, so a batch
     of long texts shrinks and a batch of short ones keeps ``batch_size`` (same vectors).

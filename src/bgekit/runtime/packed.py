@@ -91,7 +91,7 @@ def choose(requested: bool | None, module: Any, dtypes: Sequence[torch.dtype], d
         fast = all(torch.device(d).type == "cuda" for d in devices) and all(
             d in (torch.float16, torch.bfloat16) for d in dtypes
         )
-        return offset if fast and torch.backends.cuda.is_flash_attention_available() else None
+        return offset if fast and all(_flash_device(torch.device(d)) for d in devices) else None
     if offset is None:
         kinds = ", ".join(sorted(set(_ENCODERS) | _DECODERS))
         core = packing_core(module)
@@ -219,14 +219,24 @@ def packed_attention(
 
 
 def _flash_applies(q: torch.Tensor) -> bool:
-    """The flash kernel takes CUDA fp16/bf16 with a head size it was built for."""
+    """The flash kernel takes CUDA fp16/bf16 with a head size it was built for, on a card it runs on."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0
         and q.shape[-1] <= 256
-        and torch.backends.cuda.is_flash_attention_available()
+        and _flash_device(q.device)
     )
+
+
+@cache
+def _flash_device(device: torch.device) -> bool:
+    """Whether this torch has the flash kernel and ``device`` runs it (compute capability 8.0 and up:
+    A100, L4, H100, ...; not a T4 or V100, where packing would fall back to per-sequence attention)."""
+    if device.type != "cuda" or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _flash_varlen(
