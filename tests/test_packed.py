@@ -8,6 +8,8 @@ it: per-sequence positions, token type ids, the first/last/mean token of each se
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,37 @@ def test_pack_lays_sequences_end_to_end():
     assert packed.pack([[1, 2], [3]])["token_type_ids"].tolist() == [[0, 0, 0]]
     with pytest.raises(InputError, match="input 1 of a batch has no tokens"):
         packed.pack([[1], []])
+
+
+def per_sequence_attention(q, k, v, cu, causal: bool, left: int | None = None) -> torch.Tensor:
+    """The reference: each sequence's own scaled dot-product attention (``[T, heads, D]`` rows)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for start, end in itertools.pairwise(bounds):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if ks.shape[0] != qs.shape[0]:
+            ks, vs = (t.repeat_interleave(qs.shape[0] // t.shape[0], dim=0) for t in (ks, vs))
+        at = torch.arange(end - start, device=q.device)
+        seen = at[None, :] <= at[:, None] if causal else torch.ones(end - start, end - start, dtype=torch.bool)
+        if causal and left is not None:
+            seen = seen & (at[None, :] >= at[:, None] - left)
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("causal", "left", "kv_heads"), [(False, None, 4), (True, None, 4), (True, 3, 4), (True, None, 2)]
+)
+def test_grid_fallback_attention_is_per_sequence_attention(causal, left, kv_heads):
+    """The non-flash path (one SDPA call over a padded grid) equals attention sequence by sequence:
+    bidirectional, causal, a sliding window, grouped key/value heads."""
+    torch.manual_seed(0)
+    lengths = [5, 1, 17, 9, 2]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q = torch.randn(sum(lengths), 4, 8)
+    k, v = torch.randn(sum(lengths), kv_heads, 8), torch.randn(sum(lengths), kv_heads, 8)
+    got = packed._in_grid(q, k, v, cu, max(lengths), None, causal, left)
+    torch.testing.assert_close(got, per_sequence_attention(q, k, v, cu, causal, left), atol=1e-6, rtol=0)
 
 
 def test_pooling_of_packed_states():
@@ -216,7 +249,7 @@ def test_cuda_packed_half_matches_padded(request, fixture, pooling):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_flash_kernel_is_used_and_matches_per_sequence():
+def test_cuda_flash_kernel_matches_per_sequence_attention():
     torch.manual_seed(0)
     lengths = [5, 1, 17, 64, 3]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
@@ -224,7 +257,7 @@ def test_cuda_flash_kernel_is_used_and_matches_per_sequence():
     assert packed._flash_applies(q)
     for causal, left in ((False, None), (True, None), (True, 4)):  # left: a sliding window's reach
         fast = packed._flash_varlen(q, k, v, cu, max(lengths), None, causal, left)
-        exact = packed._per_sequence(q.float(), k.float(), v.float(), cu, None, causal, left)
+        exact = per_sequence_attention(q.float(), k.float(), v.float(), cu, causal, left)
         torch.testing.assert_close(fast.float(), exact, atol=HALF_TOL, rtol=0)
 
 

@@ -41,8 +41,8 @@ class FlagModel(Embedder):
     on padding and attention runs the variable-length flash kernel. The default (``None``) packs
     on CUDA in fp16/bf16 (cards of compute capability 8.0 and up) for BERT and RoBERTa-family
     encoders and Mistral / Llama / Qwen / Gemma decoders (:class:`FlagLLMModel`,
-    :class:`FlagICLModel`); ``True`` forces it (on the CPU and in fp32 attention then runs text by
-    text: exact), ``False`` keeps padded batches. The vectors are the padded path's within float
+    :class:`FlagICLModel`); ``True`` forces it (on the CPU and in fp32 attention then runs over a padded
+    grid: exact, no faster), ``False`` keeps padded batches. The vectors are the padded path's within float
     rounding (tests/test_packed.py).
 
     ``max_tokens_per_batch=N`` also caps each length-sorted batch at N padded tokens, so a batch

@@ -9,8 +9,8 @@ registered with transformers' attention interface under :data:`ATTENTION_NAME`, 
 each sequence to itself:
 
 - CUDA, fp16/bf16: the flash variable-length kernel (no mask, no padding);
-- elsewhere (CPU, fp32): scaled dot-product attention sequence by sequence, the exact
-  reference the tests hold the fast kernel to.
+- elsewhere (CPU, fp32, cards without flash): one scaled dot-product attention call over the
+  sequences laid back into a padded grid (exact; the tests hold both to per-sequence attention).
 
 Called without packing keys (a normal padded batch) it is transformers' own SDPA attention,
 so a module switched to it behaves as before on padded input.
@@ -19,7 +19,6 @@ so a module switched to it behaves as before on padded input.
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 from collections.abc import Sequence
 from functools import cache
@@ -80,7 +79,7 @@ def choose(requested: bool | None, module: Any, dtypes: Sequence[torch.dtype], d
 
     ``requested=None`` (auto) packs where it pays: a supported model on CUDA devices in fp16/bf16
     with flash attention built in. ``True`` packs anywhere the model is supported (on the CPU and
-    in fp32 the attention runs sequence by sequence: exact, for tests and checks); ``False`` never.
+    in fp32 the attention runs over a padded grid: exact, no faster than padding); ``False`` never.
     """
     if requested is not None and not isinstance(requested, bool):
         raise InputError(f"packed must be True, False or None, got {requested!r}")
@@ -214,7 +213,7 @@ def packed_attention(
     if _flash_applies(q):
         out = _flash_varlen(q, k, v, cu, longest, scaling, causal, left)
     else:
-        out = _per_sequence(q, k, v, cu, scaling, causal, left)
+        out = _in_grid(q, k, v, cu, longest, scaling, causal, left)
     return out.unsqueeze(0), None
 
 
@@ -232,7 +231,7 @@ def _flash_applies(q: torch.Tensor) -> bool:
 @cache
 def _flash_device(device: torch.device) -> bool:
     """Whether this torch has the flash kernel and ``device`` runs it (compute capability 8.0 and up:
-    A100, L4, H100, ...; not a T4 or V100, where packing would fall back to per-sequence attention)."""
+    A100, L4, H100, ...; not a T4 or V100, where packed attention would take the padded-grid fallback)."""
     if device.type != "cuda" or not torch.backends.cuda.is_flash_attention_available():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -278,36 +277,41 @@ def _public_varlen():
     return varlen_attn if "scale" in parameters and "window_size" in parameters else None
 
 
-def _per_sequence(
+def _in_grid(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu: torch.Tensor,
+    longest: int,
     scale: float | None,
     causal: bool,
     left: int | None = None,
 ) -> torch.Tensor:
-    """Exact reference: scaled dot-product attention over each sequence on its own."""
-    bounds = cu.tolist()
-    grouped = k.shape[1] != q.shape[1]
-    out = torch.empty_like(q)
-    for start, end in itertools.pairwise(bounds):
-        # [L, heads, D] -> [heads, L, D]
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        if grouped:
-            repeat = qs.shape[0] // ks.shape[0]
-            ks, vs = ks.repeat_interleave(repeat, dim=0), vs.repeat_interleave(repeat, dim=0)
-        n = end - start
-        if causal and left is not None and n > left + 1:
-            at = torch.arange(n, device=q.device)
-            seen = (at[None, :] <= at[:, None]) & (at[None, :] >= at[:, None] - left)
-            attended = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen, scale=scale)
-        else:
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=causal and n > 1, scale=scale
-            )
-        out[start:end] = attended.transpose(0, 1)
-    return out
+    """Exact fallback where the flash kernel does not run (CPU, fp32, older cards): the packed rows
+    laid back into a zero-padded ``[B, heads, longest, D]`` grid, one SDPA call with each sequence's
+    key mask (and the causal / sliding-window rule), and the real rows taken out again."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+    columns = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[rows]
+
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        cells = t.new_zeros(len(lengths), longest, t.shape[1], t.shape[2])
+        cells[rows, columns] = t
+        return cells.transpose(1, 2)  # [B, heads, longest, D]
+
+    at = torch.arange(longest, device=q.device)
+    seen = (at[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]: the real keys
+    if causal:
+        rule = at[None, :] <= at[:, None]
+        if left is not None:
+            rule &= at[None, :] >= at[:, None] - left
+        seen = seen & rule[None, None]
+    keys, values = grid(k), grid(v)
+    if keys.shape[1] != q.shape[1]:  # grouped-query attention
+        repeat = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(grid(q), keys, values, attn_mask=seen, scale=scale)
+    return out.transpose(1, 2)[rows, columns]
 
 
 def _packed_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
