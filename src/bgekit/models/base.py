@@ -212,7 +212,7 @@ class ModelHost:
 
         def checked(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[Any]:
             items = list(forward(module, inputs))
-            rows = len(inputs[packing.LENGTHS] if packing.LENGTHS in inputs else inputs["input_ids"])
+            rows = len(inputs[packing.LENGTHS] if packing.is_packed(inputs) else inputs["input_ids"])
             if len(items) != rows:
                 raise RuntimeError(f"forward returned {len(items)} items for a batch of {rows}")
             return items

@@ -114,7 +114,7 @@ class FlagModel(Embedder):
         return self.host.module
 
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if packing.LENGTHS in inputs:
+        if packing.is_packed(inputs):
             hidden = module(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
             return pool_packed(hidden, inputs, self.pooling_method)
         hidden = module(**inputs, return_dict=True).last_hidden_state

@@ -82,7 +82,7 @@ def yes_token_id(tokenizer: TextTokenizer, name: str) -> int:
 def yes_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor], yes_loc: int) -> torch.Tensor:
     """The "Yes" logit at each row's last real token (left or right padding). Inference and
     training (:mod:`bgekit.train.llm_reranker`) both score pairs here."""
-    if packing.LENGTHS in inputs:  # packed rows: the language-model head only at each pair's last token
+    if packing.is_packed(inputs):  # packed rows: the language-model head only at each pair's last token
         last = inputs["cu_seq_lens_q"][1:].long() - 1
         logits = module(**packing.model_inputs(inputs), logits_to_keep=last, return_dict=True).logits[0]
         return logits[:, yes_loc]

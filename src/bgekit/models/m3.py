@@ -355,7 +355,7 @@ class BGEM3FlagModel(Embedder):
         """A batch forward computing only the requested outputs, split per text with padding removed."""
 
         def forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[_Item]:
-            if packing.LENGTHS in inputs:
+            if packing.is_packed(inputs):
                 return packed_forward(module, inputs)
             hidden = module(**inputs)
             mask = inputs["attention_mask"]

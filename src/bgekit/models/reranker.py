@@ -233,7 +233,7 @@ class FlagReranker(Reranker):
 
     @staticmethod
     def _forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if packing.LENGTHS in inputs:
+        if packing.is_packed(inputs):
             return _packed_logits(module, inputs).view(-1)
         return module(**inputs, return_dict=True).logits.view(-1)
 

@@ -19,7 +19,6 @@ so a module switched to it behaves as before on padded input.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -29,8 +28,6 @@ import torch
 
 from ..errors import InputError
 from .batching import flatten
-
-logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "bgekit_packed"
 #: the keyword names transformers' models pass through to their attention (FlashAttentionKwargs)
@@ -146,6 +143,11 @@ def pack(
     }
 
 
+def is_packed(inputs: dict[str, Any]) -> bool:
+    """Whether a batch a forward receives is packed (:func:`pack`) rather than padded."""
+    return LENGTHS in inputs
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a packed batch that go to the transformers model (all but the pooling's)."""
     return {k: v for k, v in batch.items() if k not in (SEQUENCE_IDS, LENGTHS)}
@@ -170,11 +172,23 @@ def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """
     lengths = batch[LENGTHS]
     rows = batch[SEQUENCE_IDS]
-    starts = batch["cu_seq_lens_q"][:-1].long()
-    columns = torch.arange(hidden.shape[0], device=hidden.device) - starts[rows]
-    grid = hidden.new_zeros(len(lengths), int(batch["max_length_q"]), hidden.shape[-1])
-    grid[rows, columns] = hidden
+    columns = _columns(batch["cu_seq_lens_q"], rows)
+    grid = _lay_out(hidden, rows, columns, len(lengths), int(batch["max_length_q"]))
     return (grid.float().sum(dim=1) / lengths.to(torch.float32).unsqueeze(-1)).to(hidden.dtype)
+
+
+def _columns(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each packed token's position within its own sequence (``rows``: the sequence of each token)."""
+    return torch.arange(len(rows), device=rows.device) - cu[:-1].long()[rows]
+
+
+def _lay_out(
+    packed_rows: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, count: int, longest: int
+) -> torch.Tensor:
+    """Packed ``[T, ...]`` rows of ``count`` sequences laid back into a zero-padded ``[count, longest, ...]`` grid."""
+    cells = packed_rows.new_zeros(count, longest, *packed_rows.shape[1:])
+    cells[rows, columns] = packed_rows
+    return cells
 
 
 # -- the attention ------------------------------------------------------------------------------
@@ -292,12 +306,10 @@ def _in_grid(
     key mask (and the causal / sliding-window rule), and the real rows taken out again."""
     lengths = (cu[1:] - cu[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-    columns = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[rows]
+    columns = _columns(cu, rows)
 
     def grid(t: torch.Tensor) -> torch.Tensor:
-        cells = t.new_zeros(len(lengths), longest, t.shape[1], t.shape[2])
-        cells[rows, columns] = t
-        return cells.transpose(1, 2)  # [B, heads, longest, D]
+        return _lay_out(t, rows, columns, len(lengths), longest).transpose(1, 2)  # [B, heads, longest, D]
 
     at = torch.arange(longest, device=q.device)
     seen = (at[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]: the real keys
