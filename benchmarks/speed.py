@@ -21,6 +21,8 @@ from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-
         --models bge-small,bge-base,bge-large,bge-reranker-base,bge-en-icl-8L
     # the accuracy cost of each backend (MiniLM, STSB test)
     python benchmarks/speed.py --accuracy --backends torch,onnx,onnx-int8
+    # host tokenization alone (bgekit, bgekit without its ASCII shortcut, the peers' HF call)
+    python benchmarks/speed.py --tokenize --n 4000 --batch-size 256
     # where a batch's time goes (tokenize / collate / copy / forward / pool / normalize / copy back)
     python benchmarks/speed.py --profile --device cpu --n 2000
     python benchmarks/speed.py --profile --device cuda --models bge-base --n 4000 --tokenizer .gpu/tok
@@ -673,6 +675,53 @@ def accuracy(args) -> None:
         print(f"| {backend} | {spearman:.5f} | {diff:.2e} | {cosine.min():.4f} / {cosine.mean():.4f} |")
 
 
+def tokenize_speed(args) -> None:
+    """Host tokenization alone, texts/s: bgekit's ``TextTokenizer.encode`` (truncation and the plain-ASCII
+    shortcut inside the Rust batch call), the same without the shortcut, and the Hugging Face call per
+    batch that sentence-transformers and FlagEmbedding make (padded tensors). Interleaved rounds, best
+    of each. Rust's thread count is fixed per process: set RAYON_NUM_THREADS to vary it."""
+    from transformers import AutoTokenizer
+
+    from bgekit.models import tokenization
+
+    folder = args.tokenizer or minilm_folder()
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    fast = tokenization.TextTokenizer(hf)
+    full = tokenization.TextTokenizer(hf)
+    full._untruncated.ascii = None
+    full._truncating = lambda n, t=full._truncating: _without_shortcut(t(n))
+    docs, queries = scifact_docs(args.n)
+    sets = {"SciFact documents": docs, "12-word queries": queries, "STSB sentences": stsb_sentences(args.n)}
+    bs = args.batch_size
+    systems = {
+        "bgekit encode": lambda texts: fast.encode(texts, 512),
+        "bgekit encode, no ASCII shortcut": lambda texts: full.encode(texts, 512),
+        "HF call per batch (ST, FlagEmbedding)": lambda texts: [
+            hf(texts[i : i + bs], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            for i in range(0, len(texts), bs)
+        ],
+    }
+    rayon = os.environ.get("RAYON_NUM_THREADS", "unset")
+    print(
+        f"\nTokenization, {folder.parent.name}/{folder.name}, n={args.n}, batch {bs}, {os.cpu_count()} CPUs, "
+        f"RAYON_NUM_THREADS={rayon}, best of {args.rounds} rounds"
+    )
+    print("| texts | " + " | ".join(systems) + " |\n|---|" + "---:|" * len(systems))
+    for label, texts in sets.items():
+        best = dict.fromkeys(systems, float("inf"))
+        for _ in range(args.rounds + 1):
+            for name, run in systems.items():
+                start = time.perf_counter()
+                run(texts)
+                best[name] = min(best[name], time.perf_counter() - start)
+        print(f"| {label} | " + " | ".join(f"{len(texts) / best[n]:,.0f}/s" for n in systems) + " |")
+
+
+def _without_shortcut(pipeline):
+    pipeline.ascii = None
+    return pipeline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -710,6 +759,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="stage profile of the first --models entry")
     parser.add_argument("--accuracy", action="store_true", help="STSB accuracy of each --backends on MiniLM")
+    parser.add_argument("--tokenize", action="store_true", help="host tokenization alone: bgekit against the HF call")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--flag-path",
@@ -731,6 +781,9 @@ def main() -> None:
         return
     if args.accuracy:
         accuracy(args)
+        return
+    if args.tokenize:
+        tokenize_speed(args)
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bgekit-speed-") as tmp:

@@ -4,10 +4,18 @@ tokenizers of every family, both truncation sides, with and without special toke
 
 from __future__ import annotations
 
+import gzip
+import itertools
+import json
+import random
+
 import pytest
 
 from bgekit import InputError
+from bgekit.models import tokenization
 from bgekit.models.tokenization import TextTokenizer, load_hf_tokenizer
+
+from .conftest import require_shared
 
 TEXTS = [
     "",
@@ -69,3 +77,67 @@ def test_pairs_fast_path_equals_pair_by_pair_processing(golden_dir, folder, side
         assert got.ids == want.ids, (folder, side, first_max, max_length)
         assert got.type_ids == want.type_ids and got.truncated == want.truncated
         assert max(map(len, got.ids)) <= max_length
+
+
+# -- the plain-ASCII shortcut of BERT's normalizer ---------------------------------------------------
+
+
+def _mixed_texts(seed: int = 0) -> list[str]:
+    """ASCII texts with every ASCII character (controls included), special-token strings and
+    whitespace runs, plus real sentences, documents and the non-ASCII texts above."""
+    rng = random.Random(seed)
+    pieces = [chr(c) for c in range(128)] + ["[MASK]", "[SEP]", "[CLS]", "  ", "\t", "\r\n", "Hello", "don't"]
+    pieces += ["U.S.A.", "3.14", "e-mail", "x" * 120, "unaffable", "WORLD"]
+    rows = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    rows += ["".join(rng.choice(pieces[32:127]) for _ in range(rng.randint(1, 40))) for _ in range(100)]
+    rows += [f"un{chr(c)}affable WORLD{chr(c)}x" for c in range(128)]  # each character alone in a text
+    stsb = require_shared("data", "stsbenchmark", "test.tsv").read_text(encoding="utf-8").splitlines()[1:200]
+    rows += [text for line in stsb for text in line.split("\t")[:2]]
+    with gzip.open(require_shared("data", "scifact", "corpus.jsonl.gz"), "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in itertools.islice(f, 300)]
+    rows += [f"{d['title']}. {d['text']}" for d in docs]
+    return rows + TEXTS
+
+
+@pytest.fixture(scope="module")
+def mixed_texts() -> list[str]:
+    return _mixed_texts()
+
+
+@pytest.mark.parametrize("which", ["bert-cls", "minilm"])
+def test_ascii_shortcut_gives_the_full_pipelines_ids(golden_dir, minilm_dir, mixed_texts, which):
+    folder = minilm_dir if which == "minilm" else golden_dir / "models" / which
+    hf = load_hf_tokenizer(folder)
+    tokenizer = TextTokenizer(hf)
+    assert tokenizer._untruncated.ascii is not None, "BERT's normalizer has the shortcut"
+    assert sum(t.isascii() for t in mixed_texts) > 0.8 * len(mixed_texts)
+    full = [len(ids) for ids in hf(mixed_texts)["input_ids"]]
+    for max_length in (8, 64, 512):
+        got = tokenizer.encode(mixed_texts, max_length)
+        want = hf(mixed_texts, truncation=True, max_length=max_length)
+        assert got.ids == want["input_ids"], max_length
+        assert got.type_ids == want["token_type_ids"]
+        assert got.truncated == sum(n > max_length for n in full)
+    plain, _ = tokenizer.plain_ids(mixed_texts)
+    assert plain == hf(mixed_texts, add_special_tokens=False)["input_ids"]
+
+
+def test_ascii_shortcut_keeps_pairs_and_order(golden_dir, mixed_texts, monkeypatch):
+    """Pairs through the shortcut equal pairs through the full pipeline, in a batch that mixes
+    both kinds of text (rows split between two Rust calls come back in input order)."""
+    folder = golden_dir / "models" / "bert-cls"
+    fast = TextTokenizer(load_hf_tokenizer(folder))
+    monkeypatch.setattr(tokenization, "_ascii_shortcut", lambda backend: None)
+    reference = TextTokenizer(load_hf_tokenizer(folder))
+    assert reference._untruncated.ascii is None
+    firsts, seconds = mixed_texts[::2], mixed_texts[1::2]
+    firsts = firsts[: len(seconds)]
+    for first_max, max_length in ((8, 32), (64, 512)):
+        got = fast.encode_pairs(firsts, seconds, first_max, max_length)
+        want = reference.encode_pairs(firsts, seconds, first_max, max_length)
+        assert (got.ids, got.type_ids, got.truncated) == (want.ids, want.type_ids, want.truncated)
+
+
+@pytest.mark.parametrize("folder", ["xlmr-m3", "mistral-llm", "gemma-llm-reranker"])
+def test_other_normalizers_take_the_full_pipeline(golden_dir, folder):
+    assert TextTokenizer(load_hf_tokenizer(golden_dir / "models" / folder))._untruncated.ascii is None

@@ -9,17 +9,21 @@ counts truncated inputs, which the HF call hides.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding, Tokenizer, normalizers
 
 from ..errors import InputError, ModelNotFoundError
 from ..runtime.batching import flatten
 
 logger = logging.getLogger(__name__)
+
+# the ASCII characters BERT's normalizer deletes (controls other than tab, newline, carriage return)
+_BERT_DELETES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -45,6 +49,54 @@ def load_hf_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwa
         return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
 
 
+class _Pipeline:
+    """One Rust tokenizer, with an exact shortcut for plain-ASCII text where its normalizer is BERT's.
+
+    BERT's normalizer (control-character cleanup, CJK spacing, accent stripping, lowercasing) is about
+    a third of a WordPiece encode. On ASCII text without control characters all it changes is case
+    (and tabs and newlines to spaces, which the pre-tokenizer splits on either way), so such texts go
+    through a copy whose normalizer only lowercases: same ids, less host time per text, which is what
+    bounds a small encoder's document rate on a GPU. Other texts take the full pipeline. Encodings
+    come from ``encode_batch_fast`` (no character offsets: bgekit never reads them).
+    """
+
+    def __init__(self, backend: Tokenizer):
+        self.full = backend
+        self.ascii = _ascii_shortcut(backend)
+
+    def __call__(self, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+        if self.ascii is None:
+            return _encode_batch(self.full, texts, add_special_tokens)
+        plain = [isinstance(t, str) and t.isascii() and _BERT_DELETES.search(t) is None for t in texts]
+        if all(plain):
+            return _encode_batch(self.ascii, texts, add_special_tokens)
+        if not any(plain):
+            return _encode_batch(self.full, texts, add_special_tokens)
+        out: list[Encoding | None] = [None] * len(texts)
+        for backend, want in ((self.ascii, True), (self.full, False)):
+            rows = [i for i, p in enumerate(plain) if p is want]
+            for i, enc in zip(rows, _encode_batch(backend, [texts[i] for i in rows], add_special_tokens), strict=True):
+                out[i] = enc
+        return out  # type: ignore[return-value]
+
+
+def _ascii_shortcut(backend: Tokenizer) -> Tokenizer | None:
+    """A copy of ``backend`` whose normalizer only lowercases (or does nothing, for a cased model),
+    when ``backend`` normalizes with BERT's normalizer; None otherwise."""
+    normalizer = backend.normalizer
+    if not isinstance(normalizer, normalizers.BertNormalizer):
+        return None
+    shortcut = Tokenizer.from_str(backend.to_str())
+    shortcut.normalizer = normalizers.Lowercase() if normalizer.lowercase else None
+    return shortcut
+
+
+def _encode_batch(backend: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+    """One parallel Rust call; ``encode_batch_fast`` skips character offsets (10-15% less time)."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return encode(texts, add_special_tokens=add_special_tokens)
+
+
 class TextTokenizer:
     """Wraps a Hugging Face fast tokenizer with batch encode, pair encode and collate."""
 
@@ -58,7 +110,8 @@ class TextTokenizer:
         self.backend = Tokenizer.from_str(backend.to_str())
         self.backend.no_padding()
         self.backend.no_truncation()
-        self._truncating_backends: dict[tuple[int, str], Tokenizer] = {}
+        self._untruncated = _Pipeline(self.backend)
+        self._truncating_backends: dict[tuple[int, str], _Pipeline] = {}
         self.pad_id = hf_tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else 0
@@ -71,7 +124,7 @@ class TextTokenizer:
 
     # -- encoding ---------------------------------------------------------------------------
     def _raw(self, texts: list[str]) -> list[Encoding]:
-        return self.backend.encode_batch(texts, add_special_tokens=False)
+        return self._untruncated(texts, add_special_tokens=False)
 
     def _cut(self, enc: Encoding, limit: int) -> bool:
         if len(enc.ids) <= limit:
@@ -79,15 +132,16 @@ class TextTokenizer:
         enc.truncate(max(limit, 0), direction=self.truncation_side)
         return True
 
-    def _truncating(self, max_length: int) -> Tokenizer:
+    def _truncating(self, max_length: int) -> _Pipeline:
         """A copy of the backend that truncates to ``max_length`` itself (special tokens counted,
         on :attr:`truncation_side`): one parallel Rust call then does what a per-text Python loop of
         truncate + post-process did (a quarter of a GPU encode's host time). Cached per length."""
         key = (max_length, self.truncation_side)
         backend = self._truncating_backends.get(key)
         if backend is None:
-            backend = Tokenizer.from_str(self.backend.to_str())
-            backend.enable_truncation(max_length, direction=self.truncation_side)
+            cutting = Tokenizer.from_str(self.backend.to_str())
+            cutting.enable_truncation(max_length, direction=self.truncation_side)
+            backend = _Pipeline(cutting)
             if len(self._truncating_backends) >= 8:  # a few query / passage lengths in practice
                 self._truncating_backends.pop(next(iter(self._truncating_backends)))
             self._truncating_backends[key] = backend
@@ -98,7 +152,7 @@ class TextTokenizer:
         special = self.n_special_single if add_special_tokens else 0
         if max_length <= special:
             raise InputError(f"max_length={max_length} leaves no room for text after {special} special tokens")
-        encodings = self._truncating(max_length).encode_batch(texts, add_special_tokens=add_special_tokens)
+        encodings = self._truncating(max_length)(texts, add_special_tokens=add_special_tokens)
         ids = [enc.ids for enc in encodings]
         type_ids = [enc.type_ids for enc in encodings] if self.uses_type_ids else None
         return Tokenized(ids, type_ids, sum(1 for enc in encodings if enc.overflowing))
@@ -118,8 +172,8 @@ class TextTokenizer:
         if template is None:  # a post-processor whose special tokens are not one fixed layout
             return self._encode_pairs_one_by_one(firsts, seconds, first_max_length, max_length)
         # both sides cut in the Rust batch calls; only the pair's final cut and the join are Python
-        first_batch = self._truncating(first_max_length).encode_batch(firsts, add_special_tokens=False)
-        second_batch = self._truncating(max_length).encode_batch(seconds, add_special_tokens=False)
+        first_batch = self._truncating(first_max_length)(firsts, add_special_tokens=False)
+        second_batch = self._truncating(max_length)(seconds, add_special_tokens=False)
         (prefix, middle, suffix), (prefix_types, type_a, middle_types, type_b, suffix_types) = template
         keep_tail = self.truncation_side == "left"
         truncated = 0
