@@ -142,3 +142,15 @@ def test_multi_device_pool_exits_cleanly(tiny_bert):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(4, 32)"
     assert "Error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_overlap_chunks_start_small_and_cover_every_item_once():
+    from bgekit.runtime.batching import overlap_chunks
+
+    assert [len(c) for c in overlap_chunks(4000, 1024)] == [256, 512, 1024, 1024, 1024, 160]
+    assert overlap_chunks(1024, 1024) == [range(1024)]  # one chunk: exactly run() on the whole input
+    assert overlap_chunks(0, 16) == [range(0)]
+    for count, size in ((41, 1), (41, 3), (41, 16), (5, 4), (17, 2)):
+        chunks = overlap_chunks(count, size)
+        assert [i for c in chunks for i in c] == list(range(count))
+        assert all(len(c) >= 1 for c in chunks) and max(map(len, chunks)) <= size

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..runtime import packed as packing
-from ..runtime.batching import length_sorted_batches, run_with_oom_backoff
+from ..runtime.batching import length_sorted_batches, overlap_chunks, run_with_oom_backoff
 from ..runtime.devices import ReplicaPool, resolve_devices, resolve_dtype
 from .tokenization import TextTokenizer, Tokenized
 
@@ -29,8 +29,8 @@ ItemForward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[Any]]
 T = TypeVar("T")
 PROGRESS_MIN_ITEMS = 256
 # inputs tokenized per chunk by run_texts; the next chunk is tokenized while this one runs. Small
-# enough that the device starts after a quarter of a 4,096-text call's tokenization, large enough
-# that length sorting within a chunk still leaves little padding (4 batches of 256 per chunk)
+# enough that the device does not wait long for the first (a quarter of this: overlap_chunks),
+# large enough that length sorting within a chunk still leaves little padding (4 batches of 256)
 OVERLAP_CHUNK = 1024
 
 
@@ -165,14 +165,15 @@ class ModelHost:
         in a worker thread while this one runs (the Rust tokenizer releases the GIL).
 
         Returns ``(rows in input order, float32 CPU; how many inputs were truncated)``. Inputs are
-        length-sorted within a chunk of ``chunk_size`` (default :data:`OVERLAP_CHUNK`), so a call
-        with fewer items than that is exactly :meth:`run` on the whole input.
+        length-sorted within a chunk of ``chunk_size`` (default :data:`OVERLAP_CHUNK`; the first two
+        chunks are smaller, :func:`~bgekit.runtime.batching.overlap_chunks`), so a call with at most
+        that many items is exactly :meth:`run` on the whole input.
         """
         chunk_size = OVERLAP_CHUNK if chunk_size is None else chunk_size
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
         items = list(items)
-        chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)] or [[]]
+        chunks = [items[part.start : part.stop] for part in overlap_chunks(len(items), chunk_size)]
         if len(chunks) == 1:
             tokenized = tokenize(chunks[0])
             return self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=show_progress_bar), (
