@@ -3,14 +3,16 @@
 #   device run: bash benchmarks/gpu_run.sh      (carry: [".gpu"])
 # Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
-# issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (where
-# a bge-small / bge-base encode's time goes on the GPU, padded and packed), speed (the speed issue's
-# table, bgekit packed and padded side by side), copies (async_copies against plain copies on
-# bge-small and bge-base). The default STEPS are what the open speed issue
-# needs; name the others to rerun them (every step ran on an H200 on 2026-11-26). Two calls fit a
-# 15-minute device budget: STEPS=env,gputests,profile,copies BUDGET=330, then STEPS=env,speed
-# BUDGET=560 (five models, bgekit packed and padded, sentence-transformers, FlagEmbedding). Each step gets
-# its own limit, cut to what is left of BUDGET seconds, so a slow step cannot starve the log.
+# issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (host
+# tokenization alone, then where a bge-small / bge-base encode's time goes on the GPU, padded and
+# packed), speed (the speed issue's table, bgekit packed and padded side by side), copies
+# (async_copies against plain copies on bge-small and bge-base). The default STEPS are what the
+# open speed issue needs; name the others to rerun them. padnan, precision, lora, ray and the padded
+# speed rows ran on an H200 on 2026-11-26; the profile, the packed tests and rows and the lagged
+# async copies have not run on a GPU yet. Two calls fit a 15-minute device budget: STEPS=env,gputests,
+# profile,copies BUDGET=350, then STEPS=env,speed BUDGET=540 (five models, bgekit packed and
+# padded, sentence-transformers, FlagEmbedding). Each step gets its own limit, cut to what is
+# left of BUDGET seconds, so a slow step cannot starve the log.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +54,8 @@ step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/d
     --layers 8 --steps 200
 step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-base\", pathlib.Path(\"/tmp/models\"), pathlib.Path(\".gpu/tok\"))" &&
     "$0" benchmarks/ray_overhead.py --model /tmp/models/bge-base --n-docs 60000 --shard-size 10000 --batch-size 256' "$PY"
-step profile 120 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/speed.py --profile --device cuda --models $m \
+step profile 140 bash -c '"$0" benchmarks/speed.py --tokenize --n 4000 --batch-size 256 --rounds 2 --tokenizer .gpu/tok &&
+    for m in bge-small bge-base; do "$0" benchmarks/speed.py --profile --device cuda --models $m \
     --n 4000 --rounds 2 --tokenizer .gpu/tok || exit; done' "$PY"
 step speed 540 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
     --flag-path /tmp/flag-site --padded-too \
