@@ -12,7 +12,6 @@ import random
 import pytest
 
 from bgekit import InputError
-from bgekit.models import tokenization
 from bgekit.models.tokenization import TextTokenizer, load_hf_tokenizer
 
 from .conftest import require_shared
@@ -122,14 +121,13 @@ def test_ascii_shortcut_gives_the_full_pipelines_ids(golden_dir, minilm_dir, mix
     assert plain == hf(mixed_texts, add_special_tokens=False)["input_ids"]
 
 
-def test_ascii_shortcut_keeps_pairs_and_order(golden_dir, mixed_texts, monkeypatch):
+def test_ascii_shortcut_keeps_pairs_and_order(golden_dir, mixed_texts):
     """Pairs through the shortcut equal pairs through the full pipeline, in a batch that mixes
     both kinds of text (rows split between two Rust calls come back in input order)."""
-    folder = golden_dir / "models" / "bert-cls"
-    fast = TextTokenizer(load_hf_tokenizer(folder))
-    monkeypatch.setattr(tokenization, "_ascii_shortcut", lambda backend: None)
-    reference = TextTokenizer(load_hf_tokenizer(folder))
-    assert reference._untruncated.ascii is None
+    hf = load_hf_tokenizer(golden_dir / "models" / "bert-cls")
+    fast = TextTokenizer(hf)
+    reference = TextTokenizer(hf, ascii_shortcut=False)
+    assert reference._untruncated.ascii is None and reference._truncating(32).ascii is None
     firsts, seconds = mixed_texts[::2], mixed_texts[1::2]
     firsts = firsts[: len(seconds)]
     for first_max, max_length in ((8, 32), (64, 512)):

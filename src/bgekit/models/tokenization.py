@@ -60,9 +60,9 @@ class _Pipeline:
     come from ``encode_batch_fast`` (no character offsets: bgekit never reads them).
     """
 
-    def __init__(self, backend: Tokenizer):
+    def __init__(self, backend: Tokenizer, shortcut: bool = True):
         self.full = backend
-        self.ascii = _ascii_shortcut(backend)
+        self.ascii = _ascii_shortcut(backend) if shortcut else None
 
     def __call__(self, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
         if self.ascii is None:
@@ -100,7 +100,9 @@ def _encode_batch(backend: Tokenizer, texts: list[str], add_special_tokens: bool
 class TextTokenizer:
     """Wraps a Hugging Face fast tokenizer with batch encode, pair encode and collate."""
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, ascii_shortcut: bool = True):
+        """``ascii_shortcut=False`` sends every text through the full normalizer (the shortcut gives the
+        same ids; the switch is there to measure it)."""
         backend = getattr(hf_tokenizer, "_tokenizer", None)
         if not isinstance(backend, Tokenizer):
             raise ModelNotFoundError(
@@ -110,7 +112,8 @@ class TextTokenizer:
         self.backend = Tokenizer.from_str(backend.to_str())
         self.backend.no_padding()
         self.backend.no_truncation()
-        self._untruncated = _Pipeline(self.backend)
+        self.ascii_shortcut = ascii_shortcut
+        self._untruncated = _Pipeline(self.backend, ascii_shortcut)
         self._truncating_backends: dict[tuple[int, str], _Pipeline] = {}
         self.pad_id = hf_tokenizer.pad_token_id
         if self.pad_id is None:
@@ -141,7 +144,7 @@ class TextTokenizer:
         if backend is None:
             cutting = Tokenizer.from_str(self.backend.to_str())
             cutting.enable_truncation(max_length, direction=self.truncation_side)
-            backend = _Pipeline(cutting)
+            backend = _Pipeline(cutting, self.ascii_shortcut)
             if len(self._truncating_backends) >= 8:  # a few query / passage lengths in practice
                 self._truncating_backends.pop(next(iter(self._truncating_backends)))
             self._truncating_backends[key] = backend
