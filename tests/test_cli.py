@@ -101,6 +101,27 @@ def test_rerank_with_a_cross_encoder(tmp_path, passages_file, tiny_xlmr_reranker
     assert [float(p[1]) for p in printed] == sorted((float(p[1]) for p in printed), reverse=True)
 
 
+@pytest.mark.parametrize("packed", ["on", "off"])
+def test_embed_packed_option_reaches_the_model(tmp_path, passages_file, minilm_dir, packed):
+    """``--packed on`` packs even on the CPU (the padded-grid attention), ``off`` pads; both give the
+    library's vectors. The verbose log shows which one ran."""
+    out = tmp_path / "v.npy"
+    result = run("-v", "embed", "-m", str(minilm_dir), "-i", str(passages_file), "-o", str(out), "--packed", packed)
+    assert ("packed (padding-free) batches for BertModel" in result.stderr) is (packed == "on")
+    texts = [(p.get("title", "") + " " + p["text"]).strip() for p in PASSAGES]
+    expected = Embedder.from_pretrained(str(minilm_dir)).encode_corpus(texts)
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+
+
+def test_rerank_packed_on_for_a_model_that_cannot_pack_is_one_clear_line(golden_dir, passages_file):
+    result = run(
+        "rerank", "-m", str(golden_dir / "models" / "minicpm-layerwise"), "-q", "bamboo", "-i", str(passages_file),
+        "--packed", "on", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "packed=True is not supported" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_rerank_with_the_real_minilm_ranks_the_right_passage_first(passages_file, minilm_dir):
     result = run(
         "rerank", "-m", str(minilm_dir), "-q", "which animal eats bamboo?", "-i", str(passages_file), "--top-k", "1"

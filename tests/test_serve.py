@@ -407,3 +407,17 @@ def test_serve_command_errors_are_one_line(args, message):
     result = subprocess.run([BGEKIT, "serve", *args], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_packed_setting_reaches_the_models(golden_dir):
+    """``BGEKIT_PACKED=on`` (``--packed on``) asks every model for packed batches: a layerwise reranker,
+    which cannot take them, stops the server before it binds, with one clear line."""
+    from .serving import BGEKIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")} | {"BGEKIT_PACKED": "on"}
+    folder = golden_dir / "models" / "minicpm-layerwise"
+    result = subprocess.run(
+        [BGEKIT, "serve", "--reranker", str(folder)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 2, result.stderr
+    assert "packed=True is not supported" in result.stderr and "Traceback" not in result.stderr

@@ -85,6 +85,8 @@ class ModelHost:
                     raise InputError(f"packed=True: {type(module).__name__} refused packed attention: {exc}") from exc
                 logger.info("padded batches for %s: it refused packed attention (%s)", type(module).__name__, exc)
                 self.position_offset = None
+        if self.position_offset is not None:
+            logger.info("packed (padding-free) batches for %s", type(packing.packing_core(module)).__name__)
         self.pool = ReplicaPool(module, self.devices, lambda d: resolve_dtype(d, use_fp16, use_bf16))
         self.max_positions = _max_positions(module.config)
 

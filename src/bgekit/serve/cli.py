@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from ..cli_options import Packing, packing_options
+
 logger = logging.getLogger("bgekit.serve")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -135,6 +137,13 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--device", envvar="BGEKIT_DEVICE", help="Device, e.g. cpu or cuda:0 (default: auto)."),
         ] = None,
+        packed: Annotated[
+            Packing,
+            typer.Option(
+                envvar="BGEKIT_PACKED",
+                help="Packed (padding-free) forward batches: auto (on for CUDA fp16/bf16), on, off.",
+            ),
+        ] = Packing.auto,
         trust_remote_code: Annotated[
             bool,
             typer.Option(envvar="BGEKIT_TRUST_REMOTE_CODE", help="Run modeling code shipped in the model folder."),
@@ -186,7 +195,7 @@ def register(app: typer.Typer) -> None:
         logging.getLogger("bgekit").setLevel(log_level.value.upper())
         if host not in LOOPBACK and not api_key:
             logger.warning("binding %s without --api-key: anyone who can reach this port can use the server", host)
-        options: dict = {**precision_options(dtype), "devices": device or None}
+        options: dict = {**precision_options(dtype), **packing_options(packed), "devices": device or None}
         if trust_remote_code:
             options["trust_remote_code"] = True
         embed_options = {**options, "query_max_length": max_length, "passage_max_length": max_length}
