@@ -6,7 +6,8 @@
 # issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (host
 # tokenization alone, then where a bge-small / bge-base encode's time goes on the GPU, padded and
 # packed), speed (the speed issue's table, bgekit packed and padded side by side), copies
-# (async_copies against plain copies on bge-small and bge-base). The default STEPS are what the
+# (async_copies against plain copies on bge-small and bge-base), compile (torch.compile on bge-base,
+# not a default step: run it when the budget allows). The default STEPS are what the
 # open speed issue needs; name the others to rerun them. padnan, precision, lora, ray and the padded
 # speed rows ran on an H200 on 2026-11-26; the profile, the packed tests and rows and the lagged
 # async copies have not run on a GPU yet. Two calls fit a 15-minute device budget: STEPS=env,gputests,
@@ -60,5 +61,7 @@ step profile 140 bash -c '"$0" benchmarks/speed.py --tokenize --n 4000 --batch-s
 step speed 540 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
     --flag-path /tmp/flag-site --padded-too \
     --models bge-base,bge-small,bge-large,bge-reranker-base,bge-en-icl-8L --json "$OUT/speed.json"
+step compile 150 $PY benchmarks/compile_probe.py --device cuda --fp16 --model bge-base --tokenizer .gpu/tok \
+    --n 4000 --batch-size 256
 step copies 120 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
     --async-copies --sync-too --models bge-small,bge-base --json "$OUT/copies.json"
