@@ -12,14 +12,11 @@ random-weight bge model (speed.py's) on SciFact documents.
 from __future__ import annotations
 
 import argparse
-import atexit
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from speed import minilm_folder, random_model, scifact_docs, stsb_sentences
+from speed import encoder_and_texts
 
 from bgekit import FlagModel
 
@@ -33,12 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm", help="minilm, or a speed.py encoder: bge-small, bge-base, ...")
     parser.add_argument("--tokenizer", type=Path, default=None, help="BERT tokenizer folder for a random model")
     args = parser.parse_args()
-    if args.model == "minilm":
-        folder, pooling, texts = minilm_folder(), "mean", stsb_sentences(args.n)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="bgekit-compile-"))
-        atexit.register(shutil.rmtree, workdir, True)  # the random model's weights
-        folder, pooling, texts = random_model(args.model, workdir, args.tokenizer), "cls", scifact_docs(args.n)[0]
+    folder, pooling, texts = encoder_and_texts(args.model, args.n, args.tokenizer)
     model = FlagModel(str(folder), devices=args.device, pooling_method=pooling, use_fp16=args.fp16)
     reference = model.encode(texts, batch_size=args.batch_size)
 

