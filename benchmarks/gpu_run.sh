@@ -4,7 +4,8 @@
 # Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
 # issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (host
-# tokenization alone, then where a bge-small / bge-base encode's time goes on the GPU, padded and
+# tokenization alone, the host pipeline's ceiling (bgekit's encode with an instant forward),
+# then where a bge-small / bge-base encode's time goes on the GPU, padded and
 # packed), speed (the speed issue's table, bgekit packed and padded side by side), copies
 # (async_copies against plain copies on bge-small and bge-base), compile (torch.compile on bge-base,
 # not a default step: run it when the budget allows). The default STEPS are what the
@@ -55,7 +56,9 @@ step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/d
     --layers 8 --steps 200
 step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-base\", pathlib.Path(\"/tmp/models\"), pathlib.Path(\".gpu/tok\"))" &&
     "$0" benchmarks/ray_overhead.py --model /tmp/models/bge-base --n-docs 60000 --shard-size 10000 --batch-size 256' "$PY"
-step profile 140 bash -c '"$0" benchmarks/speed.py --tokenize --n 4000 --batch-size 256 --rounds 2 --tokenizer .gpu/tok &&
+step profile 150 bash -c '"$0" benchmarks/speed.py --tokenize --n 4000 --batch-size 256 --rounds 2 --tokenizer .gpu/tok &&
+    "$0" benchmarks/speed.py --host --models bge-small --n 4000 --rounds 1 --tokenizer .gpu/tok \
+    --batch-size 256 --query-batch-size 1024 &&
     for m in bge-small bge-base; do "$0" benchmarks/speed.py --profile --device cuda --models $m \
     --n 4000 --rounds 2 --tokenizer .gpu/tok || exit; done' "$PY"
 step speed 540 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \

@@ -23,6 +23,8 @@ from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-
     python benchmarks/speed.py --accuracy --backends torch,onnx,onnx-int8
     # host tokenization alone (bgekit, bgekit without its ASCII shortcut, the peers' HF call)
     python benchmarks/speed.py --tokenize --n 4000 --batch-size 256
+    # the host pipeline's ceiling: bgekit's encode with an instant forward (what no device can beat here)
+    python benchmarks/speed.py --host --models bge-small --n 4000 --batch-size 256 --query-batch-size 1024
     # where a batch's time goes (tokenize / collate / copy / forward / pool / normalize / copy back)
     python benchmarks/speed.py --profile --device cpu --n 2000
     python benchmarks/speed.py --profile --device cuda --models bge-base --n 4000 --tokenizer .gpu/tok
@@ -719,6 +721,54 @@ def tokenize_speed(args) -> None:
         print(f"| {label} | " + " | ".join(f"{len(texts) / best[n]:,.0f}/s" for n in systems) + " |")
 
 
+def host_ceiling(args) -> None:
+    """The host pipeline's ceiling: bgekit's whole ``encode`` (tokenization overlapped with the batch
+    loop, sorting, packing or padding, order restore, normalization) with the model's forward replaced
+    by a stand-in that returns zeros at once, as if the device took no time. No device rate above this
+    one can show through bgekit on this host; next to it, the peers' own host work (the Hugging Face
+    tokenizer call per batch, which sentence-transformers and FlagEmbedding make before every forward)."""
+    from transformers import AutoTokenizer
+
+    from bgekit import Embedder
+    from bgekit.runtime import packed as packing
+
+    name = args.models.split(",")[0]
+    path, pooling, docs = encoder_and_texts(name, args.n, args.tokenizer)
+    queries = [" ".join(d.split()[:12]) for d in docs]
+    hf = AutoTokenizer.from_pretrained(str(path))
+    systems = {}
+    for mode in ("on", "off"):
+        model = Embedder.from_pretrained(str(path), devices="cpu", pooling_method=pooling, packed=PACKED[mode])
+        width = model.host.module.config.hidden_size
+
+        def instant(module, inputs, width=width):
+            rows = len(inputs[packing.LENGTHS]) if packing.is_packed(inputs) else len(inputs["input_ids"])
+            return torch.zeros(rows, width)
+
+        model._forward = instant
+        systems[f"bgekit {'packed' if mode == 'on' else 'padded'}, instant forward"] = model
+    bs, qbs = args.batch_size, args.query_batch_size
+    tasks = {"documents": (docs, bs), "queries": (queries, qbs)}
+    print(
+        f"\nHost ceiling: {name}, n={args.n}, {os.cpu_count()} CPUs, RAYON_NUM_THREADS="
+        f"{os.environ.get('RAYON_NUM_THREADS', 'unset')}, batch {bs} (queries {qbs}), best of {args.rounds} rounds"
+    )
+    print("| texts | " + " | ".join([*systems, "HF call per batch (the peers' host work)"]) + " |")
+    print("|---|" + "---:|" * (len(systems) + 1))
+    for label, (texts, size) in tasks.items():
+        best: dict[str, float] = {}
+        for _ in range(args.rounds + 1):
+            for system, model in systems.items():
+                start = time.perf_counter()
+                (model.encode_queries if label == "queries" else model.encode_corpus)(texts, batch_size=size)
+                best[system] = min(best.get(system, float("inf")), time.perf_counter() - start)
+            start = time.perf_counter()
+            for i in range(0, len(texts), size):
+                hf(texts[i : i + size], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            best["hf"] = min(best.get("hf", float("inf")), time.perf_counter() - start)
+        print(f"| {label} | " + " | ".join(f"{len(texts) / t:,.0f}/s" for t in best.values()) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -757,6 +807,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="stage profile of the first --models entry")
     parser.add_argument("--accuracy", action="store_true", help="STSB accuracy of each --backends on MiniLM")
     parser.add_argument("--tokenize", action="store_true", help="host tokenization alone: bgekit against the HF call")
+    parser.add_argument(
+        "--host", action="store_true", help="the host pipeline's ceiling: bgekit encode with an instant forward"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--flag-path",
@@ -781,6 +834,9 @@ def main() -> None:
         return
     if args.tokenize:
         tokenize_speed(args)
+        return
+    if args.host:
+        host_ceiling(args)
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bgekit-speed-") as tmp:
