@@ -3,7 +3,7 @@
 # the golden models and SciFact from ../shared, MiniLM's tokenizer for the random BERT models, and
 # Ray (its wheel is over the tool's 64 MiB limit: Java jars, RLlib, Tune, Serve, LLM and the
 # dashboard's web client are dropped and the rest packed with xz) with the wheels it needs there,
-# and FlagEmbedding with transformers 4.57.3 for the speed table's FlagEmbedding column.
+# FlagEmbedding with transformers 4.57.3 and infinity for the speed table's peer columns.
 # Then run benchmarks/gpu_run.sh there. Python 3.12, x86-64 on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,13 @@ pip_download() {
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$@"
 }
 pip_download -d .gpu/whl jsonschema jsonschema-specifications referencing rpds-py
-# FlagEmbedding 1.4.2 with the transformers 4.x it imports with, for speed.py's worker (--flag-path);
-# the versions ../shared/bench/ measured the peers with
-mkdir -p .gpu/flag-whl
-pip_download -d .gpu/flag-whl transformers==4.57.3 tokenizers==0.22.1 huggingface-hub==0.36.0 \
-    sentence-transformers==5.1.2 FlagEmbedding==1.4.2 datasets==4.4.1 dill==0.4.0 multiprocess==0.70.18
+# the peers speed.py runs in worker processes (--flag-path, --infinity-path): benchmarks/peer_pins.sh
+. benchmarks/peer_pins.sh
+mkdir -p .gpu/flag-whl .gpu/inf-whl
+# shellcheck disable=SC2086
+pip_download -d .gpu/flag-whl $FLAG_PINS
+# shellcheck disable=SC2086
+pip_download -d .gpu/inf-whl $INFINITY_PINS
 work=$(mktemp -d)
 dest=$PWD/.gpu/ray.tar.xz
 pip_download -d "$work" "ray==$RAY"

@@ -13,7 +13,7 @@
 # speed rows ran on an H200 on 2026-11-26; the profile, the packed tests and rows and the lagged
 # async copies have not run on a GPU yet. Two calls fit a 15-minute device budget: STEPS=env,gputests,
 # profile,copies BUDGET=350, then STEPS=env,speed BUDGET=540 (five models, bgekit packed and
-# padded, sentence-transformers, FlagEmbedding). Each step gets its own limit, cut to what is
+# padded, sentence-transformers, FlagEmbedding, infinity). Each step gets its own limit, cut to what is
 # left of BUDGET seconds, so a slow step cannot starve the log.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
 set -uo pipefail
@@ -29,6 +29,7 @@ mkdir -p /tmp/site
 tar xJf .gpu/ray.tar.xz -C /tmp/site
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/flag-site .gpu/flag-whl/*.whl
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/inf-site .gpu/inf-whl/*.whl
 export PYTHONPATH=$PWD/src:/tmp/site:$PWD/benchmarks
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -62,7 +63,7 @@ step profile 150 bash -c '"$0" benchmarks/speed.py --tokenize --n 4000 --batch-s
     for m in bge-small bge-base; do "$0" benchmarks/speed.py --profile --device cuda --models $m \
     --n 4000 --rounds 2 --tokenizer .gpu/tok || exit; done' "$PY"
 step speed 540 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
-    --flag-path /tmp/flag-site --padded-too \
+    --flag-path /tmp/flag-site --infinity-path /tmp/inf-site --padded-too \
     --models bge-base,bge-small,bge-large,bge-reranker-base,bge-en-icl-8L --json "$OUT/speed.json"
 step compile 150 $PY benchmarks/compile_probe.py --device cuda --fp16 --model bge-base --tokenizer .gpu/tok \
     --n 4000 --batch-size 256

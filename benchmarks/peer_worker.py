@@ -1,10 +1,13 @@
-"""A peer that cannot share bgekit's process, run as a worker that benchmarks/speed.py drives.
+"""Peers that cannot share bgekit's process, run as a worker that benchmarks/speed.py drives.
 
-FlagEmbedding 1.4.2 imports only under transformers 4.x and bgekit needs transformers 5, so
-speed.py starts this script with another PYTHONPATH (``--flag-path``: a folder holding
-transformers 4.57.3, FlagEmbedding and what they need) and sends it JSON lines on stdin:
+FlagEmbedding 1.4.2 and infinity 0.0.78 import only under transformers 4.x (infinity calls the
+tokenizers' ``batch_encode_plus``, gone in 5) and bgekit needs transformers 5, so speed.py starts
+this script with another PYTHONPATH (``--flag-path``: a folder holding transformers 4.57.3,
+FlagEmbedding and what they need; for infinity ``--infinity-path`` first, with infinity-emb and
+sentence-transformers 3.4.1: under sentence-transformers 5 infinity's subclass is not recognised
+as a sentence-transformers model and silently gets mean pooling) and sends it JSON lines on stdin:
 
-    {"cmd": "load", "kind": "embedder" | "reranker" | "icl", "path": ..., "options": {...}}
+    {"cmd": "load", "kind": "embedder" | "reranker" | "icl" | "infinity", "path": ..., "options": {...}}
     {"cmd": "data", "key": "k", "file": "texts.json"}      # a list of texts or [q, d] pairs
     {"cmd": "run", "key": "k", "queries": false}            # encode / score that list once
     {"cmd": "quit"}
@@ -29,7 +32,15 @@ def reply(**fields) -> None:
     sys.stdout.flush()
 
 
+#: the distributions whose versions a load reports, per kind
+PACKAGES = {"infinity": ("transformers", "infinity-emb")}
+
+
 def load(kind: str, path: str, options: dict):
+    """A run function ``(items, queries) -> vectors or scores`` for one peer system. speed.py also calls
+    this in its own process when the peer imports there."""
+    if kind == "infinity":
+        return infinity_embedder(path, options)
     import FlagEmbedding
 
     device, fp16, batch = options["device"], options["fp16"], options["batch_size"]
@@ -55,6 +66,37 @@ def load(kind: str, path: str, options: dict):
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def infinity_embedder(path: str, options: dict):
+    """infinity's engine as its users embed a list: one running engine (its own queue and dynamic batches
+    of up to ``batch_size``, for documents and queries alike) on one event loop across calls. A one-text
+    call at load makes an engine that cannot run here fail now, not in the timed rounds."""
+    import asyncio
+
+    from infinity_emb import AsyncEmbeddingEngine, EngineArgs
+
+    engine = AsyncEmbeddingEngine.from_args(
+        EngineArgs(
+            model_name_or_path=path,
+            engine="torch",
+            device="cuda" if options["device"].startswith("cuda") else "cpu",
+            batch_size=options["batch_size"],
+            dtype="float16" if options["fp16"] else "float32",
+            bettertransformer=False,
+            model_warmup=False,
+        )
+    )
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(engine.astart())
+
+    def run(texts: list[str], queries: bool = False):
+        vectors, _ = loop.run_until_complete(engine.embed(sentences=texts))
+        return vectors
+
+    run(["warm up"])
+    run.close = lambda: loop.run_until_complete(engine.astop())  # type: ignore[attr-defined]
+    return run
+
+
 def main() -> None:
     import torch
 
@@ -63,13 +105,15 @@ def main() -> None:
         message = json.loads(line)
         try:
             if message["cmd"] == "quit":
+                getattr(run, "close", lambda: None)()
                 reply(ok=True)
                 return
             if message["cmd"] == "load":
                 run = load(message["kind"], message["path"], message["options"])
                 from importlib.metadata import version
 
-                reply(ok=True, versions={name: version(name) for name in ("transformers", "FlagEmbedding")})
+                names = PACKAGES.get(message["kind"], ("transformers", "FlagEmbedding"))
+                reply(ok=True, versions={name: version(name) for name in names})
             elif message["cmd"] == "data":
                 with open(message["file"], encoding="utf-8") as f:
                     data[message["key"]] = json.load(f)

