@@ -7,7 +7,8 @@ FlagEmbedding and what they need; for infinity ``--infinity-path`` first, with i
 sentence-transformers 3.4.1: under sentence-transformers 5 infinity's subclass is not recognised
 as a sentence-transformers model and silently gets mean pooling) and sends it JSON lines on stdin:
 
-    {"cmd": "load", "kind": "embedder" | "reranker" | "icl" | "infinity", "path": ..., "options": {...}}
+    {"cmd": "load", "kind": "embedder" | "reranker" | "icl" | "infinity" | "infinity-reranker",
+     "path": ..., "options": {...}}
     {"cmd": "data", "key": "k", "file": "texts.json"}      # a list of texts or [q, d] pairs
     {"cmd": "run", "key": "k", "queries": false}            # encode / score that list once
     {"cmd": "quit"}
@@ -33,14 +34,14 @@ def reply(**fields) -> None:
 
 
 #: the distributions whose versions a load reports, per kind
-PACKAGES = {"infinity": ("transformers", "infinity-emb")}
+PACKAGES = {"infinity": ("transformers", "infinity-emb"), "infinity-reranker": ("transformers", "infinity-emb")}
 
 
 def load(kind: str, path: str, options: dict):
     """A run function ``(items, queries) -> vectors or scores`` for one peer system. speed.py also calls
     this in its own process when the peer imports there."""
-    if kind == "infinity":
-        return infinity_embedder(path, options)
+    if kind in ("infinity", "infinity-reranker"):
+        return infinity_system(path, options, rerank=kind == "infinity-reranker")
     import FlagEmbedding
 
     device, fp16, batch = options["device"], options["fp16"], options["batch_size"]
@@ -66,10 +67,12 @@ def load(kind: str, path: str, options: dict):
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def infinity_embedder(path: str, options: dict):
-    """infinity's engine as its users embed a list: one running engine (its own queue and dynamic batches
-    of up to ``batch_size``, for documents and queries alike) on one event loop across calls. A one-text
-    call at load makes an engine that cannot run here fail now, not in the timed rounds."""
+def infinity_system(path: str, options: dict, rerank: bool):
+    """infinity's engine as its users call it: one running engine (its own queue and dynamic batches of up
+    to ``batch_size``, for documents and queries alike) on one event loop across calls. Embedding takes
+    the list in one call; reranking, whose API is one query with its documents, sends every (query,
+    document) pair as its own request at once, so the engine batches them. A one-item call at load makes
+    an engine that cannot run here fail now, not in the timed rounds."""
     import asyncio
 
     from infinity_emb import AsyncEmbeddingEngine, EngineArgs
@@ -88,11 +91,17 @@ def infinity_embedder(path: str, options: dict):
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.astart())
 
-    def run(texts: list[str], queries: bool = False):
-        vectors, _ = loop.run_until_complete(engine.embed(sentences=texts))
-        return vectors
+    async def scores(pairs: list[list[str]]) -> list:
+        calls = [engine.rerank(query=query, docs=[doc], raw_scores=True) for query, doc in pairs]
+        return [results[0] for results, _ in await asyncio.gather(*calls)]
 
-    run(["warm up"])
+    async def vectors(texts: list[str]) -> list:
+        return (await engine.embed(sentences=texts))[0]
+
+    def run(items: list, queries: bool = False):
+        return loop.run_until_complete(scores(items) if rerank else vectors(items))
+
+    run([["warm", "up"]] if rerank else ["warm up"])
     run.close = lambda: loop.run_until_complete(engine.astop())  # type: ignore[attr-defined]
     return run
 

