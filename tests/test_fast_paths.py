@@ -279,3 +279,36 @@ def test_cli_embed_backend_onnx(onnx_cache, tiny_bert, tmp_path):
     np.testing.assert_allclose(np.load(out), want, atol=ONNX_TOL)
     bad = subprocess.run([bgekit, *args, "--backend", "tvm"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "backend must be one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- no key/value cache in inference ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("family", "name"), [("FlagLLMModel", "mistral-llm"), ("FlagLLMReranker", "gemma-llm-reranker")]
+)
+def test_decoders_run_without_a_key_value_cache(golden_dir, family, name):
+    """A batch is one pass: no layer's keys and values are cached (and held) during it, and the results
+    are the ones the module gives with its cache on."""
+    import bgekit
+
+    model = getattr(bgekit, family)(str(golden_dir / "models" / name), devices="cpu", use_fp16=False)
+    module = model.host.module
+    caches = []
+    forward = module.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        caches.append(getattr(out, "past_key_values", None))
+        return out
+
+    module.forward = spy
+    if family == "FlagLLMModel":
+        run = lambda: model.encode_corpus(texts(20), batch_size=8)  # noqa: E731
+    else:
+        run = lambda: np.asarray(model.compute_score([(t, t[::-1]) for t in texts(20)], batch_size=8))  # noqa: E731
+    without = run()
+    assert caches and all(cache is None for cache in caches)
+    module.config.use_cache = True  # what the module did before bgekit turned its cache off
+    caches.clear()
+    with_cache = run()
+    assert caches and all(cache is not None for cache in caches)
+    np.testing.assert_allclose(without, with_cache, atol=TORCH_TOL)

@@ -87,6 +87,7 @@ class ModelHost:
                 self.position_offset = None
         if self.position_offset is not None:
             logger.info("packed (padding-free) batches for %s", type(packing.packing_core(module)).__name__)
+        _without_key_value_cache(module)  # before the replicas are copied from it
         self.pool = ReplicaPool(module, self.devices, lambda d: resolve_dtype(d, use_fp16, use_bf16))
         self.max_positions = _max_positions(module.config)
 
@@ -337,6 +338,16 @@ class _LaggedCopies:
         """Wait for every copy submitted so far."""
         for done in list(self._last.values()):
             done.synchronize()
+
+
+def _without_key_value_cache(module: torch.nn.Module) -> None:
+    """Turn off a decoder's key/value cache for the host's forwards (``config.use_cache``; ``generate``
+    keeps its own setting). Embedding or scoring a batch is one pass: a cache would only copy every
+    layer's keys and values and hold them all until the forward returns, GPU memory that grows with the
+    batch (about 0.7 GB per 64 SciFact documents on 8 Mistral-7B-width layers) for nothing."""
+    config = getattr(packing.packing_core(module), "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
 
 
 def _max_positions(config) -> int | None:
