@@ -621,6 +621,34 @@ def profile(args) -> None:
         best = min(values[1:])
         share = f"{100 * best / total:.1f}%" if stage.startswith("bgekit") else ""
         print(f"| {stage} | {best:.3f} | {share} | {len(texts) / best:,.0f} |")
+    if device.type == "cuda":
+        for packed_batches in (False, True):
+            counted = Embedder.from_pretrained(
+                str(path), devices=str(device), pooling_method=pooling, use_fp16=args.dtype == "fp16",
+                use_bf16=args.dtype == "bf16", passage_max_length=length, packed=packed_batches,
+            )  # fmt: skip
+            syncs = count_syncs(lambda m=counted: m.encode(texts, batch_size=bs))
+            batches = -(-len(texts) // bs)
+            print(
+                f"host-device synchronisations in one encode(), {'packed' if packed_batches else 'padded'}: "
+                f"{syncs} for {batches} batches (the plain path's floor: one copy back per batch)"
+            )
+            counted.close()
+
+
+def count_syncs(call: Callable[[], object]) -> int:
+    """How many times ``call`` makes the host wait for the GPU (CUDA's sync debug mode, warn level;
+    every synchronising call warns once per occurrence)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 # -- accuracy cost --------------------------------------------------------------------------
