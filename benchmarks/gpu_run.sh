@@ -4,17 +4,20 @@
 # Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
 # issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (host
-# tokenization alone, the host pipeline's ceiling (bgekit's encode with an instant forward),
-# then where a bge-small / bge-base encode's time goes on the GPU, padded and
-# packed), speed (the speed issue's table, bgekit packed and padded side by side), copies
-# (async_copies against plain copies on bge-small and bge-base), compile (torch.compile on bge-base,
-# not a default step: run it when the budget allows). The default STEPS are what the
-# open speed issue needs; name the others to rerun them. padnan, precision, lora, ray and the padded
-# speed rows ran on an H200 on 2026-11-26; the profile, the packed tests and rows and the lagged
-# async copies have not run on a GPU yet. Two calls fit a 15-minute device budget: STEPS=env,gputests,
-# profile,copies BUDGET=350, then STEPS=env,speed BUDGET=540 (five models, bgekit packed and
-# padded, sentence-transformers, FlagEmbedding, infinity). Each step gets its own limit, cut to what is
-# left of BUDGET seconds, so a slow step cannot starve the log.
+# tokenization alone, the host pipeline's ceiling (bgekit's encode with an instant forward), then
+# where a bge-small / bge-base encode's time goes on the GPU, padded and packed, and how many
+# host-device synchronisations one encode makes), speed (the speed issue's table: bgekit packed and
+# padded, sentence-transformers, FlagEmbedding and infinity side by side), copies (async_copies
+# against plain copies on bge-small and bge-base), compile (torch.compile on bge-base, not a default
+# step: run it when the budget allows). The default STEPS are what the open speed issue needs;
+# name the others to rerun them. padnan, precision, lora, ray and the padded speed rows ran on an
+# H200 on 2026-11-26; the profile, the packed tests and rows, the peers in worker processes and the
+# lagged async copies have not run on a GPU yet. A 15-minute device budget (machine start included)
+# fits two calls, the table first:
+#   1. STEPS=env,gputests,speed BUDGET=480 bash benchmarks/gpu_run.sh   (run's timeout_s 540)
+#   2. STEPS=profile,copies BUDGET=240 bash benchmarks/gpu_run.sh       (run's timeout_s 300)
+# Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
+# starve the log; the speed step prints each model's rows as it finishes them.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
