@@ -37,8 +37,13 @@ def test_encode_matches_the_hf_call(golden_dir, folder, side, special):
         got = tokenizer.encode(TEXTS, max_length, add_special_tokens=special)
         want = hf(TEXTS, truncation=True, max_length=max_length, add_special_tokens=special)
         assert got.ids == want["input_ids"], (folder, side, max_length)
-        if tokenizer.uses_type_ids:
-            assert got.type_ids == want["token_type_ids"]
+        if tokenizer.uses_type_ids:  # None stands for all zeros (collate and packing fill them in)
+            types = got.type_ids or [[0] * len(row) for row in got.ids]
+            assert types == want["token_type_ids"]
+            assert (got.type_ids is None) == all(t == 0 for row in want["token_type_ids"] for t in row)
+            collated = tokenizer.collate(got.ids, got.type_ids)["token_type_ids"]  # padded on the right
+            width = collated.shape[1]
+            assert collated.tolist() == [row + [0] * (width - len(row)) for row in want["token_type_ids"]]
         assert got.truncated == sum(n > max_length for n in full)
 
 
@@ -115,7 +120,7 @@ def test_ascii_shortcut_gives_the_full_pipelines_ids(golden_dir, minilm_dir, mix
         got = tokenizer.encode(mixed_texts, max_length)
         want = hf(mixed_texts, truncation=True, max_length=max_length)
         assert got.ids == want["input_ids"], max_length
-        assert got.type_ids == want["token_type_ids"]
+        assert got.type_ids is None and not any(map(any, want["token_type_ids"]))  # None: all zeros
         assert got.truncated == sum(n > max_length for n in full)
     plain, _ = tokenizer.plain_ids(mixed_texts)
     assert plain == hf(mixed_texts, add_special_tokens=False)["input_ids"]

@@ -179,16 +179,18 @@ def icl_query_tokens(
     distinct = sorted(set(prefixes))
     prefix_lens = dict(zip(distinct, (len(x) for x in tokenizer.plain_ids(distinct)[0]), strict=True))
     out: list[list[int]] = [[] for _ in queries]
-    out_types: list[list[int]] | None = [[] for _ in queries] if tokenizer.uses_type_ids else None
+    out_types: list[list[int]] | None = [[] for _ in queries]
     for prefix in distinct:  # one cap per prefix: inference has one prefix, training a few
         rows = [i for i, p in enumerate(prefixes) if p == prefix]
         cap = ((prefix_lens[prefix] if prefix else 0) + len(suffix_ids) + max_length + 8) // 8 * 8 + 8
         part = tokenizer.encode([prefix + texts[i] + suffix for i in rows], cap)
         truncated = max(truncated, part.truncated)
+        if part.type_ids is None:  # no segment ids, or all zeros: collate and packing give zeros
+            out_types = None
         for j, i in enumerate(rows):
             out[i] = part.ids[j]
-            if out_types is not None and part.type_ids is not None:
-                out_types[i] = part.type_ids[j]
+            if out_types is not None:
+                out_types[i] = part.type_ids[j]  # type: ignore[index]
     return Tokenized(out, out_types, truncated)
 
 

@@ -28,7 +28,12 @@ _BERT_DELETES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 @dataclass
 class Tokenized:
-    """Token ids per input (unpadded), optional segment ids, and how many were cut."""
+    """Token ids per input (unpadded), segment ids, and how many were cut.
+
+    ``type_ids`` is None when the tokenizer makes no segment ids, and also when every one would be 0
+    (single texts through BERT-style tokenizers): :meth:`TextTokenizer.collate` and packing then give
+    zeros, so the hot path never turns a column of zeros into Python lists.
+    """
 
     ids: list[list[int]]
     type_ids: list[list[int]] | None
@@ -157,8 +162,20 @@ class TextTokenizer:
             raise InputError(f"max_length={max_length} leaves no room for text after {special} special tokens")
         encodings = self._truncating(max_length)(texts, add_special_tokens=add_special_tokens)
         ids = [enc.ids for enc in encodings]
-        type_ids = [enc.type_ids for enc in encodings] if self.uses_type_ids else None
+        type_ids = None
+        if self.uses_type_ids and not self._single_types_are_zero(add_special_tokens):
+            type_ids = [enc.type_ids for enc in encodings]
         return Tokenized(ids, type_ids, sum(1 for enc in encodings if enc.overflowing))
+
+    def _single_types_are_zero(self, add_special_tokens: bool) -> bool:
+        """Whether every segment id of a single text is 0 (BERT's ``[CLS] a [SEP]``), probed once per
+        setting on texts of two lengths: segment ids of one text come from the post-processor's
+        template, not from the text."""
+        known = self.__dict__.setdefault("_zero_single_types", {})
+        if add_special_tokens not in known:
+            probes = self.backend.encode_batch(["hello", "one two three four"], add_special_tokens=add_special_tokens)
+            known[add_special_tokens] = all(t == 0 for enc in probes for t in enc.type_ids)
+        return known[add_special_tokens]
 
     def encode_pairs(self, firsts: list[str], seconds: list[str], first_max_length: int, max_length: int) -> Tokenized:
         """``[CLS] first [SEP] second [SEP]``-style ids, FlagEmbedding's cross-encoder layout.
@@ -254,9 +271,10 @@ class TextTokenizer:
         input_ids[real] = flatten(ids, total)
         mask = real.astype(np.int64)
         types = None
-        if type_ids is not None:
+        if type_ids is not None or self.uses_type_ids:  # None from a tokenizer that makes them: all zeros
             types = np.zeros((len(ids), width), dtype=np.int64)
-            types[real] = flatten(type_ids, total)
+            if type_ids is not None:
+                types[real] = flatten(type_ids, total)
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
         if types is not None:
             batch["token_type_ids"] = torch.from_numpy(types)
