@@ -563,7 +563,11 @@ def profile(args) -> None:
         clock("bgekit: tokenize (Rust, all texts)", start)
         start = time.perf_counter()
         _, batches = length_sorted_batches([len(x) for x in tokenized.ids], bs)
-        inputs = [tok.collate([tokenized.ids[i] for i in b], [tokenized.type_ids[i] for i in b]) for b in batches]
+
+        def rows_of(b, ids=tokenized.ids, types=tokenized.type_ids):  # types None: zeros, filled in later
+            return [ids[i] for i in b], None if types is None else [types[i] for i in b]
+
+        inputs = [tok.collate(*rows_of(b)) for b in batches]
         clock("bgekit: sort + collate (numpy padding)", start)
         start = time.perf_counter()
         inputs = [{k: v.to(device) for k, v in x.items()} for x in inputs]
@@ -584,7 +588,7 @@ def profile(args) -> None:
         del hidden, pooled, inputs
         # the same batches packed: no padding anywhere, variable-length attention
         start = time.perf_counter()
-        rows = [packed.pack([tokenized.ids[i] for i in b], [tokenized.type_ids[i] for i in b], offset) for b in batches]
+        rows = [packed.pack(*rows_of(b), offset) for b in batches]
         clock("bgekit packed: pack (numpy)", start)
         start = time.perf_counter()
         rows = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()} for x in rows]
