@@ -120,6 +120,7 @@ class TextTokenizer:
         self.ascii_shortcut = ascii_shortcut
         self._untruncated = _Pipeline(self.backend, ascii_shortcut)
         self._truncating_backends: dict[tuple[int, str], _Pipeline] = {}
+        self._zero_single_types: dict[bool, bool] = {}  # add_special_tokens -> all segment ids 0
         self.pad_id = hf_tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else 0
@@ -171,7 +172,7 @@ class TextTokenizer:
         """Whether every segment id of a single text is 0 (BERT's ``[CLS] a [SEP]``), probed once per
         setting on texts of two lengths: segment ids of one text come from the post-processor's
         template, not from the text."""
-        known = self.__dict__.setdefault("_zero_single_types", {})
+        known = self._zero_single_types
         if add_special_tokens not in known:
             probes = self.backend.encode_batch(["hello", "one two three four"], add_special_tokens=add_special_tokens)
             known[add_special_tokens] = all(t == 0 for enc in probes for t in enc.type_ids)
