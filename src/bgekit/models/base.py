@@ -124,11 +124,13 @@ class ModelHost:
         desc: str,
         pad_to_multiple_of: int | None = None,
         show_progress_bar: bool | None = None,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Forward every input in length-sorted batches; rows come back in input order (float32, CPU).
 
         With :attr:`async_copies` on CUDA each batch's output is copied back into pinned memory
-        while the next batch runs (:class:`_LaggedCopies`).
+        while the next batch runs (:class:`_LaggedCopies`). ``into``: a float32 CPU tensor with a
+        row per input to write the rows into (and return), instead of a new one.
         """
         copies = _LaggedCopies(self.async_copies)
 
@@ -148,10 +150,14 @@ class ModelHost:
         copies.finish()
         if not outputs:
             raise InputError("nothing to run: no inputs were given")
-        stacked = torch.cat(outputs)
-        result = torch.empty_like(stacked)
-        result[torch.from_numpy(order)] = stacked
-        return result
+        if into is None:
+            into = outputs[0].new_empty((len(order), *outputs[0].shape[1:]))
+        # each batch's rows straight to their input positions: one copy, not a cat and a scatter
+        start = 0
+        for output in outputs:
+            into[torch.from_numpy(order[start : start + len(output)])] = output
+            start += len(output)
+        return into
 
     def run_texts(
         self,
@@ -185,21 +191,30 @@ class ModelHost:
         if show_progress_bar is None:
             show_progress_bar = len(items) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
         bar = tqdm(total=len(items), desc=desc, disable=not show_progress_bar, unit="item")
-        parts, truncated = [], 0
+        result: torch.Tensor | None = None  # every chunk's rows land in their slice of one tensor
+        truncated = done = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgekit-tokenize") as executor:
             pending = executor.submit(tokenize, chunks[0])
             try:
-                for index in range(len(chunks)):
+                for index, chunk in enumerate(chunks):
                     tokenized = pending.result()
                     if index + 1 < len(chunks):
                         pending = executor.submit(tokenize, chunks[index + 1])
-                    parts.append(self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False))
+                    if result is None:  # the row width is known once the first chunk has run
+                        first = self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False)
+                        result = first.new_empty((len(items), *first.shape[1:]))
+                        result[: len(chunk)] = first
+                    else:
+                        part = result[done : done + len(chunk)]
+                        self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False, into=part)
+                    done += len(chunk)
                     truncated += tokenized.truncated
-                    bar.update(len(chunks[index]))
+                    bar.update(len(chunk))
             finally:
                 pending.cancel()
                 bar.close()
-        return torch.cat(parts), truncated
+        assert result is not None  # more than one chunk ran
+        return result, truncated
 
     def run_items(
         self,
