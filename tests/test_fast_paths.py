@@ -312,3 +312,21 @@ def test_decoders_run_without_a_key_value_cache(golden_dir, family, name):
     with_cache = run()
     assert caches and all(cache is not None for cache in caches)
     np.testing.assert_allclose(without, with_cache, atol=TORCH_TOL)
+
+
+# -- normalization in place ------------------------------------------------------------------------
+def test_encode_normalizes_its_own_vectors_in_place_and_postprocess_copies(tiny_bert):
+    """encode() normalizes the tensor it made (one copy of the vectors, not two); postprocess() on a
+    caller's tensor leaves it alone; truncate_dim still returns contiguous rows of the cut width."""
+    model = Embedder.from_pretrained(str(tiny_bert), devices="cpu", pooling_method="mean")
+    items = texts(12)
+    raw = model.embed_tokenized(model.tokenize(items))
+    kept = raw.clone()
+    want = torch.nn.functional.normalize(raw, dim=-1).numpy()
+    np.testing.assert_allclose(model.postprocess(raw, False), want, atol=TORCH_TOL)
+    assert torch.equal(raw, kept), "postprocess must not write into the caller's tensor"
+    np.testing.assert_allclose(model.encode(items), want, atol=TORCH_TOL)
+    model.truncate_dim = 8
+    cut = model.encode(items)
+    assert cut.shape == (len(items), 8) and cut.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(cut, torch.nn.functional.normalize(raw[:, :8], dim=-1).numpy(), atol=TORCH_TOL)

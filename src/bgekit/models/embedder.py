@@ -160,7 +160,7 @@ class Embedder:
             max_length=self.passage_max_length if max_length is None else max_length,
             show_progress_bar=show_progress_bar,
         )
-        return self.postprocess(embeddings, single, convert_to_numpy, normalize_embeddings)
+        return self.postprocess(embeddings, single, convert_to_numpy, normalize_embeddings, in_place=True)
 
     def postprocess(
         self,
@@ -168,14 +168,20 @@ class Embedder:
         single: bool,
         convert_to_numpy: bool | None = None,
         normalize_embeddings: bool | None = None,
+        *,
+        in_place: bool = False,
     ):
         """Pooled vectors -> what the caller asked for: ``truncate_dim`` slice, then L2
-        normalization, one row for a single string, numpy or torch."""
+        normalization, one row for a single string, numpy or torch. ``in_place=True`` (for a tensor
+        nobody else holds, as ``encode``'s own) normalizes into ``embeddings`` instead of a copy, so a
+        large call holds one copy of its vectors, not two."""
         if self.truncate_dim is not None:
             embeddings = embeddings[:, : self.truncate_dim]
+            in_place = False  # a view of the wider rows: a copy gives the caller contiguous vectors
         normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         if normalize:
-            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+            out = embeddings if in_place else None
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1, out=out)
         if single:
             embeddings = embeddings[0]
         to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy

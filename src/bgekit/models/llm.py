@@ -298,4 +298,4 @@ class FlagICLModel(FlagLLMModel):
             desc="Embedding queries",
             show_progress_bar=show_progress_bar,
         )
-        return self.postprocess(pooled, single, convert_to_numpy, normalize_embeddings)
+        return self.postprocess(pooled, single, convert_to_numpy, normalize_embeddings, in_place=True)
