@@ -138,7 +138,7 @@ class ModelHost:
             copies.finish()  # the halves of an OOM split may still be in flight
             return torch.cat([a, b])
 
-        order, outputs = self._run_batches(
+        batches, outputs = self._run_batches(
             tokenized,
             lambda module, inputs: copies.submit(forward(module, inputs).float()),
             batch_size,
@@ -151,12 +151,10 @@ class ModelHost:
         if not outputs:
             raise InputError("nothing to run: no inputs were given")
         if into is None:
-            into = outputs[0].new_empty((len(order), *outputs[0].shape[1:]))
+            into = outputs[0].new_empty((len(tokenized.ids), *outputs[0].shape[1:]))
         # each batch's rows straight to their input positions: one copy, not a cat and a scatter
-        start = 0
-        for output in outputs:
-            into[torch.from_numpy(order[start : start + len(output)])] = output
-            start += len(output)
+        for rows, output in zip(batches, outputs, strict=True):
+            into[torch.from_numpy(rows)] = output
         return into
 
     def run_texts(
@@ -236,7 +234,7 @@ class ModelHost:
                 raise RuntimeError(f"forward returned {len(items)} items for a batch of {rows}")
             return items
 
-        order, outputs = self._run_batches(
+        batches, outputs = self._run_batches(
             tokenized,
             checked,
             batch_size,
@@ -245,9 +243,10 @@ class ModelHost:
             pad_to_multiple_of=pad_to_multiple_of,
             show_progress_bar=show_progress_bar,
         )
-        result: list[Any] = [None] * len(order)
-        for position, item in zip(order.tolist(), (item for batch in outputs for item in batch), strict=True):
-            result[position] = item
+        result: list[Any] = [None] * len(tokenized.ids)
+        for rows, items in zip(batches, outputs, strict=True):
+            for position, item in zip(rows.tolist(), items, strict=True):
+                result[position] = item
         return result
 
     def _run_batches(
@@ -260,12 +259,12 @@ class ModelHost:
         desc: str,
         pad_to_multiple_of: int | None,
         show_progress_bar: bool | None,
-    ) -> tuple[np.ndarray, list[T]]:
-        """The batch loop both ``run`` flavours share: ``(length-sorted order, one output per batch)``."""
+    ) -> tuple[list[np.ndarray], list[T]]:
+        """The batch loop both ``run`` flavours share: ``(each batch's input indices, its output)``."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         lengths = [len(x) for x in tokenized.ids]
-        order, batches = length_sorted_batches(lengths, batch_size, self.max_tokens_per_batch)
+        _, batches = length_sorted_batches(lengths, batch_size, self.max_tokens_per_batch)
         if show_progress_bar is None:
             show_progress_bar = len(lengths) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
         bar = tqdm(total=len(lengths), desc=desc, disable=not show_progress_bar, unit="item")
@@ -291,7 +290,7 @@ class ModelHost:
             outputs = self.pool.map(work, batches)
         finally:
             bar.close()
-        return order, outputs
+        return batches, outputs
 
     def log_truncation(self, tokenized: Tokenized, max_length: int, what: str) -> None:
         self.log_cut(tokenized.truncated, len(tokenized.ids), max_length, what)
