@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import contextlib
 import gc
 import gzip
@@ -631,18 +632,20 @@ def profile(args) -> None:
                 str(path), devices=str(device), pooling_method=pooling, use_fp16=args.dtype == "fp16",
                 use_bf16=args.dtype == "bf16", passage_max_length=length, packed=packed_batches,
             )  # fmt: skip
+            counted.encode(texts, batch_size=bs)  # warm-up: the first call's one-off syncs are not the loop's
             syncs = count_syncs(lambda m=counted: m.encode(texts, batch_size=bs))
             batches = -(-len(texts) // bs)
+            where = ", ".join(f"{n} at {place}" for place, n in syncs.most_common(4))
             print(
-                f"host-device synchronisations in one encode(), {'packed' if packed_batches else 'padded'}: "
-                f"{syncs} for {batches} batches (the plain path's floor: one copy back per batch)"
+                f"host-device synchronisations in one warm encode(), {'packed' if packed_batches else 'padded'}: "
+                f"{syncs.total()} for {batches} batches (the plain path's floor: one copy back per batch): {where}"
             )
             counted.close()
 
 
-def count_syncs(call: Callable[[], object]) -> int:
-    """How many times ``call`` makes the host wait for the GPU (CUDA's sync debug mode, warn level;
-    every synchronising call warns once per occurrence)."""
+def count_syncs(call: Callable[[], object]) -> collections.Counter:
+    """Where and how often ``call`` makes the host wait for the GPU (CUDA's sync debug mode, warn
+    level: every synchronising call warns once per occurrence, from the Python line that made it)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -652,7 +655,9 @@ def count_syncs(call: Callable[[], object]) -> int:
             call()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return collections.Counter(
+        f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
 
 
 # -- accuracy cost --------------------------------------------------------------------------

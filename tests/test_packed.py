@@ -71,7 +71,7 @@ def per_sequence_attention(q, k, v, cu, causal: bool, left: int | None = None) -
         if ks.shape[0] != qs.shape[0]:
             ks, vs = (t.repeat_interleave(qs.shape[0] // t.shape[0], dim=0) for t in (ks, vs))
         at = torch.arange(end - start, device=q.device)
-        seen = at[None, :] <= at[:, None] if causal else torch.ones(end - start, end - start, dtype=torch.bool)
+        seen = at[None, :] <= at[:, None] if causal else torch.ones_like(at[None, :] <= at[:, None])
         if causal and left is not None:
             seen = seen & (at[None, :] >= at[:, None] - left)
         out[start:end] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen).transpose(0, 1)
