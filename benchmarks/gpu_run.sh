@@ -3,34 +3,34 @@
 #   device run: bash benchmarks/gpu_run.sh      (carry: [".gpu"])
 # Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
-# issue check 5), lora (training issue check 6), ray (distributed issue check 4), profile (host
-# tokenization alone, the host pipeline's ceiling (bgekit's encode with an instant forward), then
-# where a bge-small / bge-base encode's time goes on the GPU, padded and packed, and how many
-# host-device synchronisations one encode makes), speed (the speed issue's table: bgekit packed and
-# padded, sentence-transformers, FlagEmbedding and infinity side by side), copies (async_copies
-# against plain copies on bge-small and bge-base), compile (torch.compile on bge-base, not a default
-# step: run it when the budget allows). The default STEPS are what the open speed issue needs;
-# name the others to rerun them. padnan, precision, lora, ray and the padded speed rows ran on an
-# H200 on 2026-11-26; the profile, the packed tests and rows, the peers in worker processes and the
-# lagged async copies have not run on a GPU yet. A 15-minute device budget (machine start included)
-# fits two calls, the table first:
-#   1. STEPS=env,gputests,speed BUDGET=480 bash benchmarks/gpu_run.sh   (run's timeout_s 540)
-#   2. STEPS=profile,copies BUDGET=240 bash benchmarks/gpu_run.sh       (run's timeout_s 300)
+# issue check 5), lora (training issue check 6), ray (distributed issue check 4), speed (the speed
+# issue's table for the encoders and the reranker: bgekit with its lagged async copies and with plain
+# copies, sentence-transformers, FlagEmbedding and infinity side by side), icl (the table's ICL row),
+# profile (where a bge-small encode's time goes on the GPU, its host-device syncs, and the host
+# pipeline's ceiling: bgekit's encode with an instant forward), compile (torch.compile on bge-base),
+# padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26).
+# The first H100 run (2026-11-26, RESULTS.md) ran env, gputests, speed with --padded-too, the ICL row
+# and bge-base's profile; the flash kernel's test, the async copies, bge-small's profile and compile
+# have not run on a GPU yet. A 15-minute device budget (a start took 30 s) fits two calls:
+#   1. STEPS=env,gputests,speed,icl BUDGET=570 bash benchmarks/gpu_run.sh   (run's timeout_s 600)
+#   2. STEPS=profile,compile BUDGET=200 bash benchmarks/gpu_run.sh          (run's timeout_s 220)
 # Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
-# starve the log; the speed step prints each model's rows as it finishes them.
+# starve the log; the speed step prints (and writes to its JSON) each model's rows as it finishes them.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
-STEPS=${STEPS:-env,gputests,profile,speed,copies}
+STEPS=${STEPS:-env,gputests,speed,icl}
 PY=${PY:-python3}
 DEADLINE=$(($(date +%s) + BUDGET))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true BGEKIT_SHARED=$PWD/.gpu
 mkdir -p /tmp/site
-tar xJf .gpu/ray.tar.xz -C /tmp/site
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+case ",$STEPS," in *",ray,"* | *",env,"*)  # Ray and the wheels it needs: the ray step's (env prints its version)
+    tar xJf .gpu/ray.tar.xz -C /tmp/site
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl ;;
+esac
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/flag-site .gpu/flag-whl/*.whl
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/inf-site .gpu/inf-whl/*.whl
 export PYTHONPATH=$PWD/src:/tmp/site:$PWD/benchmarks
@@ -60,15 +60,15 @@ step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/d
     --layers 8 --steps 200
 step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-base\", pathlib.Path(\"/tmp/models\"), pathlib.Path(\".gpu/tok\"))" &&
     "$0" benchmarks/ray_overhead.py --model /tmp/models/bge-base --n-docs 60000 --shard-size 10000 --batch-size 256' "$PY"
-step profile 150 bash -c '"$0" benchmarks/speed.py --tokenize --n 4000 --batch-size 256 --rounds 2 --tokenizer .gpu/tok &&
-    "$0" benchmarks/speed.py --host --models bge-small --n 4000 --rounds 1 --tokenizer .gpu/tok \
+SPEED=(--device cuda --dtype fp16 --rounds 2 --tokenizer .gpu/tok --flag-path /tmp/flag-site --infinity-path /tmp/inf-site)
+step speed 390 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --async-copies --sync-too \
+    --models bge-base,bge-small,bge-large,bge-reranker-base --json "$OUT/speed.json"
+step icl 160 $PY benchmarks/speed.py "${SPEED[@]}" --n 2000 --async-copies --sync-too --models bge-en-icl-8L \
+    --json "$OUT/icl.json"
+step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n 4000 --rounds 1 --tokenizer .gpu/tok \
     --batch-size 256 --query-batch-size 1024 &&
-    for m in bge-small bge-base; do "$0" benchmarks/speed.py --profile --device cuda --models $m \
-    --n 4000 --rounds 2 --tokenizer .gpu/tok || exit; done' "$PY"
-step speed 540 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
-    --flag-path /tmp/flag-site --infinity-path /tmp/inf-site --padded-too \
-    --models bge-base,bge-small,bge-large,bge-reranker-base,bge-en-icl-8L --json "$OUT/speed.json"
-step compile 150 $PY benchmarks/compile_probe.py --device cuda --fp16 --model bge-base --tokenizer .gpu/tok \
+    "$0" benchmarks/speed.py --profile --device cuda --models bge-small --n 4000 --rounds 2 --tokenizer .gpu/tok' "$PY"
+step compile 120 $PY benchmarks/compile_probe.py --device cuda --fp16 --model bge-base --tokenizer .gpu/tok \
     --n 4000 --batch-size 256
-step copies 120 $PY benchmarks/speed.py --device cuda --dtype fp16 --n 4000 --rounds 2 --tokenizer .gpu/tok \
-    --async-copies --sync-too --models bge-small,bge-base --json "$OUT/copies.json"
+step padded 300 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --padded-too \
+    --models bge-base,bge-small,bge-large,bge-reranker-base --json "$OUT/padded.json"

@@ -210,7 +210,7 @@ def st_embedder(path: Path, args, pooling: str):
     )
 
 
-def bgekit_reranker(path: Path, args, backend: str, packed: str | None = None):
+def bgekit_reranker(path: Path, args, backend: str, packed: str | None = None, async_copies: bool | None = None):
     from bgekit import FlagReranker
 
     extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
@@ -223,7 +223,7 @@ def bgekit_reranker(path: Path, args, backend: str, packed: str | None = None):
         max_tokens_per_batch=args.max_tokens,
         **extra,
     )
-    model.host.async_copies = args.async_copies
+    model.host.async_copies = args.async_copies if async_copies is None else async_copies
     return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
 
 
@@ -432,6 +432,10 @@ def bench_reranker(args, workdir: Path) -> dict:
     systems: dict[str, Callable | str] = {}
     for backend in args.backends:
         systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_reranker(path, args, b))
+        if args.async_copies and args.sync_too:
+            systems[f"bgekit[{backend}, sync copies]"] = build(
+                "bgekit", lambda b=backend: bgekit_reranker(path, args, b, async_copies=False)
+            )
         if args.padded_too and backend == "torch":
             systems["bgekit[torch, padded]"] = build("bgekit", lambda: bgekit_reranker(path, args, "torch", "off"))
     systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
@@ -452,7 +456,7 @@ def bench_icl(args, workdir: Path) -> dict:
     path = random_model("bge-en-icl-8L", workdir, args.tokenizer)
     docs, _ = scifact_docs(min(args.n, 4000))
 
-    def ours(packed: str | None = None):
+    def ours(packed: str | None = None, async_copies: bool | None = None):
         from bgekit import FlagICLModel
 
         model = FlagICLModel(
@@ -463,9 +467,12 @@ def bench_icl(args, workdir: Path) -> dict:
             query_instruction_for_retrieval=ICL_INSTRUCTION,
             packed=PACKED[packed or args.packed],
         )
+        model.host.async_copies = args.async_copies if async_copies is None else async_copies
         return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
 
     systems = {"bgekit[torch]": build("bgekit", ours)}
+    if args.async_copies and args.sync_too:
+        systems["bgekit[torch, sync copies]"] = build("bgekit", lambda: ours(async_copies=False))
     if args.padded_too:
         systems["bgekit[torch, padded]"] = build("bgekit", lambda: ours("off"))
     systems |= {
@@ -869,12 +876,11 @@ def main() -> None:
             else:
                 rows.extend(bench_embedder(name, args, Path(tmp)))
             print(table(rows[done:]), flush=True)
-    info = versions(args)
+            if args.json:  # after every model: a run stopped at its time limit keeps the rows it finished
+                args.json.write_text(json.dumps({"versions": versions(args), "argv": sys.argv, "rows": rows}, indent=1))
     print("\n" + " ".join(sys.argv))
-    print(json.dumps(info))
+    print(json.dumps(versions(args)))
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"versions": info, "argv": sys.argv, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
