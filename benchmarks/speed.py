@@ -540,6 +540,7 @@ def profile(args) -> None:
     (stages interleaved over rounds; best round each). ``minilm`` on STSB sentences, or a random
     model of ``--models`` (its first name) on SciFact documents; on CUDA each stage ends in a sync."""
     from bgekit import Embedder
+    from bgekit.models import base as host_base
     from bgekit.models.pooling import pool, pool_packed
     from bgekit.runtime import packed
     from bgekit.runtime.batching import length_sorted_batches
@@ -611,9 +612,25 @@ def profile(args) -> None:
         del hidden, pooled, rows
         real = sum(len(x) for x in tokenized.ids)
         padded = sum(len(b) * max(len(tokenized.ids[i]) for i in b) for b in batches)
+        layout = "packed" if model.host.packed else "padded"
         start = time.perf_counter()
         model.encode(texts, batch_size=bs)
-        clock(f"bgekit: encode() end to end ({'packed' if model.host.packed else 'padded'})", start)
+        clock(f"bgekit: encode() end to end ({layout})", start)
+        # the same call with the tokenizer thread out of the way: all texts tokenized first, then run
+        # (one chunk). Faster than the overlapped call means the two threads fight over the GIL.
+        overlap, host_base.OVERLAP_CHUNK = host_base.OVERLAP_CHUNK, len(texts)
+        try:
+            start = time.perf_counter()
+            model.encode(texts, batch_size=bs)
+            clock(f"bgekit: encode() tokenizing everything first ({layout})", start)
+        finally:
+            host_base.OVERLAP_CHUNK = overlap
+        if device.type == "cuda":  # the lagged output copies (async_copies): the host runs one batch ahead
+            model.host.async_copies = True
+            start = time.perf_counter()
+            model.encode(texts, batch_size=bs)
+            clock(f"bgekit: encode() with async_copies ({layout})", start)
+            model.host.async_copies = False
         start = time.perf_counter()
         for i in range(0, len(texts), bs):
             st.tokenize(texts[i : i + bs])
