@@ -376,6 +376,19 @@ def interleaved(systems: dict[str, Callable | str], work: Callable[[Callable], o
     return out
 
 
+def bgekit_systems(args, make: Callable[..., Callable], backends: list[str] | None = None) -> dict[str, Callable | str]:
+    """bgekit's systems for one row: each backend (``--backends``), and with ``--sync-too`` / ``--padded-too``
+    also with plain copies / padded batches. ``make(backend, packed=None, async_copies=None)`` builds one."""
+    systems: dict[str, Callable | str] = {}
+    for backend in backends or args.backends:
+        systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: make(b))
+        if args.async_copies and args.sync_too:
+            systems[f"bgekit[{backend}, sync copies]"] = build("bgekit", lambda b=backend: make(b, async_copies=False))
+        if args.padded_too and backend == "torch":
+            systems["bgekit[torch, padded]"] = build("bgekit", lambda: make("torch", packed="off"))
+    return systems
+
+
 def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
     if name == "minilm":
         path, pooling = minilm_folder(), "mean"
@@ -386,17 +399,9 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
     else:
         path, pooling = random_model(name, workdir, args.tokenizer), "cls"
         docs, queries = scifact_docs(args.n)
-    systems: dict[str, Callable | str] = {}
-    for backend in args.backends:
-        systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling))
-        if args.async_copies and args.sync_too:
-            systems[f"bgekit[{backend}, sync copies]"] = build(
-                "bgekit", lambda b=backend: bgekit_embedder(path, args, b, pooling, async_copies=False)
-            )
-        if args.padded_too and backend == "torch":
-            systems["bgekit[torch, padded]"] = build(
-                "bgekit", lambda: bgekit_embedder(path, args, "torch", pooling, packed="off")
-            )
+    systems = bgekit_systems(
+        args, lambda b, packed=None, async_copies=None: bgekit_embedder(path, args, b, pooling, async_copies, packed)
+    )
     systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, pooling))
     systems["FlagEmbedding"] = peer_system("FlagEmbedding", "embedder", path, args, pooling=pooling)
     systems["infinity"] = peer_system("infinity", "infinity", path, args)
@@ -429,15 +434,9 @@ def bench_reranker(args, workdir: Path) -> dict:
     path = random_model("bge-reranker-base", workdir, args.tokenizer)
     docs, queries = scifact_docs(args.n // 2)
     pairs = [[q, d] for q, d in zip(queries, docs, strict=True)]
-    systems: dict[str, Callable | str] = {}
-    for backend in args.backends:
-        systems[f"bgekit[{backend}]"] = build("bgekit", lambda b=backend: bgekit_reranker(path, args, b))
-        if args.async_copies and args.sync_too:
-            systems[f"bgekit[{backend}, sync copies]"] = build(
-                "bgekit", lambda b=backend: bgekit_reranker(path, args, b, async_copies=False)
-            )
-        if args.padded_too and backend == "torch":
-            systems["bgekit[torch, padded]"] = build("bgekit", lambda: bgekit_reranker(path, args, "torch", "off"))
+    systems = bgekit_systems(
+        args, lambda b, packed=None, async_copies=None: bgekit_reranker(path, args, b, packed, async_copies)
+    )
     systems["sentence-transformers"] = build("st", lambda: st_reranker(path, args))
     systems["FlagEmbedding"] = peer_system("FlagEmbedding", "reranker", path, args)
     systems["infinity"] = peer_system("infinity", "infinity-reranker", path, args)
@@ -456,7 +455,7 @@ def bench_icl(args, workdir: Path) -> dict:
     path = random_model("bge-en-icl-8L", workdir, args.tokenizer)
     docs, _ = scifact_docs(min(args.n, 4000))
 
-    def ours(packed: str | None = None, async_copies: bool | None = None):
+    def ours(_backend: str, packed: str | None = None, async_copies: bool | None = None):
         from bgekit import FlagICLModel
 
         model = FlagICLModel(
@@ -470,11 +469,7 @@ def bench_icl(args, workdir: Path) -> dict:
         model.host.async_copies = args.async_copies if async_copies is None else async_copies
         return lambda texts: model.encode_corpus(texts, batch_size=64, max_length=args.max_length)
 
-    systems = {"bgekit[torch]": build("bgekit", ours)}
-    if args.async_copies and args.sync_too:
-        systems["bgekit[torch, sync copies]"] = build("bgekit", lambda: ours(async_copies=False))
-    if args.padded_too:
-        systems["bgekit[torch, padded]"] = build("bgekit", lambda: ours("off"))
+    systems = bgekit_systems(args, ours, backends=["torch"])  # the ICL model runs on torch only
     systems |= {
         "FlagEmbedding": peer_system("FlagEmbedding", "icl", path, args, instruction=ICL_INSTRUCTION, batch_size=64),
     }
