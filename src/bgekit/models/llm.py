@@ -185,12 +185,13 @@ def icl_query_tokens(
         cap = ((prefix_lens[prefix] if prefix else 0) + len(suffix_ids) + max_length + 8) // 8 * 8 + 8
         part = tokenizer.encode([prefix + texts[i] + suffix for i in rows], cap)
         truncated = max(truncated, part.truncated)
-        if part.type_ids is None:  # no segment ids, or all zeros: collate and packing give zeros
+        types = part.type_ids
+        if types is None:  # no segment ids, or all zeros: collate and packing give zeros
             out_types = None
         for j, i in enumerate(rows):
             out[i] = part.ids[j]
-            if out_types is not None:
-                out_types[i] = part.type_ids[j]  # type: ignore[index]
+            if out_types is not None and types is not None:
+                out_types[i] = types[j]
     return Tokenized(out, out_types, truncated)
 
 
