@@ -4,16 +4,16 @@
 # Steps (STEPS=a,b to choose): env, gputests (the suite's CUDA-only tests), padnan (gradients
 # through left-padded causal attention, benchmarks/padding_nan.py), precision (LLM/M3
 # issue check 5), lora (training issue check 6), ray (distributed issue check 4), speed (the speed
-# issue's table for the encoders and the reranker: bgekit with its lagged async copies and with plain
-# copies, sentence-transformers, FlagEmbedding and infinity side by side), icl (the table's ICL row),
-# profile (where a bge-small encode's time goes on the GPU, its host-device syncs, and the host
-# pipeline's ceiling: bgekit's encode with an instant forward), compile (torch.compile on bge-base),
-# padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26).
-# The first H100 run (2026-11-26, RESULTS.md) ran env, gputests, speed with --padded-too, the ICL row
-# and bge-base's profile; the flash kernel's test, the async copies, bge-small's profile and compile
-# have not run on a GPU yet. A 15-minute device budget (a start took 30 s) fits two calls:
-#   1. STEPS=env,gputests,speed,icl BUDGET=570 bash benchmarks/gpu_run.sh   (run's timeout_s 600)
-#   2. STEPS=profile,compile BUDGET=200 bash benchmarks/gpu_run.sh          (run's timeout_s 220)
+# issue's table for the encoders and the reranker: bgekit as it ships, sentence-transformers,
+# FlagEmbedding and infinity side by side, bgekit with its lagged async copies too), icl (the table's
+# ICL row), profile (where a bge-small encode's time goes on
+# the GPU, its host-device syncs, and the host pipeline's ceiling: bgekit's encode with an instant
+# forward), forward (the packed forward alone on device-resident batches: eager, its kernel time by
+# kind, and compiled), host (the host pipeline's time: tokenizer calls against the instant-forward
+# encode), compile (torch.compile'd encode, bge-small and -base), padded (the table's encoder rows with
+# padded batches next to packed ones, as on 2026-11-26).
+# Every step has run on an H100 (RESULTS.md). The latest table came from one call of about 8 minutes:
+#   STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
 # Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
 # starve the log; the speed step prints (and writes to its JSON) each model's rows as it finishes them.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
@@ -61,14 +61,16 @@ step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/d
 step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-base\", pathlib.Path(\"/tmp/models\"), pathlib.Path(\".gpu/tok\"))" &&
     "$0" benchmarks/ray_overhead.py --model /tmp/models/bge-base --n-docs 60000 --shard-size 10000 --batch-size 256' "$PY"
 SPEED=(--device cuda --dtype fp16 --rounds 2 --tokenizer .gpu/tok --flag-path /tmp/flag-site --infinity-path /tmp/inf-site)
-step speed 390 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --async-copies --sync-too \
-    --models bge-base,bge-small,bge-large,bge-reranker-base --json "$OUT/speed.json"
+step speed 420 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --async-copies --sync-too \
+    --models bge-small,bge-base,bge-large,bge-reranker-base --json "$OUT/speed.json"
 step icl 160 $PY benchmarks/speed.py "${SPEED[@]}" --n 2000 --async-copies --sync-too --models bge-en-icl-8L \
     --json "$OUT/icl.json"
 step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n 4000 --rounds 1 --tokenizer .gpu/tok \
     --batch-size 256 --query-batch-size 1024 &&
     "$0" benchmarks/speed.py --profile --device cuda --models bge-small --n 4000 --rounds 2 --tokenizer .gpu/tok' "$PY"
-step compile 120 $PY benchmarks/compile_probe.py --device cuda --fp16 --model bge-base --tokenizer .gpu/tok \
-    --n 4000 --batch-size 256
+step forward 200 $PY benchmarks/forward_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
+step host 60 $PY benchmarks/host_probe.py --n 4000 --tokenizer .gpu/tok
+step compile 150 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/compile_probe.py --device cuda --fp16 \
+    --model $m --tokenizer .gpu/tok --n 4000 --batch-size 256 || exit 1; done' "$PY"
 step padded 300 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --padded-too \
     --models bge-base,bge-small,bge-large,bge-reranker-base --json "$OUT/padded.json"

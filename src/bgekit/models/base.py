@@ -1,5 +1,10 @@
 """The part every embedder and reranker shares: a loaded model on its devices, and the
-batch loop ``tokenized inputs -> length-sorted batches -> forward -> input order``."""
+batch loop ``tokenized inputs -> length-sorted batches -> forward -> input order``.
+
+The loop's host-side work on the results is numpy, not torch: a torch CPU op large enough to run in
+parallel wakes torch's OpenMP workers, which then compete with the tokenizer thread's Rayon workers
+for the cores. On the H100 host (16 cores) the host pipeline with torch's 16 CPU threads did 8,200
+documents/s, and 14,000/s with one (benchmarks/host_probe.py, RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -153,8 +158,9 @@ class ModelHost:
         if into is None:
             into = outputs[0].new_empty((len(tokenized.ids), *outputs[0].shape[1:]))
         # each batch's rows straight to their input positions: one copy, not a cat and a scatter
+        target = into.numpy()
         for rows, output in zip(batches, outputs, strict=True):
-            into[torch.from_numpy(rows)] = output
+            target[rows] = output.numpy()
         return into
 
     def run_texts(
@@ -201,7 +207,7 @@ class ModelHost:
                     if result is None:  # the row width is known once the first chunk has run
                         first = self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False)
                         result = first.new_empty((len(items), *first.shape[1:]))
-                        result[: len(chunk)] = first
+                        result.numpy()[: len(chunk)] = first.numpy()
                     else:
                         part = result[done : done + len(chunk)]
                         self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False, into=part)
