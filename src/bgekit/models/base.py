@@ -3,8 +3,9 @@ batch loop ``tokenized inputs -> length-sorted batches -> forward -> input order
 
 The loop's host-side work on the results is numpy, not torch: a torch CPU op large enough to run in
 parallel wakes torch's OpenMP workers, which then compete with the tokenizer thread's Rayon workers
-for the cores. On the H100 host (16 cores) the host pipeline with torch's 16 CPU threads did 8,200
-documents/s, and 14,000/s with one (benchmarks/host_probe.py, RESULTS.md)."""
+for the cores. On the H100 host (16 cores) the host pipeline with torch writes did 8,200 documents/s
+with torch's 16 CPU threads and 14,000/s with one; with numpy writes, 14,816/s
+(benchmarks/host_probe.py, RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -46,10 +47,9 @@ class ModelHost:
     #: device: the host waits for batch k's copy only after batch k + 1 is launched (one batch of
     #: lag), so the device never idles while the host prepares a batch, and the host never runs
     #: more than one batch ahead (its waits release the GIL for the tokenizer thread). Results equal
-    #: the plain path's (tests/test_fast_paths.py). An earlier form that waited only once at the end
-    #: of :meth:`run` was slower on an H200 (bge-small documents 4,996/s against 6,184/s with plain
-    #: copies: benchmarks/RESULTS.md); this form is not yet timed there, so it stays opt-in:
-    #: ``host.async_copies = True``.
+    #: the plain path's (tests/test_fast_paths.py), but on an H100 it was slower on every row of the
+    #: speed table (bge-small documents 6,073/s against 8,457/s with plain copies: benchmarks/RESULTS.md),
+    #: so it stays opt-in: ``host.async_copies = True``.
     async_copies: bool = False
 
     def __init__(
