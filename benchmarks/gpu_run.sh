@@ -6,8 +6,8 @@
 # issue check 5), lora (training issue check 6), ray (distributed issue check 4), speed (the speed
 # issue's table for the encoders and the reranker: bgekit as it ships, sentence-transformers,
 # FlagEmbedding and infinity side by side, bgekit with its lagged async copies too), icl (the table's
-# ICL row), profile (where a bge-small encode's time goes on
-# the GPU, its host-device syncs, and the host pipeline's ceiling: bgekit's encode with an instant
+# ICL row), profile (where a bge-small encode's time goes on the GPU, its host-device syncs, how long
+# the GPU idles inside one encode, and the host pipeline's ceiling: bgekit's encode with an instant
 # forward), forward (the packed forward alone on device-resident batches: eager, its kernel time by
 # kind, and compiled), host (the host pipeline's time: tokenizer calls against the instant-forward
 # encode), compile (torch.compile'd encode, bge-small and -base), padded (the table's encoder rows with

@@ -43,6 +43,7 @@ import collections
 import contextlib
 import gc
 import gzip
+import itertools
 import json
 import os
 import platform
@@ -659,7 +660,39 @@ def profile(args) -> None:
                 f"host-device synchronisations in one warm encode(), {'packed' if packed_batches else 'padded'}: "
                 f"{syncs.total()} for {batches} batches (the plain path's floor: one copy back per batch): {where}"
             )
+            wall, busy, gaps = busy_timeline(lambda m=counted: m.encode(texts, batch_size=bs))
+            long = [g for g in gaps if g > 1e-3]
+            print(
+                f"  the GPU ran kernels {busy:.3f} s of the encode's {wall:.3f} s "
+                f"({100 * busy / wall:.0f}%, profiled); "
+                f"{len(long)} gaps over 1 ms between kernels, {sum(long):.3f} s in all, the longest "
+                f"{1e3 * max(gaps, default=0):.1f} ms"
+            )
             counted.close()
+
+
+def busy_timeline(call: Callable[[], object], device_type: str = "cuda") -> tuple[float, float, list[float]]:
+    """One profiled ``call``: ``(wall seconds, seconds when some kernel ran, the idle gaps between kernels in
+    seconds)``, from the kernels' start and end times (``device_type`` "cpu" reads CPU ops instead, to check
+    this on a machine without a GPU). Gaps are where the device waited on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device_type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        start = time.perf_counter()
+        call()
+        wall = time.perf_counter() - start
+    kind = device_type.upper()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == kind)
+    merged: list[list[float]] = []
+    for begin, end in spans:  # overlapping or nested spans count once
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    busy = sum(end - begin for begin, end in merged) / 1e6
+    gaps = [(b[0] - a[1]) / 1e6 for a, b in itertools.pairwise(merged)]
+    return wall, busy, gaps
 
 
 def count_syncs(call: Callable[[], object]) -> collections.Counter:
