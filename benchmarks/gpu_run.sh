@@ -10,10 +10,15 @@
 # the GPU idles inside one encode, and the host pipeline's ceiling: bgekit's encode with an instant
 # forward), forward (the packed forward alone on device-resident batches: eager, its kernel time by
 # kind, and compiled), host (the host pipeline's time: tokenizer calls against the instant-forward
-# encode), compile (torch.compile'd encode, bge-small and -base), padded (the table's encoder rows with
+# encode), graphs (the packed forward replayed as CUDA graphs per token bucket, alone and in encode(); not
+# yet run), compile (torch.compile'd encode, bge-small and -base), padded (the table's encoder rows with
 # padded batches next to packed ones, as on 2026-11-26).
-# Every step has run on an H100 (RESULTS.md). The latest table came from one call of about 8 minutes:
-#   STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
+# Every step but graphs has run on an H100 (RESULTS.md). The latest table came from one call of about
+# 8 minutes:  STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
+# Next (15 minutes of device time, a start about 30 s): first, one call to decide on graphs and on the
+# reworked async copies (speed.py --profile also times them, and prints how long the GPU idles):
+#   STEPS=gputests,graphs,profile BUDGET=330 bash benchmarks/gpu_run.sh   (run's timeout_s 350)
+# then the table again with whatever that call showed worth building:  STEPS=host,speed BUDGET=480 ...
 # Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
 # starve the log; the speed step prints (and writes to its JSON) each model's rows as it finishes them.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
@@ -70,6 +75,7 @@ step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n
     "$0" benchmarks/speed.py --profile --device cuda --models bge-small --n 4000 --rounds 2 --tokenizer .gpu/tok' "$PY"
 step forward 200 $PY benchmarks/forward_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step host 60 $PY benchmarks/host_probe.py --n 4000 --tokenizer .gpu/tok
+step graphs 150 $PY benchmarks/graph_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step compile 150 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/compile_probe.py --device cuda --fp16 \
     --model $m --tokenizer .gpu/tok --n 4000 --batch-size 256 || exit 1; done' "$PY"
 step padded 300 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --padded-too \
