@@ -105,12 +105,18 @@ def kernel_table(forward: Callable, batches: list[dict]) -> None:
         print(f"  {micros / 1e6:.3f} s  {kernel}")
 
 
-def probe(name: str, args) -> None:
+def packed_model(name: str, args) -> tuple[Embedder, torch.device, list[str]]:
+    """A random-weight ``name`` (fp16 on CUDA) with packed batches, its device, and its SciFact texts."""
     path, pooling, texts = encoder_and_texts(name, args.n, args.tokenizer)
     device = torch.device("cuda:0" if args.device == "cuda" else args.device)
     model = Embedder.from_pretrained(
         str(path), devices=str(device), pooling_method=pooling, use_fp16=device.type == "cuda", packed=True
     )
+    return model, device, texts
+
+
+def probe(name: str, args) -> None:
+    model, device, texts = packed_model(name, args)
     module = model.host.module
     batches = device_batches(model, texts, args.batch_size, device)
     tokens = sum(int(b["cu_seq_lens_q"][-1]) for b in batches)
@@ -135,14 +141,20 @@ def probe(name: str, args) -> None:
         kernel_table(compiled, batches)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_arguments(description: str) -> argparse.ArgumentParser:
+    """The options this probe and graph_probe.py share: device, models, texts, batch size, rounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models", default="bge-small,bge-base")
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models")
+    return parser
+
+
+def main() -> None:
+    parser = probe_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}")

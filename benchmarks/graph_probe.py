@@ -20,19 +20,14 @@ On the CPU (no graphs) it checks only that the bucket padding leaves the real to
 
 from __future__ import annotations
 
-import argparse
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from forward_probe import best_of, device_batches
-from speed import encoder_and_texts
+from forward_probe import best_of, device_batches, packed_model, probe_arguments
 from transformers.modeling_outputs import BaseModelOutput
-
-from bgekit import Embedder
 
 ROW_STEP = 64  # row slots round up to this
 
@@ -132,11 +127,7 @@ class GraphedForward:
 
 
 def probe(name: str, args) -> None:
-    path, pooling, texts = encoder_and_texts(name, args.n, args.tokenizer)
-    device = torch.device("cuda:0" if args.device == "cuda" else args.device)
-    model = Embedder.from_pretrained(
-        str(path), devices=str(device), pooling_method=pooling, use_fp16=device.type == "cuda", packed=True
-    )
+    model, device, texts = packed_model(name, args)
     module = model.host.module
     graphed = GraphedForward(
         module, model.host.position_offset, model.tokenizer.pad_id, module.config.max_position_embeddings
@@ -177,14 +168,7 @@ def _timed(call) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--models", default="bge-small,bge-base")
-    parser.add_argument("--n", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models")
-    args = parser.parse_args()
+    args = probe_arguments(__doc__.split("\n\n")[0]).parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}")
     for name in args.models.split(","):
         try:
