@@ -10,14 +10,15 @@
 # the GPU idles inside one encode, and the host pipeline's ceiling: bgekit's encode with an instant
 # forward), forward (the packed forward alone on device-resident batches: eager, its kernel time by
 # kind, and compiled), host (the host pipeline's time: tokenizer calls against the instant-forward
-# encode), graphs (the packed forward replayed as CUDA graphs per token bucket, alone and in encode(); not
-# yet run), compile (torch.compile'd encode, bge-small and -base), padded (the table's encoder rows with
-# padded batches next to packed ones, as on 2026-11-26).
-# Every step but graphs has run on an H100 (RESULTS.md). The latest table came from one call of about
+# encode), pipeline (bgekit's encode against an emulated device at bge-small's forward rate: does the
+# host keep a device busy, benchmarks/pipeline_probe.py), graphs (the packed forward replayed as CUDA
+# graphs per token bucket, alone and in encode()), compile (torch.compile'd encode, bge-small and
+# -base), padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26).
+# Every step but pipeline and graphs has run on an H100 (RESULTS.md). The latest table came from one call of about
 # 8 minutes:  STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
 # Next (15 minutes of device time, a start about 30 s): first, one call to decide on graphs and on the
 # reworked async copies (speed.py --profile also times them, and prints how long the GPU idles):
-#   STEPS=gputests,graphs,profile BUDGET=330 bash benchmarks/gpu_run.sh   (run's timeout_s 350)
+#   STEPS=gputests,pipeline,graphs,profile BUDGET=360 bash benchmarks/gpu_run.sh   (run's timeout_s 380)
 # then the table again with whatever that call showed worth building:  STEPS=host,speed BUDGET=480 ...
 # Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
 # starve the log; the speed step prints (and writes to its JSON) each model's rows as it finishes them.
@@ -75,6 +76,7 @@ step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n
     "$0" benchmarks/speed.py --profile --device cuda --models bge-small --n 4000 --rounds 2 --tokenizer .gpu/tok' "$PY"
 step forward 200 $PY benchmarks/forward_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step host 60 $PY benchmarks/host_probe.py --n 4000 --tokenizer .gpu/tok
+step pipeline 60 $PY benchmarks/pipeline_probe.py --n 4000 --device-rate 13354 --tokenizer .gpu/tok
 step graphs 150 $PY benchmarks/graph_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step compile 150 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/compile_probe.py --device cuda --fp16 \
     --model $m --tokenizer .gpu/tok --n 4000 --batch-size 256 || exit 1; done' "$PY"

@@ -103,6 +103,19 @@ def scifact_docs(n: int) -> tuple[list[str], list[str]]:
     return docs, [" ".join(d.split()[:12]) for d in docs]
 
 
+@contextlib.contextmanager
+def one_chunk(count: int):
+    """bgekit's encode without the tokenizer thread: ``count`` texts tokenized as one chunk, then run."""
+    from bgekit.models import base
+
+    saved = base.OVERLAP_CHUNK, base.PACKED_CHUNK_MIN
+    base.OVERLAP_CHUNK = base.PACKED_CHUNK_MIN = count
+    try:
+        yield
+    finally:
+        base.OVERLAP_CHUNK, base.PACKED_CHUNK_MIN = saved
+
+
 def encoder_and_texts(name: str, n: int, tokenizer: Path | None) -> tuple[Path, str, list[str]]:
     """``(model folder, pooling, texts)`` for one encoder: MiniLM on STSB sentences, or a random-weight
     model (:func:`random_model`, in a folder removed at exit) on SciFact documents."""
@@ -536,7 +549,6 @@ def profile(args) -> None:
     (stages interleaved over rounds; best round each). ``minilm`` on STSB sentences, or a random
     model of ``--models`` (its first name) on SciFact documents; on CUDA each stage ends in a sync."""
     from bgekit import Embedder
-    from bgekit.models import base as host_base
     from bgekit.models.pooling import pool, pool_packed
     from bgekit.runtime import packed
     from bgekit.runtime.batching import length_sorted_batches
@@ -614,13 +626,10 @@ def profile(args) -> None:
         clock(f"bgekit: encode() end to end ({layout})", start)
         # the same call with the tokenizer thread out of the way: all texts tokenized first, then run
         # (one chunk). Faster than the overlapped call means the two threads fight over the GIL.
-        overlap, host_base.OVERLAP_CHUNK = host_base.OVERLAP_CHUNK, len(texts)
-        try:
+        with one_chunk(len(texts)):
             start = time.perf_counter()
             model.encode(texts, batch_size=bs)
             clock(f"bgekit: encode() tokenizing everything first ({layout})", start)
-        finally:
-            host_base.OVERLAP_CHUNK = overlap
         if device.type == "cuda":  # the lagged output copies (async_copies): the host runs one batch ahead
             model.host.async_copies = True
             start = time.perf_counter()

@@ -151,7 +151,9 @@ def test_overlap_chunks_start_small_and_cover_every_item_once():
     assert [len(c) for c in overlap_chunks(4000, 1024)] == [256, 512, 1024, 1024, 1024, 160]
     assert overlap_chunks(1024, 1024) == [range(1024)]  # one chunk: exactly run() on the whole input
     assert overlap_chunks(0, 16) == [range(0)]
+    assert [len(c) for c in overlap_chunks(1000, 256, ramp=False)] == [256, 256, 256, 232]
     for count, size in ((41, 1), (41, 3), (41, 16), (5, 4), (17, 2)):
-        chunks = overlap_chunks(count, size)
-        assert [i for c in chunks for i in c] == list(range(count))
-        assert all(len(c) >= 1 for c in chunks) and max(map(len, chunks)) <= size
+        for ramp in (True, False):
+            chunks = overlap_chunks(count, size, ramp)
+            assert [i for c in chunks for i in c] == list(range(count))
+            assert all(len(c) >= 1 for c in chunks) and max(map(len, chunks)) <= size

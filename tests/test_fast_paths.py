@@ -100,6 +100,59 @@ def test_bad_chunk_size_is_an_input_error(tiny_embedder):
         )
 
 
+def test_packed_chunks_are_prepared_ahead_and_match_plain(tiny_bert, monkeypatch):
+    """Packed batches: equal chunks of one batch, each chunk's batches built by the worker thread
+    (``Prepared``), results equal to the plain path row for row."""
+    import threading
+
+    import bgekit.models.base as base
+
+    model = Embedder.from_pretrained(
+        str(tiny_bert), devices="cpu", pooling_method="mean", passage_max_length=48, packed=True
+    )
+    items = texts(45)
+    reference = plain(model, items, 6, 48)
+    monkeypatch.setattr(base, "PACKED_CHUNK_MIN", 1)
+    built_in: list[str] = []
+    prepare = model.host.prepare
+
+    def recording(*args, **kwargs):
+        built_in.append(threading.current_thread().name)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(model.host, "prepare", recording)
+    np.testing.assert_allclose(model.encode(items, batch_size=6, max_length=48), reference, atol=TORCH_TOL)
+    assert len(built_in) == -(-len(items) // 6)  # chunks of one batch of 6
+    assert all(name.startswith("bgekit-tokenize") for name in built_in)
+
+
+def test_oom_split_of_a_prepared_batch_rebuilds_its_halves(tiny_bert, monkeypatch):
+    """A batch built ahead that runs out of device memory is split and each half built anew."""
+    import bgekit.models.base as base
+
+    model = Embedder.from_pretrained(
+        str(tiny_bert), devices="cpu", pooling_method="cls", passage_max_length=48, packed=True
+    )
+    items = texts(30)
+    reference = plain(model, items, 8, 48)
+    monkeypatch.setattr(base, "PACKED_CHUNK_MIN", 1)
+    sizes: list[int] = []
+
+    def small_device(module, inputs):
+        rows = len(inputs["lengths"])
+        sizes.append(rows)
+        if rows > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return model._forward(module, inputs)
+
+    pooled, _ = model.host.run_texts(
+        items, lambda chunk: model.tokenizer.encode(chunk, 48), small_device, 8, desc="x", show_progress_bar=False
+    )
+    got = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+    np.testing.assert_allclose(got, reference, atol=TORCH_TOL)
+    assert max(sizes) == 8 and 4 in sizes and 2 in sizes  # the built batch, then rebuilt halves
+
+
 # -- token-budget batches ----------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [1, 40, 200, 10_000])
 def test_token_budget_batches_match_plain(tiny_bert, budget):

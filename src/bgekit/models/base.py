@@ -9,11 +9,13 @@ with torch's 16 CPU threads and 14,000/s with one; with numpy writes, 14,816/s
 
 from __future__ import annotations
 
+import collections
 import logging
 import operator
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,10 +36,27 @@ Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ItemForward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], list[Any]]
 T = TypeVar("T")
 PROGRESS_MIN_ITEMS = 256
-# inputs tokenized per chunk by run_texts; the next chunk is tokenized while this one runs. Small
-# enough that the device does not wait long for the first (a quarter of this: overlap_chunks),
-# large enough that length sorting within a chunk still leaves little padding (4 batches of 256)
+# inputs tokenized per chunk by run_texts for padded batches; the next chunks are tokenized while
+# this one runs. Small enough that the device does not wait long for the first (a quarter of this:
+# overlap_chunks), large enough that length sorting within a chunk still leaves little padding
 OVERLAP_CHUNK = 1024
+# packed batches have no padding to sort away, so their chunks are one batch per device (at least
+# this many items, for the tokenizer's threads): equal chunks, no ramp, and the device waits only
+# for the first (benchmarks/pipeline_probe.py)
+PACKED_CHUNK_MIN = 64
+# chunks queued for the worker thread: it starts the next one as soon as it finishes one
+PREPARE_AHEAD = 2
+
+
+@dataclass
+class Prepared:
+    """A chunk of tokenized inputs cut into its length-sorted batches, each batch's host tensors
+    already built (packed or padded): :meth:`ModelHost.run_texts` makes the next chunk's in its
+    worker thread, so the loop that feeds the device does not build them while the device waits."""
+
+    tokenized: Tokenized
+    batches: list[np.ndarray]
+    inputs: list[dict[str, Any] | None]
 
 
 class ModelHost:
@@ -122,7 +141,7 @@ class ModelHost:
 
     def run(
         self,
-        tokenized: Tokenized,
+        tokenized: Tokenized | Prepared,
         forward: Forward,
         batch_size: int,
         *,
@@ -133,9 +152,11 @@ class ModelHost:
     ) -> torch.Tensor:
         """Forward every input in length-sorted batches; rows come back in input order (float32, CPU).
 
-        With :attr:`async_copies` on CUDA each batch's output is copied back into pinned memory
-        while the next batch runs (:class:`_LaggedCopies`). ``into``: a float32 CPU tensor with a
-        row per input to write the rows into (and return), instead of a new one.
+        ``tokenized`` may be a :class:`Prepared` chunk (:meth:`prepare`), whose batches are used as
+        they are (``pad_to_multiple_of`` was :meth:`prepare`'s to apply). With :attr:`async_copies`
+        on CUDA each batch's output is copied back into pinned memory while the next batch runs
+        (:class:`_LaggedCopies`). ``into``: a float32 CPU tensor with a row per input to write the
+        rows into (and return), instead of a new one.
         """
         copies = _LaggedCopies(self.async_copies)
 
@@ -156,7 +177,7 @@ class ModelHost:
         if not outputs:
             raise InputError("nothing to run: no inputs were given")
         if into is None:
-            into = outputs[0].new_empty((len(tokenized.ids), *outputs[0].shape[1:]))
+            into = outputs[0].new_empty((_count(tokenized), *outputs[0].shape[1:]))
         # each batch's rows straight to their input positions: one copy, not a cat and a scatter
         target = into.numpy()
         for rows, output in zip(batches, outputs, strict=True):
@@ -175,18 +196,15 @@ class ModelHost:
         show_progress_bar: bool | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Tokenize and forward ``items`` (texts or pairs) chunk by chunk, tokenizing the next chunk
-        in a worker thread while this one runs (the Rust tokenizer releases the GIL).
+        and building its batches (:meth:`prepare`) in a worker thread while this one runs (the Rust
+        tokenizer releases the GIL, and so does the loop while it waits for the device).
 
         Returns ``(rows in input order, float32 CPU; how many inputs were truncated)``. Inputs are
-        length-sorted within a chunk of ``chunk_size`` (default :data:`OVERLAP_CHUNK`; the first two
-        chunks are smaller, :func:`~bgekit.runtime.batching.overlap_chunks`), so a call with at most
-        that many items is exactly :meth:`run` on the whole input.
+        length-sorted within a chunk (:meth:`chunks`), so a call of one chunk is exactly :meth:`run`
+        on the whole input.
         """
-        chunk_size = OVERLAP_CHUNK if chunk_size is None else chunk_size
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
         items = list(items)
-        chunks = [items[part.start : part.stop] for part in overlap_chunks(len(items), chunk_size)]
+        chunks = [items[part.start : part.stop] for part in self.chunks(len(items), batch_size, chunk_size)]
         if len(chunks) == 1:
             tokenized = tokenize(chunks[0])
             return self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=show_progress_bar), (
@@ -198,27 +216,47 @@ class ModelHost:
         result: torch.Tensor | None = None  # every chunk's rows land in their slice of one tensor
         truncated = done = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgekit-tokenize") as executor:
-            pending = executor.submit(tokenize, chunks[0])
+
+            def prepared(chunk: list[Any]) -> Prepared:
+                return self.prepare(tokenize(chunk), batch_size)
+
+            # PREPARE_AHEAD chunks queued: the worker moves on to the next chunk as soon as it has
+            # one done, instead of waiting for the loop to take the one before
+            pending = collections.deque(executor.submit(prepared, c) for c in chunks[:PREPARE_AHEAD])
             try:
                 for index, chunk in enumerate(chunks):
-                    tokenized = pending.result()
-                    if index + 1 < len(chunks):
-                        pending = executor.submit(tokenize, chunks[index + 1])
+                    ready = pending.popleft().result()
+                    if index + PREPARE_AHEAD < len(chunks):
+                        pending.append(executor.submit(prepared, chunks[index + PREPARE_AHEAD]))
                     if result is None:  # the row width is known once the first chunk has run
-                        first = self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False)
+                        first = self.run(ready, forward, batch_size, desc=desc, show_progress_bar=False)
                         result = first.new_empty((len(items), *first.shape[1:]))
                         result.numpy()[: len(chunk)] = first.numpy()
                     else:
                         part = result[done : done + len(chunk)]
-                        self.run(tokenized, forward, batch_size, desc=desc, show_progress_bar=False, into=part)
+                        self.run(ready, forward, batch_size, desc=desc, show_progress_bar=False, into=part)
                     done += len(chunk)
-                    truncated += tokenized.truncated
+                    truncated += ready.tokenized.truncated
                     bar.update(len(chunk))
             finally:
-                pending.cancel()
+                for future in pending:
+                    future.cancel()
                 bar.close()
         assert result is not None  # more than one chunk ran
         return result, truncated
+
+    def chunks(self, count: int, batch_size: int, chunk_size: int | None = None) -> list[range]:
+        """How :meth:`run_texts` cuts ``count`` inputs into chunks. Padded batches: chunks of
+        ``chunk_size`` (default :data:`OVERLAP_CHUNK`), the first two smaller
+        (:func:`~bgekit.runtime.batching.overlap_chunks`). Packed batches have no padding for a long
+        sort to save, so their chunks are equal, one batch per device by default
+        (:data:`PACKED_CHUNK_MIN` items at least): then the device waits only for the first."""
+        _check_batch_size(batch_size)
+        if chunk_size is None:
+            chunk_size = max(batch_size * len(self.devices), PACKED_CHUNK_MIN) if self.packed else OVERLAP_CHUNK
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        return overlap_chunks(count, chunk_size, ramp=not self.packed)
 
     def run_items(
         self,
@@ -255,9 +293,30 @@ class ModelHost:
                 result[position] = item
         return result
 
+    def prepare(self, tokenized: Tokenized, batch_size: int, pad_to_multiple_of: int | None = None) -> Prepared:
+        """``tokenized`` cut into length-sorted batches with every batch's host tensors built."""
+        batches = self._batches(tokenized, batch_size)
+        inputs: list[dict[str, Any] | None] = [
+            self._host_inputs(tokenized, rows, pad_to_multiple_of) for rows in batches
+        ]
+        return Prepared(tokenized, batches, inputs)
+
+    def _batches(self, tokenized: Tokenized, batch_size: int) -> list[np.ndarray]:
+        _check_batch_size(batch_size)
+        _, batches = length_sorted_batches([len(x) for x in tokenized.ids], batch_size, self.max_tokens_per_batch)
+        return batches
+
+    def _host_inputs(self, tokenized: Tokenized, rows: np.ndarray, pad_to_multiple_of: int | None) -> dict[str, Any]:
+        """One batch's CPU tensors: packed end to end, or padded by the tokenizer."""
+        ids = [tokenized.ids[i] for i in rows]
+        types = None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows]
+        if self.position_offset is not None:
+            return packing.pack(ids, types, self.position_offset)
+        return self.tokenizer.collate(ids, types, pad_to_multiple_of)
+
     def _run_batches(
         self,
-        tokenized: Tokenized,
+        source: Tokenized | Prepared,
         forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], T],
         batch_size: int,
         join: Callable[[T, T], T],
@@ -266,25 +325,26 @@ class ModelHost:
         pad_to_multiple_of: int | None,
         show_progress_bar: bool | None,
     ) -> tuple[list[np.ndarray], list[T]]:
-        """The batch loop both ``run`` flavours share: ``(each batch's input indices, its output)``."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-        lengths = [len(x) for x in tokenized.ids]
-        _, batches = length_sorted_batches(lengths, batch_size, self.max_tokens_per_batch)
+        """The batch loop both ``run`` flavours share: ``(each batch's input indices, its output)``.
+        A :class:`Prepared` source brings its batches' tensors (a batch an OOM split cuts is rebuilt);
+        a :class:`Tokenized` one has each batch's built just before it runs."""
+        if isinstance(source, Prepared):
+            tokenized, batches, ready = source.tokenized, source.batches, source.inputs
+        else:
+            tokenized, batches = source, self._batches(source, batch_size)
+            ready = [None] * len(batches)
         if show_progress_bar is None:
-            show_progress_bar = len(lengths) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
-        bar = tqdm(total=len(lengths), desc=desc, disable=not show_progress_bar, unit="item")
+            show_progress_bar = len(tokenized.ids) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
+        bar = tqdm(total=len(tokenized.ids), desc=desc, disable=not show_progress_bar, unit="item")
 
-        def work(module: torch.nn.Module, device: str, batch: np.ndarray) -> T:
+        def work(module: torch.nn.Module, device: str, index: int) -> T:
+            batch, built = batches[index], ready[index]
+            ready[index] = None  # not needed once this batch has run
             pin = self.async_copies and torch.device(device).type == "cuda"
 
             def step(rows: np.ndarray) -> T:
-                ids = [tokenized.ids[i] for i in rows]
-                types = None if tokenized.type_ids is None else [tokenized.type_ids[i] for i in rows]
-                if self.position_offset is not None:
-                    inputs = packing.pack(ids, types, self.position_offset)
-                else:
-                    inputs = self.tokenizer.collate(ids, types, pad_to_multiple_of)
+                whole = built is not None and len(rows) == len(batch)
+                inputs = built if whole else self._host_inputs(tokenized, rows, pad_to_multiple_of)
                 return forward(module, _to_device(inputs, device, pin))
 
             with torch.inference_mode():
@@ -293,7 +353,7 @@ class ModelHost:
             return out
 
         try:
-            outputs = self.pool.map(work, batches)
+            outputs = self.pool.map(work, range(len(batches)))
         finally:
             bar.close()
         return batches, outputs
@@ -311,6 +371,15 @@ class ModelHost:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _count(source: Tokenized | Prepared) -> int:
+    return len((source.tokenized if isinstance(source, Prepared) else source).ids)
 
 
 def _to_device(inputs: dict[str, Any], device: str, pin: bool) -> dict[str, Any]:

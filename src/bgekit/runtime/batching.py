@@ -45,17 +45,19 @@ def length_sorted_batches(
     return order, batches
 
 
-def overlap_chunks(count: int, chunk_size: int) -> list[range]:
-    """Cut ``count`` items into the chunks a pipeline tokenizes one ahead of the forward pass.
+def overlap_chunks(count: int, chunk_size: int, ramp: bool = True) -> list[range]:
+    """Cut ``count`` items into the chunks a pipeline tokenizes ahead of the forward pass.
 
-    The device idles while the first chunk is tokenized, so when there is more than one chunk the
+    The device idles while the first chunk is tokenized, so with ``ramp`` and more than one chunk the
     first is a quarter of ``chunk_size`` and the second a half (each at least one item): the device
-    starts after a sixteenth of a 4,096-item call's tokenization instead of a quarter. A call of at
-    most ``chunk_size`` items stays one chunk.
+    starts after a sixteenth of a 4,096-item call's tokenization instead of a quarter. Without
+    ``ramp`` every chunk is ``chunk_size`` (the last one the rest): where the host prepares a chunk
+    barely faster than the device runs one, each doubling of the ramp leaves the device waiting
+    for the bigger next chunk. A call of at most ``chunk_size`` items stays one chunk.
     """
     if count <= chunk_size:
         return [range(count)]
-    sizes = [max(chunk_size // 4, 1), max(chunk_size // 2, 1)]
+    sizes = [max(chunk_size // 4, 1), max(chunk_size // 2, 1)] if ramp else []
     chunks, start = [], 0
     while start < count:
         size = sizes.pop(0) if sizes else chunk_size
