@@ -108,6 +108,18 @@ def mixed_texts() -> list[str]:
     return _mixed_texts()
 
 
+def test_plain_ascii_check_is_the_normalizers_rule():
+    """The fast check takes exactly the texts the shortcut is exact for: ASCII without a character
+    BERT's normalizer deletes (tab, newline and carriage return stay)."""
+    from bgekit.models.tokenization import _BERT_DELETES, _plain_ascii
+
+    for code in range(256):
+        text = f"ab{chr(code)}cd"
+        assert _plain_ascii(text) == (text.isascii() and _BERT_DELETES.search(text) is None), code
+    assert _plain_ascii("") and _plain_ascii("tab\tand\nnewline\r\n")
+    assert not _plain_ascii(None) and not _plain_ascii(b"bytes") and not _plain_ascii("caf\u00e9")
+
+
 @pytest.mark.parametrize("which", ["bert-cls", "minilm"])
 def test_ascii_shortcut_gives_the_full_pipelines_ids(golden_dir, minilm_dir, mixed_texts, which):
     folder = minilm_dir if which == "minilm" else golden_dir / "models" / which
