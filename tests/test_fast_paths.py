@@ -113,12 +113,16 @@ def test_packed_chunks_are_prepared_ahead_and_match_plain(tiny_bert, monkeypatch
     items = texts(45)
     reference = plain(model, items, 6, 48)
     monkeypatch.setattr(base, "PACKED_CHUNK_MIN", 1)
+    assert model.host.build_ahead is None  # auto: not on the CPU
+    model.host.build_ahead = True  # as on a GPU
     built_in: list[str] = []
     prepare = model.host.prepare
 
     def recording(*args, **kwargs):
         built_in.append(threading.current_thread().name)
-        return prepare(*args, **kwargs)
+        prepared = prepare(*args, **kwargs)
+        assert all(inputs is not None for inputs in prepared.inputs)
+        return prepared
 
     monkeypatch.setattr(model.host, "prepare", recording)
     np.testing.assert_allclose(model.encode(items, batch_size=6, max_length=48), reference, atol=TORCH_TOL)
@@ -136,6 +140,7 @@ def test_oom_split_of_a_prepared_batch_rebuilds_its_halves(tiny_bert, monkeypatc
     items = texts(30)
     reference = plain(model, items, 8, 48)
     monkeypatch.setattr(base, "PACKED_CHUNK_MIN", 1)
+    model.host.build_ahead = True
     sizes: list[int] = []
 
     def small_device(module, inputs):

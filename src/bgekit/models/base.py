@@ -70,6 +70,12 @@ class ModelHost:
     #: speed table (bge-small documents 6,073/s against 8,457/s with plain copies: benchmarks/RESULTS.md),
     #: so it stays opt-in: ``host.async_copies = True``.
     async_copies: bool = False
+    #: whether :meth:`run_texts`' worker thread builds each chunk's batch tensors and runs
+    #: :data:`PREPARE_AHEAD` chunks ahead (True) or only tokenizes, one chunk ahead, leaving each batch
+    #: to be built just before it runs (False). ``None``: True when every device is an accelerator. A
+    #: CPU forward already keeps every core busy, and more host work beside it slowed MiniLM on 2 cores
+    #: (benchmarks/RESULTS.md).
+    build_ahead: bool | None = None
 
     def __init__(
         self,
@@ -215,19 +221,23 @@ class ModelHost:
         bar = tqdm(total=len(items), desc=desc, disable=not show_progress_bar, unit="item")
         result: torch.Tensor | None = None  # every chunk's rows land in their slice of one tensor
         truncated = done = 0
+        build = self.build_ahead
+        if build is None:
+            build = all(torch.device(d).type != "cpu" for d in self.devices)
+        # with build_ahead, PREPARE_AHEAD chunks queued: the worker moves on to the next chunk as soon
+        # as it has one done, instead of waiting for the loop to take the one before
+        ahead = PREPARE_AHEAD if build else 1
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgekit-tokenize") as executor:
 
             def prepared(chunk: list[Any]) -> Prepared:
-                return self.prepare(tokenize(chunk), batch_size)
+                return self.prepare(tokenize(chunk), batch_size, build=build)
 
-            # PREPARE_AHEAD chunks queued: the worker moves on to the next chunk as soon as it has
-            # one done, instead of waiting for the loop to take the one before
-            pending = collections.deque(executor.submit(prepared, c) for c in chunks[:PREPARE_AHEAD])
+            pending = collections.deque(executor.submit(prepared, c) for c in chunks[:ahead])
             try:
                 for index, chunk in enumerate(chunks):
                     ready = pending.popleft().result()
-                    if index + PREPARE_AHEAD < len(chunks):
-                        pending.append(executor.submit(prepared, chunks[index + PREPARE_AHEAD]))
+                    if index + ahead < len(chunks):
+                        pending.append(executor.submit(prepared, chunks[index + ahead]))
                     if result is None:  # the row width is known once the first chunk has run
                         first = self.run(ready, forward, batch_size, desc=desc, show_progress_bar=False)
                         result = first.new_empty((len(items), *first.shape[1:]))
@@ -293,11 +303,14 @@ class ModelHost:
                 result[position] = item
         return result
 
-    def prepare(self, tokenized: Tokenized, batch_size: int, pad_to_multiple_of: int | None = None) -> Prepared:
-        """``tokenized`` cut into length-sorted batches with every batch's host tensors built."""
+    def prepare(
+        self, tokenized: Tokenized, batch_size: int, pad_to_multiple_of: int | None = None, *, build: bool = True
+    ) -> Prepared:
+        """``tokenized`` cut into length-sorted batches with every batch's host tensors built
+        (``build=False``: not built; :meth:`run` then builds each just before it runs)."""
         batches = self._batches(tokenized, batch_size)
         inputs: list[dict[str, Any] | None] = [
-            self._host_inputs(tokenized, rows, pad_to_multiple_of) for rows in batches
+            self._host_inputs(tokenized, rows, pad_to_multiple_of) if build else None for rows in batches
         ]
         return Prepared(tokenized, batches, inputs)
 
