@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--launch", type=float, default=0.0, help="share of each batch's device time the loop spends launching it"
     )
-    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--tokenizer", type=Path, default=None)
     args = parser.parse_args()
     path, pooling, docs = encoder_and_texts("bge-small", args.n, args.tokenizer)
     model = Embedder.from_pretrained(str(path), devices="cpu", pooling_method=pooling, packed=True)
