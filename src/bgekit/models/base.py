@@ -133,8 +133,7 @@ class ModelHost:
     def clamp_length(self, max_length: int | None, default: int) -> int:
         """Validate ``max_length`` and keep it inside the model's position table."""
         value = default if max_length is None else max_length
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"max_length must be a positive int, got {value!r}")
+        _check_positive_int("max_length", value)
         if self.max_positions is not None and value > self.max_positions:
             logger.info(
                 "max_length=%d is beyond the model's %d positions; using %d",
@@ -261,11 +260,10 @@ class ModelHost:
         (:func:`~bgekit.runtime.batching.overlap_chunks`). Packed batches have no padding for a long
         sort to save, so their chunks are equal, one batch per device by default
         (:data:`PACKED_CHUNK_MIN` items at least): then the device waits only for the first."""
-        _check_batch_size(batch_size)
+        _check_positive_int("batch_size", batch_size)
         if chunk_size is None:
             chunk_size = max(batch_size * len(self.devices), PACKED_CHUNK_MIN) if self.packed else OVERLAP_CHUNK
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        _check_positive_int("chunk_size", chunk_size)
         return overlap_chunks(count, chunk_size, ramp=not self.packed)
 
     def run_items(
@@ -315,7 +313,7 @@ class ModelHost:
         return Prepared(tokenized, batches, inputs)
 
     def _batches(self, tokenized: Tokenized, batch_size: int) -> list[np.ndarray]:
-        _check_batch_size(batch_size)
+        _check_positive_int("batch_size", batch_size)
         _, batches = length_sorted_batches([len(x) for x in tokenized.ids], batch_size, self.max_tokens_per_batch)
         return batches
 
@@ -386,9 +384,10 @@ class ModelHost:
         self.pool.close()
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+def _check_positive_int(name: str, value: object) -> None:
+    """An :class:`InputError` naming ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive int, got {value!r}")
 
 
 def _count(source: Tokenized | Prepared) -> int:
