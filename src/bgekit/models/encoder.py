@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import hub
+from ..runtime import first_tokens
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .embedder import Embedder
@@ -47,7 +48,15 @@ class FlagModel(Embedder):
 
     ``max_tokens_per_batch=N`` also caps each length-sorted batch at N padded tokens, so a batch
     of long texts shrinks and a batch of short ones keeps ``batch_size`` (same vectors).
+
+    With ``cls`` pooling on a BERT or RoBERTa-family model, the last layer computes only each
+    text's first row (its keys and values still see every token): a twelfth less work for a
+    12-layer model, the same vectors within float rounding (:mod:`bgekit.runtime.first_tokens`).
     """
+
+    #: ``cls`` pooling: run the last layer on the first rows only where the model supports it;
+    #: False runs the whole last layer, as the plain forward does (same vectors within rounding)
+    cls_rows_only: bool = True
 
     def __init__(
         self,
@@ -114,6 +123,8 @@ class FlagModel(Embedder):
         return self.host.module
 
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.pooling_method == "cls" and self.cls_rows_only and first_tokens.supports(module):
+            return first_tokens.first_token_states(module, inputs)
         if packing.is_packed(inputs):
             hidden = module(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
             return pool_packed(hidden, inputs, self.pooling_method)

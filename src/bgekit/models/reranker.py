@@ -19,6 +19,7 @@ import torch
 
 from .. import hub, registry
 from ..errors import InputError
+from ..runtime import first_tokens
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
@@ -158,7 +159,13 @@ class FlagReranker(Reranker):
     ``packed`` lays each batch's pairs end to end instead of padding them (BERT and RoBERTa-family
     classifiers; the default ``None`` packs on CUDA in fp16/bf16, ``True`` forces it, ``False``
     keeps padded batches); the scores are the padded path's within float rounding.
+
+    Their head reads each pair's first token alone, so the last layer computes only that row
+    (:mod:`bgekit.runtime.first_tokens`; ``cls_rows_only = False`` runs the whole layer).
     """
+
+    #: run the last layer on the first rows only where the model supports it (same scores within rounding)
+    cls_rows_only: bool = True
 
     def __init__(
         self,
@@ -223,7 +230,7 @@ class FlagReranker(Reranker):
             self.use_bf16,
             max_tokens_per_batch,
             packed=packed,
-            packable=self.backend == "torch" and type(module).__name__ in PACKED_HEADS,
+            packable=self.backend == "torch" and type(module).__name__ in FIRST_TOKEN_HEADS,
         )
         self.target_devices = self.host.devices
 
@@ -231,10 +238,14 @@ class FlagReranker(Reranker):
     def model(self) -> torch.nn.Module:
         return self.host.module
 
-    @staticmethod
-    def _forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if packing.is_packed(inputs):
-            return _packed_logits(module, inputs).view(-1)
+    def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if type(module).__name__ in FIRST_TOKEN_HEADS:
+            encoder = module.base_model
+            if self.cls_rows_only and first_tokens.supports(encoder):
+                return _head_logits(module, first_tokens.first_token_states(encoder, inputs)).view(-1)
+            if packing.is_packed(inputs):
+                hidden = encoder(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
+                return _head_logits(module, packing.first_tokens(hidden, inputs)).view(-1)
         return module(**inputs, return_dict=True).logits.view(-1)
 
     def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar):
@@ -358,8 +369,9 @@ RERANKER_CLASSES = {
 }
 
 
-#: sequence classifiers whose head reads only the first token, so it can run on packed batches
-PACKED_HEADS = (
+#: sequence classifiers whose head reads only the first token: they run packed batches, and their
+#: last layer on the first rows alone
+FIRST_TOKEN_HEADS = (
     "BertForSequenceClassification",
     "XLMRobertaForSequenceClassification",
     "RobertaForSequenceClassification",
@@ -367,14 +379,11 @@ PACKED_HEADS = (
 )
 
 
-def _packed_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A sequence classifier's logits for a packed batch: the encoder on the packed row, then the
-    classification head on each pair's first token (what the padded forward's head reads)."""
-    encoder = module.base_model
-    hidden = encoder(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
-    first = packing.first_tokens(hidden, inputs).unsqueeze(1)  # [B, 1, H]: the head takes [:, 0]
+def _head_logits(module: torch.nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's logits from its encoder's first-token states ``[B, H]`` (all its head reads)."""
+    first = first.unsqueeze(1)  # [B, 1, H]: the head takes [:, 0]
     if type(module).__name__ == "BertForSequenceClassification":
-        return module.classifier(module.dropout(encoder.pooler(first)))
+        return module.classifier(module.dropout(module.base_model.pooler(first)))
     return module.classifier(first)
 
 

@@ -261,8 +261,15 @@ def _flash_varlen(
     scale: float | None,
     causal: bool,
     left: int | None = None,
+    *,
+    cu_q: torch.Tensor | None = None,
+    longest_q: int | None = None,
 ) -> torch.Tensor:
-    """The flash variable-length kernel (``left``: how many earlier tokens a causal token sees)."""
+    """The flash variable-length kernel (``left``: how many earlier tokens a causal token sees).
+    ``cu``/``longest`` bound the keys' sequences, and the queries' too unless ``cu_q``/``longest_q``
+    give other ones (one query row per sequence, as :mod:`bgekit.runtime.first_tokens` runs)."""
+    cu_q = cu if cu_q is None else cu_q
+    longest_q = longest if longest_q is None else longest_q
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if k.shape[1] != q.shape[1]:  # grouped-query attention: one key/value head serves several query heads
         repeat = q.shape[1] // k.shape[1]
@@ -270,11 +277,11 @@ def _flash_varlen(
     public = _public_varlen()
     if public is not None:
         window = (-1 if left is None else left, 0) if causal else (-1, -1)
-        return public(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window)
+        return public(q, k, v, cu_q, cu, longest_q, longest, scale=scale, window_size=window)
     # torch before 2.10: the aten kernel the public function wraps
     options = {} if left is None else {"window_size_left": left, "window_size_right": 0}
     out = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu, cu, longest, longest, 0.0, causal, False, scale=scale, **options
+        q, k, v, cu_q, cu, longest_q, longest, 0.0, causal, False, scale=scale, **options
     )
     return out[0]
 
