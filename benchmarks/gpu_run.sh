@@ -13,13 +13,15 @@
 # encode), pipeline (bgekit's encode against an emulated device at bge-small's forward rate: does the
 # host keep a device busy, benchmarks/pipeline_probe.py), graphs (the packed forward replayed as CUDA
 # graphs per token bucket, alone and in encode()), compile (torch.compile'd encode, bge-small and
-# -base), padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26).
-# Every step but pipeline and graphs has run on an H100 (RESULTS.md). The latest table came from one call of about
-# 8 minutes:  STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
-# Next (15 minutes of device time, a start about 30 s): first, one call to decide on graphs and on the
-# reworked async copies (speed.py --profile also times them, and prints how long the GPU idles):
-#   STEPS=gputests,pipeline,graphs,profile BUDGET=360 bash benchmarks/gpu_run.sh   (run's timeout_s 380)
-# then the table again with whatever that call showed worth building:  STEPS=host,speed BUDGET=480 ...
+# -base), padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26),
+# firstrows (each encode with the last layer on the first rows only against the whole last layer,
+# benchmarks/first_rows_probe.py).
+# Every step but pipeline, graphs and firstrows has run on an H100 (RESULTS.md). The latest table came from one
+# call of about 8 minutes:  STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
+# Next (15 minutes of device time, a start about 30 s): first, one call to check the new paths on the card and
+# see how long the GPU idles (speed.py --profile also times the reworked async copies):
+#   STEPS=gputests,firstrows,pipeline,profile BUDGET=300 bash benchmarks/gpu_run.sh   (run's timeout_s 320)
+# then the table again:  STEPS=host,speed BUDGET=480 ...   (graphs, 150 s, fits only in a session with time left)
 # Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
 # starve the log; the speed step prints (and writes to its JSON) each model's rows as it finishes them.
 # Logs land in $OUT (the device tool's folder) or out/gpu.
@@ -59,7 +61,7 @@ step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --f
 import torch, transformers, ray, sentence_transformers, peft, bgekit
 print(torch.__version__, transformers.__version__, ray.__version__, sentence_transformers.__version__, peft.__version__)"' "$PY"
 step gputests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_paths.py tests/test_packed.py \
-    tests/test_m3.py tests/test_bad_input.py
+    tests/test_m3.py tests/test_bad_input.py tests/test_first_tokens.py
 step padnan 60 $PY benchmarks/padding_nan.py
 step precision 100 $PY benchmarks/precision.py --golden .gpu/golden --out "$OUT/precision.json"
 step lora 150 $PY benchmarks/lora_train.py --golden .gpu/golden --scifact .gpu/data/scifact/corpus.jsonl.gz \
@@ -77,6 +79,7 @@ step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n
 step forward 200 $PY benchmarks/forward_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step host 60 $PY benchmarks/host_probe.py --n 4000 --tokenizer .gpu/tok
 step pipeline 60 $PY benchmarks/pipeline_probe.py --n 4000 --device-rate 13354 --tokenizer .gpu/tok
+step firstrows 120 $PY benchmarks/first_rows_probe.py --device cuda --n 4000 --rounds 2 --tokenizer .gpu/tok
 step graphs 150 $PY benchmarks/graph_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step compile 150 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/compile_probe.py --device cuda --fp16 \
     --model $m --tokenizer .gpu/tok --n 4000 --batch-size 256 || exit 1; done' "$PY"

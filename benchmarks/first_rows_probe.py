@@ -1,0 +1,91 @@
+"""The last layer on each sequence's first row only (``cls_rows_only``) against the whole last layer.
+
+CLS pooling and a cross-encoder's head read one row per sequence, so bgekit's last layer computes
+only that row (bgekit.runtime.first_tokens). This probe times the same model's full encode (or
+compute_score) both ways, interleaved, best of ``--rounds``, and prints the ratio and the largest
+difference between the two results:
+
+    # GPU machine (gpu_run.sh STEPS=firstrows): random bge models with MiniLM's tokenizer, fp16
+    python benchmarks/first_rows_probe.py --device cuda --n 4000 --tokenizer .gpu/tok
+    # here (CPU, fp32, padded batches):
+    python benchmarks/first_rows_probe.py --device cpu --models bge-small,bge-reranker-base --n 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from speed import random_model, scifact_docs
+
+from bgekit import FlagModel, FlagReranker
+
+
+def system(name: str, args) -> tuple[FlagModel | FlagReranker, Callable[[], np.ndarray], int]:
+    """``(model, one full pass, item count)`` for a random-weight ``name`` on SciFact texts."""
+    workdir = Path(tempfile.mkdtemp(prefix="bgekit-model-"))
+    atexit.register(shutil.rmtree, workdir, True)
+    path = str(random_model(name, workdir, args.tokenizer))
+    options = {"devices": args.device, "use_fp16": args.device.startswith("cuda")}
+    docs, queries = scifact_docs(args.n)
+    if name.startswith("bge-reranker"):
+        reranker = FlagReranker(path, **options)
+        pairs = [[q, d] for q, d in zip(queries, docs, strict=True)]
+        return reranker, lambda: np.asarray(reranker.compute_score(pairs, batch_size=args.batch_size)), len(pairs)
+    embedder = FlagModel(path, **options)
+    return embedder, lambda: embedder.encode(docs, batch_size=args.batch_size), len(docs)
+
+
+def timed(run: Callable[[], np.ndarray], device: str) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    out = run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def probe(name: str, args) -> None:
+    model, run, count = system(name, args)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    results: dict[bool, np.ndarray] = {}
+    for setting in (True, False):  # warm-up, both ways
+        model.cls_rows_only = setting
+        run()
+    for _ in range(args.rounds):
+        for setting in (True, False):
+            model.cls_rows_only = setting
+            elapsed, results[setting] = timed(run, args.device)
+            seconds[setting].append(elapsed)
+    fast, full = count / min(seconds[True]), count / min(seconds[False])
+    diff = float(np.abs(results[True] - results[False]).max())
+    print(f"| {name} | {count} | {fast:,.1f} | {full:,.1f} | {fast / full:.3f}x | {diff:.1e} |", flush=True)
+    model.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models", default="bge-small,bge-base,bge-large,bge-reranker-base")
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; best of {args.rounds}, interleaved")
+    print("| model | items | first rows only: items/s | whole last layer: items/s | ratio | largest difference |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in args.models.split(","):
+        probe(name, args)
+
+
+if __name__ == "__main__":
+    main()
