@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bgekit import FlagModel, FlagReranker
+from bgekit import BGEM3FlagModel, FlagModel, FlagReranker
 from bgekit.runtime import first_tokens
 
 TOL = 1e-5  # float32, the same math on fewer rows (observed ~1e-6)
@@ -44,9 +44,9 @@ class FeedForwardRows:
         self.handle.remove()
 
 
-def _both_ways(model, run):
+def _both_ways(model, run, encoder=None):
     """``run()`` with the last layer on the first rows, then on every row: (fast, full, rows fed)."""
-    counter = FeedForwardRows(getattr(model.model, "base_model", model.model))
+    counter = FeedForwardRows(encoder or getattr(model.model, "base_model", model.model))
     try:
         fast = run()
         fast_rows = sum(counter.rows)
@@ -78,6 +78,18 @@ def test_reranker_first_rows_match_the_full_last_layer(request, fixture, packed)
     np.testing.assert_allclose(fast, full, atol=TOL)
     assert fast_rows == len(PAIRS)
     assert full_rows > 4 * len(PAIRS)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_m3_dense_alone_uses_first_rows_and_other_outputs_every_row(golden_dir, packed):
+    model = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"), devices="cpu", packed=packed, batch_size=4)
+    encoder = model.model.encoder
+    fast, full, fast_rows, full_rows = _both_ways(model, lambda: model.encode(TEXTS)["dense_vecs"], encoder)
+    np.testing.assert_allclose(fast, full, atol=TOL)
+    assert fast_rows == len(TEXTS) and full_rows > 4 * len(TEXTS)
+    both, _, both_rows, _ = _both_ways(model, lambda: model.encode(TEXTS, return_sparse=True)["dense_vecs"], encoder)
+    np.testing.assert_allclose(both, full, atol=TOL)
+    assert both_rows == full_rows  # the lexical weights need every token's last state
 
 
 def test_minilm_with_cls_pooling_matches_the_full_last_layer(minilm_dir):
@@ -124,7 +136,7 @@ def test_supports_only_encoders_it_can_run(tiny_bert):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("packed", [False, True])
-def test_cuda_half_first_rows_match_the_full_last_layer(tiny_bert, tiny_xlmr_reranker, packed):
+def test_cuda_half_first_rows_match_the_full_last_layer(tiny_bert, tiny_xlmr_reranker, golden_dir, packed):
     embedder = FlagModel(str(tiny_bert), devices="cuda:0", use_fp16=True, packed=packed)
     fast, full, fast_rows, _ = _both_ways(embedder, lambda: embedder.encode(TEXTS, max_length=64))
     np.testing.assert_allclose(fast, full, atol=HALF_TOL)
@@ -133,3 +145,7 @@ def test_cuda_half_first_rows_match_the_full_last_layer(tiny_bert, tiny_xlmr_rer
     fast, full, fast_rows, _ = _both_ways(reranker, lambda: reranker.compute_score(PAIRS))
     np.testing.assert_allclose(fast, full, atol=HALF_TOL * 10)  # raw logits, not unit vectors
     assert fast_rows == len(PAIRS)
+    m3 = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"), devices="cuda:0", use_fp16=True, packed=packed)
+    fast, full, fast_rows, _ = _both_ways(m3, lambda: m3.encode(TEXTS)["dense_vecs"], m3.model.encoder)
+    np.testing.assert_allclose(fast, full, atol=HALF_TOL)
+    assert fast_rows == len(TEXTS)

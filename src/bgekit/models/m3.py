@@ -20,6 +20,7 @@ import torch
 
 from .. import hub
 from ..errors import InputError, ModelNotFoundError
+from ..runtime import first_tokens
 from ..runtime import packed as packing
 from .base import ItemForward, ModelHost, load_module
 from .embedder import Embedder, with_instruction
@@ -108,6 +109,10 @@ class BGEM3FlagModel(Embedder):
         >>> model.compute_score([("what is BGE?", "BGE is an embedding model.")])  # doctest: +SKIP
         {'colbert': [...], 'sparse': [...], 'dense': [...], 'sparse+dense': [...], 'colbert+sparse+dense': [...]}
     """
+
+    #: dense vectors alone (the default outputs): run the last layer on each text's first row only,
+    #: as :class:`~bgekit.FlagModel` does (:mod:`bgekit.runtime.first_tokens`); False runs the whole layer
+    cls_rows_only: bool = True
 
     def __init__(
         self,
@@ -355,6 +360,9 @@ class BGEM3FlagModel(Embedder):
         """A batch forward computing only the requested outputs, split per text with padding removed."""
 
         def forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[_Item]:
+            if dense and not (sparse or colbert) and self._first_rows(module):
+                vectors = first_tokens.first_token_states(module.encoder, inputs).float().cpu()
+                return [_Item(dense=row, token_ids=None, token_weights=None, colbert=None) for row in vectors]
             if packing.is_packed(inputs):
                 return packed_forward(module, inputs)
             hidden = module(**inputs)
@@ -404,6 +412,10 @@ class BGEM3FlagModel(Embedder):
             ]
 
         return forward
+
+    def _first_rows(self, module: torch.nn.Module) -> bool:
+        """Dense vectors alone by ``cls`` pooling: the last layer can run on the first rows only."""
+        return self.pooling_method == "cls" and self.cls_rows_only and first_tokens.supports(module.encoder)
 
     def _dense(self, items: list[_Item], normalize: bool) -> torch.Tensor:
         """Stack dense vectors, then ``truncate_dim`` and normalization as every embedder does."""
