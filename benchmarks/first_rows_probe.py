@@ -13,7 +13,6 @@ difference between the two results:
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from forward_probe import probe_arguments
 from speed import random_model, scifact_docs
 
 from bgekit import FlagModel, FlagReranker
@@ -70,13 +70,8 @@ def probe(name: str, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--models", default="bge-small,bge-base,bge-large,bge-reranker-base")
-    parser.add_argument("--n", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="BERT tokenizer folder for the random models")
+    parser = probe_arguments(__doc__.split("\n\n")[0])
+    parser.set_defaults(models="bge-small,bge-base,bge-large,bge-reranker-base")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     where = torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads"

@@ -24,6 +24,7 @@ from . import packed
 #: encoder model types whose layers are BERT's (``attention.self.query/key/value``,
 #: ``attention.output``, ``feed_forward_chunk``)
 _BERT_LAYOUT = {"bert", "xlm-roberta", "roberta", "camembert"}
+_PROJECTIONS = ("query", "key", "value")
 #: attention implementations whose math is plain scaled dot-product attention
 _PLAIN_ATTENTION = {"eager", "sdpa", "flash_attention_2", packed.ATTENTION_NAME}
 
@@ -33,7 +34,7 @@ _trunks: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.W
 def supports(encoder: Any) -> bool:
     """Whether :func:`first_token_states` can run ``encoder`` (a transformers base model, not a
     head class) by its last layer's rows: a BERT-layout bidirectional encoder with absolute
-    positions and plain attention, not training."""
+    positions and plain attention, not training, with no forward hooks on it or its layer stack."""
     if not isinstance(encoder, torch.nn.Module) or not type(encoder).__module__.startswith("transformers."):
         return False
     config = getattr(encoder, "config", None)
@@ -46,9 +47,17 @@ def supports(encoder: Any) -> bool:
         and getattr(config, "_attn_implementation", None) in _PLAIN_ATTENTION
         and isinstance(layers, torch.nn.ModuleList)
         and len(layers) > 0
-        and all(hasattr(layers[-1].attention.self, name) for name in ("query", "key", "value"))
+        and all(hasattr(getattr(getattr(layers[-1], "attention", None), "self", None), name) for name in _PROJECTIONS)
         and not encoder.training
+        and not _hooked(encoder)
+        and not _hooked(encoder.encoder)
     )
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether someone watches ``module``'s forward: the trunk (a copy sharing its hooks) would show
+    them the second-to-last layer's states, so such a model keeps the full forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def first_token_states(encoder: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
