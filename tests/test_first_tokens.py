@@ -129,11 +129,12 @@ def test_supports_only_encoders_it_can_run(tiny_bert):
         assert not first_tokens.supports(encoder)  # dropout would differ: the full forward runs
     finally:
         encoder.eval()
-    handle = encoder.register_forward_hook(lambda *_: None)
-    try:
-        assert not first_tokens.supports(encoder)  # the hook would see the trunk's states
-    finally:
-        handle.remove()
+    for watched in (encoder, encoder.encoder.layer[-1]):
+        handle = watched.register_forward_hook(lambda *_: None)
+        try:
+            assert not first_tokens.supports(encoder)  # the hook would see the trunk's states, or not fire
+        finally:
+            handle.remove()
     assert first_tokens.supports(encoder)
     assert not first_tokens.supports(torch.nn.Linear(2, 2))
     assert not first_tokens.supports(None)

@@ -34,7 +34,8 @@ _trunks: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.W
 def supports(encoder: Any) -> bool:
     """Whether :func:`first_token_states` can run ``encoder`` (a transformers base model, not a
     head class) by its last layer's rows: a BERT-layout bidirectional encoder with absolute
-    positions and plain attention, not training, with no forward hooks on it or its layer stack."""
+    positions and plain attention, not training, with no forward hooks on it, its layer stack or its
+    last layer."""
     if not isinstance(encoder, torch.nn.Module) or not type(encoder).__module__.startswith("transformers."):
         return False
     config = getattr(encoder, "config", None)
@@ -49,14 +50,14 @@ def supports(encoder: Any) -> bool:
         and len(layers) > 0
         and all(hasattr(getattr(getattr(layers[-1], "attention", None), "self", None), name) for name in _PROJECTIONS)
         and not encoder.training
-        and not _hooked(encoder)
-        and not _hooked(encoder.encoder)
+        and not any(map(_hooked, (encoder, encoder.encoder, layers[-1])))
     )
 
 
 def _hooked(module: torch.nn.Module) -> bool:
     """Whether someone watches ``module``'s forward: the trunk (a copy sharing its hooks) would show
-    them the second-to-last layer's states, so such a model keeps the full forward."""
+    them the second-to-last layer's states, and the last layer's module is never called as a whole,
+    so such a model keeps the full forward."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
