@@ -254,9 +254,9 @@ def test_cuda_flash_kernel_matches_per_sequence_attention():
     lengths = [5, 1, 17, 64, 3]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(sum(lengths), 4, 32, device="cuda", dtype=torch.float16) for _ in range(3))
-    assert packed._flash_applies(q)
+    assert packed.flash_applies(q)
     for causal, left in ((False, None), (True, None), (True, 4)):  # left: a sliding window's reach
-        fast = packed._flash_varlen(q, k, v, cu, max(lengths), None, causal, left)
+        fast = packed.flash_varlen(q, k, v, cu, max(lengths), None, causal, left)
         exact = per_sequence_attention(q.float(), k.float(), v.float(), cu, causal, left)
         torch.testing.assert_close(fast.float(), exact, atol=HALF_TOL, rtol=0)
 

@@ -172,17 +172,17 @@ def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """
     lengths = batch[LENGTHS]
     rows = batch[SEQUENCE_IDS]
-    columns = _columns(batch["cu_seq_lens_q"], rows)
-    grid = _lay_out(hidden, rows, columns, len(lengths), int(batch["max_length_q"]))
+    columns = columns_within(batch["cu_seq_lens_q"], rows)
+    grid = lay_out(hidden, rows, columns, len(lengths), int(batch["max_length_q"]))
     return (grid.float().sum(dim=1) / lengths.to(torch.float32).unsqueeze(-1)).to(hidden.dtype)
 
 
-def _columns(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def columns_within(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Each packed token's position within its own sequence (``rows``: the sequence of each token)."""
     return torch.arange(len(rows), device=rows.device) - cu[:-1].long()[rows]
 
 
-def _lay_out(
+def lay_out(
     packed_rows: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, count: int, longest: int
 ) -> torch.Tensor:
     """Packed ``[T, ...]`` rows of ``count`` sequences laid back into a zero-padded ``[count, longest, ...]`` grid."""
@@ -224,14 +224,14 @@ def packed_attention(
     left = window - 1 if causal and window is not None and longest > window else None
     # [1, heads, T, D] -> [T, heads, D]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    if _flash_applies(q):
-        out = _flash_varlen(q, k, v, cu, longest, scaling, causal, left)
+    if flash_applies(q):
+        out = flash_varlen(q, k, v, cu, longest, scaling, causal, left)
     else:
         out = _in_grid(q, k, v, cu, longest, scaling, causal, left)
     return out.unsqueeze(0), None
 
 
-def _flash_applies(q: torch.Tensor) -> bool:
+def flash_applies(q: torch.Tensor) -> bool:
     """The flash kernel takes CUDA fp16/bf16 with a head size it was built for, on a card it runs on."""
     return (
         q.is_cuda
@@ -252,7 +252,7 @@ def _flash_device(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
-def _flash_varlen(
+def flash_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -313,10 +313,10 @@ def _in_grid(
     key mask (and the causal / sliding-window rule), and the real rows taken out again."""
     lengths = (cu[1:] - cu[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-    columns = _columns(cu, rows)
+    columns = columns_within(cu, rows)
 
     def grid(t: torch.Tensor) -> torch.Tensor:
-        return _lay_out(t, rows, columns, len(lengths), longest).transpose(1, 2)  # [B, heads, longest, D]
+        return lay_out(t, rows, columns, len(lengths), longest).transpose(1, 2)  # [B, heads, longest, D]
 
     at = torch.arange(longest, device=q.device)
     seen = (at[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]: the real keys
