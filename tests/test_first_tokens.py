@@ -135,6 +135,11 @@ def test_supports_only_encoders_it_can_run(tiny_bert):
             assert not first_tokens.supports(encoder)  # the hook would see the trunk's states, or not fire
         finally:
             handle.remove()
+    encoder.forward = encoder.forward  # as torch.compile'd or graphed forwards are installed
+    try:
+        assert not first_tokens.supports(encoder)
+    finally:
+        del encoder.forward
     assert first_tokens.supports(encoder)
     assert not first_tokens.supports(torch.nn.Linear(2, 2))
     assert not first_tokens.supports(None)

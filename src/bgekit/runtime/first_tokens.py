@@ -34,8 +34,8 @@ _trunks: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.W
 def supports(encoder: Any) -> bool:
     """Whether :func:`first_token_states` can run ``encoder`` (a transformers base model, not a
     head class) by its last layer's rows: a BERT-layout bidirectional encoder with absolute
-    positions and plain attention, not training, with no forward hooks on it, its layer stack or its
-    last layer."""
+    positions and plain attention, not training, with no forward hooks or replaced ``forward`` on it,
+    its layer stack or its last layer."""
     if not isinstance(encoder, torch.nn.Module) or not type(encoder).__module__.startswith("transformers."):
         return False
     config = getattr(encoder, "config", None)
@@ -50,15 +50,15 @@ def supports(encoder: Any) -> bool:
         and len(layers) > 0
         and all(hasattr(getattr(getattr(layers[-1], "attention", None), "self", None), name) for name in _PROJECTIONS)
         and not encoder.training
-        and not any(map(_hooked, (encoder, encoder.encoder, layers[-1])))
+        and not any(map(_altered, (encoder, encoder.encoder, layers[-1])))
     )
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    """Whether someone watches ``module``'s forward: the trunk (a copy sharing its hooks) would show
-    them the second-to-last layer's states, and the last layer's module is never called as a whole,
-    so such a model keeps the full forward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def _altered(module: torch.nn.Module) -> bool:
+    """Whether someone watches or replaces ``module``'s forward (hooks, or a ``forward`` set on the
+    instance, as a compiled or graphed forward is): the trunk copies would carry them over a different
+    stack, and the last layer's module is never called as a whole, so such a model keeps the full forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
 
 
 def first_token_states(encoder: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
