@@ -89,7 +89,7 @@ def test_grid_fallback_attention_is_per_sequence_attention(causal, left, kv_head
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     q = torch.randn(sum(lengths), 4, 8)
     k, v = torch.randn(sum(lengths), kv_heads, 8), torch.randn(sum(lengths), kv_heads, 8)
-    got = packed._in_grid(q, k, v, cu, max(lengths), None, causal, left)
+    got = packed.in_grid(q, k, v, cu, max(lengths), None, causal, left)
     torch.testing.assert_close(got, per_sequence_attention(q, k, v, cu, causal, left), atol=1e-6, rtol=0)
 
 

@@ -100,18 +100,9 @@ def _packed_rows(layer: torch.nn.Module, hidden: torch.Tensor, inputs: dict[str,
     attention = layer.attention.self
     query = _heads(attention, "query", first)  # [B, heads, D]
     key, value = _heads(attention, "key", hidden), _heads(attention, "value", hidden)  # [T, heads, D]
-    if packed.flash_applies(query):
-        one_each = torch.arange(count + 1, dtype=cu.dtype, device=cu.device)
-        mixed = packed.flash_varlen(
-            query, key, value, cu, longest, attention.scaling, False, cu_q=one_each, longest_q=1
-        )  # [B, heads, D]
-    else:  # the keys laid into a padded grid, one masked query per sequence
-        lengths = inputs[packed.LENGTHS]
-        rows = inputs[packed.SEQUENCE_IDS]
-        columns = packed.columns_within(cu, rows)
-        keys, values = (packed.lay_out(t, rows, columns, count, longest).transpose(1, 2) for t in (key, value))
-        seen = torch.arange(longest, device=hidden.device)[None, :] < lengths[:, None]
-        mixed = _attend(query, keys, values, seen, attention.scaling)
+    one_each = torch.arange(count + 1, dtype=cu.dtype, device=cu.device)  # one query per sequence
+    attend = packed.flash_varlen if packed.flash_applies(query) else packed.in_grid
+    mixed = attend(query, key, value, cu, longest, attention.scaling, False, cu_q=one_each, longest_q=1)
     return _finish(layer, mixed, first)
 
 

@@ -172,17 +172,17 @@ def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """
     lengths = batch[LENGTHS]
     rows = batch[SEQUENCE_IDS]
-    columns = columns_within(batch["cu_seq_lens_q"], rows)
-    grid = lay_out(hidden, rows, columns, len(lengths), int(batch["max_length_q"]))
+    columns = _columns(batch["cu_seq_lens_q"], rows)
+    grid = _lay_out(hidden, rows, columns, len(lengths), int(batch["max_length_q"]))
     return (grid.float().sum(dim=1) / lengths.to(torch.float32).unsqueeze(-1)).to(hidden.dtype)
 
 
-def columns_within(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _columns(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Each packed token's position within its own sequence (``rows``: the sequence of each token)."""
     return torch.arange(len(rows), device=rows.device) - cu[:-1].long()[rows]
 
 
-def lay_out(
+def _lay_out(
     packed_rows: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, count: int, longest: int
 ) -> torch.Tensor:
     """Packed ``[T, ...]`` rows of ``count`` sequences laid back into a zero-padded ``[count, longest, ...]`` grid."""
@@ -227,7 +227,7 @@ def packed_attention(
     if flash_applies(q):
         out = flash_varlen(q, k, v, cu, longest, scaling, causal, left)
     else:
-        out = _in_grid(q, k, v, cu, longest, scaling, causal, left)
+        out = in_grid(q, k, v, cu, longest, scaling, causal, left)
     return out.unsqueeze(0), None
 
 
@@ -298,7 +298,7 @@ def _public_varlen():
     return varlen_attn if "scale" in parameters and "window_size" in parameters else None
 
 
-def _in_grid(
+def in_grid(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -307,16 +307,23 @@ def _in_grid(
     scale: float | None,
     causal: bool,
     left: int | None = None,
+    *,
+    cu_q: torch.Tensor | None = None,
+    longest_q: int | None = None,
 ) -> torch.Tensor:
-    """Exact fallback where the flash kernel does not run (CPU, fp32, older cards): the packed rows
-    laid back into a zero-padded ``[B, heads, longest, D]`` grid, one SDPA call with each sequence's
-    key mask (and the causal / sliding-window rule), and the real rows taken out again."""
+    """Exact fallback where the flash kernel does not run (CPU, fp32, older cards), with
+    :func:`flash_varlen`'s arguments: the packed rows laid back into a zero-padded
+    ``[B, heads, longest, D]`` grid, one SDPA call with each sequence's key mask (and the causal /
+    sliding-window rule), and the real rows taken out again. Separate query bounds (``cu_q``,
+    ``longest_q``) are for non-causal attention only."""
+    if causal and cu_q is not None:
+        raise ValueError("separate query bounds are for non-causal attention")
     lengths = (cu[1:] - cu[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-    columns = columns_within(cu, rows)
+    keys_at = _places(cu)
+    queries_at = keys_at if cu_q is None else _places(cu_q)
 
-    def grid(t: torch.Tensor) -> torch.Tensor:
-        return lay_out(t, rows, columns, len(lengths), longest).transpose(1, 2)  # [B, heads, longest, D]
+    def grid(t: torch.Tensor, places: tuple[torch.Tensor, torch.Tensor], width: int) -> torch.Tensor:
+        return _lay_out(t, *places, len(lengths), width).transpose(1, 2)  # [B, heads, width, D]
 
     at = torch.arange(longest, device=q.device)
     seen = (at[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]: the real keys
@@ -325,12 +332,19 @@ def _in_grid(
         if left is not None:
             rule &= at[None, :] >= at[:, None] - left
         seen = seen & rule[None, None]
-    keys, values = grid(k), grid(v)
+    keys, values = grid(k, keys_at, longest), grid(v, keys_at, longest)
     if keys.shape[1] != q.shape[1]:  # grouped-query attention
         repeat = q.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(grid(q), keys, values, attn_mask=seen, scale=scale)
-    return out.transpose(1, 2)[rows, columns]
+    queries = grid(q, queries_at, longest if longest_q is None else longest_q)
+    out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=seen, scale=scale)
+    return out.transpose(1, 2)[queries_at]
+
+
+def _places(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sequence, position within it)`` of every packed row, for sequence bounds ``cu``."""
+    rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), (cu[1:] - cu[:-1]).long())
+    return rows, _columns(cu, rows)
 
 
 def _packed_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
