@@ -110,26 +110,18 @@ def _padded_rows(layer: torch.nn.Module, hidden: torch.Tensor, attention_mask: t
     """The last layer for column 0 of a padded ``[B, L, H]`` batch, over its real keys."""
     first = hidden[:, 0]
     attention = layer.attention.self
-    keys, values = (_heads(attention, name, hidden).transpose(1, 2) for name in ("key", "value"))
-    mixed = _attend(_heads(attention, "query", first), keys, values, attention_mask.bool(), attention.scaling)
-    return _finish(layer, mixed, first)
+    query = _heads(attention, "query", first).unsqueeze(2)  # [B, heads, 1, D]
+    keys, values = (_heads(attention, name, hidden).transpose(1, 2) for name in ("key", "value"))  # [B, heads, L, D]
+    seen = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]: the real keys
+    attend = torch.nn.functional.scaled_dot_product_attention
+    mixed = attend(query, keys, values, attn_mask=seen, scale=attention.scaling)
+    return _finish(layer, mixed.squeeze(2), first)
 
 
 def _heads(attention: torch.nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
     """``states`` ``[..., H]`` through the attention's ``query``/``key``/``value`` projection, split
     into heads: ``[..., heads, D]``."""
     return getattr(attention, name)(states).unflatten(-1, (attention.num_attention_heads, -1))
-
-
-def _attend(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """One query per sequence (``[B, heads, D]``) over its keys ``[B, heads, L, D]`` where ``seen``
-    (``[B, L]``) is true: ``[B, heads, D]``."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.unsqueeze(2), keys, values, attn_mask=seen[:, None, None, :], scale=scale
-    )
-    return out.squeeze(2)
 
 
 def _finish(layer: torch.nn.Module, mixed: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
