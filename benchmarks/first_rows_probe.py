@@ -7,8 +7,9 @@ difference between the two results:
 
     # GPU machine (gpu_run.sh STEPS=firstrows): random bge models with MiniLM's tokenizer, fp16
     python benchmarks/first_rows_probe.py --device cuda --n 4000 --tokenizer .gpu/tok
-    # here (CPU, fp32, padded batches):
+    # here (CPU, fp32, padded batches), and on ONNX Runtime (its export holds one forward or the other):
     python benchmarks/first_rows_probe.py --device cpu --models bge-small,bge-reranker-base --n 64
+    python benchmarks/first_rows_probe.py --device cpu --backend onnx-int8 --models bge-small --n 256
 """
 
 from __future__ import annotations
@@ -28,19 +29,26 @@ from speed import random_model, scifact_docs
 from bgekit import FlagModel, FlagReranker
 
 
-def system(name: str, args) -> tuple[FlagModel | FlagReranker, Callable[[], np.ndarray], int]:
-    """``(model, one full pass, item count)`` for a random-weight ``name`` on SciFact texts."""
+def systems(name: str, args) -> tuple[dict[bool, FlagModel | FlagReranker], dict[bool, Callable[[], np.ndarray]], int]:
+    """``({rows only: model}, {rows only: one full pass}, item count)`` for a random-weight ``name`` on
+    SciFact texts: two models, as an ONNX export holds one forward or the other."""
     workdir = Path(tempfile.mkdtemp(prefix="bgekit-model-"))
     atexit.register(shutil.rmtree, workdir, True)
     path = str(random_model(name, workdir, args.tokenizer))
-    options = {"devices": args.device, "use_fp16": args.device.startswith("cuda")}
+    options = {"devices": args.device, "use_fp16": args.device.startswith("cuda"), "backend": args.backend}
     docs, queries = scifact_docs(args.n)
-    if name.startswith("bge-reranker"):
-        reranker = FlagReranker(path, **options)
+    reranks = name.startswith("bge-reranker")
+    kind = FlagReranker if reranks else FlagModel
+    models = {rows: type(kind.__name__, (kind,), {"cls_rows_only": rows})(path, **options) for rows in (True, False)}
+    if reranks:
         pairs = [[q, d] for q, d in zip(queries, docs, strict=True)]
-        return reranker, lambda: np.asarray(reranker.compute_score(pairs, batch_size=args.batch_size)), len(pairs)
-    embedder = FlagModel(path, **options)
-    return embedder, lambda: embedder.encode(docs, batch_size=args.batch_size), len(docs)
+        runs = {
+            rows: lambda m=m: np.asarray(m.compute_score(pairs, batch_size=args.batch_size))
+            for rows, m in models.items()
+        }
+        return models, runs, len(pairs)
+    runs = {rows: lambda m=m: m.encode(docs, batch_size=args.batch_size) for rows, m in models.items()}
+    return models, runs, len(docs)
 
 
 def timed(run: Callable[[], np.ndarray], device: str) -> tuple[float, np.ndarray]:
@@ -52,30 +60,30 @@ def timed(run: Callable[[], np.ndarray], device: str) -> tuple[float, np.ndarray
 
 
 def probe(name: str, args) -> None:
-    model, run, count = system(name, args)
+    models, runs, count = systems(name, args)
     seconds: dict[bool, list[float]] = {True: [], False: []}
     results: dict[bool, np.ndarray] = {}
     for setting in (True, False):  # warm-up, both ways
-        model.cls_rows_only = setting
-        run()
+        runs[setting]()
     for _ in range(args.rounds):
         for setting in (True, False):
-            model.cls_rows_only = setting
-            elapsed, results[setting] = timed(run, args.device)
+            elapsed, results[setting] = timed(runs[setting], args.device)
             seconds[setting].append(elapsed)
     fast, full = count / min(seconds[True]), count / min(seconds[False])
     diff = float(np.abs(results[True] - results[False]).max())
     print(f"| {name} | {count} | {fast:,.1f} | {full:,.1f} | {fast / full:.3f}x | {diff:.1e} |", flush=True)
-    model.close()
+    for model in models.values():
+        model.close()
 
 
 def main() -> None:
     parser = probe_arguments(__doc__.split("\n\n")[0])
     parser.set_defaults(models="bge-small,bge-base,bge-large,bge-reranker-base")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"])
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     where = torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; best of {args.rounds}, interleaved")
+    print(f"torch {torch.__version__}, {where}, backend {args.backend}; best of {args.rounds}, interleaved")
     print("| model | items | first rows only: items/s | whole last layer: items/s | ratio | largest difference |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):

@@ -257,6 +257,44 @@ def test_onnx_matches_torch_on_tiny_models(onnx_cache, request, fixture):
     assert cosine.min() > 0.9  # random tiny weights quantize worse than trained ones; MiniLM is checked below
 
 
+def last_feed_forward_rank(path) -> int:
+    """The rank of the last GELU's input in an exported graph: 2 where the last layer's feed-forward
+    runs on the first rows alone (``[B, I]``), 3 where it runs on every token (``[B, L, I]``)."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    ranks = {info.name: len(info.type.tensor_type.shape.dim) for info in graph.value_info}
+    gelus = [node for node in graph.node if node.op_type == "Erf"]
+    return ranks[gelus[-1].input[0]]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_xlmr"])
+def test_onnx_cls_pooling_exports_the_first_rows_forward(onnx_cache, request, fixture, monkeypatch):
+    from bgekit import FlagModel
+
+    folder = str(request.getfixturevalue(fixture))
+    items = texts(20)
+    ref = Embedder.from_pretrained(folder, devices="cpu", pooling_method="cls", passage_max_length=48)
+    ref.cls_rows_only = False  # the torch reference runs the whole last layer
+    want = ref.encode(items, batch_size=6)
+    fast = Embedder.from_pretrained(folder, devices="cpu", pooling_method="cls", passage_max_length=48, backend="onnx")
+    assert fast.model.output == "first_token_state" and last_feed_forward_rank(fast.model.path) == 2
+    np.testing.assert_allclose(fast.encode(items, batch_size=6), want, atol=ONNX_TOL)
+    int8 = Embedder.from_pretrained(
+        folder, devices="cpu", pooling_method="cls", passage_max_length=48, backend="onnx-int8"
+    )
+    assert int8.model.output == "first_token_state" and last_feed_forward_rank(int8.model.path) == 2
+    assert (int8.encode(items, batch_size=6) * want).sum(axis=1).min() > 0.9
+    monkeypatch.setattr(FlagModel, "cls_rows_only", False)  # read at load time: a graph of the whole forward
+    full = Embedder.from_pretrained(folder, devices="cpu", pooling_method="cls", passage_max_length=48, backend="onnx")
+    assert full.model.output == "last_hidden_state" and full.model.path != fast.model.path
+    assert last_feed_forward_rank(full.model.path) == 3
+    np.testing.assert_allclose(full.encode(items, batch_size=6), want, atol=ONNX_TOL)
+    fast.pooling_method = "mean"  # the first-rows graph cannot pool another way
+    with pytest.raises(InputError, match="CLS state only"):
+        fast.encode(items)
+
+
 def test_onnx_export_is_cached(onnx_cache, tiny_bert):
     from bgekit.models.onnx_backend import cache_root
 
@@ -267,13 +305,20 @@ def test_onnx_export_is_cached(onnx_cache, tiny_bert):
     assert files and [f.stat().st_mtime_ns for f in files] == stamps
 
 
-def test_onnx_reranker_matches_torch(onnx_cache, tiny_xlmr_reranker):
+@pytest.mark.parametrize("fixture", ["tiny_bert_reranker", "tiny_xlmr_reranker"])
+def test_onnx_reranker_matches_torch(onnx_cache, request, fixture, monkeypatch):
+    folder = str(request.getfixturevalue(fixture))
     pairs = [(q, p) for q, p in zip(texts(9), texts(9)[::-1], strict=True)]
-    ref = FlagReranker(str(tiny_xlmr_reranker), devices="cpu", max_length=60).compute_score(pairs, batch_size=4)
-    got = FlagReranker(str(tiny_xlmr_reranker), devices="cpu", max_length=60, backend="onnx").compute_score(
-        pairs, batch_size=4
-    )
-    np.testing.assert_allclose(got, ref, atol=ONNX_TOL)
+    torch_model = FlagReranker(folder, devices="cpu", max_length=60)
+    torch_model.cls_rows_only = False  # the reference runs the whole last layer
+    ref = torch_model.compute_score(pairs, batch_size=4)
+    fast = FlagReranker(folder, devices="cpu", max_length=60, backend="onnx")
+    assert last_feed_forward_rank(fast.model.path) == 2  # the head reads the first rows: only they are computed
+    np.testing.assert_allclose(fast.compute_score(pairs, batch_size=4), ref, atol=ONNX_TOL)
+    monkeypatch.setattr(FlagReranker, "cls_rows_only", False)
+    full = FlagReranker(folder, devices="cpu", max_length=60, backend="onnx")
+    assert last_feed_forward_rank(full.model.path) == 3
+    np.testing.assert_allclose(full.compute_score(pairs, batch_size=4), ref, atol=ONNX_TOL)
 
 
 def test_bad_backend_is_an_input_error(tiny_bert):

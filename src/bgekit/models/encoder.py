@@ -12,13 +12,24 @@ from typing import Any
 import torch
 
 from .. import hub
+from ..errors import InputError
 from ..runtime import first_tokens
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .embedder import Embedder
-from .onnx_backend import check_backend, load_onnx_module
+from .onnx_backend import OnnxModule, RowsForward, check_backend, load_onnx_module
 from .pooling import check_pooling, pool, pool_packed
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
+
+#: the output of an ONNX graph that runs the last layer on the first rows (``[B, H]``)
+CLS_STATE = "first_token_state"
+
+
+def _cls_states_export(module: torch.nn.Module) -> tuple[str, RowsForward] | None:
+    """For the ONNX export with ``cls`` pooling: the first-rows forward, where the model supports it."""
+    if not first_tokens.supports(module):
+        return None
+    return CLS_STATE, lambda inputs, key_mask: first_tokens.first_token_states(module, inputs, key_mask)
 
 
 class FlagModel(Embedder):
@@ -52,6 +63,8 @@ class FlagModel(Embedder):
     With ``cls`` pooling on a BERT or RoBERTa-family model, the last layer computes only each
     text's first row (its keys and values still see every token): a twelfth less work for a
     12-layer model, the same vectors within float rounding (:mod:`bgekit.runtime.first_tokens`).
+    The ONNX backends export that forward too (read when the model is loaded; the cached graph
+    then returns the CLS states alone).
     """
 
     #: ``cls`` pooling: run the last layer on the first rows only where the model supports it;
@@ -102,7 +115,13 @@ class FlagModel(Embedder):
             module = load_module(AutoModel, folder, trust_remote_code)
         else:  # ONNX Runtime replaces only the forward; tokenizer, batching and pooling stay
             module = load_onnx_module(
-                AutoModel, folder, trust_remote_code, self.backend, "last_hidden_state", self.tokenizer.uses_type_ids
+                AutoModel,
+                folder,
+                trust_remote_code,
+                self.backend,
+                "last_hidden_state",
+                self.tokenizer.uses_type_ids,
+                first_rows=_cls_states_export if self.pooling_method == "cls" and self.cls_rows_only else None,
             )
         devices = devices if self.backend == "torch" else "cpu"
         self.host = ModelHost(
@@ -123,6 +142,13 @@ class FlagModel(Embedder):
         return self.host.module
 
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(module, OnnxModule) and module.output == CLS_STATE:  # a graph of the first-rows forward
+            if self.pooling_method != "cls":
+                raise InputError(
+                    f"this ONNX export computes the CLS state only; load the model with "
+                    f"pooling_method={self.pooling_method!r} to pool another way"
+                )
+            return module(**inputs).first_token_state
         if self.pooling_method == "cls" and self.cls_rows_only and first_tokens.supports(module):
             return first_tokens.first_token_states(module, inputs)
         if packing.is_packed(inputs):

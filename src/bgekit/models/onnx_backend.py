@@ -6,6 +6,10 @@ path's numbers to float32 rounding. ``backend="onnx-int8"`` adds dynamic int8
 quantization of the weights (faster on CPUs with VNNI/AVX-512, at a measured accuracy
 cost; see benchmarks/RESULTS.md).
 
+Where a model reads only each text's first row of its last layer (CLS pooling, a cross-encoder's
+head), the exported graph runs that layer on the first rows alone, as the torch path does
+(:mod:`bgekit.runtime.first_tokens`): the caller says how with ``first_rows``.
+
 The exported file is cached under ``$BGEKIT_CACHE/onnx`` (default ``~/.cache/bgekit/onnx``),
 keyed by the model's weights, the output kind and the library versions, so the export
 (seconds for MiniLM, a minute for a large model) happens once per model.
@@ -19,6 +23,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,9 +35,15 @@ from ..errors import BgekitError, InputError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
-EXPORT_VERSION = 1  # bump when the exported graph changes, so old cache entries are not reused
+EXPORT_VERSION = 2  # bump when the exported graph changes, so old cache entries are not reused
 OPSET = 17
 WEIGHT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+#: ``(inputs with a prepared 4-D additive mask, the 0/1 [B, L] key mask) -> the exported output``
+RowsForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+#: given the loaded transformers module: ``(output name, RowsForward)`` to export the first-rows
+#: forward, or None where it does not apply (the module's own output is exported then)
+FirstRows = Callable[[torch.nn.Module], tuple[str, RowsForward] | None]
 
 
 def check_backend(backend: str | None, devices: Any = None) -> str:
@@ -63,10 +74,11 @@ def available_cores() -> int:
 
 
 class OnnxModule(torch.nn.Module):
-    """Stands in for a transformers module: called like one, returns an object with the same
-    output field (``last_hidden_state`` or ``logits``) as a CPU float32 tensor."""
+    """Stands in for a transformers module: called like one, returns an object whose one field,
+    named by the graph's output (``last_hidden_state``, ``logits``, ``first_token_state``), holds
+    a CPU float32 tensor."""
 
-    def __init__(self, path: Path, config: Any, output: str, threads: int | None = None):
+    def __init__(self, path: Path, config: Any, threads: int | None = None):
         super().__init__()
         import onnxruntime as ort
 
@@ -76,8 +88,8 @@ class OnnxModule(torch.nn.Module):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output = self.session.get_outputs()[0].name
         self.config = config
-        self.output = output
         self.path = Path(path)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> SimpleNamespace:
@@ -93,17 +105,22 @@ class OnnxModule(torch.nn.Module):
 
 
 class _Traceable(torch.nn.Module):
-    """The transformers module with a prepared additive 4-D mask, so the traced graph has no
-    branch on the mask's values (transformers' own 2-D mask handling does not trace cleanly)."""
+    """The transformers module (or ``rows``, its first-rows forward) with a prepared additive 4-D
+    mask, so the traced graph has no branch on the mask's values (transformers' own 2-D mask
+    handling does not trace cleanly)."""
 
-    def __init__(self, module: torch.nn.Module, output: str, type_ids: bool):
+    def __init__(self, module: torch.nn.Module, output: str, type_ids: bool, rows: RowsForward | None):
         super().__init__()
-        self.module, self.output, self.type_ids = module, output, type_ids
+        self.module, self.output, self.type_ids, self.rows = module, output, type_ids, rows
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         bias = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
-        extra = {"token_type_ids": token_type_ids} if self.type_ids else {}
-        return getattr(self.module(input_ids=input_ids, attention_mask=bias, return_dict=True, **extra), self.output)
+        inputs = {"input_ids": input_ids, "attention_mask": bias}
+        if self.type_ids:
+            inputs["token_type_ids"] = token_type_ids
+        if self.rows is not None:
+            return self.rows(inputs, attention_mask)
+        return getattr(self.module(**inputs, return_dict=True), self.output)
 
 
 def cache_root() -> Path:
@@ -111,7 +128,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("BGEKIT_CACHE") or Path.home() / ".cache" / "bgekit").expanduser() / "onnx"
 
 
-def cache_key(folder: Path, backend: str, output: str, type_ids: bool) -> str:
+def cache_key(folder: Path, backend: str, output: str, type_ids: bool, first_rows: bool = False) -> str:
     """A digest of everything the exported file depends on."""
     import onnxruntime
     import transformers
@@ -121,6 +138,7 @@ def cache_key(folder: Path, backend: str, output: str, type_ids: bool) -> str:
         "backend": backend,
         "output": output,
         "type_ids": type_ids,
+        "first_rows": first_rows,
         "export": EXPORT_VERSION,
         "opset": OPSET,
         "torch": torch.__version__,
@@ -143,28 +161,43 @@ def load_onnx_module(
     output: str,
     type_ids: bool,
     threads: int | None = None,
+    first_rows: FirstRows | None = None,
 ) -> OnnxModule:
-    """Export (once, cached) and load the model at ``folder`` for ``backend`` ("onnx" or "onnx-int8")."""
+    """Export (once, cached) and load the model at ``folder`` for ``backend`` ("onnx" or "onnx-int8").
+
+    The graph returns the module's ``output``, or, where ``first_rows`` accepts the module, the
+    output it names (the module's :attr:`OnnxModule.output` says which the cached file holds)."""
     from transformers import AutoConfig
 
-    root = cache_root() / cache_key(folder, backend, output, type_ids)
+    rows = first_rows is not None
+    root = cache_root() / cache_key(folder, backend, output, type_ids, rows)
     path = root / "model.onnx"
     if not path.exists():
-        fp32 = root.parent / cache_key(folder, "onnx", output, type_ids) / "model.onnx"
+        fp32 = root.parent / cache_key(folder, "onnx", output, type_ids, rows) / "model.onnx"
         if not fp32.exists():
-            _export(loader, folder, trust_remote_code, output, type_ids, fp32)
+            _export(loader, folder, trust_remote_code, output, type_ids, fp32, first_rows)
         if backend == "onnx-int8":
             _quantize(fp32, path)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    return OnnxModule(path, config, output, threads)
+    return OnnxModule(path, config, threads)
 
 
-def _export(loader: Any, folder: Path, trust_remote_code: bool, output: str, type_ids: bool, target: Path) -> None:
+def _export(
+    loader: Any,
+    folder: Path,
+    trust_remote_code: bool,
+    output: str,
+    type_ids: bool,
+    target: Path,
+    first_rows: FirstRows | None = None,
+) -> None:
     """Trace a private copy of the module (the exporter leaves the traced copy unusable)."""
     from .base import load_module
 
     logger.info("exporting %s to ONNX (once; cached at %s)", folder, target)
     module = load_module(loader, folder, trust_remote_code).eval()
+    chosen = None if first_rows is None else first_rows(module)
+    output, rows = chosen if chosen is not None else (output, None)
     ids = torch.full((2, 8), 5, dtype=torch.int64)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
@@ -179,7 +212,7 @@ def _export(loader: Any, folder: Path, trust_remote_code: bool, output: str, typ
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer notes about shape-constant Python branches
                 torch.onnx.export(
-                    _Traceable(module, output, type_ids),
+                    _Traceable(module, output, type_ids, rows),
                     args,
                     str(staged),
                     input_names=names,

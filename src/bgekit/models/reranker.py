@@ -23,7 +23,7 @@ from ..runtime import first_tokens
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
-from .onnx_backend import check_backend, load_onnx_module
+from .onnx_backend import RowsForward, check_backend, load_onnx_module
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ class FlagReranker(Reranker):
     keeps padded batches); the scores are the padded path's within float rounding.
 
     Their head reads each pair's first token alone, so the last layer computes only that row
-    (:mod:`bgekit.runtime.first_tokens`; ``cls_rows_only = False`` runs the whole layer).
+    (:mod:`bgekit.runtime.first_tokens`; ``cls_rows_only = False`` runs the whole layer). The ONNX
+    backends export that forward too (``cls_rows_only`` is read when the model is loaded).
     """
 
     #: run the last layer on the first rows only where the model supports it (same scores within rounding)
@@ -216,6 +217,7 @@ class FlagReranker(Reranker):
                 self.backend,
                 "logits",
                 self.tokenizer.uses_type_ids,
+                first_rows=_logits_export if self.cls_rows_only else None,
             )
         if module.config.num_labels != 1:
             raise InputError(
@@ -385,6 +387,15 @@ def _head_logits(module: torch.nn.Module, first: torch.Tensor) -> torch.Tensor:
     if type(module).__name__ == "BertForSequenceClassification":
         return module.classifier(module.dropout(module.base_model.pooler(first)))
     return module.classifier(first)
+
+
+def _logits_export(module: torch.nn.Module) -> tuple[str, RowsForward] | None:
+    """For the ONNX export: the logits from the first-rows forward, where the model supports it."""
+    if type(module).__name__ not in FIRST_TOKEN_HEADS or not first_tokens.supports(module.base_model):
+        return None
+    return "logits", lambda inputs, key_mask: _head_logits(
+        module, first_tokens.first_token_states(module.base_model, inputs, key_mask)
+    )
 
 
 def reranker_class(kind: str) -> type[Reranker]:

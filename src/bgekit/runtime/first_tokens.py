@@ -61,17 +61,20 @@ def _altered(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
 
 
-def first_token_states(encoder: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+def first_token_states(
+    encoder: torch.nn.Module, inputs: dict[str, Any], key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, H]``: the last layer's state of each sequence's first token, for a padded batch
     (``attention_mask`` ``[B, L]``) or a packed one (:func:`bgekit.runtime.packed.pack`), with
-    ``encoder`` a model :func:`supports` accepts."""
+    ``encoder`` a model :func:`supports` accepts. ``key_mask`` is the padded batch's 0/1 ``[B, L]``
+    mask where ``inputs`` hand the model a prepared additive mask instead (the ONNX export's tracing)."""
     trunk = _trunk(encoder)
     last = encoder.encoder.layer[-1]
     if packed.is_packed(inputs):
         hidden = trunk(**packed.model_inputs(inputs), return_dict=True).last_hidden_state[0]  # [T, H]
         return _packed_rows(last, hidden, inputs)
     hidden = trunk(**inputs, return_dict=True).last_hidden_state  # [B, L, H]
-    return _padded_rows(last, hidden, inputs["attention_mask"])
+    return _padded_rows(last, hidden, inputs["attention_mask"] if key_mask is None else key_mask)
 
 
 def _trunk(encoder: torch.nn.Module) -> torch.nn.Module:
@@ -126,5 +129,5 @@ def _heads(attention: torch.nn.Module, name: str, states: torch.Tensor) -> torch
 
 def _finish(layer: torch.nn.Module, mixed: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """The rest of the layer on the first rows: output projection with the residual, then the feed-forward."""
-    attended = layer.attention.output(mixed.reshape(len(first), -1), first)
+    attended = layer.attention.output(mixed.flatten(-2), first)  # [B, heads, D] -> [B, H]
     return layer.feed_forward_chunk(attended)
