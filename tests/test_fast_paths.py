@@ -381,7 +381,57 @@ def test_cli_embed_backend_onnx(onnx_cache, tiny_bert, tmp_path):
     want = Embedder.from_pretrained(str(tiny_bert), devices="cpu").encode_corpus(items)
     np.testing.assert_allclose(np.load(out), want, atol=ONNX_TOL)
     bad = subprocess.run([bgekit, *args, "--backend", "tvm"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "backend must be one of" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "'tvm' is not one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_rerank_backend_onnx(onnx_cache, tiny_xlmr_reranker, golden_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from .serving import BGEKIT
+
+    passages = [t for t in texts(6) if t.strip()]
+    source = tmp_path / "passages.txt"
+    source.write_text("\n".join(passages) + "\n")
+    out = tmp_path / "scores.jsonl"
+    args = ["rerank", "--query", "alpha beta", "--input", str(source), "--device", "cpu", "--backend", "onnx"]
+    env = dict(os.environ)
+    result = subprocess.run(
+        [BGEKIT, *args, "--model", str(tiny_xlmr_reranker), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    got = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    want = FlagReranker(str(tiny_xlmr_reranker), devices="cpu").compute_score([("alpha beta", p) for p in passages])
+    np.testing.assert_allclose(got, want, atol=ONNX_TOL)
+    llm = golden_dir / "models" / "gemma-llm-reranker"  # no ONNX export for LLM rerankers: refused before loading
+    refused = subprocess.run([BGEKIT, *args, "--model", str(llm)], capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and "runs cross-encoders" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("FlagLLMModel", "mistral-llm"),
+        ("FlagICLModel", "mistral-icl"),
+        ("BGEM3FlagModel", "xlmr-m3"),
+        ("FlagLLMReranker", "gemma-llm-reranker"),
+        ("LayerWiseFlagLLMReranker", "minicpm-layerwise"),
+    ],
+)
+def test_families_without_an_onnx_export_refuse_the_backend(golden_dir, family, name):
+    """A decoder's export would lose its causal mask (wrong vectors), and the others would run torch
+    anyway: both are a clear error instead."""
+    import bgekit
+
+    folder = str(golden_dir / "models" / name)
+    with pytest.raises(InputError, match=f"{family} runs on backend='torch' only"):
+        getattr(bgekit, family)(folder, devices="cpu", backend="onnx")
+    assert getattr(bgekit, family)(folder, devices="cpu", backend="torch")  # the default, accepted by every family
 
 
 # -- no key/value cache in inference ---------------------------------------------------------------

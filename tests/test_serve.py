@@ -421,3 +421,32 @@ def test_serve_packed_setting_reaches_the_models(golden_dir):
     )
     assert result.returncode == 2, result.stderr
     assert "packed=True is not supported" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_backend_onnx_serves_the_library_results(tmp_path, tiny_bert, tiny_xlmr_reranker, golden_dir):
+    """``BGEKIT_BACKEND=onnx`` (``--backend onnx``) runs every model on ONNX Runtime: the served vectors and
+    scores are the torch library's to float32 rounding; a family with no export stops the server first."""
+    pytest.importorskip("onnxruntime")
+    from .serving import BGEKIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    env |= {"BGEKIT_BACKEND": "onnx", "BGEKIT_CACHE": str(tmp_path / "cache")}
+    args = ["--model", str(tiny_bert), "--reranker", str(tiny_xlmr_reranker)]
+    args += ["--served-model-name", "tiny", "--served-model-name", "rr"]
+    query = "Where do pandas live?"
+    with running_server(args, tmp_path / "server.log", env=env) as srv:
+        embedded = httpx.post(f"{srv.url}/v1/embeddings", json={"model": "tiny", "input": TEXTS}, timeout=60)
+        body = {"model": "rr", "query": query, "documents": TEXTS, "raw_scores": True}
+        ranked = httpx.post(f"{srv.url}/v1/rerank", json=body, timeout=60)
+    assert embedded.status_code == ranked.status_code == 200, (embedded.text, ranked.text)
+    assert any(path.name == "model.onnx" for path in (tmp_path / "cache").rglob("*"))  # it really ran the export
+    got = np.array([d["embedding"] for d in embedded.json()["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, Embedder.from_pretrained(str(tiny_bert), devices="cpu").encode(TEXTS), atol=1e-4)
+    scores = {r["index"]: r["relevance_score"] for r in ranked.json()["results"]}
+    want = Reranker.from_pretrained(str(tiny_xlmr_reranker), devices="cpu").compute_score([(query, t) for t in TEXTS])
+    np.testing.assert_allclose([scores[i] for i in range(len(TEXTS))], want, atol=1e-4)
+    decoder = golden_dir / "models" / "mistral-llm"
+    refused = subprocess.run(
+        [BGEKIT, "serve", "--model", str(decoder)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert refused.returncode == 2 and "runs encoder models" in refused.stderr and "Traceback" not in refused.stderr

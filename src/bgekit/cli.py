@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import Packing, packing_options
+from .cli_options import BACKEND_HELP, Backend, Packing, backend_options, packing_options
 from .errors import BgekitError, InputError
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ DevicesOpt = Annotated[
     list[str] | None, typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.")
 ]
 Fp16Opt = Annotated[bool, typer.Option("--fp16/--no-fp16", help="Half precision on GPU (always fp32 on CPU).")]
+BackendOpt = Annotated[Backend, typer.Option(help=BACKEND_HELP)]
 PackedOpt = Annotated[
     Packing,
     typer.Option(
@@ -107,13 +108,7 @@ def embed(
         typer.Option(help="Family override: encoder-only-base, encoder-only-m3, decoder-only-base, decoder-only-icl."),
     ] = None,
     pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="Forward pass on: torch, onnx (ONNX Runtime, CPU, same vectors) or onnx-int8 (faster CPU path, "
-            "mean cosine 0.99 to torch on MiniLM). Encoder models; needs bgekit[onnx]."
-        ),
-    ] = "torch",
+    backend: BackendOpt = Backend.torch,
     sparse: Annotated[
         Path | None,
         typer.Option(help="M3 models: also write lexical weights here as JSONL {'id', 'lexical_weights'}."),
@@ -174,10 +169,7 @@ def embed(
         options["examples_for_task"] = io.read_examples(examples)
     if pooling_method is not None:
         options["pooling_method"] = pooling_method
-    if backend != "torch":
-        if kind != registry.ENCODER:
-            raise InputError(f"--backend {backend} runs encoder models (BERT / XLM-R style) only, not {name}")
-        options["backend"] = backend
+    options.update(backend_options(backend, name, model_class=kind))
     embedder = Embedder.from_pretrained(name, model_class=kind, **options)
     encode = embedder.encode_queries if queries else embedder.encode_corpus
     m3_outputs = (
@@ -233,8 +225,7 @@ def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> No
         value = options.pop(key)
         if value is not None:
             embedder_options["query_instruction_for_retrieval" if key == "query_instruction" else key] = value
-    if (backend := options.pop("backend")) != "torch":
-        embedder_options["backend"] = backend
+    backend = options.pop("backend")
     examples = options.pop("examples")
     if examples is not None:
         if hub.resolve(name, registry.EMBEDDERS, embedder_options.get("model_class"))[1].kind not in (
@@ -244,6 +235,7 @@ def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> No
             raise InputError(f"--examples needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
         embedder_options["model_class"] = registry.ICL  # as without --ray: a decoder given examples runs as ICL
         embedder_options["examples_for_task"] = io.read_examples(examples)
+    embedder_options.update(backend_options(backend, name, model_class=embedder_options.get("model_class")))
     result = encode_dataset(
         name, _uri_or_path(input), _uri_or_path(output), use_ray=True, **options, **embedder_options
     )
@@ -288,6 +280,7 @@ def rerank(
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     packed: PackedOpt = Packing.auto,
+    backend: BackendOpt = Backend.torch,
 ) -> None:
     """Score every passage in INPUT against QUERY; print the ranking or write JSONL."""
     from . import hub, io
@@ -296,9 +289,9 @@ def rerank(
     if not query.strip():
         raise typer.BadParameter("the query is empty", param_hint="--query")
     records = io.read_texts(input, field=text_field)
-    reranker = Reranker.from_pretrained(
-        model or hub.default_model("reranker"), use_fp16=fp16, devices=device or None, **packing_options(packed)
-    )
+    name = model or hub.default_model("reranker")
+    options = {**packing_options(packed), **backend_options(backend, name, reranker=True)}
+    reranker = Reranker.from_pretrained(name, use_fp16=fp16, devices=device or None, **options)
     scores = reranker.compute_score(
         [(query, r.text) for r in records],
         batch_size=batch_size,

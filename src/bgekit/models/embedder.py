@@ -20,6 +20,7 @@ import torch
 from .. import hub, registry
 from ..errors import InputError
 from .inputs import as_text_list
+from .onnx_backend import refuse_backend
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Embedder:
             raise InputError(f"truncate_dim must be a positive int or None, got {truncate_dim!r}")
         self.truncate_dim = truncate_dim
         self._devices_arg = devices
+        refuse_backend(type(self).__name__, kwargs.pop("backend", None))  # FlagModel takes it by name
         if kwargs:
             warnings.warn(f"{type(self).__name__} ignores unknown options: {sorted(kwargs)}", stacklevel=3)
         self.kwargs = kwargs

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import InputError
 from .encoder import FlagModel
 from .inputs import as_text_list
+from .onnx_backend import refuse_backend
 from .tokenization import TextTokenizer, Tokenized
 
 ICL_QUERY_FORMAT = "<instruct>{}\n<query>{}"
@@ -61,8 +62,7 @@ class FlagLLMModel(FlagModel):
             raise InputError(
                 f"decoder-only embedders pool the last token; pooling_method={pooling_method!r} is not supported"
             )
-        if peft_path and kwargs.get("backend", "torch") != "torch":
-            raise InputError("peft_path merges a LoRA adapter into the torch model; use backend='torch'")
+        refuse_backend(type(self).__name__, kwargs.pop("backend", None))  # an export would lose the causal mask
         super().__init__(
             model_name_or_path,
             normalize_embeddings=normalize_embeddings,

@@ -65,6 +65,16 @@ def check_backend(backend: str | None, devices: Any = None) -> str:
     return backend
 
 
+def refuse_backend(owner: str, backend: Any) -> None:
+    """For the families with no ONNX export (M3, decoder embedders, LLM rerankers): another backend
+    is an error naming the class, not a silent torch run (nor, for a decoder, a wrong export)."""
+    if backend not in (None, "torch"):
+        raise InputError(
+            f"{owner} runs on backend='torch' only (got backend={backend!r}); the ONNX backends run "
+            "BERT / XLM-R style encoder embedders (FlagModel) and cross-encoders (FlagReranker)"
+        )
+
+
 def available_cores() -> int:
     """CPU cores this process may use (the affinity mask, not the machine's count)."""
     try:

@@ -23,7 +23,7 @@ from ..runtime import first_tokens
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
-from .onnx_backend import RowsForward, check_backend, load_onnx_module
+from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Reranker:
         self.query_max_length = query_max_length
         self.max_length = max_length
         self.normalize = normalize
+        refuse_backend(type(self).__name__, kwargs.pop("backend", None))  # FlagReranker takes it by name
         if kwargs:
             warnings.warn(f"{type(self).__name__} ignores unknown options: {sorted(kwargs)}", stacklevel=3)
         self.kwargs = kwargs

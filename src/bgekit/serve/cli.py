@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import Packing, packing_options
+from ..cli_options import BACKEND_HELP, Backend, Packing, backend_options, packing_options
 
 logger = logging.getLogger("bgekit.serve")
 
@@ -144,6 +144,7 @@ def register(app: typer.Typer) -> None:
                 help="Packed (padding-free) forward batches: auto (on for CUDA fp16/bf16), on, off.",
             ),
         ] = Packing.auto,
+        backend: Annotated[Backend, typer.Option(envvar="BGEKIT_BACKEND", help=BACKEND_HELP)] = Backend.torch,
         trust_remote_code: Annotated[
             bool,
             typer.Option(envvar="BGEKIT_TRUST_REMOTE_CODE", help="Run modeling code shipped in the model folder."),
@@ -205,14 +206,17 @@ def register(app: typer.Typer) -> None:
                 return max_batch_tokens
             return 16384 if any(d.startswith("cuda") for d in engine_devices) else 4096
 
+        # every model's family is checked against --backend before the first one loads
+        sources = [*models, *rerankers]
+        backends = [backend_options(backend, source, reranker=i >= len(models)) for i, source in enumerate(sources)]
         embedders, scorers = [], []
-        for name, source in zip(names, [*models, *rerankers], strict=True):
+        for name, source, runs_on in zip(names, sources, backends, strict=True):
             if len(embedders) < len(models):
-                loaded = Embedder.from_pretrained(source, **embed_options)
+                loaded = Embedder.from_pretrained(source, **embed_options, **runs_on)
                 engine = EmbeddingEngine(name, source, loaded, 1)
                 embedders.append(engine)
             else:
-                loaded = Reranker.from_pretrained(source, **options, max_length=max_length)
+                loaded = Reranker.from_pretrained(source, **options, **runs_on, max_length=max_length)
                 engine = RerankEngine(name, source, loaded, 1)
                 scorers.append(engine)
             engine.max_batch_tokens = budget(engine.devices)
