@@ -413,12 +413,36 @@ def test_cli_rerank_backend_onnx(onnx_cache, tiny_xlmr_reranker, golden_dir, tmp
     assert refused.returncode == 2 and "runs cross-encoders" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_onnx_m3_matches_torch(onnx_cache, golden_dir):
+    """BGE-M3's encoder on ONNX Runtime, its heads in torch: dense, lexical and ColBERT outputs as torch's."""
+    from bgekit import BGEM3FlagModel
+
+    folder = str(golden_dir / "models" / "xlmr-m3")
+    items = texts(12)
+    every = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True}
+    ref = BGEM3FlagModel(folder, devices="cpu")
+    fast = BGEM3FlagModel(folder, devices="cpu", backend="onnx")
+    assert type(fast.model.encoder).__name__ == "OnnxModule"
+    want, got = ref.encode(items, batch_size=5, **every), fast.encode(items, batch_size=5, **every)
+    np.testing.assert_allclose(got["dense_vecs"], want["dense_vecs"], atol=ONNX_TOL)
+    assert sum(map(len, want["lexical_weights"])) > len(items)  # something to compare
+    for mine, theirs in zip(got["lexical_weights"], want["lexical_weights"], strict=True):
+        tokens = sorted(set(mine) | set(theirs))  # a weight at the ReLU's edge may be in one dict only
+        np.testing.assert_allclose([mine.get(t, 0) for t in tokens], [theirs.get(t, 0) for t in tokens], atol=ONNX_TOL)
+    for mine, theirs in zip(got["colbert_vecs"], want["colbert_vecs"], strict=True):
+        np.testing.assert_allclose(mine, theirs, atol=ONNX_TOL)
+    np.testing.assert_allclose(fast.encode(items)["dense_vecs"], want["dense_vecs"], atol=ONNX_TOL)  # dense alone
+    int8 = BGEM3FlagModel(folder, devices="cpu", backend="onnx-int8").encode(items)["dense_vecs"]
+    assert (int8 * want["dense_vecs"]).sum(axis=1).min() > 0.9
+    with pytest.raises(InputError, match="packed=True is not supported"):
+        BGEM3FlagModel(folder, devices="cpu", backend="onnx", packed=True)
+
+
 @pytest.mark.parametrize(
     ("family", "name"),
     [
         ("FlagLLMModel", "mistral-llm"),
         ("FlagICLModel", "mistral-icl"),
-        ("BGEM3FlagModel", "xlmr-m3"),
         ("FlagLLMReranker", "gemma-llm-reranker"),
         ("LayerWiseFlagLLMReranker", "minicpm-layerwise"),
     ],

@@ -33,7 +33,7 @@ class Backend(StrEnum):
 
 BACKEND_HELP = (
     "Forward pass on: torch, onnx (ONNX Runtime, CPU, the torch results to float32 rounding) or onnx-int8 "
-    "(faster CPU path, mean cosine 0.99 to torch on MiniLM). BERT / XLM-R style models; needs bgekit[onnx]."
+    "(faster CPU path, mean cosine 0.99 to torch on MiniLM). BERT / XLM-R style models and BGE-M3; needs bgekit[onnx]."
 )
 
 
@@ -41,15 +41,18 @@ def backend_options(
     backend: Backend | str, name: str, *, reranker: bool = False, model_class: str | None = None
 ) -> dict[str, str]:
     """``--backend`` as the library's ``backend`` keyword. ONNX Runtime runs BERT / XLM-R style
-    embedders and cross-encoders only, so another family is refused by name before anything loads."""
+    embedders (BGE-M3 too) and cross-encoders only, so another family is refused by name before
+    anything loads."""
     if backend == Backend.torch:
         return {}
     from . import hub, registry
     from .errors import InputError
 
-    table = registry.RERANKERS if reranker else registry.EMBEDDERS
+    if reranker:
+        table, exported, what = registry.RERANKERS, {registry.CROSS_ENCODER}, "cross-encoders"
+    else:
+        table, exported, what = registry.EMBEDDERS, {registry.ENCODER, registry.M3}, "encoder models and BGE-M3"
     spec = hub.resolve(name, table, model_class, for_reranker=reranker)[1]
-    if spec is not None and spec.kind != (registry.CROSS_ENCODER if reranker else registry.ENCODER):
-        what = "cross-encoders" if reranker else "encoder models"
+    if spec is not None and spec.kind not in exported:
         raise InputError(f"--backend {backend} runs {what} (BERT / XLM-R style) only, not {name} ({spec.kind})")
     return {"backend": str(backend)}

@@ -25,6 +25,7 @@ from ..runtime import packed as packing
 from .base import ItemForward, ModelHost, load_module
 from .embedder import Embedder, with_instruction
 from .inputs import as_pair_list, as_text_list
+from .onnx_backend import check_backend, load_onnx_module
 from .pooling import check_pooling, pool, pool_packed
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
@@ -100,6 +101,9 @@ class BGEM3FlagModel(Embedder):
     ``packed`` (default ``None``: on CUDA in fp16/bf16) lays each batch's texts end to end
     instead of padding them, so the encoder and both per-token heads compute on real tokens only.
 
+    ``backend="onnx"`` / ``"onnx-int8"`` runs the encoder on ONNX Runtime on the CPU (as
+    :class:`~bgekit.FlagModel`'s); the sparse and ColBERT heads stay torch, on its output.
+
     Example:
         >>> from bgekit import BGEM3FlagModel
         >>> model = BGEM3FlagModel("BAAI/bge-m3")                          # doctest: +SKIP
@@ -133,6 +137,7 @@ class BGEM3FlagModel(Embedder):
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
         packed: bool | None = None,
+        backend: str = "torch",
         **kwargs: Any,
     ):
         super().__init__(
@@ -151,10 +156,20 @@ class BGEM3FlagModel(Embedder):
         self.return_dense = return_dense
         self.return_sparse = return_sparse
         self.return_colbert_vecs = return_colbert_vecs
+        self.backend = check_backend(backend, devices)
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
-        module = self._load_module(folder, trust_remote_code, colbert_dim)
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed)
+        module = self._load_module(folder, trust_remote_code, colbert_dim, self.backend, self.tokenizer.uses_type_ids)
+        torch_backend = self.backend == "torch"
+        self.host = ModelHost(
+            module,
+            self.tokenizer,
+            devices if torch_backend else "cpu",
+            self.use_fp16,
+            self.use_bf16,
+            packed=packed,
+            packable=torch_backend,
+        )
         self.target_devices = self.host.devices
         hf = self.tokenizer.hf
         # ids that never get a lexical weight (FlagEmbedding's list)
@@ -163,7 +178,9 @@ class BGEM3FlagModel(Embedder):
         }
 
     @staticmethod
-    def _load_module(folder: Path, trust_remote_code: bool, colbert_dim: int) -> M3Module:
+    def _load_module(
+        folder: Path, trust_remote_code: bool, colbert_dim: int, backend: str = "torch", type_ids: bool = False
+    ) -> M3Module:
         from transformers import AutoModel
 
         heads = [folder / "colbert_linear.pt", folder / "sparse_linear.pt"]
@@ -173,7 +190,10 @@ class BGEM3FlagModel(Embedder):
                 f"{folder} has no {' or '.join(missing)}: it is not a BGE-M3 model folder (for a plain "
                 "encoder use FlagModel)"
             )
-        encoder = load_module(AutoModel, folder, trust_remote_code)
+        if backend == "torch":
+            encoder = load_module(AutoModel, folder, trust_remote_code)
+        else:  # every token's state, for the per-token heads (no first-rows graph: one export per model)
+            encoder = load_onnx_module(AutoModel, folder, trust_remote_code, backend, "last_hidden_state", type_ids)
         colbert = load_head(heads[0], colbert_dim if colbert_dim > 0 else None)
         sparse = load_head(heads[1])
         return M3Module(encoder, colbert, sparse)

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: a CPU fast path for encoder embedders and cross-encoders.
+"""The ONNX Runtime backend: a CPU fast path for encoder embedders (BGE-M3 too) and cross-encoders.
 
 Only the transformer forward moves to ONNX Runtime; bgekit's tokenizer, length-sorted
 batches, pooling and normalization stay the same, so ``backend="onnx"`` gives the torch
@@ -66,12 +66,12 @@ def check_backend(backend: str | None, devices: Any = None) -> str:
 
 
 def refuse_backend(owner: str, backend: Any) -> None:
-    """For the families with no ONNX export (M3, decoder embedders, LLM rerankers): another backend
-    is an error naming the class, not a silent torch run (nor, for a decoder, a wrong export)."""
+    """For the families with no ONNX export (decoder embedders, LLM rerankers): another backend is
+    an error naming the class, not a silent torch run (nor, for a decoder, a wrong export)."""
     if backend not in (None, "torch"):
         raise InputError(
             f"{owner} runs on backend='torch' only (got backend={backend!r}); the ONNX backends run "
-            "BERT / XLM-R style encoder embedders (FlagModel) and cross-encoders (FlagReranker)"
+            "BERT / XLM-R style encoder embedders (FlagModel, BGEM3FlagModel) and cross-encoders (FlagReranker)"
         )
 
 
@@ -243,7 +243,24 @@ def _quantize(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp) / "model.onnx"
-        quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, per_channel=True)
-        os.replace(staged, target)
+    root = logging.getLogger()  # the quantizer's advice about a pre-processing step, meant for image models
+    advice = _DropMessage("Please consider to run pre-processing before quantization")
+    root.addFilter(advice)
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            staged = Path(tmp) / "model.onnx"
+            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, per_channel=True)
+            os.replace(staged, target)
+    finally:
+        root.removeFilter(advice)
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
