@@ -295,6 +295,29 @@ def test_onnx_cls_pooling_exports_the_first_rows_forward(onnx_cache, request, fi
         fast.encode(items)
 
 
+def test_an_export_with_its_weights_beside_the_graph_is_published_whole(onnx_cache, tiny_bert, tmp_path):
+    """Over 2 GB (bge-m3, bge-reranker-large / v2-m3) the exporter writes the weights as files beside the
+    graph; publishing the export into the cache moves them with it, so the cached graph loads."""
+    import onnx
+
+    from bgekit.models.onnx_backend import OnnxModule, publish
+
+    exported = Embedder.from_pretrained(str(tiny_bert), devices="cpu", backend="onnx").model
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    graph = onnx.load(str(exported.path))
+    onnx.save_model(graph, str(staging / "model.onnx"), save_as_external_data=True, size_threshold=0)
+    assert len(list(staging.iterdir())) == 2  # the graph and its weights file
+    target = tmp_path / "cache" / "model.onnx"
+    target.parent.mkdir()
+    publish(staging, target)
+    assert not list(staging.iterdir())
+    ids = torch.tensor([[2, 40, 41, 42, 3], [2, 43, 3, 0, 0]])
+    mask = (ids > 0).long()
+    got = OnnxModule(target, exported.config)(ids, mask).first_token_state
+    torch.testing.assert_close(got, exported(ids, mask).first_token_state)
+
+
 def test_onnx_export_is_cached(onnx_cache, tiny_bert):
     from bgekit.models.onnx_backend import cache_root
 

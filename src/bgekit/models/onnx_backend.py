@@ -235,7 +235,7 @@ def _export(
             raise BgekitError(
                 f"could not export {folder} to ONNX ({type(exc).__name__}: {exc}); use backend='torch'"
             ) from exc
-        os.replace(staged, target)
+        publish(Path(tmp), target)
 
 
 def _quantize(source: Path, target: Path) -> None:
@@ -250,9 +250,19 @@ def _quantize(source: Path, target: Path) -> None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             staged = Path(tmp) / "model.onnx"
             quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, per_channel=True)
-            os.replace(staged, target)
+            publish(Path(tmp), target)
     finally:
         root.removeFilter(advice)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Move a finished export from ``staging`` into ``target``'s folder, the graph (``target``'s
+    name) last. A model over 2 GB (bge-m3, bge-reranker-large / v2-m3) keeps its weights in files
+    beside the graph, which must move too; a graph in the cache then always means a whole export."""
+    for path in staging.iterdir():
+        if path.name != target.name:
+            os.replace(path, target.parent / path.name)
+    os.replace(staging / target.name, target)
 
 
 class _DropMessage(logging.Filter):
