@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..runtime import packed as packing
 from ..runtime.batching import length_sorted_batches, overlap_chunks, run_with_oom_backoff
 from ..runtime.devices import ReplicaPool, resolve_devices, resolve_dtype
+from .onnx_backend import runs_on_onnx
 from .tokenization import TextTokenizer, Tokenized
 
 logger = logging.getLogger(__name__)
@@ -90,13 +91,16 @@ class ModelHost:
     ):
         """``packed``: lay each batch's sequences end to end instead of padding them
         (:mod:`bgekit.runtime.packed`; ``None`` packs where it pays, on CUDA in fp16/bf16).
-        ``packable`` is False for a family whose forward cannot take packed batches."""
+        ``packable`` is False for a family whose forward cannot take packed batches. A module that
+        runs on ONNX Runtime (an :class:`OnnxModule` in it) is placed on the CPU, on padded batches."""
         budget = max_tokens_per_batch
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise InputError(f"max_tokens_per_batch must be a positive int or None, got {max_tokens_per_batch!r}")
         #: token budget per batch (padded tokens); ``None`` batches by ``batch_size`` alone
         self.max_tokens_per_batch = max_tokens_per_batch
         self.tokenizer = tokenizer
+        if runs_on_onnx(module):  # the export takes padded batches, and its session runs on the CPU
+            devices, packable = "cpu", False
         self.devices = resolve_devices(devices)
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         module.eval()

@@ -121,18 +121,10 @@ class FlagModel(Embedder):
                 self.backend,
                 "last_hidden_state",
                 self.tokenizer.uses_type_ids,
-                first_rows=_cls_states_export if self.pooling_method == "cls" and self.cls_rows_only else None,
+                first_rows=_cls_states_export if self._cls_rows() else None,
             )
-        devices = devices if self.backend == "torch" else "cpu"
         self.host = ModelHost(
-            module,
-            self.tokenizer,
-            devices,
-            self.use_fp16,
-            self.use_bf16,
-            max_tokens_per_batch,
-            packed=packed,
-            packable=self.backend == "torch",
+            module, self.tokenizer, devices, self.use_fp16, self.use_bf16, max_tokens_per_batch, packed=packed
         )
         self.target_devices = self.host.devices
 
@@ -140,6 +132,10 @@ class FlagModel(Embedder):
     def model(self) -> torch.nn.Module:
         """The underlying transformers module (on the first device)."""
         return self.host.module
+
+    def _cls_rows(self) -> bool:
+        """Whether the last layer may run on the first rows alone (where the model supports it)."""
+        return self.pooling_method == "cls" and self.cls_rows_only
 
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if isinstance(module, OnnxModule) and module.output == CLS_STATE:  # a graph of the first-rows forward
@@ -149,7 +145,7 @@ class FlagModel(Embedder):
                     f"pooling_method={self.pooling_method!r} to pool another way"
                 )
             return module(**inputs).first_token_state
-        if self.pooling_method == "cls" and self.cls_rows_only and first_tokens.supports(module):
+        if self._cls_rows() and first_tokens.supports(module):
             return first_tokens.first_token_states(module, inputs)
         if packing.is_packed(inputs):
             hidden = module(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]

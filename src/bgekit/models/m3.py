@@ -160,16 +160,7 @@ class BGEM3FlagModel(Embedder):
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
         module = self._load_module(folder, trust_remote_code, colbert_dim, self.backend, self.tokenizer.uses_type_ids)
-        torch_backend = self.backend == "torch"
-        self.host = ModelHost(
-            module,
-            self.tokenizer,
-            devices if torch_backend else "cpu",
-            self.use_fp16,
-            self.use_bf16,
-            packed=packed,
-            packable=torch_backend,
-        )
+        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed)
         self.target_devices = self.host.devices
         hf = self.tokenizer.hf
         # ids that never get a lexical weight (FlagEmbedding's list)

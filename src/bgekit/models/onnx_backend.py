@@ -114,6 +114,11 @@ class OnnxModule(torch.nn.Module):
         return SimpleNamespace(**{self.output: torch.from_numpy(out)})
 
 
+def runs_on_onnx(module: torch.nn.Module) -> bool:
+    """Whether ``module`` (or a part of it, as BGE-M3's encoder) runs on ONNX Runtime."""
+    return any(isinstance(part, OnnxModule) for part in module.modules())
+
+
 class _Traceable(torch.nn.Module):
     """The transformers module (or ``rows``, its first-rows forward) with a prepared additive 4-D
     mask, so the traced graph has no branch on the mask's values (transformers' own 2-D mask

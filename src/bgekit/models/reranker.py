@@ -224,7 +224,6 @@ class FlagReranker(Reranker):
             raise InputError(
                 f"{model_name_or_path} has {module.config.num_labels} output labels; a cross-encoder reranker needs 1"
             )
-        devices = devices if self.backend == "torch" else "cpu"
         self.host = ModelHost(
             module,
             self.tokenizer,
@@ -233,7 +232,7 @@ class FlagReranker(Reranker):
             self.use_bf16,
             max_tokens_per_batch,
             packed=packed,
-            packable=self.backend == "torch" and type(module).__name__ in FIRST_TOKEN_HEADS,
+            packable=type(module).__name__ in FIRST_TOKEN_HEADS,
         )
         self.target_devices = self.host.devices
 
