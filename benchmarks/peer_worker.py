@@ -7,7 +7,7 @@ FlagEmbedding and what they need; for infinity ``--infinity-path`` first, with i
 sentence-transformers 3.4.1: under sentence-transformers 5 infinity's subclass is not recognised
 as a sentence-transformers model and silently gets mean pooling) and sends it JSON lines on stdin:
 
-    {"cmd": "load", "kind": "embedder" | "reranker" | "icl" | "infinity" | "infinity-reranker",
+    {"cmd": "load", "kind": "embedder" | "reranker" | "m3" | "icl" | "infinity" | "infinity-reranker",
      "path": ..., "options": {...}}
     {"cmd": "data", "key": "k", "file": "texts.json"}      # a list of texts or [q, d] pairs
     {"cmd": "run", "key": "k", "queries": false}            # encode / score that list once
@@ -55,6 +55,10 @@ def load(kind: str, path: str, options: dict):
     if kind == "reranker":
         model = FlagEmbedding.FlagReranker(path, use_fp16=fp16, devices=[device])
         return lambda pairs, _: model.compute_score(pairs, batch_size=batch, max_length=max_length)
+    if kind == "m3":
+        model = FlagEmbedding.BGEM3FlagModel(path, use_fp16=fp16, devices=[device])
+        flags = options["outputs"]
+        return lambda texts, _: model.encode(texts, batch_size=batch, max_length=max_length, **flags)
     if kind == "icl":
         model = FlagEmbedding.FlagICLModel(
             path,

