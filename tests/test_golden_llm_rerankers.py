@@ -94,6 +94,24 @@ def test_golden_token_ids(golden_dir, name):
 
 
 # -- behaviour beyond the goldens ----------------------------------------------------------
+def test_right_padded_pairs_run_the_head_only_where_rows_end(golden_dir):
+    """Right padding (what training uses) gives the left-padded scores, with the language-model head
+    run at the distinct last positions only, not at every position of the batch."""
+    model = FlagLLMReranker(str(golden_dir / "models" / "gemma-llm-reranker"), use_fp16=False, devices="cpu")
+    pairs = [("what is panda?", "The giant panda " * n) for n in (1, 3, 3, 9)] + PAIRS
+    left = model.compute_score(pairs, batch_size=8)
+    head = model.model.get_output_embeddings()
+    seen: list[tuple[int, ...]] = []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    try:
+        model.tokenizer.padding_side = "right"
+        right = model.compute_score(pairs, batch_size=8)
+    finally:
+        hook.remove()
+        model.tokenizer.padding_side = "left"
+    np.testing.assert_allclose(right, left, rtol=0, atol=ATOL)
+    ((rows, positions, _),) = seen
+    assert rows == len(pairs) and 1 < positions < len(pairs)  # two pairs have the same length
 @pytest.mark.parametrize("family", ["minicpm-layerwise", "gemma2-lightweight"])
 def test_cutoff_order_single_int_and_batch_size(golden_dir, family):
     model = model_for(golden_dir, family)

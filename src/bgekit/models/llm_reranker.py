@@ -88,11 +88,13 @@ def yes_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor], yes_loc
         return logits[:, yes_loc]
     mask = inputs["attention_mask"]
     if bool(mask[:, -1].all()):  # left padding: every row ends in the last column
-        logits = module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1]
-    else:
-        logits = module(**inputs, return_dict=True).logits
-        logits = logits[torch.arange(len(mask), device=mask.device), mask.sum(dim=1) - 1]
-    return logits[:, yes_loc]
+        return module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1, yes_loc]
+    # right padding (training pads right): the head runs only at the positions where some row ends,
+    # [B, K, vocab] for K distinct lengths instead of every position's [B, L, vocab] (a Gemma's
+    # 256,000-word vocabulary makes that gigabytes, and training keeps it for the backward pass)
+    positions, column = torch.unique(mask.sum(dim=1) - 1, return_inverse=True)
+    logits = module(**inputs, logits_to_keep=positions, return_dict=True).logits
+    return logits[torch.arange(len(mask), device=mask.device), column, yes_loc]
 
 
 def llm_pair_inputs(
