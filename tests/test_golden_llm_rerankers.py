@@ -112,6 +112,8 @@ def test_right_padded_pairs_run_the_head_only_where_rows_end(golden_dir):
     np.testing.assert_allclose(right, left, rtol=0, atol=ATOL)
     ((rows, positions, _),) = seen
     assert rows == len(pairs) and 1 < positions < len(pairs)  # two pairs have the same length
+
+
 @pytest.mark.parametrize("family", ["minicpm-layerwise", "gemma2-lightweight"])
 def test_cutoff_order_single_int_and_batch_size(golden_dir, family):
     model = model_for(golden_dir, family)
