@@ -15,8 +15,9 @@
 # graphs per token bucket, alone and in encode()), compile (torch.compile'd encode, bge-small and
 # -base), padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26),
 # firstrows (each encode with the last layer on the first rows only against the whole last layer,
-# benchmarks/first_rows_probe.py).
-# Every step but pipeline, graphs and firstrows has run on an H100 (RESULTS.md). The latest table came from one
+# benchmarks/first_rows_probe.py), m3 (bge-m3's width: dense vectors against every peer, all three outputs
+# against FlagEmbedding's BGEM3FlagModel).
+# Every step but pipeline, graphs, firstrows and m3 has run on an H100 (RESULTS.md). The latest table came from one
 # call of about 8 minutes:  STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
 # Next (15 minutes of device time, a start about 30 s): first, one call to check the new paths on the card and
 # see how long the GPU idles (speed.py --profile also times the reworked async copies):
@@ -71,6 +72,7 @@ step ray 120 bash -c '"$0" -c "import speed, pathlib; speed.random_model(\"bge-b
 SPEED=(--device cuda --dtype fp16 --rounds 2 --tokenizer .gpu/tok --flag-path /tmp/flag-site --infinity-path /tmp/inf-site)
 step speed 420 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --async-copies --sync-too \
     --models bge-small,bge-base,bge-large,bge-reranker-base --json "$OUT/speed.json"
+step m3 200 $PY benchmarks/speed.py "${SPEED[@]}" --n 4000 --models bge-m3 --json "$OUT/m3.json"
 step icl 160 $PY benchmarks/speed.py "${SPEED[@]}" --n 2000 --async-copies --sync-too --models bge-en-icl-8L \
     --json "$OUT/icl.json"
 step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n 4000 --rounds 1 --tokenizer .gpu/tok \
