@@ -207,23 +207,26 @@ def random_model(name: str, workdir: Path, tokenizer: Path | None = None) -> Pat
 PACKED = {"auto": None, "on": True, "off": False}
 
 
+def bgekit_options(args, backend: str, packed: str | None) -> dict:
+    """The keywords every bgekit system shares: device, precision, backend and (torch only) packing."""
+    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
+    return dict(
+        devices=args.device, use_fp16=args.dtype == "fp16", use_bf16=args.dtype == "bf16", backend=backend, **extra
+    )
+
+
 def bgekit_embedder(
     path: Path, args, backend: str, pooling: str, async_copies: bool | None = None, packed: str | None = None
 ) -> Callable[[list[str], bool], object]:
     from bgekit import Embedder
 
-    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
     model = Embedder.from_pretrained(
         str(path),
-        devices=args.device,
-        use_fp16=args.dtype == "fp16",
-        use_bf16=args.dtype == "bf16",
         pooling_method=pooling,
-        backend=None if backend == "torch" else backend,
         max_tokens_per_batch=args.max_tokens,
         query_max_length=args.max_length,
         passage_max_length=args.max_length,
-        **extra,
+        **bgekit_options(args, backend, packed),
     )
     model.host.async_copies = args.async_copies if async_copies is None else async_copies
     return lambda texts, queries: (model.encode_queries if queries else model.encode_corpus)(
@@ -237,16 +240,7 @@ def bgekit_m3(
     """BGE-M3 with one of :data:`M3_OUTPUTS` (documents: no instruction, as FlagEmbedding's encode)."""
     from bgekit import BGEM3FlagModel
 
-    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
-    model = BGEM3FlagModel(
-        str(path),
-        devices=args.device,
-        use_fp16=args.dtype == "fp16",
-        use_bf16=args.dtype == "bf16",
-        backend=backend,
-        passage_max_length=args.max_length,
-        **extra,
-    )
+    model = BGEM3FlagModel(str(path), passage_max_length=args.max_length, **bgekit_options(args, backend, packed))
     model.host.async_copies = args.async_copies if async_copies is None else async_copies
     flags = M3_OUTPUTS[outputs]
     return lambda texts, queries=False: model.encode(
@@ -279,16 +273,7 @@ def st_embedder(path: Path, args, pooling: str):
 def bgekit_reranker(path: Path, args, backend: str, packed: str | None = None, async_copies: bool | None = None):
     from bgekit import FlagReranker
 
-    extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
-    model = FlagReranker(
-        str(path),
-        devices=args.device,
-        use_fp16=args.dtype == "fp16",
-        use_bf16=args.dtype == "bf16",
-        backend=backend,
-        max_tokens_per_batch=args.max_tokens,
-        **extra,
-    )
+    model = FlagReranker(str(path), max_tokens_per_batch=args.max_tokens, **bgekit_options(args, backend, packed))
     model.host.async_copies = args.async_copies if async_copies is None else async_copies
     return lambda pairs: model.compute_score(pairs, batch_size=args.batch_size, max_length=args.max_length)
 
