@@ -101,6 +101,17 @@ def test_pooling_of_packed_states():
     assert packed.mean_tokens(hidden, batch).tolist() == [[2, 3], [6, 7], [9, 10]]
 
 
+def test_last_token_pooling_of_padded_states_on_either_side():
+    """Left, right and no padding (the index comes from the mask itself, never from a host check)."""
+    from bgekit.models.pooling import pool
+
+    hidden = torch.arange(30, dtype=torch.float32).view(3, 5, 2)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert pool(hidden, right, "last_token").tolist() == [[4, 5], [18, 19], [20, 21]]
+    assert pool(hidden, left, "last_token").tolist() == [[8, 9], [18, 19], [28, 29]]
+
+
 def test_choice_of_packing(tiny_bert):
     from transformers import AutoModel
 
