@@ -23,6 +23,7 @@ from ..errors import InputError, ModelNotFoundError
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
+from .pooling import last_positions
 from .reranker import Reranker
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
@@ -86,15 +87,12 @@ def yes_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor], yes_loc
         last = inputs["cu_seq_lens_q"][1:].long() - 1
         logits = module(**packing.model_inputs(inputs), logits_to_keep=last, return_dict=True).logits[0]
         return logits[:, yes_loc]
-    mask = inputs["attention_mask"]
-    if bool(mask[:, -1].all()):  # left padding: every row ends in the last column
-        return module(**inputs, logits_to_keep=1, return_dict=True).logits[:, -1, yes_loc]
-    # right padding (training pads right): the head runs only at the positions where some row ends,
-    # [B, K, vocab] for K distinct lengths instead of every position's [B, L, vocab] (a Gemma's
-    # 256,000-word vocabulary makes that gigabytes, and training keeps it for the backward pass)
-    positions, column = torch.unique(mask.sum(dim=1) - 1, return_inverse=True)
+    # the head runs only at the positions where some row ends: one for left padding, K distinct lengths
+    # for right padding (training pads right), [B, K, vocab] instead of every position's [B, L, vocab]
+    # (a Gemma's 256,000-word vocabulary makes that gigabytes, kept for training's backward pass)
+    positions, column = torch.unique(last_positions(inputs["attention_mask"]), return_inverse=True)
     logits = module(**inputs, logits_to_keep=positions, return_dict=True).logits
-    return logits[torch.arange(len(mask), device=mask.device), column, yes_loc]
+    return logits[torch.arange(len(column), device=column.device), column, yes_loc]
 
 
 def llm_pair_inputs(

@@ -26,10 +26,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
     if method == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / attention_mask.sum(dim=1, keepdim=True).to(hidden.dtype)
-    if method == "last_token":  # the last 1 of each mask row: no host sync to ask which side was padded
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if method == "last_token":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_positions(attention_mask)]
     raise InputError(f"pooling_method must be one of {POOLING_METHODS}, got {method!r}")
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real position (the last 1 of its mask), for left, right or no padding alike,
+    computed on the mask's device: no host sync to ask which side was padded."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)
 
 
 def pool_packed(hidden: torch.Tensor, batch: dict[str, Any], method: str) -> torch.Tensor:
