@@ -358,10 +358,16 @@ def peer_system(label: str, kind: str, path: Path, args, **extra) -> Callable | 
     return build(module, in_process)
 
 
-def close_systems(systems: dict) -> None:
+def close_systems(systems: dict, device: str) -> None:
+    """Stop the peers' worker processes and free the row's in-process models (on CUDA their cached
+    blocks too), so the next row starts with only its own weights loaded."""
     for system in systems.values():
         if isinstance(system, RemotePeer):
             system.close()
+    systems.clear()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def first_line(exc: BaseException) -> str:
@@ -473,11 +479,7 @@ def bench_embedder(name: str, args, workdir: Path) -> list[dict]:
                 **interleaved(systems, lambda f: f(queries, True), len(queries), args),
             }
         )
-    close_systems(systems)
-    del systems
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    close_systems(systems, args.device)
     return rows
 
 
@@ -497,7 +499,7 @@ def bench_reranker(args, workdir: Path) -> dict:
         "n": len(pairs),
         **interleaved(systems, lambda f: f(pairs), len(pairs), args),
     }
-    close_systems(systems)
+    close_systems(systems, args.device)
     return row
 
 
@@ -524,9 +526,7 @@ def bench_m3(args, workdir: Path) -> list[dict]:
                 **interleaved(systems, lambda f: f(docs, False), len(docs), args),
             }
         )
-        close_systems(systems)
-        del systems
-        gc.collect()
+        close_systems(systems, args.device)
     return rows
 
 
@@ -559,7 +559,7 @@ def bench_icl(args, workdir: Path) -> dict:
         "n": len(docs),
         **interleaved(systems, lambda f: f(docs), len(docs), args),
     }
-    close_systems(systems)
+    close_systems(systems, args.device)
     return row
 
 
