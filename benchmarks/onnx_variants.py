@@ -33,15 +33,6 @@ VARIANTS = {
 }
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def quantize(source: Path, target: Path, spec: dict) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -80,7 +71,7 @@ def main() -> None:
     from bgekit import Embedder
     from bgekit.eval.datasets import load_sts
     from bgekit.eval.sts import cosine_pairs, sts_correlations
-    from bgekit.models.onnx_backend import available_cores
+    from bgekit.models.onnx_backend import OnnxModule, available_cores
 
     threads = args.threads or available_cores()
     data = load_sts(SHARED / "data" / "stsbenchmark" / "test.tsv")
@@ -91,19 +82,23 @@ def main() -> None:
     source = reference.model.path
     fp32 = reference.encode(texts, batch_size=32)
     model = Embedder.from_pretrained(folder, devices="cpu", backend="onnx-int8")  # its session gets swapped
-    sessions = {"fp32 (onnx, shipped)": session(source, threads)}
+
+    def session(path: Path):  # bgekit's own session settings, on another graph
+        return OnnxModule(path, model.model.config, threads).session
+
+    sessions = {"fp32 (onnx, shipped)": session(source)}
     notes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, spec) in enumerate(VARIANTS.items()):
             target = Path(tmp) / f"v{i}.onnx"
             quantize(source, target, spec)
-            sessions[name] = session(target, threads)
+            sessions[name] = session(target)
         if args.fusion:
             target = Path(tmp) / "fused.onnx"
             notes["fp32, ORT transformer optimizer"] = fused(source, target)
-            sessions["fp32, ORT transformer optimizer"] = session(target, threads)
+            sessions["fp32, ORT transformer optimizer"] = session(target)
             quantize(target, Path(tmp) / "fused-int8.onnx", {})
-            sessions["QInt8 per channel, after the optimizer"] = session(Path(tmp) / "fused-int8.onnx", threads)
+            sessions["QInt8 per channel, after the optimizer"] = session(Path(tmp) / "fused-int8.onnx")
         sub = texts[: args.n]
         best = dict.fromkeys(sessions, float("inf"))
         for _ in range(args.rounds):  # interleaved, best round each
