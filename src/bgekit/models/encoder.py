@@ -13,7 +13,7 @@ import torch
 
 from .. import hub
 from ..errors import InputError
-from ..runtime import first_tokens
+from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .embedder import Embedder
@@ -147,10 +147,9 @@ class FlagModel(Embedder):
             return module(**inputs).first_token_state
         if self._cls_rows() and first_tokens.supports(module):
             return first_tokens.first_token_states(module, inputs)
+        hidden = lean_encoder.states(module, inputs)
         if packing.is_packed(inputs):
-            hidden = module(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
             return pool_packed(hidden, inputs, self.pooling_method)
-        hidden = module(**inputs, return_dict=True).last_hidden_state
         return pool(hidden, inputs["attention_mask"], self.pooling_method)
 
     def _embed(

@@ -20,7 +20,7 @@ import torch
 
 from .. import hub
 from ..errors import InputError, ModelNotFoundError
-from ..runtime import first_tokens
+from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
 from .base import ItemForward, ModelHost, load_module
 from .embedder import Embedder, with_instruction
@@ -77,8 +77,8 @@ class M3Module(torch.nn.Module):
         return self.encoder
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Last hidden states of the encoder."""
-        return self.encoder(**inputs, return_dict=True).last_hidden_state
+        """Last hidden states of the encoder: ``[B, L, H]`` for a padded batch, ``[T, H]`` for a packed one."""
+        return lean_encoder.states(self.encoder, inputs)
 
 
 def load_head(path: Path, out_features: int | None = None) -> torch.nn.Linear:
@@ -400,7 +400,7 @@ class BGEM3FlagModel(Embedder):
 
         def packed_forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[_Item]:
             """The same outputs from packed rows: every token is real, so the heads run on no padding."""
-            hidden = module(**packing.model_inputs(inputs))[0]  # [T, H]
+            hidden = module(**inputs)  # [T, H]
             lengths = inputs[packing.LENGTHS].tolist()
             vectors = pool_packed(hidden, inputs, self.pooling_method).float().cpu() if dense else None
             ids = weights = multi = None

@@ -19,7 +19,7 @@ import torch
 
 from .. import hub, registry
 from ..errors import InputError
-from ..runtime import first_tokens
+from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .inputs import as_pair_list
@@ -246,7 +246,7 @@ class FlagReranker(Reranker):
             if self.cls_rows_only and first_tokens.supports(encoder):
                 return _head_logits(module, first_tokens.first_token_states(encoder, inputs)).view(-1)
             if packing.is_packed(inputs):
-                hidden = encoder(**packing.model_inputs(inputs), return_dict=True).last_hidden_state[0]
+                hidden = lean_encoder.states(encoder, inputs)
                 return _head_logits(module, packing.first_tokens(hidden, inputs)).view(-1)
         return module(**inputs, return_dict=True).logits.view(-1)
 

@@ -3,9 +3,10 @@
 CLS pooling and a cross-encoder's head read one row per sequence from the last layer. That
 layer's keys and values need every token, but its queries, attention, output projection and
 feed-forward (five sixths of a BERT layer's multiplies) need only the first token's row. So the
-model runs up to its last layer unchanged, and the last layer runs its own modules on the first
-tokens' rows: the same operations on fewer rows, a twelfth less work for a 12-layer model, equal
-to the full forward's first rows within float rounding (tests/test_first_tokens.py).
+model runs up to its last layer (by :mod:`bgekit.runtime.lean_encoder`'s loop where it can, by
+transformers' forward otherwise), and the last layer runs its own modules on the first tokens' rows:
+the same operations on fewer rows, a twelfth less work for a 12-layer model, equal to the full
+forward's first rows within float rounding (tests/test_first_tokens.py).
 
 Supported: transformers' own BERT and RoBERTa-family encoders (the layer layout these functions
 call into); :func:`supports` says when, and callers keep the full forward otherwise.
@@ -19,46 +20,17 @@ from typing import Any
 
 import torch
 
-from . import packed
-
-#: encoder model types whose layers are BERT's (``attention.self.query/key/value``,
-#: ``attention.output``, ``feed_forward_chunk``)
-_BERT_LAYOUT = {"bert", "xlm-roberta", "roberta", "camembert"}
-_PROJECTIONS = ("query", "key", "value")
-#: attention implementations whose math is plain scaled dot-product attention
-_PLAIN_ATTENTION = {"eager", "sdpa", "flash_attention_2", packed.ATTENTION_NAME}
+from . import lean_encoder, packed
 
 _trunks: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
 def supports(encoder: Any) -> bool:
     """Whether :func:`first_token_states` can run ``encoder`` (a transformers base model, not a
-    head class) by its last layer's rows: a BERT-layout bidirectional encoder with absolute
-    positions and plain attention, not training, with no forward hooks or replaced ``forward`` on it,
-    its layer stack or its last layer."""
-    if not isinstance(encoder, torch.nn.Module) or not type(encoder).__module__.startswith("transformers."):
-        return False
-    config = getattr(encoder, "config", None)
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    return (
-        getattr(config, "model_type", None) in _BERT_LAYOUT
-        and not getattr(config, "is_decoder", False)
-        and not getattr(config, "add_cross_attention", False)
-        and getattr(config, "position_embedding_type", "absolute") == "absolute"
-        and getattr(config, "_attn_implementation", None) in _PLAIN_ATTENTION
-        and isinstance(layers, torch.nn.ModuleList)
-        and len(layers) > 0
-        and all(hasattr(getattr(getattr(layers[-1], "attention", None), "self", None), name) for name in _PROJECTIONS)
-        and not encoder.training
-        and not any(map(_altered, (encoder, encoder.encoder, layers[-1])))
-    )
-
-
-def _altered(module: torch.nn.Module) -> bool:
-    """Whether someone watches or replaces ``module``'s forward (hooks, or a ``forward`` set on the
-    instance, as a compiled or graphed forward is): the trunk copies would carry them over a different
-    stack, and the last layer's module is never called as a whole, so such a model keeps the full forward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+    head class) by its last layer's rows: :func:`bgekit.runtime.lean_encoder.bert_layout` (a
+    BERT-layout bidirectional encoder with absolute positions and plain attention, not training,
+    nothing altered on it, its layer stack or its last layer, whose module is never called whole)."""
+    return lean_encoder.bert_layout(encoder)
 
 
 def first_token_states(
@@ -68,12 +40,15 @@ def first_token_states(
     (``attention_mask`` ``[B, L]``) or a packed one (:func:`bgekit.runtime.packed.pack`), with
     ``encoder`` a model :func:`supports` accepts. ``key_mask`` is the padded batch's 0/1 ``[B, L]``
     mask where ``inputs`` hand the model a prepared additive mask instead (the ONNX export's tracing)."""
-    trunk = _trunk(encoder)
     last = encoder.encoder.layer[-1]
+    if lean_encoder.usable(encoder, inputs):
+        hidden = lean_encoder.run(encoder, inputs, depth=-1)  # [T, H] or [B, L, H]
+    elif packed.is_packed(inputs):
+        hidden = _trunk(encoder)(**packed.model_inputs(inputs), return_dict=True).last_hidden_state[0]
+    else:
+        hidden = _trunk(encoder)(**inputs, return_dict=True).last_hidden_state
     if packed.is_packed(inputs):
-        hidden = trunk(**packed.model_inputs(inputs), return_dict=True).last_hidden_state[0]  # [T, H]
         return _packed_rows(last, hidden, inputs)
-    hidden = trunk(**inputs, return_dict=True).last_hidden_state  # [B, L, H]
     return _padded_rows(last, hidden, inputs["attention_mask"] if key_mask is None else key_mask)
 
 

@@ -6,7 +6,9 @@ sequence boundaries in ``cu_seq_lens`` (cumulative lengths, as flash attention's
 length kernels take them). The transformers model runs unchanged: its linear layers, norms
 and activations see the packed row, and its attention goes through :func:`packed_attention`,
 registered with transformers' attention interface under :data:`ATTENTION_NAME`, which keeps
-each sequence to itself:
+each sequence to itself (BERT-family encoders run the same kernels from
+:mod:`bgekit.runtime.lean_encoder`'s layer loop, which calls :func:`flash_varlen` / :func:`in_grid`
+directly):
 
 - CUDA, fp16/bf16: the flash variable-length kernel (no mask, no padding);
 - elsewhere (CPU, fp32, cards without flash): one scaled dot-product attention call over the
