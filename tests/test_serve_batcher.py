@@ -54,7 +54,7 @@ async def hold_and_queue(batcher: Batcher, recorder: Recorder, requests: list[tu
         first = asyncio.ensure_future(batcher.submit(work, "first", 1))
         await until(lambda: batcher.status() == "busy")  # the first request is in the (held) forward
         rest = [asyncio.ensure_future(batcher.submit(work, name, length)) for name, length in requests]
-        await until(lambda: batcher.queued == len(requests))
+        await until(lambda: batcher.waiting == len(requests))  # tokenized and queued, not just admitted
     finally:
         recorder.release.set()
     return await asyncio.wait_for(asyncio.gather(first, *rest, return_exceptions=True), timeout=10)
@@ -75,6 +75,34 @@ def test_batches_follow_arrival_order_within_the_token_budget():
     batches, results = asyncio.run(main())
     assert [r[1] for r in results] == ["FIRST", "A", "B", "C", "D", "E"]
     assert batches == [["first"], ["a", "b", "c"], ["d", "e"]]
+
+
+def slow_work(name: str, length: int, seconds: float) -> Work:
+    """A request whose tokenization takes ``seconds``."""
+    time.sleep(seconds)
+    return work(name, length)
+
+
+def test_a_request_tokenized_late_keeps_its_place_in_the_queue():
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder)
+        batcher.start()
+        recorder.release.clear()
+        try:
+            first = asyncio.ensure_future(batcher.submit(work, "first", 1))
+            await until(lambda: batcher.status() == "busy")
+            late = asyncio.ensure_future(batcher.submit(slow_work, "early", 5, 0.3))
+            await asyncio.sleep(0.01)  # admitted first, tokenized last
+            quick = asyncio.ensure_future(batcher.submit(slow_work, "later", 5, 0.0))
+            await until(lambda: batcher.waiting == 2)
+        finally:
+            recorder.release.set()
+        await asyncio.gather(first, late, quick)
+        await batcher.stop()
+        return recorder.batches
+
+    assert asyncio.run(main()) == [["first"], ["early", "later"]]
 
 
 def test_a_lone_request_runs_at_once():

@@ -6,7 +6,8 @@ A request moves through three stages joined by small queues:
 1. **tokenize** in a thread pool, off the event loop (the Rust tokenizer releases the
    GIL, so this overlaps with the forward pass of the batch in flight);
 2. **forward** in the model's own thread: the worker takes queued requests in arrival order
-   until the next one would push the padded batch (items x longest) past
+   (of those already tokenized: one still in the pool is not waited for) until the next one
+   would push the padded batch (items x longest) past
    ``max_batch_tokens``, and runs them as one batch. It never waits for a batch to fill:
    an idle server runs a lone request at once, and under load every request that arrived
    during one forward joins the next;
@@ -77,6 +78,7 @@ class Work:
     truncated: int = 0
     future: asyncio.Future | None = None
     enqueued_at: float = 0.0
+    arrival: int = 0  # admission order, which the queue keeps (tokenization may finish out of order)
     dispatched: bool = False
     abandoned: bool = False
 
@@ -172,6 +174,7 @@ class Batcher:
         self._on_batch = on_batch
         self._pending: deque[Work] = deque()
         self._queued = 0  # admitted and not yet dispatched (tokenizing or waiting)
+        self._admitted = 0  # requests admitted so far: the next one's arrival number
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._forward_thread: _ForwardThread | None = None
@@ -206,7 +209,13 @@ class Batcher:
     # -- state ----------------------------------------------------------------------------
     @property
     def queued(self) -> int:
+        """Requests admitted and not yet dispatched: tokenizing, or waiting for the forward."""
         return self._queued
+
+    @property
+    def waiting(self) -> int:
+        """Requests tokenized and waiting for the forward (``queued`` less those still tokenizing)."""
+        return len(self._pending)
 
     def busy_seconds(self) -> float:
         """Seconds since the batch in flight last made progress; 0 when idle."""
@@ -256,12 +265,15 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         self._queued += 1
+        arrival = self._admitted
+        self._admitted += 1
         work: Work | None = None
         try:
             work = await loop.run_in_executor(self._tokenize_pool, prepare, *args)
             work.future = loop.create_future()
             work.enqueued_at = time.monotonic()
-            self._pending.append(work)
+            work.arrival = arrival
+            self._queue_in_order(work)
             assert self._wake is not None, "Batcher.start() was not called"
             self._wake.set()
             return work, await work.future
@@ -270,6 +282,14 @@ class Batcher:
                 self._queued -= 1  # tokenization failed, or the client went away while queued
                 if work is not None:
                     work.abandoned = True
+
+    def _queue_in_order(self, work: Work) -> None:
+        """Queue ``work`` behind every waiting work admitted before it: the tokenizer pool's threads
+        may finish a later request first (almost always this is an append)."""
+        index = len(self._pending)
+        while index and self._pending[index - 1].arrival > work.arrival:
+            index -= 1
+        self._pending.insert(index, work)
 
     # -- the worker side ------------------------------------------------------------------
     def _take(self) -> list[Work]:
