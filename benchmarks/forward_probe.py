@@ -140,25 +140,24 @@ def probe(name: str, args) -> None:
     if device.type == "cuda":
         kernel_table(through(module), batches)
     assert lean_encoder.usable(module, batches[0]), "the lean loop does not take this model"
+
+    def against_eager(label: str, forward: Callable[[dict], torch.Tensor], note: str = "") -> None:
+        """Time ``forward`` (already warmed up) as eager was, and print it beside eager."""
+        seconds, issued, cls = best_of(args.rounds, forward, batches)
+        diff = float((cls - reference).abs().max())
+        print(f"{label}: {seconds:.3f} s, {len(texts) / seconds:,.0f} texts/s ({eager / seconds:.2f}x eager); host "
+              f"issued it in {issued:.3f} s{note}; max |CLS difference| {diff:.1e}")  # fmt: skip
+        if device.type == "cuda":
+            kernel_table(forward, batches)
+
     run_all(lean(module), batches)  # warm-up
-    seconds, issued, cls = best_of(args.rounds, lean(module), batches)
-    diff = float((cls - reference).abs().max())
-    print(f"lean loop: {seconds:.3f} s, {len(texts) / seconds:,.0f} texts/s ({eager / seconds:.2f}x eager); host "
-          f"issued it in {issued:.3f} s; max |CLS difference| {diff:.1e}")  # fmt: skip
-    if device.type == "cuda":
-        kernel_table(lean(module), batches)
+    against_eager("lean loop", lean(module))
     if args.no_compile:
         return
-    compiled = torch.compile(module, dynamic=True)
+    compiled = through(torch.compile(module, dynamic=True))
     start = time.perf_counter()
-    run_all(through(compiled), batches)
-    compile_s = time.perf_counter() - start
-    seconds, issued, cls = best_of(args.rounds, through(compiled), batches)
-    diff = float((cls - reference).abs().max())
-    print(f"compiled: {seconds:.3f} s, {len(texts) / seconds:,.0f} texts/s ({eager / seconds:.2f}x eager); host issued "
-          f"it in {issued:.3f} s; compile + first pass {compile_s:.1f} s; max |CLS difference| {diff:.1e}")  # fmt: skip
-    if device.type == "cuda":
-        kernel_table(through(compiled), batches)
+    run_all(compiled, batches)
+    against_eager("compiled", compiled, f"; compile + first pass {time.perf_counter() - start:.1f} s")
 
 
 def probe_arguments(description: str) -> argparse.ArgumentParser:

@@ -43,10 +43,8 @@ def first_token_states(
     last = encoder.encoder.layer[-1]
     if lean_encoder.usable(encoder, inputs):
         hidden = lean_encoder.run(encoder, inputs, depth=-1)  # [T, H] or [B, L, H]
-    elif packed.is_packed(inputs):
-        hidden = _trunk(encoder)(**packed.model_inputs(inputs), return_dict=True).last_hidden_state[0]
     else:
-        hidden = _trunk(encoder)(**inputs, return_dict=True).last_hidden_state
+        hidden = lean_encoder.module_states(_trunk(encoder), inputs)
     if packed.is_packed(inputs):
         return _packed_rows(last, hidden, inputs)
     return _padded_rows(last, hidden, inputs["attention_mask"] if key_mask is None else key_mask)

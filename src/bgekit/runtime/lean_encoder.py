@@ -123,11 +123,14 @@ def states(encoder: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The last hidden states of ``encoder`` (any transformers base model): ``[T, H]`` for a packed
     batch, ``[B, L, H]`` for a padded one; by :func:`run` where :func:`usable`, else by the
     module's own forward."""
-    if usable(encoder, inputs):
-        return run(encoder, inputs)
+    return run(encoder, inputs) if usable(encoder, inputs) else module_states(encoder, inputs)
+
+
+def module_states(module: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """:func:`states` by ``module``'s own forward (``[T, H]`` packed, ``[B, L, H]`` padded)."""
     if packed.is_packed(inputs):
-        return encoder(**packed.model_inputs(inputs), return_dict=True).last_hidden_state[0]
-    return encoder(**inputs, return_dict=True).last_hidden_state
+        return module(**packed.model_inputs(inputs), return_dict=True).last_hidden_state[0]
+    return module(**inputs, return_dict=True).last_hidden_state
 
 
 def run(encoder: torch.nn.Module, inputs: dict[str, Any], depth: int | None = None) -> torch.Tensor:
