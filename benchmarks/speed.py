@@ -20,6 +20,8 @@ BERT. ``bge-m3`` gives two rows: its dense vectors alone, against every peer, an
 
     # CPU, 2 cores: MiniLM on STSB, bgekit torch / onnx / onnx-int8 vs sentence-transformers
     python benchmarks/speed.py --device cpu --models minilm --backends torch,onnx,onnx-int8
+    # ... and torch in bfloat16 (use_bf16=True; pays on CPUs with AVX512-BF16 or AMX), the peers in float32
+    python benchmarks/speed.py --device cpu --models minilm --backends torch,torch-bf16,onnx-int8
     # GPU: the issue's table; FlagEmbedding from a folder with it and transformers 4.x, infinity from one
     # with it and sentence-transformers 3.x (gpu_prepare.sh carries the wheels; gpu_run.sh installs them
     # with pip --target), each run in a worker process
@@ -27,7 +29,7 @@ BERT. ``bge-m3`` gives two rows: its dense vectors alone, against every peer, an
         --infinity-path /tmp/inf-site \\
         --models bge-small,bge-base,bge-large,bge-reranker-base,bge-en-icl-8L
     # the accuracy cost of each backend (MiniLM, STSB test)
-    python benchmarks/speed.py --accuracy --backends torch,onnx,onnx-int8
+    python benchmarks/speed.py --accuracy --backends torch,torch-bf16,onnx,onnx-int8
     # host tokenization alone (bgekit, bgekit without its ASCII shortcut, the peers' HF call)
     python benchmarks/speed.py --tokenize --n 4000 --batch-size 256
     # the host pipeline's ceiling: bgekit's encode with an instant forward (what no device can beat here)
@@ -208,11 +210,13 @@ PACKED = {"auto": None, "on": True, "off": False}
 
 
 def bgekit_options(args, backend: str, packed: str | None) -> dict:
-    """The keywords every bgekit system shares: device, precision, backend and (torch only) packing."""
+    """The keywords every bgekit system shares: device, precision, backend and (torch only) packing.
+    ``torch-bf16`` is the torch backend with ``use_bf16=True`` whatever ``--dtype`` says (the CPU's
+    bfloat16 path next to the peers at their own precision)."""
+    bf16 = backend == "torch-bf16" or args.dtype == "bf16"
+    backend = "torch" if backend == "torch-bf16" else backend
     extra = {} if backend != "torch" else {"packed": PACKED[packed or args.packed]}
-    return dict(
-        devices=args.device, use_fp16=args.dtype == "fp16", use_bf16=args.dtype == "bf16", backend=backend, **extra
-    )
+    return dict(devices=args.device, use_fp16=args.dtype == "fp16", use_bf16=bf16, backend=backend, **extra)
 
 
 def bgekit_embedder(
@@ -800,7 +804,8 @@ def accuracy(args) -> None:
     texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
     vectors, rows = {}, []
     for backend in args.backends:
-        model = Embedder.from_pretrained(str(minilm_folder()), devices="cpu", backend=backend)
+        options = bgekit_options(argparse.Namespace(device="cpu", dtype="fp32", packed="auto"), backend, None)
+        model = Embedder.from_pretrained(str(minilm_folder()), **options)
         vectors[backend] = model.encode(texts, batch_size=args.batch_size)
         row = {text: i for i, text in enumerate(texts)}  # bgekit.eval.sts's scoring, on these vectors
         a = vectors[backend][[row[t] for t in data.sentences1]]
@@ -921,7 +926,11 @@ def main() -> None:
         default="minilm",
         help="comma list: minilm, tiny, bge-small, bge-base, bge-large, bge-m3, bge-reranker-base, bge-en-icl-8L",
     )
-    parser.add_argument("--backends", default="torch", help="bgekit backends, comma list: torch, onnx, onnx-int8")
+    parser.add_argument(
+        "--backends",
+        default="torch",
+        help="bgekit backends, comma list: torch, onnx, onnx-int8; torch-bf16 is torch with use_bf16=True",
+    )
     parser.add_argument("--n", type=int, default=2000, help="texts per model (pairs: n/2)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
     parser.add_argument("--query-batch-size", type=int, default=None, help="default 1024 on CUDA, 32 on CPU")

@@ -113,6 +113,28 @@ def test_embed_packed_option_reaches_the_model(tmp_path, passages_file, minilm_d
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
 
 
+def test_embed_bf16_runs_bfloat16_on_the_cpu(tmp_path, passages_file, minilm_dir):
+    """``--bf16`` is the library's ``use_bf16=True``, which the CPU honours (``--fp16`` it ignores)."""
+    out = tmp_path / "v.npy"
+    run("embed", "-m", str(minilm_dir), "-i", str(passages_file), "-o", str(out), "--bf16")
+    texts = [(p.get("title", "") + " " + p["text"]).strip() for p in PASSAGES]
+    bf16 = Embedder.from_pretrained(str(minilm_dir), use_bf16=True, devices="cpu").encode_corpus(texts)
+    fp32 = Embedder.from_pretrained(str(minilm_dir), devices="cpu").encode_corpus(texts)
+    np.testing.assert_allclose(np.load(out), bf16, atol=1e-6)
+    assert np.abs(np.load(out) - fp32).max() > 1e-5
+
+
+def test_bf16_with_an_onnx_backend_is_one_clear_line(tmp_path, passages_file, minilm_dir):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "v.npy"
+    result = run(
+        "embed", "-m", str(minilm_dir), "-i", str(passages_file), "-o", str(out), "--bf16", "--backend", "onnx",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "use_bf16" in result.stderr and "Traceback" not in result.stderr and not out.exists()
+
+
 def test_rerank_packed_on_for_a_model_that_cannot_pack_is_one_clear_line(golden_dir, passages_file):
     result = run(
         "rerank", "-m", str(golden_dir / "models" / "minicpm-layerwise"), "-q", "bamboo", "-i", str(passages_file),

@@ -16,7 +16,16 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import BACKEND_HELP, Backend, Packing, backend_options, packing_options
+from .cli_options import (
+    BACKEND_HELP,
+    Backend,
+    Bf16Opt,
+    Fp16Opt,
+    Packing,
+    backend_options,
+    packing_options,
+    precision_options,
+)
 from .errors import BgekitError, InputError
 
 app = typer.Typer(
@@ -63,7 +72,6 @@ ModelOpt = Annotated[
 DevicesOpt = Annotated[
     list[str] | None, typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.")
 ]
-Fp16Opt = Annotated[bool, typer.Option("--fp16/--no-fp16", help="Half precision on GPU (always fp32 on CPU).")]
 BackendOpt = Annotated[Backend, typer.Option(help=BACKEND_HELP)]
 PackedOpt = Annotated[
     Packing,
@@ -94,6 +102,7 @@ def embed(
     ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
     packed: PackedOpt = Packing.auto,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize the vectors.")] = True,
     examples: Annotated[
@@ -142,7 +151,7 @@ def embed(
             )
         _embed_on_ray(
             input, output, model, queries=queries, query_instruction=query_instruction, batch_size=batch_size,
-            max_length=max_length, text_field=text_field, fp16=fp16, normalize=normalize, examples=examples,
+            max_length=max_length, text_field=text_field, fp16=fp16, bf16=bf16, normalize=normalize, examples=examples,
             model_class=model_class, pooling_method=pooling_method, address=address, num_workers=num_workers,
             shard_size=shard_size, backend=backend, packed=packed,
         )  # fmt: skip
@@ -155,7 +164,7 @@ def embed(
     records = io.read_texts(input, field=text_field)
     fmt = output_format or (OutputFormat.jsonl if output.suffix.lower() in (".jsonl", ".json") else OutputFormat.npy)
     name = model or hub.default_model()
-    options = {"use_fp16": fp16, "devices": device or None, "normalize_embeddings": normalize}
+    options = {**precision_options(fp16, bf16), "devices": device or None, "normalize_embeddings": normalize}
     options.update(packing_options(packed))
     if query_instruction is not None:
         options["query_instruction_for_retrieval"] = query_instruction
@@ -219,7 +228,10 @@ def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> No
     from .distributed import encode_dataset
 
     name = model or hub.default_model()
-    embedder_options = {"use_fp16": options.pop("fp16"), "normalize_embeddings": options.pop("normalize")}
+    embedder_options = {
+        **precision_options(options.pop("fp16"), options.pop("bf16")),
+        "normalize_embeddings": options.pop("normalize"),
+    }
     embedder_options.update(packing_options(options.pop("packed")))
     for key in ("query_instruction", "model_class", "pooling_method"):
         value = options.pop(key)
@@ -279,6 +291,7 @@ def rerank(
     text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
     packed: PackedOpt = Packing.auto,
     backend: BackendOpt = Backend.torch,
 ) -> None:
@@ -291,7 +304,7 @@ def rerank(
     records = io.read_texts(input, field=text_field)
     name = model or hub.default_model("reranker")
     options = {**packing_options(packed), **backend_options(backend, name, reranker=True)}
-    reranker = Reranker.from_pretrained(name, use_fp16=fp16, devices=device or None, **options)
+    reranker = Reranker.from_pretrained(name, **precision_options(fp16, bf16), devices=device or None, **options)
     scores = reranker.compute_score(
         [(query, r.text) for r in records],
         batch_size=batch_size,

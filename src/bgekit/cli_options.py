@@ -7,6 +7,26 @@ its annotations from the module) without importing the main command line; nothin
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+Fp16Opt = Annotated[
+    bool, typer.Option("--fp16/--no-fp16", help="float16 on GPUs; the CPU runs float32 whatever this says.")
+]
+Bf16Opt = Annotated[
+    bool,
+    typer.Option(
+        "--bf16",
+        help="bfloat16 instead, on GPUs and on the CPU too (about 2x float32 on CPUs with AVX512-BF16 or AMX; "
+        "vectors within bfloat16 rounding of float32's).",
+    ),
+]
+
+
+def precision_options(fp16: bool, bf16: bool) -> dict[str, bool]:
+    """``--fp16`` / ``--bf16`` as the library's ``use_fp16`` / ``use_bf16`` (bf16 wins where both are on)."""
+    return {"use_fp16": fp16, "use_bf16": bf16}
 
 
 class Packing(StrEnum):

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from ..cli_options import Bf16Opt, Fp16Opt, precision_options
+
 
 class IndexKind(StrEnum):
     flat = "flat"
@@ -43,7 +45,6 @@ RerankerOpt = Annotated[
 DevicesOpt = Annotated[
     list[str] | None, typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.")
 ]
-Fp16Opt = Annotated[bool, typer.Option("--fp16/--no-fp16", help="Half precision on GPU (always fp32 on CPU).")]
 QueryInstructionOpt = Annotated[
     str | None, typer.Option(help="Query instruction (overrides the model's; '' for none).")
 ]
@@ -59,8 +60,8 @@ def parse_k_values(text: str) -> list[int]:
     return values
 
 
-def _model_options(device: list[str] | None, fp16: bool) -> dict:
-    return {"use_fp16": fp16, "devices": device or None}
+def _model_options(device: list[str] | None, fp16: bool, bf16: bool) -> dict:
+    return {**precision_options(fp16, bf16), "devices": device or None}
 
 
 def eval_retrieval(
@@ -100,6 +101,7 @@ def eval_retrieval(
     ] = 2048,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Evaluate an embedder (and optionally a reranker) on a retrieval dataset; print the report."""
     from .. import hub
@@ -126,8 +128,8 @@ def eval_retrieval(
         cache_dir=cache_dir,
         use_cache=cache,
         chunk_size=chunk_size,
-        model_options=_model_options(device, fp16),
-        reranker_options=_model_options(device, fp16),
+        model_options=_model_options(device, fp16, bf16),
+        reranker_options=_model_options(device, fp16, bf16),
         output=output,
         show_progress_bar=sys.stderr.isatty(),
     )
@@ -144,6 +146,7 @@ def eval_sts(
     max_length: Annotated[int | None, typer.Option(min=1)] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Cosine Spearman / Pearson correlation on sentence pairs (MTEB's STS method)."""
     from .. import hub
@@ -154,7 +157,7 @@ def eval_sts(
         data,
         batch_size=batch_size,
         max_length=max_length,
-        model_options=_model_options(device, fp16),
+        model_options=_model_options(device, fp16, bf16),
         output=output,
         show_progress_bar=sys.stderr.isatty(),
     )
@@ -176,6 +179,7 @@ def index_build(
     text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Embed a corpus and save a searchable index (faiss) with its texts."""
     from .. import hub, io
@@ -192,7 +196,7 @@ def index_build(
             raise InputError(f"{corpus}: duplicate id {r.id!r}; every document needs its own id")
         seen.add(r.id)
     name = model or hub.default_model()
-    embedder = Embedder.from_pretrained(name, **_model_options(device, fp16))
+    embedder = Embedder.from_pretrained(name, **_model_options(device, fp16, bf16))
     vectors = embedder.encode_corpus(
         [r.text for r in records], batch_size=batch_size, max_length=max_length, show_progress_bar=sys.stderr.isatty()
     )
@@ -232,6 +236,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines: id, score, rank, text.")] = False,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Search an index for QUERY; optionally rerank the candidates. Prints rank, score, id, text."""
     from .. import io
@@ -245,7 +250,7 @@ def search(
     name = model or dense.meta.get("model")
     if not name:
         raise typer.BadParameter("the index does not name its model; pass --model", param_hint="--model")
-    options = _model_options(device, fp16)
+    options = _model_options(device, fp16, bf16)
     instruction = query_instruction
     if instruction is None and model is None:
         instruction = dense.meta.get("query_instruction") or ""

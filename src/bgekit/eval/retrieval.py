@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import __version__, io
 from ..errors import InputError
+from ..runtime.devices import resolve_dtype
 from . import metrics as metrics_mod
 from .datasets import RetrievalDataset, dataset_json, default_cache_dir, load_retrieval_dataset
 
@@ -351,10 +353,15 @@ def _dense(output: Any) -> np.ndarray:
 
 
 # -- corpus embeddings with a resumable cache ---------------------------------------------------
+_PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def model_identity(embedder: Any) -> dict[str, Any]:
-    """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision."""
+    """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision
+    (the dtype each device really runs) and, off the default torch backend, the backend."""
     devices = [str(d) for d in getattr(embedder, "target_devices", None) or ["cpu"]]
-    on_gpu = any(not d.startswith("cpu") for d in devices)
+    use_fp16, use_bf16 = bool(getattr(embedder, "use_fp16", False)), bool(getattr(embedder, "use_bf16", False))
+    precisions = {_PRECISION_NAMES.get(resolve_dtype(d, use_fp16, use_bf16), "fp32") for d in devices}
     identity = {
         "class": type(embedder).__name__,
         "name": str(getattr(embedder, "model_name_or_path", "")),
@@ -364,11 +371,12 @@ def model_identity(embedder: Any) -> dict[str, Any]:
         "passage_instruction_format": getattr(embedder, "passage_instruction_format", None),
         "normalize": getattr(embedder, "normalize_embeddings", None),
         "truncate_dim": getattr(embedder, "truncate_dim", None),
-        "precision": ("bf16" if getattr(embedder, "use_bf16", False) else "fp16" if embedder.use_fp16 else "fp32")
-        if on_gpu
-        else "fp32",
+        "precision": "+".join(sorted(precisions)),
         "files": _folder_fingerprint(getattr(embedder, "model_name_or_path", "")),
     }
+    backend = getattr(embedder, "backend", "torch")
+    if backend != "torch":  # only then, so the torch backend's caches keep their keys
+        identity["backend"] = backend
     return identity
 
 

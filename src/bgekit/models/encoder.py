@@ -109,7 +109,7 @@ class FlagModel(Embedder):
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
-        self.backend = check_backend(backend, devices)
+        self.backend = check_backend(backend, devices, self.use_bf16)
         self.packed_option = packed
         if self.backend == "torch":
             module = load_module(AutoModel, folder, trust_remote_code)

@@ -156,7 +156,7 @@ class BGEM3FlagModel(Embedder):
         self.return_dense = return_dense
         self.return_sparse = return_sparse
         self.return_colbert_vecs = return_colbert_vecs
-        self.backend = check_backend(backend, devices)
+        self.backend = check_backend(backend, devices, self.use_bf16)
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
         self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
         module = self._load_module(folder, trust_remote_code, colbert_dim, self.backend, self.tokenizer.uses_type_ids)

@@ -46,12 +46,18 @@ RowsForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 FirstRows = Callable[[torch.nn.Module], tuple[str, RowsForward] | None]
 
 
-def check_backend(backend: str | None, devices: Any = None) -> str:
-    """Validate ``backend``; the ONNX backends run on the CPU only."""
+def check_backend(backend: str | None, devices: Any = None, use_bf16: bool = False) -> str:
+    """Validate ``backend``; the ONNX backends run on the CPU only, in float32 (int8 weights for
+    ``onnx-int8``): bfloat16 is the torch backend's."""
     backend = "torch" if backend is None else backend
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "torch":
+        if use_bf16:
+            raise InputError(
+                f"backend={backend!r} runs float32 graphs and cannot take use_bf16=True; for bfloat16 on "
+                "the CPU use backend='torch' with use_bf16=True"
+            )
         named = [devices] if isinstance(devices, (str, int)) else list(devices or ["cpu"])
         if any(str(d).strip() != "cpu" for d in named):
             raise InputError(

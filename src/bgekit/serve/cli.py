@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(envvar="BGEKIT_MAX_LENGTH", min=2, help="Token limit per input (default: the model's)."),
         ] = None,
         dtype: Annotated[
-            DType, typer.Option(envvar="BGEKIT_DTYPE", help="Precision on GPU (the CPU always runs float32).")
+            DType, typer.Option(envvar="BGEKIT_DTYPE", help="Precision (on the CPU: bfloat16, else float32).")
         ] = DType.auto,
         device: Annotated[
             list[str] | None,
