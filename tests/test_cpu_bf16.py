@@ -116,7 +116,12 @@ def test_onnx_backends_refuse_bf16(tiny_bert):
         FlagModel(str(tiny_bert), devices="cpu", backend="onnx", use_bf16=True)
 
 
-def test_the_corpus_cache_keys_on_the_precision_the_cpu_runs(tiny_bert):
-    assert model_identity(FlagModel(str(tiny_bert), devices="cpu"))["precision"] == "fp32"  # use_fp16 defaults on
+def test_the_corpus_cache_keys_on_the_precision_the_cpu_runs_and_the_backend(tiny_bert, tmp_path, monkeypatch):
+    fp32 = model_identity(FlagModel(str(tiny_bert), devices="cpu"))
+    assert fp32["precision"] == "fp32" and "backend" not in fp32  # use_fp16 defaults on; torch keeps old keys
     bf16 = model_identity(FlagModel(str(tiny_bert), devices="cpu", use_bf16=True))
     assert bf16["precision"] == "bf16" and "backend" not in bf16
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("BGEKIT_CACHE", str(tmp_path))  # the export's cache
+    int8 = model_identity(FlagModel(str(tiny_bert), devices="cpu", backend="onnx-int8"))
+    assert int8["backend"] == "onnx-int8" and int8["precision"] == "fp32"  # not the torch vectors' cache
