@@ -89,6 +89,18 @@ def test_finetune_reranker_saves_a_loadable_model(tmp_path, tiny_bert, train_fil
     assert len(reranker.compute_score([("q", "p"), ("q", "r")])) == 2
 
 
+def test_teacher_scores_in_bf16_are_the_library_bf16_scores(tmp_path, tiny_xlmr_reranker, train_file):
+    scored = tmp_path / "scored.jsonl"
+    run("score", "-r", str(tiny_xlmr_reranker), "-i", str(train_file), "-o", str(scored), "--bf16")
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    pairs = [(r["query"], p) for r in rows for p in r["pos"]]
+    got = np.array([s for r in rows for s in r["pos_scores"]])
+    bf16 = FlagReranker(str(tiny_xlmr_reranker), use_bf16=True, devices="cpu").compute_score(pairs)
+    fp32 = FlagReranker(str(tiny_xlmr_reranker), devices="cpu").compute_score(pairs)
+    np.testing.assert_allclose(got, bf16, atol=5e-3)  # bfloat16 rounding may follow the batch's shape
+    assert np.abs(got - np.array(fp32)).max() > 1e-4  # and it did run in bfloat16
+
+
 def test_teacher_scores_and_distillation(tmp_path, tiny_bert, tiny_xlmr_reranker, train_file):
     scored = tmp_path / "scored.jsonl"
     run("score", "--reranker", str(tiny_xlmr_reranker), "--input", str(train_file), "--output", str(scored))

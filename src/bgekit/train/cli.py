@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from ..cli_options import Bf16Opt, Fp16Opt, precision_options
+
 finetune_app = typer.Typer(
     help="Fine-tune embedders and rerankers (transformers Trainer; torchrun for several devices)."
 )
@@ -317,6 +319,8 @@ def mine(
     query_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     seed: Annotated[int, typer.Option()] = 42,
+    fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Mine hard negatives for every query with an embedder, guarding against false negatives."""
     from .. import io
@@ -331,7 +335,7 @@ def mine(
         if query_instruction_for_retrieval is None
         else {"query_instruction_for_retrieval": query_instruction_for_retrieval}
     )
-    embedder = Embedder.from_pretrained(model, **options)
+    embedder = Embedder.from_pretrained(model, **precision_options(fp16, bf16), **options)
     mined, stats = mine_hard_negatives(
         records,
         embedder,
@@ -347,7 +351,8 @@ def score(
     input: Annotated[Path, typer.Option("--input", "-i")],
     output: Annotated[Path, typer.Option("--output", "-o")],
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16")] = True,
+    fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Add teacher scores (pos_scores, neg_scores) from a reranker to a training file."""
     from ..models.reranker import Reranker
@@ -355,7 +360,7 @@ def score(
     from .teacher import score_records
 
     records = load_train_data(input)
-    scored = score_records(records, Reranker.from_pretrained(reranker, use_fp16=fp16), batch_size)
+    scored = score_records(records, Reranker.from_pretrained(reranker, **precision_options(fp16, bf16)), batch_size)
     write_records(output, scored)
     typer.echo(f"wrote {output}: {len(scored)} scored records", err=True)
 
