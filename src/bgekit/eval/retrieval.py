@@ -359,7 +359,9 @@ _PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 def model_identity(embedder: Any) -> dict[str, Any]:
     """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision
     (the dtype each device really runs) and, off the default torch backend, the backend."""
-    devices = [str(d) for d in getattr(embedder, "target_devices", None) or ["cpu"]]
+    # bgekit's classes name devices as torch does; another embedder's bare ordinals are CUDA's
+    named = getattr(embedder, "target_devices", None) or ["cpu"]
+    devices = [f"cuda:{d}" if str(d).isdigit() else str(d) for d in named]
     use_fp16, use_bf16 = bool(getattr(embedder, "use_fp16", False)), bool(getattr(embedder, "use_bf16", False))
     precisions = {_PRECISION_NAMES.get(resolve_dtype(d, use_fp16, use_bf16), "fp32") for d in devices}
     identity = {
