@@ -85,10 +85,11 @@ def test_every_family_runs_bf16_on_the_cpu(golden_dir, name):
     if case["class"] != "BGEM3FlagModel":
         check_returns(case, got)  # float32 out, as in float32
     for field in case["outputs"]:
-        name, _, index = field.partition("/")
-        value = got[name] if isinstance(got, dict) else got
+        output, _, index = field.partition("/")
+        value = got[output] if isinstance(got, dict) else got
         want = expected(golden_dir, case, field)
-        if value is None or name == "lexical_weights":  # lexical weights: tests/test_m3.py holds them
+        # lexical weights are not compared: bfloat16 moves tokens near the ReLU threshold in or out of the dict
+        if value is None or output == "lexical_weights":
             continue
         value = value[int(index)] if index else value
         if not isinstance(value, list | float):  # arrays come back float32 (scores are Python floats)
