@@ -39,6 +39,8 @@ _LAZY = {
     "LightWeightFlagLLMReranker": "bgekit.models.layerwise_reranker",
     "FlagAutoModel": "bgekit.compat",
     "FlagAutoReranker": "bgekit.compat",
+    "EmbedderModelClass": "bgekit.registry",
+    "RerankerModelClass": "bgekit.registry",
 }
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "DataFormatError",
     "DeviceOutOfMemoryError",
     "Embedder",
+    "EmbedderModelClass",
     "FlagAutoModel",
     "FlagAutoReranker",
     "FlagICLModel",
@@ -59,6 +62,7 @@ __all__ = [
     "LightWeightFlagLLMReranker",
     "ModelNotFoundError",
     "Reranker",
+    "RerankerModelClass",
     "UnknownModelError",
     "__version__",
 ]

@@ -182,6 +182,9 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             passage_instruction=saved.passage_instruction if saved else None,
             max_length=saved.max_length if saved else None,
         )
+    named = _known_by_folder_name(folder, table)
+    if named is not None:
+        return named
     config = _read_json(folder / "config.json") or {}
     archs = " ".join(config.get("architectures") or [])
     model_type = config.get("model_type", "")
@@ -204,6 +207,16 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
     if "ForCausalLM" in archs or (archs and not _is_encoder(config)):
         return ModelSpec(registry.DECODER, "last_token", query_instruction_format=registry.E5_INSTRUCT)
     return _sentence_transformers_spec(folder) or ModelSpec(registry.ENCODER, "cls")
+
+
+def _known_by_folder_name(folder: Path, table: dict[str, ModelSpec]) -> ModelSpec | None:
+    """FlagEmbedding's rule for local folders: one named like a known model (``.../bge-en-icl``, as
+    ``snapshot_download(local_dir=...)`` leaves it), or a ``checkpoint-N`` inside such a folder, is that
+    model; its prompt format cannot be read from its files."""
+    folder = folder if folder.name else folder.resolve()  # "." names the folder it is
+    name = folder.parent.name if folder.name.startswith("checkpoint-") else folder.name
+    known = registry.lookup(name, table) if name else None
+    return known[1] if known else None
 
 
 def _is_encoder(config: dict) -> bool:

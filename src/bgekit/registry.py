@@ -2,14 +2,16 @@
 
 Each entry maps a full hub id to a :class:`ModelSpec` that says which class runs it
 (``kind``), how it pools, and how queries and passages are prompted. Names are matched
-on the whole id (``BAAI/bge-base-en-v1.5``), never on a folder's basename; a bare
-short name (``bge-base-en-v1.5``) is accepted when exactly one known id ends with it.
-Local folders are recognised from their own files (see :mod:`bgekit.hub`).
+on the whole id (``BAAI/bge-base-en-v1.5``); a bare short name (``bge-base-en-v1.5``) is
+accepted when exactly one known id ends with it, and so is a local folder of that name
+(FlagEmbedding's rule). Other local folders are recognised from their own files (see
+:mod:`bgekit.hub`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 # Kinds of embedder and reranker; the strings are FlagEmbedding's ``model_class`` values.
 ENCODER = "encoder-only-base"
@@ -24,6 +26,25 @@ LAYERWISE_RERANKER = "decoder-only-layerwise"
 LIGHTWEIGHT_RERANKER = "decoder-only-lightweight"
 BI_ENCODER = "bi-encoder"  # an embedder used as a reranker: cosine of query and passage vectors
 RERANKER_KINDS = (CROSS_ENCODER, LLM_RERANKER, LAYERWISE_RERANKER, LIGHTWEIGHT_RERANKER, BI_ENCODER)
+
+
+class EmbedderModelClass(StrEnum):
+    """FlagEmbedding's enum of ``model_class`` values for ``FlagAutoModel`` (a plain string works too)."""
+
+    ENCODER_ONLY_BASE = ENCODER
+    ENCODER_ONLY_M3 = M3
+    DECODER_ONLY_BASE = DECODER
+    DECODER_ONLY_ICL = ICL
+
+
+class RerankerModelClass(StrEnum):
+    """FlagEmbedding's enum of ``model_class`` values for ``FlagAutoReranker``."""
+
+    ENCODER_ONLY_BASE = CROSS_ENCODER
+    DECODER_ONLY_BASE = LLM_RERANKER
+    DECODER_ONLY_LAYERWISE = LAYERWISE_RERANKER
+    DECODER_ONLY_LIGHTWEIGHT = LIGHTWEIGHT_RERANKER
+
 
 POOLING_METHODS = ("cls", "mean", "last_token")
 
@@ -61,6 +82,9 @@ EMBEDDERS: dict[str, ModelSpec] = {
     # BGE
     "BAAI/bge-en-icl": ModelSpec(ICL, "last_token", WEB_SEARCH, BGE_LLM_FORMAT),
     "BAAI/bge-multilingual-gemma2": _llm(BGE_LLM_FORMAT),
+    # task-specific instructions (pass query_instruction_for_retrieval), so no default one
+    "BAAI/bge-code-v1": _llm(BGE_LLM_FORMAT, None, trust_remote_code=True),
+    "BAAI/bge-reasoner-embed-qwen3-8b-0923": _llm(E5_INSTRUCT, None),
     "BAAI/bge-m3": ModelSpec(M3, "cls", max_length=8192),
     "BAAI/bge-large-en-v1.5": _enc("cls", BGE_EN_QUERY),
     "BAAI/bge-base-en-v1.5": _enc("cls", BGE_EN_QUERY),
@@ -128,6 +152,8 @@ RERANKERS: dict[str, ModelSpec] = {
     "BAAI/bge-reranker-v2.5-gemma2-lightweight": ModelSpec(LIGHTWEIGHT_RERANKER, trust_remote_code=True),
     "maidalun1020/bce-reranker-base_v1": ModelSpec(CROSS_ENCODER),
     "jinaai/jina-reranker-v2-base-multilingual": ModelSpec(CROSS_ENCODER, trust_remote_code=True),
+    "jinaai/jina-reranker-v1-turbo-en": ModelSpec(CROSS_ENCODER, trust_remote_code=True),
+    "Alibaba-NLP/gte-multilingual-reranker-base": ModelSpec(CROSS_ENCODER, trust_remote_code=True),
     "cross-encoder/ms-marco-MiniLM-L-6-v2": ModelSpec(CROSS_ENCODER),
 }
 

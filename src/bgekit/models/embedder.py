@@ -226,6 +226,16 @@ class Embedder:
     def close(self) -> None:
         """Release worker threads of a multi-device pool (the model stays usable)."""
 
+    def stop_self_pool(self) -> None:
+        """FlagEmbedding's name for :meth:`close` (the model keeps its device memory until deleted)."""
+        self.close()
+
+    @staticmethod
+    def get_detailed_instruct(instruction_format: str, instruction: str, sentence: str) -> str:
+        """FlagEmbedding's prompt helper: ``instruction_format`` (``\\n`` read as a newline) filled
+        with ``instruction`` and ``sentence``."""
+        return unescape_format(instruction_format).format(instruction, sentence)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_name_or_path!r})"
 

@@ -70,12 +70,15 @@ class FlagModel(Embedder):
     #: ``cls`` pooling: run the last layer on the first rows only where the model supports it;
     #: False runs the whole last layer, as the plain forward does (same vectors within rounding)
     cls_rows_only: bool = True
+    #: FlagEmbedding's class attribute: the pooling ``FlagAutoModel`` gives this class by ``model_class``
+    DEFAULT_POOLING_METHOD = "cls"
 
     def __init__(
         self,
         model_name_or_path: str,
         normalize_embeddings: bool = True,
         use_fp16: bool = True,
+        use_bf16: bool = False,
         query_instruction_for_retrieval: str | None = None,
         query_instruction_format: str = "{}{}",
         devices: str | int | Sequence[str | int] | None = None,
@@ -86,6 +89,7 @@ class FlagModel(Embedder):
         query_max_length: int = 512,
         passage_max_length: int = 512,
         convert_to_numpy: bool = True,
+        truncate_dim: int | None = None,
         backend: str = "torch",
         max_tokens_per_batch: int | None = None,
         packed: bool | None = None,
@@ -95,6 +99,7 @@ class FlagModel(Embedder):
             model_name_or_path,
             normalize_embeddings=normalize_embeddings,
             use_fp16=use_fp16,
+            use_bf16=use_bf16,
             query_instruction_for_retrieval=query_instruction_for_retrieval,
             query_instruction_format=query_instruction_format,
             devices=devices,
@@ -102,6 +107,7 @@ class FlagModel(Embedder):
             query_max_length=query_max_length,
             passage_max_length=passage_max_length,
             convert_to_numpy=convert_to_numpy,
+            truncate_dim=truncate_dim,
             **kwargs,
         )
         self.pooling_method = check_pooling(pooling_method)

@@ -37,11 +37,14 @@ def as_pair_list(pairs: object) -> tuple[list[tuple[str, str]], bool]:
     items = list(pairs)  # type: ignore[call-overload]
     if not items:
         raise InputError("sentence_pairs is empty; pass at least one (query, passage) pair")
+    items = [x.item() if getattr(x, "ndim", None) == 0 else x for x in items]  # numpy scalars: one pair's texts
     single = len(items) == 2 and all(isinstance(x, str) for x in items)
     if single:
         items = [items]
     out = []
     for index, pair in enumerate(items):
+        if hasattr(pair, "tolist") and not isinstance(pair, str):  # a numpy row (``df[["q", "p"]].values``)
+            pair = pair.tolist()
         if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise InputError(f"sentence_pairs[{index}] must be a (query, passage) pair, got {pair!r:.80}")
         query, passage = pair

@@ -40,11 +40,14 @@ class FlagLLMModel(FlagModel):
         >>> tuned = FlagLLMModel("BASE", peft_path="OUT/adapter", use_fp16=False)  # doctest: +SKIP
     """
 
+    DEFAULT_POOLING_METHOD = "last_token"
+
     def __init__(
         self,
         model_name_or_path: str,
         normalize_embeddings: bool = True,
         use_fp16: bool = True,
+        use_bf16: bool = False,
         query_instruction_for_retrieval: str | None = None,
         query_instruction_format: str = "Instruct: {}\nQuery: {}",
         devices: str | int | Sequence[str | int] | None = None,
@@ -54,6 +57,7 @@ class FlagLLMModel(FlagModel):
         query_max_length: int = 512,
         passage_max_length: int = 512,
         convert_to_numpy: bool = True,
+        truncate_dim: int | None = None,
         pooling_method: str = "last_token",
         peft_path: str | None = None,
         **kwargs: Any,
@@ -67,6 +71,7 @@ class FlagLLMModel(FlagModel):
             model_name_or_path,
             normalize_embeddings=normalize_embeddings,
             use_fp16=use_fp16,
+            use_bf16=use_bf16,
             query_instruction_for_retrieval=query_instruction_for_retrieval,
             query_instruction_format=query_instruction_format,
             devices=devices,
@@ -77,6 +82,7 @@ class FlagLLMModel(FlagModel):
             query_max_length=query_max_length,
             passage_max_length=passage_max_length,
             convert_to_numpy=convert_to_numpy,
+            truncate_dim=truncate_dim,
             **kwargs,
         )
         if peft_path:
@@ -118,13 +124,12 @@ def check_examples(examples: object) -> list[dict[str, str]] | None:
             raise InputError(
                 f"examples_for_task[{index}] is missing {missing}; each example needs 'query' and 'response'"
             )
-        unknown = set(example) - {"instruct", "query", "response"}
-        if unknown:
-            raise InputError(f"examples_for_task[{index}] has unknown keys {sorted(unknown)}")
-        for key, value in example.items():
+        # other keys (an id, a label) are left out, as FlagEmbedding reads only these three
+        kept = {key: example[key] for key in ("instruct", "query", "response") if key in example}
+        for key, value in kept.items():
             if not isinstance(value, str):
                 raise InputError(f"examples_for_task[{index}][{key!r}] must be a string, got {type(value).__name__}")
-        checked.append(dict(example))
+        checked.append(kept)
     return checked
 
 
@@ -215,8 +220,10 @@ class FlagICLModel(FlagLLMModel):
         model_name_or_path: str,
         normalize_embeddings: bool = True,
         use_fp16: bool = True,
+        use_bf16: bool = False,
         query_instruction_for_retrieval: str | None = None,
         query_instruction_format: str = ICL_QUERY_FORMAT,
+        suffix: str = ICL_SUFFIX,
         devices: str | int | Sequence[str | int] | None = None,
         examples_for_task: list[dict[str, str]] | None = None,
         examples_instruction_format: str = ICL_EXAMPLE_FORMAT,
@@ -226,12 +233,14 @@ class FlagICLModel(FlagLLMModel):
         query_max_length: int = 512,
         passage_max_length: int = 512,
         convert_to_numpy: bool = True,
+        truncate_dim: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(
             model_name_or_path,
             normalize_embeddings=normalize_embeddings,
             use_fp16=use_fp16,
+            use_bf16=use_bf16,
             query_instruction_for_retrieval=query_instruction_for_retrieval,
             query_instruction_format=query_instruction_format,
             devices=devices,
@@ -241,16 +250,23 @@ class FlagICLModel(FlagLLMModel):
             query_max_length=query_max_length,
             passage_max_length=passage_max_length,
             convert_to_numpy=convert_to_numpy,
+            truncate_dim=truncate_dim,
             **kwargs,
         )
         self.examples_instruction_format = examples_instruction_format.replace("\\n", "\n")
         self.examples_for_task = check_examples(examples_for_task)
-        self.suffix = ICL_SUFFIX
+        if not isinstance(suffix, str):
+            raise InputError(f"suffix must be a string, got {suffix!r}")
+        self.suffix = suffix  # after each query, as written (FlagEmbedding does not unescape it)
         self.prefix = self.examples_prefix(self.examples_for_task)
 
     def examples_prefix(self, examples: list[dict[str, str]] | None) -> str:
         """``"\\n\\n".join(formatted examples) + "\\n\\n"``, or ``""`` without examples."""
         return icl_examples_prefix(examples, self.query_instruction_for_retrieval, self.examples_instruction_format)
+
+    def stop_self_query_pool(self) -> None:
+        """FlagEmbedding's name for :meth:`close` (queries and passages share one pool here)."""
+        self.close()
 
     def set_examples(self, examples_for_task: list[dict[str, str]] | None = None) -> None:
         """Replace the in-context examples (``None`` keeps the constructor's)."""

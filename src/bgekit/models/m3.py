@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +118,15 @@ class BGEM3FlagModel(Embedder):
     #: dense vectors alone (the default outputs): run the last layer on each text's first row only,
     #: as :class:`~bgekit.FlagModel` does (:mod:`bgekit.runtime.first_tokens`); False runs the whole layer
     cls_rows_only: bool = True
+    #: FlagEmbedding's class attribute: the pooling ``FlagAutoModel`` gives this class by ``model_class``
+    DEFAULT_POOLING_METHOD = "cls"
 
     def __init__(
         self,
         model_name_or_path: str,
         normalize_embeddings: bool = True,
         use_fp16: bool = True,
+        use_bf16: bool = False,
         query_instruction_for_retrieval: str | None = None,
         query_instruction_format: str = "{}{}",
         devices: str | int | Sequence[str | int] | None = None,
@@ -136,6 +140,7 @@ class BGEM3FlagModel(Embedder):
         return_dense: bool = True,
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
+        truncate_dim: int | None = None,
         packed: bool | None = None,
         backend: str = "torch",
         **kwargs: Any,
@@ -144,12 +149,14 @@ class BGEM3FlagModel(Embedder):
             model_name_or_path,
             normalize_embeddings=normalize_embeddings,
             use_fp16=use_fp16,
+            use_bf16=use_bf16,
             query_instruction_for_retrieval=query_instruction_for_retrieval,
             query_instruction_format=query_instruction_format,
             devices=devices,
             batch_size=batch_size,
             query_max_length=query_max_length,
             passage_max_length=passage_max_length,
+            truncate_dim=truncate_dim,
             **kwargs,
         )
         self.pooling_method = check_pooling(pooling_method)
@@ -307,7 +314,7 @@ class BGEM3FlagModel(Embedder):
         normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         items = self.host.run_items(
             tokenized,
-            self._forward(*flags, normalize_colbert=normalize),
+            self._forward(*flags, normalize_colbert=normalize, colbert_dim=self.truncate_dim),
             self.batch_size if batch_size is None else batch_size,
             desc="Embedding",
             show_progress_bar=False,
@@ -354,21 +361,27 @@ class BGEM3FlagModel(Embedder):
         flags: tuple[bool, bool, bool],
         normalize: bool,
         show_progress_bar: bool | None,
+        truncate: bool = True,
     ) -> list[_Item]:
-        """Tokenize and run texts through the model; one :class:`_Item` per text, in input order."""
+        """Tokenize and run texts through the model; one :class:`_Item` per text, in input order.
+        ``truncate=False`` keeps ColBERT vectors whole under ``truncate_dim`` (as scoring does)."""
         max_length = self.host.clamp_length(max_length, default_length)
         tokenized = self.tokenizer.encode(texts, max_length)
         self.host.log_truncation(tokenized, max_length, "texts")
         return self.host.run_items(
             tokenized,
-            self._forward(*flags, normalize_colbert=normalize),
+            self._forward(*flags, normalize_colbert=normalize, colbert_dim=self.truncate_dim if truncate else None),
             self.batch_size if batch_size is None else batch_size,
             desc="Embedding",
             show_progress_bar=show_progress_bar,
         )
 
-    def _forward(self, dense: bool, sparse: bool, colbert: bool, *, normalize_colbert: bool) -> ItemForward:
-        """A batch forward computing only the requested outputs, split per text with padding removed."""
+    def _forward(
+        self, dense: bool, sparse: bool, colbert: bool, *, normalize_colbert: bool, colbert_dim: int | None = None
+    ) -> ItemForward:
+        """A batch forward computing only the requested outputs, split per text with padding removed.
+        ``colbert_dim`` keeps the first columns of ColBERT vectors, before their normalization
+        (FlagEmbedding's ``truncate_dim``)."""
 
         def forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[_Item]:
             if dense and not (sparse or colbert) and self._first_rows(module):
@@ -382,7 +395,7 @@ class BGEM3FlagModel(Embedder):
             weights = torch.relu(module.sparse_linear(hidden)).squeeze(-1).float().cpu() if sparse else None
             multi = None
             if colbert:
-                multi = module.colbert_linear(hidden[:, 1:]).float() * mask[:, 1:, None]
+                multi = module.colbert_linear(hidden[:, 1:]).float()[..., :colbert_dim] * mask[:, 1:, None]
                 if normalize_colbert:
                     multi = torch.nn.functional.normalize(multi, dim=-1)
                 multi = multi.cpu()
@@ -408,7 +421,7 @@ class BGEM3FlagModel(Embedder):
                 ids = inputs["input_ids"][0].cpu().split(lengths)
                 weights = torch.relu(module.sparse_linear(hidden)).squeeze(-1).float().cpu().split(lengths)
             if colbert:
-                multi = module.colbert_linear(hidden).float()
+                multi = module.colbert_linear(hidden).float()[..., :colbert_dim]
                 if normalize_colbert:
                     multi = torch.nn.functional.normalize(multi, dim=-1)
                 multi = [row[1:] for row in multi.cpu().split(lengths)]  # every token but the first
@@ -428,10 +441,11 @@ class BGEM3FlagModel(Embedder):
         """Dense vectors alone by ``cls`` pooling: the last layer can run on the first rows only."""
         return self.pooling_method == "cls" and self.cls_rows_only and first_tokens.supports(module.encoder)
 
-    def _dense(self, items: list[_Item], normalize: bool) -> torch.Tensor:
-        """Stack dense vectors, then ``truncate_dim`` and normalization as every embedder does."""
+    def _dense(self, items: list[_Item], normalize: bool, truncate: bool = True) -> torch.Tensor:
+        """Stack dense vectors, then ``truncate_dim`` (unless ``truncate=False``: scoring) and
+        normalization as every embedder does."""
         dense = torch.stack([item.dense for item in items])
-        if self.truncate_dim is not None:
+        if truncate and self.truncate_dim is not None:
             dense = dense[:, : self.truncate_dim]
         return torch.nn.functional.normalize(dense, dim=-1) if normalize else dense
 
@@ -506,15 +520,18 @@ class BGEM3FlagModel(Embedder):
     def _encode_for_scoring(
         self, texts: list[str], batch_size: int | None, max_length: int | None, default: int
     ) -> list[_Item]:
-        return self._run(texts, batch_size, max_length, default, (True, True, True), self.normalize_embeddings, None)
+        # FlagEmbedding scores with whole vectors: truncate_dim applies to encode only
+        return self._run(
+            texts, batch_size, max_length, default, (True, True, True), self.normalize_embeddings, None, truncate=False
+        )
 
     def _pair_scores(
         self, queries: list[_Item], passages: list[_Item], weights: tuple[float, float, float]
     ) -> dict[str, list[float]]:
         """Every mode's score per pair, in float32 as FlagEmbedding computes them."""
         q_dense, p_dense = (
-            self._dense(queries, self.normalize_embeddings),
-            self._dense(passages, self.normalize_embeddings),
+            self._dense(queries, self.normalize_embeddings, truncate=False),
+            self._dense(passages, self.normalize_embeddings, truncate=False),
         )
         dense = (q_dense * p_dense).sum(-1).numpy()
         sparse = np.array(
@@ -551,16 +568,17 @@ class BGEM3FlagModel(Embedder):
 # -- pure helpers (no model needed) -------------------------------------------------------
 def token_weight_dict(token_ids: np.ndarray, weights: np.ndarray, unused_ids: set[int]) -> dict[str, np.float32]:
     """``{str(token_id): max weight}`` over a text's tokens, positive weights only, special ids
-    left out, keys in order of each id's first positive occurrence (FlagEmbedding's dict)."""
+    left out, keys in order of each id's first positive occurrence: FlagEmbedding's
+    ``defaultdict(int)``, so a token the text lacks reads as 0."""
     keep = (weights > 0) & ~np.isin(token_ids, list(unused_ids))
     ids, values = token_ids[keep], weights[keep].astype(np.float32, copy=False)
     if not len(ids):
-        return {}
+        return defaultdict(int)
     unique, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     best = np.zeros(len(unique), dtype=np.float32)
     np.maximum.at(best, inverse, values)
     order = np.argsort(first, kind="stable")
-    return dict(zip((str(i) for i in unique[order].tolist()), best[order], strict=True))
+    return defaultdict(int, zip((str(i) for i in unique[order].tolist()), best[order], strict=True))
 
 
 def lexical_score(weights_1: dict, weights_2: dict):
@@ -606,6 +624,8 @@ def _mode_weights(weights: Sequence[float] | None) -> tuple[float, float, float]
     """Validate ``weights_for_different_modes``: three numbers ``[dense, sparse, colbert]``."""
     if weights is None:
         return (1.0, 1.0, 1.0)
+    if isinstance(weights, np.ndarray):
+        weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != 3:
         raise InputError(f"weights_for_different_modes must be three numbers [dense, sparse, colbert], got {weights!r}")
     for value in weights:

@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
+from .embedder import Embedder
 from .inputs import as_pair_list
 from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
@@ -144,6 +145,12 @@ class Reranker:
 
     def close(self) -> None:
         """Release worker threads of a multi-device pool (the model stays usable)."""
+
+    def stop_self_pool(self) -> None:
+        """FlagEmbedding's name for :meth:`close` (the model keeps its device memory until deleted)."""
+        self.close()
+
+    get_detailed_instruct = staticmethod(Embedder.get_detailed_instruct)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_name_or_path!r})"
@@ -327,8 +334,6 @@ class BiEncoderReranker(Reranker):
             max_length=max_length,
             normalize=normalize,
         )
-        from .embedder import Embedder
-
         self.embedder = Embedder.from_pretrained(
             model_name_or_path, use_fp16=use_fp16, devices=devices, normalize_embeddings=True, **embedder_options
         )

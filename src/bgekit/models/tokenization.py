@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +116,13 @@ def _encode_batch(backend: Tokenizer, texts: list[str], add_special_tokens: bool
 
 
 class TextTokenizer:
-    """Wraps a Hugging Face fast tokenizer with batch encode, pair encode and collate."""
+    """Wraps a Hugging Face fast tokenizer with batch encode, pair encode and collate.
+
+    It stands in for the Hugging Face tokenizer where FlagEmbedding code reaches for
+    ``model.tokenizer``: calling it, ``len()``, a single text's ``encode``, and every other attribute
+    (``tokenize``, ``convert_ids_to_tokens``, ``model_max_length``, ...) go to :attr:`hf`, the
+    tokenizer itself.
+    """
 
     def __init__(self, hf_tokenizer, ascii_shortcut: bool = True):
         """``ascii_shortcut=False`` sends every text through the full normalizer (the shortcut gives the
@@ -168,8 +175,30 @@ class TextTokenizer:
             self._truncating_backends[key] = backend
         return backend
 
-    def encode(self, texts: list[str], max_length: int, add_special_tokens: bool = True) -> Tokenized:
-        """Token ids of each text, truncated to ``max_length`` tokens special tokens included."""
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "hf":  # not set yet (copy, pickle): no recursion into hf
+            raise AttributeError(name)
+        return getattr(self.hf, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The Hugging Face tokenizer's call (``model.tokenizer(texts, ...)``, as in FlagEmbedding)."""
+        return self.hf(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, texts: list[str] | str, max_length: int | None = None, add_special_tokens: bool = True, **kwargs):
+        """Token ids of each text, truncated to ``max_length`` tokens special tokens included.
+
+        One ``str`` is the Hugging Face tokenizer's ``encode`` (a list of ids, its keyword options)."""
+        if isinstance(texts, str):
+            options = kwargs if max_length is None else {"max_length": max_length, **kwargs}
+            return self.hf.encode(texts, add_special_tokens=add_special_tokens, **options)
+        if max_length is None or kwargs:
+            raise InputError(
+                "TextTokenizer.encode(texts, max_length) takes a list of texts and a length; "
+                "for the Hugging Face tokenizer's options call model.tokenizer(...) or use model.tokenizer.hf"
+            )
         special = self.n_special_single if add_special_tokens else 0
         if max_length <= special:
             raise InputError(f"max_length={max_length} leaves no room for text after {special} special tokens")
@@ -258,8 +287,8 @@ class TextTokenizer:
             truncated = sum(self._cut(enc, max_length) for enc in encodings)
         return [enc.ids for enc in encodings], truncated
 
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids)
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        return self.hf.decode(ids, **kwargs)
 
     # -- batching ---------------------------------------------------------------------------
     def collate(
