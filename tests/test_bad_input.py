@@ -37,6 +37,7 @@ def reranker(tiny_xlmr_reranker):
         (["ok", 3], r"sentences\[1\] is int"),
         (b"bytes", "decode it"),
         (42, "must be a string or a list"),
+        (["ok", "half \ud800 a pair"], r"text 1 is not valid Unicode: a lone surrogate '\\ud800' at character 5"),
     ],
 )
 def test_encode_rejects(embedder, value, message):
@@ -65,6 +66,7 @@ def test_encode_rejects_bad_options(embedder):
         ([("q", "p"), ("only one",)], r"sentence_pairs\[1\] must be a \(query, passage\) pair"),
         ([("q", None)], r"sentence_pairs\[0\] passage is NoneType"),
         ([(1, "p")], r"sentence_pairs\[0\] query is int"),
+        ([("q", "p"), ("q", "\udfff")], "text 1 is not valid Unicode"),
     ],
 )
 def test_compute_score_rejects(reranker, value, message):

@@ -286,6 +286,34 @@ def test_too_long_input_is_truncated_or_413(server, minilm):
     assert refused_pairs.status_code == 413 and error_of(refused_pairs)["param"] == "documents"
 
 
+def test_broken_json_and_lone_surrogates_are_400_naming_the_problem(server):
+    headers = {**AUTH, "Content-Type": "application/json"}
+    broken = httpx.post(f"{server.url}/v1/embeddings", content=b'{"input": "a",}', headers=headers, timeout=10)
+    assert broken.status_code == 400, broken.text
+    error = error_of(broken)
+    assert error["code"] == "invalid_json" and error["param"] is None and "character 14" in error["message"]
+    for path, body in (
+        ("/v1/embeddings", b'{"model": "minilm", "input": ["ok", "bad \\ud800"]}'),
+        ("/v1/rerank", b'{"model": "rr", "query": "\\ud800", "documents": ["a"]}'),
+        ("/v1/rerank", b'{"model": "bi-encoder", "query": "q", "documents": ["a", "\\udfff"]}'),
+    ):
+        response = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=10)
+        assert response.status_code == 400, (path, response.text)
+        assert "not valid Unicode" in error_of(response)["message"]
+
+
+def test_an_embedder_reranker_states_its_own_limits(server):
+    """An embedder used as a reranker cuts the query and each document at its own lengths (MiniLM: 256)."""
+    cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models", headers=AUTH, timeout=10).json()["data"]}
+    assert cards["bi-encoder"]["max_length"] == 256
+    words = "word " * 300  # 302 tokens: past 256, not past 512
+    body = {"model": "bi-encoder", "query": "q", "documents": ["a", words], "truncate": False}
+    one = post(server, "/v1/rerank", body)
+    assert one.status_code == 413 and "1 of 2" in error_of(one)["message"] and "256 tokens" in error_of(one)["message"]
+    every = post(server, "/v1/rerank", {**body, "query": words, "documents": ["a", "b"]})
+    assert every.status_code == 413 and "2 of 2" in error_of(every)["message"]  # a cut query cuts every pair
+
+
 def test_too_many_inputs_is_413(server):
     response = post(server, "/v1/embeddings", {"model": "tiny", "input": ["x"] * (MAX_CLIENT_BATCH + 1)})
     assert response.status_code == 413 and error_of(response)["code"] == "too_many_inputs"

@@ -83,6 +83,13 @@ class _Pipeline:
         self.ascii = _ascii_shortcut(backend) if shortcut else None
 
     def __call__(self, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+        try:
+            return self._encode(texts, add_special_tokens)
+        except TypeError:  # the Rust side's one word for a str it cannot take: a lone surrogate
+            _raise_if_not_unicode(texts)
+            raise
+
+    def _encode(self, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
         if self.ascii is None:
             return _encode_batch(self.full, texts, add_special_tokens)
         plain = [_plain_ascii(t) for t in texts]
@@ -96,6 +103,19 @@ class _Pipeline:
             for i, enc in zip(rows, _encode_batch(backend, [texts[i] for i in rows], add_special_tokens), strict=True):
                 out[i] = enc
         return out  # type: ignore[return-value]
+
+
+def _raise_if_not_unicode(texts: list[str]) -> None:
+    """An :class:`InputError` naming the first text that is not valid Unicode (holds a lone surrogate,
+    as JSON's ``"\\ud800"`` or a bad decode gives), which the tokenizer refuses with a bare TypeError."""
+    for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"text {index} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                f"{exc.start}; clean it first (e.g. text.encode('utf-8', 'replace').decode())"
+            ) from None
 
 
 def _ascii_shortcut(backend: Tokenizer) -> Tokenizer | None:

@@ -416,6 +416,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:  # its loc holds a character offset, not a field
+            at = broken.get("loc", ())[-1:]
+            where = f" at character {at[0]}" if at and isinstance(at[0], int) else ""
+            detail = (broken.get("ctx") or {}).get("error") or broken.get("msg", "JSON decode error")
+            message = f"the request body is not valid JSON ({detail}{where})"
+            return ApiError(400, message, code="invalid_json").response()
         # the most specific problem: a union field reports one error per member, the deepest names the item
         first = max(errors, key=lambda e: len(e.get("loc", ())))
         loc = [part for part in first.get("loc", ()) if part != "body"]

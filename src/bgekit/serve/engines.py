@@ -260,7 +260,25 @@ class RerankEngine:
         self.devices = _devices(model)
 
     def max_length(self) -> int:
-        return self.host.clamp_length(None, self.model.max_length)
+        """A pair's limit in tokens; a document's for an embedder used as a reranker, which reads the
+        query and each document on their own."""
+        if self._pairs:
+            return self.host.clamp_length(None, self.model.max_length)
+        return self.host.clamp_length(None, min(self.model.max_length, self.model.embedder.passage_max_length))
+
+    def query_max_length(self) -> int:
+        """The query's own limit: ``query_max_length``, by default 3/4 of a pair's (FlagEmbedding's rule)."""
+        if self._pairs:
+            wanted = self.model.query_max_length
+            wanted = self.model.max_length * 3 // 4 if wanted is None else wanted
+            return self.host.clamp_length(wanted, self.max_length())
+        wanted = min(self.model.query_max_length or self.model.max_length, self.model.embedder.query_max_length)
+        return self.host.clamp_length(None, wanted)
+
+    @property
+    def _pairs(self) -> bool:
+        """The model reads (query, document) pairs together (not an embedder used as a reranker)."""
+        return hasattr(self.model, "tokenize_pairs")
 
     def card(self) -> dict:
         return {
@@ -277,15 +295,15 @@ class RerankEngine:
     # stage 1: tokenize
     def _tokenize(self, query: str, documents: list[str]) -> tuple[Tokenized, int]:
         """``(tokenized pairs, tokens the model reads)``."""
-        if hasattr(self.model, "tokenize_pairs"):
+        if self._pairs:
             tokenized = self.model.tokenize_pairs([(query, d) for d in documents])
             return tokenized, sum(len(row) for row in tokenized.ids)
         # an embedder used as a reranker reads the query once and each passage on its own
-        embedder, limit = self.model.embedder, self.model.max_length
-        q_limit = min(self.model.query_max_length or limit, embedder.query_max_length)
-        q = embedder.tokenize([query], "query", max_length=q_limit)
-        p = embedder.tokenize(documents, "passage", max_length=min(limit, embedder.passage_max_length))
-        pairs = Tokenized([q.ids[0] + row for row in p.ids], None, p.truncated or (q.truncated and len(p.ids)))
+        embedder = self.model.embedder
+        q = embedder.tokenize([query], "query", max_length=self.query_max_length())
+        p = embedder.tokenize(documents, "passage", max_length=self.max_length())
+        cut = len(p.ids) if q.truncated else p.truncated  # a cut query cuts every pair
+        pairs = Tokenized([q.ids[0] + row for row in p.ids], None, cut)
         return pairs, len(q.ids[0]) + sum(len(row) for row in p.ids)
 
     def prepare(self, query: str, documents: list[str], truncate: bool) -> Work:
@@ -293,8 +311,9 @@ class RerankEngine:
         if tokenized.truncated and not truncate:
             raise InputTooLong(
                 f"{tokenized.truncated} of {len(documents)} (query, document) pairs are longer than this model's "
-                f"limit of {self.max_length()} tokens; shorten them, or send truncate=true (or start the server "
-                "with --truncate) to cut them"
+                f"limit of {self.max_length()} tokens {'a pair' if self._pairs else 'a document'} (the query at most "
+                f"{self.query_max_length()}); shorten them, or send truncate=true (or start the server with "
+                "--truncate) to cut them"
             )
         payload = tokenized if self.tokenized_scoring else [(query, d) for d in documents]
         return Work([len(row) for row in tokenized.ids], payload, n_tokens, tokenized.truncated)
