@@ -14,6 +14,7 @@ every option reads its variable. Checks of the serving issue proven here: 3 (429
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -232,3 +233,36 @@ def test_health_report_is_json(server):
     assert set(body) == {"status", "models"}
     assert set(body["models"]["faulty"]) == {"status", "queued", "busy_seconds", "consecutive_failures", "last_error"}
     json.dumps(body)
+
+
+@pytest.mark.parametrize(("grace", "status"), [(10.0, 200), (1.0, 503)])
+def test_shutdown_lets_admitted_requests_finish_or_answers_503(tmp_path, faulty_model, library, grace, status):
+    """SIGTERM with a request in the model and one queued behind it: both finish within the graceful
+    timeout (here longer than the stalled forward), or both get OpenAI-shaped 503s before it ends."""
+    env = {
+        "BGEKIT_MODEL": str(faulty_model),
+        "BGEKIT_SERVED_MODEL_NAME": "faulty",
+        "BGEKIT_API_KEY": KEY,
+        "BGEKIT_TRUST_REMOTE_CODE": "1",
+        "BGEKIT_MAX_LENGTH": "16",
+        "BGEKIT_GRACEFUL_TIMEOUT": str(grace),
+        "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+    }
+    with running_server([], tmp_path / "server.log", env=env) as srv, ThreadPoolExecutor(2) as pool:
+        stalled = stall_in_background(pool, srv)
+        queued = pool.submit(embed, srv, GOOD)
+        wait_for(lambda: worker(srv)["queued"] == 1, 10, what="the second request to queue")
+        started = time.monotonic()
+        srv.process.terminate()
+        responses = [stalled.result(timeout=30), queued.result(timeout=30)]
+        # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM ended it
+        assert srv.process.wait(timeout=30) in (0, -signal.SIGTERM), srv.log_tail()
+        took = time.monotonic() - started
+    assert [r.status_code for r in responses] == [status, status], [r.text for r in responses]
+    if status == 200:
+        np.testing.assert_allclose(responses[1].json()["data"][0]["embedding"], library.encode(GOOD), atol=1e-5)
+    else:
+        for response in responses:
+            error = response.json()["error"]
+            assert error["code"] == "worker_unavailable" and "shutting down" in error["message"], error
+        assert took < STALL_SECONDS, took  # answered at the deadline, not when the stalled forward ended

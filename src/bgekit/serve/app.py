@@ -189,6 +189,21 @@ def create_app(
             tokenize_pool.shutdown(wait=False, cancel_futures=True)
             render_pool.shutdown(wait=False, cancel_futures=True)
 
+    def begin_shutdown(grace: float) -> None:
+        """Shutdown began (SIGTERM / Ctrl-C): refuse new requests, let admitted ones finish, and when
+        ``grace`` seconds are nearly up answer those still unfinished with a 503, before the server
+        cancels their handlers (which would send a bare 500)."""
+        for batcher in batchers.values():
+            batcher.drain()
+
+        def give_up() -> None:
+            reason = f"the server is shutting down: the request did not finish within {grace:g} s"
+            for batcher in batchers.values():
+                if batcher.fail_unfinished(reason):
+                    logger.warning("%s: answered unfinished requests with 503 at shutdown", batcher.name)
+
+        asyncio.get_running_loop().call_later(max(0.0, grace - min(1.0, grace / 2)), give_up)
+
     app = FastAPI(
         title="bgekit server",
         version=__version__,
@@ -198,6 +213,7 @@ def create_app(
         ),
         lifespan=lifespan,
     )
+    app.state.begin_shutdown = begin_shutdown
     app.state.engines, app.state.batchers, app.state.metrics, app.state.config = engines, batchers, metrics, config
     app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics)
     _install_error_handlers(app)
@@ -450,3 +466,26 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+
+def serve_until_stopped(
+    app: FastAPI, *, host: str, port: int, log_level: str, access_log: bool, graceful_timeout: float
+) -> None:
+    """Run ``app`` on uvicorn until SIGTERM or Ctrl-C. Shutdown drains: no new connections or requests,
+    admitted requests get ``graceful_timeout`` seconds to finish, then a 503 (``begin_shutdown``)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.state.begin_shutdown(graceful_timeout)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=graceful_timeout,
+    )
+    DrainingServer(config).run()

@@ -184,6 +184,9 @@ class Batcher:
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self._items_per_second = 0.0  # moving average, for Retry-After
+        self._running: list[Work] = []  # the batch the forward thread has now
+        self.draining = False  # shutdown began: no new requests, admitted ones still run
+        self._given_up: str | None = None  # shutdown's deadline passed: why unanswered requests fail
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -206,6 +209,24 @@ class Batcher:
         if self._forward_thread is not None:
             self._forward_thread.shutdown()
 
+    def drain(self) -> None:
+        """Shutdown began: refuse new requests (503, and /health turns red so balancers move on);
+        what was admitted still runs."""
+        self.draining = True
+
+    def fail_unfinished(self, reason: str) -> int:
+        """Answer every admitted request not answered yet (queued, or in the running batch) with a
+        503 saying ``reason``, so clients get a reply before the server cancels their handlers; also
+        any request still tokenizing. Returns how many were failed."""
+        self._given_up = reason
+        failed = 0
+        for work in [*self._running, *self._pending]:
+            if work.future is not None and not work.future.done():
+                work.future.set_exception(WorkerUnavailable(reason))
+                failed += 1
+        self._pending.clear()
+        return failed
+
     # -- state ----------------------------------------------------------------------------
     @property
     def queued(self) -> int:
@@ -227,6 +248,8 @@ class Batcher:
     def status(self) -> str:
         if self._task is None or self._task.done():
             return "stopped"
+        if self.draining:
+            return "stopping"
         if self.busy_seconds() > self.stuck_after:
             return "stuck"
         if self.consecutive_failures >= self.failing_after:
@@ -251,6 +274,8 @@ class Batcher:
         :class:`WorkerUnavailable` when the worker is stuck or stopped, whatever ``prepare``
         raises (bad or too-long input), or :class:`ModelFailure` when the model raised.
         """
+        if self.draining:
+            raise WorkerUnavailable("the server is shutting down; retry on another instance")
         if self._queued >= self.max_queue:
             raise Overloaded(
                 f"model {self.name!r} has {self._queued} requests waiting (the limit is --max-queue "
@@ -270,6 +295,8 @@ class Batcher:
         work: Work | None = None
         try:
             work = await loop.run_in_executor(self._tokenize_pool, prepare, *args)
+            if self._given_up is not None:
+                raise WorkerUnavailable(self._given_up)
             work.future = loop.create_future()
             work.enqueued_at = time.monotonic()
             work.arrival = arrival
@@ -352,11 +379,13 @@ class Batcher:
             started = time.monotonic()
             with self._lock:
                 self._busy_since = self._last_beat = started
+            self._running = batch
             try:
                 outcomes = await asyncio.wrap_future(self._forward_thread.submit(self._forward_isolated, batch))
             except Exception as exc:  # the stage itself failed: fail the batch
                 outcomes = [_Failed(exc)] * len(batch)
             finally:
+                self._running = []
                 with self._lock:
                     self._busy_since = None
             elapsed = time.monotonic() - started

@@ -168,6 +168,15 @@ def register(app: typer.Typer) -> None:
         tokenizer_threads: Annotated[
             int, typer.Option(envvar="BGEKIT_TOKENIZER_THREADS", min=1, help="Threads that tokenize requests.")
         ] = 2,
+        graceful_timeout: Annotated[
+            float,
+            typer.Option(
+                envvar="BGEKIT_GRACEFUL_TIMEOUT",
+                min=0,
+                help="On SIGTERM / Ctrl-C: seconds admitted requests get to finish (new ones get 503); "
+                "those still running then get a 503 too.",
+            ),
+        ] = 10.0,
         log_level: Annotated[LogLevel, typer.Option(envvar="BGEKIT_LOG_LEVEL")] = LogLevel.info,
         access_log: Annotated[bool, typer.Option(envvar="BGEKIT_ACCESS_LOG", help="Log one line per request.")] = False,
     ) -> None:
@@ -182,9 +191,9 @@ def register(app: typer.Typer) -> None:
             raise InputError("nothing to serve: pass --model (embeddings) and/or --reranker (or set BGEKIT_MODEL)")
         names = served_names(models, rerankers, list(served_model_name or []))
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401  (the extra's presence, checked before models load)
 
-            from .app import ServeConfig, create_app
+            from .app import ServeConfig, create_app, serve_until_stopped
             from .engines import EmbeddingEngine, RerankEngine
         except ImportError as exc:
             raise InputError(
@@ -232,11 +241,11 @@ def register(app: typer.Typer) -> None:
             tokenizer_threads=tokenizer_threads,
         )
         server_app = create_app(embedders, scorers, config)
-        uvicorn.run(
+        serve_until_stopped(
             server_app,
             host=host,
             port=port,
             log_level=log_level.value,
             access_log=access_log,
-            timeout_graceful_shutdown=10,
+            graceful_timeout=graceful_timeout,
         )

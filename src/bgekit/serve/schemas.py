@@ -152,9 +152,9 @@ class ModelList(BaseModel):
 
 
 class WorkerHealth(BaseModel):
-    status: Literal["ok", "busy", "stuck", "failing", "stopped"] = Field(
+    status: Literal["ok", "busy", "stuck", "failing", "stopping", "stopped"] = Field(
         description="stuck: the batch in flight made no progress for --stuck-timeout seconds; failing: the last "
-        "batches all failed."
+        "batches all failed; stopping: shutdown began, admitted requests still run, new ones get 503."
     )
     queued: int = Field(description="Requests waiting for the model.")
     busy_seconds: float = Field(description="Seconds since the batch in flight last made progress (0 when idle).")
