@@ -228,6 +228,11 @@ def test_missing_or_wrong_key_is_401(server):
     # health, metrics and docs stay open for probes and scrapers
     for path in ("/health", "/metrics", "/docs", "/openapi.json"):
         assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
+    # the scheme's case does not matter
+    lower = post(
+        server, "/v1/embeddings", {"model": "minilm", "input": "x"}, headers={"Authorization": f"bearer {KEY}"}
+    )
+    assert lower.status_code == 200
 
 
 def test_unknown_model_and_wrong_task_are_400(server, client):
@@ -252,6 +257,9 @@ def test_unknown_model_and_wrong_task_are_400(server, client):
         ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"model": "minilm", "input": "x", "dimensions": 0}, "dimensions"),
         ({"model": "minilm", "input": "x", "input_type": "document"}, "input_type"),
+        ({"model": "minilm", "input": "x", "dimensions": True}, "dimensions"),  # no lax coercions
+        ({"model": "minilm", "input": "x", "truncate": "yes"}, "truncate"),
+        ({"model": "m3", "input": "x", "return_sparse": "true"}, "return_sparse"),
     ],
 )
 def test_bad_schema_is_422_in_openai_shape(server, body, param):

@@ -106,7 +106,7 @@ class _GuardMiddleware:
 
     def __init__(self, app, api_key: str | None, metrics: ServeMetrics):
         self.app, self.api_key, self.metrics = app, api_key, metrics
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -141,7 +141,9 @@ class _GuardMiddleware:
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
-                return hmac.compare_digest(value, self._expected)
+                scheme, _, key = value.strip().partition(b" ")
+                # the scheme is case-insensitive (RFC 9110): "bearer KEY" is as good as "Bearer KEY"
+                return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._expected)
         return False
 
 
@@ -236,7 +238,11 @@ def create_app(
         if engine.task != task:
             route = "/v1/rerank" if engine.task == "rerank" else "/v1/embeddings"
             raise ApiError(
-                400, f"model {requested!r} is a {engine.task} model: use {route}", param="model", code="wrong_task"
+                400,
+                f"model {requested!r} is {'an embedding' if engine.task == 'embeddings' else 'a rerank'} model: "
+                f"use {route}",
+                param="model",
+                code="wrong_task",
             )
         return engine
 
@@ -244,7 +250,8 @@ def create_app(
         if n > config.max_client_batch_size:
             raise ApiError(
                 413,
-                f"{n} {param} in one request; the limit is {config.max_client_batch_size} "
+                f"{n} {'texts' if param == 'input' else param} in one request; the limit is "
+                f"{config.max_client_batch_size} "
                 "(--max-client-batch-size): split the request",
                 param=param,
                 code="too_many_inputs",

@@ -47,7 +47,10 @@ class EmbeddingRequest(_Request):
         "float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded."
     )
     dimensions: int | None = Field(
-        None, ge=1, description="Keep the first N dimensions (Matryoshka), then re-normalize as the model does."
+        None,
+        ge=1,
+        strict=True,
+        description="Keep the first N dimensions (Matryoshka), then re-normalize as the model does.",
     )
     user: str | None = Field(None, description="Accepted for OpenAI compatibility and ignored.")
     input_type: Literal["query", "passage"] | None = Field(
@@ -57,15 +60,16 @@ class EmbeddingRequest(_Request):
     )
     truncate: bool | None = Field(
         None,
+        strict=True,
         description="Extension. Cut inputs longer than the model's max_length (true) or reject them with 413 "
         "(false); default: the server's --truncate setting.",
     )
-    return_dense: bool = Field(True, description="Extension (M3 models): include the dense `embedding`.")
+    return_dense: bool = Field(True, strict=True, description="Extension (M3 models): include the dense `embedding`.")
     return_sparse: bool = Field(
-        False, description="Extension (M3 models): include `lexical_weights`, {token_id: weight}."
+        False, strict=True, description="Extension (M3 models): include `lexical_weights`, {token_id: weight}."
     )
     return_colbert_vecs: bool = Field(
-        False, description="Extension (M3 models): include `colbert_vecs`, one vector per token."
+        False, strict=True, description="Extension (M3 models): include `colbert_vecs`, one vector per token."
     )
 
 
@@ -108,13 +112,15 @@ class RerankRequest(_Request):
         examples=[["Pandas eat bamboo.", "Paris is in France."]],
     )
     model: str | None = Field(None, description="A served reranker name; default: the first reranker.")
-    top_n: int | None = Field(None, ge=1, description="Return only the best N results.")
-    return_documents: bool = Field(False, description="Include each document's text in its result.")
+    top_n: int | None = Field(None, ge=1, strict=True, description="Return only the best N results.")
+    return_documents: bool = Field(False, strict=True, description="Include each document's text in its result.")
     raw_scores: bool = Field(
-        False, description="true: the model's raw logits; false: sigmoid scores in (0, 1) (normalize=True)."
+        False,
+        strict=True,
+        description="true: the model's raw logits; false: sigmoid scores in (0, 1) (normalize=True).",
     )
     truncate: bool | None = Field(
-        None, description="Extension. As in /v1/embeddings: cut long pairs or reject them with 413."
+        None, strict=True, description="Extension. As in /v1/embeddings: cut long pairs or reject them with 413."
     )
 
 
