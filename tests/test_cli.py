@@ -189,6 +189,13 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, minilm_dir, content, mess
         (["embed", "-m", "{tmp}/no-folder", "-i", "{good}", "-o", "{out}"], "does not exist"),
         (["embed", "-i", "{empty}", "-o", "{out}"], "holds no texts"),
         (["rerank", "-q", "x", "-i", "{good}", "-m", "nobody/unknown"], "does not know the reranker"),
+        (["embed", "-i", "{blank}", "-o", "{out}"], "holds no texts"),  # blank lines are skipped
+        (["embed", "-i", "{latin1}", "-o", "{out}"], "latin1.txt, line 2: not UTF-8 text (byte 0xe9"),
+        # output problems are found before the model loads (the unknown model would fail later)
+        (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{tmp}"], "is a folder; pass a file path"),
+        (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{good}/v.npy"], "is a file, not a folder"),
+        (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{good}"], "is also an input"),
+        (["index", "build", "-m", "nobody/unknown-model", "-c", "{good}", "-o", "{good}"], "is a file, not a folder"),
     ],
 )
 def test_cli_errors_are_one_clear_line(tmp_path, args, message):
@@ -196,13 +203,48 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, message):
     good.write_text("hello\n")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"ok\ncaf\xe9\n")
     values = {
         "missing": tmp_path / "missing.txt",
         "out": tmp_path / "o.npy",
         "good": good,
         "empty": empty,
+        "blank": blank,
+        "latin1": latin1,
         "tmp": tmp_path,
     }
     result = run(*[a.format(**values) for a in args], check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embed_reads_a_pipe_once_and_writes_gzipped_jsonl(tmp_path, minilm_dir):
+    """``-i /dev/stdin``: every line, ids by line number, blank lines skipped; ``-o x.jsonl.gz`` is JSONL."""
+    lines = [f"sentence number {i}" for i in range(1, 1501)]
+    lines[9] = ""  # a blank line 10
+    out = tmp_path / "piped.jsonl.gz"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [BGEKIT, "embed", "-m", str(minilm_dir), "-i", "/dev/stdin", "-o", str(out)],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    with gzip.open(out, "rt") as handle:
+        rows = [json.loads(line) for line in handle]
+    assert [r["id"] for r in rows] == [str(i) for i in range(1, 1501) if i != 10]
+    expected = Embedder.from_pretrained(str(minilm_dir)).encode_corpus([lines[0], lines[-1]])
+    np.testing.assert_allclose(np.array([rows[0]["embedding"], rows[-1]["embedding"]]), expected, atol=1e-5)
+
+
+def test_text_field_title_is_not_doubled(tmp_path, tiny_xlmr_reranker):
+    source = tmp_path / "titled.jsonl"
+    source.write_text(json.dumps(PASSAGES[0]) + "\n")
+    result = run("rerank", "-m", str(tiny_xlmr_reranker), "-q", "panda", "-i", str(source), "--text-field", "title")
+    assert "\tPandas" in result.stdout and "Pandas Pandas" not in result.stdout, result.stdout

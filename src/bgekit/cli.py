@@ -161,8 +161,9 @@ def embed(
     from . import hub, io, registry
     from .models.embedder import Embedder
 
+    io.check_outputs(output, sparse, colbert, inputs=[input, examples])
     records = io.read_texts(input, field=text_field)
-    fmt = output_format or (OutputFormat.jsonl if output.suffix.lower() in (".jsonl", ".json") else OutputFormat.npy)
+    fmt = output_format or (OutputFormat.jsonl if io.has_jsonl_suffix(output) else OutputFormat.npy)
     name = model or hub.default_model()
     options = {**precision_options(fp16, bf16), "devices": device or None, "normalize_embeddings": normalize}
     options.update(packing_options(packed))
@@ -301,6 +302,7 @@ def rerank(
 
     if not query.strip():
         raise typer.BadParameter("the query is empty", param_hint="--query")
+    io.check_outputs(output, inputs=[input])
     records = io.read_texts(input, field=text_field)
     name = model or hub.default_model("reranker")
     options = {**packing_options(packed), **backend_options(backend, name, reranker=True)}

@@ -9,12 +9,15 @@ leaves a half-written file where a good one was.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,16 +38,47 @@ def _open_text(path: Path) -> IO[str]:
     return path.open("r", encoding="utf-8")
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` of a UTF-8 text file (gzipped if it ends in ``.gz``), read once from
+    start to end, so a pipe or ``/dev/stdin`` works too; a leading byte-order mark is dropped. Bytes
+    that are not UTF-8 and a broken gzip file are errors that name the file (and the line)."""
+    number = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataFormatError(
+                        path, number, f"not UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start + 1} of the line)"
+                    ) from None
+                yield number, line.removeprefix("\ufeff") if number == 1 else line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        where = f", after line {number}" if number else ""
+        raise InputError(f"{path} is not a readable gzip file ({exc}{where})") from None
+
+
+def _first_non_blank(lines: Iterator[tuple[int, str]]) -> tuple[list[tuple[int, str]], str | None]:
+    """The lines up to and including the first non-blank one, and that line (None if all blank)."""
+    head = []
+    for item in lines:
+        head.append(item)
+        if item[1].strip():
+            return head, item[1]
+    return head, None
+
+
 def is_jsonl(path: Path) -> bool:
     """JSONL by extension (``.jsonl``, ``.json``, also gzipped), else by a first line that starts with ``{``."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if any(s in (".jsonl", ".json", ".ndjson") for s in suffixes):
+    if has_jsonl_suffix(path):
         return True
-    with _open_text(path) as handle:
-        for line in handle:
-            if line.strip():
-                return line.lstrip().startswith("{")
-    return False
+    _, first = _first_non_blank(numbered_lines(path))
+    return first is not None and first.lstrip().startswith("{")
+
+
+def has_jsonl_suffix(path: Path) -> bool:
+    """``.jsonl``, ``.json`` or ``.ndjson``, also before ``.gz``."""
+    return any(s.lower() in (".jsonl", ".json", ".ndjson") for s in path.suffixes)
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -52,45 +86,50 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {path} does not exist")
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(path, number, f"expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+    yield from _parse_jsonl(path, numbered_lines(path))
+
+
+def _parse_jsonl(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
 
 
 def record_text(obj: dict[str, Any], path: Path, line: int, field: str = "text") -> str:
-    """``(title + " " + text).strip()`` of one JSONL object, checked."""
+    """``(title + " " + text).strip()`` of one JSONL object (the field alone when it is ``title``), checked."""
     if field not in obj:
         raise DataFormatError(path, line, f"missing the {field!r} field (keys: {sorted(obj)})")
-    text, title = obj[field], obj.get("title") or ""
+    text, title = obj[field], "" if field == "title" else obj.get("title") or ""
     if not isinstance(text, str) or not isinstance(title, str):
         raise DataFormatError(path, line, f"{field!r} and 'title' must be strings")
     return f"{title} {text}".strip() if title else text
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[TextRecord]:
-    """Read plain-text or JSONL input into records, in file order."""
+    """Read plain-text or JSONL input into records, in file order, in one pass (a pipe works).
+
+    Blank lines are skipped in both; a text line's id is its line number, as in ``--ray`` shards."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {path} does not exist")
     if path.is_dir():
         raise InputError(f"{path} is a folder; pass a text or JSONL file")
     records: list[TextRecord] = []
-    if is_jsonl(path):
-        for line, obj in read_jsonl(path):
+    head, first = _first_non_blank(lines := numbered_lines(path))
+    everything = itertools.chain(head, lines)
+    if has_jsonl_suffix(path) or (first is not None and first.lstrip().startswith("{")):
+        for line, obj in _parse_jsonl(path, everything):
             ident = obj.get("_id", obj.get("id", line))
             records.append(TextRecord(str(ident), record_text(obj, path, line, field)))
     else:
-        with _open_text(path) as handle:
-            for line, text in enumerate(handle, start=1):
-                records.append(TextRecord(str(line), text.rstrip("\r\n")))
+        records = [TextRecord(str(line), text.rstrip("\r\n")) for line, text in everything if text.strip()]
     if not records:
         raise InputError(f"{path} holds no texts")
     return records
@@ -115,24 +154,66 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
     return examples
 
 
+def check_output_path(target: str | Path) -> Path:
+    """An :class:`InputError` now, before any work, if ``target`` cannot become a file: it is a folder,
+    a parent is a file, or the folder it goes in is not writable."""
+    target = Path(target)
+    if target.is_dir():
+        raise InputError(f"output {target} is a folder; pass a file path")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output {target} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output {target} cannot be created: {parent} is not writable")
+    return target
+
+
+def check_outputs(*targets: str | Path | None, inputs: Iterable[str | Path | None] = ()) -> None:
+    """:func:`check_output_path` for each target given, and none of them one of ``inputs`` (writing
+    there would replace the data being read): a command calls this before it loads a model."""
+    read = {Path(p).resolve() for p in inputs if p is not None and Path(p).is_file()}
+    for target in targets:
+        if target is None:
+            continue
+        check_output_path(target)
+        if Path(target).resolve() in read:
+            raise InputError(f"output {target} is also an input: writing it would replace the data; pick another path")
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
-    target = Path(target)
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success. The file
+    gets the mode ``target`` had, or the one the umask gives a new file (not mkstemp's 0600)."""
+    target = check_output_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
         yield tmp_path
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
+@cache
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl(target: str | Path, rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> None:
-    """Write JSON objects one a line, atomically."""
-    with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8") as handle:
+    """Write JSON objects one a line, atomically (gzipped when ``target`` ends in ``.gz``)."""
+    gzipped = Path(target).suffix.lower() == ".gz"
+    with (
+        atomic_path(target) as tmp,
+        gzip.open(tmp, "wt", encoding="utf-8") if gzipped else tmp.open("w", encoding="utf-8") as handle,
+    ):
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 

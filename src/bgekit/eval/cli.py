@@ -104,9 +104,10 @@ def eval_retrieval(
     bf16: Bf16Opt = False,
 ) -> None:
     """Evaluate an embedder (and optionally a reranker) on a retrieval dataset; print the report."""
-    from .. import hub
+    from .. import hub, io
     from .retrieval import evaluate_retrieval
 
+    io.check_outputs(output)
     k_values = parse_k_values(k)
     name = model or hub.default_model()
     result = evaluate_retrieval(
@@ -149,9 +150,10 @@ def eval_sts(
     bf16: Bf16Opt = False,
 ) -> None:
     """Cosine Spearman / Pearson correlation on sentence pairs (MTEB's STS method)."""
-    from .. import hub
+    from .. import hub, io
     from .sts import evaluate_sts
 
+    io.check_outputs(output, inputs=[data])
     result = evaluate_sts(
         model or hub.default_model(),
         data,
@@ -163,7 +165,7 @@ def eval_sts(
     )
     typer.echo(result.to_markdown())
     if output is not None:
-        typer.echo(f"wrote {output}", err=True)
+        typer.echo(f"wrote {', '.join(result.files.values())}", err=True)
 
 
 def index_build(
@@ -188,6 +190,7 @@ def index_build(
     from .index import DenseIndex
     from .retrieval import normalize_rows
 
+    io.check_outputs(out / "docs.jsonl")  # before the corpus is embedded: a file in the way, no write access
     records = io.read_texts(corpus, field=text_field)
     ids = [r.id for r in records]
     seen: set[str] = set()

@@ -20,7 +20,6 @@ CSV quoting off (some sentences hold unbalanced double quotes).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import os
@@ -31,7 +30,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .. import io
 from ..errors import DataFormatError, InputError
@@ -354,28 +353,27 @@ class _Judgments:
 def read_qrels_tsv(path: Path) -> dict[str, dict[str, int]]:
     """BEIR ``query-id<TAB>corpus-id<TAB>score`` (header optional) or TREC ``qid 0 docid rel`` lines."""
     judgments = _Judgments(path)
-    with _open(path) as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                parts = line.split()
-            if len(parts) == 4:  # TREC qrels: qid iteration docid relevance
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise DataFormatError(
-                    path,
-                    line_number,
-                    f"expected 3 tab-separated columns (query-id, corpus-id, score), found {len(parts)}",
-                )
-            query_id, doc_id, score = (p.strip() for p in parts)
-            if line_number == 1 and not _is_number(score):
-                continue  # the header
-            if not query_id or not doc_id:
-                raise DataFormatError(path, line_number, "empty query or document id")
-            judgments.add(query_id, doc_id, _relevance(score, path, line_number), line_number)
+    for line_number, raw in io.numbered_lines(path):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            parts = line.split()
+        if len(parts) == 4:  # TREC qrels: qid iteration docid relevance
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise DataFormatError(
+                path,
+                line_number,
+                f"expected 3 tab-separated columns (query-id, corpus-id, score), found {len(parts)}",
+            )
+        query_id, doc_id, score = (p.strip() for p in parts)
+        if line_number == 1 and _qrels_header(query_id, score):
+            continue
+        if not query_id or not doc_id:
+            raise DataFormatError(path, line_number, "empty query or document id")
+        judgments.add(query_id, doc_id, _relevance(score, path, line_number), line_number)
     return judgments.result()
 
 
@@ -392,18 +390,19 @@ def read_qrels_jsonl(path: Path) -> dict[str, dict[str, int]]:
     return judgments.result()
 
 
+def _qrels_header(query_id: str, score: str) -> bool:
+    """A first line like ``query-id<TAB>corpus-id<TAB>score``; a first judgment with a bad grade is not
+    one (it gets the grade's error, not silently dropped)."""
+    names = {"query-id", "query_id", "qid", "query", "score", "relevance", "rel", "label", "grade"}
+    return not _is_number(score) and (query_id.lower() in names or score.lower() in names)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
         return False
     return True
-
-
-def _open(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
 
 
 # -- STS ------------------------------------------------------------------------------------
@@ -419,32 +418,30 @@ def load_sts(path: str | Path) -> StsDataset:
     first1: list[str] = []
     first2: list[str] = []
     scores: list[float] = []
-    with _open(path) as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
+    for line_number, raw in io.numbered_lines(path):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if line_number == 1:
+            header = [p.strip().lower() for p in parts]
+            if {"sentence1", "sentence2", "score"} <= set(header):
+                columns = (header.index("sentence1"), header.index("sentence2"), header.index("score"))
                 continue
-            parts = line.split("\t")
-            if line_number == 1:
-                header = [p.strip().lower() for p in parts]
-                if {"sentence1", "sentence2", "score"} <= set(header):
-                    columns = (header.index("sentence1"), header.index("sentence2"), header.index("score"))
-                    continue
-                if len(parts) == 3 and not _is_number(parts[2]):
-                    continue  # a header with other names: columns taken in order
-            if len(parts) <= max(columns):
-                raise DataFormatError(
-                    path,
-                    line_number,
-                    f"expected {max(columns) + 1} tab-separated columns (sentence1, sentence2, score), "
-                    f"found {len(parts)}",
-                )
-            value = parts[columns[2]].strip()
-            if not _is_number(value):
-                raise DataFormatError(path, line_number, f"score {value!r} is not a number")
-            first1.append(parts[columns[0]])
-            first2.append(parts[columns[1]])
-            scores.append(float(value))
+            if len(parts) == 3 and not _is_number(parts[2]):
+                continue  # a header with other names: columns taken in order
+        if len(parts) <= max(columns):
+            raise DataFormatError(
+                path,
+                line_number,
+                f"expected {max(columns) + 1} tab-separated columns (sentence1, sentence2, score), found {len(parts)}",
+            )
+        value = parts[columns[2]].strip()
+        if not _is_number(value):
+            raise DataFormatError(path, line_number, f"score {value!r} is not a number")
+        first1.append(parts[columns[0]])
+        first2.append(parts[columns[1]])
+        scores.append(float(value))
     if not scores:
         raise InputError(f"{path} holds no sentence pairs")
     return StsDataset(first1, first2, scores, path, path.stem)

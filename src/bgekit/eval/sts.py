@@ -55,6 +55,7 @@ class StsResult:
         io.write_with(files["markdown"], lambda tmp: tmp.write_text(self.to_markdown(), encoding="utf-8"))
         text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"
         io.write_with(files["json"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        self.files = files
         return files
 
 

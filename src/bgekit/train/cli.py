@@ -328,6 +328,7 @@ def mine(
     from .data import load_train_data, write_records
     from .mining import MiningOptions, mine_hard_negatives, parse_range
 
+    io.check_outputs(output, inputs=[input, corpus])
     records = load_train_data(input)
     pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
     options = (
@@ -355,10 +356,12 @@ def score(
     bf16: Bf16Opt = False,
 ) -> None:
     """Add teacher scores (pos_scores, neg_scores) from a reranker to a training file."""
+    from .. import io
     from ..models.reranker import Reranker
     from .data import load_train_data, write_records
     from .teacher import score_records
 
+    io.check_outputs(output, inputs=[input])
     records = load_train_data(input)
     scored = score_records(records, Reranker.from_pretrained(reranker, **precision_options(fp16, bf16)), batch_size)
     write_records(output, scored)
