@@ -209,6 +209,53 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path, tiny_bert, train_fi
     assert (out / "model.safetensors").exists()
 
 
+def test_an_earlier_run_in_the_output_dir_is_kept_unless_asked(tmp_path, tiny_bert, train_file):
+    """A new run into a folder holding one is refused before the model loads (the Trainer's checkpoint
+    rotation would delete the earlier checkpoints); resuming or --overwrite-output-dir go ahead."""
+    out = tmp_path / "run"
+    (out / "checkpoint-40").mkdir(parents=True)
+    (out / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    base = ["finetune", "embedder", "-m", str(tiny_bert), "--train-data", str(train_file), "--output-dir", str(out)]
+    refused = run(*base, "--max-steps", "1", check=False)
+    assert refused.returncode == 2 and "already holds a run (checkpoint-40)" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    run(*base, "--max-steps", "1", "--per-device-train-batch-size", "4", "--overwrite-output-dir")
+    assert (out / "checkpoint-40").exists() and (out / "model.safetensors").exists()
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
+    from bgekit.errors import InputError
+    from bgekit.train.trainer import resolve_resume
+
+    for name, complete in (("checkpoint-5", True), ("checkpoint-10", True), ("checkpoint-15", False)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-best").mkdir()  # not the Trainer's name
+    assert resolve_resume("auto", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume("auto", str(tmp_path / "empty")) is None
+    with pytest.raises(InputError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoint-15"), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["embedder", "--matryoshka-dims", "16,abc"], "expected whole numbers"),  # typer's usage box
+        (["reranker", "--cutoff-layers", "1,x"], "expected whole numbers"),
+        (["embedder", "--matryoshka-dims", "16,64"], "matryoshka_dims [16, 64] go past the model's 32 dimensions"),
+    ],
+)
+def test_bad_number_lists_are_one_clear_line(tmp_path, tiny_bert, train_file, args, message):
+    command, *rest = args
+    result = run(
+        "finetune", command, "-m", str(tiny_bert), "--train-data", str(train_file), "--output-dir",
+        str(tmp_path / "o"), "--max-steps", "1", *rest, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr.replace("\n", " "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_mining_guards(tmp_path, minilm_dir):
     from bgekit.train.data import TrainRecord
     from bgekit.train.mining import MiningOptions, mine_hard_negatives

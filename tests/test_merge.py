@@ -118,6 +118,10 @@ def test_merge_errors(tmp_path, finetuned, tiny_bert, examples):
         merge_models([str(a), str(b)], [0.5, 0.5], example_data=examples, output_dir=tmp_path / "x")
     with pytest.raises(InputError, match="at least two models"):
         merge_models([str(a)], [1.0], output_dir=tmp_path / "x")
+    with pytest.raises(InputError, match="give weights"):
+        merge_models([str(a), str(b)], output_dir=tmp_path / "x")
+    with pytest.raises(InputError, match="is one of the models being merged"):
+        merge_models([str(a), str(b)], [0.5, 0.5], output_dir=a)
     assert not (tmp_path / "x").exists()
     result = run(
         "merge", "--models", str(a), str(b), "--weights", "1", "--output-dir", str(tmp_path / "y"), check=False

@@ -21,6 +21,13 @@ data_app = typer.Typer(help="Prepare training data.")
 
 TrainData = Annotated[list[Path], typer.Option("--train-data", help="Training JSONL file(s) or folder(s).")]
 OutputDir = Annotated[Path, typer.Option("--output-dir", help="Where checkpoints and the final model go.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite-output-dir",
+        help="Start afresh in an --output-dir that holds an earlier run (else refused: resume it, or pick another).",
+    ),
+]
 Model = Annotated[str, typer.Option("--model", "--model-name-or-path", "-m", help="Hub id or folder to start from.")]
 
 
@@ -87,6 +94,17 @@ SaveMerged = Annotated[
 ]
 
 
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    """``"384,256,128"`` -> ``[384, 256, 128]``; a part that is not a whole number is a usage error (the
+    ranges are the trainers' to check)."""
+    if not text:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise typer.BadParameter(f"expected whole numbers separated by commas, got {text!r}", param_hint=option)
+    return [int(part) for part in parts]
+
+
 def _lora(
     use_lora: bool,
     lora_rank: int,
@@ -146,6 +164,7 @@ def finetune_embedder_cmd(
     save_steps: Annotated[int, typer.Option(min=1)] = 500,
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
+    overwrite_output_dir: Overwrite = False,
     use_lora: UseLora = False,
     lora_rank: LoraRank = 64,
     lora_alpha: LoraAlpha = 16.0,
@@ -201,9 +220,10 @@ def finetune_embedder_cmd(
         use_inbatch_neg=use_inbatch_neg,
         negatives_cross_device=negatives_cross_device,
         kd_loss_type=kd_loss_type,
-        matryoshka_dims=[int(d) for d in matryoshka_dims.split(",")] if matryoshka_dims else None,
+        matryoshka_dims=_int_list(matryoshka_dims, "--matryoshka-dims"),
         sub_batch_size=sub_batch_size,
         resume_from_checkpoint=resume_from_checkpoint,
+        overwrite_output_dir=overwrite_output_dir,
         model_class=model_class,
         example_query_max_len=example_query_max_len,
         example_passage_max_len=example_passage_max_len,
@@ -238,6 +258,7 @@ def finetune_reranker_cmd(
     save_steps: Annotated[int, typer.Option(min=1)] = 500,
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
+    overwrite_output_dir: Overwrite = False,
     query_instruction_for_rerank: Annotated[
         str | None, typer.Option(help="LLM rerankers: query prefix (default 'A: ').")
     ] = None,
@@ -292,12 +313,13 @@ def finetune_reranker_cmd(
         query_max_len=query_max_len,
         max_len=max_len,
         resume_from_checkpoint=resume_from_checkpoint,
+        overwrite_output_dir=overwrite_output_dir,
         query_instruction_for_rerank=query_instruction_for_rerank,
         passage_instruction_for_rerank=passage_instruction_for_rerank,
         prompt=prompt,
         model_class=model_class,
         start_layer=start_layer,
-        cutoff_layers=[int(v) for v in cutoff_layers.split(",")] if cutoff_layers else None,
+        cutoff_layers=_int_list(cutoff_layers, "--cutoff-layers"),
         **_lora(
             use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
         ),
@@ -424,6 +446,7 @@ def finetune_m3_cmd(
     save_steps: Annotated[int, typer.Option(min=1)] = 500,
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
+    overwrite_output_dir: Overwrite = False,
 ) -> None:
     """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
     from .m3 import M3Options, finetune_m3
@@ -464,6 +487,7 @@ def finetune_m3_cmd(
         negatives_cross_device=negatives_cross_device,
         kd_loss_type=kd_loss_type,
         resume_from_checkpoint=resume_from_checkpoint,
+        overwrite_output_dir=overwrite_output_dir,
     )
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 
@@ -550,6 +574,7 @@ def pretrain(
     save_steps: Annotated[int, typer.Option(min=1)] = 500,
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
+    overwrite_output_dir: Overwrite = False,
 ) -> None:
     """Pre-train an encoder for retrieval (RetroMAE: MLM encoder + enhanced decoder from the CLS vector)."""
     from .pretrain import PretrainOptions
@@ -578,6 +603,7 @@ def pretrain(
         encoder_mlm_probability=encoder_mlm_probability,
         decoder_mlm_probability=decoder_mlm_probability,
         resume_from_checkpoint=resume_from_checkpoint,
+        overwrite_output_dir=overwrite_output_dir,
     )
     typer.echo(f"saved {run_pretrain(options)}", err=True)
 

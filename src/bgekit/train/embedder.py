@@ -212,6 +212,8 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     """Fine-tune an embedder and save it in ``options.output_dir``; returns that folder."""
     from transformers import AutoModel, TrainerCallback
 
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
+
     records = load_train_data(options.train_data)  # validated before any model loads
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
@@ -236,6 +238,9 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
+    width = getattr(model.config, "hidden_size", None)
+    if options.matryoshka_dims and width and max(options.matryoshka_dims) > width:
+        raise InputError(f"matryoshka_dims {options.matryoshka_dims} go past the model's {width} dimensions")
     resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache = getattr(model.config, "use_cache", None)
@@ -266,7 +271,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options=options,
         pooling_method=pooling_method,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     if decoder:
         trainer.model.config.use_cache = use_cache  # the saved config as it came
     return lora.save_trained(  # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)

@@ -234,6 +234,7 @@ def finetune_icl(
     ``bgekit.train.embedder.finetune_embedder`` calls this for ``decoder-only-icl`` models
     (plain :class:`~bgekit.train.embedder.EmbedderOptions` get the ICL defaults).
     """
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     from transformers import AutoModel, TrainerCallback
 
     options = as_icl_options(options)
@@ -279,7 +280,7 @@ def finetune_icl(
         options=options,
         pooling_method="last_token",
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.model.config.use_cache = use_cache  # the saved config as it came
     return lora.save_trained(  # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)
         trainer,

@@ -171,6 +171,7 @@ def finetune_layerwise(
     ``bgekit.train.reranker.finetune_reranker`` calls this for layerwise models; plain
     :class:`~bgekit.train.reranker.RerankerOptions` get the layerwise defaults.
     """
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     from transformers import TrainerCallback
 
     options = as_layerwise_options(options)
@@ -218,7 +219,7 @@ def finetune_layerwise(
         group_size=options.train_group_size,
         cutoff_layers=cutoffs,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         copy_folder_files(folder, output)

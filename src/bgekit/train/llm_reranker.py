@@ -79,6 +79,7 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
         >>> from bgekit import Reranker
         >>> Reranker.from_pretrained("OUT").compute_score([("what is a panda?", "A bear.")])  # doctest: +SKIP
     """
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     from transformers import AutoModelForCausalLM
 
     options.check_lora()
@@ -104,7 +105,7 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
         group_size=options.train_group_size,
         yes_loc=yes_loc,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     output = Path(options.output_dir)
     trainer.model.config.use_cache = use_cache  # the saved config as it came
     return lora.save_trained(trainer, hf_tokenizer, output, options, resized=resized)

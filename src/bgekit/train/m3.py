@@ -304,6 +304,7 @@ def finetune_m3(options: M3Options) -> Path:
     ``sparse_active`` (share of token weights above 0) go to the Trainer's logs and to
     ``trainer_state.json`` in the output folder.
     """
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     records = load_train_data(options.train_data)  # validated before any model loads
     heads = resolve_heads(options)
     if options.kd_loss_type not in KD_LOSSES:
@@ -339,7 +340,7 @@ def finetune_m3(options: M3Options) -> Path:
         options=options,
         heads=heads,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     output = Path(options.output_dir)
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():

@@ -241,11 +241,15 @@ def merge_models(
     """
     if len(models) < 2:
         raise InputError(f"merging needs at least two models, got {len(models)}")
-    if (weights is None) == (example_data is None):
+    if weights is None and example_data is None:
+        raise InputError("give weights (one per model) or example_data to work them out")
+    if weights is not None and example_data is not None:
         raise InputError("give either weights (one per model) or example_data to work them out, not both")
     if model_type not in ("auto", "embedder", "reranker"):
         raise InputError(f"model_type must be auto, embedder or reranker, got {model_type!r}")
     folders = [hub.model_folder(str(m)) for m in models]
+    if Path(output_dir).resolve() in {f.resolve() for f in folders}:
+        raise InputError(f"output_dir {output_dir} is one of the models being merged; write the merge elsewhere")
     states = [read_state_dict(f) for f in folders]
     check_same_architecture(folders, states)
     heads: dict[str, list[dict[str, torch.Tensor]]] = {}

@@ -211,6 +211,7 @@ def pretrain(options: PretrainOptions) -> Path:
 
     ``encoder_loss`` and ``decoder_loss`` go to the Trainer's logs and ``trainer_state.json``.
     """
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     from transformers import AutoModelForMaskedLM
 
     for name in ("encoder_mlm_probability", "decoder_mlm_probability"):
@@ -239,7 +240,7 @@ def pretrain(options: PretrainOptions) -> Path:
         text_tokenizer=tokenizer,
         throughput=throughput,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     output = Path(options.output_dir)
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():

@@ -66,6 +66,8 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     """Fine-tune a cross-encoder reranker and save it in ``options.output_dir``."""
     from transformers import AutoModelForSequenceClassification
 
+    resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
+
     records = load_train_data(options.train_data)
     folder = hub.model_folder(options.model_name_or_path)
     kind = options.model_class or hub.describe_folder(folder, registry.RERANKERS, for_reranker=True).kind
@@ -99,6 +101,6 @@ def finetune_reranker(options: RerankerOptions) -> Path:
         throughput=throughput,
         group_size=options.train_group_size,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(options.resume_from_checkpoint, options.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)
     return lora.save_trained(trainer, hf_tokenizer, options.output_dir, options, resized=resized)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class TrainOptions:
     save_total_limit: int | None = 2
     seed: int = 42
     dataloader_num_workers: int = 0
+    #: start afresh in an ``output_dir`` that holds an earlier run (its checkpoints may be rotated away)
+    overwrite_output_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def training_arguments(self) -> TrainingArguments:
@@ -144,16 +147,44 @@ def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torc
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> str | bool | None:
-    """``"auto"`` resumes from the newest checkpoint in ``output_dir`` if there is one."""
+def resolve_resume(resume: str | None, output_dir: str, overwrite: bool = False) -> str | None:
+    """The checkpoint to resume from, checked before any model loads (the finetune functions call it
+    first). ``"auto"``: the newest complete ``checkpoint-N`` in ``output_dir``, if any. Without a
+    resume, an ``output_dir`` that holds an earlier run is refused unless ``overwrite``: the Trainer's
+    checkpoint rotation would delete that run's checkpoints and the new model replace its own."""
     if resume is None:
+        earlier = sorted(p.name for p in Path(output_dir).glob("*") if not p.name.startswith("."))
+        if earlier and not overwrite:
+            shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise InputError(
+                f"--output-dir {output_dir} already holds a run ({shown}): continue it with "
+                "--resume-from-checkpoint auto, start over there with --overwrite-output-dir, or pick another folder"
+            )
         return None
     if resume == "auto":
-        checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return str(checkpoints[-1]) if checkpoints else None
+        return newest_checkpoint(output_dir)
     if not Path(resume).is_dir():
         raise InputError(f"resume_from_checkpoint {resume} is not a checkpoint folder")
+    if not (Path(resume) / "trainer_state.json").exists():
+        raise InputError(
+            f"resume_from_checkpoint {resume} has no trainer_state.json: it is not a complete checkpoint "
+            "(a run stopped while saving it?); pick an earlier one or --resume-from-checkpoint auto"
+        )
     return resume
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The highest-numbered ``checkpoint-N`` folder with a ``trainer_state.json`` (one a run stopped
+    while saving lacks it, and other names such as ``checkpoint-best`` are not the Trainer's)."""
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and folder.is_dir():
+            if (folder / "trainer_state.json").exists():
+                found.append((int(match[1]), folder))
+            else:
+                logger.warning("%s is incomplete (no trainer_state.json): not resuming from it", folder)
+    return str(max(found)[1]) if found else None
 
 
 class LossPartsLogging:
