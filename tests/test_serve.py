@@ -341,6 +341,10 @@ def test_models_list_and_openapi_docs(server, client):
     assert cards["minilm"].model_extra["dimensions"] == 384
     assert cards["m3"].model_extra["outputs"] == ["dense", "sparse", "colbert"]
     assert cards["llm-rr"].model_extra["model_class"] == "FlagLLMReranker"
+    one = client.models.retrieve("m3")
+    assert one.id == "m3" and one.model_extra["outputs"] == ["dense", "sparse", "colbert"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     assert {"/v1/embeddings", "/v1/rerank", "/v1/models", "/v1/health", "/v1/metrics"} <= set(schema["paths"])
     request_schema = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]

@@ -33,6 +33,7 @@ from .schemas import (
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    ModelCard,
     ModelList,
     RerankDocument,
     RerankRequest,
@@ -113,7 +114,7 @@ class _GuardMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         route = path.removeprefix("/v1") or "/"
-        route = route if route in ROUTES else "other"
+        route = "/models" if route.startswith("/models/") else route if route in ROUTES else "other"
         started = time.perf_counter()
         status = 500
 
@@ -393,6 +394,20 @@ def create_app(
     )
     async def models() -> dict:
         return {"object": "list", "data": [e.card() for e in engines.values()]}
+
+    @router.get(
+        "/models/{model_id:path}",
+        response_model=ModelCard,
+        responses={401: ERROR_RESPONSES[401], 404: {"model": ErrorResponse, "description": "Not served here"}},
+        summary="One served model (the openai client's models.retrieve)",
+        dependencies=[Security(bearer)],
+    )
+    async def model(model_id: str) -> dict:
+        engine = engines.get(model_id)
+        if engine is None:
+            message = f"model {model_id!r} is not served here; served models: {sorted(engines)}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return engine.card()
 
     @router.get(
         "/health",
