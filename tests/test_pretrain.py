@@ -127,3 +127,16 @@ def test_pretrain_on_cranfield_then_finetune(tmp_path, tiny_bert, corpus):
     )
     vectors = Embedder.from_pretrained(str(tuned), devices="cpu").encode(["lift of a wing", "heat transfer"])
     assert vectors.shape == (2, 32)
+
+
+def test_a_beir_folder_is_read_by_its_corpus(tmp_path):
+    from pathlib import Path
+
+    from bgekit.train.pretrain import read_corpus
+
+    beir = Path(__file__).resolve().parents[1] / "examples" / "data" / "scifact-mini"
+    corpus = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    texts = read_corpus([str(beir)])
+    assert len(texts) == len(corpus) and texts[0] == f"{corpus[0]['title']} {corpus[0]['text']}".strip()
+    with pytest.raises(InputError, match=r"without corpus\.jsonl"):
+        read_corpus([str(tmp_path)])

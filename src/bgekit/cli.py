@@ -296,7 +296,8 @@ def rerank(
     packed: PackedOpt = Packing.auto,
     backend: BackendOpt = Backend.torch,
 ) -> None:
-    """Score every passage in INPUT against QUERY; print the ranking or write JSONL."""
+    """Score every passage in INPUT against QUERY; print the ranking (--top-k for the best K), and with
+    -o also write every score as JSONL in input order."""
     from . import hub, io
     from .models.reranker import Reranker
 

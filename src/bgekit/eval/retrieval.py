@@ -231,6 +231,11 @@ def evaluate_retrieval(
     dense_index = DenseIndex.build(corpus_vectors, dataset.corpus_ids, kind=index, quantization=quantization)
     timings["index_s"] = time.perf_counter() - tick
     depth = top_k or max(max(k_values), rerank_top_k if rerank_model is not None else 0)
+    if depth < max(k_values):
+        logger.warning(
+            "top_k=%d retrieves fewer documents than k=%d: metrics @%d count only the first %d",
+            depth, max(k_values), max(k_values), depth,
+        )  # fmt: skip
     tick = time.perf_counter()
     scores, rows = dense_index.search(query_vectors, depth)
     run = to_run(query_ids, scores, rows, dataset.corpus_ids)

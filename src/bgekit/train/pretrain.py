@@ -48,13 +48,24 @@ class PretrainOptions(TrainOptions):
 
 
 def read_corpus(paths: list[str]) -> list[str]:
-    """Texts of text / JSONL files (``text``, with ``title`` prepended when present, as BEIR corpora)."""
+    """Texts of text / JSONL files (``text``, with ``title`` prepended when present, as BEIR corpora),
+    or of BEIR-layout folders' ``corpus.jsonl`` (also gzipped)."""
     if not paths:
         raise InputError("give at least one --train-data file")
-    texts = [r.text for path in paths for r in io.read_texts(path) if r.text.strip()]
+    texts = [r.text for path in paths for r in io.read_texts(_corpus_file(Path(path))) if r.text.strip()]
     if not texts:
         raise InputError(f"{', '.join(paths)} hold no non-empty texts")
     return texts
+
+
+def _corpus_file(path: Path) -> Path:
+    """``path``, or a BEIR folder's corpus file."""
+    if not path.is_dir():
+        return path
+    found = next((path / name for name in ("corpus.jsonl", "corpus.jsonl.gz") if (path / name).exists()), None)
+    if found is None:
+        raise InputError(f"{path} is a folder without corpus.jsonl; pass text / JSONL files or a BEIR-layout folder")
+    return found
 
 
 class PretrainCollator:

@@ -71,7 +71,7 @@ class TrainOptions:
             warmup_steps=self.warmup_ratio,
             weight_decay=self.weight_decay,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            gradient_checkpointing=self.gradient_checkpointing,
+            **{_CHECKPOINTING: self.gradient_checkpointing},
             bf16=self.bf16,
             fp16=self.fp16,
             deepspeed=self.deepspeed,
@@ -85,6 +85,18 @@ class TrainOptions:
             disable_tqdm=False,
             **{**extra, **self.extra},
         )
+
+
+def _checkpointing_argument() -> str:
+    """``activation_checkpointing`` where TrainingArguments has it (transformers 5.x later releases call
+    ``gradient_checkpointing`` a deprecated alias and warn on every run), else the old name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+_CHECKPOINTING = _checkpointing_argument()
 
 
 def training_tokenizer(hf_tokenizer) -> TextTokenizer:
