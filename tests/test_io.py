@@ -102,3 +102,11 @@ def test_qrels_header_is_recognised_but_a_bad_first_grade_is_an_error(tmp_path):
     bad.write_text("q1\td1\tx\nq1\td2\t1\n")
     with pytest.raises(DataFormatError, match=r"bad\.tsv, line 1"):
         read_qrels_tsv(bad)
+
+
+def test_examples_files_as_a_json_array_or_jsonl_also_gzipped(tmp_path):
+    array = tmp_path / "ex.json.gz"
+    array.write_bytes(gzip.compress(b'[{"query": "q", "response": "r"}]\n'))
+    lines = tmp_path / "ex.jsonl"
+    lines.write_text('{"query": "q", "response": "r"}\n\n')
+    assert io.read_examples(array) == io.read_examples(lines) == [{"query": "q", "response": "r"}]

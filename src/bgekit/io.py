@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .errors import DataFormatError, InputError
 
@@ -30,12 +30,6 @@ class TextRecord:
 
     id: str
     text: str
-
-
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -66,14 +60,6 @@ def _first_non_blank(lines: Iterator[tuple[int, str]]) -> tuple[list[tuple[int, 
         if item[1].strip():
             return head, item[1]
     return head, None
-
-
-def is_jsonl(path: Path) -> bool:
-    """JSONL by extension (``.jsonl``, ``.json``, also gzipped), else by a first line that starts with ``{``."""
-    if has_jsonl_suffix(path):
-        return True
-    _, first = _first_non_blank(numbered_lines(path))
-    return first is not None and first.lstrip().startswith("{")
 
 
 def has_jsonl_suffix(path: Path) -> bool:
@@ -140,15 +126,15 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"examples file {path} does not exist")
-    with _open_text(path) as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith("["):
+    lines = list(numbered_lines(path))
+    _, first = _first_non_blank(iter(lines))
+    if first is not None and first.lstrip().startswith("["):
         try:
-            examples = json.loads(path.read_text(encoding="utf-8"))
+            examples = json.loads("".join(line for _, line in lines))
         except json.JSONDecodeError as exc:
             raise DataFormatError(path, exc.lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     else:
-        examples = [obj for _, obj in read_jsonl(path)]
+        examples = [obj for _, obj in _parse_jsonl(path, lines)]
     if not examples:
         raise InputError(f"examples file {path} holds no examples")
     return examples
