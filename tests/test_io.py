@@ -110,3 +110,17 @@ def test_examples_files_as_a_json_array_or_jsonl_also_gzipped(tmp_path):
     lines = tmp_path / "ex.jsonl"
     lines.write_text('{"query": "q", "response": "r"}\n\n')
     assert io.read_examples(array) == io.read_examples(lines) == [{"query": "q", "response": "r"}]
+
+
+def test_ray_shards_name_bad_lines_as_read_texts_does(tmp_path):
+    pytest.importorskip("pyarrow")
+    from bgekit.distributed.plan import plan, read_shard
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n{"text": broken}\n')
+    shards = plan(str(source), 1)
+    assert read_shard(str(source), shards.format, shards.shards[0]) == (["1"], ["ok"])
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl, line 3: not UTF-8 text"):
+        read_shard(str(source), shards.format, shards.shards[1])
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl, line 4: not valid JSON"):
+        read_shard(str(source), shards.format, shards.shards[2])

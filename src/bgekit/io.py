@@ -40,12 +40,7 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataFormatError(
-                        path, number, f"not UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start + 1} of the line)"
-                    ) from None
+                line = decode_line(path, number, raw)
                 yield number, line.removeprefix("\ufeff") if number == 1 else line
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         where = f", after line {number}" if number else ""
@@ -75,17 +70,30 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     yield from _parse_jsonl(path, numbered_lines(path))
 
 
+def decode_line(path: str | Path, number: int, raw: bytes) -> str:
+    """One line's bytes as UTF-8 text; a :class:`DataFormatError` naming file, line and byte otherwise."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start + 1} of the line)"
+        raise DataFormatError(path, number, problem) from None
+
+
+def parse_json_line(path: str | Path, number: int, line: str) -> dict[str, Any]:
+    """One JSONL line's object; a :class:`DataFormatError` naming file and line otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _parse_jsonl(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataFormatError(path, number, f"expected a JSON object, got {type(obj).__name__}")
-        yield number, obj
+        if line.strip():
+            yield number, parse_json_line(path, number, line)
 
 
 def record_text(obj: dict[str, Any], path: Path, line: int, field: str = "text") -> str:

@@ -9,7 +9,6 @@ row number for Parquet), so they are global and stable however the work is split
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -124,17 +123,12 @@ def read_shard(path: str, fmt: str, shard: Shard, field: str = "text") -> tuple[
                 break
             if not raw.strip():
                 continue
-            line = raw.decode("utf-8")
+            line = bio.decode_line(path, number, raw)
             if fmt == "text":
                 ids.append(str(number))
                 texts.append(line.rstrip("\r\n"))
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(path, number, f"expected a JSON object, got {type(obj).__name__}")
+            obj = bio.parse_json_line(path, number, line)
             ids.append(str(obj.get("_id", obj.get("id", number))))
             texts.append(bio.record_text(obj, path, number, field))  # type: ignore[arg-type]
     if len(ids) != shard.num_rows:
