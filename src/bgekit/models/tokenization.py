@@ -275,7 +275,7 @@ class TextTokenizer:
         """The post-processor's pair layout, ``prefix + a + middle + b + suffix`` with the segment ids
         of each part, learned once from two probe pairs and kept only if both give the same layout
         (``[CLS] a [SEP] b [SEP]``, ``<s> a </s></s> b </s>``, ...); None means "process pair by pair"."""
-        if not hasattr(self, "_pair_layout"):
+        if "_pair_layout" not in self.__dict__:  # not hasattr: unknown names go on to the HF tokenizer
             layouts = []
             for a_text, b_text in (("hello", "world wide web"), ("one two three", "four")):
                 a, b = self.backend.encode_batch([a_text, b_text], add_special_tokens=False)
