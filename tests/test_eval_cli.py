@@ -104,6 +104,11 @@ def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
     reranked = run("search", "--index", str(index), query, "--top-k", "3", "--reranker", str(tiny_xlmr_reranker))
     lines = [line.split("\t") for line in reranked.stdout.strip().splitlines()]
     assert len(lines) == 3 and [float(p[1]) for p in lines] == sorted((float(p[1]) for p in lines), reverse=True)
+    fewer = run(
+        "search", "--index", str(index), query, "--top-k", "3", "--reranker", str(tiny_xlmr_reranker),
+        "--rerank-top-k", "2",
+    )  # fmt: skip
+    assert len(fewer.stdout.strip().splitlines()) == 2 and "2 results, the reranked candidates" in fewer.stderr
 
 
 @pytest.mark.parametrize(

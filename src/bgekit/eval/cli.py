@@ -227,7 +227,9 @@ def index_build(
 def search(
     query: Annotated[str, typer.Argument(help="The query text.")],
     index: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `bgekit index build`.")],
-    top_k: Annotated[int, typer.Option(min=1, help="How many results to print.")] = 10,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="How many results to print (with a reranker, of the reranked candidates).")
+    ] = 10,
     reranker: RerankerOpt = None,
     rerank_top_k: Annotated[
         int | None, typer.Option(min=1, help="Candidates to rerank (default: max(top-k, 100)).")
@@ -272,6 +274,8 @@ def search(
     if reranker:
         rerank_model = load_reranker(reranker, options)
         candidates = hits[: rerank_top_k or depth]
+        if len(candidates) < top_k:  # as eval's rerank stage: the result list is the reranked candidates
+            typer.echo(f"note: {len(candidates)} results, the reranked candidates (--rerank-top-k)", err=True)
         new_scores = rerank_model.compute_score([(query, texts.get(d, "")) for d, _ in candidates])
         hits = sorted(zip((d for d, _ in candidates), map(float, new_scores), strict=True), key=lambda h: -h[1])
     for rank, (doc_id, score) in enumerate(hits[:top_k], start=1):
