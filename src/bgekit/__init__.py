@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
+    "AbsEmbedder": "bgekit.models.flag_abc",
+    "AbsReranker": "bgekit.models.flag_abc",
     "Embedder": "bgekit.models.embedder",
     "Reranker": "bgekit.models.reranker",
     "FlagModel": "bgekit.models.encoder",
@@ -34,6 +36,7 @@ _LAZY = {
     "BGEM3FlagModel": "bgekit.models.m3",
     "FlagLLMModel": "bgekit.models.llm",
     "FlagICLModel": "bgekit.models.llm",
+    "FlagPseudoMoEModel": "bgekit.models.pseudo_moe",
     "FlagLLMReranker": "bgekit.models.llm_reranker",
     "LayerWiseFlagLLMReranker": "bgekit.models.layerwise_reranker",
     "LightWeightFlagLLMReranker": "bgekit.models.layerwise_reranker",
@@ -44,6 +47,8 @@ _LAZY = {
 }
 
 __all__ = [
+    "AbsEmbedder",
+    "AbsReranker",
     "BGEM3FlagModel",
     "BgekitError",
     "DataFormatError",
@@ -56,6 +61,7 @@ __all__ = [
     "FlagLLMModel",
     "FlagLLMReranker",
     "FlagModel",
+    "FlagPseudoMoEModel",
     "FlagReranker",
     "InputError",
     "LayerWiseFlagLLMReranker",

@@ -114,7 +114,10 @@ def embed(
     ] = None,
     model_class: Annotated[
         str | None,
-        typer.Option(help="Family override: encoder-only-base, encoder-only-m3, decoder-only-base, decoder-only-icl."),
+        typer.Option(
+            help="Family override: encoder-only-base, encoder-only-m3, decoder-only-base, decoder-only-icl, "
+            "decoder-only-pseudo_moe."
+        ),
     ] = None,
     pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
     backend: BackendOpt = Backend.torch,

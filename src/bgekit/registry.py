@@ -18,7 +18,8 @@ ENCODER = "encoder-only-base"
 M3 = "encoder-only-m3"
 DECODER = "decoder-only-base"
 ICL = "decoder-only-icl"
-EMBEDDER_KINDS = (ENCODER, M3, DECODER, ICL)
+PSEUDO_MOE = "decoder-only-pseudo_moe"  # domain-routed decoders: only by model_class, as in FlagEmbedding
+EMBEDDER_KINDS = (ENCODER, M3, DECODER, ICL, PSEUDO_MOE)
 
 CROSS_ENCODER = "encoder-only-base"
 LLM_RERANKER = "decoder-only-base"
@@ -35,6 +36,7 @@ class EmbedderModelClass(StrEnum):
     ENCODER_ONLY_M3 = M3
     DECODER_ONLY_BASE = DECODER
     DECODER_ONLY_ICL = ICL
+    DECODER_ONLY_PSEUDO_MOE = PSEUDO_MOE
 
 
 class RerankerModelClass(StrEnum):

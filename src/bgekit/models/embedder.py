@@ -19,13 +19,14 @@ import torch
 
 from .. import hub, registry
 from ..errors import InputError
+from .flag_pool import EmbedderPoolMethods
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
 
 logger = logging.getLogger(__name__)
 
 
-class Embedder:
+class Embedder(EmbedderPoolMethods):
     """Base class of bgekit's embedders. Build one with :meth:`from_pretrained`.
 
     Example:
@@ -280,6 +281,7 @@ EMBEDDER_CLASSES = {
     registry.M3: ("bgekit.models.m3", "BGEM3FlagModel"),
     registry.DECODER: ("bgekit.models.llm", "FlagLLMModel"),
     registry.ICL: ("bgekit.models.llm", "FlagICLModel"),
+    registry.PSEUDO_MOE: ("bgekit.models.pseudo_moe", "FlagPseudoMoEModel"),
 }
 
 

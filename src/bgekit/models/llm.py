@@ -288,6 +288,19 @@ class FlagICLModel(FlagLLMModel):
         texts, _ = as_text_list(texts, "queries")
         return self.tokenize_queries(texts, self.host.clamp_length(max_length, self.query_max_length))
 
+    def encode_queries_single_device(
+        self,
+        queries: str | list[str],
+        batch_size: int = 256,
+        max_length: int = 512,
+        convert_to_numpy: bool = True,
+        device: str | int | None = None,
+        **kwargs: Any,
+    ):
+        """FlagEmbedding's name: :meth:`encode_queries` (examples and instruction) on one device."""
+        with self.on_device(device):
+            return self.encode_queries(queries, batch_size, max_length, convert_to_numpy, **kwargs)
+
     def encode_queries(
         self,
         queries: str | list[str],

@@ -289,6 +289,23 @@ class BGEM3FlagModel(Embedder):
             out = {key: None if value is None else value[0] for key, value in out.items()}  # type: ignore[assignment]
         return out
 
+    def encode_single_device(
+        self,
+        sentences: str | list[str],
+        batch_size: int = 256,
+        max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        device: str | int | None = None,
+        **kwargs: Any,
+    ) -> M3Output:
+        """FlagEmbedding's M3 ``encode_single_device``: :meth:`encode` on one device (default: all)."""
+        with self.on_device(device):
+            return self.encode(
+                sentences, batch_size, max_length, return_dense, return_sparse, return_colbert_vecs, **kwargs
+            )
+
     def _embed(
         self, texts: list[str], batch_size: int, max_length: int, show_progress_bar: bool | None
     ) -> torch.Tensor:
@@ -516,6 +533,22 @@ class BGEM3FlagModel(Embedder):
         )
         scores = self._pair_scores(queries, passages, weights)
         return {mode: values[0] for mode, values in scores.items()} if single else scores
+
+    def compute_score_single_device(
+        self,
+        sentence_pairs: list[tuple[str, str]] | tuple[str, str],
+        batch_size: int = 256,
+        max_query_length: int = 512,
+        max_passage_length: int = 512,
+        weights_for_different_modes: Sequence[float] | None = None,
+        device: str | int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, list[float] | float]:
+        """FlagEmbedding's name: :meth:`compute_score` on one device (default: all of the model's)."""
+        with self.on_device(device):
+            return self.compute_score(
+                sentence_pairs, batch_size, max_query_length, max_passage_length, weights_for_different_modes, **kwargs
+            )
 
     def _encode_for_scoring(
         self, texts: list[str], batch_size: int | None, max_length: int | None, default: int

@@ -23,6 +23,7 @@ from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
 from .embedder import Embedder
+from .flag_pool import RerankerPoolMethods
 from .inputs import as_pair_list
 from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
@@ -36,7 +37,7 @@ def sigmoid(scores: Sequence[float]) -> list[float]:
     return (1.0 / (1.0 + np.exp(-values))).tolist()
 
 
-class Reranker:
+class Reranker(RerankerPoolMethods):
     """Base class of bgekit's rerankers. Build one with :meth:`from_pretrained`.
 
     Example:
@@ -111,12 +112,27 @@ class Reranker:
 
         ``normalize=True`` maps scores through a sigmoid into (0, 1).
         """
+        pairs, _ = as_pair_list(sentence_pairs)
+        return self._scores(
+            self.detailed_pairs(pairs), batch_size, query_max_length, max_length, normalize, show_progress_bar, **kwargs
+        )
+
+    def _scores(
+        self,
+        pairs: list[tuple[str, str]],
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        normalize: bool | None = None,
+        show_progress_bar: bool | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        """:meth:`compute_score` on checked pairs (``as_pair_list``'s), without adding the instructions."""
         unknown = set(kwargs) - set(self.CALL_OPTIONS)
         if unknown:
             raise InputError(f"compute_score() got unexpected options {sorted(unknown)}")
-        pairs, _ = as_pair_list(sentence_pairs)
         scores = self._score(
-            self.detailed_pairs(pairs),
+            pairs,
             batch_size=self.batch_size if batch_size is None else batch_size,
             query_max_length=self.query_max_length if query_max_length is None else query_max_length,
             max_length=self.max_length if max_length is None else max_length,

@@ -12,8 +12,9 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,7 +121,8 @@ class ReplicaPool:
     """
 
     def __init__(self, module: torch.nn.Module, devices: Sequence[str], dtype_for: Callable[[str], torch.dtype]):
-        self.devices = list(devices)
+        self._devices = list(devices)
+        self._pinned = threading.local()  # this thread's one device inside :meth:`only`
         self._dtype_for = dtype_for
         self._primary = module
         self._replicas: dict[str, torch.nn.Module] = {}
@@ -141,8 +143,31 @@ class ReplicaPool:
             return self._replicas[device]
 
     @property
+    def devices(self) -> list[str]:
+        """The devices work runs on: all of the pool's, or the one :meth:`only` pins in this thread."""
+        pinned = getattr(self._pinned, "device", None)
+        return self._devices if pinned is None else [pinned]
+
+    @property
     def primary(self) -> torch.nn.Module:
         return self.replica(self.devices[0])
+
+    @contextmanager
+    def only(self, device: str | None) -> Iterator[None]:
+        """Run this thread's work on ``device`` alone (one of the pool's) until the block ends;
+        ``None`` keeps every device. Other threads keep using them all. FlagEmbedding's
+        ``encode_single_device(..., device=)`` runs through this."""
+        if device is None:
+            yield
+            return
+        if device not in self._devices:
+            raise InputError(f"device {device!r} is not one of this model's devices {self._devices}")
+        previous = getattr(self._pinned, "device", None)
+        self._pinned.device = device
+        try:
+            yield
+        finally:
+            self._pinned.device = previous
 
     def map(self, fn: Callable[[torch.nn.Module, str, Any], T], items: Sequence[Any]) -> list[T]:
         """Run ``fn(module, device, item)`` for every item, on all devices at once; keep item order."""

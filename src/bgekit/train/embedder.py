@@ -227,6 +227,8 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options.extra.setdefault("dataloader_drop_last", True)
     options.check_lora()
     name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class)
+    if spec is not None and spec.kind == registry.PSEUDO_MOE:  # routing lives in the checkpoint's own code
+        raise InputError("fine-tuning a pseudo-MoE (domain-routed) embedder is not supported; it embeds only")
     if spec is not None and spec.kind == registry.ICL:  # bge-en-icl: examples in the queries
         from .icl import finetune_icl
 
