@@ -66,6 +66,25 @@ def test_finetune_embedder_saves_a_loadable_model(tmp_path, tiny_bert, train_fil
     assert np.abs(before - model.encode(["hello there"])).max() > 1e-4, "training changed the weights"
 
 
+def test_unnormalized_training_reloads_unnormalized(tmp_path, tiny_bert, train_file):
+    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+
+    options = EmbedderOptions(
+        output_dir=str(tmp_path / "raw"),
+        model_name_or_path=str(tiny_bert),
+        train_data=[str(train_file)],
+        max_steps=1,
+        per_device_train_batch_size=4,
+        normalize_embeddings=False,
+    )
+    out = finetune_embedder(options)
+    model = Embedder.from_pretrained(str(out), devices="cpu")
+    assert model.normalize_embeddings is False
+    st = pytest.importorskip("sentence_transformers").SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(["hello there"]), model.encode(["hello there"]), atol=1e-5)
+    assert abs(np.linalg.norm(model.encode("hello there")) - 1) > 1e-3
+
+
 def test_finetune_reranker_saves_a_loadable_model(tmp_path, tiny_bert, train_file):
     out = tmp_path / "rr"
     run(

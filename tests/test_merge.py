@@ -77,6 +77,9 @@ def test_weights_one_zero_give_the_first_model_back(tmp_path, finetuned):
     averaged = read_state_dict(half.output_dir)
     key = "encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(averaged[key], (first[key] + second[key]) / 2)
+    even = merge_models([str(a), str(b)], [1, 1], output_dir=tmp_path / "even")  # an average, not a sum
+    assert json.loads((even.output_dir / "merge_weights.json").read_text())["weights"] == [0.5, 0.5]
+    torch.testing.assert_close(read_state_dict(even.output_dir)[key], averaged[key])
 
 
 def test_example_data_weights_favour_the_better_model(tmp_path, finetuned, examples):
@@ -127,3 +130,28 @@ def test_merge_errors(tmp_path, finetuned, tiny_bert, examples):
         "merge", "--models", str(a), str(b), "--weights", "1", "--output-dir", str(tmp_path / "y"), check=False
     )
     assert result.returncode == 2 and "got 1 weights for 2 models" in result.stderr
+
+
+def test_example_loss_sees_the_prompts_the_model_sees(tmp_path, golden_dir, examples):
+    """A decoder's example loss uses its family's query format, as encode_queries does."""
+    from bgekit import hub
+    from bgekit.train import losses
+    from bgekit.train.data import GroupSampler, load_train_data
+    from bgekit.train.merge import example_loss
+
+    folder = tmp_path / "decoder"
+    shutil.copytree(golden_dir / "models" / "mistral-llm", folder)
+    hub.write_folder_metadata(
+        folder,
+        "decoder-only-base",
+        "last_token",
+        query_instruction_for_retrieval="Find the passage",
+        query_instruction_format="Instruct: {}\nQuery: {}",
+    )
+    records = load_train_data(examples)
+    groups = [GroupSampler(records, 2, 42).group(i) for i in range(len(records))]
+    model = Embedder.from_pretrained(str(folder), devices="cpu")
+    q = torch.from_numpy(model.encode_queries([g.query for g in groups], max_length=64))
+    p = torch.from_numpy(model.encode_corpus([text for g in groups for text in g.passages], max_length=256))
+    expected = losses.info_nce(q, p, 2, 0.05).item()
+    assert example_loss(folder, records, "embedder", group_size=2) == pytest.approx(expected, rel=1e-4)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from bgekit import DataFormatError, InputError
+from bgekit.train import losses
 from bgekit.train.data import GroupSampler, TrainRecord, load_train_data, write_records
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
@@ -30,6 +34,8 @@ def write(tmp_path, *rows, name="train.jsonl"):
         ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1, 2]}, "'pos_scores' has 2 scores but 'pos' has 1"),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": []}, "'neg_scores' has 0 scores"),
         ({"query": "q", "pos": ["p"], "pos_scores": ["high"]}, "finite numbers"),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1]}, "line 2: 'pos_scores' without 'neg_scores'"),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": [1]}, "line 2: 'neg_scores' without 'pos_scores'"),
         ('{"query": "q", "pos": ["p"]', "line 2: not valid JSON"),
     ],
 )
@@ -95,3 +101,23 @@ def test_beir_to_records(golden_dir):
     )
     records = beir_to_records(dataset)
     assert [(r.query, r.pos, r.neg) for r in records] == [("first", ["T one"], []), ("second", ["two"], [])]
+
+
+def test_short_negative_lists_and_random_negatives_under_a_teacher(tmp_path):
+    two = TrainRecord("q", ["p"], ["n0", "n1"])
+    sampler = GroupSampler([two], group_size=4, seed=0)
+    for epoch in range(20):  # FlagEmbedding draws from [n0, n1, n0, n1]: both always appear
+        assert set(sampler.group(0, epoch).passages[1:]) == {"n0", "n1"}
+    scored = [
+        TrainRecord("q0", ["p0"], [], pos_scores=[8.0], neg_scores=[]),
+        TrainRecord("q1", ["p1"], ["n"], pos_scores=[5.0], neg_scores=[1.0]),
+    ]
+    group = GroupSampler(scored, group_size=4, seed=0).group(0)
+    assert group.scores == [8.0, -math.inf, -math.inf, -math.inf]  # the teacher gives random passages no weight
+    teacher = torch.tensor([group.scores])
+    q, p = F.normalize(torch.randn(1, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    for kind in ("kl_div", "m3_kd_loss"):
+        assert math.isfinite(losses.embedding_loss(q, p, 4, 0.05, teacher, kind).item())
+    # a scored record without negatives needs no neg_scores
+    records = load_train_data(write(tmp_path, {"query": "q", "pos": ["p"], "pos_scores": [1.0]}))
+    assert records[0].neg_scores == []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bgekit import BGEM3FlagModel
+from bgekit import BGEM3FlagModel, Embedder
 from bgekit.errors import InputError
 from bgekit.models.m3 import colbert_score, lexical_score, token_weight_dict
 from bgekit.train import losses
@@ -153,6 +153,8 @@ def test_sparse_head_only_leaves_the_encoder_unchanged(tmp_path, m3_golden, m3_t
         "64",
         "--logging-steps",
         "4",
+        "--query-instruction-for-retrieval",
+        "query: ",
     )
     # loaded, not read from the files: transformers 5.0 saves LayerNorm weights as gamma / beta
     start = AutoModel.from_pretrained(str(m3_golden)).state_dict()
@@ -168,6 +170,8 @@ def test_sparse_head_only_leaves_the_encoder_unchanged(tmp_path, m3_golden, m3_t
     assert set(history[0]) >= {"sparse_loss", "sparse_active"} and "dense_loss" not in history[0]
     assert np.mean([h["sparse_loss"] for h in history[-2:]]) < history[0]["sparse_loss"]
     BGEM3FlagModel(str(out), devices="cpu").encode(["what is BGE?"], return_sparse=True)
+    reloaded = Embedder.from_pretrained(str(out), devices="cpu")  # the trained prompt comes back
+    assert isinstance(reloaded, BGEM3FlagModel) and reloaded.query_instruction_for_retrieval == "query: "
 
 
 def test_fresh_heads_on_a_plain_encoder(tmp_path, tiny_xlmr, m3_train_file):

@@ -143,8 +143,8 @@ METADATA_FILE = "bgekit.json"
 
 
 def write_folder_metadata(folder: str | Path, model_class: str, pooling_method: str, **settings) -> None:
-    """``bgekit.json``: the family and prompt settings of a folder bgekit's trainers wrote, for the
-    families whose prompt layout the folder's other files cannot say (decoder-only, ICL)."""
+    """``bgekit.json``: the family and prompt settings of a folder bgekit's trainers wrote, for what the
+    folder's other files cannot say: decoder and M3 prompts, vectors left unnormalized."""
     meta = {"model_class": model_class, "pooling_method": pooling_method, **settings}
     (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -179,8 +179,10 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             meta.get("pooling_method"),
             meta.get("query_instruction_for_retrieval"),
             meta.get("query_instruction_format") or "{}{}",
-            passage_instruction=saved.passage_instruction if saved else None,
+            passage_instruction=meta.get("passage_instruction_for_retrieval")
+            or (saved.passage_instruction if saved else None),
             max_length=saved.max_length if saved else None,
+            normalize_embeddings=meta.get("normalize_embeddings"),
         )
     named = _known_by_folder_name(folder, table)
     if named is not None:
@@ -256,13 +258,24 @@ def _sentence_transformers_spec(folder: Path) -> ModelSpec | None:
         method = "cls"
     bert_config = _read_json(folder / "sentence_bert_config.json") or {}
     prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
+    modules = _read_json(folder / "modules.json")
+    others = [
+        str(module.get("type", "?")).rsplit(".", 1)[-1]
+        for module in (modules if isinstance(modules, list) else [])
+        if isinstance(module, dict) and str(module.get("type", "?")).rsplit(".", 1)[-1] not in _ST_MODULES_RUN
+    ]
     return ModelSpec(
         registry.ENCODER,
         method,
         query_instruction=prompts.get("query") or None,
         passage_instruction=prompts.get("passage") or prompts.get("document") or None,
         max_length=bert_config.get("max_seq_length"),
+        extra={"modules_not_run": others} if others else {},
     )
+
+
+#: the sentence-transformers modules bgekit's encode path runs: the model, its pooling, L2 normalization
+_ST_MODULES_RUN = {"Transformer", "Pooling", "Normalize"}
 
 
 def _read_json(path: Path) -> dict | None:

@@ -68,6 +68,7 @@ class ModelSpec:
     passage_instruction: str | None = None
     trust_remote_code: bool = False
     max_length: int | None = None
+    normalize_embeddings: bool | None = None  # None: the class's default (True for every embedder)
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import hub, registry
-from ..errors import InputError
+from ..errors import InputError, UnknownModelError
 from .flag_pool import EmbedderPoolMethods
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
@@ -88,6 +88,13 @@ class Embedder(EmbedderPoolMethods):
         (``query_instruction_for_retrieval=None`` keeps it; ``""`` turns it off).
         """
         name, spec = hub.resolve(model_name_or_path, registry.EMBEDDERS, model_class)
+        skipped = spec.extra.get("modules_not_run")
+        if skipped:  # its vectors would silently differ from sentence-transformers'
+            raise UnknownModelError(
+                f"{name} is a sentence-transformers model with modules bgekit does not run ({', '.join(skipped)}): "
+                "its vectors would differ from sentence-transformers'. Use sentence-transformers for it, or "
+                "FlagModel(path, pooling_method=...) for the transformer's pooled output alone."
+            )
         defaults = spec_options(spec)
         defaults.update({k: v for k, v in options.items() if v is not None})
         if defaults.get("query_instruction_for_retrieval") == "":
@@ -272,6 +279,8 @@ def spec_options(spec: registry.ModelSpec) -> dict[str, Any]:
         options["trust_remote_code"] = True
     if spec.max_length:
         options["query_max_length"] = options["passage_max_length"] = spec.max_length
+    if spec.normalize_embeddings is not None:
+        options["normalize_embeddings"] = spec.normalize_embeddings
     return options
 
 

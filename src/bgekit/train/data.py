@@ -72,12 +72,21 @@ def parse_record(obj: dict, path: Path, line: int) -> TrainRecord:
     kind = obj.get("type")
     if kind is not None and not isinstance(kind, str):
         raise DataFormatError(path, line, "'type' must be a string")
+    pos_scores, neg_scores = _scores(obj, "pos_scores", pos, path, line), _scores(obj, "neg_scores", neg, path, line)
+    if pos_scores is None and neg_scores is not None:
+        raise DataFormatError(path, line, "'neg_scores' without 'pos_scores': teacher scores come for both or neither")
+    if pos_scores is not None and neg_scores is None:
+        if neg:
+            raise DataFormatError(
+                path, line, "'pos_scores' without 'neg_scores': teacher scores come for both or neither"
+            )
+        neg_scores = []
     return TrainRecord(
         query,
         pos,
         neg,
-        _scores(obj, "pos_scores", pos, path, line),
-        _scores(obj, "neg_scores", neg, path, line),
+        pos_scores,
+        neg_scores,
         prompt,
         kind,
         source=f"{path}:{line}",
@@ -137,8 +146,10 @@ class Group:
 class GroupSampler:
     """Draws ``1 positive + (group_size - 1) negatives`` per record, like FlagEmbedding.
 
-    Negatives are drawn without replacement when there are enough, with replacement when
-    there are too few, and from other records' passages when a record has none.
+    Negatives are drawn without replacement; when there are too few, from the list repeated
+    (FlagEmbedding's way: each one appears about equally often), and from other records' passages
+    when a record has none. Those random passages get a teacher score of ``-inf``: the teacher's
+    distribution gives them no weight, the student learns to score them low.
     """
 
     def __init__(
@@ -162,18 +173,16 @@ class GroupSampler:
         wanted = self.group_size - 1
         if wanted:
             if record.neg:
-                picks = (
-                    rng.sample(range(len(record.neg)), wanted)
-                    if len(record.neg) >= wanted
-                    else [rng.randrange(len(record.neg)) for _ in range(wanted)]
-                )
+                # too few: drawn from the list repeated, as FlagEmbedding, so each negative is used evenly
+                repeats = math.ceil(wanted / len(record.neg))
+                picks = rng.sample(list(range(len(record.neg))) * repeats, wanted)
                 passages += [record.neg[i] for i in picks]
                 if scores is not None:
                     scores += [record.neg_scores[i] for i in picks]
             else:
                 passages += [self._random_negative(rng, set(record.pos)) for _ in range(wanted)]
-                if scores is not None:
-                    scores += [min(scores)] * wanted  # no teacher score for random negatives: the lowest seen
+                if scores is not None:  # the teacher never saw these: it gives them no weight (softmax of -inf)
+                    scores += [-math.inf] * wanted
         return Group(record.query, passages, scores, record.prompt)
 
     def _random_negative(self, rng: random.Random, positives: set[str]) -> str:

@@ -121,18 +121,17 @@ class EmbedderTrainer(BgekitTrainer):
     def loss_from_vectors(self, q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
         """Contrastive loss (+ distillation when the batch has teacher scores) of query and passage vectors."""
         opts = self.options
-        kwargs = {"in_batch": opts.use_inbatch_neg, "cross_device": opts.negatives_cross_device}
-        if opts.matryoshka_dims:
-            loss = losses.matryoshka_info_nce(
-                q, p, opts.train_group_size, opts.matryoshka_dims, opts.temperature, **kwargs
-            )
-        else:
-            loss = losses.info_nce(q, p, opts.train_group_size, opts.temperature, **kwargs)
-        if teacher is not None:
-            student = losses.group_scores(q, p, opts.train_group_size)
-            kd = losses.distillation_kl if opts.kd_loss_type == "kl_div" else losses.distillation_m3
-            loss = loss + kd(student, teacher.to(student.device), opts.temperature)
-        return loss
+        return losses.embedding_loss(
+            q,
+            p,
+            opts.train_group_size,
+            opts.temperature,
+            teacher,
+            opts.kd_loss_type,
+            in_batch=opts.use_inbatch_neg,
+            cross_device=opts.negatives_cross_device,
+            matryoshka_dims=opts.matryoshka_dims,
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, or with ``sub_batch_size`` the gradient-cache step (same gradients,
@@ -198,13 +197,15 @@ def write_sentence_transformers_files(
         prompts["passage"] = options.passage_instruction_for_retrieval
     settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
-    if decoder:  # the instruction with its format, not only as a prefix
+    if decoder or not options.normalize_embeddings:  # what the module files do not tell bgekit
+        settings = {} if options.normalize_embeddings else {"normalize_embeddings": False}
         hub.write_folder_metadata(
             folder,
-            registry.DECODER,
+            registry.DECODER if decoder else registry.ENCODER,
             pooling_method,
             query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
             query_instruction_format=options.query_instruction_format,
+            **settings,
         )
 
 

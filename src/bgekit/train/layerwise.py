@@ -71,7 +71,7 @@ def layerwise_loss(scores: torch.Tensor, group_size: int, teacher: torch.Tensor 
     else:
         target, students = teacher.view(-1, group_size).to(scores), range(n_layers)
     for i in students:
-        loss = loss + losses.distillation_m3(scores[:, i].view(-1, group_size), target, temperature=1.0)
+        loss = loss + losses.soft_cross_entropy(scores[:, i].view(-1, group_size), target, temperature=1.0)
     return loss
 
 

@@ -86,32 +86,80 @@ def info_nce(
     return F.cross_entropy(scores / temperature, target)
 
 
-def group_scores(q: torch.Tensor, p: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(B, G)`` scores of each query against its own group."""
-    return torch.einsum("bd,bgd->bg", q, p.view(q.shape[0], group_size, -1))
-
-
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
     """KL(teacher || student) over each group, teacher scores softmaxed as given (FlagEmbedding's ``kl_div``)."""
     target = F.softmax(teacher, dim=-1)
     return F.kl_div(F.log_softmax(student / temperature, dim=-1), target, reduction="batchmean")
 
 
-def distillation_m3(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
-    """M3-style: soft cross-entropy of the student's group scores against the teacher's distribution."""
+def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
+    """Cross-entropy of the student's scores / temperature against the teacher's softmaxed scores, row by
+    row (FlagEmbedding's ``distill_loss("kl_div", ...)``: self-distillation, layerwise rerankers)."""
     target = F.softmax(teacher, dim=-1)
     return -(target * F.log_softmax(student / temperature, dim=-1)).sum(dim=-1).mean()
 
 
-def matryoshka_info_nce(
-    q: torch.Tensor, p: torch.Tensor, group_size: int, dims: list[int], temperature: float = 0.02, **kwargs
+def m3_kd_loss(logits: torch.Tensor, first: torch.Tensor, teacher: torch.Tensor, group_size: int) -> torch.Tensor:
+    """FlagEmbedding's ``m3_kd_loss``: for each group member i, the cross-entropy of column ``first + i``
+    among the row's candidates, weighted by the teacher's probability of member i; members before i are
+    left out of i's candidates. ``logits`` are scores / temperature, ``(B, N)``; ``first`` each row's
+    first group column; ``teacher`` raw ``(B, G)`` scores (``-inf``: no weight)."""
+    target = F.softmax(teacher, dim=-1)
+    mask = torch.zeros_like(logits)
+    loss = logits.new_zeros(())
+    for i in range(group_size):
+        column = first + i
+        loss = loss + (target[:, i] * F.cross_entropy(logits + mask, column, reduction="none")).mean()
+        mask = mask.scatter(-1, column.unsqueeze(-1), torch.finfo(logits.dtype).min)
+    return loss
+
+
+def scores_loss(
+    scores: torch.Tensor,
+    first: torch.Tensor,
+    group_size: int,
+    temperature: float,
+    teacher: torch.Tensor | None = None,
+    kd_loss_type: str = "kl_div",
 ) -> torch.Tensor:
-    """Mean InfoNCE over the leading ``dims`` of the vectors (each slice re-normalized)."""
-    losses = [
-        info_nce(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), group_size, temperature, **kwargs)
-        for d in dims
-    ]
-    return torch.stack(losses).mean()
+    """One score matrix's loss, as FlagEmbedding computes it: InfoNCE of each row's positive (column
+    ``first``); with teacher scores, ``kl_div`` adds KL(teacher || student) over the row's own group and
+    ``m3_kd_loss`` replaces InfoNCE by :func:`m3_kd_loss`. ``scores``: ``(B, B * G)`` in-batch (or wider,
+    across devices) or ``(B, G)`` own group."""
+    logits = scores / temperature
+    if teacher is None:
+        return F.cross_entropy(logits, first)
+    teacher = teacher.to(logits.device)
+    if kd_loss_type == "m3_kd_loss":
+        return m3_kd_loss(logits, first, teacher, group_size)
+    own = logits.gather(1, first.unsqueeze(1) + torch.arange(group_size, device=logits.device))
+    return F.cross_entropy(logits, first) + distillation_kl(own, teacher, temperature=1.0)
+
+
+def embedding_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    group_size: int,
+    temperature: float = 0.02,
+    teacher: torch.Tensor | None = None,
+    kd_loss_type: str = "kl_div",
+    *,
+    in_batch: bool = True,
+    cross_device: bool = False,
+    matryoshka_dims: list[int] | None = None,
+) -> torch.Tensor:
+    """An embedder's training loss from query and passage vectors: :func:`scores_loss` on their
+    :func:`contrastive_scores`; with ``matryoshka_dims`` the mean of it over the vectors' leading
+    dims (each slice re-normalized), teacher terms included, as FlagEmbedding's MRL."""
+
+    def one(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        scores, first = contrastive_scores(q, p, group_size, in_batch=in_batch, cross_device=cross_device)
+        return scores_loss(scores, first, group_size, temperature, teacher, kd_loss_type)
+
+    if not matryoshka_dims:
+        return one(q, p)
+    sliced = [one(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1)) for d in matryoshka_dims]
+    return torch.stack(sliced).mean()
 
 
 def reranker_ce(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -165,8 +213,7 @@ def m3_ensemble(scores: dict[str, torch.Tensor], weights: dict[str, float] | Non
     return sum(weights[name] * value for name, value in scores.items())
 
 
-def scores_ce(scores: torch.Tensor, temperature: float, group_size: int, in_batch: bool) -> torch.Tensor:
-    """InfoNCE on a precomputed score matrix: ``(B, B * G)`` in-batch or ``(B, G)`` own group."""
+def first_columns(scores: torch.Tensor, group_size: int, in_batch: bool) -> torch.Tensor:
+    """Each row's positive column in a ``(B, B * G)`` in-batch or ``(B, G)`` own-group score matrix."""
     rows = torch.arange(scores.shape[0], device=scores.device)
-    target = rows * group_size if in_batch else torch.zeros_like(rows)
-    return F.cross_entropy(scores / temperature, target)
+    return rows * group_size if in_batch else torch.zeros_like(rows)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import hub
+from .. import hub, registry
 from ..errors import InputError
 from ..models.m3 import M3Module, load_head
 from ..models.pooling import pool
@@ -197,37 +197,32 @@ class M3Trainer(LossPartsLogging, OwnFolderLayout, BgekitTrainer):
         scores = self.score_matrices(q, p)
         if not opts.use_inbatch_neg:
             scores = {name: losses.own_group(value, group) for name, value in scores.items()}
-        head_losses = {
-            name: losses.scores_ce(value, opts.temperature, group, opts.use_inbatch_neg)
-            for name, value in scores.items()
-        }
+        teacher = inputs.get("teacher_scores")  # FlagEmbedding's teacher terms go into every head's loss
+
+        def head_loss(value: torch.Tensor) -> torch.Tensor:
+            first = losses.first_columns(value, group, opts.use_inbatch_neg)
+            return losses.scores_loss(value, first, group, opts.temperature, teacher, opts.kd_loss_type)
+
+        head_losses = {name: head_loss(value) for name, value in scores.items()}
         if "dense" in scores and opts.negatives_cross_device and opts.use_inbatch_neg:
-            head_losses["dense"] = losses.info_nce(q["dense"], p["dense"], group, opts.temperature, cross_device=True)
+            head_losses["dense"] = losses.embedding_loss(
+                q["dense"], p["dense"], group, opts.temperature, teacher, opts.kd_loss_type, cross_device=True
+            )
         terms = [self.head_weight(name) * value for name, value in head_losses.items()]
         logged = {f"{name}_loss": value for name, value in head_losses.items()}
         if len(scores) > 1:
             ensemble = losses.m3_ensemble(scores)
-            logged["ensemble_loss"] = losses.scores_ce(ensemble, opts.temperature, group, opts.use_inbatch_neg)
+            logged["ensemble_loss"] = head_loss(ensemble)
             terms.append(logged["ensemble_loss"])
         loss = torch.stack(terms).sum() / len(terms)
         if opts.use_self_distill and self.state.global_step > opts.self_distill_start_step:
-            teacher = (ensemble / opts.temperature).detach()
+            self_teacher = (ensemble / opts.temperature).detach()
             distill = sum(
-                self.head_weight(name) * losses.distillation_m3(value, teacher, opts.temperature)
+                self.head_weight(name) * losses.soft_cross_entropy(value, self_teacher, opts.temperature)
                 for name, value in scores.items()
             ) / len(scores)
             logged["self_distill_loss"] = distill
             loss = (loss + distill) / 2
-        teacher_scores = inputs.get("teacher_scores")
-        if teacher_scores is not None:
-            kd = losses.distillation_kl if opts.kd_loss_type == "kl_div" else losses.distillation_m3
-            own = scores if not opts.use_inbatch_neg else {n: losses.own_group(v, group) for n, v in scores.items()}
-            distill = sum(
-                self.head_weight(name) * kd(value, teacher_scores.to(value.device), opts.temperature)
-                for name, value in own.items()
-            ) / len(own)
-            logged["kd_loss"] = distill
-            loss = loss + distill
         if "sparse" in q and opts.sparse_floor > 0:
             # every text keeps its strongest token above 0, so the relu units can never all die
             best = torch.cat([q["sparse_logits"].max(dim=1).values, p["sparse_logits"].max(dim=1).values])
@@ -345,4 +340,13 @@ def finetune_m3(options: M3Options) -> Path:
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(str(output / "trainer_state.json"))
+        # the prompts it was trained with, so BGEM3FlagModel(output) uses them too
+        hub.write_folder_metadata(
+            output,
+            registry.M3,
+            "cls",
+            query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
+            query_instruction_format=options.query_instruction_format,
+            passage_instruction_for_retrieval=options.passage_instruction_for_retrieval or None,
+        )
     return output

@@ -111,13 +111,18 @@ def average_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[
 
 
 def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
+    """One finite weight per model, scaled to sum to 1 (``1 1`` is an even average)."""
     if len(weights) != n_models:
         raise InputError(f"got {len(weights)} weights for {n_models} models; give one weight per model")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise InputError(f"weights must be finite numbers, got {list(weights)}")
-    if abs(sum(weights)) < 1e-12:
+    total = sum(weights)
+    if abs(total) < 1e-12:
         raise InputError(f"weights sum to 0 ({list(weights)}): the merged model would have all-zero weights")
-    return [float(w) for w in weights]
+    scaled = [float(w) / total for w in weights]  # a weighted average: LM-Cocktail's weights sum to 1
+    if abs(total - 1) > 1e-6:
+        logger.info("weights %s do not sum to 1: merging with %s", list(weights), [round(w, 6) for w in scaled])
+    return scaled
 
 
 def copy_extras(source: Path, target: Path) -> None:
@@ -182,7 +187,10 @@ def example_loss(
                 output_dir="",
                 query_max_len=query_max_len,
                 passage_max_len=passage_max_len,
+                # the prompts the model sees at inference (its family's format, passage instruction too)
                 query_instruction_for_retrieval=spec.query_instruction if spec else None,
+                query_instruction_format=spec.query_instruction_format if spec else "{}{}",
+                passage_instruction_for_retrieval=spec.passage_instruction if spec else None,
             ),
         )
     model.eval()
