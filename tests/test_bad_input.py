@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,8 @@ def reranker(tiny_xlmr_reranker):
         (b"bytes", "decode it"),
         (42, "must be a string or a list"),
         (["ok", "half \ud800 a pair"], r"text 1 is not valid Unicode: a lone surrogate '\\ud800' at character 5"),
+        ({"id1": "text one"}, "is a dict, which iterates over its keys"),
+        ({"a", "b"}, "is a set, which has no order"),
     ],
 )
 def test_encode_rejects(embedder, value, message):
@@ -67,6 +70,7 @@ def test_encode_rejects_bad_options(embedder):
         ([("q", None)], r"sentence_pairs\[0\] passage is NoneType"),
         ([(1, "p")], r"sentence_pairs\[0\] query is int"),
         ([("q", "p"), ("q", "\udfff")], "text 1 is not valid Unicode"),
+        ({"q": "p"}, "is a dict, which iterates over its keys"),
     ],
 )
 def test_compute_score_rejects(reranker, value, message):
@@ -133,3 +137,32 @@ def test_corrupt_weights_are_a_clear_error(tmp_path, tiny_bert):
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelNotFoundError, match="could not load model weights"):
         FlagModel(str(folder))
+
+
+def test_dataframes_are_refused_but_their_columns_and_values_work(embedder, reranker):
+    """A DataFrame iterates its column names: taken as texts, it silently embedded "query" and "passage"."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"query": ["what is a panda?", "bamboo"], "passage": ["A bear.", "A grass."]})
+    with pytest.raises(InputError, match="DataFrame, which iterates over its column names"):
+        embedder.encode(frame)
+    with pytest.raises(InputError, match="DataFrame"):
+        reranker.compute_score(frame)
+    assert embedder.encode(frame["query"]).shape[0] == 2
+    assert len(reranker.compute_score(frame[["query", "passage"]].values)) == 2
+    assert embedder.encode(["x", "y"], batch_size=np.int64(1), max_length=np.int64(8)).shape[0] == 2  # numpy ints
+
+
+def test_sentence_transformers_modules_bgekit_does_not_run_are_refused(tmp_path, minilm_dir):
+    """A Dense layer after pooling (LaBSE, distiluse...) was silently skipped: 384 numbers where
+    sentence-transformers gives 16."""
+    st = pytest.importorskip("sentence_transformers")
+    base = st.SentenceTransformer(str(minilm_dir), device="cpu")
+    dense = st.models.Dense(384, 16, activation_function=torch.nn.Tanh())
+    st.SentenceTransformer(modules=[base[0], base[1], dense, st.models.Normalize()], device="cpu").save(
+        str(tmp_path / "dense")
+    )
+    with pytest.raises(UnknownModelError, match=r"modules bgekit does not run \(Dense\)"):
+        Embedder.from_pretrained(str(tmp_path / "dense"))
+    plain = FlagModel(str(tmp_path / "dense"), pooling_method="mean", devices="cpu")  # the pooled output alone
+    assert plain.encode("x").shape == (384,)
+    assert Embedder.from_pretrained(str(minilm_dir)).encode("x").shape == (384,)  # Transformer, Pooling, Normalize

@@ -66,6 +66,30 @@ def test_max_length_beyond_model_positions_is_clamped(tiny_xlmr):
     assert np.isfinite(vector).all()
 
 
+def test_mpnet_positions_start_after_padding_too(tmp_path, golden_dir):
+    """all-mpnet-base-v2 numbers positions from pad + 1, as RoBERTa: 514 slots, 512 tokens."""
+    import shutil
+
+    from transformers import MPNetConfig, MPNetModel
+
+    config = MPNetConfig(
+        vocab_size=30527,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=34,
+        pad_token_id=1,
+    )
+    MPNetModel(config).save_pretrained(str(tmp_path / "mpnet"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(golden_dir / "models" / "bert-cls" / name, tmp_path / "mpnet" / name)
+    model = FlagModel(str(tmp_path / "mpnet"), devices="cpu", pooling_method="mean")
+    assert model.host.max_positions == 32
+    vector = model.encode(" ".join(["word"] * 100), max_length=100)  # was an IndexError in the embeddings
+    np.testing.assert_allclose(vector, model.encode(" ".join(["word"] * 100), max_length=32), atol=1e-6)
+
+
 def test_multi_device_pool_matches_single(tiny_bert):
     single = FlagModel(str(tiny_bert), devices="cpu", use_fp16=False)
     pooled = FlagModel(str(tiny_bert), devices=["cpu", "cpu"], use_fp16=False)
@@ -157,3 +181,21 @@ def test_overlap_chunks_start_small_and_cover_every_item_once():
             chunks = overlap_chunks(count, size, ramp)
             assert [i for c in chunks for i in c] == list(range(count))
             assert all(len(c) >= 1 for c in chunks) and max(map(len, chunks)) <= size
+
+
+def test_models_pickle_and_deepcopy(tiny_bert, tiny_xlmr_reranker):
+    """multiprocessing, joblib and Ray pickle what they are given; copy.deepcopy copies a model."""
+    import copy
+    import pickle
+
+    model = FlagModel(str(tiny_bert), devices=["cpu", "cpu"], use_fp16=False)
+    expected = model.encode(TEXTS, batch_size=2)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        np.testing.assert_allclose(clone.encode(TEXTS, batch_size=2), expected, atol=1e-6)
+        clone.close()
+    model.close()
+    reranker = FlagReranker(str(tiny_xlmr_reranker), devices="cpu")
+    pairs = [("what is a panda?", "A bear."), ("bamboo", "A grass.")]
+    np.testing.assert_allclose(
+        pickle.loads(pickle.dumps(reranker)).compute_score(pairs), reranker.compute_score(pairs), atol=1e-6
+    )

@@ -7,6 +7,7 @@ run that code against bgekit on tiny real models."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import threading
 
@@ -237,6 +238,7 @@ def test_pseudo_moe_routes_by_domain(pseudo_moe_dir):
         domain_for_pseudo_moe="reasoning",
     )
     assert isinstance(auto, FlagPseudoMoEModel)
+    np.testing.assert_allclose(pickle.loads(pickle.dumps(auto)).encode_corpus(TEXTS), reasoning, rtol=0, atol=1e-5)
     np.testing.assert_allclose(auto.encode_corpus(TEXTS), reasoning, rtol=0, atol=1e-5)
 
 

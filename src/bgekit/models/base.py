@@ -10,7 +10,9 @@ with torch's 16 CPU threads and 14,000/s with one; with numpy writes, 14,816/s
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import numbers
 import operator
 import sys
 from collections.abc import Callable, Sequence
@@ -122,7 +124,8 @@ class ModelHost:
         if self.position_offset is not None:
             logger.info("packed (padding-free) batches for %s", type(packing.packing_core(module)).__name__)
         _without_key_value_cache(module)  # before the replicas are copied from it
-        self.pool = ReplicaPool(module, self.devices, lambda d: resolve_dtype(d, use_fp16, use_bf16))
+        dtype_for = functools.partial(resolve_dtype, use_fp16=use_fp16, use_bf16=use_bf16)  # picklable
+        self.pool = ReplicaPool(module, self.devices, dtype_for)
         self.max_positions = _max_positions(module.config)
 
     @property
@@ -390,7 +393,7 @@ class ModelHost:
 
 def _check_positive_int(name: str, value: object) -> None:
     """An :class:`InputError` naming ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy ints too
         raise InputError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -464,12 +467,31 @@ def _without_key_value_cache(module: torch.nn.Module) -> None:
         config.use_cache = False
 
 
+#: model types whose position ids start after the padding index (``create_position_ids_from_input_ids``)
+_PADDING_OFFSET_POSITIONS = frozenset(
+    {
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "mpnet",
+        "data2vec-text",
+        "roberta-prelayernorm",
+        "longformer",
+        "luke",
+        "ibert",
+        "xmod",
+        "bart",
+    }
+)
+
+
 def _max_positions(config) -> int | None:
     """Longest input the position table allows (RoBERTa-style models reserve pad+1 slots)."""
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None
-    if getattr(config, "model_type", "") in {"roberta", "xlm-roberta", "camembert", "bart"}:
+    if getattr(config, "model_type", "") in _PADDING_OFFSET_POSITIONS:
         pad = getattr(config, "pad_token_id", 1) or 1
         limit -= pad + 1
     if getattr(config, "position_embedding_type", "absolute") != "absolute":

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import ItemsView, KeysView, Mapping, Sequence, Set
 
 from ..errors import InputError
+
+
+def _refuse_unordered(value: object, what: str, hint: str) -> None:
+    """Containers whose iteration is not the rows a caller means: a DataFrame iterates its column
+    names, a dict its keys, a set in no fixed order, a 0-d array not at all."""
+    if hasattr(value, "columns") and hasattr(value, "iloc"):
+        raise InputError(f"{what} is a DataFrame, which iterates over its column names; pass {hint}")
+    if isinstance(value, Mapping):
+        raise InputError(f"{what} is a {type(value).__name__}, which iterates over its keys; pass {hint}")
+    if isinstance(value, Set) and not isinstance(value, (KeysView, ItemsView)):  # a dict's views keep order
+        raise InputError(f"{what} is a {type(value).__name__}, which has no order; pass a list")
+    if getattr(value, "ndim", None) == 0:
+        raise InputError(f"{what} is a 0-d array; pass a string or a list of strings")
 
 
 def as_text_list(texts: object, what: str = "texts") -> tuple[list[str], bool]:
@@ -17,6 +30,7 @@ def as_text_list(texts: object, what: str = "texts") -> tuple[list[str], bool]:
         raise InputError(f"{what} is bytes; decode it to str first")
     if not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
         raise InputError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
+    _refuse_unordered(texts, what, "a list of strings, e.g. df['text'].tolist() or list(d.values())")
     items = list(texts)  # type: ignore[call-overload]
     if not items:
         raise InputError(f"{what} is empty; pass at least one string")
@@ -34,6 +48,7 @@ def as_pair_list(pairs: object) -> tuple[list[tuple[str, str]], bool]:
         raise InputError("sentence_pairs is a single string; pass a (query, passage) pair or a list of them")
     if not isinstance(pairs, Sequence) and not hasattr(pairs, "__iter__"):
         raise InputError(f"sentence_pairs must be a list of (query, passage) pairs, got {type(pairs).__name__}")
+    _refuse_unordered(pairs, "sentence_pairs", "a list of (query, passage) pairs, e.g. df[['query', 'passage']].values")
     items = list(pairs)  # type: ignore[call-overload]
     if not items:
         raise InputError("sentence_pairs is empty; pass at least one (query, passage) pair")

@@ -78,6 +78,15 @@ class FlagPseudoMoEModel(FlagLLMModel):
             **kwargs,
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_calls"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._calls = threading.Lock()
+
     def encode(
         self,
         sentences: str | list[str],

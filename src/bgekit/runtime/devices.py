@@ -142,6 +142,19 @@ class ReplicaPool:
                 self._replicas[device] = module.to(device=device, dtype=dtype).eval()
             return self._replicas[device]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a model can go to another process or through ``copy.deepcopy``): the replicas
+        and the primary module travel, worker threads and locks start afresh."""
+        state = self.__dict__.copy()
+        for name in ("_executor", "_finalizer", "_lock", "_pinned"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._executor, self._finalizer = None, None
+        self._lock, self._pinned = threading.Lock(), threading.local()
+
     @property
     def devices(self) -> list[str]:
         """The devices work runs on: all of the pool's, or the one :meth:`only` pins in this thread."""
