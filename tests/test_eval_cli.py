@@ -4,6 +4,7 @@ subprocesses of the installed entry point on the real all-MiniLM-L6-v2 (offline)
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -76,12 +77,11 @@ def test_eval_sts(tmp_path, minilm_dir):
 
 def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
     index = tmp_path / "index"
-    built = run(
-        "index", "build", "--model", str(minilm_dir), "--corpus", str(MINI / "corpus.jsonl"), "--out", str(index)
-    )
+    relative = os.path.relpath(minilm_dir)  # as typed; the index keeps the absolute folder for `search` elsewhere
+    built = run("index", "build", "--model", relative, "--corpus", str(MINI / "corpus.jsonl"), "--out", str(index))
     assert "157 documents x 384" in built.stderr
     meta = json.loads((index / "index.json").read_text())
-    assert meta["model"] == str(minilm_dir) and meta["count"] == 157
+    assert meta["model"] == str(Path(minilm_dir).resolve()) and meta["count"] == 157
     query = "Vitamin D deficiency is associated with bone density"
     result = run("search", "--index", str(index), query, "--top-k", "3", "--json")
     hits = [json.loads(line) for line in result.stdout.splitlines()]

@@ -80,6 +80,13 @@ def test_custom_layout(tmp_path):
     dataset = load_retrieval_dataset(folder, "dev")
     assert dataset.layout == "custom"
     assert dataset.queries == {"q1": "panda food"} and dataset.qrels == {"q1": {"d1": 1}}
+    for name in ("dev_queries.jsonl", "dev_qrels.jsonl"):  # gzipped, the layout is still known
+        with gzip.open(folder / f"{name}.gz", "wt") as handle:
+            handle.write((folder / name).read_text())
+        (folder / name).unlink()
+    assert load_retrieval_dataset(folder, "dev").qrels == {"q1": {"d1": 1}}
+    with pytest.raises(InputError, match=r"splits found: dev"):
+        load_retrieval_dataset(folder, "test")
 
 
 def test_beir_zip_download_code_path(tmp_path):
@@ -194,6 +201,8 @@ def test_sts_columns_by_header_name(tmp_path):
          r"bad\.tsv, line 3: expected 3 tab-separated columns"),
         ("sentence1\tsentence2\tscore\na\tb\tfive\n", DataFormatError,
          r"bad\.tsv, line 2: score 'five' is not a number"),
+        ("sentence1\tsentence2\tscore\na\tb\t1\na cat\ta dog\tNaN\n", DataFormatError,
+         r"bad\.tsv, line 3: score 'NaN' is not a finite number"),
         ("sentence1\tsentence2\tscore\n", InputError, r"bad\.tsv holds no sentence pairs"),
     ],
 )  # fmt: skip

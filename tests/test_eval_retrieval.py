@@ -247,3 +247,88 @@ def test_approximate_search_stays_close(minilm, shared_cache, index, quantizatio
     exact = evaluate_retrieval(minilm, MINI, cache_dir=shared_cache)
     approx = evaluate_retrieval(minilm, MINI, cache_dir=shared_cache, index=index, quantization=quantization)
     assert approx.metrics["ndcg_at_10"] == pytest.approx(exact.metrics["ndcg_at_10"], abs=0.02)
+
+
+def test_identical_ids_are_skipped_before_the_cut(minilm, tmp_path):
+    """ArguAna-style: the query is itself a corpus document. BEIR searches one deeper and drops it, so
+    the deepest cutoff still sees k other documents (here the relevant one is second after it)."""
+    docs = {
+        "a1": "Cats are small furry pets that purr.",
+        "a2": "Dogs are loyal animals that bark.",
+        "a3": "Cats and kittens like to chase mice.",
+        "a4": "Felines such as house cats sleep a lot.",
+        "a5": "The stock market fell sharply today.",
+        "a6": "Quantum computers use qubits.",
+    }
+    folder = tmp_path / "argu"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in docs.items()))
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "a1", "text": docs["a1"]}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\na1\ta3\t1\n")
+    full = evaluate_retrieval(minilm, folder, k_values=[5], ignore_identical_ids=True, use_cache=False)
+    ranking = [doc for doc, _ in sorted(full.run["a1"].items(), key=lambda item: -item[1])]
+    assert "a1" not in ranking and len(ranking) == 5
+    k = ranking.index("a3") + 1  # the relevant document's rank among the others
+    cut = evaluate_retrieval(
+        minilm, folder, k_values=[k], ignore_identical_ids=True, use_cache=False, output=tmp_path / "out.json"
+    )
+    assert cut.metrics[f"recall_at_{k}"] == 1.0 and len(cut.run["a1"]) == k
+    assert "a1" not in [line.split()[2] for line in (tmp_path / "out.trec").read_text().splitlines()]
+
+
+def test_a_merged_lora_adapter_gets_its_own_cache_key(golden_dir, tmp_path, dataset):
+    """FlagLLMModel(base, peft_path=...) reused the base model's cached corpus vectors."""
+    import torch
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from bgekit import FlagLLMModel
+    from bgekit.eval.retrieval import cache_key
+
+    base = str(golden_dir / "models" / "mistral-llm")
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(str(tmp_path / "adapter"))
+    plain = cache_key(FlagLLMModel(base, devices="cpu"), dataset, None)
+    tuned = FlagLLMModel(base, devices="cpu", peft_path=str(tmp_path / "adapter"))
+    assert cache_key(tuned, dataset, None) != plain
+    assert cache_key(FlagLLMModel(base, devices="cpu"), dataset, None) == plain
+
+
+def test_query_instruction_override_keeps_the_models_query_path(golden_dir):
+    """The override went through plain ``encode``: M3 crashed on its dict, ICL lost its prompt and examples."""
+    from bgekit import BGEM3FlagModel, FlagICLModel
+    from bgekit.eval.retrieval import encode_queries
+
+    texts = ["what is a panda?", "bamboo"]
+    m3_folder = str(golden_dir / "models" / "xlmr-m3")
+    got = encode_queries(BGEM3FlagModel(m3_folder, devices="cpu"), texts, "query: ", None, None)
+    expected = BGEM3FlagModel(m3_folder, query_instruction_for_retrieval="query: ", devices="cpu").encode_queries(texts)
+    np.testing.assert_allclose(got, expected["dense_vecs"], atol=1e-6)
+
+    icl_folder = str(golden_dir / "models" / "mistral-icl")
+    examples = [{"query": "q", "response": "r"}]  # takes the default instruction
+    options = {"examples_for_task": examples, "devices": "cpu"}
+    model = FlagICLModel(icl_folder, query_instruction_for_retrieval="Old.", **options)
+    got = encode_queries(model, texts, "New task.", None, None)
+    fresh = FlagICLModel(icl_folder, query_instruction_for_retrieval="New task.", **options)
+    np.testing.assert_allclose(got, fresh.encode_queries(texts), atol=1e-6)
+    assert model.query_instruction_for_retrieval == "Old."  # the caller's model is unchanged
+
+
+def test_save_removes_run_files_it_does_not_write(tmp_path):
+    """A report whose run cannot go into a TREC file (an id with a space), or that has no first
+    stage, left the previous report's run files beside it."""
+    from bgekit.eval.retrieval import RetrievalResult
+
+    def result(run, first=None):
+        metrics = {"ndcg_at_10": 0.5}
+        info = {"name": "d", "queries": 1, "documents": 2, "judgments": 1}
+        return RetrievalResult("m", info, "test", metrics, [10], {}, run, metrics, first, "r", 10)
+
+    result({"q": {"d1": 1.0}}, {"q": {"d1": 0.5}}).save(tmp_path / "r.json")
+    assert (tmp_path / "r.trec").exists() and (tmp_path / "r.retrieval.trec").exists()
+    files = result({"q": {"doc 4": 1.0}}).save(tmp_path / "r.json")
+    assert not (tmp_path / "r.trec").exists() and not (tmp_path / "r.retrieval.trec").exists()
+    assert set(files) == {"json", "markdown"}

@@ -211,17 +211,24 @@ def index_build(
         out,
         extra={
             "type": "dense",
-            "model": embedder.model_name_or_path,
+            # a local folder by its absolute path: `search` may run from another directory
+            "model": _absolute_if_local(embedder.model_name_or_path),
             "query_instruction": embedder.query_instruction_for_retrieval,
             "score_function": "cosine",
             "max_length": max_length,
-            "corpus": str(corpus),
+            "corpus": str(corpus.resolve()),
         },
     )
     typer.echo(
         f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) from {name}",
         err=True,
     )
+
+
+def _absolute_if_local(name: str) -> str:
+    """A model folder that exists here as its absolute path; a hub id as it is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def search(

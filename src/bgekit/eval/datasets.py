@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -168,7 +169,8 @@ def detect_layout(folder: Path, split: str) -> str:
     """``"beir"`` or ``"custom"`` from the files present; a clear error when neither fits."""
     if not folder.is_dir():
         raise InputError(f"dataset {folder} is not a folder")
-    if (folder / f"{split}_queries.jsonl").exists() or (folder / f"{split}_qrels.jsonl").exists():
+    custom = (f"{split}_queries.jsonl", f"{split}_qrels.jsonl")
+    if any((folder / f"{name}{gz}").exists() for name in custom for gz in ("", ".gz")):
         return "custom"
     return "beir"
 
@@ -257,7 +259,7 @@ def _require(folder: Path, candidates: list[str], split: str, layout: str) -> Pa
 def available_splits(folder: Path) -> list[str]:
     """Split names with judgments in ``folder`` (either layout)."""
     names = {p.name.split(".")[0] for p in (folder / "qrels").glob("*.tsv*")} if (folder / "qrels").is_dir() else set()
-    names |= {p.name[: -len("_qrels.jsonl")] for p in folder.glob("*_qrels.jsonl")}
+    names |= {p.name.split("_qrels.jsonl")[0] for p in folder.glob("*_qrels.jsonl*")}
     return sorted(names)
 
 
@@ -439,6 +441,8 @@ def load_sts(path: str | Path) -> StsDataset:
         value = parts[columns[2]].strip()
         if not _is_number(value):
             raise DataFormatError(path, line_number, f"score {value!r} is not a number")
+        if not math.isfinite(float(value)):  # one NaN made every correlation NaN (and the JSON report invalid)
+            raise DataFormatError(path, line_number, f"score {value!r} is not a finite number")
         first1.append(parts[columns[0]])
         first2.append(parts[columns[1]])
         scores.append(float(value))

@@ -12,6 +12,7 @@ are made, so a run that is killed resumes from its last finished chunk; a finish
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -116,12 +117,14 @@ class RetrievalResult:
         files = {"json": str(json_path), "markdown": str(stem.with_name(stem.name + ".md"))}
         runs = {"run": (".trec", self.run), "retrieval_run": (".retrieval.trec", self.retrieval_run)}
         for key, (suffix, run) in runs.items():
-            if run is None:
-                continue
+            path = stem.with_name(stem.name + suffix)
             try:
-                files[key] = str(metrics_mod.write_trec_run(stem.with_name(stem.name + suffix), run))
+                if run is not None:
+                    files[key] = str(metrics_mod.write_trec_run(path, run))
             except InputError as exc:  # ids with spaces cannot go into a TREC run file
                 logger.warning("no TREC run file written: %s", exc)
+            if key not in files:  # an earlier report's run file must not pass for this one's
+                path.unlink(missing_ok=True)
         self.files = files
         io.write_with(files["markdown"], lambda tmp: tmp.write_text(self.to_markdown(), encoding="utf-8"))
         text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"
@@ -237,8 +240,11 @@ def evaluate_retrieval(
             depth, max(k_values), max(k_values), depth,
         )  # fmt: skip
     tick = time.perf_counter()
-    scores, rows = dense_index.search(query_vectors, depth)
+    # one deeper when a query's own document is to be skipped, so every query keeps ``depth`` others
+    scores, rows = dense_index.search(query_vectors, depth + 1 if ignore_identical_ids else depth)
     run = to_run(query_ids, scores, rows, dataset.corpus_ids)
+    if ignore_identical_ids:  # before reranking and the TREC file: BEIR's and MTEB's search drop it there
+        run = without_self_hits(run, depth)
     timings["search_s"] = time.perf_counter() - tick
 
     retrieval_run = retrieval_metrics = None
@@ -293,6 +299,15 @@ def evaluate_retrieval(
     return result
 
 
+def without_self_hits(run: Mapping[str, Mapping[str, float]], depth: int) -> dict[str, dict[str, float]]:
+    """Each query's ranking without the document whose id is the query's own (ArguAna-style sets,
+    where every query is also in the corpus), cut to ``depth``."""
+    return {
+        query_id: dict([(doc_id, score) for doc_id, score in docs.items() if doc_id != query_id][:depth])
+        for query_id, docs in run.items()
+    }
+
+
 def load_embedder(model: Any, query_instruction: str | None, options: Mapping[str, Any] | None):
     """An Embedder instance as given, or built with ``Embedder.from_pretrained``."""
     if isinstance(model, (str, Path)):
@@ -329,20 +344,14 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def encode_queries(embedder: Any, texts: list[str], query_instruction: str | None, batch_size, max_length):
-    """Queries through the model's own query path; an instruction given for an Embedder
-    instance is applied with its query format (for a name it was set at load time)."""
+    """Queries through the model's own query path (M3's dense vectors, ICL's examples); an instruction
+    given for an Embedder instance replaces its own on a shallow copy (for a name it was set at load time)."""
     kwargs = {"batch_size": batch_size, "max_length": max_length}
     if query_instruction is not None and query_instruction != (embedder.query_instruction_for_retrieval or ""):
-        return np.asarray(
-            embedder.encode(
-                texts,
-                instruction=query_instruction or None,
-                instruction_format=embedder.query_instruction_format,
-                batch_size=batch_size,
-                max_length=embedder.query_max_length if max_length is None else max_length,
-            ),
-            dtype=np.float32,
-        )
+        embedder = copy.copy(embedder)  # shares the loaded model; the caller's keeps its instruction
+        embedder.query_instruction_for_retrieval = query_instruction or None
+        if hasattr(embedder, "set_examples"):  # ICL: the examples' default instruction changes with it
+            embedder.set_examples()
     return _dense(embedder.encode_queries(texts, **kwargs))
 
 
@@ -363,7 +372,8 @@ _PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 def model_identity(embedder: Any) -> dict[str, Any]:
     """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision
-    (the dtype each device really runs) and, off the default torch backend, the backend."""
+    (the dtype each device really runs), a merged LoRA adapter's files and, off the default torch
+    backend, the backend."""
     # bgekit's classes name devices as torch does; another embedder's bare ordinals are CUDA's
     named = getattr(embedder, "target_devices", None) or ["cpu"]
     devices = [f"cuda:{d}" if str(d).isdigit() else str(d) for d in named]
@@ -381,6 +391,9 @@ def model_identity(embedder: Any) -> dict[str, Any]:
         "precision": "+".join(sorted(precisions)),
         "files": _folder_fingerprint(getattr(embedder, "model_name_or_path", "")),
     }
+    adapter = getattr(embedder, "peft_path", None)
+    if adapter:  # a LoRA adapter merged at load time changes every vector (only then: old keys stay)
+        identity["adapter"] = _folder_fingerprint(str(adapter))
     backend = getattr(embedder, "backend", "torch")
     if backend != "torch":  # only then, so the torch backend's caches keep their keys
         identity["backend"] = backend

@@ -85,6 +85,7 @@ class FlagLLMModel(FlagModel):
             truncate_dim=truncate_dim,
             **kwargs,
         )
+        self.peft_path = peft_path  # part of what the vectors depend on (the eval cache key reads it)
         if peft_path:
             self._merge_adapter(peft_path, trust_remote_code, cache_dir)
 
