@@ -227,3 +227,11 @@ def test_shared_scifact_matches_its_provenance():
     assert sum(len(t) for t in dataset.corpus_texts) == 7_771_451  # MTEB's descriptive statistics
     train = load_retrieval_dataset(folder, "train")
     assert (len(train.queries), train.n_judgments) == (809, 919)
+
+
+def test_a_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """`data/scifactt` has a hub id's shape; under an existing `data/` it is a typo, not a download."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match="'data/scifactt' is not a folder here"):
+        load_retrieval_dataset("data/scifactt")

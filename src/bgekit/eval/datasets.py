@@ -157,7 +157,7 @@ def load_retrieval_dataset(
     name = str(name_or_path)
     if name.lower() in BEIR_DATASETS:
         return load_local_dataset(download_beir(name.lower(), cache_dir=cache_dir), split)
-    if _HF_ID.match(name):
+    if _HF_ID.match(name) and not path.parent.is_dir():  # `data/scifactt` under an existing `data/` is a typo
         return load_local_dataset(download_hf_dataset(name, revision=revision, cache_dir=cache_dir), split)
     raise InputError(
         f"dataset {name!r} is not a folder here, a BEIR dataset name ({', '.join(BEIR_DATASETS)}) "
