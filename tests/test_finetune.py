@@ -142,6 +142,11 @@ def test_teacher_scores_and_distillation(tmp_path, tiny_bert, tiny_xlmr_reranker
         "4",
     )
     assert (tmp_path / "kd" / "model.safetensors").exists()
+    run(  # rerankers distil from the same scores (FlagEmbedding's reranker loss)
+        "finetune", "reranker", "--model", str(tiny_xlmr_reranker), "--train-data", str(scored),
+        "--output-dir", str(tmp_path / "kd-rr"), "--max-steps", "2", "--per-device-train-batch-size", "4",
+    )  # fmt: skip
+    assert (tmp_path / "kd-rr" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(

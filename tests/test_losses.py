@@ -104,3 +104,17 @@ def test_kl_div_adds_group_kl_to_info_nce():
     dims = losses.embedding_loss(q, p, 3, 0.05, teacher, "kl_div", matryoshka_dims=[4, 8])
     four = losses.embedding_loss(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1), 3, 0.05, teacher)
     assert dims.item() == pytest.approx(((four + expected) / 2).item(), rel=1e-5)
+
+
+def test_reranker_distillation_is_flagembeddings():
+    """FlagEmbedding's reranker loss with teacher scores: group CE + soft CE against softmax(teacher)."""
+    scores = torch.tensor([2.0, 0.5, -1.0, 0.0, 1.0, 3.0])
+    teacher = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 5.0]])
+    by_hand = 0.0
+    for row in range(2):
+        logits = scores[3 * row : 3 * row + 3].tolist()
+        log_z = math.log(sum(math.exp(x) for x in logits))
+        probs = [math.exp(t) / sum(math.exp(u) for u in teacher[row].tolist()) for t in teacher[row].tolist()]
+        by_hand += (log_z - logits[0]) + sum(-p * (x - log_z) for p, x in zip(probs, logits, strict=True))
+    assert losses.reranker_loss(scores, 3, teacher).item() == pytest.approx(by_hand / 2, rel=1e-5)
+    assert losses.reranker_loss(scores, 3).item() == pytest.approx(losses.reranker_ce(scores, 3).item())

@@ -258,6 +258,15 @@ def test_reranker_training_pairs_are_the_token_ids_inference_feeds(tiny_llms):
     assert batch["input_ids"].shape[1] % 8 == 0, "padded to a multiple of 8, as at inference"
     reranker = FlagLLMReranker(str(base), devices="cpu", query_max_length=8, max_length=24)
     assert unpadded(batch) == reranker.tokenize_pairs([(group.query, p) for p in group.passages]).ids
+    # a record's own `prompt` is its task prompt (FlagEmbedding's LLM reranker data); teacher scores ride along
+    own = Group("is it seven?", ["seven", "six"], [2.0, -1.0], "Does B answer A? Yes or No.")
+    batch = collator([group, own])
+    assert (
+        unpadded(batch["pairs"])[2:]
+        == reranker.tokenize_pairs([(own.query, p) for p in own.passages], prompt="Does B answer A? Yes or No.").ids
+    )
+    assert unpadded(batch["pairs"])[:2] == reranker.tokenize_pairs([(group.query, p) for p in group.passages]).ids
+    assert collator([own])["teacher_scores"].tolist() == [[2.0, -1.0]]
 
 
 def cli(*args: str, code: int = 0):

@@ -193,3 +193,12 @@ class GroupSampler:
                 break
             choice = rng.choice(self._pool)
         return choice
+
+
+def teacher_scores(groups: Sequence[Group]):
+    """A batch's teacher scores as a ``(groups, group_size)`` float32 tensor; ``None`` without them."""
+    if groups[0].scores is None:
+        return None
+    import torch
+
+    return torch.tensor([g.scores for g in groups], dtype=torch.float32)

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
-from .data import Group, GroupSampler, load_train_data
+from .data import Group, GroupSampler, load_train_data, teacher_scores
 from .trainer import (
     BgekitTrainer,
     EpochCallback,
@@ -93,8 +93,9 @@ class EmbedderCollator:
             "query": self.tokenizer.collate(queries.ids, queries.type_ids),
             "passage": self.tokenizer.collate(passages.ids, passages.type_ids),
         }
-        if groups[0].scores is not None:
-            batch["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+        teacher = teacher_scores(groups)
+        if teacher is not None:
+            batch["teacher_scores"] = teacher
         return batch
 
 

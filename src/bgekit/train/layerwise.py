@@ -32,7 +32,8 @@ from ..errors import InputError
 from ..models.layerwise_reranker import LayerWiseFlagLLMReranker, check_cutoff_layers
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF
 from . import losses
-from .data import Group, GroupSampler, TrainRecord, load_train_data
+from .data import Group, GroupSampler, TrainRecord, load_train_data, teacher_scores
+from .llm_reranker import ids_by_prompt, pair_prompts
 from .reranker import RerankerOptions
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
 
@@ -107,10 +108,15 @@ class LayerwiseCollator:
     def __call__(self, groups: list[Group]) -> dict:
         pairs = [(g.query, p) for g in groups for p in g.passages]
         opts = self.options
-        tokenized = self.reranker.tokenize_pairs(pairs, opts.query_max_len, opts.max_len, opts.prompt)
-        batch = {"pairs": self.reranker.tokenizer.collate(tokenized.ids, None, PAD_TO_MULTIPLE_OF)}
-        if groups[0].scores is not None:
-            batch["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+
+        def tokenize(some: list[tuple[str, str]], prompt: str | None) -> list[list[int]]:
+            return self.reranker.tokenize_pairs(some, opts.query_max_len, opts.max_len, prompt).ids
+
+        ids = ids_by_prompt(pairs, pair_prompts(groups, opts.prompt), tokenize)
+        batch = {"pairs": self.reranker.tokenizer.collate(ids, None, PAD_TO_MULTIPLE_OF)}
+        teacher = teacher_scores(groups)
+        if teacher is not None:
+            batch["teacher_scores"] = teacher
         return batch
 
 

@@ -13,13 +13,14 @@ fully fine-tuned causal LM. Either way ``Reranker.from_pretrained(OUT)`` loads a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF, llm_pair_inputs, yes_logits, yes_token_id
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
-from .data import Group, GroupSampler, TrainRecord
+from .data import Group, GroupSampler, TrainRecord, teacher_scores
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
 if TYPE_CHECKING:
@@ -45,10 +46,36 @@ class LLMRerankerCollator:
 
     def __call__(self, groups: list[Group]) -> dict:
         opts = self.options
-        tokenized, _ = llm_pair_inputs(
-            self.tokenizer, self.pairs(groups), opts.query_max_len, opts.max_len, opts.prompt
-        )
-        return {"pairs": self.tokenizer.collate(tokenized.ids, None, PAD_TO_MULTIPLE_OF)}
+
+        def tokenize(pairs: list[tuple[str, str]], prompt: str | None) -> list[list[int]]:
+            return llm_pair_inputs(self.tokenizer, pairs, opts.query_max_len, opts.max_len, prompt)[0].ids
+
+        ids = ids_by_prompt(self.pairs(groups), pair_prompts(groups, opts.prompt), tokenize)
+        batch = {"pairs": self.tokenizer.collate(ids, None, PAD_TO_MULTIPLE_OF)}
+        teacher = teacher_scores(groups)
+        if teacher is not None:
+            batch["teacher_scores"] = teacher
+        return batch
+
+
+def pair_prompts(groups: list[Group], default: str | None) -> list[str | None]:
+    """Each pair's task prompt: its record's ``prompt`` field, else ``default`` (FlagEmbedding's LLM
+    reranker data reads ``prompt`` so; for embedders the field is a query instruction)."""
+    return [g.prompt or default for g in groups for _ in g.passages]
+
+
+def ids_by_prompt(
+    pairs: list[tuple[str, str]],
+    prompts: list[str | None],
+    tokenize: Callable[[list[tuple[str, str]], str | None], list[list[int]]],
+) -> list[list[int]]:
+    """Token ids of every pair, tokenized in one call per distinct prompt; in pair order."""
+    ids: list[list[int]] = [[] for _ in pairs]
+    for prompt in dict.fromkeys(prompts):
+        rows = [i for i, p in enumerate(prompts) if p == prompt]
+        for row, row_ids in zip(rows, tokenize([pairs[i] for i in rows], prompt), strict=True):
+            ids[row] = row_ids
+    return ids
 
 
 class LLMRerankerTrainer(BgekitTrainer):
@@ -62,7 +89,7 @@ class LLMRerankerTrainer(BgekitTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(inputs["pairs"])
         scores = yes_logits(model, inputs["pairs"], self.yes_loc).float()
-        loss = losses.reranker_ce(scores, self.group_size)
+        loss = losses.reranker_loss(scores, self.group_size, inputs.get("teacher_scores"))
         return (loss, {"scores": scores}) if return_outputs else loss
 
 

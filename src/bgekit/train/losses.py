@@ -168,6 +168,16 @@ def reranker_ce(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return F.cross_entropy(grouped, torch.zeros(grouped.shape[0], dtype=torch.long, device=scores.device))
 
 
+def reranker_loss(scores: torch.Tensor, group_size: int, teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`reranker_ce`, plus FlagEmbedding's distillation when teacher scores come: the soft
+    cross-entropy of each group's scores against the teacher's softmax (no temperature)."""
+    loss = reranker_ce(scores, group_size)
+    if teacher is None:
+        return loss
+    target = teacher.to(scores.device).view(-1, group_size)
+    return loss + soft_cross_entropy(scores.view(-1, group_size), target, temperature=1.0)
+
+
 # -- BGE-M3 unified fine-tuning: score matrices of the sparse and ColBERT heads ---------------
 M3_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 

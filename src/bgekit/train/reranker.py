@@ -17,7 +17,7 @@ from .. import hub, registry
 from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
-from .data import Group, GroupSampler, load_train_data
+from .data import Group, GroupSampler, load_train_data, teacher_scores
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
 
 
@@ -47,7 +47,11 @@ class RerankerCollator:
         queries = [g.query for g in groups for _ in g.passages]
         passages = [p for g in groups for p in g.passages]
         pairs = self.tokenizer.encode_pairs(queries, passages, self.options.query_max_len, self.options.max_len)
-        return {"pairs": self.tokenizer.collate(pairs.ids, pairs.type_ids)}
+        batch = {"pairs": self.tokenizer.collate(pairs.ids, pairs.type_ids)}
+        teacher = teacher_scores(groups)
+        if teacher is not None:
+            batch["teacher_scores"] = teacher
+        return batch
 
 
 class RerankerTrainer(BgekitTrainer):
@@ -58,7 +62,7 @@ class RerankerTrainer(BgekitTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(inputs["pairs"])
         scores = model(**inputs["pairs"], return_dict=True).logits.view(-1).float()
-        loss = losses.reranker_ce(scores, self.group_size)
+        loss = losses.reranker_loss(scores, self.group_size, inputs.get("teacher_scores"))
         return (loss, {"scores": scores}) if return_outputs else loss
 
 
