@@ -163,6 +163,10 @@ def test_sentence_transformers_modules_bgekit_does_not_run_are_refused(tmp_path,
     )
     with pytest.raises(UnknownModelError, match=r"modules bgekit does not run \(Dense\)"):
         Embedder.from_pretrained(str(tmp_path / "dense"))
+    max_pooling = st.models.Pooling(384, pooling_mode="max")  # was read as cls, with a log line
+    st.SentenceTransformer(modules=[base[0], max_pooling], device="cpu").save(str(tmp_path / "max"))
+    with pytest.raises(UnknownModelError, match=r"does not run \(Pooling \(max_tokens\)\)"):
+        Embedder.from_pretrained(str(tmp_path / "max"))
     plain = FlagModel(str(tmp_path / "dense"), pooling_method="mean", devices="cpu")  # the pooled output alone
     assert plain.encode("x").shape == (384,)
     assert Embedder.from_pretrained(str(minilm_dir)).encode("x").shape == (384,)  # Transformer, Pooling, Normalize

@@ -247,32 +247,33 @@ def _sentence_transformers_spec(folder: Path) -> ModelSpec | None:
     pooling = _read_json(folder / "1_Pooling" / "config.json")
     if pooling is None:
         return None
-    if pooling.get("pooling_mode_cls_token") or pooling.get("pooling_mode") == "cls":
-        method = "cls"
-    elif pooling.get("pooling_mode_lasttoken") or pooling.get("pooling_mode") == "lasttoken":
-        method = "last_token"
-    elif pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode") == "mean":
-        method = "mean"
-    else:
-        logger.warning("%s: unsupported sentence-transformers pooling %s; using cls", folder, pooling)
-        method = "cls"
+    # every mode the config turns on (sentence-transformers concatenates several); bgekit runs one of three
+    modes = {key[len("pooling_mode_") :] for key, value in pooling.items() if key.startswith("pooling_mode_") and value}
+    if isinstance(pooling.get("pooling_mode"), str):
+        modes.add(_ST_POOLING_ALIASES.get(pooling["pooling_mode"], pooling["pooling_mode"]))
+    known = {"cls_token": "cls", "lasttoken": "last_token", "mean_tokens": "mean"}
+    method = known.get(next(iter(modes))) if len(modes) == 1 else None
+    unsupported = [] if method else [f"Pooling ({', '.join(sorted(modes)) or 'no mode'})"]
     bert_config = _read_json(folder / "sentence_bert_config.json") or {}
     prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
     modules = _read_json(folder / "modules.json")
-    others = [
+    others = unsupported + [
         str(module.get("type", "?")).rsplit(".", 1)[-1]
         for module in (modules if isinstance(modules, list) else [])
         if isinstance(module, dict) and str(module.get("type", "?")).rsplit(".", 1)[-1] not in _ST_MODULES_RUN
     ]
     return ModelSpec(
         registry.ENCODER,
-        method,
+        method or "cls",
         query_instruction=prompts.get("query") or None,
         passage_instruction=prompts.get("passage") or prompts.get("document") or None,
         max_length=bert_config.get("max_seq_length"),
         extra={"modules_not_run": others} if others else {},
     )
 
+
+#: sentence-transformers' short ``pooling_mode`` names, as the ``pooling_mode_*`` keys spell them
+_ST_POOLING_ALIASES = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "lasttoken": "lasttoken"}
 
 #: the sentence-transformers modules bgekit's encode path runs: the model, its pooling, L2 normalization
 _ST_MODULES_RUN = {"Transformer", "Pooling", "Normalize"}
