@@ -94,7 +94,11 @@ def eval_retrieval(
     ] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Cache corpus embeddings on disk.")] = True,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache folder (default $BGEKIT_CACHE or ~/.cache/bgekit).")
+        Path | None,
+        typer.Option(
+            help="Cache folder: corpus vectors in DIR/corpus, downloads in DIR/datasets (default: "
+            "$BGEKIT_CACHE, or ~/.cache/bgekit: vectors under eval/corpus, downloads under datasets)."
+        ),
     ] = None,
     chunk_size: Annotated[
         int, typer.Option(min=1, help="Documents per cached chunk (a killed run resumes from it).")
