@@ -257,11 +257,9 @@ def _sentence_transformers_spec(folder: Path) -> ModelSpec | None:
     bert_config = _read_json(folder / "sentence_bert_config.json") or {}
     prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
     modules = _read_json(folder / "modules.json")
-    others = unsupported + [
-        str(module.get("type", "?")).rsplit(".", 1)[-1]
-        for module in (modules if isinstance(modules, list) else [])
-        if isinstance(module, dict) and str(module.get("type", "?")).rsplit(".", 1)[-1] not in _ST_MODULES_RUN
-    ]
+    listed = modules if isinstance(modules, list) else []
+    types = [str(module.get("type", "?")).rsplit(".", 1)[-1] for module in listed if isinstance(module, dict)]
+    others = unsupported + [name for name in types if name not in _ST_MODULES_RUN]
     return ModelSpec(
         registry.ENCODER,
         method or "cls",

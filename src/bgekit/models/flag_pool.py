@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..runtime.devices import resolve_devices, resolve_dtype
 from .inputs import as_pair_list
 
@@ -123,6 +124,8 @@ class RerankerPoolMethods(DevicePoolMethods):
 def spread_over_devices(items: list[Any], devices: Sequence[str], run: Callable[[list[Any], str], Any]) -> list[Any]:
     """``run(chunk, device)`` for one contiguous chunk of ``items`` per device, all at once (a thread
     each), as FlagEmbedding's pool splits them; the chunks' results in item order."""
+    if not items:
+        raise InputError("nothing to run: pass at least one input")
     size = -(-len(items) // len(devices))
     starts = range(0, len(items), size)  # no more starts than devices
     chunks = [(items[start : start + size], device) for start, device in zip(starts, devices, strict=False)]
