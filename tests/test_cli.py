@@ -195,6 +195,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, minilm_dir, content, mess
         (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{tmp}"], "is a folder; pass a file path"),
         (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{good}/v.npy"], "is a file, not a folder"),
         (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{good}"], "is also an input"),
+        (["embed", "-m", "nobody/x", "-i", "{good}", "-o", "{out}", "--sparse", "{out}"], "two outputs go to"),
         (["index", "build", "-m", "nobody/unknown-model", "-c", "{good}", "-o", "{good}"], "is a file, not a folder"),
     ],
 )

@@ -169,8 +169,16 @@ def test_sparse_index_takes_m3_csr_matrices():
     from_csr = index.search(lexical_weights_to_csr(queries, 300), 4)
     from_dicts = index.search(queries, 4)
     np.testing.assert_array_equal(from_csr[1], from_dicts[1])
-    with pytest.raises(InputError, match="have 200 columns, the index 300"):
-        index.search(lexical_weights_to_csr(queries, 300)[:, :200], 4)
+    # columns are token ids: a narrower query matrix is the same tokens, a wider one's extra ids score 0
+    narrow = index.search(lexical_weights_to_csr(queries, 300)[:, :200], 4)
+    cut = [{k: v for k, v in q.items() if int(k) < 200} for q in queries]
+    np.testing.assert_allclose(narrow[0], index.search(cut, 4)[0], rtol=1e-6)
+    from_dict_index = SparseIndex.build(docs)  # as wide as its largest token id, not the vocabulary
+    vocab_wide = from_dict_index.search(lexical_weights_to_csr(queries, 300), 4)  # was a width error
+    np.testing.assert_array_equal(vocab_wide[1], from_dicts[1])
+    np.testing.assert_array_equal(from_dict_index.search(queries[0], 4)[1], from_dicts[1][:1])  # one dict
+    with pytest.raises(InputError, match="must map token ids to weights, got keys like 'panda'"):
+        index.search([{"panda": 0.5}], 4)
 
 
 def test_fusion():

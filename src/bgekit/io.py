@@ -165,15 +165,21 @@ def check_output_path(target: str | Path) -> Path:
 
 
 def check_outputs(*targets: str | Path | None, inputs: Iterable[str | Path | None] = ()) -> None:
-    """:func:`check_output_path` for each target given, and none of them one of ``inputs`` (writing
-    there would replace the data being read): a command calls this before it loads a model."""
+    """:func:`check_output_path` for each target given, none of them one of ``inputs`` (writing
+    there would replace the data being read) nor two of them one path: a command calls this before
+    it loads a model."""
     read = {Path(p).resolve() for p in inputs if p is not None and Path(p).is_file()}
+    written: dict[Path, str | Path] = {}
     for target in targets:
         if target is None:
             continue
         check_output_path(target)
-        if Path(target).resolve() in read:
+        resolved = Path(target).resolve()
+        if resolved in read:
             raise InputError(f"output {target} is also an input: writing it would replace the data; pick another path")
+        if resolved in written:  # the later write would replace the earlier output
+            raise InputError(f"two outputs go to {target} ({written[resolved]} too): give each its own path")
+        written[resolved] = target
 
 
 @contextmanager

@@ -328,10 +328,12 @@ class SparseIndex:
     def _as_csr(weights: Any, n_columns: int | None, name: str):
         from scipy import sparse
 
+        if isinstance(weights, Mapping):  # one text's weights
+            weights = [weights]
         if sparse.issparse(weights):
             matrix = sparse.csr_matrix(weights, dtype=np.float32)
         elif isinstance(weights, list) and all(isinstance(w, Mapping) for w in weights):
-            rows = [{int(k): float(v) for k, v in w.items()} for w in weights]
+            rows = [_token_weights(w, name) for w in weights]
             width = n_columns if n_columns is not None else 1 + max((max(r, default=-1) for r in rows), default=0)
             indptr = np.zeros(len(rows) + 1, dtype=np.int64)
             indices, data = [], []
@@ -347,7 +349,10 @@ class SparseIndex:
         else:
             raise InputError(f"{name} must be a scipy sparse matrix or a list of {{token_id: weight}} dicts")
         if n_columns is not None and matrix.shape[1] != n_columns:
-            raise InputError(f"{name} have {matrix.shape[1]} columns, the index {n_columns}")
+            # columns are token ids: an index built from dicts is as wide as its largest id, and a
+            # query token no document has scores 0 (lexical_weights_to_csr is vocabulary-wide)
+            matrix = matrix[:, :n_columns] if matrix.shape[1] > n_columns else matrix.copy()
+            matrix.resize((matrix.shape[0], n_columns))
         return matrix
 
     @classmethod
@@ -404,6 +409,17 @@ class SparseIndex:
         if len(ids) != matrix.shape[0]:
             raise InputError(f"{folder}: ids.json has {len(ids)} ids but the matrix {matrix.shape[0]} rows")
         return cls(matrix, ids, {k: v for k, v in meta.items() if k not in ("format", "type", "count")})
+
+
+def _token_weights(weights: Mapping[Any, Any], name: str) -> dict[int, float]:
+    """``{token_id: weight}`` with int ids (M3's JSONL writes them as strings)."""
+    try:
+        return {int(key): float(value) for key, value in weights.items()}
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{name} must map token ids to weights, got keys like {next(iter(weights))!r} "
+            "(tokens from convert_id_to_token cannot be indexed; keep the ids)"
+        ) from None
 
 
 def to_run(
