@@ -332,3 +332,17 @@ def test_save_removes_run_files_it_does_not_write(tmp_path):
     files = result({"q": {"doc 4": 1.0}}).save(tmp_path / "r.json")
     assert not (tmp_path / "r.trec").exists() and not (tmp_path / "r.retrieval.trec").exists()
     assert set(files) == {"json", "markdown"}
+
+
+def test_an_embedder_as_reranker_takes_reranker_instructions(minilm_dir, minilm):
+    """query_instruction_for_rerank on an embedding model was warned about and dropped."""
+    import warnings
+
+    from bgekit import Embedder, Reranker
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ignores unknown options"
+        reranker = Reranker.from_pretrained(str(minilm_dir), query_instruction_for_rerank="query: ", devices="cpu")
+    embedder = Embedder.from_pretrained(str(minilm_dir), query_instruction_for_retrieval="query: ", devices="cpu")
+    expected = embedder.encode_queries(["what is a panda"]) @ embedder.encode_corpus(["a bear"]).T
+    assert reranker.compute_score([("what is a panda", "a bear")])[0] == pytest.approx(float(expected[0, 0]), abs=1e-6)

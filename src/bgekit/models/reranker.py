@@ -327,7 +327,8 @@ class BiEncoderReranker(Reranker):
     """Reranks with an embedder: the score is the cosine of query and passage vectors.
 
     Used when ``Reranker.from_pretrained`` (or ``bgekit rerank``) is given an embedding
-    model; queries get the model's query instruction, passages its passage rule.
+    model; queries get the model's query instruction, passages its passage rule
+    (``query_instruction_for_rerank`` / ``passage_instruction_for_rerank`` replace them).
     """
 
     def __init__(
@@ -350,6 +351,10 @@ class BiEncoderReranker(Reranker):
             max_length=max_length,
             normalize=normalize,
         )
+        for rerank_name, embed_name in _BI_ENCODER_INSTRUCTIONS:  # a reranker's instruction is the embedder's
+            if embedder_options.get(rerank_name) is not None:
+                embedder_options[embed_name] = embedder_options.pop(rerank_name)
+            embedder_options.pop(rerank_name, None)
         self.embedder = Embedder.from_pretrained(
             model_name_or_path, use_fp16=use_fp16, devices=devices, normalize_embeddings=True, **embedder_options
         )
@@ -381,6 +386,12 @@ class BiEncoderReranker(Reranker):
     def close(self) -> None:
         self.embedder.close()
 
+
+#: reranker instruction option -> the embedder option a bi-encoder reranker gives it to
+_BI_ENCODER_INSTRUCTIONS = (
+    ("query_instruction_for_rerank", "query_instruction_for_retrieval"),
+    ("passage_instruction_for_rerank", "passage_instruction_for_retrieval"),
+)
 
 # reranker kind -> (module, class), imported only when a model of that kind is built
 RERANKER_CLASSES = {
