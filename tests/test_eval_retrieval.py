@@ -334,7 +334,7 @@ def test_save_removes_run_files_it_does_not_write(tmp_path):
     assert set(files) == {"json", "markdown"}
 
 
-def test_an_embedder_as_reranker_takes_reranker_instructions(minilm_dir, minilm):
+def test_an_embedder_as_reranker_takes_reranker_instructions(minilm_dir):
     """query_instruction_for_rerank on an embedding model was warned about and dropped."""
     import warnings
 
