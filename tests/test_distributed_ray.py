@@ -216,3 +216,68 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_bert):
     with pytest.raises(DataFormatError, match=r"bad\.jsonl, line 3: 'text' and 'title' must be strings"):
         encode_dataset(model, bad, tmp_path / "out", use_ray=False, shard_size=1)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "part-00000.parquet"]
+
+
+EDGE_FILES = {
+    "bom.txt": "\ufeffhello\nworld\n",
+    "bom.jsonl": '\ufeff{"text": "a"}\n{"text": "b"}\n',
+    "bom_no_suffix.data": '\ufeff{"text": "a"}\n{"text": "b"}\n',  # JSON by its first line, BOM or not
+    "unicode_blank.txt": "a\n\u00a0\nb\n\u3000\nc\n\x1c\nd\n",  # lines of Unicode whitespace are blank
+    "crlf.txt": "a\r\nb\r\n\r\nc\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_FILES))
+def test_shards_read_the_rows_and_ids_plain_reading_does(tmp_path, name):
+    """``--ray`` counted whitespace-only lines as rows, and stumbled on a byte-order mark."""
+    from bgekit.distributed import plan
+
+    path = tmp_path / name
+    path.write_bytes(EDGE_FILES[name].encode("utf-8"))
+    expected = [(r.id, r.text) for r in io.read_texts(path)]
+    planned = plan.plan(str(path), 2)
+    got = []
+    for shard in planned.shards:
+        ids, texts = plan.read_shard(planned.path, planned.format, shard)
+        got += list(zip(ids, texts, strict=True))
+    assert got == expected and planned.rows == len(expected)
+
+
+def test_failed_start_does_not_block_the_rerun_and_worker_errors_keep_their_fields(tmp_path):
+    import pickle
+
+    from bgekit.distributed import ray_runner, shards
+    from bgekit.distributed.storage import Folder
+    from bgekit.errors import DataFormatError, InputError
+
+    folder = Folder(str(tmp_path / "out"))
+    assert shards.check_manifest(folder, {"format": shards.FORMAT, "model": "typo"}) is False
+    # nothing finished under the old settings: the corrected run starts over instead of being refused
+    assert shards.check_manifest(folder, {"format": shards.FORMAT, "model": "right"}) is False
+    (tmp_path / "out" / shards.shard_name(0)).write_bytes(b"")
+    with pytest.raises(InputError, match="was written with other settings"):
+        shards.check_manifest(folder, {"format": shards.FORMAT, "model": "other"})
+
+    error = DataFormatError("/data/in.jsonl", 2501, "not valid JSON")
+    for again in (pickle.loads(pickle.dumps(error)), ray_runner._decode_error(ray_runner._encode_error(error))):
+        assert type(again) is DataFormatError and (again.path, again.line, str(again)) == (
+            "/data/in.jsonl",
+            2501,
+            str(error),
+        )
+
+
+def test_ray_cli_checks_model_and_output_before_starting(tmp_path):
+    from .test_cli import run
+
+    texts = tmp_path / "in.txt"
+    texts.write_text("hello\n")
+    typo = run("embed", "--ray", "-m", "nobody/unknown-model", "-i", str(texts), "-o", str(tmp_path / "o"), check=False)
+    assert typo.returncode == 2 and "does not know the embedder" in typo.stderr and "Traceback" not in typo.stderr
+    assert not (tmp_path / "o").exists()
+    out = str(tmp_path / "o")
+    bad_pooling = run("embed", "--ray", "-i", str(texts), "-o", out, "--pooling-method", "max", check=False)
+    assert bad_pooling.returncode == 2 and "pooling_method must be one of" in bad_pooling.stderr
+    (tmp_path / "file.npy").write_bytes(b"")
+    as_file = run("embed", "--ray", "-i", str(texts), "-o", str(tmp_path / "file.npy"), check=False)
+    assert as_file.returncode == 2 and "--ray writes a folder" in as_file.stderr

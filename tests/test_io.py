@@ -118,9 +118,10 @@ def test_ray_shards_name_bad_lines_as_read_texts_does(tmp_path):
 
     source = tmp_path / "corpus.jsonl"
     source.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n{"text": broken}\n')
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl, line 3: not UTF-8 text"):
+        plan(str(source), 1)  # planning reads every line as the plain reader does: before any model loads
+    source.write_bytes(b'{"text": "ok"}\n\n{"text": "fine"}\n{"text": broken}\n')
     shards = plan(str(source), 1)
     assert read_shard(str(source), shards.format, shards.shards[0]) == (["1"], ["ok"])
-    with pytest.raises(DataFormatError, match=r"corpus\.jsonl, line 3: not UTF-8 text"):
-        read_shard(str(source), shards.format, shards.shards[1])
     with pytest.raises(DataFormatError, match=r"corpus\.jsonl, line 4: not valid JSON"):
         read_shard(str(source), shards.format, shards.shards[2])

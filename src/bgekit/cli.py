@@ -241,10 +241,17 @@ def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> No
         value = options.pop(key)
         if value is not None:
             embedder_options["query_instruction_for_retrieval" if key == "query_instruction" else key] = value
+    # what the workers would find out one traceback each: an unknown model, a bad pooling, a file for a folder
+    kind = hub.resolve(name, registry.EMBEDDERS, embedder_options.get("model_class"))[1].kind
+    pooling = embedder_options.get("pooling_method")
+    if pooling is not None and pooling not in registry.POOLING_METHODS:
+        raise InputError(f"pooling_method must be one of {registry.POOLING_METHODS}, got {pooling!r}")
+    if output.is_file():
+        raise InputError(f"output {output} is a file; --ray writes a folder of shards")
     backend = options.pop("backend")
     examples = options.pop("examples")
     if examples is not None:
-        if hub.resolve(name, registry.EMBEDDERS, embedder_options.get("model_class"))[1].kind not in (
+        if kind not in (
             registry.ICL,
             registry.DECODER,
         ):

@@ -31,8 +31,12 @@ class DataFormatError(BgekitError, ValueError):
     def __init__(self, path: str | Path, line: int | None, problem: str):
         self.path = str(path)
         self.line = line
+        self.problem = problem
         where = f"{self.path}, line {line}" if line is not None else self.path
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # pickled with its fields (worker processes send it back whole)
+        return type(self), (self.path, self.line, self.problem)
 
 
 class DeviceOutOfMemoryError(BgekitError, RuntimeError):

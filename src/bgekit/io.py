@@ -40,8 +40,7 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                line = decode_line(path, number, raw)
-                yield number, line.removeprefix("\ufeff") if number == 1 else line
+                yield number, line_text(path, number, raw)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         where = f", after line {number}" if number else ""
         raise InputError(f"{path} is not a readable gzip file ({exc}{where})") from None
@@ -77,6 +76,13 @@ def decode_line(path: str | Path, number: int, raw: bytes) -> str:
     except UnicodeDecodeError as exc:
         problem = f"not UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start + 1} of the line)"
         raise DataFormatError(path, number, problem) from None
+
+
+def line_text(path: str | Path, number: int, raw: bytes) -> str:
+    """:func:`decode_line`, without the byte-order mark a first line may start with. Every reader of
+    input lines (plain and ``--ray`` shards) goes through it, so they agree on rows and ids."""
+    line = decode_line(path, number, raw)
+    return line.removeprefix("\ufeff") if number == 1 else line
 
 
 def parse_json_line(path: str | Path, number: int, line: str) -> dict[str, Any]:

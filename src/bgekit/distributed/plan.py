@@ -9,6 +9,8 @@ row number for Parquet), so they are global and stable however the work is split
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,10 +58,11 @@ def input_format(path: str) -> str:
         return "parquet"
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    with storage.open_binary(path) as handle:
-        for line in handle:
-            if line.strip():
-                return "jsonl" if line.lstrip().startswith(b"{") else "text"
+    with _reading(path), storage.open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = bio.line_text(path, number, raw)
+            if line.strip():  # blank as bgekit.io.read_texts sees it (Unicode whitespace too)
+                return "jsonl" if line.lstrip().startswith("{") else "text"
     return "text"
 
 
@@ -97,13 +100,13 @@ def plan(path: str, shard_size: int) -> InputPlan:
 def _plan_lines(path: str, shard_size: int) -> tuple[tuple[Shard, ...], int]:
     starts: list[tuple[int, int]] = []  # (byte offset, line number) of every shard's first row
     rows = offset = 0
-    with storage.open_binary(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
+    with _reading(path), storage.open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if bio.line_text(path, number, raw).strip():
                 if rows % shard_size == 0:
                     starts.append((offset, number))
                 rows += 1
-            offset += len(line)
+            offset += len(raw)
     shards = tuple(
         Shard(k, k * shard_size, min(shard_size, rows - k * shard_size), byte, line)
         for k, (byte, line) in enumerate(starts)
@@ -117,13 +120,13 @@ def read_shard(path: str, fmt: str, shard: Shard, field: str = "text") -> tuple[
         return _read_parquet_rows(path, shard, field)
     ids: list[str] = []
     texts: list[str] = []
-    with storage.open_binary(path, shard.byte_offset) as handle:
+    with _reading(path), storage.open_binary(path, shard.byte_offset) as handle:
         for number, raw in enumerate(handle, start=shard.first_line):
             if len(ids) == shard.num_rows:
                 break
-            if not raw.strip():
+            line = bio.line_text(path, number, raw)
+            if not line.strip():
                 continue
-            line = bio.decode_line(path, number, raw)
             if fmt == "text":
                 ids.append(str(number))
                 texts.append(line.rstrip("\r\n"))
@@ -134,6 +137,15 @@ def read_shard(path: str, fmt: str, shard: Shard, field: str = "text") -> tuple[
     if len(ids) != shard.num_rows:
         raise InputError(f"{path} changed while it was being encoded (shard {shard.index} is short); start again")
     return ids, texts
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """A file that cannot be read to the end (a truncated gzip stream) as one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"could not read {path}: {exc}") from None
 
 
 def _read_parquet_rows(path: str, shard: Shard, field: str) -> tuple[list[str], list[str]]:

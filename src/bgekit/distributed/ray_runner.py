@@ -7,7 +7,9 @@ streams the shard descriptions to idle actors, restarts lost actors and reruns t
 
 from __future__ import annotations
 
+import base64
 import logging
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from typing import Any
@@ -54,20 +56,14 @@ class RayShardEncoder:
 
 
 def _encode_error(exc: BgekitError) -> str:
-    return f"{type(exc).__name__}:{exc}"
+    """The worker's error, pickled (class and fields: a DataFormatError keeps its path and line)."""
+    return base64.b64encode(pickle.dumps(exc)).decode("ascii")
 
 
 def _decode_error(text: str) -> BgekitError:
-    """The worker's bgekit error again (same class and message), to raise in this process."""
-    from .. import errors
-
-    name, _, message = text.partition(":")
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, BgekitError)):
-        cls = BgekitError
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    return exc
+    """The worker's bgekit error again, to raise in this process (from bgekit's own workers only)."""
+    exc = pickle.loads(base64.b64decode(text))  # written by _encode_error in this job's own workers
+    return exc if isinstance(exc, BgekitError) else BgekitError(str(exc))
 
 
 def run(

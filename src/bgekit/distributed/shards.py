@@ -3,12 +3,14 @@
 Each shard file ``part-00000.parquet`` has two columns, ``id`` (string) and ``embedding``
 (``list<float32>``), rows in input order. The manifest records the model, the options that
 change the vectors, the input and the shard size; a job that finds a manifest with other
-settings refuses to resume, so one folder never mixes vectors of two configurations.
+settings refuses to resume, so one folder never mixes vectors of two configurations (one with
+no finished shard yet, as a run that failed at start-up leaves it, takes the new settings).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import numpy as np
 
 from ..errors import InputError
 from .storage import Folder
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "bgekit-embeddings/1"
 MANIFEST = "manifest.json"
@@ -32,10 +36,14 @@ def check_manifest(folder: Folder, manifest: dict[str, Any]) -> bool:
         if any(n.startswith("part-") for n in folder.names()):
             raise InputError(f"{folder.path} holds shard files but no {MANIFEST}; use an empty output folder")
         folder.make()
-        folder.write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _write_manifest(folder, manifest)
         return False
     old = read_manifest(folder)
     differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    if differ and not any(n.startswith("part-") for n in folder.names()):  # nothing finished to keep
+        logger.info("%s holds no finished shard: starting over with the new settings", folder.path)
+        _write_manifest(folder, manifest)
+        return False
     if differ:
         details = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in differ)
         raise InputError(
@@ -43,6 +51,10 @@ def check_manifest(folder: Folder, manifest: dict[str, Any]) -> bool:
             "rerun with the same settings to resume, or use a new output folder"
         )
     return True
+
+
+def _write_manifest(folder: Folder, manifest: dict[str, Any]) -> None:
+    folder.write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(folder: Folder | str | Path) -> dict[str, Any]:
