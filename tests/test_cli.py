@@ -72,6 +72,10 @@ def test_embed_reads_gzipped_jsonl(tmp_path, minilm_dir):
     out = tmp_path / "v.npy"
     run("embed", "-m", str(minilm_dir), "-i", str(source), "-o", str(out))
     assert np.load(out).shape == (3, 384)
+    packed = tmp_path / "v.npy.gz"  # a .gz name is gzipped, as .jsonl.gz is (was a plain .npy)
+    run("embed", "-m", str(minilm_dir), "-i", str(source), "-o", str(packed))
+    with gzip.open(packed) as handle:
+        np.testing.assert_array_equal(np.load(handle), np.load(out))
 
 
 def test_rerank_with_a_cross_encoder(tmp_path, passages_file, tiny_xlmr_reranker):

@@ -7,6 +7,7 @@ one line (``error: ...``) with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import logging
 import sys
@@ -209,8 +210,8 @@ def embed(
         vectors = vectors["dense_vecs"]
     if fmt is OutputFormat.npy:
 
-        def save(tmp: Path) -> None:
-            with tmp.open("wb") as handle:
+        def save(tmp: Path) -> None:  # gzipped for a .gz name, as JSONL outputs are
+            with gzip.open(tmp, "wb") if output.suffix == ".gz" else tmp.open("wb") as handle:
                 np.save(handle, vectors.astype(np.float32))
 
         io.write_with(output, save)
