@@ -228,6 +228,9 @@ def test_missing_or_wrong_key_is_401(server):
     # health, metrics and docs stay open for probes and scrapers
     for path in ("/health", "/metrics", "/docs", "/openapi.json"):
         assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
+    for path in ("/health", "/v1/health", "/metrics"):  # probes that send HEAD (it was 405)
+        head = httpx.head(f"{server.url}{path}", timeout=10)
+        assert head.status_code == 200 and head.content == b"", path
     # the scheme's case does not matter
     lower = post(
         server, "/v1/embeddings", {"model": "minilm", "input": "x"}, headers={"Authorization": f"bearer {KEY}"}
@@ -490,3 +493,60 @@ def test_serve_backend_onnx_serves_the_library_results(tmp_path, tiny_bert, tiny
         [BGEKIT, "serve", "--model", str(decoder)], capture_output=True, text=True, timeout=120, env=env
     )
     assert refused.returncode == 2 and "runs encoder models" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_serve_family_and_layer_options_reach_the_models(tmp_path, golden_dir):
+    """--examples / --query-instruction / --model-class for embedders (bge-en-icl was served zero-shot),
+    --cutoff-layers / --compress-* for layerwise and lightweight rerankers (always the last layer before)."""
+    from bgekit import FlagICLModel, LightWeightFlagLLMReranker
+
+    from .serving import BGEKIT
+
+    models = golden_dir / "models"
+    examples = [{"instruct": "Find the answer.", "query": "what is BGE", "response": "An embedding model."}]
+    (tmp_path / "examples.json").write_text(json.dumps(examples))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    args = ["--model", str(models / "mistral-icl"), "--model-class", "decoder-only-icl"]
+    args += ["--examples", str(tmp_path / "examples.json"), "--query-instruction", "Find the passage."]
+    args += ["--reranker", str(models / "gemma2-lightweight"), "--served-model-name", "icl"]
+    args += ["--served-model-name", "lw"]
+    args += ["--cutoff-layers", "1", "--compress-ratio", "2", "--compress-layers", "1", "--dtype", "float32"]
+    query = "Where do pandas live?"
+    with running_server(args, tmp_path / "server.log", env=env) as srv:
+        body = {"model": "icl", "input": TEXTS, "input_type": "query"}
+        embedded = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=60)
+        body = {"model": "lw", "query": query, "documents": TEXTS, "raw_scores": True}
+        ranked = httpx.post(f"{srv.url}/v1/rerank", json=body, timeout=60)
+    assert embedded.status_code == ranked.status_code == 200, (embedded.text, ranked.text)
+    icl = FlagICLModel(
+        str(models / "mistral-icl"), query_instruction_for_retrieval="Find the passage.", examples_for_task=examples,
+        use_fp16=False, devices="cpu",
+    )  # fmt: skip
+    got = np.array([d["embedding"] for d in embedded.json()["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, icl.encode_queries(TEXTS), atol=1e-5)
+    lightweight = LightWeightFlagLLMReranker(str(models / "gemma2-lightweight"), use_fp16=False, devices="cpu")
+    want = lightweight.compute_score(
+        [(query, t) for t in TEXTS], cutoff_layers=[1], compress_ratio=2, compress_layers=[1]
+    )
+    scores = {r["index"]: r["relevance_score"] for r in ranked.json()["results"]}
+    np.testing.assert_allclose([scores[i] for i in range(len(TEXTS))], want, atol=1e-5)
+    defaults = lightweight.compute_score([(query, t) for t in TEXTS])
+    assert np.abs(np.array(defaults) - np.array(want)).max() > 1e-3  # the options changed the scores
+    refused = subprocess.run(
+        [BGEKIT, "serve", "--reranker", str(models / "minicpm-layerwise"), "--compress-ratio", "2"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--compress-ratio" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_rerank_order_follows_the_raw_scores(tiny_xlmr_reranker):
+    """Logits above ~37 all turn into a sigmoid of 1.0: their order must come from the logits."""
+    from bgekit.serve.engines import RerankEngine, Work
+
+    engine = RerankEngine("rr", str(tiny_xlmr_reranker), Reranker.from_pretrained(str(tiny_xlmr_reranker)), 1)
+    body = engine.render(
+        Work([3, 3, 3], None, 9, 0), [40.0, 55.0, 38.0], documents=["a", "b", "c"], top_n=None,
+        return_documents=False, raw_scores=False,
+    )  # fmt: skip
+    results = json.loads(body)["results"]
+    assert [r["index"] for r in results] == [1, 0, 2] and {r["relevance_score"] for r in results} == {1.0}

@@ -24,6 +24,7 @@ from .cli_options import (
     Fp16Opt,
     Packing,
     backend_options,
+    family_options,
     packing_options,
     precision_options,
 )
@@ -171,20 +172,12 @@ def embed(
     name = model or hub.default_model()
     options = {**precision_options(fp16, bf16), "devices": device or None, "normalize_embeddings": normalize}
     options.update(packing_options(packed))
-    if query_instruction is not None:
-        options["query_instruction_for_retrieval"] = query_instruction
-    kind = hub.resolve(name, registry.EMBEDDERS, model_class)[1].kind
+    kind, family = family_options(name, model_class, pooling_method, query_instruction, examples)
     if (sparse or colbert) and kind != registry.M3:
         raise InputError(f"--sparse and --colbert need an M3 model such as BAAI/bge-m3, not {name}")
-    if examples is not None:
-        if kind not in (registry.ICL, registry.DECODER):
-            raise InputError(f"--examples needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
-        kind = registry.ICL  # a decoder embedder given examples runs as an ICL model
-        options["examples_for_task"] = io.read_examples(examples)
-    if pooling_method is not None:
-        options["pooling_method"] = pooling_method
+    options.update({**family, "model_class": kind})
     options.update(backend_options(backend, name, model_class=kind))
-    embedder = Embedder.from_pretrained(name, model_class=kind, **options)
+    embedder = Embedder.from_pretrained(name, **options)
     encode = embedder.encode_queries if queries else embedder.encode_corpus
     m3_outputs = (
         {"return_sparse": sparse is not None, "return_colbert_vecs": colbert is not None} if kind == registry.M3 else {}
@@ -229,7 +222,7 @@ def _uri_or_path(path: Path) -> str:
 
 def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> None:
     """``bgekit embed --ray``: the same embedder options, run by :func:`bgekit.distributed.encode_dataset`."""
-    from . import hub, io, registry
+    from . import hub
     from .distributed import encode_dataset
 
     name = model or hub.default_model()
@@ -238,27 +231,12 @@ def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> No
         "normalize_embeddings": options.pop("normalize"),
     }
     embedder_options.update(packing_options(options.pop("packed")))
-    for key in ("query_instruction", "model_class", "pooling_method"):
-        value = options.pop(key)
-        if value is not None:
-            embedder_options["query_instruction_for_retrieval" if key == "query_instruction" else key] = value
-    # what the workers would find out one traceback each: an unknown model, a bad pooling, a file for a folder
-    kind = hub.resolve(name, registry.EMBEDDERS, embedder_options.get("model_class"))[1].kind
-    pooling = embedder_options.get("pooling_method")
-    if pooling is not None and pooling not in registry.POOLING_METHODS:
-        raise InputError(f"pooling_method must be one of {registry.POOLING_METHODS}, got {pooling!r}")
+    # checked here, not by each worker with a traceback: the model, the family flags, the output folder
+    family = [options.pop(key) for key in ("model_class", "pooling_method", "query_instruction", "examples")]
+    embedder_options.update(family_options(name, *family)[1])
     if output.is_file():
         raise InputError(f"output {output} is a file; --ray writes a folder of shards")
     backend = options.pop("backend")
-    examples = options.pop("examples")
-    if examples is not None:
-        if kind not in (
-            registry.ICL,
-            registry.DECODER,
-        ):
-            raise InputError(f"--examples needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
-        embedder_options["model_class"] = registry.ICL  # as without --ray: a decoder given examples runs as ICL
-        embedder_options["examples_for_task"] = io.read_examples(examples)
     embedder_options.update(backend_options(backend, name, model_class=embedder_options.get("model_class")))
     result = encode_dataset(
         name, _uri_or_path(input), _uri_or_path(output), use_ray=True, **options, **embedder_options

@@ -7,7 +7,8 @@ its annotations from the module) without importing the main command line; nothin
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -76,3 +77,43 @@ def backend_options(
     if spec is not None and spec.kind not in exported:
         raise InputError(f"--backend {backend} runs {what} (BERT / XLM-R style) only, not {name} ({spec.kind})")
     return {"backend": str(backend)}
+
+
+def family_options(
+    name: str,
+    model_class: str | None = None,
+    pooling_method: str | None = None,
+    query_instruction: str | None = None,
+    examples: str | Path | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``--model-class``, ``--pooling-method``, ``--query-instruction`` and ``--examples`` as embedder
+    options, checked before any model loads (``embed``, ``embed --ray`` and ``serve`` read them alike).
+    Returns the kind that will run and the options; a decoder given examples runs as an ICL model."""
+    from . import hub, io, registry
+    from .errors import InputError
+
+    kind = hub.resolve(name, registry.EMBEDDERS, model_class)[1].kind
+    options: dict[str, Any] = {} if model_class is None else {"model_class": model_class}
+    if query_instruction is not None:
+        options["query_instruction_for_retrieval"] = query_instruction
+    if pooling_method is not None:
+        if pooling_method not in registry.POOLING_METHODS:
+            raise InputError(f"pooling_method must be one of {registry.POOLING_METHODS}, got {pooling_method!r}")
+        options["pooling_method"] = pooling_method
+    if examples is not None:
+        if kind not in (registry.ICL, registry.DECODER):
+            raise InputError(f"--examples needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
+        kind = options["model_class"] = registry.ICL
+        options["examples_for_task"] = io.read_examples(examples)
+    return kind, options
+
+
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """``"384,256,128"`` -> ``[384, 256, 128]``; a part that is not a whole number is a usage error (the
+    ranges are the model's or trainer's to check)."""
+    if not text:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise typer.BadParameter(f"expected whole numbers separated by commas, got {text!r}", param_hint=option)
+    return [int(part) for part in parts]

@@ -409,8 +409,9 @@ def create_app(
             raise ApiError(404, message, param="model", code="model_not_found")
         return engine.card()
 
-    @router.get(
+    @router.api_route(  # HEAD too: load balancers and uptime probes send it (RFC 9110 section 9.1)
         "/health",
+        methods=["GET", "HEAD"],
         response_model=HealthResponse,
         responses={503: {"model": HealthResponse, "description": "A model worker is stuck, failing or stopped"}},
         summary="Health: 200 while every model worker makes progress, 503 otherwise",
@@ -429,7 +430,7 @@ def create_app(
         ok = all(b.healthy() for b in batchers.values())
         return JSONResponse({"status": "ok" if ok else "unhealthy", "models": report}, status_code=200 if ok else 503)
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @router.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import BACKEND_HELP, Backend, Packing, backend_options, packing_options
+from ..cli_options import BACKEND_HELP, Backend, Packing, backend_options, family_options, int_list, packing_options
 
 logger = logging.getLogger("bgekit.serve")
 
@@ -60,6 +60,25 @@ def served_names(models: list[str], rerankers: list[str], names: list[str]) -> l
     return out
 
 
+def reranker_layer_options(rerankers: list[str], **given: object) -> dict[str, object]:
+    """``--cutoff-layers`` / ``--compress-*`` as reranker options, refused for a served reranker of a
+    family that has no such layers (before any model loads)."""
+    from .. import hub, registry
+    from ..errors import InputError
+
+    chosen = {key: value for key, value in given.items() if value is not None}
+    for source in rerankers if chosen else []:
+        kind = hub.resolve(source, registry.RERANKERS, for_reranker=True)[1].kind
+        takes = {"cutoff_layers"} if kind == registry.LAYERWISE_RERANKER else set()
+        if kind == registry.LIGHTWEIGHT_RERANKER:
+            takes = {"cutoff_layers", "compress_ratio", "compress_layers"}
+        refused = sorted(set(chosen) - takes)
+        if refused:
+            flags = ", ".join("--" + key.replace("_", "-") for key in refused)
+            raise InputError(f"{flags}: {source} is a {kind} reranker, which has no such option")
+    return chosen
+
+
 def register(app: typer.Typer) -> None:
     """Add ``serve`` to the ``bgekit`` command line."""
     from ..cli import friendly_errors
@@ -85,6 +104,44 @@ def register(app: typer.Typer) -> None:
                 envvar="BGEKIT_RERANKER",
                 help="Reranker (cross-encoder or LLM reranker) for /v1/rerank; repeat for several.",
             ),
+        ] = None,
+        model_class: Annotated[
+            str | None,
+            typer.Option(envvar="BGEKIT_MODEL_CLASS", help="Embedders: family override, as for `bgekit embed`."),
+        ] = None,
+        pooling_method: Annotated[
+            str | None,
+            typer.Option(envvar="BGEKIT_POOLING_METHOD", help="Embedders: pooling override (cls, mean, last_token)."),
+        ] = None,
+        query_instruction: Annotated[
+            str | None,
+            typer.Option(
+                envvar="BGEKIT_QUERY_INSTRUCTION",
+                help="Embedders: instruction for input_type=query (default: the model's; '' for none).",
+            ),
+        ] = None,
+        examples: Annotated[
+            str | None,
+            typer.Option(
+                envvar="BGEKIT_EXAMPLES",
+                help="In-context examples for ICL embedders (bge-en-icl), a JSON list or JSONL file, put before "
+                "every query.",
+            ),
+        ] = None,
+        cutoff_layers: Annotated[
+            str | None,
+            typer.Option(
+                envvar="BGEKIT_CUTOFF_LAYERS",
+                help="Layerwise / lightweight rerankers: the layer whose score is served (e.g. 28; default the last).",
+            ),
+        ] = None,
+        compress_ratio: Annotated[
+            int | None,
+            typer.Option(envvar="BGEKIT_COMPRESS_RATIO", min=1, help="Lightweight rerankers: token compression ratio."),
+        ] = None,
+        compress_layers: Annotated[
+            str | None,
+            typer.Option(envvar="BGEKIT_COMPRESS_LAYERS", help="Lightweight rerankers: compressing layers (24,40)."),
         ] = None,
         served_model_name: Annotated[
             list[str] | None,
@@ -215,17 +272,24 @@ def register(app: typer.Typer) -> None:
                 return max_batch_tokens
             return 16384 if any(d.startswith("cuda") for d in engine_devices) else 4096
 
-        # every model's family is checked against --backend before the first one loads
+        # every model's family (and the family flags) is checked before the first one loads
+        families = [family_options(m, model_class, pooling_method, query_instruction, examples)[1] for m in models]
+        layer_options = reranker_layer_options(
+            rerankers,
+            cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
+            compress_ratio=compress_ratio,
+            compress_layers=int_list(compress_layers, "--compress-layers"),
+        )
         sources = [*models, *rerankers]
         backends = [backend_options(backend, source, reranker=i >= len(models)) for i, source in enumerate(sources)]
         embedders, scorers = [], []
         for name, source, runs_on in zip(names, sources, backends, strict=True):
             if len(embedders) < len(models):
-                loaded = Embedder.from_pretrained(source, **embed_options, **runs_on)
+                loaded = Embedder.from_pretrained(source, **embed_options, **families[len(embedders)], **runs_on)
                 engine = EmbeddingEngine(name, source, loaded, 1)
                 embedders.append(engine)
             else:
-                loaded = Reranker.from_pretrained(source, **options, **runs_on, max_length=max_length)
+                loaded = Reranker.from_pretrained(source, **options, **runs_on, **layer_options, max_length=max_length)
                 engine = RerankEngine(name, source, loaded, 1)
                 scorers.append(engine)
             engine.max_batch_tokens = budget(engine.devices)

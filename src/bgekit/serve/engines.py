@@ -356,7 +356,8 @@ class RerankEngine:
         from ..models.reranker import sigmoid
 
         values = [float(s) for s in scores] if raw_scores else sigmoid(scores)
-        order = sorted(range(len(values)), key=lambda i: -values[i])
+        # by the raw score: the sigmoid rounds every logit above ~37 to 1.0, and their order with it
+        order = sorted(range(len(values)), key=lambda i: -float(scores[i]))
         results = []
         for index in order[:top_n]:
             result: dict[str, Any] = {"index": index, "relevance_score": values[index]}

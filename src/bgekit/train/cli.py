@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import Bf16Opt, Fp16Opt, precision_options
+from ..cli_options import Bf16Opt, Fp16Opt, int_list, precision_options
 
 finetune_app = typer.Typer(
     help="Fine-tune embedders and rerankers (transformers Trainer; torchrun for several devices)."
@@ -92,17 +92,6 @@ SaveMerged = Annotated[
     bool,
     typer.Option("--save-merged-model/--no-save-merged-model", help="With --lora, also save the merged model in OUT."),
 ]
-
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    """``"384,256,128"`` -> ``[384, 256, 128]``; a part that is not a whole number is a usage error (the
-    ranges are the trainers' to check)."""
-    if not text:
-        return None
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise typer.BadParameter(f"expected whole numbers separated by commas, got {text!r}", param_hint=option)
-    return [int(part) for part in parts]
 
 
 def _lora(
@@ -220,7 +209,7 @@ def finetune_embedder_cmd(
         use_inbatch_neg=use_inbatch_neg,
         negatives_cross_device=negatives_cross_device,
         kd_loss_type=kd_loss_type,
-        matryoshka_dims=_int_list(matryoshka_dims, "--matryoshka-dims"),
+        matryoshka_dims=int_list(matryoshka_dims, "--matryoshka-dims"),
         sub_batch_size=sub_batch_size,
         resume_from_checkpoint=resume_from_checkpoint,
         overwrite_output_dir=overwrite_output_dir,
@@ -319,7 +308,7 @@ def finetune_reranker_cmd(
         prompt=prompt,
         model_class=model_class,
         start_layer=start_layer,
-        cutoff_layers=_int_list(cutoff_layers, "--cutoff-layers"),
+        cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
         **_lora(
             use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
         ),
