@@ -35,6 +35,7 @@ from .serving import running_server  # noqa: E402
 
 KEY = "sk-bgekit-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_REQUEST_BYTES = 200_000
 MAX_CLIENT_BATCH = 64
 TEXTS = [
     "The giant panda is a bear native to China that eats bamboo.",
@@ -67,6 +68,7 @@ def server(tmp_path_factory, minilm_dir, golden_dir, tiny_prompted, tiny_xlmr_re
         *("--served-model-name", "rr", "--served-model-name", "llm-rr", "--served-model-name", "layerwise"),
         *("--served-model-name", "bi-encoder"),
         *("--api-key", KEY, "--max-client-batch-size", str(MAX_CLIENT_BATCH)),
+        *("--max-request-bytes", str(MAX_REQUEST_BYTES)),
     ]
     with running_server(args, tmp_path_factory.mktemp("serve") / "server.log") as srv:
         yield srv
@@ -329,6 +331,19 @@ def test_too_many_inputs_is_413(server):
     response = post(server, "/v1/embeddings", {"model": "tiny", "input": ["x"] * (MAX_CLIENT_BATCH + 1)})
     assert response.status_code == 413 and error_of(response)["code"] == "too_many_inputs"
     assert post(server, "/v1/embeddings", {"model": "tiny", "input": ["x"] * MAX_CLIENT_BATCH}).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(server):
+    big = json.dumps({"model": "tiny", "input": "word " * (MAX_REQUEST_BYTES // 5)}).encode()
+    declared = httpx.post(f"{server.url}/v1/embeddings", content=big, headers=AUTH, timeout=60)
+    assert declared.status_code == 413 and error_of(declared)["code"] == "request_too_large"
+    chunked = httpx.post(  # no Content-Length: counted as it arrives
+        f"{server.url}/v1/embeddings", content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+        headers=AUTH, timeout=60,
+    )  # fmt: skip
+    assert chunked.status_code == 413 and error_of(chunked)["code"] == "request_too_large"
+    fits = {"model": "tiny", "input": "word " * (MAX_REQUEST_BYTES // 10)}
+    assert post(server, "/v1/embeddings", fits).status_code == 200
 
 
 def test_unknown_route_is_404_in_openai_shape(server):

@@ -59,6 +59,7 @@ class ServeConfig:
     truncate: bool = True
     max_queue: int = 512
     max_client_batch_size: int = 2048
+    max_request_bytes: int = 32 * 2**20
     stuck_timeout: float = 60.0
     failing_after: int = 3
     batch_wait_ms: float = 0.0
@@ -102,11 +103,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _GuardMiddleware:
-    """Pure ASGI middleware: checks the API key before anything reads the body, and records
-    every request's latency and status for Prometheus."""
+    """Pure ASGI middleware: checks the API key and the body's size before anything reads the body
+    (a huge JSON body is parsed on the event loop, stalling every other request), and records every
+    request's latency and status for Prometheus."""
 
-    def __init__(self, app, api_key: str | None, metrics: ServeMetrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app, api_key: str | None, metrics: ServeMetrics, max_body: int = ServeConfig.max_request_bytes):
+        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
         self._expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -135,9 +137,34 @@ class _GuardMiddleware:
                 ).response()
                 await response(scope, receive, send_with_status)
                 return None
-            await self.app(scope, receive, send_with_status)
+            declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_body:
+                await self._too_large().response()(scope, receive, send_with_status)
+                return None
+            await self.app(scope, self._counting(receive), send_with_status)
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            f"the request body is over {self.max_body} bytes (--max-request-bytes); send fewer or shorter inputs",
+            code="request_too_large",
+        )
+
+    def _counting(self, receive):
+        """``receive`` that stops a body without a (truthful) length once it passes the limit."""
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:  # an HTTPException: FastAPI's body reading passes it on as it is
+                raise StarletteHTTPException(413, str(self._too_large()))
+            return message
+
+        return counted
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
@@ -218,7 +245,7 @@ def create_app(
     )
     app.state.begin_shutdown = begin_shutdown
     app.state.engines, app.state.batchers, app.state.metrics, app.state.config = engines, batchers, metrics, config
-    app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics)
+    app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics, max_body=config.max_request_bytes)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
 
@@ -482,7 +509,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return ApiError(exc.status_code, str(exc.detail), type=kind, code=code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)

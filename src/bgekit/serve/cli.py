@@ -175,6 +175,14 @@ def register(app: typer.Typer) -> None:
                 envvar="BGEKIT_MAX_CLIENT_BATCH_SIZE", min=1, help="Most texts (or documents) in one request (413)."
             ),
         ] = 2048,
+        max_request_bytes: Annotated[
+            int,
+            typer.Option(
+                envvar="BGEKIT_MAX_REQUEST_BYTES",
+                min=1024,
+                help="Largest request body in bytes (413 before it is read or parsed).",
+            ),
+        ] = 32 * 2**20,
         truncate: Annotated[
             bool,
             typer.Option(
@@ -300,6 +308,7 @@ def register(app: typer.Typer) -> None:
             truncate=truncate,
             max_queue=max_queue,
             max_client_batch_size=max_client_batch_size,
+            max_request_bytes=max_request_bytes,
             stuck_timeout=stuck_timeout,
             batch_wait_ms=batch_wait_ms,
             tokenizer_threads=tokenizer_threads,
