@@ -224,6 +224,7 @@ EDGE_FILES = {
     "bom_no_suffix.data": '\ufeff{"text": "a"}\n{"text": "b"}\n',  # JSON by its first line, BOM or not
     "unicode_blank.txt": "a\n\u00a0\nb\n\u3000\nc\n\x1c\nd\n",  # lines of Unicode whitespace are blank
     "crlf.txt": "a\r\nb\r\n\r\nc\r\n",
+    "null_ids.jsonl": '{"_id": null, "text": "a"}\n{"id": 5, "text": "b"}\n{"_id": "x", "id": 6, "text": "c"}\n',
 }
 
 

@@ -102,6 +102,14 @@ def _parse_jsonl(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple
             yield number, parse_json_line(path, number, line)
 
 
+def record_id(obj: dict[str, Any], line: int) -> str:
+    """A JSONL record's id: ``_id``, else ``id``, else its line number (a null id counts as none)."""
+    for key in ("_id", "id"):
+        if obj.get(key) is not None:
+            return str(obj[key])
+    return str(line)
+
+
 def record_text(obj: dict[str, Any], path: Path, line: int, field: str = "text") -> str:
     """``(title + " " + text).strip()`` of one JSONL object (the field alone when it is ``title``), checked."""
     if field not in obj:
@@ -126,8 +134,7 @@ def read_texts(path: str | Path, field: str = "text") -> list[TextRecord]:
     everything = itertools.chain(head, lines)
     if has_jsonl_suffix(path) or (first is not None and first.lstrip().startswith("{")):
         for line, obj in _parse_jsonl(path, everything):
-            ident = obj.get("_id", obj.get("id", line))
-            records.append(TextRecord(str(ident), record_text(obj, path, line, field)))
+            records.append(TextRecord(record_id(obj, line), record_text(obj, path, line, field)))
     else:
         records = [TextRecord(str(line), text.rstrip("\r\n")) for line, text in everything if text.strip()]
     if not records:

@@ -132,7 +132,7 @@ def read_shard(path: str, fmt: str, shard: Shard, field: str = "text") -> tuple[
                 texts.append(line.rstrip("\r\n"))
                 continue
             obj = bio.parse_json_line(path, number, line)
-            ids.append(str(obj.get("_id", obj.get("id", number))))
+            ids.append(bio.record_id(obj, number))
             texts.append(bio.record_text(obj, path, number, field))  # type: ignore[arg-type]
     if len(ids) != shard.num_rows:
         raise InputError(f"{path} changed while it was being encoded (shard {shard.index} is short); start again")
