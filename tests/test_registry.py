@@ -104,6 +104,31 @@ def test_rerankers_resolve(golden_dir):
     assert isinstance(FlagAutoReranker.from_finetuned(folder, devices="cpu"), FlagReranker)
 
 
+def test_every_embedder_family_reranks_by_cosine(tmp_path, golden_dir):
+    """An M3 folder crashed on its dict output; an LLM embedder's folder (plain, or in the hub cache
+    under a known embedder's name) was loaded as a cross-encoder and refused."""
+    import numpy as np
+
+    from bgekit import BGEM3FlagModel, FlagLLMModel
+
+    pairs = [("what is a panda?", "The giant panda is a bear."), ("bamboo", "A fast-growing grass.")]
+    models = golden_dir / "models"
+    cached = tmp_path / "models--intfloat--e5-mistral-7b-instruct" / "snapshots" / "abc"
+    shutil.copytree(models / "mistral-llm", cached)
+    cases = [(models / "xlmr-m3", BGEM3FlagModel), (models / "mistral-llm", FlagLLMModel), (cached, FlagLLMModel)]
+    for folder, embedder_class in cases:
+        reranker = Reranker.from_pretrained(str(folder), devices="cpu")
+        assert type(reranker).__name__ == "BiEncoderReranker" and isinstance(reranker.embedder, embedder_class)
+        q = reranker.embedder.encode_queries([q for q, _ in pairs], convert_to_numpy=True)
+        p = reranker.embedder.encode_corpus([p for _, p in pairs], convert_to_numpy=True)
+        q, p = (x["dense_vecs"] if isinstance(x, dict) else x for x in (q, p))
+        np.testing.assert_allclose(reranker.compute_score(pairs), (q * p).sum(axis=1), atol=1e-6)
+    # reranker folders keep their own classes
+    assert type(Reranker.from_pretrained(str(models / "gemma-llm-reranker"), devices="cpu")).__name__ == (
+        "FlagLLMReranker"
+    )
+
+
 def test_auto_classes_cannot_be_instantiated():
     with pytest.raises(OSError, match="from_finetuned"):
         FlagAutoModel()

@@ -305,6 +305,9 @@ def test_broken_json_and_lone_surrogates_are_400_naming_the_problem(server):
     assert broken.status_code == 400, broken.text
     error = error_of(broken)
     assert error["code"] == "invalid_json" and error["param"] is None and "character 14" in error["message"]
+    latin1 = httpx.post(f"{server.url}/v1/embeddings", content=b'{"input": "caf\xe9"}', headers=headers, timeout=10)
+    assert latin1.status_code == 400 and error_of(latin1)["code"] == "invalid_json"  # was code null, no reason
+    assert "not UTF-8 JSON (byte 0xe9 at offset 14)" in error_of(latin1)["message"]
     for path, body in (
         ("/v1/embeddings", b'{"model": "minilm", "input": ["ok", "bad \\ud800"]}'),
         ("/v1/rerank", b'{"model": "rr", "query": "\\ud800", "documents": ["a"]}'),

@@ -168,9 +168,9 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
     for part in reversed(folder.resolve().parts):
         match = _CACHE_DIR.match(part)
         if match:
-            known = registry.lookup(f"{match['org']}/{match['name']}", table)
+            known = _known_or_bi_encoder(f"{match['org']}/{match['name']}", table, for_reranker)
             if known:
-                return known[1]
+                return known
     meta = None if for_reranker else read_folder_metadata(folder)  # written by bgekit's trainers
     if meta and meta.get("model_class") in registry.EMBEDDER_KINDS:
         saved = _sentence_transformers_spec(folder)  # passage prompt and length, where there are module files
@@ -185,6 +185,8 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             normalize_embeddings=meta.get("normalize_embeddings"),
         )
     named = _known_by_folder_name(folder, table)
+    if named is None and for_reranker and _known_by_folder_name(folder, registry.EMBEDDERS) is not None:
+        named = ModelSpec(registry.BI_ENCODER)  # a known embedder's folder, asked to rerank: cosine
     if named is not None:
         return named
     config = _read_json(folder / "config.json") or {}
@@ -197,11 +199,7 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             return ModelSpec(registry.LIGHTWEIGHT_RERANKER)
         if "ForCausalLM" in archs:
             return ModelSpec(registry.LLM_RERANKER)
-        if (
-            "ForSequenceClassification" not in archs
-            and describe_folder(folder, registry.EMBEDDERS).kind in (registry.ENCODER, registry.M3)
-            and archs
-        ):
+        if archs and "ForSequenceClassification" not in archs:  # a base model (encoder, M3, LLM embedder)
             return ModelSpec(registry.BI_ENCODER)
         return ModelSpec(registry.CROSS_ENCODER)
     if (folder / "colbert_linear.pt").exists() and (folder / "sparse_linear.pt").exists():
@@ -209,6 +207,16 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
     if "ForCausalLM" in archs or (archs and not _is_encoder(config)):
         return ModelSpec(registry.DECODER, "last_token", query_instruction_format=registry.E5_INSTRUCT)
     return _sentence_transformers_spec(folder) or ModelSpec(registry.ENCODER, "cls")
+
+
+def _known_or_bi_encoder(name: str, table: dict[str, ModelSpec], for_reranker: bool) -> ModelSpec | None:
+    """The registry's entry for ``name``; asked for a reranker, a known embedder is a bi-encoder one."""
+    known = registry.lookup(name, table)
+    if known:
+        return known[1]
+    if for_reranker and registry.lookup(name, registry.EMBEDDERS):
+        return ModelSpec(registry.BI_ENCODER)
+    return None
 
 
 def _known_by_folder_name(folder: Path, table: dict[str, ModelSpec]) -> ModelSpec | None:

@@ -380,11 +380,17 @@ class BiEncoderReranker(Reranker):
             convert_to_numpy=False,
             show_progress_bar=show_progress_bar,
         )
+        q_vecs, p_vecs = _dense_of(q_vecs), _dense_of(p_vecs)
         index = torch.tensor([row[q] for q, _ in pairs])
         return (q_vecs[index] * p_vecs).sum(dim=-1).tolist()
 
     def close(self) -> None:
         self.embedder.close()
+
+
+def _dense_of(output: Any) -> torch.Tensor:
+    """An embedder's dense vectors: the tensor itself, or M3's ``dense_vecs``."""
+    return output["dense_vecs"] if isinstance(output, dict) else output
 
 
 #: reranker instruction option -> the embedder option a bi-encoder reranker gives it to

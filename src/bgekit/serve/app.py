@@ -508,6 +508,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        bad = exc.__cause__  # FastAPI's "error parsing the body" hides why: bytes that are not UTF-8
+        if isinstance(bad, UnicodeDecodeError):
+            message = f"the request body is not UTF-8 JSON (byte {bad.object[bad.start]:#04x} at offset {bad.start})"
+            return ApiError(400, message, code="invalid_json").response()
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return ApiError(exc.status_code, str(exc.detail), type=kind, code=code, headers=exc.headers).response()
