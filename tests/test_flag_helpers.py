@@ -256,3 +256,64 @@ def test_finetune_refuses_pseudo_moe(golden_dir, tmp_path):
     with pytest.raises(InputError, match="pseudo-MoE"):
         finetune_embedder(options)
     assert not (tmp_path / "out").exists()
+
+
+class StrictCounts(AbsEmbedder):
+    """Written as FlagEmbedding's own embedders are: no **kwargs beyond its own, and its helpers."""
+
+    def encode_single_device(self, sentences, batch_size=256, max_length=512, convert_to_numpy=True, device=None):
+        one = isinstance(sentences, str)
+        rows = torch.tensor([[len(s), s.count(" ") + 1.0] for s in ([sentences] if one else sentences)])
+        rows = self._truncate_embeddings(torch.nn.functional.normalize(rows, dim=-1))
+        rows = self._convert_to_numpy(rows) if convert_to_numpy else rows
+        return rows[0] if one else rows
+
+
+class NumpyGap(AbsReranker):
+    def compute_score_single_gpu(self, sentence_pairs, batch_size=256, query_max_length=None, max_length=512,
+                                 normalize=False, device=None):  # fmt: skip
+        return np.array([-abs(len(p) - 3 * len(q)) for q, p in sentence_pairs], dtype=np.float32)
+
+
+def test_flagembedding_style_models_run_through_bgekit_eval():
+    """bgekit's evaluation passed show_progress_bar on to the subclass (FlagEmbedding's code hands
+    extra options to its tokenizer, which refused it) and could not read a numpy array of scores."""
+    from pathlib import Path
+
+    from bgekit.eval.retrieval import evaluate_retrieval
+
+    mini = Path(__file__).resolve().parents[1] / "examples" / "data" / "scifact-mini"
+    embedder = StrictCounts("none", devices=["cpu", "cpu"])
+    reranker = NumpyGap("none", devices=["cpu", "cpu"])
+    result = evaluate_retrieval(embedder, mini, reranker=reranker, rerank_top_k=5, k_values=[5], use_cache=False)
+    assert 0.0 <= result.metrics["ndcg_at_5"] <= 1.0 and result.retrieval_metrics is not None
+    assert all(len(docs) <= 5 for docs in result.run.values())
+    assert StrictCounts("none", truncate_dim=1).encode(["a b"]).shape == (1, 1)  # FlagEmbedding's helpers
+
+
+def test_llm_rerankers_take_flagembeddings_positional_order(golden_dir):
+    """Their single-GPU methods put prompt (and layers, compression) fifth: it landed in ``normalize``."""
+    from bgekit import FlagLLMReranker, LayerWiseFlagLLMReranker, LightWeightFlagLLMReranker
+
+    models = golden_dir / "models"
+    prompt = "Is B an answer to A? Yes or No."
+    llm = FlagLLMReranker(str(models / "gemma-llm-reranker"), use_fp16=False, devices="cpu")
+    detailed = llm.get_detailed_inputs(PAIRS)  # the instructions (A: / B:) are compute_score's to add
+    assert llm.compute_score_single_gpu(detailed, 8, None, 512, prompt) == llm.compute_score(PAIRS, prompt=prompt)
+    layerwise = LayerWiseFlagLLMReranker(str(models / "minicpm-layerwise"), use_fp16=False, devices="cpu")
+    assert layerwise.compute_score_single_gpu(layerwise.get_detailed_inputs(PAIRS), 8, None, 512, [1]) == (
+        layerwise.compute_score(PAIRS, cutoff_layers=[1])
+    )
+    light = LightWeightFlagLLMReranker(str(models / "gemma2-lightweight"), use_fp16=False, devices="cpu")
+    got = light.compute_score_single_gpu(light.get_detailed_inputs(PAIRS), 8, None, 512, [1], None, [1], 2)
+    assert got == light.compute_score(PAIRS, cutoff_layers=[1], compress_layers=[1], compress_ratio=2)
+    np.testing.assert_allclose(
+        pickle.loads(pickle.dumps(light)).compute_score(PAIRS), light.compute_score(PAIRS), atol=1e-6
+    )
+
+
+def test_single_device_names_as_torch_spells_them(golden_dir):
+    model = FlagModel(models(golden_dir, "bert-cls"), devices="cpu")
+    expected = model.encode(TEXTS)
+    for device in ("cpu:0", torch.device("cpu")):
+        np.testing.assert_allclose(model.encode_single_device(TEXTS, device=device), expected, atol=1e-6)

@@ -568,6 +568,7 @@ def rerank_run(
     scores = reranker.compute_score(
         pairs, batch_size=batch_size, max_length=max_length, show_progress_bar=show_progress_bar
     )
+    scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)  # a custom model's numpy array too
     if scores and isinstance(scores[0], list):  # layerwise rerankers: one list per cutoff layer
         logger.info("the reranker returned scores for %d layers; using the last", len(scores))
         scores = scores[-1]

@@ -7,6 +7,7 @@ parameter names of the checkpoints, so ``model.safetensors`` loads as is.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,8 +22,8 @@ from ..errors import ModelNotFoundError
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),  # partials pickle; lambdas do not
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
 

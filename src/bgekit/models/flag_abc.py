@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..runtime.devices import resolve_devices
 from .embedder import unescape_format, with_instruction
@@ -109,9 +110,12 @@ class AbsEmbedder(DevicePoolMethods, ABC):
         convert_to_numpy=None,
         instruction: str | None = None,
         instruction_format: str | None = None,
+        *,
+        show_progress_bar: bool | None = None,
         **kwargs: Any,
     ):
-        """Instruction applied, then :meth:`encode_single_device` on one chunk per device."""
+        """Instruction applied, then :meth:`encode_single_device` on one chunk per device.
+        ``show_progress_bar`` (bgekit callers pass it) is not handed to the subclass."""
         texts, single = as_text_list(sentences, "sentences")
         texts = with_instruction(texts, instruction, instruction_format)
         options = {
@@ -143,6 +147,25 @@ class AbsEmbedder(DevicePoolMethods, ABC):
 
     def stop_self_pool(self) -> None:
         self.pool = None
+
+    # FlagEmbedding's helpers its own encode_single_device code calls
+    def _truncate_embeddings(self, embeddings):
+        """The first ``truncate_dim`` dimensions (all without one)."""
+        return embeddings if self.truncate_dim is None else embeddings[..., : self.truncate_dim]
+
+    def _convert_to_numpy(self, embeddings: torch.Tensor, device: str | None = None) -> np.ndarray:
+        """A CPU numpy array; bfloat16, which numpy lacks, as float32."""
+        if embeddings.dtype == torch.bfloat16:
+            embeddings = embeddings.float()
+        return embeddings.cpu().numpy()
+
+    def _concatenate_results_from_multi_process(self, results_list: list[Any]):
+        return joined(results_list)
+
+    @staticmethod
+    def _encode_multi_process_worker(*args: Any) -> None:
+        """Named for FlagEmbedding code that passes it to :meth:`start_multi_process_pool`; bgekit starts
+        no worker process, so it never runs."""
 
 
 class AbsReranker(DevicePoolMethods, ABC):
@@ -194,8 +217,9 @@ class AbsReranker(DevicePoolMethods, ABC):
         )
         return [[q, p] for q, p in zip(queries, passages, strict=True)]
 
-    def compute_score(self, sentence_pairs, **kwargs: Any):
-        """Instructions applied, then :meth:`compute_score_single_gpu` on one chunk per device."""
+    def compute_score(self, sentence_pairs, *, show_progress_bar: bool | None = None, **kwargs: Any):
+        """Instructions applied, then :meth:`compute_score_single_gpu` on one chunk per device
+        (``show_progress_bar``, which bgekit callers pass, is not handed to the subclass)."""
         pairs = self.get_detailed_inputs(sentence_pairs)
         if len(self.target_devices) == 1:
             return self.compute_score_single_gpu(pairs, device=self.target_devices[0], **kwargs)

@@ -44,11 +44,17 @@ class DevicePoolMethods:
         (FlagEmbedding names float16 there too, then runs float32)."""
         return resolve_dtype(self.target_devices[0], self.use_fp16, self.use_bf16)
 
-    def on_device(self, device: str | int | None) -> AbstractContextManager[None]:
-        """Run this thread's calls on ``device`` alone (one of :attr:`target_devices`) inside the block."""
+    def on_device(self, device: str | int | torch.device | None) -> AbstractContextManager[None]:
+        """Run this thread's calls on ``device`` alone (one of :attr:`target_devices`; ``"cuda"`` is
+        ``"cuda:0"``, a ``torch.device`` works) inside the block."""
         if device is None:
             return nullcontext()
-        return self.host.pool.only(resolve_devices(device)[0])  # type: ignore[attr-defined]
+        wanted = torch.device(resolve_devices(device if isinstance(device, int) else str(device))[0])
+        for name in self.target_devices:
+            have = torch.device(name)
+            if have.type == wanted.type and (have.index or 0) == (wanted.index or 0):
+                return self.host.pool.only(name)  # type: ignore[attr-defined]
+        return self.host.pool.only(str(device))  # type: ignore[attr-defined]  # its error names the devices
 
     def start_multi_process_pool(self, process_target_func: Any = None) -> PoolHandle:
         """A handle for :meth:`encode_multi_process`. No process starts: bgekit already runs one
@@ -142,3 +148,8 @@ def joined(results: list[Any]) -> Any:
     if isinstance(results[0], np.ndarray):
         return np.concatenate(results)
     return [value for result in results for value in result]
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options a caller set (not ``None``), to pass on by name."""
+    return {key: value for key, value in options.items() if value is not None}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelNotFoundError
+from .flag_pool import RerankerPoolMethods, given
 from .llm_reranker import PAD_TO_MULTIPLE_OF, SEPARATOR, FlagLLMReranker
 from .tokenization import Tokenized
 
@@ -74,6 +75,26 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
     ALWAYS_BOS = True
     PACKABLE = False
     CALL_OPTIONS = (*FlagLLMReranker.CALL_OPTIONS, "cutoff_layers")
+
+    def compute_score_single_gpu(
+        self,
+        sentence_pairs,
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        cutoff_layers: list[int] | None = None,
+        prompt: str | None = None,
+        normalize: bool | None = None,
+        use_dataloader: bool = False,
+        num_workers: int | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ):
+        """FlagEmbedding's layerwise order (``cutoff_layers`` fifth, then ``prompt``)."""
+        options = given(cutoff_layers=cutoff_layers, prompt=prompt, num_workers=num_workers)
+        return RerankerPoolMethods.compute_score_single_gpu(
+            self, sentence_pairs, batch_size, query_max_length, max_length, normalize, device, **options, **kwargs
+        )
 
     def __init__(
         self,
@@ -171,6 +192,33 @@ class LightWeightFlagLLMReranker(FlagLLMReranker):
     ALWAYS_BOS = True
     PACKABLE = False
     CALL_OPTIONS = ("prompt", "cutoff_layers", "compress_layers", "compress_layer", "compress_ratio")
+
+    def compute_score_single_gpu(
+        self,
+        sentence_pairs,
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        cutoff_layers: list[int] | None = None,
+        compress_layer: list[int] | None = None,
+        compress_layers: list[int] | None = None,
+        compress_ratio: int | None = None,
+        prompt: str | None = None,
+        normalize: bool | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ):
+        """FlagEmbedding's lightweight order (layers and compression before ``prompt``)."""
+        options = given(
+            cutoff_layers=cutoff_layers,
+            compress_layer=compress_layer,
+            compress_layers=compress_layers,
+            compress_ratio=compress_ratio,
+            prompt=prompt,
+        )
+        return RerankerPoolMethods.compute_score_single_gpu(
+            self, sentence_pairs, batch_size, query_max_length, max_length, normalize, device, **options, **kwargs
+        )
 
     def __init__(
         self,

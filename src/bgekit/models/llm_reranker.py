@@ -22,6 +22,7 @@ from .. import hub
 from ..errors import InputError, ModelNotFoundError
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
+from .flag_pool import given
 from .inputs import as_pair_list
 from .pooling import last_positions
 from .reranker import Reranker
@@ -138,6 +139,26 @@ class FlagLLMReranker(Reranker):
     """
 
     CALL_OPTIONS = ("prompt", "use_dataloader", "num_workers")
+
+    def compute_score_single_gpu(
+        self,
+        sentence_pairs,
+        batch_size: int | None = None,
+        query_max_length: int | None = None,
+        max_length: int | None = None,
+        prompt: str | None = None,
+        normalize: bool | None = None,
+        use_dataloader: bool = False,
+        num_workers: int | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ):
+        """FlagEmbedding's LLM-reranker order (``prompt`` fifth): the pairs as they are, on one device."""
+        options = given(prompt=prompt, num_workers=num_workers)
+        return super().compute_score_single_gpu(
+            sentence_pairs, batch_size, query_max_length, max_length, normalize, device, **options, **kwargs
+        )
+
     #: layerwise and lightweight models always start with bos; the base model only if bos != pad
     ALWAYS_BOS = False
     #: whether batches can be packed (:mod:`bgekit.runtime.packed`); not for the layerwise and
