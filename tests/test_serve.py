@@ -459,6 +459,8 @@ def test_an_idle_server_runs_a_lone_request_at_once(server):
         ([], "nothing to serve"),
         (["--model", "/no/such/folder"], "does not exist"),
         (["--model", "x", "--served-model-name", "a", "--served-model-name", "b"], "--served-model-name"),
+        (["--reranker", "/no/such/folder", "--examples", "x.json"], "are for --model"),
+        (["--model", "/no/such/folder", "--cutoff-layers", "28"], "but no --reranker is served"),
     ],
 )
 def test_serve_command_errors_are_one_line(args, message):

@@ -67,6 +67,9 @@ def reranker_layer_options(rerankers: list[str], **given: object) -> dict[str, o
     from ..errors import InputError
 
     chosen = {key: value for key, value in given.items() if value is not None}
+    if chosen and not rerankers:
+        flags = ", ".join("--" + key.replace("_", "-") for key in sorted(chosen))
+        raise InputError(f"{flags} set the served reranker's layers, but no --reranker is served")
     for source in rerankers if chosen else []:
         kind = hub.resolve(source, registry.RERANKERS, for_reranker=True)[1].kind
         takes = {"cutoff_layers"} if kind == registry.LAYERWISE_RERANKER else set()
@@ -281,13 +284,16 @@ def register(app: typer.Typer) -> None:
             return 16384 if any(d.startswith("cuda") for d in engine_devices) else 4096
 
         # every model's family (and the family flags) is checked before the first one loads
-        families = [family_options(m, model_class, pooling_method, query_instruction, examples)[1] for m in models]
         layer_options = reranker_layer_options(
             rerankers,
             cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
             compress_ratio=compress_ratio,
             compress_layers=int_list(compress_layers, "--compress-layers"),
         )
+        family_flags = (model_class, pooling_method, query_instruction, examples)
+        if not models and any(flag is not None for flag in family_flags):
+            raise InputError("--model-class, --pooling-method, --query-instruction and --examples are for --model")
+        families = [family_options(m, *family_flags)[1] for m in models]
         sources = [*models, *rerankers]
         backends = [backend_options(backend, source, reranker=i >= len(models)) for i, source in enumerate(sources)]
         embedders, scorers = [], []
