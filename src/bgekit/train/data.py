@@ -195,10 +195,11 @@ class GroupSampler:
         return choice
 
 
-def teacher_scores(groups: Sequence[Group]):
-    """A batch's teacher scores as a ``(groups, group_size)`` float32 tensor; ``None`` without them."""
-    if groups[0].scores is None:
-        return None
-    import torch
+def with_teacher_scores(batch: dict, groups: Sequence[Group]) -> dict:
+    """``batch`` plus the groups' teacher scores as a ``(groups, group_size)`` float32 tensor under
+    ``teacher_scores`` (nothing added when the records carry none)."""
+    if groups[0].scores is not None:
+        import torch
 
-    return torch.tensor([g.scores for g in groups], dtype=torch.float32)
+        batch["teacher_scores"] = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+    return batch

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
-from .data import Group, GroupSampler, load_train_data, teacher_scores
+from .data import Group, GroupSampler, load_train_data, with_teacher_scores
 from .trainer import (
     BgekitTrainer,
     EpochCallback,
@@ -93,10 +93,7 @@ class EmbedderCollator:
             "query": self.tokenizer.collate(queries.ids, queries.type_ids),
             "passage": self.tokenizer.collate(passages.ids, passages.type_ids),
         }
-        teacher = teacher_scores(groups)
-        if teacher is not None:
-            batch["teacher_scores"] = teacher
-        return batch
+        return with_teacher_scores(batch, groups)
 
 
 class EmbedderTrainer(BgekitTrainer):

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..models.layerwise_reranker import LayerWiseFlagLLMReranker, check_cutoff_layers
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF
 from . import losses
-from .data import Group, GroupSampler, TrainRecord, load_train_data, teacher_scores
+from .data import Group, GroupSampler, TrainRecord, load_train_data, with_teacher_scores
 from .llm_reranker import ids_by_prompt, pair_prompts
 from .reranker import RerankerOptions
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
@@ -114,10 +114,7 @@ class LayerwiseCollator:
 
         ids = ids_by_prompt(pairs, pair_prompts(groups, opts.prompt), tokenize)
         batch = {"pairs": self.reranker.tokenizer.collate(ids, None, PAD_TO_MULTIPLE_OF)}
-        teacher = teacher_scores(groups)
-        if teacher is not None:
-            batch["teacher_scores"] = teacher
-        return batch
+        return with_teacher_scores(batch, groups)
 
 
 class LayerwiseTrainer(BgekitTrainer):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF, llm_pair_inputs, yes_logits, yes_token_id
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
-from .data import Group, GroupSampler, TrainRecord, teacher_scores
+from .data import Group, GroupSampler, TrainRecord, with_teacher_scores
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
 if TYPE_CHECKING:
@@ -52,10 +52,7 @@ class LLMRerankerCollator:
 
         ids = ids_by_prompt(self.pairs(groups), pair_prompts(groups, opts.prompt), tokenize)
         batch = {"pairs": self.tokenizer.collate(ids, None, PAD_TO_MULTIPLE_OF)}
-        teacher = teacher_scores(groups)
-        if teacher is not None:
-            batch["teacher_scores"] = teacher
-        return batch
+        return with_teacher_scores(batch, groups)
 
 
 def pair_prompts(groups: list[Group], default: str | None) -> list[str | None]:

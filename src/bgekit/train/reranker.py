@@ -17,7 +17,7 @@ from .. import hub, registry
 from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
-from .data import Group, GroupSampler, load_train_data, teacher_scores
+from .data import Group, GroupSampler, load_train_data, with_teacher_scores
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
 
 
@@ -48,10 +48,7 @@ class RerankerCollator:
         passages = [p for g in groups for p in g.passages]
         pairs = self.tokenizer.encode_pairs(queries, passages, self.options.query_max_len, self.options.max_len)
         batch = {"pairs": self.tokenizer.collate(pairs.ids, pairs.type_ids)}
-        teacher = teacher_scores(groups)
-        if teacher is not None:
-            batch["teacher_scores"] = teacher
-        return batch
+        return with_teacher_scores(batch, groups)
 
 
 class RerankerTrainer(BgekitTrainer):
