@@ -73,3 +73,21 @@ def test_lazy_names_resolve():
 
     assert bgekit.FlagModel.__name__ == "FlagModel"
     assert set(bgekit.__all__) >= {"FlagModel", "FlagReranker", "FlagAutoModel", "FlagAutoReranker", "Embedder"}
+
+
+def test_core_install_can_train():
+    """`bgekit finetune` runs on transformers' Trainer, which refuses to start without accelerate: a plain
+    `pip install bgekit` must bring it (it came only through peft, in the lora/dev extras), at a version the
+    installed transformers accepts."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from transformers.dependency_versions_table import deps
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    core = {Requirement(spec).name: Requirement(spec) for spec in pyproject["project"]["dependencies"]}
+    assert "accelerate" in core, "accelerate is missing from the core dependencies"
+    needed = Requirement(deps["accelerate"]).specifier
+    floor = next(s.version for s in core["accelerate"].specifier if s.operator == ">=")
+    assert needed.contains(floor), f"bgekit allows accelerate {floor}, transformers needs {needed}"
