@@ -206,3 +206,23 @@ def test_array_inputs(golden_dir, m3_models):
 def test_enums_are_exported_lazily():
     assert bgekit.EmbedderModelClass.ENCODER_ONLY_M3 == "encoder-only-m3"
     assert {m.value for m in RerankerModelClass} <= set(registry.RERANKER_KINDS)
+
+
+@pytest.mark.parametrize("name", ["bert-cls", "xlmr-m3"])
+def test_one_call_can_replace_the_instruction(golden_dir, name):
+    """``encode_queries(..., instruction=, instruction_format=)`` overrides the configured instruction for
+    that call (``None``: none); FlagEmbedding 1.4.2 raised a TypeError (its own value and the caller's)."""
+    model = FlagAutoModel.from_finetuned(
+        models(golden_dir, name), query_instruction_for_retrieval="Represent: ", devices="cpu"
+    )
+    dense = (lambda out: out["dense_vecs"]) if name == "xlmr-m3" else (lambda out: out)
+    plain = dense(model.encode(TEXTS))
+    np.testing.assert_allclose(dense(model.encode_queries(TEXTS, instruction=None)), plain, atol=1e-6)
+    other = dense(model.encode(TEXTS, instruction="Other", instruction_format="{}: {}"))
+    np.testing.assert_allclose(
+        dense(model.encode_queries(TEXTS, instruction="Other", instruction_format="{}: {}")), other, atol=1e-6
+    )
+    configured = dense(model.encode(TEXTS, instruction="Represent: "))
+    np.testing.assert_allclose(dense(model.encode_queries(TEXTS)), configured, atol=1e-6)
+    np.testing.assert_allclose(dense(model.encode_corpus(TEXTS, instruction="Represent: ")), configured, atol=1e-6)
+    assert model.query_instruction_for_retrieval == "Represent: "  # the call changed nothing

@@ -137,6 +137,8 @@ def test_abs_embedder_subclass_runs_as_in_flagembedding():
     assert isinstance(corpus, torch.Tensor)
     np.testing.assert_array_equal(corpus[:, 0].numpy(), [len(t) + 3 for t in TEXTS])
     assert model.encode("one two").tolist() == [7.0, 1.0]
+    np.testing.assert_array_equal(model.encode_queries(TEXTS, instruction=None), model.encode(TEXTS))  # per call
+    np.testing.assert_array_equal(model.encode_corpus(TEXTS, instruction="ab")[:, 0], [len(t) + 2 for t in TEXTS])
     with pytest.raises(InputError, match="sentences is empty"):
         model.encode([])
     with pytest.raises(TypeError, match="abstract"):

@@ -110,14 +110,18 @@ class Embedder(EmbedderPoolMethods):
         convert_to_numpy: bool | None = None,
         **kwargs: Any,
     ):
-        """Embed queries with the query instruction (if any). Shapes as :meth:`encode`."""
+        """Embed queries with the query instruction (if any). Shapes as :meth:`encode`.
+
+        ``instruction=`` / ``instruction_format=`` replace the configured ones for this call
+        (``instruction=None``: no instruction).
+        """
+        instruction = call_instruction(kwargs, self.query_instruction_for_retrieval, self.query_instruction_format)
         return self.encode(
             queries,
             batch_size=batch_size,
             max_length=self.query_max_length if max_length is None else max_length,
             convert_to_numpy=convert_to_numpy,
-            instruction=self.query_instruction_for_retrieval,
-            instruction_format=self.query_instruction_format,
+            **instruction,
             **kwargs,
         )
 
@@ -129,14 +133,15 @@ class Embedder(EmbedderPoolMethods):
         convert_to_numpy: bool | None = None,
         **kwargs: Any,
     ):
-        """Embed passages; a passage instruction is added only if one was configured."""
+        """Embed passages; a passage instruction is added only if one was configured (or is given
+        for this call as ``instruction=`` / ``instruction_format=``)."""
+        instruction = call_instruction(kwargs, self.passage_instruction_for_retrieval, self.passage_instruction_format)
         return self.encode(
             corpus,
             batch_size=batch_size,
             max_length=self.passage_max_length if max_length is None else max_length,
             convert_to_numpy=convert_to_numpy,
-            instruction=self.passage_instruction_for_retrieval,
-            instruction_format=self.passage_instruction_format,
+            **instruction,
             **kwargs,
         )
 
@@ -246,6 +251,14 @@ class Embedder(EmbedderPoolMethods):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_name_or_path!r})"
+
+
+def call_instruction(kwargs: dict[str, Any], instruction: str | None, instruction_format: str) -> dict[str, Any]:
+    """The instruction one ``encode_queries`` / ``encode_corpus`` call uses: ``instruction=`` and
+    ``instruction_format=`` taken out of ``kwargs`` override the configured ones (FlagEmbedding 1.4.2
+    raised a TypeError for them: it passed its own and the caller's)."""
+    fmt = kwargs.pop("instruction_format", None)
+    return {"instruction": kwargs.pop("instruction", instruction), "instruction_format": fmt or instruction_format}
 
 
 def with_instruction(texts: list[str], instruction: str | None, instruction_format: str | None) -> list[str]:

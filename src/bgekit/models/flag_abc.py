@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..runtime.devices import resolve_devices
-from .embedder import unescape_format, with_instruction
+from .embedder import call_instruction, unescape_format, with_instruction
 from .flag_pool import DevicePoolMethods, PoolHandle, joined, spread_over_devices
 from .inputs import as_pair_list, as_text_list
 
@@ -85,8 +85,7 @@ class AbsEmbedder(DevicePoolMethods, ABC):
             batch_size=batch_size,
             max_length=self.query_max_length if max_length is None else max_length,
             convert_to_numpy=convert_to_numpy,
-            instruction=self.query_instruction_for_retrieval,
-            instruction_format=self.query_instruction_format,
+            **call_instruction(kwargs, self.query_instruction_for_retrieval, self.query_instruction_format),
             **kwargs,
         )
 
@@ -97,8 +96,11 @@ class AbsEmbedder(DevicePoolMethods, ABC):
             batch_size=batch_size,
             max_length=self.passage_max_length if max_length is None else max_length,
             convert_to_numpy=convert_to_numpy,
-            instruction=self.kwargs.get("passage_instruction_for_retrieval"),
-            instruction_format=self.kwargs.get("passage_instruction_format", "{}{}"),
+            **call_instruction(
+                kwargs,
+                self.kwargs.get("passage_instruction_for_retrieval"),
+                self.kwargs.get("passage_instruction_format", "{}{}"),
+            ),
             **kwargs,
         )
 
