@@ -472,6 +472,19 @@ def test_serve_command_errors_are_one_line(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_empty_query_instruction_variable_means_no_instruction(tmp_path, tiny_prompted):
+    """``BGEKIT_QUERY_INSTRUCTION=`` (as ``--query-instruction ''``) turns the model's query prompt off; click
+    reads an empty variable as unset, so the model's "query: " was served."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")} | {"BGEKIT_QUERY_INSTRUCTION": ""}
+    args = ["--model", str(tiny_prompted), "--served-model-name", "tiny"]
+    with running_server(args, tmp_path / "server.log", env=env) as srv:
+        body = {"model": "tiny", "input": TEXTS, "input_type": "query"}
+        response = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    got = np.array([d["embedding"] for d in response.json()["data"]])
+    np.testing.assert_allclose(got, Embedder.from_pretrained(str(tiny_prompted)).encode(TEXTS), atol=1e-5)
+
+
 def test_serve_packed_setting_reaches_the_models(golden_dir):
     """``BGEKIT_PACKED=on`` (``--packed on``) asks every model for packed batches: a layerwise reranker,
     which cannot take them, stops the server before it binds, with one clear line."""

@@ -11,7 +11,16 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import BACKEND_HELP, Backend, Packing, backend_options, family_options, int_list, packing_options
+from ..cli_options import (
+    BACKEND_HELP,
+    Backend,
+    Packing,
+    backend_options,
+    empty_env_kept,
+    family_options,
+    int_list,
+    packing_options,
+)
 
 logger = logging.getLogger("bgekit.serve")
 
@@ -290,6 +299,8 @@ def register(app: typer.Typer) -> None:
             compress_ratio=compress_ratio,
             compress_layers=int_list(compress_layers, "--compress-layers"),
         )
+        if models:  # BGEKIT_QUERY_INSTRUCTION= (empty) is --query-instruction '': no instruction
+            query_instruction = empty_env_kept(query_instruction, "BGEKIT_QUERY_INSTRUCTION")
         family_flags = (model_class, pooling_method, query_instruction, examples)
         if not models and any(flag is not None for flag in family_flags):
             raise InputError("--model-class, --pooling-method, --query-instruction and --examples are for --model")
