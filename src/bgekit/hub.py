@@ -262,6 +262,8 @@ def _sentence_transformers_spec(folder: Path) -> ModelSpec | None:
     known = {"cls_token": "cls", "lasttoken": "last_token", "mean_tokens": "mean"}
     method = known.get(next(iter(modes))) if len(modes) == 1 else None
     unsupported = [] if method else [f"Pooling ({', '.join(sorted(modes)) or 'no mode'})"]
+    if pooling.get("include_prompt") is False:  # the prompt's tokens left out of the pooling
+        unsupported.append("Pooling (include_prompt=false)")
     bert_config = _read_json(folder / "sentence_bert_config.json") or {}
     prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
     modules = _read_json(folder / "modules.json")

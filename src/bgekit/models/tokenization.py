@@ -8,6 +8,7 @@ counts truncated inputs, which the HF call hides.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -59,12 +60,39 @@ def load_hf_tokenizer(folder: str | Path, trust_remote_code: bool = False, **kwa
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         if not (Path(folder) / "tokenizer.json").exists():
             raise ModelNotFoundError(f"could not load a tokenizer from {folder}: {exc}") from exc
         logger.debug("AutoTokenizer failed on %s (%s); loading tokenizer.json directly", folder, exc)
-        return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+    if _sentence_transformers_lowercases(Path(folder)):
+        _lowercase_first(tokenizer.backend_tokenizer)
+    return tokenizer
+
+
+def _sentence_transformers_lowercases(folder: Path) -> bool:
+    """``do_lower_case`` in a sentence-transformers folder's ``sentence_bert_config.json``: its
+    Transformer module lowercases every text before the tokenizer sees it."""
+    try:
+        return (
+            json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8")).get("do_lower_case") is True
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _lowercase_first(backend: Tokenizer) -> None:
+    """Lowercase before the tokenizer's own normalizer, as sentence-transformers does with
+    ``str.lower()``; kept in the tokenizer, so every path (encode, serve, ONNX, training) sees it.
+    A BERT normalizer that already lowercases is left alone (setting its ``lowercase`` would also
+    strip accents, which sentence-transformers does not)."""
+    current = backend.normalizer
+    if isinstance(current, normalizers.BertNormalizer) and current.lowercase:
+        return
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), current] if current else [normalizers.Lowercase()]
+    )
 
 
 class _Pipeline:
