@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -126,3 +127,37 @@ def test_examples_need_an_icl_model_and_valid_examples(tmp_path, texts_file, gol
         check=False,
     )
     assert result.returncode == 2 and "missing ['response']" in result.stderr
+
+
+def test_a_full_disk_is_one_line_and_every_old_output_stays(tmp_path, golden_dir):
+    """A write that fails (here a file-size limit, EFBIG, as a full disk gives ENOSPC) is one line, exit 2, and
+    no output is replaced: the sparse file landed and then the dense write died with a traceback, leaving new
+    lexical weights beside old vectors."""
+    import resource
+    import signal
+    import subprocess
+
+    from .test_cli import BGEKIT
+
+    folder = str(golden_dir / "models" / "xlmr-m3")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text {i}" for i in range(40)) + "\n")
+    dense, sparse = tmp_path / "d.jsonl", tmp_path / "s.jsonl"
+    args = ["embed", "-m", folder, "-i", str(texts), "-o", str(dense), "--sparse", str(sparse), "--no-fp16"]
+    run(*args)
+    before = {path: path.read_bytes() for path in (dense, sparse)}
+    assert len(before[sparse]) < 8_000 < len(before[dense])
+    texts.write_text("\n".join(f"other {i}" for i in range(40)) + "\n")
+
+    def small_files() -> None:  # in the child: files over 8 kB cannot grow (EFBIG, not a signal)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))
+
+    result = subprocess.run(
+        [BGEKIT, *args], capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"could not write {dense}: File too large" in result.stderr and "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in (dense, sparse)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "s.jsonl", "texts.txt"]  # no temp files left

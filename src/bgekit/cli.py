@@ -45,7 +45,8 @@ class OutputFormat(StrEnum):
 
 
 def friendly_errors(fn):
-    """Turn bgekit's own errors into one clear line and exit status 2."""
+    """Turn bgekit's own errors, and a full disk or read-only folder, into one clear line and exit
+    status 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -53,6 +54,13 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except BgekitError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a full disk or read-only folder met outside bgekit's own writers
+            from .io import WRITE_ERRNOS
+
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            typer.echo(f"error: {exc.strerror}: {exc.filename or 'while writing'}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -189,17 +197,16 @@ def embed(
         show_progress_bar=sys.stderr.isatty(),
         **m3_outputs,
     )
+    writes = []  # every output lands together, or none does (a full disk leaves the old files as they were)
     if kind == registry.M3:
         if sparse is not None:
-            io.write_jsonl(
-                sparse,
-                (
-                    {"id": r.id, "lexical_weights": {k: float(v) for k, v in w.items()}}
-                    for r, w in zip(records, vectors["lexical_weights"], strict=True)
-                ),
+            weights = (
+                {"id": r.id, "lexical_weights": {k: float(v) for k, v in w.items()}}
+                for r, w in zip(records, vectors["lexical_weights"], strict=True)
             )
+            writes.append((sparse, io.jsonl_writer(sparse, weights)))
         if colbert is not None:
-            _save_colbert(colbert, [r.id for r in records], vectors["colbert_vecs"])
+            writes.append((colbert, _colbert_writer([r.id for r in records], vectors["colbert_vecs"])))
         vectors = vectors["dense_vecs"]
     if fmt is OutputFormat.npy:
 
@@ -207,9 +214,11 @@ def embed(
             with gzip.open(tmp, "wb") if output.suffix == ".gz" else tmp.open("wb") as handle:
                 np.save(handle, vectors.astype(np.float32))
 
-        io.write_with(output, save)
+        writes.append((output, save))
     else:
-        io.write_jsonl(output, ({"id": r.id, "embedding": v.tolist()} for r, v in zip(records, vectors, strict=True)))
+        rows = ({"id": r.id, "embedding": v.tolist()} for r, v in zip(records, vectors, strict=True))
+        writes.append((output, io.jsonl_writer(output, rows)))
+    io.write_together(writes)
     typer.echo(f"wrote {output}: {vectors.shape[0]} x {vectors.shape[1]} float32 from {name}", err=True)
 
 
@@ -248,11 +257,9 @@ def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> No
     )
 
 
-def _save_colbert(path: Path, ids: list[str], per_text: list) -> None:
-    """ColBERT vectors of all texts as one ``(total_tokens, dim)`` array plus row offsets."""
+def _colbert_writer(ids: list[str], per_text: list):
+    """A writer of the ColBERT vectors of all texts as one ``(total_tokens, dim)`` array plus row offsets."""
     import numpy as np
-
-    from . import io
 
     offsets = np.cumsum([0] + [len(v) for v in per_text]).astype(np.int64)
 
@@ -260,7 +267,7 @@ def _save_colbert(path: Path, ids: list[str], per_text: list) -> None:
         with tmp.open("wb") as handle:
             np.savez(handle, vectors=np.concatenate(per_text).astype(np.float32), offsets=offsets, ids=np.array(ids))
 
-    io.write_with(path, save)
+    return save
 
 
 @app.command()

@@ -39,5 +39,10 @@ class DataFormatError(BgekitError, ValueError):
         return type(self), (self.path, self.line, self.problem)
 
 
+class OutputError(BgekitError, OSError):
+    """An output could not be written: the disk is full, a quota or file-size limit is reached, the
+    folder is read-only. What was there before is left as it was."""
+
+
 class DeviceOutOfMemoryError(BgekitError, RuntimeError):
     """The device ran out of memory even at the smallest batch size."""

@@ -8,6 +8,7 @@ leaves a half-written file where a good one was.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import itertools
 import json
@@ -15,13 +16,13 @@ import os
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import DataFormatError, InputError
+from .errors import DataFormatError, InputError, OutputError
 
 
 @dataclass
@@ -195,21 +196,33 @@ def check_outputs(*targets: str | Path | None, inputs: Iterable[str | Path | Non
         written[resolved] = target
 
 
+#: what the file system says when an output cannot be written, whoever's fault: one line, not a traceback
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success. The file
-    gets the mode ``target`` had, or the one the umask gives a new file (not mkstemp's 0600)."""
+    gets the mode ``target`` had, or the one the umask gives a new file (not mkstemp's 0600). A full
+    disk (or quota, size limit, read-only folder) is an :class:`OutputError` naming ``target``, and
+    ``target`` keeps what it held."""
     target = check_output_path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         os.chmod(tmp_path, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(f"could not write {target}: {exc.strerror}; it keeps what it held") from exc
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 @cache
@@ -220,18 +233,33 @@ def _umask() -> int:
     return mask
 
 
-def write_jsonl(target: str | Path, rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> None:
-    """Write JSON objects one a line, atomically (gzipped when ``target`` ends in ``.gz``)."""
+def jsonl_writer(target: str | Path, rows: Iterable[dict[str, Any]]) -> Callable[[Path], None]:
+    """A writer (for :func:`write_with` / :func:`write_together`) of JSON objects one a line, gzipped
+    when ``target`` ends in ``.gz``."""
     gzipped = Path(target).suffix.lower() == ".gz"
-    with (
-        atomic_path(target) as tmp,
-        gzip.open(tmp, "wt", encoding="utf-8") if gzipped else tmp.open("w", encoding="utf-8") as handle,
-    ):
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def write(tmp: Path) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") if gzipped else tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return write
+
+
+def write_jsonl(target: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write JSON objects one a line, atomically (gzipped when ``target`` ends in ``.gz``)."""
+    write_with(target, jsonl_writer(target, rows))
 
 
 def write_with(target: str | Path, writer: Callable[[Path], None]) -> None:
     """Run ``writer(tmp_path)`` and move the result onto ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        writer(tmp)
+    write_together([(target, writer)])
+
+
+def write_together(writes: Iterable[tuple[str | Path, Callable[[Path], None]]]) -> None:
+    """One command's outputs land together or not at all: each ``writer(tmp_path)`` runs first, the
+    renames onto the targets only once every one has been written (a disk that fills while the
+    dense vectors are written leaves no new sparse file beside the old dense one)."""
+    with ExitStack() as stack:
+        for target, writer in writes:
+            writer(stack.enter_context(atomic_path(target)))
