@@ -296,6 +296,34 @@ def test_a_merged_lora_adapter_gets_its_own_cache_key(golden_dir, tmp_path, data
     assert cache_key(FlagLLMModel(base, devices="cpu"), dataset, None) == plain
 
 
+def test_weights_written_in_this_process_get_their_own_cache_entry(tiny_bert, dataset, tmp_path):
+    """A model trained (or loaded into) in this process after loading: the corpus cache, keyed on the model's
+    files, gave the old weights' vectors. Its key now carries a hash of the weights, only once they changed."""
+    import copy
+    import pickle
+
+    import torch
+
+    from bgekit import Embedder
+    from bgekit.eval.retrieval import cache_key
+
+    model = Embedder.from_pretrained(str(tiny_bert), devices="cpu")
+    first = evaluate_retrieval(model, MINI, cache_dir=tmp_path)
+    loaded_key = cache_key(model, dataset, None)
+    assert cache_key(copy.deepcopy(model), dataset, None) == loaded_key  # copies of an unchanged model agree
+    with torch.no_grad():  # as an optimizer step would: in place
+        for parameter in model.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed_key = cache_key(model, dataset, None)
+    assert changed_key != loaded_key
+    second = evaluate_retrieval(model, MINI, cache_dir=tmp_path)
+    assert (first.cache["status"], second.cache["status"]) == ("miss", "miss")
+    assert second.metrics != first.metrics
+    assert evaluate_retrieval(model, MINI, cache_dir=tmp_path).cache["status"] == "hit"  # the same new weights
+    assert cache_key(pickle.loads(pickle.dumps(model)), dataset, None) == changed_key  # the mark travels
+    assert cache_key(Embedder.from_pretrained(str(tiny_bert), devices="cpu"), dataset, None) == loaded_key
+
+
 def test_query_instruction_override_keeps_the_models_query_path(golden_dir):
     """The override went through plain ``encode``: M3 crashed on its dict, ICL lost its prompt and examples."""
     from bgekit import BGEM3FlagModel, FlagICLModel

@@ -397,7 +397,24 @@ def model_identity(embedder: Any) -> dict[str, Any]:
     backend = getattr(embedder, "backend", "torch")
     if backend != "torch":  # only then, so the torch backend's caches keep their keys
         identity["backend"] = backend
+    weights = _weights_digest(embedder)
+    if weights:  # trained or loaded into in this process: the files no longer say what it computes
+        identity["weights"] = weights
     return identity
+
+
+def _weights_digest(embedder: Any) -> str | None:
+    """SHA-256 of the model's parameters when they were written after loading (only then: hashing
+    a large model costs seconds, and unchanged models keep their keys); None otherwise."""
+    host = getattr(embedder, "host", None)
+    pool = getattr(host, "pool", None)
+    if pool is None or not pool.weights_changed():
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(pool.primary.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _folder_fingerprint(name: str) -> list[Any]:

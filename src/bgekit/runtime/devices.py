@@ -113,6 +113,11 @@ def _warn_emulated_bf16() -> None:
     )
 
 
+def _parameter_marks(module: torch.nn.Module) -> tuple:
+    """Each parameter's name, identity and in-place version: any write to a weight changes it."""
+    return tuple((name, id(p), p._version) for name, p in module.named_parameters())
+
+
 class ReplicaPool:
     """One copy of a module per device, and a thread per device that runs work items.
 
@@ -129,6 +134,8 @@ class ReplicaPool:
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
+        self._as_loaded: tuple | None = None  # the first replica's parameters when it was built
+        self._changed_before = False  # written before this pool was pickled (the marks do not travel)
 
     def replica(self, device: str) -> torch.nn.Module:
         """The module on ``device`` (moved there the first time it is asked for)."""
@@ -140,7 +147,18 @@ class ReplicaPool:
                 else:
                     module = copy.deepcopy(next(iter(self._replicas.values()))).to("cpu")
                 self._replicas[device] = module.to(device=device, dtype=dtype).eval()
+                if self._as_loaded is None:
+                    self._as_loaded = _parameter_marks(self._replicas[device])
             return self._replicas[device]
+
+    def weights_changed(self) -> bool:
+        """Whether the model's parameters were written since it was loaded (an optimizer step,
+        ``load_state_dict``, a replaced Parameter): its files then no longer say what it computes,
+        so caches keyed on them must not be used. Read from torch's in-place version counters."""
+        if self._changed_before:
+            return True
+        first = next(iter(self._replicas.values()), None)
+        return first is not None and _parameter_marks(first) != self._as_loaded
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (a model can go to another process or through ``copy.deepcopy``): the replicas
@@ -148,12 +166,15 @@ class ReplicaPool:
         state = self.__dict__.copy()
         for name in ("_executor", "_finalizer", "_lock", "_pinned"):
             state.pop(name)
+        state["_changed_before"], state["_as_loaded"] = self.weights_changed(), None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._executor, self._finalizer = None, None
         self._lock, self._pinned = threading.Lock(), threading.local()
+        first = next(iter(self._replicas.values()), None)
+        self._as_loaded = None if first is None else _parameter_marks(first)
 
     @property
     def devices(self) -> list[str]:
