@@ -247,6 +247,19 @@ def test_an_earlier_run_in_the_output_dir_is_kept_unless_asked(tmp_path, tiny_be
     assert (out / "checkpoint-40").exists() and (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("where", ["a-file", "a-file/run"])
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_the_model_loads(tmp_path, train_file, where):
+    """A file where the run folder goes, or a file above it: the Trainer failed with FileExistsError /
+    NotADirectoryError after the model had loaded."""
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / where
+    args = ["finetune", "embedder", "-m", str(tmp_path / "no-such-model"), "--train-data", str(train_file)]
+    refused = run(*args, "--output-dir", str(out), check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"output folder {out}" in refused.stderr and "a-file" in refused.stderr, refused.stderr
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     from bgekit.errors import InputError
     from bgekit.train.trainer import resolve_resume

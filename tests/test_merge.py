@@ -125,6 +125,9 @@ def test_merge_errors(tmp_path, finetuned, tiny_bert, examples):
         merge_models([str(a), str(b)], output_dir=tmp_path / "x")
     with pytest.raises(InputError, match="is one of the models being merged"):
         merge_models([str(a), str(b)], [0.5, 0.5], output_dir=a)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match=r"a-file/merged cannot be created: .*a-file is a file"):
+        merge_models([str(a), str(b)], [0.5, 0.5], output_dir=tmp_path / "a-file" / "merged")
     assert not (tmp_path / "x").exists()
     result = run(
         "merge", "--models", str(a), str(b), "--weights", "1", "--output-dir", str(tmp_path / "y"), check=False

@@ -168,14 +168,30 @@ def check_output_path(target: str | Path) -> Path:
     target = Path(target)
     if target.is_dir():
         raise InputError(f"output {target} is a folder; pass a file path")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"output {target} cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"output {target} cannot be created: {parent} is not writable")
+    check_creatable_under(target.parent, f"output {target}")
     return target
+
+
+def check_output_folder(target: str | Path) -> Path:
+    """As :func:`check_output_path`, for an output that is a folder (a training run's): a file there,
+    or under a file or a read-only folder, is an :class:`InputError` before any model loads."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"output folder {target} is a file; pass a folder path")
+    check_creatable_under(target, f"output folder {target}")
+    return target
+
+
+def check_creatable_under(start: Path, what: str) -> None:
+    """``start``, or the nearest folder above it that exists, must be a folder this process may
+    write in; ``what`` names the output in the error."""
+    existing = start
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} cannot be created: {existing} is not writable")
 
 
 def check_outputs(*targets: str | Path | None, inputs: Iterable[str | Path | None] = ()) -> None:

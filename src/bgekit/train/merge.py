@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hub, registry
+from .. import hub, io, registry
 from ..errors import InputError, ModelNotFoundError
 from .data import GroupSampler, load_train_data
 
@@ -258,6 +258,7 @@ def merge_models(
     folders = [hub.model_folder(str(m)) for m in models]
     if Path(output_dir).resolve() in {f.resolve() for f in folders}:
         raise InputError(f"output_dir {output_dir} is one of the models being merged; write the merge elsewhere")
+    io.check_output_folder(output_dir)  # before the weights are read and averaged
     states = [read_state_dict(f) for f in folders]
     check_same_architecture(folders, states)
     heads: dict[str, list[dict[str, torch.Tensor]]] = {}

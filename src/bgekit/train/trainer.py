@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import InputError
+from ..io import check_output_folder
 from ..models.tokenization import TextTokenizer
 from .data import GroupSampler
 
@@ -163,7 +164,9 @@ def resolve_resume(resume: str | None, output_dir: str, overwrite: bool = False)
     """The checkpoint to resume from, checked before any model loads (the finetune functions call it
     first). ``"auto"``: the newest complete ``checkpoint-N`` in ``output_dir``, if any. Without a
     resume, an ``output_dir`` that holds an earlier run is refused unless ``overwrite``: the Trainer's
-    checkpoint rotation would delete that run's checkpoints and the new model replace its own."""
+    checkpoint rotation would delete that run's checkpoints and the new model replace its own. An
+    ``output_dir`` that cannot be created (a file, or under one) is refused here too."""
+    check_output_folder(output_dir)
     if resume is None:
         earlier = sorted(p.name for p in Path(output_dir).glob("*") if not p.name.startswith("."))
         if earlier and not overwrite:
