@@ -91,3 +91,30 @@ def test_core_install_can_train():
     needed = Requirement(deps["accelerate"]).specifier
     floor = next(s.version for s in core["accelerate"].specifier if s.operator == ">=")
     assert needed.contains(floor), f"bgekit allows accelerate {floor}, transformers needs {needed}"
+
+
+def test_core_floors_are_the_oldest_transformers_own():
+    """Where bgekit and transformers share a dependency, bgekit's floor is not below the one its oldest
+    supported transformers needs (huggingface_hub>=0.30 and tokenizers>=0.21 were declared, which no
+    transformers 5 installs with). Checked where that oldest transformers is installed (make test-oldest)."""
+    import tomllib
+    from pathlib import Path
+
+    import pytest
+    import transformers
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+    from transformers.dependency_versions_table import deps
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    core = {canonicalize_name(Requirement(s).name): Requirement(s) for s in pyproject["project"]["dependencies"]}
+    oldest = next(s.version for s in core["transformers"].specifier if s.operator == ">=")
+    if Version(transformers.__version__) != Version(oldest):
+        pytest.skip(f"needs transformers {oldest} (the oldest bgekit supports), found {transformers.__version__}")
+    theirs = {canonicalize_name(Requirement(s).name): Requirement(s) for s in deps.values()}
+    for name in ("huggingface-hub", "tokenizers", "safetensors", "accelerate"):
+        floor = next(s.version for s in core[name].specifier if s.operator == ">=")
+        assert theirs[name].specifier.contains(floor), (
+            f"bgekit allows {name} {floor}, transformers {oldest} needs {theirs[name]}"
+        )
