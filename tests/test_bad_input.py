@@ -170,3 +170,45 @@ def test_sentence_transformers_modules_bgekit_does_not_run_are_refused(tmp_path,
     plain = FlagModel(str(tmp_path / "dense"), pooling_method="mean", devices="cpu")  # the pooled output alone
     assert plain.encode("x").shape == (384,)
     assert Embedder.from_pretrained(str(minilm_dir)).encode("x").shape == (384,)  # Transformer, Pooling, Normalize
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("{}{}{}", r"2 \{\} slots \(instruction, text\).*3 field"),  # was an IndexError while encoding
+        ("{}", r"1 field"),  # was silently dropping the query
+        ("{query}: {}", "a named field {query}"),  # was a KeyError
+        ("<instruct>{}\n<query>{", "Single '{'"),  # was a ValueError from str.format
+        ("{0}{2}", "2 field"),
+        (None, "be a string with 2"),
+    ],
+)
+def test_bad_instruction_formats_are_clear_errors(golden_dir, tiny_bert, tiny_xlmr_reranker, fmt, message):
+    with pytest.raises(InputError, match=rf"query_instruction_format must .*{message}"):
+        FlagModel(str(tiny_bert), devices="cpu", query_instruction_for_retrieval="Find: ", query_instruction_format=fmt)
+    with pytest.raises(InputError, match=rf"passage_instruction_format must .*{message}"):
+        FlagReranker(str(tiny_xlmr_reranker), devices="cpu", passage_instruction_format=fmt)
+    if fmt is not None:  # None in a call means the default format
+        embedder = FlagModel(str(tiny_bert), devices="cpu")
+        with pytest.raises(InputError, match=message):
+            embedder.encode(["x"], instruction="Find: ", instruction_format=fmt)
+        with pytest.raises(InputError, match=message):
+            FlagModel.get_detailed_instruct(fmt, "Find: ", "x")
+
+
+def test_icl_examples_format_needs_three_slots(golden_dir):
+    from bgekit import FlagICLModel
+
+    folder = str(golden_dir / "models" / "mistral-icl")
+    with pytest.raises(InputError, match=r"examples_instruction_format must have 3 \{\} slots.*2 field"):
+        FlagICLModel(folder, devices="cpu", examples_instruction_format="{}{}")  # would drop every response
+
+
+@pytest.mark.parametrize("fmt", ["<instruct>{}\\n<query>{}", "{0} {1}", "{1} (asked: {0})", "{{literal}} {}{}"])
+def test_good_instruction_formats_are_used_as_written(tiny_bert, fmt):
+    model = FlagModel(
+        str(tiny_bert), devices="cpu", query_instruction_for_retrieval="Find: ", query_instruction_format=fmt
+    )
+    want = fmt.replace("\\n", "\n").format("Find: ", "what is BGE?")
+    expected = FlagModel(str(tiny_bert), devices="cpu").encode([want])
+    np.testing.assert_allclose(model.encode_queries(["what is BGE?"]), expected, atol=1e-6)

@@ -281,9 +281,10 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
         (["embedder", "--matryoshka-dims", "16,abc"], "expected whole numbers"),  # typer's usage box
         (["reranker", "--cutoff-layers", "1,x"], "expected whole numbers"),
         (["embedder", "--matryoshka-dims", "16,64"], "matryoshka_dims [16, 64] go past the model's 32 dimensions"),
+        (["embedder", "--query-instruction-format", "{}: {}{}"], "query_instruction_format must have 2 {} slots"),
     ],
 )
-def test_bad_number_lists_are_one_clear_line(tmp_path, tiny_bert, train_file, args, message):
+def test_bad_options_are_one_clear_line(tmp_path, tiny_bert, train_file, args, message):
     command, *rest = args
     result = run(
         "finetune", command, "-m", str(tiny_bert), "--train-data", str(train_file), "--output-dir",

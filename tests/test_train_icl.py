@@ -133,7 +133,7 @@ def test_examples_come_from_other_records_of_the_task(tmp_path, tokenizer):
     [
         ({"icl_suffix_str": "\nResponse:"}, "icl_suffix_str must be"),
         ({"sentence_pooling_method": "cls"}, "pool the last token"),
-        ({"query_instruction_format": "{}"}, "two {} slots"),
+        ({"query_instruction_format": "{}"}, "query_instruction_format must have 2 {} slots"),
         ({"example_query_max_len": 0}, "example_query_max_len must be >= 1"),
     ],
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -59,9 +60,9 @@ class Embedder(EmbedderPoolMethods):
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
-        self.query_instruction_format = unescape_format(query_instruction_format)
+        self.query_instruction_format = unescape_format(query_instruction_format, what="query_instruction_format")
         self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
-        self.passage_instruction_format = unescape_format(passage_instruction_format)
+        self.passage_instruction_format = unescape_format(passage_instruction_format, what="passage_instruction_format")
         self.batch_size = batch_size
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
@@ -270,11 +271,50 @@ def with_instruction(texts: list[str], instruction: str | None, instruction_form
     return [fmt.format(instruction, text) for text in texts]
 
 
-def unescape_format(fmt: str) -> str:
-    """FlagEmbedding turns a literal backslash-n in a format into a newline."""
+SLOT_NAMES = {2: "instruction, text", 3: "instruction, query, response"}
+
+
+def unescape_format(fmt: str, slots: int = 2, what: str = "instruction format") -> str:
+    """FlagEmbedding turns a literal backslash-n in a format into a newline; the format must
+    fill exactly ``slots`` positional ``{}`` fields (``{0}``/``{1}`` spellings too), so a
+    format that would drop the text (``"{}"``) or fail inside ``str.format`` (``"{}{}{}"``,
+    ``"{query}"``, an unpaired brace) is an :class:`InputError` here, naming the format."""
+    names = SLOT_NAMES.get(slots, f"{slots} values")
     if not isinstance(fmt, str):
-        raise InputError(f"instruction format must be a string with two {{}} slots, got {fmt!r}")
-    return fmt.replace("\\n", "\n")
+        raise InputError(f"{what} must be a string with {slots} {{}} slots ({names}), got {fmt!r}")
+    fmt = fmt.replace("\\n", "\n")
+    problem = format_problem(fmt, slots)
+    if problem:
+        raise InputError(f"{what} must have {slots} {{}} slots ({names}) and no other braces: {problem} in {fmt!r}")
+    return fmt
+
+
+def format_problem(fmt: str, slots: int) -> str | None:
+    """What is wrong with ``fmt`` as a ``str.format`` template of ``slots`` positional values."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
+    except ValueError as exc:  # "Single '}' encountered in format string"
+        return str(exc)
+    used: set[int] = set()
+    auto = 0
+    for name in fields:
+        head = re.match(r"[^.\[]*", name).group()
+        if head == "":
+            used.add(auto)
+            auto += 1
+        elif head.isdigit():
+            used.add(int(head))
+        else:
+            return f"a named field {{{name}}} (write {{}} instead; use {{{{ }}}} for a literal brace)"
+    if used != set(range(slots)):
+        return f"{len(fields)} field(s)"
+    try:
+        fmt.format(*("x",) * slots)
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def spec_options(spec: registry.ModelSpec) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError
+from .embedder import unescape_format
 from .encoder import FlagModel
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
@@ -254,7 +255,9 @@ class FlagICLModel(FlagLLMModel):
             truncate_dim=truncate_dim,
             **kwargs,
         )
-        self.examples_instruction_format = examples_instruction_format.replace("\\n", "\n")
+        self.examples_instruction_format = unescape_format(
+            examples_instruction_format, slots=3, what="examples_instruction_format"
+        )
         self.examples_for_task = check_examples(examples_for_task)
         if not isinstance(suffix, str):
             raise InputError(f"suffix must be a string, got {suffix!r}")

@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
 from .base import ModelHost, load_module
-from .embedder import Embedder
+from .embedder import Embedder, unescape_format
 from .flag_pool import RerankerPoolMethods
 from .inputs import as_pair_list
 from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
@@ -66,9 +66,9 @@ class Reranker(RerankerPoolMethods):
         self.model_name_or_path = str(model_name_or_path)
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         self.query_instruction_for_rerank = query_instruction_for_rerank
-        self.query_instruction_format = query_instruction_format.replace("\\n", "\n")
+        self.query_instruction_format = unescape_format(query_instruction_format, what="query_instruction_format")
         self.passage_instruction_for_rerank = passage_instruction_for_rerank
-        self.passage_instruction_format = passage_instruction_format.replace("\\n", "\n")
+        self.passage_instruction_format = unescape_format(passage_instruction_format, what="passage_instruction_format")
         self.batch_size = batch_size
         self.query_max_length = query_max_length
         self.max_length = max_length

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import hub, registry
 from ..errors import InputError
+from ..models.embedder import unescape_format
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
@@ -216,6 +217,9 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     records = load_train_data(options.train_data)  # validated before any model loads
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
+    options.query_instruction_format = unescape_format(
+        options.query_instruction_format, what="query_instruction_format"
+    )
     if options.matryoshka_dims and any(d < 1 for d in options.matryoshka_dims):
         raise InputError("matryoshka_dims must be positive")
     if options.sub_batch_size is not None and options.sub_batch_size < 1:

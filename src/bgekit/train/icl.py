@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .. import hub, registry
 from ..errors import InputError
+from ..models.embedder import unescape_format
 from ..models.llm import ICL_QUERY_FORMAT, ICL_SUFFIX, icl_examples_prefix, icl_query_tokens
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import lora
@@ -173,12 +174,9 @@ def check_icl_options(options: ICLOptions, spec: registry.ModelSpec | None) -> I
         options.query_instruction_format = spec.query_instruction_format if spec else "{}{}"
         if options.query_instruction_format == "{}{}":
             options.query_instruction_format = ICL_QUERY_FORMAT
-    options.query_instruction_format = options.query_instruction_format.replace("\\n", "\n")
-    if options.query_instruction_format.count("{}") != 2:
-        raise InputError(
-            "query_instruction_format must have two {} slots (instruction, query), "
-            f"got {options.query_instruction_format!r}"
-        )
+    options.query_instruction_format = unescape_format(
+        options.query_instruction_format, what="query_instruction_format"
+    )
     if options.query_instruction_format != ICL_QUERY_FORMAT:
         logger.warning(
             "query_instruction_format %r is not FlagICLModel's default: load the model with "

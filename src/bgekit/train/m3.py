@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import hub, registry
 from ..errors import InputError
+from ..models.embedder import unescape_format
 from ..models.m3 import M3Module, load_head
 from ..models.pooling import pool
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
@@ -304,6 +305,9 @@ def finetune_m3(options: M3Options) -> Path:
     heads = resolve_heads(options)
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
+    options.query_instruction_format = unescape_format(
+        options.query_instruction_format, what="query_instruction_format"
+    )
     if options.sentence_pooling_method not in (None, "cls"):
         raise InputError("BGE-M3's dense vector is the CLS state; sentence_pooling_method must be 'cls'")
     # embedder options this trainer does not implement (getattr: not every version has them)
