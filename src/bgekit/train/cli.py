@@ -320,15 +320,31 @@ def mine(
     model: Model,
     input: Annotated[Path, typer.Option("--input", "-i", help="Training JSONL whose queries get negatives.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the mined JSONL goes.")],
-    corpus: Annotated[Path | None, typer.Option(help="Candidate passages (JSONL with text/title, or text).")] = None,
-    range_for_sampling: Annotated[str, typer.Option(help="Ranks to sample negatives from, e.g. 2-200.")] = "2-200",
-    negative_number: Annotated[int, typer.Option(min=1)] = 15,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            "--corpus",
+            "--candidate-pool",
+            help="Candidate passages (JSONL with text/title, or text); default: every pos and neg of --input.",
+        ),
+    ] = None,
+    range_for_sampling: Annotated[
+        str, typer.Option(help="Search ranks to sample from, 0-based, end excluded: 2-200 skips the top 2.")
+    ] = "2-200",
+    negative_number: Annotated[
+        int, typer.Option(min=1, help="Negatives per query; topped up with random pool passages when short.")
+    ] = 15,
     margin: Annotated[
         float, typer.Option(help="Drop candidates scoring above margin x the positive's score; 0 = off.")
     ] = 0.95,
     max_score: Annotated[float | None, typer.Option(help="Drop candidates scoring above this.")] = None,
     query_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
+    query_instruction_format: Annotated[
+        str | None, typer.Option(help="Two {} slots: instruction, query (default: the model's).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    search_batch_size: Annotated[int, typer.Option(min=1, help="Queries per faiss search call.")] = 64,
+    use_gpu_for_searching: Annotated[bool, typer.Option(help="Search on the GPUs faiss sees (faiss-gpu).")] = False,
     seed: Annotated[int, typer.Option()] = 42,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
@@ -342,20 +358,28 @@ def mine(
     io.check_outputs(output, inputs=[input, corpus])
     records = load_train_data(input)
     pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
-    options = (
-        {}
-        if query_instruction_for_retrieval is None
-        else {"query_instruction_for_retrieval": query_instruction_for_retrieval}
+    options = {
+        key: value
+        for key, value in (
+            ("query_instruction_for_retrieval", query_instruction_for_retrieval),
+            ("query_instruction_format", query_instruction_format),
+        )
+        if value is not None
+    }
+    mining = MiningOptions(
+        parse_range(range_for_sampling),
+        negative_number,
+        margin or None,
+        max_score,
+        batch_size,
+        seed,
+        search_batch_size,
+        use_gpu_for_searching,
     )
     embedder = Embedder.from_pretrained(model, **precision_options(fp16, bf16), **options)
-    mined, stats = mine_hard_negatives(
-        records,
-        embedder,
-        pool,
-        MiningOptions(parse_range(range_for_sampling), negative_number, margin or None, max_score, batch_size, seed),
-    )
+    mined, stats = mine_hard_negatives(records, embedder, pool, mining)
     write_records(output, mined)
-    typer.echo(f"wrote {output}: {len(mined)} records; dropped {stats}", err=True)
+    typer.echo(f"wrote {output}: {len(mined)} records; {stats}", err=True)
 
 
 def score(

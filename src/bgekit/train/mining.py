@@ -1,13 +1,18 @@
-"""Hard-negative mining with guards against false negatives.
+"""Hard-negative mining with guards against false negatives (FlagEmbedding's ``hn_mine.py``).
 
-For each query: search the candidate pool with the embedder, drop its positives and the
-query itself, drop candidates that score too close to the positive (``margin`` x the
-lowest positive score, NV-Retriever's "TopK-PercPos") or above an absolute ``max_score``,
-then sample ``negative_number`` negatives from ranks ``range_for_sampling`` of what is left.
+For each query: search the candidate pool with the embedder and take the hits ranked
+``range_for_sampling`` (``"2-200"`` = ranks 2 to 199, 0-based, a slice of the raw search
+result as FlagEmbedding takes it); drop from them the query's positives, the query itself,
+candidates that score too close to the positive (``margin`` x the lowest positive score,
+NV-Retriever's "TopK-PercPos") or above an absolute ``max_score``; sample
+``negative_number`` of what is left. A query left with fewer is topped up, as FlagEmbedding
+does, with random passages of the pool, never a positive, the query, a passage already
+taken, one ranked above the range or one the guards would drop.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -29,6 +34,8 @@ class MiningOptions:
     max_score: float | None = None
     batch_size: int = 256
     seed: int = 42
+    search_batch_size: int = 64
+    use_gpu_for_searching: bool = False
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -42,12 +49,20 @@ def parse_range(text: str) -> tuple[int, int]:
     return start, end
 
 
+def dense(vectors):
+    """M3 embedders return a dict; mining searches its dense vectors (as FlagEmbedding)."""
+    return vectors["dense_vecs"] if isinstance(vectors, dict) else vectors
+
+
 def mine_hard_negatives(
     records: list[TrainRecord], embedder, corpus: Sequence[str] | None = None, options: MiningOptions | None = None
 ) -> tuple[list[TrainRecord], dict[str, int]]:
     """New records whose ``neg`` are mined negatives; also counts of what the guards dropped.
 
-    ``corpus`` is the candidate pool (default: every passage in ``records``).
+    ``corpus`` is the candidate pool (default: every passage in ``records``, negatives included).
+    Counts: ``positive``, ``query``, ``margin``, ``max_score`` (hits in the range dropped),
+    ``topped_up`` (queries given random passages) and ``short`` (queries still below
+    ``negative_number`` because the pool has no more passages that qualify).
     """
     from ..eval.index import DenseIndex
 
@@ -55,45 +70,93 @@ def mine_hard_negatives(
     start, end = options.range_for_sampling
     if options.negative_number < 1:
         raise InputError("negative_number must be >= 1")
+    if options.search_batch_size < 1:
+        raise InputError(f"search_batch_size must be >= 1, got {options.search_batch_size}")
     if options.margin is not None and not 0 < options.margin <= 1:
         raise InputError(f"margin must lie in (0, 1], got {options.margin}")
     pool = list(dict.fromkeys(corpus if corpus is not None else [p for r in records for p in r.pos + r.neg]))
     if not pool:
         raise InputError("the candidate pool is empty")
+    pool_vectors = np.asarray(dense(embedder.encode_corpus(pool, batch_size=options.batch_size)), dtype=np.float32)
     index = DenseIndex.build(
-        embedder.encode_corpus(pool, batch_size=options.batch_size),
-        ids=[str(i) for i in range(len(pool))],
-        use_gpu=False,
+        pool_vectors, ids=[str(i) for i in range(len(pool))], use_gpu=options.use_gpu_for_searching
     )
-    queries = embedder.encode_queries([r.query for r in records], batch_size=options.batch_size)
-    positives = embedder.encode_corpus([p for r in records for p in r.pos], batch_size=options.batch_size)
-    # search deeper than ``end``: positives, the query and guarded candidates are removed first
-    scores, rows = index.search(queries, min(2 * end + 16, len(pool)))
+    queries = dense(embedder.encode_queries([r.query for r in records], batch_size=options.batch_size))
+    positives = dense(embedder.encode_corpus([p for r in records for p in r.pos], batch_size=options.batch_size))
+    scores, rows = index.search(queries, min(end, len(pool)), batch_size=options.search_batch_size)
     rng = random.Random(options.seed)
-    stats = {"positive": 0, "query": 0, "margin": 0, "max_score": 0, "short": 0}
+    stats = {"positive": 0, "query": 0, "margin": 0, "max_score": 0, "topped_up": 0, "short": 0}
     mined, offset = [], 0
     for i, record in enumerate(records):
         pos_vectors = positives[offset : offset + len(record.pos)]
         offset += len(record.pos)
-        pos_floor = float(np.min(pos_vectors @ queries[i]))
-        own = set(record.pos)
+        floor = (
+            None
+            if options.margin is None or not record.pos
+            else options.margin * float(np.min(pos_vectors @ queries[i]))
+        )
+        guard = functools.partial(
+            rejection, own=set(record.pos), query=record.query, floor=floor, cap=options.max_score
+        )
         candidates = []
-        for score, row in zip(scores[i], rows[i], strict=True):
-            text = pool[row]
-            if text in own:
-                stats["positive"] += 1
-            elif text == record.query:
-                stats["query"] += 1
-            elif options.margin is not None and score > options.margin * pos_floor:
-                stats["margin"] += 1
-            elif options.max_score is not None and score > options.max_score:
-                stats["max_score"] += 1
+        for score, row in zip(scores[i][start:end], rows[i][start:end], strict=True):
+            if row < 0:  # faiss pads with -1 past the pool's end
+                break
+            reason = guard(pool[row], float(score))
+            if reason is None:
+                candidates.append(int(row))
             else:
-                candidates.append(text)
-        window = candidates[start:end]
-        if len(window) < options.negative_number:
-            stats["short"] += 1
-        negatives = rng.sample(window, min(options.negative_number, len(window)))
-        mined.append(replace(record, neg=negatives, neg_scores=None, pos_scores=None))
-    logger.info("mining dropped: %s", stats)
+                stats[reason] += 1
+        if len(candidates) > options.negative_number:
+            candidates = rng.sample(candidates, options.negative_number)
+        if len(candidates) < options.negative_number:
+            stats["topped_up"] += 1
+            skip = set(candidates) | {int(r) for r in rows[i][:start]}
+            candidates += top_up(
+                pool_vectors, queries[i], pool, skip, guard, options.negative_number - len(candidates), rng
+            )
+            if len(candidates) < options.negative_number:
+                stats["short"] += 1
+        mined.append(replace(record, neg=[pool[row] for row in candidates], neg_scores=None, pos_scores=None))
+    logger.info("mining dropped or added: %s", stats)
     return mined, stats
+
+
+def rejection(text: str, score: float, own: set[str], query: str, floor: float | None, cap: float | None) -> str | None:
+    """Why a pool passage cannot be a negative of this query (None: it can)."""
+    if text in own:
+        return "positive"
+    if text == query:
+        return "query"
+    if floor is not None and score > floor:
+        return "margin"
+    if cap is not None and score > cap:
+        return "max_score"
+    return None
+
+
+def top_up(pool_vectors, query_vector, pool, skip: set[int], guard, need: int, rng: random.Random) -> list[int]:
+    """``need`` random pool rows not in ``skip`` that pass ``guard`` (fewer if the pool has no more).
+
+    Random draws first (cheap on a large pool); a shuffled scan of the whole pool when they miss."""
+    chosen: list[int] = []
+    taken = set(skip)
+
+    def take(row: int) -> None:
+        taken.add(row)
+        if guard(pool[row], float(pool_vectors[row] @ query_vector)) is None:
+            chosen.append(row)
+
+    for _ in range(20 * need + 100):
+        if len(chosen) == need:
+            return chosen
+        row = rng.randrange(len(pool))
+        if row not in taken:
+            take(row)
+    rest = [row for row in range(len(pool)) if row not in taken]
+    rng.shuffle(rest)
+    for row in rest:
+        if len(chosen) == need:
+            break
+        take(row)
+    return chosen
