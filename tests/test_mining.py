@@ -109,3 +109,14 @@ def test_mine_cli_takes_hn_mine_options(tmp_path, minilm_dir, embedder):
     )  # fmt: skip
     assert result.returncode == 2 and "query_instruction_format must have 2 {} slots" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_m3_embedders_mine_with_their_dense_vectors(golden_dir):
+    from bgekit import BGEM3FlagModel
+
+    m3 = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"), devices="cpu")  # encode_* give dicts
+    record = TrainRecord("which passage talks about topic 3?", [POOL[3]], [])
+    (mined,), _ = mine_hard_negatives([record], m3, POOL[:12], MiningOptions((0, 5), 3, margin=None))
+    dense = m3.encode_corpus(POOL[:12])["dense_vecs"] @ m3.encode_queries(record.query)["dense_vecs"]
+    top = {POOL[i] for i in np.argsort(-dense)[:5]} - {POOL[3]}
+    assert len(mined.neg) == 3 and set(mined.neg) <= top, "sampled from the top of the dense ranking"
