@@ -112,6 +112,28 @@ def test_last_token_pooling_of_padded_states_on_either_side():
     assert pool(hidden, left, "last_token").tolist() == [[8, 9], [18, 19], [28, 29]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mean_pooling_of_half_states_sums_in_float32(dtype):
+    """Mean pooling of fp16/bf16 states adds them up in float32 and returns float32 (FlagEmbedding's
+    float mask promotes them): a long sequence's sum no longer overflows fp16 (inf) or rounds to 8 bits
+    of bf16 before the division. Padded and packed give the float32 mean of the same half inputs."""
+    from bgekit.models.pooling import pool, pool_packed
+
+    torch.manual_seed(0)
+    lengths = [4096, 3000, 7]
+    hidden = (20 + torch.randn(len(lengths), max(lengths), 8)).to(dtype)  # sum of 4096 * ~20 > fp16's 65504
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    want = pool(hidden.float(), mask, "mean")
+    got = pool(hidden, mask, "mean")
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    batch = packed.pack([[1] * n for n in lengths])
+    rows = torch.cat([hidden[i, :n] for i, n in enumerate(lengths)])
+    got_packed = pool_packed(rows, batch, "mean")
+    assert got_packed.dtype == torch.float32
+    torch.testing.assert_close(got_packed, want, rtol=1e-6, atol=1e-5)
+
+
 def test_choice_of_packing(tiny_bert):
     from transformers import AutoModel
 

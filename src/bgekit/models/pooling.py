@@ -19,13 +19,15 @@ def check_pooling(method: str) -> str:
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
-    """``cls``: first token; ``mean``: masked mean (special tokens included);
-    ``last_token``: the last real token, right for both left and right padding."""
+    """``cls``: first token; ``mean``: masked mean (special tokens included), summed and returned in
+    float32 whatever ``hidden``'s dtype (as FlagEmbedding's float mask does: an fp16 sum of a long
+    text overflows, a bf16 one keeps 8 bits); ``last_token``: the last real token, right for both
+    left and right padding."""
     if method == "cls":
         return hidden[:, 0]
     if method == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / attention_mask.sum(dim=1, keepdim=True).to(hidden.dtype)
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        return (hidden.float() * mask).sum(dim=1) / attention_mask.sum(dim=1, keepdim=True).to(torch.float32)
     if method == "last_token":
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_positions(attention_mask)]
     raise InputError(f"pooling_method must be one of {POOLING_METHODS}, got {method!r}")

@@ -168,7 +168,8 @@ def last_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
 def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """Each sequence's mean token state from packed ``[T, H]`` states: ``[B, H]``.
 
-    The states are laid back into a zero-padded ``[B, longest, H]`` grid and summed there in float32:
+    The states are laid back into a zero-padded ``[B, longest, H]`` grid and summed there in float32
+    (the float32 means are returned, as :func:`bgekit.models.pooling.pool` does for a padded batch):
     the same order on every run (a scatter-add's atomics on CUDA would not be), at the memory a
     padded batch's states take anyway.
     """
@@ -176,7 +177,7 @@ def mean_tokens(hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     rows = batch[SEQUENCE_IDS]
     columns = _columns(batch["cu_seq_lens_q"], rows)
     grid = _lay_out(hidden, rows, columns, len(lengths), int(batch["max_length_q"]))
-    return (grid.float().sum(dim=1) / lengths.to(torch.float32).unsqueeze(-1)).to(hidden.dtype)
+    return grid.float().sum(dim=1) / lengths.to(torch.float32).unsqueeze(-1)
 
 
 def _columns(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
