@@ -328,6 +328,71 @@ def test_onnx_export_is_cached(onnx_cache, tiny_bert):
     assert files and [f.stat().st_mtime_ns for f in files] == stamps
 
 
+def test_an_export_that_does_not_give_torchs_outputs_is_refused(onnx_cache, tiny_bert, monkeypatch, tmp_path):
+    """The export is run on other shapes than the traced one and compared with the module's own
+    forward: a graph that differs (here one traced with a skewed output) is an error, and not cached."""
+    from bgekit.errors import BgekitError
+    from bgekit.models import onnx_backend
+
+    monkeypatch.setenv("BGEKIT_CACHE", str(tmp_path))  # no earlier test's export of this model
+    traced = onnx_backend._Traceable.forward
+    monkeypatch.setattr(onnx_backend._Traceable, "forward", lambda self, *args: traced(self, *args) * 1.01)
+    before = set(onnx_backend.cache_root().rglob("model.onnx"))
+    with pytest.raises(BgekitError, match="does not reproduce torch's last_hidden_state"):
+        Embedder.from_pretrained(str(tiny_bert), devices="cpu", pooling_method="mean", backend="onnx")
+    with pytest.raises(BgekitError, match="does not reproduce torch's first_token_state"):
+        Embedder.from_pretrained(str(tiny_bert), devices="cpu", pooling_method="cls", backend="onnx-int8")
+    assert set(onnx_backend.cache_root().rglob("model.onnx")) == before == set()
+
+
+def test_export_samples_differ_from_the_traced_shape(tiny_xlmr):
+    """The check runs a lone row and rows of three lengths, inside the model's position table."""
+    from transformers import AutoConfig
+
+    from bgekit.models.onnx_backend import sample_inputs
+
+    config = AutoConfig.from_pretrained(str(tiny_xlmr))
+    samples = sample_inputs(config, type_ids=False)
+    assert [tuple(s["input_ids"].shape) for s in samples] == [(1, 3), (3, 13)]
+    for sample in samples:
+        real = sample["input_ids"][sample["attention_mask"].bool()]
+        assert config.pad_token_id not in real.tolist() and int(real.max()) < config.vocab_size
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_replaced_checkpoint_is_exported_again(onnx_cache, tiny_bert, tmp_path, shards):
+    """A checkpoint replaced in place by one of the same size and modification time (``cp -p``), or one
+    shard of a sharded checkpoint replaced, gets a new export: the vectors are the new weights' ones."""
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import BertModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    if shards:
+        for old in folder.glob("model*.safetensors"):
+            old.unlink()
+        BertModel.from_pretrained(str(tiny_bert)).save_pretrained(folder, max_shard_size="100KB")
+        assert len(list(folder.glob("model-*.safetensors"))) > 1
+    items = texts(8)
+    first = Embedder.from_pretrained(str(folder), devices="cpu", pooling_method="mean", backend="onnx").encode(items)
+    target = sorted(folder.glob("model*.safetensors"))[-1]  # one shard; the index stays as it was
+    with safe_open(str(target), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = {name: tensor * 1.5 for name, tensor in load_file(str(target)).items()}
+    stamp = target.stat()
+    save_file(tensors, str(target), metadata=metadata)  # same names and shapes: the same size
+    os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # and the old modification time
+    assert target.stat().st_size == stamp.st_size
+    want = Embedder.from_pretrained(str(folder), devices="cpu", pooling_method="mean").encode(items)
+    assert not np.allclose(want, first, atol=1e-3)
+    got = Embedder.from_pretrained(str(folder), devices="cpu", pooling_method="mean", backend="onnx").encode(items)
+    np.testing.assert_allclose(got, want, atol=ONNX_TOL)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_bert_reranker", "tiny_xlmr_reranker"])
 def test_onnx_reranker_matches_torch(onnx_cache, request, fixture, monkeypatch):
     folder = str(request.getfixturevalue(fixture))

@@ -11,8 +11,10 @@ head), the exported graph runs that layer on the first rows alone, as the torch 
 (:mod:`bgekit.runtime.first_tokens`): the caller says how with ``first_rows``.
 
 The exported file is cached under ``$BGEKIT_CACHE/onnx`` (default ``~/.cache/bgekit/onnx``),
-keyed by the model's weights, the output kind and the library versions, so the export
-(seconds for MiniLM, a minute for a large model) happens once per model.
+keyed by the model's config, weights files and remote code, the output kind and the library
+versions, so the export (seconds for MiniLM, a minute for a large model) happens once per model.
+Before it is cached, the export is run on other shapes than the traced one and compared with the
+module's own forward (:func:`check_export`): a graph that differs is refused.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from ..errors import BgekitError, InputError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
-EXPORT_VERSION = 2  # bump when the exported graph changes, so old cache entries are not reused
+EXPORT_VERSION = 3  # bump when the exported graph changes, so old cache entries are not reused
 OPSET = 17
-WEIGHT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+#: the files besides ``config.json`` an export depends on (:func:`graph_sources`)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json", "*.py")
 
 #: ``(inputs with a prepared 4-D additive mask, the 0/1 [B, L] key mask) -> the exported output``
 RowsForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -149,8 +152,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("BGEKIT_CACHE") or Path.home() / ".cache" / "bgekit").expanduser() / "onnx"
 
 
+def graph_sources(folder: Path) -> list[Path]:
+    """The files of ``folder`` an export is built from: its config, every weights file (the shards of a
+    sharded checkpoint and their index too) and any remote code; not the tokenizer, which stays bgekit's."""
+    folder = Path(folder)
+    found = {folder / "config.json"} if (folder / "config.json").exists() else set()
+    for pattern in WEIGHT_PATTERNS:
+        found.update(path for path in folder.glob(pattern) if path.is_file())
+    return sorted(found)
+
+
 def cache_key(folder: Path, backend: str, output: str, type_ids: bool, first_rows: bool = False) -> str:
-    """A digest of everything the exported file depends on."""
+    """A digest of everything the exported file depends on. Each source file counts by its size and
+    its modification and change times: a checkpoint replaced in place, even by a copy of the same size
+    that kept its old modification time (``cp -p``, ``rsync -a``), has a new change time, so a new key."""
     import onnxruntime
     import transformers
 
@@ -166,11 +181,9 @@ def cache_key(folder: Path, backend: str, output: str, type_ids: bool, first_row
         "transformers": transformers.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-    for name in WEIGHT_FILES:
-        path = Path(folder) / name
-        if path.exists():
-            stat = path.stat()
-            parts[name] = [stat.st_size, stat.st_mtime_ns]
+    for path in graph_sources(folder):
+        stat = path.stat()
+        parts[path.name] = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -212,13 +225,18 @@ def _export(
     target: Path,
     first_rows: FirstRows | None = None,
 ) -> None:
-    """Trace a private copy of the module (the exporter leaves the traced copy unusable)."""
+    """Trace a private copy of the module (the exporter leaves the traced copy unusable), then run the
+    graph on other shapes than the traced one and compare it with the module's own forward
+    (:func:`check_export`): an export that does not give torch's outputs is refused, not cached."""
     from .base import load_module
 
     logger.info("exporting %s to ONNX (once; cached at %s)", folder, target)
     module = load_module(loader, folder, trust_remote_code).eval()
     chosen = None if first_rows is None else first_rows(module)
     output, rows = chosen if chosen is not None else (output, None)
+    samples = sample_inputs(module.config, type_ids)
+    with torch.no_grad():  # before the export, which leaves the module unusable
+        wanted = [reference_output(module, sample, output) for sample in samples]
     ids = torch.full((2, 8), 5, dtype=torch.int64)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
@@ -246,7 +264,80 @@ def _export(
             raise BgekitError(
                 f"could not export {folder} to ONNX ({type(exc).__name__}: {exc}); use backend='torch'"
             ) from exc
+        check_export(OnnxModule(staged, module.config, threads=1), samples, wanted, folder)
         publish(Path(tmp), target)
+
+
+#: the largest difference allowed between an fp32 export and torch, relative to the output's scale
+#: (different kernels summing in another order give ~1e-6; a wrongly traced graph is off by far more)
+EXPORT_TOLERANCE = 1e-3
+
+
+def sample_inputs(config: Any, type_ids: bool) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of shapes other than the traced ``(2, 8)`` (one row alone, three rows of
+    different lengths and a segment of type 1), with ids the model's vocabulary holds."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0) or 1000
+    special = {getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    pool_ids = [i for i in range(min(vocab, 1000)) if i not in special] or [0]
+    longest = 13
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int):
+        pad = getattr(config, "pad_token_id", None)
+        longest = max(2, min(longest, limit - (pad + 1 if isinstance(pad, int) else 0) - 1))
+    samples = []
+    for lengths in ([3], [longest, 2, longest - 3]):
+        width = max(lengths)
+        pick = torch.randint(len(pool_ids), (len(lengths), width), generator=generator)
+        ids = torch.tensor(pool_ids)[pick]
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        pad = getattr(config, "pad_token_id", None)
+        ids = ids.masked_fill(mask == 0, pad if isinstance(pad, int) else 0)
+        sample = {"input_ids": ids, "attention_mask": mask}
+        if type_ids:  # the last row's second half as a second segment, where the model has one
+            types = torch.zeros_like(ids)
+            if int(getattr(config, "type_vocab_size", 1) or 1) > 1:
+                types[-1, width // 2 :] = 1
+            sample["token_type_ids"] = types * mask
+        samples.append(sample)
+    return samples
+
+
+def reference_output(module: torch.nn.Module, sample: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+    """What the graph must return for ``sample``, from the module's plain transformers forward:
+    its ``output``, or, for a first-rows graph (``first_token_state``), the last layer's first rows."""
+    result = module(**sample, return_dict=True)
+    if output == "first_token_state":
+        return result.last_hidden_state[:, 0].float()
+    return getattr(result, output).float()
+
+
+def check_export(
+    graph: OnnxModule, samples: list[dict[str, torch.Tensor]], wanted: list[torch.Tensor], folder: Path
+) -> None:
+    """Raise a :class:`BgekitError` unless ``graph`` gives ``wanted`` (the torch outputs) for each
+    sample within :data:`EXPORT_TOLERANCE` of the output's scale (token states at the real tokens only)."""
+    worst = 0.0
+    for sample, want in zip(samples, wanted, strict=True):
+        got = getattr(graph(**sample), graph.output).float()
+        if graph.output == "last_hidden_state":
+            real = sample["attention_mask"].bool()
+            got, want = got[real], want[real]
+        if got.shape != want.shape:
+            raise BgekitError(
+                f"the ONNX export of {folder} returned {graph.output} of shape {tuple(got.shape)} where torch "
+                f"gives {tuple(want.shape)}; use backend='torch'"
+            )
+        scale = max(1.0, float(want.abs().max()))
+        difference = float((got - want).abs().max()) / scale if got.numel() else 0.0
+        if not difference <= EXPORT_TOLERANCE:  # NaN too
+            raise BgekitError(
+                f"the ONNX export of {folder} does not reproduce torch's {graph.output}: it differs by "
+                f"{difference:.3g} (relative to the largest value; at most {EXPORT_TOLERANCE:g} is allowed) on a "
+                f"batch of shape {tuple(sample['input_ids'].shape)}; nothing was cached, use backend='torch'"
+            )
+        worst = max(worst, difference)
+    logger.info("ONNX export of %s checked against torch: largest relative difference %.3g", folder, worst)
 
 
 def _quantize(source: Path, target: Path) -> None:
