@@ -232,8 +232,9 @@ def _uri_or_path(path: Path) -> str:
 def _embed_on_ray(input: Path, output: Path, model: str | None, **options) -> None:
     """``bgekit embed --ray``: the same embedder options, run by :func:`bgekit.distributed.encode_dataset`."""
     from . import hub
-    from .distributed import encode_dataset
+    from .distributed import encode_dataset, storage
 
+    storage.require(ray=True)  # the extra named before the model or the input is looked at
     name = model or hub.default_model()
     embedder_options = {
         **precision_options(options.pop("fp16"), options.pop("bf16")),

@@ -78,6 +78,7 @@ def encode_dataset(
     """
     from .. import hub
 
+    storage.require(ray=use_ray)  # a missing extra named before the input is read
     if use_ray and devices is not None:
         raise InputError("devices= is for use_ray=False; on Ray every worker gets its own device")
     if not use_ray and (address or num_workers):

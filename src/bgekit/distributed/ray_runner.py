@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BgekitError, InputError
+from ..errors import BgekitError
+from . import storage
 from .plan import Shard
 from .work import EncodeJob, ShardWorker
 
@@ -26,11 +27,10 @@ _RESULT_FIELDS = ("shard", "rows", "dim", "seconds", "finished")
 
 
 def _ray():
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise InputError("encoding on Ray needs Ray Data: pip install 'bgekit[distributed]'") from None
+    storage.require(ray=True)
+    import ray
+    import ray.data
+
     return ray
 
 

@@ -16,6 +16,28 @@ from typing import IO, Any
 
 from ..errors import InputError
 
+EXTRA = "pip install 'bgekit[distributed]'"
+
+
+def require(ray: bool = False) -> None:
+    """An :class:`InputError` naming the ``distributed`` extra where pyarrow (Parquet shards, file
+    systems), or with ``ray=True`` Ray Data, cannot be imported: before any input is read."""
+    try:
+        import pyarrow
+        import pyarrow.fs
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as exc:
+        raise InputError(
+            f"bgekit.distributed reads and writes Parquet shards with pyarrow, which could not be imported "
+            f"({exc}): {EXTRA}"
+        ) from None
+    if ray:
+        try:
+            import ray as _ray  # noqa: F401
+            import ray.data
+        except ImportError as exc:
+            raise InputError(f"encoding on Ray needs Ray Data, which could not be imported ({exc}): {EXTRA}") from None
+
 
 def is_uri(path: str | Path) -> bool:
     """``scheme://...`` (``s3://``, ``gs://``, ``hdfs://``; ``file://`` too) rather than a local path."""
@@ -24,6 +46,7 @@ def is_uri(path: str | Path) -> bool:
 
 def filesystem(path: str | Path) -> tuple[Any, str]:
     """``(pyarrow FileSystem, path inside it)`` for a local path or a URI."""
+    require()
     from pyarrow import fs
 
     if not is_uri(path):

@@ -191,9 +191,10 @@ def index_build(
     from .. import hub, io
     from ..errors import InputError
     from ..models.embedder import Embedder
-    from .index import DenseIndex
+    from .index import DenseIndex, require_faiss
     from .retrieval import normalize_rows
 
+    require_faiss()  # before the corpus is read and embedded
     io.check_outputs(out / "docs.jsonl")  # before the corpus is embedded: a file in the way, no write access
     records = io.read_texts(corpus, field=text_field)
     ids = [r.id for r in records]

@@ -37,6 +37,12 @@ QUANTIZATIONS = ("none", "int8", "binary")
 _FORMAT = "bgekit-index/1"
 
 
+def require_faiss():
+    """The ``faiss`` module, or an :class:`InputError` naming the ``eval`` extra: eval, index build
+    and mine call it before a corpus is encoded, not when the index is built after."""
+    return _faiss()
+
+
 def _faiss():
     try:
         import faiss

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import io
 from ..errors import DataFormatError, InputError
@@ -62,6 +63,16 @@ def _clean(run: Mapping[str, Mapping[str, float]], ignore_identical_ids: bool) -
     return cleaned
 
 
+def require_pytrec_eval() -> Any:
+    """The ``pytrec_eval`` module, or an :class:`InputError` naming the ``eval`` extra (callers check
+    before a corpus is encoded, not after)."""
+    try:
+        import pytrec_eval
+    except ImportError:
+        raise InputError("retrieval metrics need pytrec_eval: pip install 'bgekit[eval]'") from None
+    return pytrec_eval
+
+
 def evaluate_run(
     qrels: Mapping[str, Mapping[str, int]],
     run: Mapping[str, Mapping[str, float]],
@@ -76,11 +87,7 @@ def evaluate_run(
     for tasks like ArguAna, where the query is itself in the corpus). With ``per_query``,
     also returns ``{query_id: {metric: value}}``.
     """
-    try:
-        import pytrec_eval
-    except ImportError:
-        raise InputError("retrieval metrics need pytrec_eval: pip install 'bgekit[eval]'") from None
-
+    pytrec_eval = require_pytrec_eval()
     k_values = check_k_values(k_values)
     qrels = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
     if not qrels:

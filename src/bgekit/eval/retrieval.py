@@ -191,6 +191,10 @@ def evaluate_retrieval(
         raise InputError(f"rerank_top_k must be a positive integer, got {rerank_top_k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    from .index import require_faiss
+
+    require_faiss()  # a missing eval extra is named now, not after the corpus is encoded
+    metrics_mod.require_pytrec_eval()
 
     tick = time.perf_counter()
     if not isinstance(dataset, RetrievalDataset):

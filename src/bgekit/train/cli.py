@@ -351,10 +351,12 @@ def mine(
 ) -> None:
     """Mine hard negatives for every query with an embedder, guarding against false negatives."""
     from .. import io
+    from ..eval.index import require_faiss
     from ..models.embedder import Embedder
     from .data import load_train_data, write_records
     from .mining import MiningOptions, mine_hard_negatives, parse_range
 
+    require_faiss()  # before the data is read and the model loaded
     io.check_outputs(output, inputs=[input, corpus])
     records = load_train_data(input)
     pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None

@@ -64,8 +64,9 @@ def mine_hard_negatives(
     ``topped_up`` (queries given random passages) and ``short`` (queries still below
     ``negative_number`` because the pool has no more passages that qualify).
     """
-    from ..eval.index import DenseIndex
+    from ..eval.index import DenseIndex, require_faiss
 
+    require_faiss()  # before the pool is encoded
     options = options or MiningOptions()
     start, end = options.range_for_sampling
     if options.negative_number < 1:
