@@ -282,3 +282,28 @@ def test_ray_cli_checks_model_and_output_before_starting(tmp_path):
     (tmp_path / "file.npy").write_bytes(b"")
     as_file = run("embed", "--ray", "-i", str(texts), "-o", str(tmp_path / "file.npy"), check=False)
     assert as_file.returncode == 2 and "--ray writes a folder" in as_file.stderr
+
+
+def test_a_resumed_run_over_a_changed_input_is_refused(tmp_path, tiny_bert):
+    """The manifest records the input's SHA-256: an input edited since the first run, even to the same
+    size and row count, is refused instead of mixing its vectors with the finished shards' ones."""
+    import hashlib
+
+    from bgekit.errors import InputError
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"_id": "a", "text": "hello"}\n{"_id": "b", "text": "world"}\n{"_id": "c", "text": "!"}\n')
+    out = tmp_path / "out"
+    encode_dataset(str(tiny_bert), source, out, use_ray=False, shard_size=2)
+    recorded = read_manifest(out)["input"]
+    assert recorded["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    (out / "part-00001.parquet").unlink()  # as a killed run leaves it
+    source.write_text(source.read_text().replace("hello", "jello"))  # same size, same rows
+    with pytest.raises(InputError, match=r"other settings.*sha256"):
+        encode_dataset(str(tiny_bert), source, out, use_ray=False, shard_size=2)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.parquet"]
+    packed = tmp_path / "in.jsonl.gz"  # a gzipped input: the digest of its lines, as read
+    packed.write_bytes(gzip.compress(source.read_bytes()))
+    gz_out = tmp_path / "gz"
+    encode_dataset(str(tiny_bert), packed, gz_out, use_ray=False, shard_size=2)
+    assert read_manifest(gz_out)["input"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()

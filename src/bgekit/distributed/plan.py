@@ -9,6 +9,7 @@ row number for Parquet), so they are global and stable however the work is split
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -45,10 +46,13 @@ class InputPlan:
     rows: int
     shard_size: int
     shards: tuple[Shard, ...]
+    #: SHA-256 of the content (of the decompressed lines of a gzipped text or JSONL file)
+    sha256: str = ""
 
     def describe(self) -> dict[str, Any]:
-        """What a manifest records about the input (a resumed job must see the same)."""
-        return {"path": self.path, "format": self.format, "size": self.size, "rows": self.rows}
+        """What a manifest records about the input (a resumed job must see the same: an input edited
+        since, even to the same size and row count, is another ``sha256``)."""
+        return {"path": self.path, "format": self.format, "size": self.size, "rows": self.rows, "sha256": self.sha256}
 
 
 def input_format(path: str) -> str:
@@ -74,9 +78,9 @@ def plan(path: str, shard_size: int) -> InputPlan:
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard_size must be a positive int, got {shard_size!r}")
+    fs, inner = storage.filesystem(path)
     from pyarrow import fs as pafs
 
-    fs, inner = storage.filesystem(path)
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.Directory:
         raise InputError(f"{path} is a folder; pass one JSONL, text or Parquet file")
@@ -90,18 +94,31 @@ def plan(path: str, shard_size: int) -> InputPlan:
         shards = tuple(
             Shard(k, start, min(shard_size, rows - start)) for k, start in enumerate(range(0, rows, shard_size))
         )
+        digest = _file_digest(fs, inner, path)
     else:
-        shards, rows = _plan_lines(path, shard_size)
+        shards, rows, digest = _plan_lines(path, shard_size)
     if rows == 0:
         raise InputError(f"{path} holds no texts")
-    return InputPlan(str(path), fmt, int(info.size), rows, shard_size, shards)
+    return InputPlan(str(path), fmt, int(info.size), rows, shard_size, shards, digest)
 
 
-def _plan_lines(path: str, shard_size: int) -> tuple[tuple[Shard, ...], int]:
+def _file_digest(fs: Any, inner: str, path: str) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with _reading(path), fs.open_input_stream(inner) as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plan_lines(path: str, shard_size: int) -> tuple[tuple[Shard, ...], int, str]:
+    """The shards of a text or JSONL file, its row count and the SHA-256 of its (decompressed) content."""
     starts: list[tuple[int, int]] = []  # (byte offset, line number) of every shard's first row
     rows = offset = 0
+    digest = hashlib.sha256()
     with _reading(path), storage.open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
+            digest.update(raw)
             if bio.line_text(path, number, raw).strip():
                 if rows % shard_size == 0:
                     starts.append((offset, number))
@@ -111,7 +128,7 @@ def _plan_lines(path: str, shard_size: int) -> tuple[tuple[Shard, ...], int]:
         Shard(k, k * shard_size, min(shard_size, rows - k * shard_size), byte, line)
         for k, (byte, line) in enumerate(starts)
     )
-    return shards, rows
+    return shards, rows, digest.hexdigest()
 
 
 def read_shard(path: str, fmt: str, shard: Shard, field: str = "text") -> tuple[list[str], list[str]]:
