@@ -69,6 +69,9 @@ def test_encode_rejects_bad_options(embedder):
         ([("q", "p"), ("only one",)], r"sentence_pairs\[1\] must be a \(query, passage\) pair"),
         ([("q", None)], r"sentence_pairs\[0\] passage is NoneType"),
         ([(1, "p")], r"sentence_pairs\[0\] query is int"),
+        (("q", None), r"one \(query, passage\) pair whose passage is NoneType"),
+        (["q", "p", "r"], "read as one \\(query, passage\\) pair, but it has 3 items"),
+        (["q"], "read as one \\(query, passage\\) pair, but it has 1 items"),
         ([("q", "p"), ("q", "\udfff")], "text 1 is not valid Unicode"),
         ({"q": "p"}, "is a dict, which iterates over its keys"),
     ],
@@ -76,6 +79,13 @@ def test_encode_rejects_bad_options(embedder):
 def test_compute_score_rejects(reranker, value, message):
     with pytest.raises(InputError, match=message):
         reranker.compute_score(value)
+
+
+def test_compute_score_names_the_length_option(reranker):
+    with pytest.raises(InputError, match="query_max_length must be a positive int, got 0"):
+        reranker.compute_score([("q", "p")], query_max_length=0)
+    with pytest.raises(InputError, match=r"^max_length must be a positive int, got 0"):
+        reranker.compute_score([("q", "p")], max_length=0)
 
 
 def test_unknown_model_name():

@@ -137,13 +137,15 @@ class ModelHost:
         """True when batches reach the forward packed (``cu_seq_lens_q`` in its inputs), not padded."""
         return self.position_offset is not None
 
-    def clamp_length(self, max_length: int | None, default: int) -> int:
-        """Validate ``max_length`` and keep it inside the model's position table."""
+    def clamp_length(self, max_length: int | None, default: int, name: str = "max_length") -> int:
+        """Validate ``max_length`` and keep it inside the model's position table; ``name`` is the
+        option the value came from, for the error and log messages."""
         value = default if max_length is None else max_length
-        _check_positive_int("max_length", value)
+        _check_positive_int(name, value)
         if self.max_positions is not None and value > self.max_positions:
             logger.info(
-                "max_length=%d is beyond the model's %d positions; using %d",
+                "%s=%d is beyond the model's %d positions; using %d",
+                name,
                 value,
                 self.max_positions,
                 self.max_positions,

@@ -53,8 +53,18 @@ def as_pair_list(pairs: object) -> tuple[list[tuple[str, str]], bool]:
     if not items:
         raise InputError("sentence_pairs is empty; pass at least one (query, passage) pair")
     items = [x.item() if getattr(x, "ndim", None) == 0 else x for x in items]  # numpy scalars: one pair's texts
-    single = len(items) == 2 and all(isinstance(x, str) for x in items)
+    # FlagEmbedding's rule: a first item that is a string makes the whole input one pair
+    single = isinstance(items[0], str)
     if single:
+        if len(items) != 2:
+            raise InputError(
+                f"sentence_pairs starts with a string, so it is read as one (query, passage) pair, but it has "
+                f"{len(items)} items; pass a (query, passage) pair or a list of them"
+            )
+        if not isinstance(items[1], str):
+            raise InputError(
+                f"sentence_pairs is one (query, passage) pair whose passage is {type(items[1]).__name__}, not a string"
+            )
         items = [items]
     out = []
     for index, pair in enumerate(items):

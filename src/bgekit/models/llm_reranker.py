@@ -235,7 +235,7 @@ class FlagLLMReranker(Reranker):
         max_length = self.host.clamp_length(max_length, self.max_length)
         if query_max_length is None:
             query_max_length = max_length * 3 // 4
-        return self.host.clamp_length(query_max_length, max_length), max_length
+        return self.host.clamp_length(query_max_length, max_length, "query_max_length"), max_length
 
     # -- scoring ----------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -277,7 +277,7 @@ class FlagReranker(Reranker):
         max_length = self.host.clamp_length(max_length, self.max_length)
         if query_max_length is None:
             query_max_length = max_length * 3 // 4
-        query_max_length = self.host.clamp_length(query_max_length, max_length)
+        query_max_length = self.host.clamp_length(query_max_length, max_length, "query_max_length")
         # the next chunk is tokenized while this one runs (one chunk, the plain path, for short inputs)
         scores, truncated = self.host.run_texts(
             pairs,
@@ -305,7 +305,7 @@ class FlagReranker(Reranker):
         max_length = self.host.clamp_length(self.max_length if max_length is None else max_length, self.max_length)
         if query_max_length is None:
             query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
-        query_max_length = self.host.clamp_length(query_max_length, max_length)
+        query_max_length = self.host.clamp_length(query_max_length, max_length, "query_max_length")
         return self.tokenizer.encode_pairs([q for q, _ in pairs], [p for _, p in pairs], query_max_length, max_length)
 
     def score_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> list[float]:
