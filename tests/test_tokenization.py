@@ -74,13 +74,55 @@ def test_pairs_fast_path_equals_pair_by_pair_processing(golden_dir, folder, side
     seconds = [*reversed(TEXTS), "short"]
     firsts, seconds = firsts[: len(seconds)], seconds[: len(firsts)]
     for first_max, max_length in ((4, 12), (8, 16), (64, 512), (30, 40)):
-        got = tokenizer.encode_pairs(firsts, seconds, first_max, max_length)
-        want = tokenizer._encode_pairs_one_by_one(
-            firsts, seconds, min(first_max, max_length - tokenizer.n_special_pair - 1), max_length
-        )
-        assert got.ids == want.ids, (folder, side, first_max, max_length)
-        assert got.type_ids == want.type_ids and got.truncated == want.truncated
-        assert max(map(len, got.ids)) <= max_length
+        for whole_up_to in (None, max_length + 12, 10**9):
+            got = tokenizer.encode_pairs(firsts, seconds, first_max, max_length, whole_up_to)
+            want = tokenizer._encode_pairs_one_by_one(firsts, seconds, first_max, max_length, whole_up_to)
+            assert got.ids == want.ids, (folder, side, first_max, max_length, whole_up_to)
+            assert got.type_ids == want.type_ids and got.truncated == want.truncated
+            assert max(map(len, got.ids)) <= (max_length if whole_up_to is None else whole_up_to)
+
+
+@pytest.mark.parametrize(("query_max_length", "max_length"), [(None, 512), (None, 16), (None, 12), (30, 20), (40, 32)])
+def test_cross_encoder_pairs_follow_prepare_for_model(golden_dir, query_max_length, max_length):
+    """FlagEmbedding 1.4.2 cuts the query to query_max_length and the passage to max_length on their own,
+    then calls ``prepare_for_model(q, p, truncation="only_second", max_length)``, which cuts the passage
+    only if that is enough: a query that fills max_length on its own leaves the pair whole (longer than
+    max_length), it does not shrink the query to make room."""
+    from bgekit import FlagReranker
+
+    model = FlagReranker(str(golden_dir / "models" / "xlmr-reranker"), devices="cpu")
+    hf = model.tokenizer.hf
+    firsts = [t for t in TEXTS if t] + ["a query that is long enough to be cut " * 8]
+    seconds = [*reversed(TEXTS), "short"][: len(firsts)]
+    pairs = list(zip(firsts, seconds, strict=False))
+    q_max = max_length * 3 // 4 if query_max_length is None else query_max_length
+    queries = hf([q for q, _ in pairs], add_special_tokens=False, truncation=True, max_length=q_max)["input_ids"]
+    passages = hf([p for _, p in pairs], add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    cls, sep = hf.cls_token_id, hf.sep_token_id
+    want = []
+    for q, p in zip(queries, passages, strict=True):
+        over = len(q) + len(p) + 4 - max_length
+        if 0 < over < len(p):
+            p = p[:-over]
+        want.append([cls, *q, sep, sep, *p, sep])
+    got = model.tokenize_pairs(pairs, query_max_length=query_max_length, max_length=max_length)
+    assert got.ids == want
+    if max_length == 12:
+        assert max(map(len, want)) > max_length, "the case where a query fills max_length is covered"
+        assert len(model.compute_score(pairs, max_length=max_length)) == len(pairs)
+
+
+def test_cross_encoder_pair_past_the_positions_is_still_cut(golden_dir):
+    """Where FlagEmbedding's uncut pair would run past the model's position table (an index error
+    there), the pair is cut to the positions instead: the passage side first, then the query."""
+    from bgekit import FlagReranker
+
+    model = FlagReranker(str(golden_dir / "models" / "xlmr-reranker"), devices="cpu")
+    assert model.host.max_positions == 512
+    pair = ("panda " * 600, "bamboo " * 600)
+    ids = model.tokenize_pairs([pair], query_max_length=512, max_length=512).ids[0]
+    assert len(ids) == 512 and ids.count(model.tokenizer.hf.sep_token_id) == 3, "one passage token is left"
+    assert len(model.compute_score([pair], query_max_length=512, max_length=512)) == 1
 
 
 # -- the plain-ASCII shortcut of BERT's normalizer ---------------------------------------------------

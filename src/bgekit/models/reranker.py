@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -282,7 +283,7 @@ class FlagReranker(Reranker):
         scores, truncated = self.host.run_texts(
             pairs,
             lambda chunk: self.tokenizer.encode_pairs(
-                [q for q, _ in chunk], [p for _, p in chunk], query_max_length, max_length
+                [q for q, _ in chunk], [p for _, p in chunk], query_max_length, max_length, self._whole_up_to()
             ),
             self._forward,
             batch_size,
@@ -306,7 +307,14 @@ class FlagReranker(Reranker):
         if query_max_length is None:
             query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
         query_max_length = self.host.clamp_length(query_max_length, max_length, "query_max_length")
-        return self.tokenizer.encode_pairs([q for q, _ in pairs], [p for _, p in pairs], query_max_length, max_length)
+        return self.tokenizer.encode_pairs(
+            [q for q, _ in pairs], [p for _, p in pairs], query_max_length, max_length, self._whole_up_to()
+        )
+
+    def _whole_up_to(self) -> int:
+        """Longest pair left whole when its query fills ``max_length`` (FlagEmbedding keeps such a
+        pair uncut; :meth:`TextTokenizer.encode_pairs`): the model's positions, where it has a table."""
+        return self.host.max_positions if self.host.max_positions is not None else sys.maxsize
 
     def score_tokenized(self, tokenized: Tokenized, batch_size: int | None = None) -> list[float]:
         """Raw scores (input order) of pairs from :meth:`tokenize_pairs`; :func:`sigmoid` normalizes them."""

@@ -267,37 +267,69 @@ class TextTokenizer:
             known[add_special_tokens] = all(t == 0 for enc in probes for t in enc.type_ids)
         return known[add_special_tokens]
 
-    def encode_pairs(self, firsts: list[str], seconds: list[str], first_max_length: int, max_length: int) -> Tokenized:
+    def encode_pairs(
+        self,
+        firsts: list[str],
+        seconds: list[str],
+        first_max_length: int,
+        max_length: int,
+        whole_up_to: int | None = None,
+    ) -> Tokenized:
         """``[CLS] first [SEP] second [SEP]``-style ids, FlagEmbedding's cross-encoder layout.
 
         The first text is cut to ``first_max_length`` tokens on its own, the second to
         ``max_length``, then the second is cut again so the pair fits in ``max_length``.
+
+        When the first text (with the special tokens) already fills ``max_length``, cutting the
+        second cannot make the pair fit. ``whole_up_to=None`` then cuts the first text so that one
+        token of the second remains (the pair always fits ``max_length``); an int is FlagEmbedding
+        1.4.2's inference rule, whose ``prepare_for_model(..., truncation="only_second")`` cuts
+        nothing in that case: the pair stays whole (each text already cut on its own), longer than
+        ``max_length``, as long as it has at most ``whole_up_to`` tokens (the model's positions);
+        a longer one is cut as with ``None`` to ``whole_up_to`` tokens.
         """
         if max_length <= self.n_special_pair + 1:
             raise InputError(
                 f"max_length={max_length} is too small for a pair with {self.n_special_pair} special tokens"
             )
-        first_max_length = max(min(first_max_length, max_length - self.n_special_pair - 1), 0)
         template = self._pair_template()
         if template is None:  # a post-processor whose special tokens are not one fixed layout
-            return self._encode_pairs_one_by_one(firsts, seconds, first_max_length, max_length)
+            return self._encode_pairs_one_by_one(firsts, seconds, first_max_length, max_length, whole_up_to)
         # both sides cut in the Rust batch calls; only the pair's final cut and the join are Python
-        first_batch = self._truncating(first_max_length)(firsts, add_special_tokens=False)
+        first_batch = self._truncating(max(first_max_length, 0))(firsts, add_special_tokens=False)
         second_batch = self._truncating(max_length)(seconds, add_special_tokens=False)
         (prefix, middle, suffix), (prefix_types, type_a, middle_types, type_b, suffix_types) = template
-        keep_tail = self.truncation_side == "left"
         truncated = 0
         ids, type_ids = [], []
         for first, second in zip(first_batch, second_batch, strict=True):
             a, b = first.ids, second.ids
-            room = max(max_length - len(a) - self.n_special_pair, 0)
-            cut = bool(first.overflowing) or bool(second.overflowing) or len(b) > room
-            if len(b) > room:
-                b = b[len(b) - room :] if keep_tail else b[:room]
-            truncated += cut
+            keep_a, keep_b = self._pair_lengths(len(a), len(b), max_length, whole_up_to)
+            truncated += bool(first.overflowing) or bool(second.overflowing) or keep_a < len(a) or keep_b < len(b)
+            a, b = self._keep(a, keep_a), self._keep(b, keep_b)
             ids.append(prefix + a + middle + b + suffix)
             type_ids.append(prefix_types + [type_a] * len(a) + middle_types + [type_b] * len(b) + suffix_types)
         return Tokenized(ids, type_ids if self.uses_type_ids else None, truncated)
+
+    def _pair_lengths(self, len_a: int, len_b: int, max_length: int, whole_up_to: int | None) -> tuple[int, int]:
+        """How many tokens of each text a pair keeps (:meth:`encode_pairs`' rule)."""
+        specials = self.n_special_pair
+        over = len_a + len_b + specials - max_length
+        if over <= 0:
+            return len_a, len_b
+        if len_b > over:  # the second alone absorbs the overflow
+            return len_a, len_b - over
+        if whole_up_to is not None:
+            if len_a + len_b + specials <= whole_up_to:
+                return len_a, len_b  # FlagEmbedding: only the second may be cut, so nothing is
+            max_length = whole_up_to
+        keep_a = max(min(len_a, max_length - specials - 1), 0)
+        return keep_a, min(len_b, max_length - specials - keep_a)
+
+    def _keep(self, ids: list[int], count: int) -> list[int]:
+        """``ids`` cut to ``count`` tokens on :attr:`truncation_side`."""
+        if len(ids) <= count:
+            return ids
+        return ids[len(ids) - count :] if self.truncation_side == "left" else ids[:count]
 
     def _pair_template(self) -> tuple | None:
         """The post-processor's pair layout, ``prefix + a + middle + b + suffix`` with the segment ids
@@ -313,14 +345,21 @@ class TextTokenizer:
         return self._pair_layout
 
     def _encode_pairs_one_by_one(
-        self, firsts: list[str], seconds: list[str], first_max_length: int, max_length: int
+        self,
+        firsts: list[str],
+        seconds: list[str],
+        first_max_length: int,
+        max_length: int,
+        whole_up_to: int | None = None,
     ) -> Tokenized:
         truncated = 0
         ids, type_ids = [], []
         for first, second in zip(self._raw(firsts), self._raw(seconds), strict=True):
             cut = self._cut(first, first_max_length)
             cut |= self._cut(second, max_length)
-            cut |= self._cut(second, max_length - len(first.ids) - self.n_special_pair)
+            keep_a, keep_b = self._pair_lengths(len(first.ids), len(second.ids), max_length, whole_up_to)
+            cut |= self._cut(first, keep_a)
+            cut |= self._cut(second, keep_b)
             truncated += cut
             enc = self.backend.post_process(first, second, add_special_tokens=True)
             ids.append(enc.ids)
