@@ -139,13 +139,17 @@ def reranker_reference(model: FlagLLMReranker, pairs, query_max_length, max_leng
     out = []
     for q, p in zip(queries["input_ids"], passages["input_ids"], strict=True):
         first, second = bos + q, sep + p
-        if len(first) + len(second) > limit:
-            second = second[: limit - len(first)]
+        # prepare_for_model(first, second, truncation="only_second"): the passage side gives way on the
+        # tokenizer's truncation side, and only if it can absorb the overflow (else nothing is cut)
+        over = len(first) + len(second) - limit
+        if 0 < over < len(second):
+            second = second[over:] if tok.truncation_side == "left" else second[:-over]
         out.append(first + second + sep + prompt_ids)
     return out
 
 
-@pytest.mark.parametrize(("query_max_length", "max_length"), [(8, 16), (24, 32), (384, 512)])
+# (300, 16): the long query fills the pair's budget on its own, so FlagEmbedding cuts nothing
+@pytest.mark.parametrize(("query_max_length", "max_length"), [(8, 16), (24, 32), (384, 512), (300, 16)])
 @pytest.mark.parametrize("prompt", [None, "Is B relevant to A? Answer Yes or No. ¿Sí?"])
 def test_llm_reranker_prompt_ids(golden_dir, query_max_length, max_length, prompt):
     model = FlagLLMReranker(str(golden_dir / "models" / "gemma-llm-reranker"), devices="cpu")
@@ -155,3 +159,26 @@ def test_llm_reranker_prompt_ids(golden_dir, query_max_length, max_length, promp
 
     expected = reranker_reference(model, pairs, query_max_length, max_length, prompt or DEFAULT_PROMPT)
     assert got.ids == expected
+
+
+@pytest.mark.parametrize("prompt", ["", None])
+def test_llm_reranker_truncates_on_the_tokenizers_side(golden_dir, tmp_path, prompt):
+    """A tokenizer saved with ``truncation_side="left"`` cuts the pair's passage side from the left (the
+    ``\\n`` separator and the passage's head go first), as ``prepare_for_model`` does in FlagEmbedding."""
+    import json
+    import shutil
+
+    from bgekit.models.llm_reranker import DEFAULT_PROMPT
+
+    folder = shutil.copytree(golden_dir / "models" / "gemma-llm-reranker", tmp_path / "left")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "truncation_side": "left"}))
+    model = FlagLLMReranker(str(folder), devices="cpu")
+    assert model.tokenizer.hf.truncation_side == "left"
+    pairs = model.detailed_pairs([(q, p) for q in QUERIES for p in QUERIES])
+    for query_max_length, max_length in ((8, 16), (24, 32), (300, 16)):
+        got, _ = model.pair_inputs(pairs, query_max_length, max_length, prompt)
+        want = reranker_reference(
+            model, pairs, query_max_length, max_length, DEFAULT_PROMPT if prompt is None else prompt
+        )
+        assert got.ids == want

@@ -12,6 +12,7 @@ The model is transformers' own ``AutoModelForCausalLM``; an optional LoRA adapte
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,17 @@ def llm_pair_inputs(
     max_length: int,
     prompt: str | None,
     always_bos: bool = False,
+    whole_up_to: int | None = None,
 ) -> tuple[Tokenized, int]:
     """Token ids of every ``(query, passage)`` pair (instructions already applied) in
-    FlagEmbedding's layout; also ``len(sep + prompt)``. Inference and training share it."""
+    FlagEmbedding's layout; also ``len(sep + prompt)``. Inference and training share it.
+
+    The pair ``bos + query`` / ``sep + passage`` is cut on the passage side (the tokenizer's
+    ``truncation_side``) to ``max_length + len(sep + prompt)``. When ``bos + query`` alone fills
+    that, ``whole_up_to=None`` drops the whole passage side; an int is FlagEmbedding 1.4.2's
+    inference rule (``prepare_for_model(..., truncation="only_second")`` cuts nothing then): the
+    pair stays whole while the row has at most ``whole_up_to`` tokens, and is cut to that beyond.
+    """
     if prompt is not None and not isinstance(prompt, str):
         raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
     queries, cut_q = tokenizer.plain_ids([q for q, _ in pairs], query_max_length)
@@ -116,13 +125,26 @@ def llm_pair_inputs(
     bos = hf.bos_token_id
     prefix = [bos] if bos is not None and (always_bos or bos != hf.pad_token_id) else []
     pair_limit = max_length + len(sep) + len(prompt_ids)
+    tail = sep + prompt_ids
+    keep_tail = tokenizer.truncation_side == "left"
     ids, cut_pair = [], 0
     for query, passage in zip(queries, passages, strict=True):
         first, second = prefix + query, sep + passage
-        room = max(pair_limit - len(first), 0)
-        cut_pair += len(second) > room
-        ids.append(first + second[:room] + sep + prompt_ids)
-    return Tokenized(ids, None, max(cut_q, cut_p, cut_pair)), len(sep) + len(prompt_ids)
+        over = len(first) + len(second) - pair_limit
+        if 0 < over < len(second) or (over > 0 and whole_up_to is None):
+            room = max(len(second) - over, 0)
+        elif over > 0 and len(first) + len(second) + len(tail) > whole_up_to:
+            # FlagEmbedding would leave this pair whole (its query fills the budget), but it is
+            # longer than the model's positions: the passage side gives way, then the query
+            room = max(whole_up_to - len(first) - len(tail), 0)
+            first = first[: max(whole_up_to - len(tail), 0)]
+        else:
+            room = len(second)
+        if room < len(second):
+            cut_pair += 1
+            second = second[len(second) - room :] if keep_tail else second[:room]
+        ids.append(first + second + tail)
+    return Tokenized(ids, None, max(cut_q, cut_p, cut_pair)), len(tail)
 
 
 class FlagLLMReranker(Reranker):
@@ -229,7 +251,10 @@ class FlagLLMReranker(Reranker):
         self, pairs: list[tuple[str, str]], query_max_length: int, max_length: int, prompt: str | None
     ) -> tuple[Tokenized, int]:
         """Token ids of every pair in FlagEmbedding's layout (:func:`llm_pair_inputs`); also ``len(sep + prompt)``."""
-        return llm_pair_inputs(self.tokenizer, pairs, query_max_length, max_length, prompt, self.ALWAYS_BOS)
+        positions = self.host.max_positions if self.host.max_positions is not None else sys.maxsize
+        return llm_pair_inputs(
+            self.tokenizer, pairs, query_max_length, max_length, prompt, self.ALWAYS_BOS, whole_up_to=positions
+        )
 
     def _lengths(self, query_max_length: int | None, max_length: int) -> tuple[int, int]:
         max_length = self.host.clamp_length(max_length, self.max_length)
