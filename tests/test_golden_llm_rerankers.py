@@ -293,3 +293,17 @@ def test_unknown_options(golden_dir):
         model_for(golden_dir, "minicpm-layerwise").compute_score(PAIRS, compress_ratio=2)
     with pytest.raises(InputError, match="unexpected options"):
         model_for(golden_dir, "gemma2-lightweight").compute_score(PAIRS, use_dataloader=True)
+
+
+@pytest.mark.parametrize("family", ["gemma-llm-reranker", "minicpm-layerwise", "gemma2-lightweight"])
+def test_prompt_none_per_call_keeps_the_constructors_prompt(golden_dir, family):
+    """FlagEmbedding: ``if prompt is None: prompt = self.prompt``; an explicit ``prompt=None`` in a call
+    is the same as leaving it out (it used to mean the default prompt, dropping the constructor's)."""
+    cls = {"gemma-llm-reranker": FlagLLMReranker, "minicpm-layerwise": LayerWiseFlagLLMReranker}.get(
+        family, LightWeightFlagLLMReranker
+    )
+    model = cls(str(golden_dir / "models" / family), devices="cpu", prompt="Is B an answer to A?")
+    own = model.compute_score(PAIRS)
+    assert model.compute_score(PAIRS, prompt=None) == own
+    assert model.compute_score(PAIRS, prompt="Is B an answer to A?") == own
+    assert model.compute_score(PAIRS, prompt="Something else entirely.") != own

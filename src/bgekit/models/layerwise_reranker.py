@@ -161,7 +161,7 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
         requested = options.get("cutoff_layers")
         cutoffs = self._cutoffs(self.cutoff_layers if requested is None else requested)
         query_max_length, max_length = self._lengths(query_max_length, max_length)
-        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, options.get("prompt", self.prompt))
+        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, self._prompt(options))
         self.host.log_truncation(tokenized, max_length, "pairs")
         scores = self.host.run(
             tokenized,
@@ -347,7 +347,7 @@ class LightWeightFlagLLMReranker(FlagLLMReranker):
             *(self._option(options, name) for name in ("cutoff_layers", "compress_layers", "compress_ratio"))
         )
         query_max_length, max_length = self._lengths(query_max_length, max_length)
-        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, options.get("prompt", self.prompt))
+        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, self._prompt(options))
         self.host.log_truncation(tokenized, max_length, "pairs")
         forward = partial(
             self._forward_layers, cutoffs=cutoffs, compress_layers=compress_layers, compress_ratio=compress_ratio

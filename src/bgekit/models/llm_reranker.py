@@ -262,13 +262,19 @@ class FlagLLMReranker(Reranker):
             query_max_length = max_length * 3 // 4
         return self.host.clamp_length(query_max_length, max_length, "query_max_length"), max_length
 
+    def _prompt(self, options: dict[str, Any]) -> str | None:
+        """The call's ``prompt``, or the constructor's when the call gives none (``None`` included, as
+        FlagEmbedding's ``if prompt is None: prompt = self.prompt``)."""
+        prompt = options.get("prompt")
+        return self.prompt if prompt is None else prompt
+
     # -- scoring ----------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return yes_logits(module, inputs, self.yes_loc)
 
     def _score(self, pairs, batch_size, query_max_length, max_length, show_progress_bar, **options):
         query_max_length, max_length = self._lengths(query_max_length, max_length)
-        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, options.get("prompt", self.prompt))
+        tokenized, _ = self.pair_inputs(pairs, query_max_length, max_length, self._prompt(options))
         self.host.log_truncation(tokenized, max_length, "pairs")
         scores = self.host.run(
             tokenized,
