@@ -389,18 +389,49 @@ def score(
     input: Annotated[Path, typer.Option("--input", "-i")],
     output: Annotated[Path, typer.Option("--output", "-o")],
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens per pair (passages are cut to fit).")] = 512,
+    query_max_length: Annotated[
+        int | None, typer.Option(min=1, help="Tokens per query (default: the family's, 3/4 of --max-length).")
+    ] = None,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Sigmoid scores into (0, 1); default raw.")] = False,
+    model_class: Annotated[
+        str | None, typer.Option(help="The reranker's family, overriding the registry (e.g. decoder-only-layerwise).")
+    ] = None,
+    query_instruction_for_rerank: Annotated[str | None, typer.Option()] = None,
+    passage_instruction_for_rerank: Annotated[str | None, typer.Option()] = None,
+    prompt: Annotated[str | None, typer.Option(help="LLM rerankers' prompt (default: the family's).")] = None,
+    cutoff_layers: Annotated[
+        str | None, typer.Option(help="Layerwise / lightweight rerankers: the one layer that scores.")
+    ] = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
 ) -> None:
-    """Add teacher scores (pos_scores, neg_scores) from a reranker to a training file."""
+    """Add teacher scores (pos_scores, neg_scores) from a reranker to a training file
+    (FlagEmbedding's add_reranker_score.py): every positive, then every negative, of each record."""
     from .. import io
     from ..models.reranker import Reranker
     from .data import load_train_data, write_records
     from .teacher import score_records
 
     io.check_outputs(output, inputs=[input])
+    layers = int_list(cutoff_layers, "--cutoff-layers")
+    if layers is not None and len(layers) != 1:
+        raise typer.BadParameter(
+            f"teacher scores come from one layer; got {len(layers)} ({cutoff_layers})", param_hint="--cutoff-layers"
+        )
     records = load_train_data(input)
-    scored = score_records(records, Reranker.from_pretrained(reranker, **precision_options(fp16, bf16)), batch_size)
+    options = {
+        "model_class": model_class,
+        "max_length": max_length,
+        "query_max_length": query_max_length,
+        "normalize": normalize,
+        "query_instruction_for_rerank": query_instruction_for_rerank,
+        "passage_instruction_for_rerank": passage_instruction_for_rerank,
+        "prompt": prompt,
+        "cutoff_layers": layers,
+    }
+    teacher = Reranker.from_pretrained(reranker, **precision_options(fp16, bf16), **options)
+    scored = score_records(records, teacher, batch_size)
     write_records(output, scored)
     typer.echo(f"wrote {output}: {len(scored)} scored records", err=True)
 

@@ -1,0 +1,67 @@
+"""Teacher scores (``bgekit score``) as FlagEmbedding 1.4.2's ``scripts/add_reranker_score.py``: one score per
+pair, a record's positives then its negatives, with the reranker options that script takes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bgekit import FlagReranker, InputError, LayerWiseFlagLLMReranker
+from bgekit.train.data import TrainRecord
+from bgekit.train.teacher import score_records
+
+from .test_cli import run
+
+RECORDS = [
+    {"query": "what is a panda?", "pos": ["The giant panda is a bear. " * 60], "neg": ["Paris is in France.", "x"]},
+    {"query": "capital of France", "pos": ["Paris.", "Paris is the capital."], "neg": []},
+]
+
+
+@pytest.fixture()
+def train(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+def pairs():
+    return [(r["query"], p) for r in RECORDS for p in r["pos"] + r["neg"]]
+
+
+def read(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [s for r in rows for s in r["pos_scores"] + r["neg_scores"]]
+
+
+def test_score_cli_takes_the_reranker_options(tmp_path, train, golden_dir):
+    folder = str(golden_dir / "models" / "xlmr-reranker")
+    out = tmp_path / "scored.jsonl"
+    run(
+        "score", "-r", folder, "-i", str(train), "-o", str(out), "--max-length", "16", "--query-max-length", "4",
+        "--normalize", "--query-instruction-for-rerank", "Q: ", "--passage-instruction-for-rerank", "P: ",
+        "--batch-size", "2", "--no-fp16",
+    )  # fmt: skip
+    want = FlagReranker(
+        folder, devices="cpu", max_length=16, query_max_length=4, normalize=True,
+        query_instruction_for_rerank="Q: ", passage_instruction_for_rerank="P: ",
+    ).compute_score(pairs())  # fmt: skip
+    assert read(out) == pytest.approx(want, abs=1e-6)
+    assert all(0 < s < 1 for s in read(out))
+    default = FlagReranker(folder, devices="cpu").compute_score(pairs())
+    assert max(abs(a - b) for a, b in zip(read(out), default, strict=True)) > 1e-3, "the options were used"
+
+
+def test_layerwise_teachers_score_with_one_cutoff_layer(tmp_path, train, golden_dir):
+    folder = str(golden_dir / "models" / "minicpm-layerwise")
+    out = tmp_path / "scored.jsonl"
+    run("score", "-r", folder, "-i", str(train), "-o", str(out), "--cutoff-layers", "1", "--no-fp16")
+    want = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[1]).compute_score(pairs())
+    assert read(out) == pytest.approx(want, abs=1e-5)
+    result = run("score", "-r", folder, "-i", str(train), "-o", str(out), "--cutoff-layers", "1,2", check=False)
+    assert result.returncode == 2 and "one layer" in result.stderr and "Traceback" not in result.stderr
+    two = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[1, 2])
+    records = [TrainRecord(r["query"], r["pos"], r["neg"]) for r in RECORDS]
+    with pytest.raises(InputError, match="single cutoff layer"):
+        score_records(records, two)
