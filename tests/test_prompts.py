@@ -89,6 +89,19 @@ def test_icl_examples_per_call_and_set_examples(icl):
     assert abs(corpus - plain).max() < 1e-6, "passages are encoded plainly, without examples"
 
 
+def test_icl_empty_examples_list_keeps_the_separator(golden_dir, icl):
+    """FlagEmbedding 1.4.2: examples_for_task=[] gives the prefix "\\n\\n" (None gives "")."""
+    folder = str(golden_dir / "models" / "mistral-icl")
+    instruction = "Given a web search query, retrieve relevant passages."
+    empty = FlagICLModel(folder, devices="cpu", query_instruction_for_retrieval=instruction, examples_for_task=[])
+    assert empty.prefix == "\n\n"
+    assert empty.tokenize_queries(QUERIES, 64).ids == icl_reference(empty, QUERIES, 64, "\n\n")
+    none = FlagICLModel(folder, devices="cpu", query_instruction_for_retrieval=instruction)
+    assert none.prefix == "" and none.tokenize_queries(QUERIES, 64).ids == icl_reference(none, QUERIES, 64, "")
+    assert (empty.encode_queries(QUERIES[:2]) == icl.encode_queries(QUERIES[:2], examples_for_task=[])).all()
+    assert abs(empty.encode_queries(QUERIES[:2]) - none.encode_queries(QUERIES[:2])).max() > 1e-4
+
+
 @pytest.mark.parametrize(
     ("examples", "message"),
     [

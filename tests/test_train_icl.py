@@ -90,7 +90,7 @@ def test_training_prompt_is_the_inference_prompt(icl_dir, tokenizer, query_max_l
     expected = np.stack(
         [
             model.encode_queries(groups[0].query, max_length=query_max_len, examples_for_task=examples),
-            model.encode_queries(groups[1].query, max_length=query_max_len, examples_for_task=[]),
+            model.encode_queries(groups[1].query, max_length=query_max_len),  # built without examples: no prefix
         ]
     )
     np.testing.assert_allclose(trained, expected, atol=1e-5)

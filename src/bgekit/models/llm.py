@@ -265,7 +265,10 @@ class FlagICLModel(FlagLLMModel):
         self.prefix = self.examples_prefix(self.examples_for_task)
 
     def examples_prefix(self, examples: list[dict[str, str]] | None) -> str:
-        """``"\\n\\n".join(formatted examples) + "\\n\\n"``, or ``""`` without examples."""
+        """``"\\n\\n".join(formatted examples) + "\\n\\n"``; ``""`` for ``None``. An empty list gives
+        ``"\\n\\n"``, as FlagEmbedding 1.4.2's ``set_examples`` does (it joins nothing, then adds the separator)."""
+        if examples is not None and len(examples) == 0:
+            return "\n\n"
         return icl_examples_prefix(examples, self.query_instruction_for_retrieval, self.examples_instruction_format)
 
     def stop_self_query_pool(self) -> None:
