@@ -120,3 +120,33 @@ def test_m3_embedders_mine_with_their_dense_vectors(golden_dir):
     dense = m3.encode_corpus(POOL[:12])["dense_vecs"] @ m3.encode_queries(record.query)["dense_vecs"]
     top = {POOL[i] for i in np.argsort(-dense)[:5]} - {POOL[3]}
     assert len(mined.neg) == 3 and set(mined.neg) <= top, "sampled from the top of the dense ranking"
+
+
+def test_mine_cli_runs_icl_embedders_with_examples_and_lengths(tmp_path, golden_dir):
+    from bgekit import FlagICLModel
+
+    folder = str(golden_dir / "models" / "mistral-icl")
+    examples = [{"instruct": "Find the passage.", "query": "topic 1?", "response": POOL[1]}]
+    (tmp_path / "examples.json").write_text(json.dumps(examples))
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps({"query": f"topic {i}?", "pos": [POOL[i]], "neg": []}) + "\n" for i in range(4))
+    )
+    out = tmp_path / "mined.jsonl"
+    (tmp_path / "pool.txt").write_text("\n".join(POOL[:20]) + "\n")
+    run(
+        "mine", "--model", folder, "--model-class", "decoder-only-icl", "--examples", str(tmp_path / "examples.json"),
+        "--query-instruction-for-retrieval", "Find the passage.", "--query-max-length", "24",
+        "--passage-max-length", "16", "--input", str(train), "--candidate-pool", str(tmp_path / "pool.txt"),
+        "--output", str(out), "--range-for-sampling", "0-8", "--negative-number", "3", "--margin", "0", "--no-fp16",
+    )  # fmt: skip
+    icl = FlagICLModel(
+        folder, devices="cpu", examples_for_task=examples, query_instruction_for_retrieval="Find the passage.",
+        query_max_length=24, passage_max_length=16,
+    )  # fmt: skip
+    records = [TrainRecord(f"topic {i}?", [POOL[i]], []) for i in range(4)]
+    expected, _ = mine_hard_negatives(records, icl, POOL[:20], MiningOptions((0, 8), 3, margin=None))
+    assert [json.loads(line)["neg"] for line in out.read_text().splitlines()] == [r.neg for r in expected]
+    plain = FlagICLModel(folder, devices="cpu", query_instruction_for_retrieval="Find the passage.")
+    other, _ = mine_hard_negatives(records, plain, POOL[:20], MiningOptions((0, 8), 3, margin=None))
+    assert [r.neg for r in other] != [r.neg for r in expected], "examples and lengths reached the embedder"

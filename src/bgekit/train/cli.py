@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import Bf16Opt, Fp16Opt, int_list, precision_options
+from ..cli_options import Bf16Opt, Fp16Opt, family_options, int_list, precision_options
 
 finetune_app = typer.Typer(
     help="Fine-tune embedders and rerankers (transformers Trainer; torchrun for several devices)."
@@ -342,6 +342,15 @@ def mine(
     query_instruction_format: Annotated[
         str | None, typer.Option(help="Two {} slots: instruction, query (default: the model's).")
     ] = None,
+    model_class: Annotated[
+        str | None, typer.Option(help="Embedder family override (e.g. decoder-only-base, decoder-only-icl).")
+    ] = None,
+    pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
+    examples: Annotated[
+        Path | None, typer.Option(help="In-context examples for ICL models: JSON list or JSONL.")
+    ] = None,
+    query_max_length: Annotated[int, typer.Option(min=1)] = 512,
+    passage_max_length: Annotated[int, typer.Option(min=1)] = 512,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     search_batch_size: Annotated[int, typer.Option(min=1, help="Queries per faiss search call.")] = 64,
     use_gpu_for_searching: Annotated[bool, typer.Option(help="Search on the GPUs faiss sees (faiss-gpu).")] = False,
@@ -357,17 +366,13 @@ def mine(
     from .mining import MiningOptions, mine_hard_negatives, parse_range
 
     require_faiss()  # before the data is read and the model loaded
-    io.check_outputs(output, inputs=[input, corpus])
+    io.check_outputs(output, inputs=[input, corpus, examples])
     records = load_train_data(input)
     pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
-    options = {
-        key: value
-        for key, value in (
-            ("query_instruction_for_retrieval", query_instruction_for_retrieval),
-            ("query_instruction_format", query_instruction_format),
-        )
-        if value is not None
-    }
+    _, options = family_options(model, model_class, pooling_method, query_instruction_for_retrieval, examples)
+    if query_instruction_format is not None:
+        options["query_instruction_format"] = query_instruction_format
+    options.update(query_max_length=query_max_length, passage_max_length=passage_max_length)
     mining = MiningOptions(
         parse_range(range_for_sampling),
         negative_number,
