@@ -154,6 +154,17 @@ def test_abs_reranker_subclass_runs_as_in_flagembedding():
     assert LengthGap("none", devices="cpu").compute_score(("ab", "abcd")) == [2.0]
 
 
+def test_abs_subclasses_check_instruction_formats_when_built():
+    with pytest.raises(InputError, match=r"query_instruction_format must have 2 \{\} slots .*3 field"):
+        CharCounts("none", devices="cpu", query_instruction_format="{}{}{}", calls=[])
+    with pytest.raises(InputError, match="passage_instruction_format must have 2"):
+        LengthGap("none", devices="cpu", passage_instruction_format="{passage}")
+    model = CharCounts(
+        "none", devices="cpu", query_instruction_format=None, query_instruction_for_retrieval="Q", calls=[]
+    )
+    assert model.encode_queries(["ab"]).tolist() == [[3.0, 0.0]]  # None: FlagEmbedding's default "{}{}"
+
+
 PSEUDO_MOE_CODE = '''
 import torch
 from transformers import MistralConfig, MistralModel

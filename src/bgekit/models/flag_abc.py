@@ -60,7 +60,8 @@ class AbsEmbedder(DevicePoolMethods, ABC):
         self.normalize_embeddings = normalize_embeddings
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
-        unescape_format(query_instruction_format, what="query_instruction_format")  # checked, stored as given
+        if query_instruction_format is not None:  # None: the default "{}{}" when an instruction is applied
+            unescape_format(query_instruction_format, what="query_instruction_format")  # checked, stored as given
         self.query_instruction_format = query_instruction_format
         self.target_devices = resolve_devices(devices)
         self.batch_size = batch_size
@@ -194,7 +195,8 @@ class AbsReranker(DevicePoolMethods, ABC):
         self.use_fp16, self.use_bf16 = use_fp16, False  # FlagEmbedding takes use_bf16 as an extra option
         self.query_instruction_for_rerank = query_instruction_for_rerank
         for name, fmt in (("query", query_instruction_format), ("passage", passage_instruction_format)):
-            unescape_format(fmt, what=f"{name}_instruction_format")  # checked, stored as given
+            if fmt is not None:  # None: the default "{}{}" when an instruction is applied
+                unescape_format(fmt, what=f"{name}_instruction_format")  # checked, stored as given
         self.query_instruction_format = query_instruction_format
         self.passage_instruction_for_rerank = passage_instruction_for_rerank
         self.passage_instruction_format = passage_instruction_format
