@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bgekit import Embedder
+from bgekit.eval.index import gpu_count
 from bgekit.train.data import TrainRecord
 from bgekit.train.mining import MiningOptions, mine_hard_negatives
 
@@ -73,9 +74,15 @@ def test_a_pool_too_small_gives_what_qualifies_without_repeats(embedder):
     assert stats["topped_up"] == 1 and stats["short"] == 1
 
 
-def test_records_without_a_pool_mine_from_their_own_passages(embedder):
+def test_records_without_a_pool_mine_from_their_own_passages(embedder, caplog):
     records = [TrainRecord(f"query {i}", [POOL[i]], [POOL[i + 10]]) for i in range(8)]
     mined, _ = mine_hard_negatives(records, embedder, None, MiningOptions((0, 16), 3, margin=None))
+    on_gpu, _ = mine_hard_negatives(
+        records, embedder, None, MiningOptions((0, 16), 3, margin=None, use_gpu_for_searching=True)
+    )
+    assert [r.neg for r in on_gpu] == [r.neg for r in mined]
+    if gpu_count() == 0:
+        assert "faiss sees no GPU" in caplog.text, "a GPU asked for and missing is said, not silent"
     own = {p for r in records for p in r.pos + r.neg}
     for record, out in zip(records, mined, strict=True):
         assert len(out.neg) == 3 and set(out.neg) <= own and not set(out.neg) & set(record.pos)

@@ -64,7 +64,7 @@ def mine_hard_negatives(
     ``topped_up`` (queries given random passages) and ``short`` (queries still below
     ``negative_number`` because the pool has no more passages that qualify).
     """
-    from ..eval.index import DenseIndex, require_faiss
+    from ..eval.index import DenseIndex, gpu_count, require_faiss
 
     require_faiss()  # before the pool is encoded
     options = options or MiningOptions()
@@ -78,6 +78,8 @@ def mine_hard_negatives(
     pool = list(dict.fromkeys(corpus if corpus is not None else [p for r in records for p in r.pos + r.neg]))
     if not pool:
         raise InputError("the candidate pool is empty")
+    if options.use_gpu_for_searching and gpu_count() == 0:
+        logger.warning("use_gpu_for_searching: faiss sees no GPU (faiss-cpu, or no driver); searching on the CPU")
     pool_vectors = np.asarray(dense(embedder.encode_corpus(pool, batch_size=options.batch_size)), dtype=np.float32)
     index = DenseIndex.build(
         pool_vectors, ids=[str(i) for i in range(len(pool))], use_gpu=options.use_gpu_for_searching
