@@ -119,3 +119,19 @@ def test_mine_without_faiss(tmp_path):
         """,
     )
     assert "refused: vector search needs faiss: pip install 'bgekit[eval]'" in library.stdout, library.stderr[-3000:]
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_embed_backend_onnx_without_the_onnx_extra(tmp_path, tiny_bert, monkeypatch, missing):
+    """onnx writes the export (onnxruntime runs it): without it the export failed as 'could not export ...;
+    use backend=torch', which hid the fix."""
+    monkeypatch.setenv("BGEKIT_CACHE", str(tmp_path / "cache"))  # no export cached yet
+    source = tmp_path / "in.txt"
+    source.write_text("hello\n")
+    out = tmp_path / "out.npy"
+    result = cli(
+        [missing], "embed", "-m", str(tiny_bert), "-i", str(source), "-o", str(out), "--device", "cpu",
+        "--backend", "onnx",
+    )  # fmt: skip
+    assert_names_the_extra(result, "onnx", "onnx")
+    assert not out.exists()

@@ -207,6 +207,13 @@ def load_onnx_module(
     root = cache_root() / cache_key(folder, backend, output, type_ids, rows)
     path = root / "model.onnx"
     if not path.exists():
+        try:  # the exporter and the quantizer write through it; a cached graph loads without it
+            import onnx  # noqa: F401
+        except ImportError:
+            raise InputError(
+                f"backend={backend!r} exports the model once with the onnx package, which is not installed: "
+                "pip install 'bgekit[onnx]'"
+            ) from None
         fp32 = root.parent / cache_key(folder, "onnx", output, type_ids, rows) / "model.onnx"
         if not fp32.exists():
             _export(loader, folder, trust_remote_code, output, type_ids, fp32, first_rows)
