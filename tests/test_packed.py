@@ -181,6 +181,52 @@ def test_packed_embeddings_match_padded(request, fixture, pooling):
     np.testing.assert_allclose(fast.encode(TEXTS[:9], **raw), padded.encode(TEXTS[:9], **raw), atol=TOL)
 
 
+def left_padded_copy(folder, target):
+    """``folder`` copied with ``padding_side: left`` in its tokenizer config."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, target)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "padding_side": "left"}))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("fixture", "pooling"), [("tiny_bert", "cls"), ("tiny_bert", "mean"), ("tiny_xlmr", "cls"), ("tiny_xlmr", "mean")]
+)
+def test_encoders_pad_right_whatever_the_tokenizer_config_says(request, tmp_path, fixture, pooling):
+    """A tokenizer that pads on the left put a pad token in CLS pooling's row and shifted BERT's positions:
+    a text's vector depended on the other texts of its batch. Encoders pad on the right: padded batches give
+    each text's vector alone, and the packed path's."""
+    folder = str(left_padded_copy(request.getfixturevalue(fixture), tmp_path / "left"))
+    padded = FlagModel(folder, devices="cpu", pooling_method=pooling, passage_max_length=48, packed=False)
+    assert padded.tokenizer.padding_side == "right" and padded.tokenizer.hf.padding_side == "right"
+    together = padded.encode(TEXTS[:9], batch_size=9)
+    alone = np.stack([padded.encode([text])[0] for text in TEXTS[:9]])
+    np.testing.assert_allclose(together, alone, atol=TOL)
+    fast = FlagModel(folder, devices="cpu", pooling_method=pooling, passage_max_length=48, packed=True)
+    np.testing.assert_allclose(fast.encode(TEXTS[:9], batch_size=9), together, atol=TOL)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_reranker", "tiny_xlmr_reranker"])
+def test_cross_encoders_pad_right_whatever_the_tokenizer_config_says(request, tmp_path, fixture):
+    folder = str(left_padded_copy(request.getfixturevalue(fixture), tmp_path / "left"))
+    model = FlagReranker(folder, devices="cpu", max_length=64, packed=False)
+    together = model.compute_score(PAIRS[:6], batch_size=6)
+    alone = [model.compute_score([pair])[0] for pair in PAIRS[:6]]
+    np.testing.assert_allclose(together, alone, atol=TOL)
+
+
+def test_m3_pads_right_whatever_the_tokenizer_config_says(golden_dir, tmp_path):
+    folder = str(left_padded_copy(golden_dir / "models" / "xlmr-m3", tmp_path / "left"))
+    model = BGEM3FlagModel(folder, devices="cpu", packed=False)
+    together = model.encode(TEXTS[:6], batch_size=6)["dense_vecs"]
+    alone = np.stack([model.encode([text])["dense_vecs"][0] for text in TEXTS[:6]])
+    np.testing.assert_allclose(together, alone, atol=TOL)
+
+
 def test_packed_minilm_matches_padded(minilm_dir):
     padded = FlagModel(str(minilm_dir), devices="cpu", pooling_method="mean", packed=False)
     fast = FlagModel(str(minilm_dir), devices="cpu", pooling_method="mean", packed=True)

@@ -114,7 +114,7 @@ class FlagModel(Embedder):
         from transformers import AutoModel
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code)).pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
         self.packed_option = packed
         if self.backend == "torch":

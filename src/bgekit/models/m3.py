@@ -165,7 +165,7 @@ class BGEM3FlagModel(Embedder):
         self.return_colbert_vecs = return_colbert_vecs
         self.backend = check_backend(backend, devices, self.use_bf16)
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code)).pad_right()
         module = self._load_module(folder, trust_remote_code, colbert_dim, self.backend, self.tokenizer.uses_type_ids)
         self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed)
         self.target_devices = self.host.devices

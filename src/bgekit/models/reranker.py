@@ -230,7 +230,7 @@ class FlagReranker(Reranker):
         from transformers import AutoModelForSequenceClassification
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code)).pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
         if self.backend == "torch":
             module = load_module(AutoModelForSequenceClassification, folder, trust_remote_code)

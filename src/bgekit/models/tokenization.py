@@ -228,6 +228,16 @@ class TextTokenizer:
             raise AttributeError(name)
         return getattr(self.hf, name)
 
+    def pad_right(self) -> TextTokenizer:
+        """Pad batches on the right whatever the tokenizer's config says, for a bidirectional encoder
+        (BERT / XLM-R embedders, BGE-M3, cross-encoders): left padding put a pad token where CLS pooling
+        and a cross-encoder's head read the first row, and shifted BERT's absolute positions, so a text's
+        vector depended on the longest text in its batch. Returns ``self``."""
+        self.padding_side = "right"
+        if getattr(self.hf, "padding_side", "right") != "right":
+            self.hf.padding_side = "right"  # model.tokenizer(...) pads as the model does
+        return self
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The Hugging Face tokenizer's call (``model.tokenizer(texts, ...)``, as in FlagEmbedding)."""
         return self.hf(*args, **kwargs)
