@@ -417,6 +417,19 @@ def test_bad_backend_is_an_input_error(tiny_bert):
 def test_onnx_backend_refuses_an_accelerator(tiny_bert):
     with pytest.raises(InputError, match="CPU only"):
         Embedder.from_pretrained(str(tiny_bert), devices="cuda:0", backend="onnx")
+    with pytest.raises(InputError, match="CPU only"):
+        Embedder.from_pretrained(str(tiny_bert), devices=["cpu", 0], backend="onnx")
+    with pytest.raises(InputError, match="devices must be"):
+        Embedder.from_pretrained(str(tiny_bert), devices=object(), backend="onnx")
+
+
+@pytest.mark.parametrize("devices", ["cpu:0", torch.device("cpu"), ["cpu:0"], [torch.device("cpu")]])
+def test_onnx_backend_takes_the_cpu_as_torch_spells_it(onnx_cache, tiny_bert, devices):
+    """``cpu:0`` was refused as 'not the CPU', and ``torch.device("cpu")`` was a TypeError."""
+    model = Embedder.from_pretrained(str(tiny_bert), devices=devices, backend="onnx")
+    assert model.host.devices == ["cpu"]
+    want = Embedder.from_pretrained(str(tiny_bert), devices="cpu").encode(texts(4))
+    np.testing.assert_allclose(model.encode(texts(4)), want, atol=ONNX_TOL)
 
 
 # -- MiniLM (the real model) -------------------------------------------------------------------

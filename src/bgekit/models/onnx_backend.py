@@ -61,8 +61,16 @@ def check_backend(backend: str | None, devices: Any = None, use_bf16: bool = Fal
                 f"backend={backend!r} runs float32 graphs and cannot take use_bf16=True; for bfloat16 on "
                 "the CPU use backend='torch' with use_bf16=True"
             )
-        named = [devices] if isinstance(devices, (str, int)) else list(devices or ["cpu"])
-        if any(str(d).strip() != "cpu" for d in named):
+        if isinstance(devices, (str, int, torch.device)):
+            named = [devices]
+        else:
+            try:
+                named = list(devices or ["cpu"])
+            except TypeError:
+                raise InputError(
+                    f"devices must be a device string, an int or a list of them, got {devices!r}"
+                ) from None
+        if not all(_on_cpu(d) for d in named):
             raise InputError(
                 f"backend={backend!r} runs on the CPU only; pass devices='cpu' (got devices={devices!r}) "
                 "or use backend='torch' on an accelerator"
@@ -72,6 +80,16 @@ def check_backend(backend: str | None, devices: Any = None, use_bf16: bool = Fal
         except ImportError:
             raise InputError(f"backend={backend!r} needs ONNX Runtime: pip install 'bgekit[onnx]'") from None
     return backend
+
+
+def _on_cpu(device: Any) -> bool:
+    """Whether ``device`` names the CPU as torch spells it (``"cpu"``, ``"cpu:0"``, ``torch.device("cpu")``)."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        return False  # an int is a CUDA ordinal
+    try:
+        return torch.device(str(device).strip()).type == "cpu"
+    except (RuntimeError, ValueError):
+        return False
 
 
 def refuse_backend(owner: str, backend: Any) -> None:
