@@ -357,6 +357,10 @@ def test_export_samples_differ_from_the_traced_shape(tiny_xlmr):
     for sample in samples:
         real = sample["input_ids"][sample["attention_mask"].bool()]
         assert config.pad_token_id not in real.tolist() and int(real.max()) < config.vocab_size
+    config.max_position_embeddings = 6  # a short position table: every row keeps a real token, none past it
+    for sample in sample_inputs(config, type_ids=False):
+        lengths = sample["attention_mask"].sum(dim=1)
+        assert int(lengths.min()) >= 1 and sample["input_ids"].shape[1] <= 6 - config.pad_token_id - 1
 
 
 @pytest.mark.parametrize("shards", [False, True])

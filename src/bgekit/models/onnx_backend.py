@@ -311,7 +311,7 @@ def sample_inputs(config: Any, type_ids: bool) -> list[dict[str, torch.Tensor]]:
         pad = getattr(config, "pad_token_id", None)
         longest = max(2, min(longest, limit - (pad + 1 if isinstance(pad, int) else 0) - 1))
     samples = []
-    for lengths in ([3], [longest, 2, longest - 3]):
+    for lengths in ([min(3, longest)], [longest, 2, max(1, longest - 3)]):
         width = max(lengths)
         pick = torch.randint(len(pool_ids), (len(lengths), width), generator=generator)
         ids = torch.tensor(pool_ids)[pick]
