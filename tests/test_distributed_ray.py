@@ -307,3 +307,18 @@ def test_a_resumed_run_over_a_changed_input_is_refused(tmp_path, tiny_bert):
     gz_out = tmp_path / "gz"
     encode_dataset(str(tiny_bert), packed, gz_out, use_ray=False, shard_size=2)
     assert read_manifest(gz_out)["input"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def test_a_parquet_input_is_hashed_by_its_bytes(tmp_path):
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bgekit.distributed import plan
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"_id": ["a", "b", "c"], "text": ["x", "y", "z"]}), path)
+    planned = plan.plan(str(path), 2)
+    assert planned.describe()["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert planned.rows == 3 and len(planned.shards) == 2
