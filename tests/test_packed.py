@@ -219,6 +219,15 @@ def test_cross_encoders_pad_right_whatever_the_tokenizer_config_says(request, tm
     np.testing.assert_allclose(together, alone, atol=TOL)
 
 
+@pytest.mark.parametrize("family", ["FlagLLMModel", "FlagICLModel"])
+def test_decoders_keep_their_tokenizers_padding_side(golden_dir, family):
+    """Only encoders pad right: decoders pad where their tokenizer does, as FlagEmbedding's (the golden
+    bf16 vectors of a left-padding decoder moved beyond tolerance when it padded right)."""
+    folder = golden_dir / "models" / ("mistral-icl" if family == "FlagICLModel" else "mistral-llm")
+    model = {"FlagLLMModel": FlagLLMModel, "FlagICLModel": FlagICLModel}[family](str(folder), devices="cpu")
+    assert model.tokenizer.padding_side == "left" and model.tokenizer.hf.padding_side == "left"
+
+
 def test_m3_pads_right_whatever_the_tokenizer_config_says(golden_dir, tmp_path):
     folder = str(left_padded_copy(golden_dir / "models" / "xlmr-m3", tmp_path / "left"))
     model = BGEM3FlagModel(folder, devices="cpu", packed=False)

@@ -70,6 +70,9 @@ class FlagModel(Embedder):
     #: ``cls`` pooling: run the last layer on the first rows only where the model supports it;
     #: False runs the whole last layer, as the plain forward does (same vectors within rounding)
     cls_rows_only: bool = True
+    #: a bidirectional encoder: batches pad on the right whatever the tokenizer's config says
+    #: (:meth:`TextTokenizer.pad_right`); decoders (:class:`FlagLLMModel`) keep their tokenizer's side
+    bidirectional: bool = True
     #: FlagEmbedding's class attribute: the pooling ``FlagAutoModel`` gives this class by ``model_class``
     DEFAULT_POOLING_METHOD = "cls"
 
@@ -114,7 +117,9 @@ class FlagModel(Embedder):
         from transformers import AutoModel
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code)).pad_right()
+        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        if self.bidirectional:
+            self.tokenizer.pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
         self.packed_option = packed
         if self.backend == "torch":

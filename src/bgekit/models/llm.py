@@ -42,6 +42,8 @@ class FlagLLMModel(FlagModel):
     """
 
     DEFAULT_POOLING_METHOD = "last_token"
+    #: a causal decoder pads on its tokenizer's side, as FlagEmbedding does (last-token pooling reads either)
+    bidirectional = False
 
     def __init__(
         self,
