@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from bgekit import Embedder, FlagReranker, Reranker
 
@@ -364,3 +365,43 @@ def test_python_module_entry_point():
         [sys.executable, "-m", "bgekit.train", "finetune", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "embedder" in result.stdout
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_bert, train_file):
+    """Resuming mid-epoch (the second epoch, whose negatives are drawn afresh) from a checkpoint gives
+    the very weights of the run that never stopped: model, optimizer, schedule, RNG and data order all
+    come back. (transformers 5.0.0 saves LayerNorms as gamma/beta; its Trainer loaded them back as
+    missing keys, leaving the starting LayerNorms.)"""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+
+    def train(out, resume=None):
+        finetune_embedder(
+            EmbedderOptions(
+                output_dir=str(out),
+                model_name_or_path=str(tiny_bert),
+                train_data=[str(train_file)],
+                num_train_epochs=2,
+                per_device_train_batch_size=8,
+                train_group_size=3,
+                learning_rate=1e-3,
+                passage_max_len=32,
+                save_steps=2,
+                save_total_limit=None,
+                resume_from_checkpoint=resume,
+            )
+        )
+        return load_file(str(out / "model.safetensors"))
+
+    whole = train(tmp_path / "whole")  # 24 records, 8 a step: steps 1-3 are epoch 1, 4-6 epoch 2
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", resumed_dir / "checkpoint-4")
+    resumed = train(resumed_dir, "auto")
+    assert set(resumed) == set(whole)
+    start = load_file(str(tmp_path / "whole" / "checkpoint-4" / "model.safetensors"))
+    assert any(not torch.equal(start[k], whole[k]) for k in whole), "the last steps changed the weights"
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key

@@ -140,3 +140,44 @@ def test_a_beir_folder_is_read_by_its_corpus(tmp_path):
     assert len(texts) == len(corpus) and texts[0] == f"{corpus[0]['title']} {corpus[0]['text']}".strip()
     with pytest.raises(InputError, match=r"without corpus\.jsonl"):
         read_corpus([str(tmp_path)])
+
+
+def test_a_resumed_pretraining_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_bert):
+    """Masks are drawn per batch from the seed, epoch and corpus positions, so a run resumed mid-epoch
+    masks as the run that never stopped and ends with its very encoder and decoder (a generator seeded
+    once restarted at the seed, and transformers 5.0.0's gamma/beta LayerNorm names were refused)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bgekit.train.pretrain import DECODER_FILE, PretrainOptions, pretrain
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"wing {i} lift at speed {i * 7} and drag"}) + "\n" for i in range(16))
+    )
+
+    def train(out, resume=None):
+        pretrain(
+            PretrainOptions(
+                output_dir=str(out),
+                model_name_or_path=str(tiny_bert),
+                train_data=[str(corpus)],
+                num_train_epochs=2,
+                per_device_train_batch_size=4,
+                max_seq_length=32,
+                learning_rate=1e-3,
+                save_steps=3,
+                save_total_limit=None,
+                resume_from_checkpoint=resume,
+            )
+        )
+        return {**load_file(str(out / "model.safetensors")), **load_file(str(out / DECODER_FILE))}
+
+    whole = train(tmp_path / "whole")  # 4 steps an epoch: checkpoint-6 is halfway through the second
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-6", resumed_dir / "checkpoint-6")
+    resumed = train(resumed_dir, "auto")
+    assert set(resumed) == set(whole)
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key

@@ -34,6 +34,7 @@ from .trainer import (
     OwnFolderLayout,
     ThroughputCallback,
     resolve_resume,
+    with_current_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ class M3Trainer(LossPartsLogging, OwnFolderLayout, BgekitTrainer):
 
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
         folder = Path(resume_from_checkpoint)
-        module.encoder.load_state_dict(load_file(str(folder / "model.safetensors")))
+        state = load_file(str(folder / "model.safetensors"))
+        module.encoder.load_state_dict(with_current_names(state, module.encoder.state_dict().keys()))
         for name in ("colbert_linear", "sparse_linear"):
             getattr(module, name).load_state_dict(torch.load(folder / f"{name}.pt", weights_only=True))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,16 @@ import torch.nn.functional as F
 from .. import hub, io
 from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
-from .trainer import BgekitTrainer, LossPartsLogging, OwnFolderLayout, ThroughputCallback, TrainOptions, resolve_resume
+from .trainer import (
+    BgekitTrainer,
+    EpochCallback,
+    LossPartsLogging,
+    OwnFolderLayout,
+    ThroughputCallback,
+    TrainOptions,
+    resolve_resume,
+    with_current_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +78,29 @@ def _corpus_file(path: Path) -> Path:
     return found
 
 
+@dataclass
+class CorpusItem:
+    """One text of the corpus with where it stands (epoch, position): what its masks are drawn from."""
+
+    text: str
+    index: int
+    epoch: int
+
+
+class CorpusDataset(torch.utils.data.Dataset):
+    """The texts as :class:`CorpusItem`; :class:`~bgekit.train.trainer.EpochCallback` sets ``epoch``."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> CorpusItem:
+        return CorpusItem(self.texts[index], index, self.epoch)
+
+
 class PretrainCollator:
     """Texts -> encoder inputs with MLM labels, decoder inputs, per-row decoder visibility and labels."""
 
@@ -79,7 +112,15 @@ class PretrainCollator:
         self.vocab_size = len(tokenizer.hf)
         self.generator = torch.Generator().manual_seed(options.seed)
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[str] | list[CorpusItem]) -> dict[str, torch.Tensor]:
+        """A batch of plain texts (masked by one generator seeded once), or of :class:`CorpusItem`
+        (masked by a generator seeded from the seed, epoch and corpus positions: a run resumed from a
+        checkpoint masks its next batches as the uninterrupted run did)."""
+        if items and isinstance(items[0], CorpusItem):
+            key = (self.options.seed, *((item.epoch, item.index) for item in items))
+            self.generator = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+            items = [item.text for item in items]
+        texts = items
         encoded = self.tokenizer.encode(texts, self.options.max_seq_length)
         batch = self.tokenizer.collate(encoded.ids, encoded.type_ids)
         ids, real = batch["input_ids"], batch["attention_mask"].bool()
@@ -205,7 +246,8 @@ def load_pretrain_weights(module: RetroMAEModule, folder: Path) -> None:
     """Encoder (tied weights may be missing from the file) and decoder weights from a saved folder."""
     from safetensors.torch import load_file
 
-    missing, unexpected = module.lm.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    state = with_current_names(load_file(str(folder / "model.safetensors")), module.lm.state_dict().keys())
+    missing, unexpected = module.lm.load_state_dict(state, strict=False)
     if unexpected or any("embeddings" not in k and "decoder" not in k for k in missing):
         raise InputError(f"{folder} does not match the model being trained (missing {missing[:3]})")
     module.decoder.load_state_dict(load_file(str(folder / DECODER_FILE)))
@@ -240,14 +282,15 @@ def pretrain(options: PretrainOptions) -> Path:
 
         module.decoder.load_state_dict(load_file(str(folder / DECODER_FILE)))
     collator = PretrainCollator(tokenizer, options, hf_tokenizer.mask_token_id, list(hf_tokenizer.all_special_ids))
+    dataset = CorpusDataset(texts)
     throughput = ThroughputCallback()
     trainer = PretrainTrainer(
         model=module,
         args=options.training_arguments(),
-        train_dataset=texts,
+        train_dataset=dataset,
         data_collator=collator,
         processing_class=hf_tokenizer,
-        callbacks=[throughput],
+        callbacks=[EpochCallback(dataset), throughput],
         text_tokenizer=tokenizer,
         throughput=throughput,
     )

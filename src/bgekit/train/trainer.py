@@ -244,6 +244,53 @@ class OwnFolderLayout:
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
 
+# transformers 5.0.0 writes LayerNorm parameters under their old names (gamma, beta) and its Trainer
+# reads a checkpoint back without renaming them: resuming silently kept the starting LayerNorms
+_OLD_NORM_NAMES = {".gamma": ".weight", ".beta": ".bias"}
+
+
+def with_current_names(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """``state`` with every ``X.gamma`` / ``X.beta`` the module lacks, whose ``X.weight`` / ``X.bias``
+    it has, renamed to the latter (how transformers 5.0.0 saves LayerNorms); other keys as they are."""
+    expected = set(expected)
+    renamed = {}
+    for key, value in state.items():
+        for old, new in _OLD_NORM_NAMES.items():
+            if key.endswith(old) and key not in expected and key[: -len(old)] + new in expected:
+                key = key[: -len(old)] + new
+                break
+        renamed[key] = value
+    return renamed
+
+
+def checkpoint_weights(folder: Path, expected) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's safetensors weights (one file or shards) with current LayerNorm names, or None
+    when no key needs renaming (the Trainer's own loading is right then)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif index.is_file():
+        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        return None
+    keys = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as opened:
+            keys += list(opened.keys())
+    probe = dict.fromkeys(keys)
+    if list(with_current_names(probe, expected)) == keys:
+        return None
+    state = {}
+    for path in files:
+        state.update(load_file(str(path), device="cpu"))
+    return with_current_names(state, expected)
+
+
 class BgekitTrainer(Trainer):
     """Trainer whose data are :class:`~bgekit.train.data.Group` lists and which counts tokens."""
 
@@ -251,6 +298,17 @@ class BgekitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.text_tokenizer = text_tokenizer
         self.throughput = throughput
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's loading, except for a checkpoint transformers 5.0.0 wrote with old LayerNorm
+        names (see :func:`with_current_names`), which it would load leaving those LayerNorms untouched."""
+        target = model if model is not None else self.model
+        state = None
+        if not self.is_fsdp_enabled:
+            state = checkpoint_weights(Path(resume_from_checkpoint), target.state_dict().keys())
+        if state is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._issue_warnings_after_load(target.load_state_dict(state, False))
 
     def count_tokens(self, *batches: dict[str, torch.Tensor]) -> None:
         self.throughput.tokens += int(sum(b["attention_mask"].sum() for b in batches))
