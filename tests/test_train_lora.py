@@ -358,3 +358,31 @@ def test_lora_on_encoders_saves_loadable_merged_models(tmp_path, tiny_bert, trai
     out = finetune_reranker(RerankerOptions(**options, max_len=48))
     reranker = Reranker.from_pretrained(str(out), devices="cpu")
     assert isinstance(reranker, FlagReranker) and len(reranker.compute_score([("q", "p"), ("q", "r")])) == 2
+
+
+def test_a_bf16_lora_run_merges_its_whole_update(tmp_path, tiny_llms, train_file):
+    """Under bf16 the base loads in bf16, the adapter trains in float32; the merged model is the base plus
+    the adapter's update in float32 (FlagEmbedding merges into a float32 base), not rounded back to bf16,
+    which dropped every change smaller than half a bf16 step of the weight it lands on."""
+    from safetensors.torch import load_file
+
+    model = tiny_llms["mistral"]
+    extra = {"query_instruction_for_retrieval": INSTRUCTION, "query_instruction_format": FORMAT}
+    options = common_options(tmp_path / "out", model, train_file, bf16=True, max_steps=2, learning_rate=1e-3, **extra)
+    out = Path(finetune_embedder(EmbedderOptions(**options)))
+    merged = load_file(str(out / "model.safetensors"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    base = {k.removeprefix("model."): v for k, v in load_file(str(model / "model.safetensors")).items()}
+    scaling = options["lora_alpha"] / options["lora_rank"]
+    checked = 0
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        expected = base[name].to(torch.bfloat16).float() + scaling * (b.float() @ a.float())
+        assert merged[name].dtype == torch.float32, name
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+        checked += 1
+    assert checked == 14, "every attention and MLP projection of both layers carries LoRA"
+    assert Embedder.from_pretrained(str(out), use_fp16=False, devices="cpu").encode_queries(["x"]).shape == (1, 32)

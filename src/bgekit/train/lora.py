@@ -4,7 +4,8 @@ Option names follow FlagEmbedding's (``use_lora``, ``lora_rank``, ``lora_alpha``
 ``lora_dropout``, ``target_modules``, ``additional_special_tokens``, ``save_merged_lora_model``).
 A LoRA run leaves this layout in ``output_dir``::
 
-    OUT/            the merged full model (LoRA folded into the weights by merge_and_unload),
+    OUT/            the merged full model (LoRA folded into the weights by merge_and_unload, in float32
+                    when the base trained in bf16/fp16, so no part of the update is rounded away),
                     its tokenizer and, for embedders, sentence-transformers module files:
                     Embedder.from_pretrained(OUT) / Reranker.from_pretrained(OUT) load it as it is
     OUT/adapter/    the LoRA adapter (adapter_config.json, adapter_model.safetensors) and the
@@ -198,6 +199,11 @@ def save(
     hf_tokenizer.save_pretrained(str(adapter))
     if not options.save_merged_lora_model:
         return adapter
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        # a half-precision base (LoRA under --bf16) takes the update in float32, on the CPU (no second
+        # copy on the accelerator): rounded back to bf16, every change smaller than half a step of the
+        # weight it lands on was lost. FlagEmbedding too merges into a float32 base.
+        model = model.to(device="cpu", dtype=torch.float32)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(output))
     hf_tokenizer.save_pretrained(str(output))
