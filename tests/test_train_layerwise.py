@@ -153,7 +153,8 @@ def test_resume_from_checkpoint_reaches_the_same_step(tmp_path, layerwise_dir, t
         ({"cutoff_layers": [0, 2]}, r"cutoff_layers \[0\] have no score head"),
         ({"start_layer": 3}, "start_layer must be an int in"),
         ({"start_layer": 1, "cutoff_layers": [2]}, "not both"),
-        ({"use_lora": True}, "LoRA is not supported for layerwise"),
+        ({"additional_special_tokens": ["<x>"]}, "additional_special_tokens is not supported"),
+        ({"use_lora": True, "lora_rank": 0}, "lora_rank must be"),
         ({"gradient_checkpointing": True}, "gradient_checkpointing is not supported"),
     ],
 )
@@ -168,3 +169,57 @@ def test_bad_layerwise_options_fail_before_training(tmp_path, layerwise_dir, tra
             )
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_layerwise_with_lora_saves_a_merged_model_and_its_adapter(tmp_path, layerwise_dir, train_file):
+    """--lora (FlagEmbedding's default for layerwise rerankers) trains an adapter: OUT is the merged model,
+    OUT/adapter loads over the base as peft_path with the same scores, checkpoints hold adapters, and a
+    run resumes from one."""
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    args = [
+        "finetune",
+        "reranker",
+        "--model",
+        str(layerwise_dir),
+        "--train-data",
+        str(train_file),
+        "--output-dir",
+        str(out),
+        "--cutoff-layers",
+        "1,2",
+        "--per-device-train-batch-size",
+        "4",
+        "--train-group-size",
+        str(GROUP),
+        "--learning-rate",
+        "5e-3",
+        "--max-len",
+        "32",
+        "--query-max-len",
+        "16",
+        "--save-steps",
+        "5",
+        "--lora",
+        "--lora-rank",
+        "8",
+        "--lora-dropout",
+        "0",
+    ]
+    run(*args, "--max-steps", "5")
+    run(*args, "--max-steps", "10", "--resume-from-checkpoint", "auto")
+    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["global_step"] == 10
+    assert (out / "checkpoint-5" / "adapter" / "adapter_config.json").exists()
+    merged = Reranker.from_pretrained(str(out), devices="cpu")
+    assert isinstance(merged, LayerWiseFlagLLMReranker)
+    adapter = LayerWiseFlagLLMReranker(str(layerwise_dir), peft_path=str(out / "adapter"), devices="cpu")
+    pairs = [(r["query"], p) for r in records()[:4] for p in r["pos"] + r["neg"]]
+    np.testing.assert_allclose(
+        merged.compute_score(pairs, cutoff_layers=[1, 2]), adapter.compute_score(pairs, cutoff_layers=[1, 2]), atol=1e-5
+    )
+    rows = records()
+    before = group_ce(LayerWiseFlagLLMReranker(str(layerwise_dir), devices="cpu"), rows, [1, 2])
+    after = group_ce(merged, rows, [1, 2])
+    # the score heads stay frozen (FlagEmbedding's LoRA default): layer 1 has one adapted layer below it
+    assert all(a < b for a, b in zip(after, before, strict=True)) and after[-1] < before[-1] - 0.2, (before, after)

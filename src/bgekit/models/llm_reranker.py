@@ -64,7 +64,8 @@ def merge_lora(module: torch.nn.Module, peft_path: str | Path, vocab_size: int |
         from peft import PeftModel
     except ImportError:
         raise InputError("peft_path needs the peft package: pip install 'bgekit[lora]'") from None
-    if vocab_size is not None and vocab_size > module.get_input_embeddings().weight.shape[0]:
+    resizable = hasattr(module, "get_input_embeddings")  # bgekit's own layerwise module has a fixed vocabulary
+    if resizable and vocab_size is not None and vocab_size > module.get_input_embeddings().weight.shape[0]:
         module.resize_token_embeddings(vocab_size)
     try:
         return PeftModel.from_pretrained(module, str(folder)).merge_and_unload()

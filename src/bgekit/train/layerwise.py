@@ -31,7 +31,7 @@ from .. import hub
 from ..errors import InputError
 from ..models.layerwise_reranker import LayerWiseFlagLLMReranker, check_cutoff_layers
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF
-from . import losses
+from . import lora, losses
 from .data import Group, GroupSampler, TrainRecord, load_train_data, with_teacher_scores
 from .llm_reranker import ids_by_prompt, pair_prompts
 from .reranker import RerankerOptions
@@ -180,8 +180,9 @@ def finetune_layerwise(
     options = as_layerwise_options(options)
     if records is None:
         records = load_train_data(options.train_data)
-    if getattr(options, "use_lora", False):
-        raise InputError("LoRA is not supported for layerwise rerankers yet; train the full model (no --lora)")
+    options.check_lora()
+    if options.additional_special_tokens:
+        raise InputError("additional_special_tokens is not supported for layerwise rerankers (a fixed vocabulary)")
     if options.gradient_checkpointing:
         raise InputError("gradient_checkpointing is not supported for layerwise rerankers (bgekit's own architecture)")
     folder = hub.model_folder(options.model_name_or_path) if folder is None else Path(folder)
@@ -200,6 +201,8 @@ def finetune_layerwise(
     )
     module = reranker.model
     cutoffs = training_layers(options, module.config)
+    if options.use_lora:  # the adapter trains; the score heads and the rest stay as they are
+        module = lora.wrap(module, options, gradient_checkpointing=False)
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
     throughput = ThroughputCallback()
     output = Path(options.output_dir)
@@ -207,7 +210,11 @@ def finetune_layerwise(
     class SaveFolderFiles(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             checkpoint = output / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir() and state.is_world_process_zero:
+            if not (checkpoint.is_dir() and state.is_world_process_zero):
+                return
+            if options.use_lora:  # the checkpoint's weights are the wrapped module's; its adapter loads as peft_path
+                module.save_pretrained(str(checkpoint / lora.ADAPTER_DIR))
+            else:
                 copy_folder_files(folder, checkpoint)
 
     trainer = LayerwiseTrainer(
@@ -223,6 +230,16 @@ def finetune_layerwise(
         cutoff_layers=cutoffs,
     )
     trainer.train(resume_from_checkpoint=resume)
+    if options.use_lora:  # OUT/adapter, and the merged module in OUT (see bgekit.train.lora)
+        return lora.save_trained(
+            trainer,
+            reranker.tokenizer.hf,
+            output,
+            options,
+            resized=False,
+            write_extra=lambda target: copy_folder_files(folder, target),
+            model=module,
+        )
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         copy_folder_files(folder, output)

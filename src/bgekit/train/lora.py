@@ -205,7 +205,14 @@ def save(
         # weight it lands on was lost. FlagEmbedding too merges into a float32 base.
         model = model.to(device="cpu", dtype=torch.float32)
     merged = model.merge_and_unload()
-    merged.save_pretrained(str(output))
+    if hasattr(merged, "save_pretrained"):
+        merged.save_pretrained(str(output))
+    else:  # bgekit's own architectures (the layerwise reranker): their weights as one safetensors file
+        from safetensors.torch import save_file
+
+        output.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+        save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     hf_tokenizer.save_pretrained(str(output))
     if write_extra is not None:
         write_extra(output)
@@ -220,14 +227,16 @@ def save_trained(
     *,
     resized: bool,
     write_extra: Callable[[Path], None] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
-    """The end of every training run: with LoRA, :func:`save` on rank 0 (adapter and merged model);
-    otherwise the Trainer's own ``save_model``, then ``write_extra`` (module files, metadata) on rank 0.
-    Returns the folder that loads as a plain model."""
+    """The end of every training run: with LoRA, :func:`save` on rank 0 (adapter and merged model) of
+    ``model`` (the peft model; default: the trainer's); otherwise the Trainer's own ``save_model``, then
+    ``write_extra`` (module files, metadata) on rank 0. Returns the folder that loads as a plain model."""
     output = Path(output_dir)
     if options.use_lora:
         if trainer.is_world_process_zero():
-            return save(trainer.model, hf_tokenizer, output, options, resized=resized, write_extra=write_extra)
+            peft_model = trainer.model if model is None else model
+            return save(peft_model, hf_tokenizer, output, options, resized=resized, write_extra=write_extra)
         return output
     trainer.save_model(str(output))
     if write_extra is not None and trainer.is_world_process_zero():

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from .. import hub, registry
-from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
 from .data import Group, GroupSampler, load_train_data, with_teacher_scores
@@ -72,8 +71,6 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     records = load_train_data(options.train_data)
     folder = hub.model_folder(options.model_name_or_path)
     kind = options.model_class or hub.describe_folder(folder, registry.RERANKERS, for_reranker=True).kind
-    if options.use_lora and kind == registry.LAYERWISE_RERANKER:
-        raise InputError("LoRA training of layerwise rerankers is not supported yet; train without --lora")
     if kind == registry.LAYERWISE_RERANKER:  # a score head per layer
         from .layerwise import finetune_layerwise
 
