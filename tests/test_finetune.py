@@ -405,3 +405,21 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_b
     assert any(not torch.equal(start[k], whole[k]) for k in whole), "the last steps changed the weights"
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
+
+
+def test_a_record_prompt_replaces_the_instruction_only_when_there_is_one(tiny_bert):
+    """FlagEmbedding 1.4.2's rule: without a query instruction the saved model asks plain queries, so
+    training uses none either (a record's prompt was prepended all the same); with one, the record's
+    prompt takes its place."""
+    from bgekit.models.tokenization import TextTokenizer, load_hf_tokenizer
+    from bgekit.train.data import Group
+    from bgekit.train.embedder import EmbedderCollator, EmbedderOptions
+
+    tokenizer = TextTokenizer(load_hf_tokenizer(tiny_bert))
+    groups = [Group("what is a door", ["a door opens"], None, "Find a passage: "), Group("q", ["p"], None, None)]
+    plain = EmbedderCollator(tokenizer, EmbedderOptions(output_dir="unused"))
+    assert [plain.query_text(g) for g in groups] == ["what is a door", "q"]
+    instructed = EmbedderCollator(
+        tokenizer, EmbedderOptions(output_dir="unused", query_instruction_for_retrieval="Q: ")
+    )
+    assert [instructed.query_text(g) for g in groups] == ["Find a passage: what is a door", "Q: q"]

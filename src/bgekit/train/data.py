@@ -2,8 +2,8 @@
 
 One record a line: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional
 ``pos_scores`` / ``neg_scores`` (teacher scores, one per passage), ``prompt`` (a per-record
-query instruction) and ``type``. The whole file is validated before training starts, and
-every error names the file and line.
+query instruction, in place of ``query_instruction_for_retrieval`` when that is set) and ``type``.
+The whole file is validated before training starts, and every error names the file and line.
 """
 
 from __future__ import annotations

@@ -72,9 +72,14 @@ class EmbedderCollator:
         self.options = options
 
     def query_text(self, group: Group) -> str:
-        instruction = group.prompt if group.prompt is not None else self.options.query_instruction_for_retrieval
+        """The query with its instruction: a record's ``prompt`` stands in for
+        ``query_instruction_for_retrieval``, and only when there is one (FlagEmbedding 1.4.2's rule: the
+        saved model asks queries with that instruction, or with none)."""
+        instruction = self.options.query_instruction_for_retrieval
         if instruction is None:
             return group.query
+        if group.prompt is not None:
+            instruction = group.prompt
         return self.options.query_instruction_format.format(instruction, group.query)
 
     def passage_text(self, text: str) -> str:
@@ -230,6 +235,13 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options.extra.setdefault("dataloader_drop_last", True)
     options.check_lora()
     name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class)
+    if options.query_instruction_for_retrieval is None and any(r.prompt for r in records) and not (
+        spec is not None and spec.kind == registry.ICL
+    ):
+        logger.warning(
+            "records carry a 'prompt' but no query instruction is set: the prompts are not used (as in "
+            "FlagEmbedding); pass --query-instruction-for-retrieval to train with them"
+        )
     if spec is not None and spec.kind == registry.PSEUDO_MOE:  # routing lives in the checkpoint's own code
         raise InputError("fine-tuning a pseudo-MoE (domain-routed) embedder is not supported; it embeds only")
     if spec is not None and spec.kind == registry.ICL:  # bge-en-icl: examples in the queries
