@@ -423,3 +423,45 @@ def test_a_record_prompt_replaces_the_instruction_only_when_there_is_one(tiny_be
         tokenizer, EmbedderOptions(output_dir="unused", query_instruction_for_retrieval="Q: ")
     )
     assert [instructed.query_text(g) for g in groups] == ["Find a passage: what is a door", "Q: q"]
+
+
+def test_cross_encoder_training_pairs_carry_the_rerank_instructions(tmp_path, tiny_bert, train_file):
+    """--query/passage-instruction-for-rerank reach a cross-encoder's training pairs (they were ignored),
+    as FlagReranker lays them out at inference; a record's prompt takes the query instruction's place
+    (FlagEmbedding's rule), and --prompt, which only LLM rerankers read, is refused."""
+    from bgekit import InputError
+    from bgekit.models.tokenization import TextTokenizer, load_hf_tokenizer
+    from bgekit.train.data import Group
+    from bgekit.train.reranker import RerankerCollator, RerankerOptions, finetune_reranker
+
+    options = RerankerOptions(
+        output_dir="unused",
+        query_instruction_for_rerank="query: ",
+        passage_instruction_for_rerank="passage: ",
+        query_max_len=16,
+        max_len=40,
+    )
+    collate = RerankerCollator(TextTokenizer(load_hf_tokenizer(tiny_bert)), options)
+    groups = [Group("what opens doors", ["a key opens doors", "a cat"], None, None)]
+    batch = collate([*groups, Group("where is it", ["here", "there"], None, "find: ")])
+    inference = FlagReranker(
+        str(tiny_bert), query_instruction_for_rerank="query: ", passage_instruction_for_rerank="passage: "
+    )
+    expected = inference.tokenize_pairs(
+        [("what opens doors", "a key opens doors"), ("what opens doors", "a cat")], 16, 40
+    )
+    ids, mask = batch["pairs"]["input_ids"], batch["pairs"]["attention_mask"].bool()
+    assert [row[keep].tolist() for row, keep in zip(ids[:2], mask[:2], strict=True)] == expected.ids
+    prompted = TextTokenizer(load_hf_tokenizer(tiny_bert)).encode_pairs(
+        ["find: where is it"], ["passage: here"], 16, 40
+    )
+    assert ids[2][mask[2]].tolist() == prompted.ids[0]
+    with pytest.raises(InputError, match="cross-encoder has none"):
+        finetune_reranker(
+            RerankerOptions(
+                output_dir=str(tmp_path / "out"),
+                model_name_or_path=str(tiny_bert),
+                train_data=[str(train_file)],
+                prompt="?",
+            )
+        )

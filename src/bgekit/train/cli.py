@@ -249,10 +249,10 @@ def finetune_reranker_cmd(
     resume_from_checkpoint: Resume = None,
     overwrite_output_dir: Overwrite = False,
     query_instruction_for_rerank: Annotated[
-        str | None, typer.Option(help="LLM rerankers: query prefix (default 'A: ').")
+        str | None, typer.Option(help="Query prefix (LLM rerankers' default 'A: '; cross-encoders: none).")
     ] = None,
     passage_instruction_for_rerank: Annotated[
-        str | None, typer.Option(help="LLM rerankers: passage prefix (default 'B: ').")
+        str | None, typer.Option(help="Passage prefix (LLM rerankers' default 'B: '; cross-encoders: none).")
     ] = None,
     prompt: Annotated[
         str | None, typer.Option(help="LLM rerankers: the question after the pair (default: FlagEmbedding's).")

@@ -235,8 +235,10 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options.extra.setdefault("dataloader_drop_last", True)
     options.check_lora()
     name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class)
-    if options.query_instruction_for_retrieval is None and any(r.prompt for r in records) and not (
-        spec is not None and spec.kind == registry.ICL
+    if (
+        options.query_instruction_for_retrieval is None
+        and any(r.prompt for r in records)
+        and not (spec is not None and spec.kind == registry.ICL)
     ):
         logger.warning(
             "records carry a 'prompt' but no query instruction is set: the prompts are not used (as in "

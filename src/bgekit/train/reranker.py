@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import hub, registry
+from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
 from .data import Group, GroupSampler, load_train_data, with_teacher_scores
@@ -31,7 +32,8 @@ class RerankerOptions(TrainOptions, lora.LoraOptions):
     learning_rate: float = 3e-5
     resume_from_checkpoint: str | None = None
     model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-layerwise)
-    # LLM rerankers (decoder-only-base): None keeps FlagLLMReranker's "A: ", "B: " and default prompt
+    # LLM rerankers (decoder-only-base): None keeps FlagLLMReranker's "A: ", "B: " and default prompt;
+    # cross-encoders: None is no instruction, as FlagReranker's (pass the same ones at inference)
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
     prompt: str | None = None
@@ -42,9 +44,21 @@ class RerankerCollator:
         self.tokenizer = tokenizer
         self.options = options
 
+    def query_text(self, group: Group) -> str:
+        """FlagEmbedding's rule, as :class:`~bgekit.FlagReranker` applies ``query_instruction_for_rerank``:
+        a record's ``prompt`` takes the instruction's place, and only when there is one."""
+        instruction = self.options.query_instruction_for_rerank
+        if instruction is None:
+            return group.query
+        return (group.prompt if group.prompt is not None else instruction) + group.query
+
+    def passage_text(self, text: str) -> str:
+        instruction = self.options.passage_instruction_for_rerank
+        return text if instruction is None else instruction + text
+
     def __call__(self, groups: list[Group]) -> dict:
-        queries = [g.query for g in groups for _ in g.passages]
-        passages = [p for g in groups for p in g.passages]
+        queries = [self.query_text(g) for g in groups for _ in g.passages]
+        passages = [self.passage_text(p) for g in groups for p in g.passages]
         pairs = self.tokenizer.encode_pairs(queries, passages, self.options.query_max_len, self.options.max_len)
         batch = {"pairs": self.tokenizer.collate(pairs.ids, pairs.type_ids)}
         return with_teacher_scores(batch, groups)
@@ -80,6 +94,8 @@ def finetune_reranker(options: RerankerOptions) -> Path:
 
         return finetune_llm_reranker(options, records, folder)
     options.check_lora()
+    if options.prompt is not None:
+        raise InputError("prompt is the question an LLM reranker answers; a cross-encoder has none (leave it out)")
     hf_tokenizer = load_hf_tokenizer(folder)
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
     resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
