@@ -157,3 +157,27 @@ def test_mine_cli_runs_icl_embedders_with_examples_and_lengths(tmp_path, golden_
     plain = FlagICLModel(folder, devices="cpu", query_instruction_for_retrieval="Find the passage.")
     other, _ = mine_hard_negatives(records, plain, POOL[:20], MiningOptions((0, 8), 3, margin=None))
     assert [r.neg for r in other] != [r.neg for r in expected], "examples and lengths reached the embedder"
+
+
+def test_mine_keeps_every_field_of_the_record(tmp_path, minilm_dir):
+    """As hn_mine.py, which rewrites the JSON object it read: ``id``, ``prompt``, ``type`` and any metadata
+    stay, in their place; ``neg`` is replaced. Teacher scores, which no longer match ``neg``, are dropped
+    (hn_mine.py keeps them stale)."""
+    rows = [
+        {"id": f"r{i}", "query": f"topic {i}?", "pos": [POOL[i]], "neg": [POOL[i + 1]], "prompt": "Find: ",
+         "type": "qa", "meta": {"source": "wiki", "n": i}, "pos_scores": [1.0], "neg_scores": [0.5]}
+        for i in range(4)
+    ]  # fmt: skip
+    train, out = tmp_path / "train.jsonl", tmp_path / "mined.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(
+        "mine", "-m", str(minilm_dir), "-i", str(train), "-o", str(out), "--range-for-sampling", "0-5",
+        "--negative-number", "2", "--margin", "0", "--no-fp16",
+    )  # fmt: skip
+    mined = [json.loads(line) for line in out.read_text().splitlines()]
+    for want, got in zip(rows, mined, strict=True):
+        assert list(got) == [k for k in want if not k.endswith("_scores")]
+        assert {k: v for k, v in got.items() if k != "neg"} == {
+            k: v for k, v in want.items() if k not in ("neg", "pos_scores", "neg_scores")
+        }
+        assert len(got["neg"]) == 2

@@ -65,3 +65,19 @@ def test_layerwise_teachers_score_with_one_cutoff_layer(tmp_path, train, golden_
     records = [TrainRecord(r["query"], r["pos"], r["neg"]) for r in RECORDS]
     with pytest.raises(InputError, match="single cutoff layer"):
         score_records(records, two)
+
+
+def test_score_keeps_every_field_of_the_record(tmp_path, golden_dir):
+    """As add_reranker_score.py, which rewrites the JSON object it read: ``id``, ``prompt``, ``type`` and
+    any metadata stay, in their place; only pos_scores / neg_scores are added (or replaced)."""
+    rows = [
+        {"id": "a1", "query": "a panda?", "pos": ["A bear."], "neg": ["Paris."], "type": "qa", "meta": {"n": 1}},
+        {"query": "capital?", "lang": "en", "pos": ["Paris."], "neg": [], "prompt": None},
+    ]
+    train, out = tmp_path / "train.jsonl", tmp_path / "scored.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("score", "-r", str(golden_dir / "models" / "xlmr-reranker"), "-i", str(train), "-o", str(out), "--no-fp16")
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert list(scored[0]) == [*rows[0], "pos_scores", "neg_scores"]
+    assert list(scored[1]) == ["query", "lang", "pos", "neg", "pos_scores", "neg_scores"], "a null prompt is no prompt"
+    assert {k: v for k, v in scored[0].items() if not k.endswith("_scores")} == rows[0]

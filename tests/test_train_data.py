@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -121,3 +122,15 @@ def test_short_negative_lists_and_random_negatives_under_a_teacher(tmp_path):
     # a scored record without negatives needs no neg_scores
     records = load_train_data(write(tmp_path, {"query": "q", "pos": ["p"], "pos_scores": [1.0]}))
     assert records[0].neg_scores == []
+
+
+def test_write_records_keeps_fields_bgekit_does_not_read(tmp_path):
+    row = {"id": 7, "query": "q", "pos": ["p"], "neg": ["n1"], "meta": {"a": [1, None]}, "note": None, "prompt": None}
+    (record,) = load_train_data(write(tmp_path, row))
+    out = tmp_path / "out.jsonl"
+    write_records(out, [replace(record, pos_scores=[1.0], neg_scores=[0.5])])
+    assert json.loads(out.read_text()) == {
+        "id": 7, "query": "q", "pos": ["p"], "neg": ["n1"], "meta": {"a": [1, None]}, "note": None,
+        "pos_scores": [1.0], "neg_scores": [0.5],
+    }  # fmt: skip
+    assert list(json.loads(out.read_text()))[:5] == ["id", "query", "pos", "neg", "meta"], "in their place"

@@ -3,7 +3,9 @@
 One record a line: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional
 ``pos_scores`` / ``neg_scores`` (teacher scores, one per passage), ``prompt`` (a per-record
 query instruction, in place of ``query_instruction_for_retrieval`` when that is set) and ``type``.
-The whole file is validated before training starts, and every error names the file and line.
+Any other field (``id``, metadata) is kept as it was and written back by :func:`write_records`, as
+FlagEmbedding's scripts keep the whole JSON object. The whole file is validated before training
+starts, and every error names the file and line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataFormatError, InputError
 from ..io import read_jsonl
@@ -30,6 +33,13 @@ class TrainRecord:
     prompt: str | None = None
     type: str | None = None
     source: str = field(default="", compare=False)
+    #: the JSON object the record was read from: its other fields (``id``, metadata) and key order are
+    #: written back by :func:`write_records`
+    raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+
+#: the fields a training record's JSON object may have that bgekit reads (the rest are carried along)
+SCHEMA_FIELDS = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type")
 
 
 def _strings(value: object, name: str, path: Path, line: int, allow_empty: bool) -> list[str]:
@@ -90,6 +100,7 @@ def parse_record(obj: dict, path: Path, line: int) -> TrainRecord:
         prompt,
         kind,
         source=f"{path}:{line}",
+        raw=obj,
     )
 
 
@@ -119,16 +130,17 @@ def load_train_data(paths: str | Path | Sequence[str | Path]) -> list[TrainRecor
 
 
 def write_records(path: str | Path, records: Iterable[TrainRecord]) -> None:
-    """Write records back as JSONL (atomically), leaving out empty optional fields."""
+    """Write records back as JSONL (atomically), leaving out empty optional fields. A record read from
+    a file keeps every field it had there, in its place (``id``, metadata); only the fields bgekit
+    changed differ, and a field set to None (stale teacher scores after mining) is dropped."""
     from ..io import write_jsonl
 
     def rows():
         for r in records:
-            row = {"query": r.query, "pos": r.pos, "neg": r.neg}
-            for key in ("pos_scores", "neg_scores", "prompt", "type"):
-                if getattr(r, key) is not None:
-                    row[key] = getattr(r, key)
-            yield row
+            ours = {key: getattr(r, key) for key in SCHEMA_FIELDS}
+            row = {key: ours.get(key, value) for key, value in (r.raw or {}).items()}
+            row.update(ours)  # new fields go last; fields already there keep their place
+            yield {key: value for key, value in row.items() if value is not None or key not in ours}
 
     write_jsonl(path, rows())
 
