@@ -165,9 +165,11 @@ def test_mine_keeps_every_field_of_the_record(tmp_path, minilm_dir):
     (hn_mine.py keeps them stale)."""
     rows = [
         {"id": f"r{i}", "query": f"topic {i}?", "pos": [POOL[i]], "neg": [POOL[i + 1]], "prompt": "Find: ",
-         "type": "qa", "meta": {"source": "wiki", "n": i}, "pos_scores": [1.0], "neg_scores": [0.5]}
+         "type": "qa", "meta": {"source": "wiki", "n": i}}
         for i in range(4)
     ]  # fmt: skip
+    for row in rows[::2]:  # only some records scored (two sources merged): the scores go, so that is no error
+        row.update(pos_scores=[1.0], neg_scores=[0.5])
     train, out = tmp_path / "train.jsonl", tmp_path / "mined.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run(

@@ -81,3 +81,15 @@ def test_score_keeps_every_field_of_the_record(tmp_path, golden_dir):
     assert list(scored[0]) == [*rows[0], "pos_scores", "neg_scores"]
     assert list(scored[1]) == ["query", "lang", "pos", "neg", "pos_scores", "neg_scores"], "a null prompt is no prompt"
     assert {k: v for k, v in scored[0].items() if not k.endswith("_scores")} == rows[0]
+
+
+def test_score_replaces_the_scores_of_partly_scored_data(tmp_path, golden_dir):
+    """add_reranker_score.py overwrites whatever scores a record had; a file where only some records carry
+    them (data merged from two sources) was refused as training data is."""
+    rows = [{**RECORDS[0], "pos_scores": [9.0], "neg_scores": [1.0, 2.0]}, RECORDS[1]]
+    train, out = tmp_path / "train.jsonl", tmp_path / "scored.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = str(golden_dir / "models" / "xlmr-reranker")
+    run("score", "-r", folder, "-i", str(train), "-o", str(out), "--no-fp16")
+    assert read(out) == pytest.approx(FlagReranker(folder, devices="cpu").compute_score(pairs()), abs=1e-5)
+    assert list(json.loads(out.read_text().splitlines()[0])) == [*RECORDS[0], "pos_scores", "neg_scores"]

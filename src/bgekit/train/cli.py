@@ -367,7 +367,7 @@ def mine(
 
     require_faiss()  # before the data is read and the model loaded
     io.check_outputs(output, inputs=[input, corpus, examples])
-    records = load_train_data(input)
+    records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
     pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
     _, options = family_options(model, model_class, pooling_method, query_instruction_for_retrieval, examples)
     if query_instruction_format is not None:
@@ -424,7 +424,7 @@ def score(
         raise typer.BadParameter(
             f"teacher scores come from one layer; got {len(layers)} ({cutoff_layers})", param_hint="--cutoff-layers"
         )
-    records = load_train_data(input)
+    records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
     options = {
         "model_class": model_class,
         "max_length": max_length,

@@ -104,8 +104,10 @@ def parse_record(obj: dict, path: Path, line: int) -> TrainRecord:
     )
 
 
-def load_train_data(paths: str | Path | Sequence[str | Path]) -> list[TrainRecord]:
-    """Read and validate every record of one or more JSONL files (or folders of them)."""
+def load_train_data(paths: str | Path | Sequence[str | Path], *, uniform_scores: bool = True) -> list[TrainRecord]:
+    """Read and validate every record of one or more JSONL files (or folders of them). Training needs
+    teacher scores on every record or none (``uniform_scores``); ``bgekit score`` and ``mine``, which
+    replace or drop them, take a mix."""
     files: list[Path] = []
     for item in [paths] if isinstance(paths, (str, Path)) else paths:
         item = Path(item)
@@ -124,7 +126,7 @@ def load_train_data(paths: str | Path | Sequence[str | Path]) -> list[TrainRecor
         if len(records) == before:
             raise InputError(f"training file {path} holds no records")
     scored = {r.pos_scores is not None for r in records}
-    if len(scored) > 1:
+    if uniform_scores and len(scored) > 1:
         raise InputError("some records have teacher scores and some do not; score every record or none")
     return records
 
