@@ -117,6 +117,32 @@ def test_embed_packed_option_reaches_the_model(tmp_path, passages_file, minilm_d
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
 
 
+def test_verbose_may_follow_the_command(tmp_path, passages_file, minilm_dir):
+    """``bgekit embed ... -v`` logs as ``bgekit -v embed ...`` does (it was 'No such option: -v'), and every
+    command, in every group, lists the flag in its help."""
+    import typer
+
+    from bgekit.cli import app
+
+    out = tmp_path / "v.npy"
+    result = run("embed", "-m", str(minilm_dir), "-i", str(passages_file), "-o", str(out), "--packed", "on", "-v")
+    assert "INFO bgekit.models.base: packed (padding-free) batches for BertModel" in result.stderr
+    quiet = run("embed", "-m", str(minilm_dir), "-i", str(passages_file), "-o", str(out), "--packed", "on")
+    assert "INFO" not in quiet.stderr
+
+    def leaves(command, path=()):
+        subcommands = getattr(command, "commands", None)
+        if subcommands is None:
+            yield " ".join(path), command
+        for name, sub in (subcommands or {}).items():
+            yield from leaves(sub, (*path, name))
+
+    commands = dict(leaves(typer.main.get_command(app)))
+    assert {"embed", "models", "score", "mine", "merge", "serve", "finetune embedder", "eval sts"} <= set(commands)
+    for name, command in commands.items():
+        assert any("-v" in p.opts and "--verbose" in p.opts for p in command.params), name
+
+
 def test_embed_bf16_runs_bfloat16_on_the_cpu(tmp_path, passages_file, minilm_dir):
     """``--bf16`` is the library's ``use_bf16=True``, which the CPU honours (``--fp16`` it ignores)."""
     out = tmp_path / "v.npy"

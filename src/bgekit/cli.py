@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import inspect
 import json
 import logging
 import sys
@@ -66,11 +67,41 @@ def friendly_errors(fn):
     return wrapper
 
 
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def main(verbose: VerboseOpt = False) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+
+
+def takes_verbose(fn):
+    """``fn`` with a ``-v/--verbose`` option of its own, so the flag may follow the command's name
+    (``bgekit embed ... -v``) as well as precede it (``bgekit -v embed ...``). typer reads the
+    options from the signature, so the wrapper's signature is ``fn``'s plus ``verbose``."""
+    signature = inspect.signature(fn, eval_str=True)
+    if "verbose" in signature.parameters:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, verbose: bool = False, **kwargs):
+        if verbose:  # the root callback has set up logging at WARNING by now
+            logging.getLogger().setLevel(logging.INFO)
+        return fn(*args, **kwargs)
+
+    flag = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt)
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
+    return wrapper
+
+
+def _verbose_everywhere(group: typer.Typer) -> None:
+    """:func:`takes_verbose` on every command of ``group`` and of the groups under it."""
+    for command in group.registered_commands:
+        command.callback = takes_verbose(command.callback)
+    for sub in group.registered_groups:
+        _verbose_everywhere(sub.typer_instance)
 
 
 ModelOpt = Annotated[
@@ -364,6 +395,7 @@ def _register_command_groups() -> None:
 
     for register in (register_eval, register_train, register_serve):
         register(app)
+    _verbose_everywhere(app)
 
 
 _register_command_groups()
