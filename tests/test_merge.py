@@ -135,6 +135,48 @@ def test_merge_errors(tmp_path, finetuned, tiny_bert, examples):
     assert result.returncode == 2 and "got 1 weights for 2 models" in result.stderr
 
 
+def test_models_and_weights_are_documented_options(tmp_path, tiny_bert):
+    """``--models`` / ``--weights`` are real options: listed in ``--help``, typed, and spelled either
+    LM-Cocktail's way (several values after one flag) or once per value; a misspelt option is named."""
+    from bgekit.train.cli import spread_values
+
+    args = ["--models", "a", "b", "--weights", "1", "-0.5", "--output-dir", "o"]
+    assert spread_values(args, ("--models", "--weights")) == [
+        "--models", "a", "--models", "b", "--weights", "1", "--weights", "-0.5", "--output-dir", "o",
+    ]  # fmt: skip
+    assert spread_values(["--models=a", "b", "-v", "c"], ("--models",)) == ["--models=a", "--models", "b", "-v", "c"]
+    help_text = run("merge", "--help").stdout
+    assert "--models" in help_text and "--weights" in help_text and "One weight per model" in help_text
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bert, copy)
+    out = tmp_path / "merged"
+    run(
+        "merge",
+        "--models",
+        str(tiny_bert),
+        "--models",
+        str(copy),
+        "--weights",
+        "1",
+        "--weights=3",
+        "--output-dir",
+        str(out),
+    )
+    assert json.loads((out / "merge_weights.json").read_text())["weights"] == [0.25, 0.75]
+    for args, message in (
+        (["--weights", "x"], "'--weights'"),
+        (["--wieghts", "1", "0"], "No such option: --wieghts"),
+        (["stray"], "(stray)"),
+    ):
+        result = run(
+            "merge", "--models", str(tiny_bert), str(copy), "--output-dir", str(tmp_path / "z"), *args, check=False
+        )
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    result = run("merge", "--output-dir", str(tmp_path / "z"), check=False)
+    assert result.returncode == 2 and "Missing option '--models'" in result.stderr
+    assert not (tmp_path / "z").exists()
+
+
 def test_example_loss_sees_the_prompts_the_model_sees(tmp_path, golden_dir, examples):
     """A decoder's example loss uses its family's query format, as encode_queries does."""
     from bgekit import hub

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from ..cli_options import Bf16Opt, Fp16Opt, family_options, int_list, precision_options
 
@@ -543,27 +544,58 @@ def finetune_m3_cmd(
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 
 
-def _multi_option(args: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
-    """``--models A B --weights 1 0`` style options (typer options take one value each): the
-    values after each name up to the next ``--option``; anything else is an error."""
-    values: dict[str, list[str]] = {name: [] for name in names}
-    current = None
+def spread_values(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``--models A B --weights 1 0`` (LM-Cocktail's spelling) as ``--models A --models B --weights 1
+    --weights 0``, which click parses: every value up to the next option belongs to the last of
+    ``names`` given. A token starting with ``-`` that is not a number ends the run of values."""
+    out: list[str] = []
+    current, waiting = None, False  # the option the values go to; whether its first value is still due
     for token in args:
-        name, eq, value = token.partition("=")
+        name, eq, _ = token.partition("=")
         if name in names:
-            current = name
-            if eq:
-                values[name].append(value)
-        elif token.startswith("--") or current is None:
-            raise typer.BadParameter(f"unexpected argument {token!r}")
+            current, waiting = name, not eq
+        elif token.startswith("-") and not _is_number(token):
+            current = None
+        elif current is not None and not waiting:
+            out.append(current)
         else:
-            values[current].append(token)
-    return values
+            waiting = False
+        out.append(token)
+    return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+class SpreadValuesCommand(TyperCommand):
+    """A command whose ``--models`` / ``--weights`` take several values after one flag (see
+    :func:`spread_values`), as well as one per flag."""
+
+    spread = ("--models", "--weights")
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, spread_values(args, self.spread))
 
 
 def merge(
-    ctx: typer.Context,
+    models: Annotated[
+        list[str],
+        typer.Option(
+            "--models",
+            help="The models to merge, hub ids or folders, all of one architecture: --models A B [C ...] "
+            "(or --models A --models B).",
+        ),
+    ],
     output_dir: OutputDir,
+    weights: Annotated[
+        list[float] | None,
+        typer.Option("--weights", help="One weight per model, in their order: --weights 0.7 0.3. Or --example-data."),
+    ] = None,
     example_data: Annotated[
         Path | None, typer.Option(help="A few training JSONL records; each model's loss on them sets its weight.")
     ] = None,
@@ -574,19 +606,10 @@ def merge(
     query_max_len: Annotated[int, typer.Option(min=4)] = 64,
     passage_max_len: Annotated[int, typer.Option(min=4)] = 256,
 ) -> None:
-    """Merge same-architecture models by a weighted average of their weights (LM-Cocktail).
-
-    --models A B [C ...] (required) with --weights W_A W_B [...] (one per model), or with
-    --example-data F.jsonl to set the weights from each model's loss on those records.
-    """
+    """Merge same-architecture models by a weighted average of their weights (LM-Cocktail): --models
+    with --weights (one per model), or with --example-data to set the weights from each model's loss."""
     from .merge import merge_models
 
-    values = _multi_option(list(ctx.args), ("--models", "--weights"))
-    models = values["--models"]
-    try:
-        weights = [float(w) for w in values["--weights"]]
-    except ValueError:
-        raise typer.BadParameter(f"--weights must be numbers, got {values['--weights']}") from None
     result = merge_models(
         models,
         weights or None,
@@ -672,7 +695,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     app.command("mine")(friendly_errors(mine))
     app.command("score")(friendly_errors(score))
-    app.command("merge", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        friendly_errors(merge)
-    )
+    app.command("merge", cls=SpreadValuesCommand)(friendly_errors(merge))
     app.command("pretrain")(friendly_errors(pretrain))
