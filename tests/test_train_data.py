@@ -104,6 +104,38 @@ def test_beir_to_records(golden_dir):
     assert [(r.query, r.pos, r.neg) for r in records] == [("first", ["T one"], []), ("second", ["two"], [])]
 
 
+def test_beir_to_train_cli_never_writes_over_the_dataset(tmp_path):
+    """``bgekit data beir-to-train -o DS/queries.jsonl`` replaced the queries it had just read; an output that
+    is one of the dataset's files is now refused before anything is read, one written beside them is fine."""
+    from bgekit.eval.datasets import RetrievalDataset, write_beir
+
+    from .test_cli import run
+
+    dataset = RetrievalDataset.from_dicts(
+        corpus={"d1": {"title": "T", "text": "one"}, "d2": {"text": "two"}},
+        queries={"q1": "first"},
+        qrels={"q1": {"d1": 1}},
+    )
+    folder = write_beir(dataset, tmp_path / "ds")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for target in ("queries.jsonl", "corpus.jsonl", "qrels/test.tsv"):
+        result = run(
+            "data",
+            "beir-to-train",
+            "--dataset",
+            str(folder),
+            "--split",
+            "test",
+            "-o",
+            str(folder / target),
+            check=False,
+        )
+        assert result.returncode == 2 and "is also an input" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    run("data", "beir-to-train", "--dataset", str(folder), "--split", "test", "-o", str(folder / "train.jsonl"))
+    assert json.loads((folder / "train.jsonl").read_text()) == {"query": "first", "pos": ["T one"], "neg": []}
+
+
 def test_short_negative_lists_and_random_negatives_under_a_teacher(tmp_path):
     two = TrainRecord("q", ["p"], ["n0", "n1"])
     sampler = GroupSampler([two], group_size=4, seed=0)

@@ -175,6 +175,14 @@ def detect_layout(folder: Path, split: str) -> str:
     return "beir"
 
 
+def dataset_files(folder: str | Path, split: str = "test") -> list[Path]:
+    """The files of a local dataset folder that loading ``split`` may read (either layout), so a
+    command can refuse to write its output over one of them before it reads them."""
+    folder = Path(folder).expanduser()
+    names = ["corpus.jsonl", "queries.jsonl", f"{split}_queries.jsonl", f"{split}_qrels.jsonl", f"qrels/{split}.tsv"]
+    return [folder / f"{name}{gz}" for name in names for gz in ("", ".gz") if (folder / f"{name}{gz}").is_file()]
+
+
 def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalDataset:
     """Read a dataset folder in the BEIR or the custom layout (see the module docstring)."""
     folder = Path(folder)

@@ -449,10 +449,12 @@ def beir_to_train(
     split: Annotated[str, typer.Option()] = "train",
 ) -> None:
     """Turn a retrieval dataset's judgements into training records (query + positives)."""
-    from ..eval.datasets import load_retrieval_dataset
+    from .. import io
+    from ..eval.datasets import dataset_files, load_retrieval_dataset
     from .beir import beir_to_records
     from .data import write_records
 
+    io.check_outputs(output, inputs=dataset_files(dataset, split))  # not over the queries it reads
     records = beir_to_records(load_retrieval_dataset(dataset, split))
     write_records(output, records)
     typer.echo(f"wrote {output}: {len(records)} records", err=True)
