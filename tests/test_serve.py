@@ -472,6 +472,25 @@ def test_serve_command_errors_are_one_line(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_port_in_use_is_refused_before_the_models_load(minilm_dir):
+    """Found by uvicorn once every model had loaded, a busy port was a log line and exit status 3; it is
+    one clear line and status 2 before anything loads."""
+    import socket
+
+    from .serving import BGEKIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = [BGEKIT, "serve", "--model", str(minilm_dir), "--host", "127.0.0.1", "--port", str(port)]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert "loaded" not in result.stderr
+
+
 def test_an_empty_query_instruction_variable_means_no_instruction(tmp_path, tiny_prompted):
     """``BGEKIT_QUERY_INSTRUCTION=`` (as ``--query-instruction ''``) turns the model's query prompt off; click
     reads an empty variable as unset, so the model's "query: " was served."""

@@ -27,6 +27,30 @@ logger = logging.getLogger("bgekit.serve")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """An :class:`InputError` before any model loads when uvicorn could not listen on ``host:port`` (a
+    host name that does not resolve, a port in use or not ours to take); found once the models had
+    loaded, it was a uvicorn log line and exit status 3. The probe binds every address the host
+    resolves to, as asyncio's ``create_server`` under uvicorn does (SO_REUSEADDR, IPv6 only on v6)."""
+    import socket
+
+    from ..errors import InputError
+
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 class DType(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -279,6 +303,7 @@ def register(app: typer.Typer) -> None:
         from ..models.embedder import Embedder
         from ..models.reranker import Reranker
 
+        check_can_listen(host, port)
         logging.getLogger("bgekit").setLevel(log_level.value.upper())
         if host not in LOOPBACK and not api_key:
             logger.warning("binding %s without --api-key: anyone who can reach this port can use the server", host)
