@@ -118,6 +118,9 @@ def test_index_errors(tmp_path, vectors):
         index.search(np.full((1, 64), np.nan, dtype=np.float32), 3)
     with pytest.raises(InputError, match="does not exist; build one"):
         DenseIndex.load(tmp_path / "none")
+    (tmp_path / "corpus.jsonl").write_text("{}\n")  # a file given for the folder was said not to exist
+    with pytest.raises(InputError, match=r"corpus\.jsonl is a file, not an index folder"):
+        DenseIndex.load(tmp_path / "corpus.jsonl")
     (tmp_path / "half").mkdir()
     with pytest.raises(InputError, match=r"has no index\.json"):
         DenseIndex.load(tmp_path / "half")

@@ -289,6 +289,8 @@ class DenseIndex:
 
 def read_index_meta(folder: Path) -> dict[str, Any]:
     """The ``index.json`` of an index folder, checked."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not an index folder; pass the folder `bgekit index build` wrote")
     if not folder.is_dir():
         raise InputError(f"index folder {folder} does not exist; build one with `bgekit index build`")
     path = folder / "index.json"
