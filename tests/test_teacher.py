@@ -93,3 +93,16 @@ def test_score_replaces_the_scores_of_partly_scored_data(tmp_path, golden_dir):
     run("score", "-r", folder, "-i", str(train), "-o", str(out), "--no-fp16")
     assert read(out) == pytest.approx(FlagReranker(folder, devices="cpu").compute_score(pairs()), abs=1e-5)
     assert list(json.loads(out.read_text().splitlines()[0])) == [*RECORDS[0], "pos_scores", "neg_scores"]
+
+
+def test_flags_the_reranker_does_not_read_are_refused(tmp_path, train, golden_dir):
+    """--cutoff-layers and --prompt on a cross-encoder were a Python UserWarning (source line and all) and then
+    ignored; they are a one-line error before the model loads, as ``bgekit serve`` has them."""
+    folder = str(golden_dir / "models" / "xlmr-reranker")
+    out = tmp_path / "scored.jsonl"
+    out.write_text("kept\n")
+    for flag, value in (("--cutoff-layers", "1"), ("--prompt", "Relevant?")):
+        result = run("score", "-r", folder, "-i", str(train), "-o", str(out), flag, value, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr and "Warning" not in result.stderr
+        assert f"error: {flag}: the reranker {folder} (encoder-only-base) reads no such option" in result.stderr
+    assert out.read_text() == "kept\n"

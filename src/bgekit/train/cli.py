@@ -425,6 +425,7 @@ def score(
         raise typer.BadParameter(
             f"teacher scores come from one layer; got {len(layers)} ({cutoff_layers})", param_hint="--cutoff-layers"
         )
+    _check_reranker_flags(reranker, model_class, cutoff_layers=layers, prompt=prompt)
     records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
     options = {
         "model_class": model_class,
@@ -440,6 +441,24 @@ def score(
     scored = score_records(records, teacher, batch_size)
     write_records(output, scored)
     typer.echo(f"wrote {output}: {len(scored)} scored records", err=True)
+
+
+def _check_reranker_flags(name: str, model_class: str | None, **given: object) -> None:
+    """``--cutoff-layers`` and ``--prompt`` are for the rerankers that read them (layerwise / lightweight;
+    LLM rerankers): for another family they are an error before the model loads, as ``serve`` has them,
+    not a Python warning that the option was ignored."""
+    from .. import hub, registry
+    from ..errors import InputError
+
+    spec = hub.resolve(name, registry.RERANKERS, model_class, for_reranker=True)[1]
+    if spec is None:
+        return  # an unknown name: loading it says so
+    layered = {registry.LAYERWISE_RERANKER, registry.LIGHTWEIGHT_RERANKER}
+    takes = {"cutoff_layers": layered, "prompt": layered | {registry.LLM_RERANKER}}
+    for key, value in given.items():
+        if value is not None and spec.kind not in takes[key]:
+            flag = "--" + key.replace("_", "-")
+            raise InputError(f"{flag}: the reranker {name} ({spec.kind}) reads no such option; leave it out")
 
 
 @data_app.command("beir-to-train")
