@@ -117,6 +117,26 @@ def test_embed_packed_option_reaches_the_model(tmp_path, passages_file, minilm_d
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
 
 
+def leaves(command, path=()):
+    """``(name, click command)`` of every command under ``command``, groups walked through."""
+    subcommands = getattr(command, "commands", None)
+    if subcommands is None:
+        yield " ".join(path), command
+    for name, sub in (subcommands or {}).items():
+        yield from leaves(sub, (*path, name))
+
+
+def test_each_command_summary_is_one_line():
+    """typer lists a command with the first paragraph of its help as written, line breaks and all; one
+    broken mid-sentence read as two entries in ``bgekit --help``."""
+    import typer
+
+    from bgekit.cli import app
+
+    for name, command in leaves(typer.main.get_command(app)):
+        assert "\n" not in (command.help or "").strip().split("\n\n")[0], name
+
+
 def test_verbose_may_follow_the_command(tmp_path, passages_file, minilm_dir):
     """``bgekit embed ... -v`` logs as ``bgekit -v embed ...`` does (it was 'No such option: -v'), and every
     command, in every group, lists the flag in its help."""
@@ -129,13 +149,6 @@ def test_verbose_may_follow_the_command(tmp_path, passages_file, minilm_dir):
     assert "INFO bgekit.models.base: packed (padding-free) batches for BertModel" in result.stderr
     quiet = run("embed", "-m", str(minilm_dir), "-i", str(passages_file), "-o", str(out), "--packed", "on")
     assert "INFO" not in quiet.stderr
-
-    def leaves(command, path=()):
-        subcommands = getattr(command, "commands", None)
-        if subcommands is None:
-            yield " ".join(path), command
-        for name, sub in (subcommands or {}).items():
-            yield from leaves(sub, (*path, name))
 
     commands = dict(leaves(typer.main.get_command(app)))
     assert {"embed", "models", "score", "mine", "merge", "serve", "finetune embedder", "eval sts"} <= set(commands)

@@ -324,8 +324,9 @@ def rerank(
     packed: PackedOpt = Packing.auto,
     backend: BackendOpt = Backend.torch,
 ) -> None:
-    """Score every passage in INPUT against QUERY; print the ranking (--top-k for the best K), and with
-    -o also write every score as JSONL in input order."""
+    """Score every passage in INPUT against QUERY and print the ranking.
+
+    --top-k prints the best K only; -o also writes every score as JSONL in input order."""
     from . import hub, io
     from .models.reranker import Reranker
 

@@ -177,6 +177,7 @@ def finetune_embedder_cmd(
     max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
+
     ICL models (bge-en-icl, --model-class decoder-only-icl) train with in-context examples in the queries."""
     from .embedder import finetune_embedder
     from .icl import ICLOptions
@@ -276,8 +277,10 @@ def finetune_reranker_cmd(
         str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
     ] = None,
 ) -> None:
-    """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives): a cross-encoder, or the
-    "Yes" logit of a decoder-only (causal LM) model, or every cutoff layer of a layerwise one; LoRA with --lora."""
+    """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives; LoRA with --lora).
+
+    A cross-encoder, or the "Yes" logit of a decoder-only (causal LM) model, or every cutoff layer of a
+    layerwise one."""
     from .layerwise import LayerwiseOptions
     from .reranker import finetune_reranker
 
@@ -412,8 +415,10 @@ def score(
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
 ) -> None:
-    """Add teacher scores (pos_scores, neg_scores) from a reranker to a training file
-    (FlagEmbedding's add_reranker_score.py): every positive, then every negative, of each record."""
+    """Add teacher scores (pos_scores, neg_scores) from a reranker to a training file.
+
+    As FlagEmbedding's add_reranker_score.py: every positive, then every negative, of each record; every
+    other field of a record is kept."""
     from .. import io
     from ..models.reranker import Reranker
     from .data import load_train_data, write_records
@@ -627,8 +632,10 @@ def merge(
     query_max_len: Annotated[int, typer.Option(min=4)] = 64,
     passage_max_len: Annotated[int, typer.Option(min=4)] = 256,
 ) -> None:
-    """Merge same-architecture models by a weighted average of their weights (LM-Cocktail): --models
-    with --weights (one per model), or with --example-data to set the weights from each model's loss."""
+    """Merge same-architecture models by a weighted average of their weights (LM-Cocktail).
+
+    --models with --weights (one per model), or with --example-data to set the weights from each model's
+    loss on those records."""
     from .merge import merge_models
 
     result = merge_models(
