@@ -240,6 +240,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, minilm_dir, content, mess
         (["embed", "-m", "nobody/unknown-model", "-i", "{good}", "-o", "{good}"], "is also an input"),
         (["embed", "-m", "nobody/x", "-i", "{good}", "-o", "{out}", "--sparse", "{out}"], "two outputs go to"),
         (["index", "build", "-m", "nobody/unknown-model", "-c", "{good}", "-o", "{good}"], "is a file, not a folder"),
+        # instructions and examples shape queries only: without --queries they were silently unused
+        (["embed", "-i", "{good}", "-o", "{out}", "--query-instruction", "Q: "], "--query-instruction shape queries"),
+        (["embed", "-i", "{good}", "-o", "{out}", "--examples", "{good}"], "--examples shape queries"),
     ],
 )
 def test_cli_errors_are_one_clear_line(tmp_path, args, message):

@@ -187,6 +187,9 @@ def embed(
     shard_size: Annotated[int, typer.Option(min=1, help="With --ray: input rows per output shard.")] = 10_000,
 ) -> None:
     """Embed every line (or JSONL record) of INPUT and save the vectors."""
+    if not queries and (query_instruction or examples is not None):  # '' (no instruction) is no change
+        flags = " and ".join(f for f, v in (("--query-instruction", query_instruction), ("--examples", examples)) if v)
+        raise InputError(f"{flags} shape queries and INPUT is embedded as passages: add --queries, or leave it out")
     if ray:
         if sparse or colbert or output_format is not None or device:
             raise InputError(
