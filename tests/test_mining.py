@@ -183,3 +183,14 @@ def test_mine_keeps_every_field_of_the_record(tmp_path, minilm_dir):
             k: v for k, v in want.items() if k not in ("neg", "pos_scores", "neg_scores")
         }
         assert len(got["neg"]) == 2
+
+
+def test_bad_mining_options_are_refused_before_the_model_loads(tmp_path):
+    """--margin 2 was found only once the model had loaded (after the pool was read); here the unknown model
+    would be the error if the options were checked later."""
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
+    out = tmp_path / "o.jsonl"
+    result = run("mine", "-m", "nobody/unknown", "-i", str(train), "-o", str(out), "--margin", "2", check=False)
+    assert result.returncode == 2 and "margin must lie in (0, 1], got 2.0" in result.stderr, result.stderr
+    assert "unknown" not in result.stderr and not out.exists()

@@ -371,12 +371,6 @@ def mine(
 
     require_faiss()  # before the data is read and the model loaded
     io.check_outputs(output, inputs=[input, corpus, examples])
-    records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
-    pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
-    _, options = family_options(model, model_class, pooling_method, query_instruction_for_retrieval, examples)
-    if query_instruction_format is not None:
-        options["query_instruction_format"] = query_instruction_format
-    options.update(query_max_length=query_max_length, passage_max_length=passage_max_length)
     mining = MiningOptions(
         parse_range(range_for_sampling),
         negative_number,
@@ -387,6 +381,13 @@ def mine(
         search_batch_size,
         use_gpu_for_searching,
     )
+    mining.check()  # a bad --margin found before the data is read and the model loaded, not after
+    records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
+    pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
+    _, options = family_options(model, model_class, pooling_method, query_instruction_for_retrieval, examples)
+    if query_instruction_format is not None:
+        options["query_instruction_format"] = query_instruction_format
+    options.update(query_max_length=query_max_length, passage_max_length=passage_max_length)
     embedder = Embedder.from_pretrained(model, **precision_options(fp16, bf16), **options)
     mined, stats = mine_hard_negatives(records, embedder, pool, mining)
     write_records(output, mined)

@@ -37,6 +37,15 @@ class MiningOptions:
     search_batch_size: int = 64
     use_gpu_for_searching: bool = False
 
+    def check(self) -> None:
+        """An :class:`InputError` for a value mining cannot use (the CLI asks before the model loads)."""
+        if self.negative_number < 1:
+            raise InputError("negative_number must be >= 1")
+        if self.search_batch_size < 1:
+            raise InputError(f"search_batch_size must be >= 1, got {self.search_batch_size}")
+        if self.margin is not None and not 0 < self.margin <= 1:
+            raise InputError(f"margin must lie in (0, 1], got {self.margin}")
+
 
 def parse_range(text: str) -> tuple[int, int]:
     """``"2-200"`` -> ``(2, 200)`` (FlagEmbedding's ``range_for_sampling`` spelling)."""
@@ -69,12 +78,7 @@ def mine_hard_negatives(
     require_faiss()  # before the pool is encoded
     options = options or MiningOptions()
     start, end = options.range_for_sampling
-    if options.negative_number < 1:
-        raise InputError("negative_number must be >= 1")
-    if options.search_batch_size < 1:
-        raise InputError(f"search_batch_size must be >= 1, got {options.search_batch_size}")
-    if options.margin is not None and not 0 < options.margin <= 1:
-        raise InputError(f"margin must lie in (0, 1], got {options.margin}")
+    options.check()
     pool = list(dict.fromkeys(corpus if corpus is not None else [p for r in records for p in r.pos + r.neg]))
     if not pool:
         raise InputError("the candidate pool is empty")
