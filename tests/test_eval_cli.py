@@ -109,6 +109,10 @@ def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
         "--rerank-top-k", "2",
     )  # fmt: skip
     assert len(fewer.stdout.strip().splitlines()) == 2 and "2 results, the reranked candidates" in fewer.stderr
+    # a reranker that cannot load is said first (it was found after the query was embedded and searched)
+    args = ["search", "--index", str(index), query, "-m", "nobody/embedder", "-r", "nobody/reranker"]
+    unknown = run(*args, check=False)
+    assert unknown.returncode == 2 and "does not know the reranker 'nobody/reranker'" in unknown.stderr
 
 
 @pytest.mark.parametrize(

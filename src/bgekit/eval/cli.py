@@ -271,6 +271,10 @@ def search(
     instruction = query_instruction
     if instruction is None and model is None:
         instruction = dense.meta.get("query_instruction") or ""
+    if reranker:  # a reranker that cannot load is said before the query is embedded and searched
+        from .. import hub, registry
+
+        hub.resolve(reranker, registry.RERANKERS, for_reranker=True)
     embedder = Embedder.from_pretrained(name, **options)
     vector = normalize_rows(encode_queries(embedder, [query], instruction, None, dense.meta.get("max_length")))
     depth = max(top_k, rerank_top_k or 100) if reranker else top_k
