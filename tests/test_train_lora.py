@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +387,24 @@ def test_a_bf16_lora_run_merges_its_whole_update(tmp_path, tiny_llms, train_file
         checked += 1
     assert checked == 14, "every attention and MLP projection of both layers carries LoRA"
     assert Embedder.from_pretrained(str(out), use_fp16=False, devices="cpu").encode_queries(["x"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("head", ["trained", "none"], ids=["reranker-base", "encoder-base"])
+def test_cross_encoder_adapter_loads_over_its_base(request, tmp_path, train_file, head):
+    """``FlagReranker(base, peft_path=OUT/adapter)`` merges the adapter (and its trained score head), scoring
+    as the merged ``OUT``; the option was warned about and ignored, leaving the base's scores. A base
+    without a score head (a plain encoder) gets the one-label head training gave it."""
+    from bgekit import FlagReranker
+
+    base = request.getfixturevalue("tiny_bert_reranker" if head == "trained" else "tiny_bert")
+    options = common_options(tmp_path / "rr", base, train_file, max_steps=2, lora_rank=4, learning_rate=1e-2)
+    out = finetune_reranker(RerankerOptions(**options, max_len=48))
+    pairs = [(r["query"], t) for r in RECORDS[:3] for t in (r["pos"][0], r["neg"][0])]
+    merged = FlagReranker(str(out), devices="cpu").compute_score(pairs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ignores unknown options")  # peft_path was ignored
+        adapted = FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu")
+    np.testing.assert_allclose(adapted.compute_score(pairs), merged, rtol=0, atol=1e-5)
+    assert np.abs(np.subtract(merged, FlagReranker(str(base), devices="cpu").compute_score(pairs))).max() > 1e-4
+    with pytest.raises(InputError, match="load the merged model"):
+        FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", backend="onnx")

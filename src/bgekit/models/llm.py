@@ -95,8 +95,8 @@ class FlagLLMModel(FlagModel):
     def _merge_adapter(self, peft_path: str, trust_remote_code: bool, cache_dir: str | None) -> None:
         """Fold a LoRA adapter into the loaded model; its tokenizer (added special tokens) replaces the base's."""
         from .. import hub
+        from .adapters import merge_lora, tokenizer_folder
         from .base import ModelHost
-        from .llm_reranker import merge_lora, tokenizer_folder
         from .tokenization import load_hf_tokenizer
 
         folder = hub.model_folder(self.model_name_or_path, cache_dir=cache_dir)

@@ -22,6 +22,7 @@ from .. import hub, registry
 from ..errors import InputError
 from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
+from .adapters import merge_lora, tokenizer_folder
 from .base import ModelHost, load_module
 from .embedder import Embedder, unescape_format
 from .flag_pool import RerankerPoolMethods
@@ -188,6 +189,10 @@ class FlagReranker(Reranker):
     Their head reads each pair's first token alone, so the last layer computes only that row
     (:mod:`bgekit.runtime.first_tokens`; ``cls_rows_only = False`` runs the whole layer). The ONNX
     backends export that forward too (``cls_rows_only`` is read when the model is loaded).
+
+    ``peft_path`` names a LoRA adapter folder (``bgekit finetune reranker --lora`` writes one in
+    ``OUT/adapter``, with the trained score head and the tokenizer), merged into the base at load
+    time: ``FlagReranker(BASE, peft_path="OUT/adapter")`` scores as ``FlagReranker("OUT")``.
     """
 
     #: run the last layer on the first rows only where the model supports it (same scores within rounding)
@@ -211,6 +216,7 @@ class FlagReranker(Reranker):
         backend: str = "torch",
         max_tokens_per_batch: int | None = None,
         packed: bool | None = None,
+        peft_path: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -230,10 +236,23 @@ class FlagReranker(Reranker):
         from transformers import AutoModelForSequenceClassification
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code)).pad_right()
+        self.peft_path = peft_path
+        tokens_from = tokenizer_folder(folder, peft_path)
+        hf_tokenizer = load_hf_tokenizer(tokens_from, trust_remote_code)
+        self.tokenizer = TextTokenizer(hf_tokenizer).pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
+        if peft_path and self.backend != "torch":
+            raise InputError(
+                f"peft_path is merged into the torch model; for backend={backend!r} load the merged model "
+                "(bgekit finetune --lora saves it in OUT) instead of base + adapter"
+            )
         if self.backend == "torch":
-            module = load_module(AutoModelForSequenceClassification, folder, trust_remote_code)
+            # training's head has one label (bgekit finetune loads every base so): a base without a
+            # trained head gets that shape too, and the adapter brings the trained head itself
+            labels = {"num_labels": 1} if peft_path else {}
+            module = load_module(AutoModelForSequenceClassification, folder, trust_remote_code, **labels)
+            if peft_path:
+                module = merge_lora(module, peft_path, len(hf_tokenizer) if tokens_from != folder else None)
         else:  # ONNX Runtime replaces only the forward (CPU); see bgekit.models.onnx_backend
             module = load_onnx_module(
                 AutoModelForSequenceClassification,
