@@ -200,3 +200,35 @@ def test_example_loss_sees_the_prompts_the_model_sees(tmp_path, golden_dir, exam
     p = torch.from_numpy(model.encode_corpus([text for g in groups for text in g.passages], max_length=256))
     expected = losses.info_nce(q, p, 2, 0.05).item()
     assert example_loss(folder, records, "embedder", group_size=2) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_bf16_and_an_fp32_model_merge_and_save_in_float32(tmp_path, tiny_bert):
+    """The mix is computed and saved in float32 whichever model comes first (LM-Cocktail saves its mix
+    so); a bf16 first model cast the average to bf16, rounding away the fp32 model's small differences."""
+    from transformers import BertModel
+
+    torch.manual_seed(3)
+    model = BertModel.from_pretrained(str(tiny_bert), dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 1e-3)
+    half = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(str(half))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (tiny_bert / name).exists():
+            shutil.copy(tiny_bert / name, half / name)
+    first, second = read_state_dict(half), read_state_dict(tiny_bert)
+    assert first["embeddings.word_embeddings.weight"].dtype == torch.bfloat16
+    for order in ((half, tiny_bert), (tiny_bert, half)):
+        out = merge_models([str(m) for m in order], [0.25, 0.75], output_dir=tmp_path / f"out-{order[0].name}")
+        merged = read_state_dict(out.output_dir)
+        states = [read_state_dict(m) for m in order]
+        for key, tensor in merged.items():
+            if tensor.is_floating_point():
+                assert tensor.dtype == torch.float32, key
+                expected = 0.25 * states[0][key].float() + 0.75 * states[1][key].float()
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
+        config = json.loads((out.output_dir / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert Embedder.from_pretrained(str(out.output_dir), devices="cpu").encode("hello").shape == (32,)
+    assert first.keys() == second.keys()

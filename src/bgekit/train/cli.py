@@ -636,7 +636,8 @@ def merge(
     """Merge same-architecture models by a weighted average of their weights (LM-Cocktail).
 
     --models with --weights (one per model), or with --example-data to set the weights from each model's
-    loss on those records."""
+    loss on those records. The merged weights are saved in float32 whatever the models' dtypes (as
+    LM-Cocktail saves them)."""
     from .merge import merge_models
 
     result = merge_models(

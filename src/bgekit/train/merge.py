@@ -4,7 +4,9 @@ one architecture, with the weights given or worked out from each model's loss on
 Merging reads and writes weight files directly (``model.safetensors``, sharded safetensors or
 ``pytorch_model.bin``, and BGE-M3's ``colbert_linear.pt`` / ``sparse_linear.pt``), so any
 transformers model merges without being instantiated. Everything else in the folder (config,
-tokenizer, sentence-transformers modules) is copied from the first model.
+tokenizer, sentence-transformers modules) is copied from the first model. The average is computed
+and saved in float32 whatever dtypes the models were saved in, as LM-Cocktail's ``mix_models``
+(every model loaded in float32, the mix saved so); ``config.json`` then says float32.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ def check_same_architecture(folders: Sequence[Path], states: Sequence[dict[str, 
 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum(w_i * state_i)`` per float tensor (in float32, cast back to the first model's dtype);
-    integer buffers are taken from the first model."""
+    """``sum(w_i * state_i)`` per float tensor, computed and returned in float32 whatever dtypes the
+    models were saved in (LM-Cocktail loads every model in float32 and saves the mix so; casting to
+    the first model's dtype silently rounded a bf16 + fp32 mix to bf16); integer buffers are taken
+    from the first model."""
     merged = {}
     for name, tensor in states[0].items():
         if not tensor.is_floating_point():
@@ -106,7 +110,7 @@ def average_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[
         total = torch.zeros(tensor.shape, dtype=torch.float32)
         for state, weight in zip(states, weights, strict=True):
             total += float(weight) * state[name].float()
-        merged[name] = total.to(tensor.dtype).contiguous()
+        merged[name] = total.contiguous()
     return merged
 
 
@@ -134,6 +138,18 @@ def copy_extras(source: Path, target: Path) -> None:
             shutil.copytree(item, target / item.name, dirs_exist_ok=True)
         else:
             shutil.copy(item, target / item.name)
+
+
+def mark_float32(folder: Path) -> None:
+    """Say in ``config.json`` that the weights are float32 (the first model's says its own dtype),
+    so a loader that follows the config's dtype (transformers' ``dtype="auto"``) keeps them so."""
+    path = folder / "config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    keys = [key for key in ("dtype", "torch_dtype") if config.get(key) is not None]
+    if keys:
+        path.write_text(json.dumps({**config, **dict.fromkeys(keys, "float32")}, indent=2) + "\n")
 
 
 def model_kind(folder: Path) -> str:
@@ -295,6 +311,7 @@ def merge_models(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     copy_extras(folders[0], output)
+    mark_float32(output)
     from safetensors.torch import save_file
 
     save_file(average_states(states, weights), str(output / "model.safetensors"), metadata={"format": "pt"})
