@@ -232,3 +232,36 @@ def test_a_bf16_and_an_fp32_model_merge_and_save_in_float32(tmp_path, tiny_bert)
         assert config.get("dtype", config.get("torch_dtype")) == "float32"
     assert Embedder.from_pretrained(str(out.output_dir), devices="cpu").encode("hello").shape == (32,)
     assert first.keys() == second.keys()
+
+
+def test_example_data_scores_an_llm_reranker_by_its_yes_logit(tmp_path, golden_dir, examples):
+    """A causal-LM reranker's example loss is the group cross-entropy of FlagLLMReranker's scores
+    (it was InfoNCE of pooled hidden states, or, with model_type=reranker, of a freshly drawn random
+    classification head, so two copies of one model got different weights); a layerwise one is refused."""
+    from bgekit import FlagLLMReranker
+    from bgekit.train import losses
+    from bgekit.train.data import GroupSampler, load_train_data
+    from bgekit.train.merge import example_loss, model_kind
+
+    folder = golden_dir / "models" / "gemma-llm-reranker"
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    records = load_train_data(examples)
+    groups = [GroupSampler(records, 2, 42).group(i) for i in range(len(records))]
+    scores = FlagLLMReranker(str(folder), devices="cpu").compute_score(
+        [(g.query, p) for g in groups for p in g.passages], max_length=256, query_max_length=64
+    )
+    expected = losses.reranker_ce(torch.tensor(scores), 2).item()
+    assert model_kind(folder) == model_kind(folder, "reranker") == "llm-reranker"
+    assert example_loss(folder, records, "llm-reranker", group_size=2) == pytest.approx(expected, rel=1e-4)
+    for model_type in ("auto", "reranker"):
+        result = merge_models(
+            [str(folder), str(copy)], example_data=examples, model_type=model_type, group_size=2,
+            output_dir=tmp_path / model_type,
+        )  # fmt: skip
+        assert result.losses[0] == result.losses[1] == pytest.approx(expected, rel=1e-4)
+        assert result.weights == [0.5, 0.5]
+    with pytest.raises(InputError, match="layerwise reranker: example losses are not computed"):
+        merge_models(
+            [str(golden_dir / "models" / "minicpm-layerwise")] * 2, example_data=examples, output_dir=tmp_path / "lw"
+        )

@@ -152,10 +152,29 @@ def mark_float32(folder: Path) -> None:
         path.write_text(json.dumps({**config, **dict.fromkeys(keys, "float32")}, indent=2) + "\n")
 
 
-def model_kind(folder: Path) -> str:
-    """``reranker`` for sequence-classification folders, else ``embedder``."""
-    archs = " ".join(_architecture(folder)[1])
-    return "reranker" if "ForSequenceClassification" in archs else "embedder"
+#: example-loss kinds: InfoNCE of an embedder, group cross-entropy of a cross-encoder's logits or of an
+#: LLM reranker's "Yes" logits
+EXAMPLE_KINDS = ("embedder", "reranker", "llm-reranker")
+
+
+def model_kind(folder: Path, model_type: str = "auto") -> str:
+    """How ``folder`` scores the example data: ``embedder``, ``reranker`` (a cross-encoder) or
+    ``llm-reranker`` (a causal LM's "Yes" logit, as FlagLLMReranker). ``auto`` reads the folder as
+    ``Embedder`` / ``Reranker.from_pretrained`` do (a causal LM that is not a known or bgekit-saved
+    embedder is an LLM reranker); ``reranker`` picks the cross-encoder or LLM form by the folder."""
+    if model_type == "embedder":
+        return "embedder"
+    meta = hub.read_folder_metadata(folder)
+    if model_type == "auto" and meta and meta.get("model_class") in registry.EMBEDDER_KINDS:
+        return "embedder"
+    spec = hub.describe_folder(folder, registry.RERANKERS, for_reranker=True)
+    kind = spec.kind if spec else registry.CROSS_ENCODER
+    if kind in (registry.LAYERWISE_RERANKER, registry.LIGHTWEIGHT_RERANKER):
+        raise InputError(f"{folder} is a {kind} reranker: example losses are not computed for it; give weights")
+    causal = "ForCausalLM" in " ".join(_architecture(folder)[1])
+    if kind == registry.LLM_RERANKER or (model_type == "reranker" and causal):
+        return "llm-reranker"
+    return "embedder" if kind == registry.BI_ENCODER and model_type == "auto" else "reranker"
 
 
 def example_loss(
@@ -171,7 +190,10 @@ def example_loss(
     seed: int = 42,
 ) -> float:
     """Mean loss of one model on the example records: InfoNCE with the model's pooling for an
-    embedder, group cross-entropy for a reranker (the losses its fine-tuning uses)."""
+    embedder, group cross-entropy for a reranker (``kind`` one of :data:`EXAMPLE_KINDS`; the losses
+    its fine-tuning uses, on the pairs its inference builds)."""
+    if kind not in EXAMPLE_KINDS:
+        raise InputError(f"example-loss kind must be one of {list(EXAMPLE_KINDS)}, got {kind!r}")
     from ..models.pooling import pool
     from ..models.tokenization import TextTokenizer, load_hf_tokenizer
     from . import losses
@@ -180,7 +202,21 @@ def example_loss(
     sampler = GroupSampler(records, group_size, seed)
     groups = [sampler.group(i) for i in range(len(sampler))]
     total, count = 0.0, 0
-    if kind == "reranker":
+    if kind == "llm-reranker":
+        from transformers import AutoModelForCausalLM
+
+        from ..models.llm_reranker import yes_logits, yes_token_id
+        from .llm_reranker import LLMRerankerCollator
+        from .reranker import RerankerOptions
+        from .trainer import training_tokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = training_tokenizer(tokenizer.hf)
+        yes = yes_token_id(tokenizer, str(folder))
+        collate = LLMRerankerCollator(
+            tokenizer, RerankerOptions(output_dir="", query_max_len=query_max_len, max_len=passage_max_len)
+        )
+    elif kind == "reranker":
         from transformers import AutoModelForSequenceClassification
 
         from .reranker import RerankerCollator, RerankerOptions
@@ -213,7 +249,9 @@ def example_loss(
     with torch.inference_mode():
         for start in range(0, len(groups), batch_size):
             batch = collate(groups[start : start + batch_size])
-            if kind == "reranker":
+            if kind == "llm-reranker":
+                loss = losses.reranker_ce(yes_logits(model, batch["pairs"], yes).float(), group_size)
+            elif kind == "reranker":
                 scores = model(**batch["pairs"], return_dict=True).logits.view(-1).float()
                 loss = losses.reranker_ce(scores, group_size)
             else:
@@ -291,7 +329,7 @@ def merge_models(
             raise InputError("max_examples and group_size must be >= 1")
         records = load_train_data(example_data if not isinstance(example_data, (str, Path)) else [example_data])
         records = records[:max_examples]
-        kind = model_kind(folders[0]) if model_type == "auto" else model_type
+        kind = model_kind(folders[0], model_type)
         model_losses = [
             example_loss(
                 f,
