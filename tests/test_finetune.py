@@ -465,3 +465,39 @@ def test_cross_encoder_training_pairs_carry_the_rerank_instructions(tmp_path, ti
                 prompt="?",
             )
         )
+
+
+def test_lengths_past_the_position_table_train_at_the_table_length(tmp_path, golden_dir, caplog):
+    """A length option past the model's positions is cut to them with a warning, as inference cuts
+    max_length (training stopped at the first long batch with a tensor-size error inside the model)."""
+    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+    from bgekit.train.m3 import M3Options, finetune_m3
+    from bgekit.train.pretrain import PretrainOptions, pretrain
+    from bgekit.train.reranker import RerankerOptions, finetune_reranker
+
+    from .tiny_models import build_bert
+
+    base = build_bert(tmp_path / "short", golden_dir / "models" / "bert-cls", max_positions=24)
+    long = " ".join(f"word{i}" for i in range(80))
+    data = tmp_path / "long.jsonl"
+    data.write_text(
+        "".join(json.dumps({"query": f"{i} {long}", "pos": [long], "neg": [long]}) + "\n" for i in range(4))
+    )
+    (tmp_path / "long.txt").write_text(f"{long}\n" * 4)
+    common = {"model_name_or_path": str(base), "max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 100}
+    runs = [
+        (finetune_embedder, EmbedderOptions, {"query_max_len": 40, "passage_max_len": 64, "train_group_size": 2}),
+        (finetune_reranker, RerankerOptions, {"query_max_len": 40, "max_len": 64, "train_group_size": 2}),
+        (finetune_m3, M3Options, {"query_max_len": 40, "passage_max_len": 64, "train_group_size": 2}),
+        (pretrain, PretrainOptions, {"max_seq_length": 64}),
+    ]
+    for train, make, lengths in runs:
+        source = tmp_path / ("long.txt" if train is pretrain else "long.jsonl")
+        options = make(output_dir=str(tmp_path / train.__name__), train_data=[str(source)], **common, **lengths)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bgekit.train.trainer"):
+            train(options)
+        for name in lengths:
+            if name != "train_group_size":
+                assert getattr(options, name) == 24, (train.__name__, name)
+                assert f"{name}={lengths[name]} is beyond the model's 24 positions" in caplog.text

@@ -126,7 +126,7 @@ class ModelHost:
         _without_key_value_cache(module)  # before the replicas are copied from it
         dtype_for = functools.partial(resolve_dtype, use_fp16=use_fp16, use_bf16=use_bf16)  # picklable
         self.pool = ReplicaPool(module, self.devices, dtype_for)
-        self.max_positions = _max_positions(module.config)
+        self.max_positions = max_positions(module.config)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -488,7 +488,7 @@ _PADDING_OFFSET_POSITIONS = frozenset(
 )
 
 
-def _max_positions(config) -> int | None:
+def max_positions(config) -> int | None:
     """Longest input the position table allows (RoBERTa-style models reserve pad+1 slots)."""
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):

@@ -29,6 +29,7 @@ from .trainer import (
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
+    fit_lengths,
     resolve_resume,
     training_tokenizer,
 )
@@ -257,6 +258,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
+    fit_lengths(options, model.config, "query_max_len", "passage_max_len")
     width = getattr(model.config, "hidden_size", None)
     if options.matryoshka_dims and width and max(options.matryoshka_dims) > width:
         raise InputError(f"matryoshka_dims {options.matryoshka_dims} go past the model's {width} dimensions")

@@ -33,6 +33,7 @@ from .trainer import (
     LossPartsLogging,
     OwnFolderLayout,
     ThroughputCallback,
+    fit_lengths,
     resolve_resume,
     with_current_names,
 )
@@ -327,6 +328,7 @@ def finetune_m3(options: M3Options) -> Path:
     hf_tokenizer = load_hf_tokenizer(folder)
     tokenizer = TextTokenizer(hf_tokenizer)
     model = load_m3_for_training(folder, options, heads, hf_tokenizer)
+    fit_lengths(options, model.encoder.config, "query_max_len", "passage_max_len")
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
     throughput = ThroughputCallback()
     trainer = M3Trainer(

@@ -34,6 +34,7 @@ from .trainer import (
     OwnFolderLayout,
     ThroughputCallback,
     TrainOptions,
+    fit_lengths,
     resolve_resume,
     with_current_names,
 )
@@ -277,6 +278,7 @@ def pretrain(options: PretrainOptions) -> Path:
         raise InputError(f"the tokenizer of {folder} has no mask token; pre-training needs one")
     tokenizer = TextTokenizer(hf_tokenizer)
     module = RetroMAEModule(AutoModelForMaskedLM.from_pretrained(str(folder), dtype=torch.float32))
+    fit_lengths(options, module.config, "max_seq_length")
     if (folder / DECODER_FILE).exists():  # going on from an earlier pre-training run
         from safetensors.torch import load_file
 

@@ -18,7 +18,15 @@ from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
 from .data import Group, GroupSampler, load_train_data, with_teacher_scores
-from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, TrainOptions, resolve_resume
+from .trainer import (
+    BgekitTrainer,
+    EpochCallback,
+    GroupDataset,
+    ThroughputCallback,
+    TrainOptions,
+    fit_lengths,
+    resolve_resume,
+)
 
 
 @dataclass
@@ -98,6 +106,7 @@ def finetune_reranker(options: RerankerOptions) -> Path:
         raise InputError("prompt is the question an LLM reranker answers; a cross-encoder has none (leave it out)")
     hf_tokenizer = load_hf_tokenizer(folder)
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
+    fit_lengths(options, model.config, "query_max_len", "max_len")
     resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
     tokenizer = TextTokenizer(hf_tokenizer)
     if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)

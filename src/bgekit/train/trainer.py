@@ -100,6 +100,22 @@ def _checkpointing_argument() -> str:
 _CHECKPOINTING = _checkpointing_argument()
 
 
+def fit_lengths(options: Any, config: Any, *names: str) -> None:
+    """Cut each length option ``names`` of ``options`` to the model's position table, with a warning,
+    as inference cuts ``max_length``: a longer input has no position embedding, and training stopped
+    at its first long batch with a tensor-size error deep in the model."""
+    from ..models.base import max_positions
+
+    limit = max_positions(config)
+    if limit is None:
+        return
+    for name in names:
+        value = getattr(options, name)
+        if value > limit:
+            logger.warning("%s=%d is beyond the model's %d positions; training with %d", name, value, limit, limit)
+            setattr(options, name, limit)
+
+
 def training_tokenizer(hf_tokenizer) -> TextTokenizer:
     """The collators' tokenizer: the model's own ids, padded on the right whatever side inference
     pads. Under causal attention a left pad position has no key it may attend to. On an H200, a
