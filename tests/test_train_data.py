@@ -37,7 +37,9 @@ def write(tmp_path, *rows, name="train.jsonl"):
         ({"query": "q", "pos": ["p"], "pos_scores": ["high"]}, "finite numbers"),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1]}, "line 2: 'pos_scores' without 'neg_scores'"),
         ({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": [1]}, "line 2: 'neg_scores' without 'pos_scores'"),
-        ('{"query": "q", "pos": ["p"]', "line 2: not valid JSON"),
+        # the column is where the line broke off (it said 'column 1': json counted from the line's own newline)
+        ('{"query": "q", "pos": ["p"]', r"line 2: not valid JSON \(Expecting ',' delimiter at column 28\)"),
+        ('{"query": "q" "pos": ["p"]}', r"line 2: not valid JSON \(Expecting ',' delimiter at column 15\)"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, bad, message):
@@ -166,3 +168,31 @@ def test_write_records_keeps_fields_bgekit_does_not_read(tmp_path):
         "pos_scores": [1.0], "neg_scores": [0.5],
     }  # fmt: skip
     assert list(json.loads(out.read_text()))[:5] == ["id", "query", "pos", "neg", "meta"], "in their place"
+
+
+def test_a_json_file_may_hold_one_array_of_records(tmp_path):
+    """A ``.json`` file holding a JSON array of records (pretty-printed or not) trains as FlagEmbedding's
+    ``datasets`` loader reads it (it was refused at line 1 as 'expected a JSON object, got list'); each
+    record's errors name the line it starts on, and a ``.json`` file of JSON lines still reads as before."""
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps([GOOD, {**GOOD, "query": "q2"}], indent=2))
+    records = load_train_data(pretty)
+    assert [r.query for r in records] == ["q", "q2"]
+    assert [r.source for r in records] == [f"{pretty}:2", f"{pretty}:12"]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.json").write_text(json.dumps([GOOD]))
+    write(tmp_path / "folder", GOOD, GOOD, name="b.json")  # JSON lines under .json
+    assert len(load_train_data(tmp_path / "folder")) == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"query": "q", "pos": ["p"]},\n  {"query": "q2", "neg": ["n"]}\n]\n')
+    with pytest.raises(DataFormatError, match=r"bad\.json, line 3: missing 'pos'"):
+        load_train_data(bad)
+    bad.write_text('[\n  {"query": "q", "pos": ["p"]}\n  {"query": "q2", "pos": ["p"]}\n]\n')
+    with pytest.raises(DataFormatError, match=r"bad\.json, line 3: not valid JSON"):
+        load_train_data(bad)
+    bad.write_text(f"[{json.dumps(GOOD)}, 3]")
+    with pytest.raises(DataFormatError, match=r"line 1: expected a JSON object, got int"):
+        load_train_data(bad)
+    bad.write_text("[]")
+    with pytest.raises(InputError, match="holds no records"):
+        load_train_data(bad)

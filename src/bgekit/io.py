@@ -89,9 +89,11 @@ def line_text(path: str | Path, number: int, raw: bytes) -> str:
 def parse_json_line(path: str | Path, number: int, line: str) -> dict[str, Any]:
     """One JSONL line's object; a :class:`DataFormatError` naming file and line otherwise."""
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        # the offset in the line: colno counts from the last newline json saw, and a line's own trailing
+        # newline made a record cut short 'column 1' of a line that is not there
+        raise DataFormatError(path, number, f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
     if not isinstance(obj, dict):
         raise DataFormatError(path, number, f"expected a JSON object, got {type(obj).__name__}")
     return obj

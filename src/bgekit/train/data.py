@@ -1,6 +1,7 @@
 """Training data: the JSONL schema, its validation, and group sampling.
 
-One record a line: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional
+One record a line (or one JSON array of records in a ``.json`` file, as FlagEmbedding reads it):
+``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional
 ``pos_scores`` / ``neg_scores`` (teacher scores, one per passage), ``prompt`` (a per-record
 query instruction, in place of ``query_instruction_for_retrieval`` when that is set) and ``type``.
 Any other field (``id``, metadata) is kept as it was and written back by :func:`write_records`, as
@@ -10,9 +11,10 @@ starts, and every error names the file and line.
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,10 +106,62 @@ def parse_record(obj: dict, path: Path, line: int) -> TrainRecord:
     )
 
 
+def read_json_array(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line, object)`` of a ``.json`` file holding one JSON array of records, which FlagEmbedding's
+    training reads too (``datasets``' json loader); each record's line is where it starts."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(path, line, f"not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+    decoder = json.JSONDecoder()
+    at = text.index("[") + 1
+
+    def line_of(offset: int) -> int:
+        return text.count("\n", 0, offset) + 1
+
+    def skip(offset: int) -> int:
+        while offset < len(text) and text[offset].isspace():
+            offset += 1
+        return offset
+
+    at = skip(at)
+    if at < len(text) and text[at] == "]":
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(path, line_of(exc.pos), f"not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(path, line_of(at), f"expected a JSON object, got {type(obj).__name__}")
+        yield line_of(at), obj
+        at = skip(end)
+        if at < len(text) and text[at] == "]":
+            if skip(at + 1) != len(text):
+                raise DataFormatError(path, line_of(skip(at + 1)), "text after the end of the JSON array")
+            return
+        if at >= len(text) or text[at] != ",":
+            raise DataFormatError(path, line_of(at), "not valid JSON (expected ',' or ']' between records)")
+        at = skip(at + 1)
+
+
+def _records_of(path: Path) -> Iterator[tuple[int, dict]]:
+    """A file's records: JSON Lines, or one JSON array in a ``.json`` file."""
+    if path.suffix == ".json" and path.is_file():
+        with path.open("rb") as handle:
+            head = handle.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+        if head.startswith("["):
+            return read_json_array(path)
+    return read_jsonl(path)
+
+
 def load_train_data(paths: str | Path | Sequence[str | Path], *, uniform_scores: bool = True) -> list[TrainRecord]:
-    """Read and validate every record of one or more JSONL files (or folders of them). Training needs
-    teacher scores on every record or none (``uniform_scores``); ``bgekit score`` and ``mine``, which
-    replace or drop them, take a mix."""
+    """Read and validate every record of one or more JSONL files (or folders of them); a ``.json``
+    file may also hold one JSON array of records, as FlagEmbedding reads it. Training needs teacher
+    scores on every record or none (``uniform_scores``); ``bgekit score`` and ``mine``, which replace
+    or drop them, take a mix."""
     files: list[Path] = []
     for item in [paths] if isinstance(paths, (str, Path)) else paths:
         item = Path(item)
@@ -122,7 +176,7 @@ def load_train_data(paths: str | Path | Sequence[str | Path], *, uniform_scores:
     records: list[TrainRecord] = []
     for path in files:
         before = len(records)
-        records += [parse_record(obj, path, line) for line, obj in read_jsonl(path)]
+        records += [parse_record(obj, path, line) for line, obj in _records_of(path)]
         if len(records) == before:
             raise InputError(f"training file {path} holds no records")
     scored = {r.pos_scores is not None for r in records}
