@@ -408,3 +408,22 @@ def test_cross_encoder_adapter_loads_over_its_base(request, tmp_path, train_file
     assert np.abs(np.subtract(merged, FlagReranker(str(base), devices="cpu").compute_score(pairs))).max() > 1e-4
     with pytest.raises(InputError, match="load the merged model"):
         FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", backend="onnx")
+
+
+def test_encoder_embedder_adapter_loads_over_its_base(tmp_path, tiny_bert, train_file):
+    """``FlagModel(base, peft_path=OUT/adapter)`` merges an encoder's LoRA adapter at load and gives the
+    merged ``OUT``'s vectors (it was warned about and ignored, leaving the base's)."""
+    from bgekit import FlagModel
+
+    options = common_options(tmp_path / "emb", tiny_bert, train_file, max_steps=2, lora_rank=4, learning_rate=1e-2)
+    out = finetune_embedder(EmbedderOptions(**options, sentence_pooling_method="mean", passage_max_len=32))
+    texts = ["hello there", "key 3 opens door number 3"]
+    merged = Embedder.from_pretrained(str(out), devices="cpu").encode(texts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ignores unknown options")  # peft_path was ignored
+        adapted = FlagModel(str(tiny_bert), pooling_method="mean", devices="cpu", peft_path=str(out / "adapter"))
+    np.testing.assert_allclose(adapted.encode(texts), merged, rtol=0, atol=1e-5)
+    base = FlagModel(str(tiny_bert), pooling_method="mean", devices="cpu").encode(texts)
+    assert np.abs(base - merged).max() > 1e-4
+    with pytest.raises(InputError, match="load the merged model"):
+        FlagModel(str(tiny_bert), devices="cpu", backend="onnx", peft_path=str(out / "adapter"))

@@ -15,6 +15,7 @@ from .. import hub
 from ..errors import InputError
 from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
+from .adapters import merge_lora, tokenizer_folder
 from .base import ModelHost, load_module
 from .embedder import Embedder
 from .onnx_backend import OnnxModule, RowsForward, check_backend, load_onnx_module
@@ -65,6 +66,10 @@ class FlagModel(Embedder):
     12-layer model, the same vectors within float rounding (:mod:`bgekit.runtime.first_tokens`).
     The ONNX backends export that forward too (read when the model is loaded; the cached graph
     then returns the CLS states alone).
+
+    ``peft_path`` names a LoRA adapter folder (``bgekit finetune embedder --lora`` writes one in
+    ``OUT/adapter``, with the tokenizer) merged into the base at load time: the vectors of
+    ``FlagModel(BASE, peft_path="OUT/adapter")`` are those of the merged ``OUT``.
     """
 
     #: ``cls`` pooling: run the last layer on the first rows only where the model supports it;
@@ -96,6 +101,7 @@ class FlagModel(Embedder):
         backend: str = "torch",
         max_tokens_per_batch: int | None = None,
         packed: bool | None = None,
+        peft_path: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -117,13 +123,23 @@ class FlagModel(Embedder):
         from transformers import AutoModel
 
         folder = hub.model_folder(model_name_or_path, cache_dir=cache_dir)
-        self.tokenizer = TextTokenizer(load_hf_tokenizer(folder, trust_remote_code))
+        self.peft_path = peft_path  # part of what the vectors depend on (the eval cache key reads it)
+        tokens_from = tokenizer_folder(folder, peft_path)  # the adapter's, with any added special tokens
+        hf_tokenizer = load_hf_tokenizer(tokens_from, trust_remote_code)
+        self.tokenizer = TextTokenizer(hf_tokenizer)
         if self.bidirectional:
             self.tokenizer.pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
+        if peft_path and self.backend != "torch":
+            raise InputError(
+                f"peft_path is merged into the torch model; for backend={backend!r} load the merged model "
+                "(bgekit finetune --lora saves it in OUT) instead of base + adapter"
+            )
         self.packed_option = packed
         if self.backend == "torch":
             module = load_module(AutoModel, folder, trust_remote_code)
+            if peft_path:
+                module = merge_lora(module, peft_path, len(hf_tokenizer) if tokens_from != folder else None)
         else:  # ONNX Runtime replaces only the forward; tokenizer, batching and pooling stay
             module = load_onnx_module(
                 AutoModel,

@@ -86,31 +86,9 @@ class FlagLLMModel(FlagModel):
             passage_max_length=passage_max_length,
             convert_to_numpy=convert_to_numpy,
             truncate_dim=truncate_dim,
+            peft_path=peft_path,
             **kwargs,
         )
-        self.peft_path = peft_path  # part of what the vectors depend on (the eval cache key reads it)
-        if peft_path:
-            self._merge_adapter(peft_path, trust_remote_code, cache_dir)
-
-    def _merge_adapter(self, peft_path: str, trust_remote_code: bool, cache_dir: str | None) -> None:
-        """Fold a LoRA adapter into the loaded model; its tokenizer (added special tokens) replaces the base's."""
-        from .. import hub
-        from .adapters import merge_lora, tokenizer_folder
-        from .base import ModelHost
-        from .tokenization import load_hf_tokenizer
-
-        folder = hub.model_folder(self.model_name_or_path, cache_dir=cache_dir)
-        tokens_from = tokenizer_folder(folder, peft_path)
-        vocab_size = None
-        if tokens_from != folder:
-            hf_tokenizer = load_hf_tokenizer(tokens_from, trust_remote_code)
-            self.tokenizer, vocab_size = TextTokenizer(hf_tokenizer), len(hf_tokenizer)
-        module = merge_lora(self.host.module, peft_path, vocab_size)
-        budget = getattr(self.host, "max_tokens_per_batch", None)
-        options = {} if budget is None else {"max_tokens_per_batch": budget}
-        devices, packed = self._devices_arg, self.packed_option
-        self.host = ModelHost(module, self.tokenizer, devices, self.use_fp16, self.use_bf16, packed=packed, **options)
-        self.target_devices = self.host.devices
 
 
 def check_examples(examples: object) -> list[dict[str, str]] | None:
