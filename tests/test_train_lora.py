@@ -406,6 +406,10 @@ def test_cross_encoder_adapter_loads_over_its_base(request, tmp_path, train_file
         adapted = FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu")
     np.testing.assert_allclose(adapted.compute_score(pairs), merged, rtol=0, atol=1e-5)
     assert np.abs(np.subtract(merged, FlagReranker(str(base), devices="cpu").compute_score(pairs))).max() > 1e-4
+    # by family: a plain encoder base with a classifier adapter is a cross-encoder (it was a bi-encoder)
+    auto = Reranker.from_pretrained(str(base), peft_path=str(out / "adapter"), devices="cpu")
+    assert isinstance(auto, FlagReranker)
+    np.testing.assert_allclose(auto.compute_score(pairs), merged, rtol=0, atol=1e-5)
     with pytest.raises(InputError, match="load the merged model"):
         FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", backend="onnx")
 

@@ -9,6 +9,7 @@ then the passage fills what is left of ``max_length``.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 import warnings
@@ -86,7 +87,10 @@ class Reranker(RerankerPoolMethods):
         name, spec = hub.resolve(model_name_or_path, registry.RERANKERS, model_class, for_reranker=True)
         if spec.trust_remote_code:
             options.setdefault("trust_remote_code", True)
-        return reranker_class(spec.kind)(name, **{k: v for k, v in options.items() if v is not None})
+        kind = spec.kind
+        if kind == registry.BI_ENCODER and model_class is None and _classifier_adapter(options.get("peft_path")):
+            kind = registry.CROSS_ENCODER  # a plain encoder plus a cross-encoder's adapter (and its score head)
+        return reranker_class(kind)(name, **{k: v for k, v in options.items() if v is not None})
 
     def detailed_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Apply the query and passage instructions, as text, before tokenizing."""
@@ -461,6 +465,17 @@ def _logits_export(module: torch.nn.Module) -> tuple[str, RowsForward] | None:
     return "logits", lambda inputs, key_mask: _head_logits(
         module, first_tokens.first_token_states(module.base_model, inputs, key_mask)
     )
+
+
+def _classifier_adapter(peft_path: str | None) -> bool:
+    """Whether ``peft_path`` is a sequence-classification LoRA adapter (``bgekit finetune reranker --lora``
+    over an encoder writes one): its base, a plain encoder, reranks as a cross-encoder then."""
+    if not peft_path:
+        return False
+    from .adapters import adapter_folder
+
+    config = json.loads((adapter_folder(peft_path) / "adapter_config.json").read_text())
+    return config.get("task_type") == "SEQ_CLS"
 
 
 def reranker_class(kind: str) -> type[Reranker]:
