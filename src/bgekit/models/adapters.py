@@ -20,6 +20,15 @@ def adapter_folder(peft_path: str | Path) -> Path:
     return folder
 
 
+def check_adapter_backend(peft_path: str | Path | None, backend: str, resolved_backend: str) -> None:
+    """An adapter merges into a torch module only: with an ONNX backend, say to load the merged model."""
+    if peft_path and resolved_backend != "torch":
+        raise InputError(
+            f"peft_path is merged into the torch model; for backend={backend!r} load the merged model "
+            "(bgekit finetune --lora saves it in OUT) instead of base + adapter"
+        )
+
+
 def tokenizer_folder(model_folder: Path, peft_path: str | Path | None) -> Path:
     """Where the tokenizer comes from: the adapter folder when it carries one (bgekit's LoRA
     training saves it there, with any added special tokens), else the model folder."""

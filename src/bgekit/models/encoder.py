@@ -15,7 +15,7 @@ from .. import hub
 from ..errors import InputError
 from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
-from .adapters import merge_lora, tokenizer_folder
+from .adapters import check_adapter_backend, merge_lora, tokenizer_folder
 from .base import ModelHost, load_module
 from .embedder import Embedder
 from .onnx_backend import OnnxModule, RowsForward, check_backend, load_onnx_module
@@ -130,11 +130,7 @@ class FlagModel(Embedder):
         if self.bidirectional:
             self.tokenizer.pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
-        if peft_path and self.backend != "torch":
-            raise InputError(
-                f"peft_path is merged into the torch model; for backend={backend!r} load the merged model "
-                "(bgekit finetune --lora saves it in OUT) instead of base + adapter"
-            )
+        check_adapter_backend(peft_path, backend, self.backend)
         self.packed_option = packed
         if self.backend == "torch":
             module = load_module(AutoModel, folder, trust_remote_code)

@@ -23,7 +23,7 @@ from .. import hub, registry
 from ..errors import InputError
 from ..runtime import first_tokens, lean_encoder
 from ..runtime import packed as packing
-from .adapters import merge_lora, tokenizer_folder
+from .adapters import adapter_folder, check_adapter_backend, merge_lora, tokenizer_folder
 from .base import ModelHost, load_module
 from .embedder import Embedder, unescape_format
 from .flag_pool import RerankerPoolMethods
@@ -245,11 +245,7 @@ class FlagReranker(Reranker):
         hf_tokenizer = load_hf_tokenizer(tokens_from, trust_remote_code)
         self.tokenizer = TextTokenizer(hf_tokenizer).pad_right()
         self.backend = check_backend(backend, devices, self.use_bf16)
-        if peft_path and self.backend != "torch":
-            raise InputError(
-                f"peft_path is merged into the torch model; for backend={backend!r} load the merged model "
-                "(bgekit finetune --lora saves it in OUT) instead of base + adapter"
-            )
+        check_adapter_backend(peft_path, backend, self.backend)
         if self.backend == "torch":
             # training's head has one label (bgekit finetune loads every base so): a base without a
             # trained head gets that shape too, and the adapter brings the trained head itself
@@ -472,8 +468,6 @@ def _classifier_adapter(peft_path: str | None) -> bool:
     over an encoder writes one): its base, a plain encoder, reranks as a cross-encoder then."""
     if not peft_path:
         return False
-    from .adapters import adapter_folder
-
     config = json.loads((adapter_folder(peft_path) / "adapter_config.json").read_text())
     return config.get("task_type") == "SEQ_CLS"
 
