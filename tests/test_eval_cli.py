@@ -115,6 +115,45 @@ def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
     assert unknown.returncode == 2 and "does not know the reranker 'nobody/reranker'" in unknown.stderr
 
 
+def test_search_refuses_a_query_model_of_other_vectors(tmp_path, minilm_dir, tiny_bert):
+    import shutil
+
+    index = tmp_path / "index"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": f"document {i}"}) + "\n" for i in range(5)))
+    run("index", "build", "-m", str(minilm_dir), "-c", str(corpus), "-o", str(index))
+    assert json.loads((index / "index.json").read_text())["vector_space"]["pooling"] == "mean"
+    query = ["search", "--index", str(index), "document 3", "--json"]
+    # the same files elsewhere (a copy keeping file times) are the same vectors: searched silently
+    same = tmp_path / "same"
+    shutil.copytree(minilm_dir, same)
+    assert "warning" not in run(*query, "-m", str(same)).stderr  # (transformers 5.0 prints a load report)
+    # CLS pooling over the same weights gives other vectors of the same size: refused, the cause named
+    cls = tmp_path / "cls"
+    shutil.copytree(minilm_dir, cls)
+    pooling = json.loads((cls / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    (cls / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    refused = run(*query, "-m", str(cls), check=False)
+    assert refused.returncode == 2 and f"({minilm_dir}): files, pooling differ" in refused.stderr
+    assert "pass --other-model" in refused.stderr and refused.stdout == ""
+    allowed = run(*query, "-m", str(cls), "--other-model")
+    assert "searching anyway" in allowed.stderr and len(allowed.stdout.splitlines()) == 5
+    # another size is refused even with --other-model, before faiss sees it
+    other = run(*query, "-m", str(tiny_bert), "--other-model", check=False)
+    assert other.returncode == 2 and "dimensional vectors; the index at" in other.stderr
+    # same names and sizes, new file times (retrained in place, or a plain copy): a warning
+    touched = tmp_path / "touched"
+    shutil.copytree(minilm_dir, touched, copy_function=shutil.copy)
+    assert "other modification times" in run(*query, "-m", str(touched)).stderr
+    # an index of an older bgekit has no record: searched with a warning when --model names another model
+    meta = json.loads((index / "index.json").read_text())
+    del meta["vector_space"]
+    (index / "index.json").write_text(json.dumps(meta))
+    assert "records no model identity" in run(*query, "-m", str(cls)).stderr
+    assert "warning" not in run(*query).stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -192,7 +192,7 @@ def index_build(
     from ..errors import InputError
     from ..models.embedder import Embedder
     from .index import DenseIndex, require_faiss
-    from .retrieval import normalize_rows
+    from .retrieval import normalize_rows, vector_space
 
     require_faiss()  # before the corpus is read and embedded
     io.check_outputs(out / "docs.jsonl")  # before the corpus is embedded: a file in the way, no write access
@@ -218,6 +218,7 @@ def index_build(
             "type": "dense",
             # a local folder by its absolute path: `search` may run from another directory
             "model": _absolute_if_local(embedder.model_name_or_path),
+            "vector_space": vector_space(embedder),  # `search` refuses a query model of another space
             "query_instruction": embedder.query_instruction_for_retrieval,
             "score_function": "cosine",
             "max_length": max_length,
@@ -251,12 +252,20 @@ def search(
     ] = None,
     query_instruction: QueryInstructionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines: id, score, rank, text.")] = False,
+    other_model: Annotated[
+        bool,
+        typer.Option(
+            "--other-model",
+            help="Search with a --model whose vectors differ from the index's (e.g. a separate query encoder).",
+        ),
+    ] = False,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
 ) -> None:
     """Search an index for QUERY; optionally rerank the candidates. Prints rank, score, id, text."""
     from .. import io
+    from ..errors import InputError
     from ..models.embedder import Embedder
     from .index import DenseIndex
     from .retrieval import encode_queries, load_reranker, normalize_rows
@@ -276,7 +285,10 @@ def search(
 
         hub.resolve(reranker, registry.RERANKERS, for_reranker=True)
     embedder = Embedder.from_pretrained(name, **options)
+    _check_query_model(embedder, dense, index, other_model)
     vector = normalize_rows(encode_queries(embedder, [query], instruction, None, dense.meta.get("max_length")))
+    if vector.shape[1] != dense.dim:
+        raise InputError(f"{name} gives {vector.shape[1]}-dimensional vectors; the index at {index} holds {dense.dim}")
     depth = max(top_k, rerank_top_k or 100) if reranker else top_k
     scores, rows = dense.search(vector, depth)
     hits = [(dense.ids[i], float(s)) for s, i in zip(scores[0], rows[0], strict=True) if i >= 0]
@@ -300,6 +312,39 @@ def search(
             typer.echo(json.dumps({"rank": rank, "id": doc_id, "score": score, "text": text}, ensure_ascii=False))
         else:
             typer.echo(f"{rank}\t{score:.6f}\t{doc_id}\t{text.replace(chr(10), ' ')[:100]}")
+
+
+def _check_query_model(embedder, dense, index: Path, other_model: bool) -> None:
+    """Refuse a query model whose vectors are not the index's: its scores would be silently wrong."""
+    from ..errors import InputError
+    from .retrieval import space_differences, vector_space
+
+    built = dense.meta.get("vector_space")
+    if built is None:  # an index of an older bgekit: only its model's name to go by
+        if embedder.model_name_or_path != dense.meta.get("model") and not other_model:
+            typer.echo(
+                f"warning: {index} records no model identity (built by an older bgekit); searching it with "
+                f"{embedder.model_name_or_path}, which cannot be checked against {dense.meta.get('model')}",
+                err=True,
+            )
+        return
+    differences = space_differences(built, vector_space(embedder))
+    if not differences:
+        return
+    if differences == ["file_times"]:  # a copy, a new download, or weights retrained in place
+        typer.echo(
+            f"warning: the files of {embedder.model_name_or_path} have the names and sizes of those {index} "
+            "was built with but other modification times; if the model was retrained, rebuild the index",
+            err=True,
+        )
+        return
+    what = (
+        f"{embedder.model_name_or_path} does not give the vectors of the model {index} was built with "
+        f"({dense.meta.get('model')}): {', '.join(differences)} differ"
+    )
+    if not other_model:
+        raise InputError(f"{what}; rebuild the index with this model, or pass --other-model to search anyway")
+    typer.echo(f"note: {what}; searching anyway (--other-model)", err=True)
 
 
 def register(app: typer.Typer) -> None:

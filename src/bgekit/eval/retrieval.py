@@ -407,6 +407,31 @@ def model_identity(embedder: Any) -> dict[str, Any]:
     return identity
 
 
+def vector_space(embedder: Any) -> dict[str, Any]:
+    """What decides which vectors a model gives, for telling whether an index's vectors and a query
+    model's can be compared: :func:`model_identity` without what leaves the vectors as they are (where
+    the folder lies, file times, precision, backend, document length and instruction). The same files
+    under a hub id or a local copy are the same space."""
+    identity = model_identity(embedder)
+    files = identity.pop("files")
+    space = {k: identity.get(k) for k in ("class", "pooling", "normalize", "truncate_dim", "weights")}
+    if identity.get("adapter"):
+        space["adapter"] = [[row[0], row[1]] for row in identity["adapter"][1]]
+    if files:
+        space["files"] = [[row[0], row[1]] for row in files[1]]
+        space["file_times"] = [row[2] for row in files[1]]  # same sizes, new times: maybe retrained in place
+    else:  # a name no folder answers to: known by that name alone
+        space["name"] = identity["name"]
+    return space
+
+
+def space_differences(built: dict[str, Any], query: dict[str, Any]) -> list[str]:
+    """The keys of two :func:`vector_space` records that differ (empty: the same space); file times
+    only count when nothing else differs, as "file_times" (a copy or a new download has new times)."""
+    keys = sorted(k for k in set(built) | set(query) if built.get(k) != query.get(k))
+    return [k for k in keys if k != "file_times"] or keys
+
+
 def _weights_digest(embedder: Any) -> str | None:
     """SHA-256 of the model's parameters when they were written after loading (only then: hashing
     a large model costs seconds, and unchanged models keep their keys); None otherwise."""
