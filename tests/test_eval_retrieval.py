@@ -374,3 +374,31 @@ def test_an_embedder_as_reranker_takes_reranker_instructions(minilm_dir):
     embedder = Embedder.from_pretrained(str(minilm_dir), query_instruction_for_retrieval="query: ", devices="cpu")
     expected = embedder.encode_queries(["what is a panda"]) @ embedder.encode_corpus(["a bear"]).T
     assert reranker.compute_score([("what is a panda", "a bear")])[0] == pytest.approx(float(expected[0, 0]), abs=1e-6)
+
+
+class _HashEmbedder:
+    """A user's own embedder: vectors from a seeded hash of the words, no model folder."""
+
+    def __init__(self, seed: int, model_name_or_path: str = ""):
+        self.seed, self.model_name_or_path = seed, model_name_or_path
+
+    def _encode(self, texts, **_):
+        rows = []
+        for text in [texts] if isinstance(texts, str) else texts:
+            vector = np.zeros(16, dtype=np.float32)
+            for word in text.lower().split():
+                vector[hash((self.seed, word)) % 16] += 1.0
+            rows.append(vector / max(np.linalg.norm(vector), 1e-9))
+        return np.stack(rows)
+
+    encode_queries = encode_corpus = _encode
+
+
+def test_a_custom_embedder_without_a_model_folder_is_not_cached(tmp_path, minilm_dir):
+    first = evaluate_retrieval(_HashEmbedder(1), MINI, cache_dir=tmp_path)
+    other = evaluate_retrieval(_HashEmbedder(2), MINI, cache_dir=tmp_path)
+    assert first.cache["status"] == other.cache["status"] == "off" and not (tmp_path / "corpus").exists()
+    assert other.metrics != first.metrics  # another instance's vectors, not the first one's from a cache
+    named = evaluate_retrieval(_HashEmbedder(1, str(minilm_dir)), MINI, cache_dir=tmp_path)
+    again = evaluate_retrieval(_HashEmbedder(1, str(minilm_dir)), MINI, cache_dir=tmp_path)
+    assert (named.cache["status"], again.cache["status"]) == ("miss", "hit") and again.metrics == first.metrics

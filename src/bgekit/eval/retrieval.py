@@ -462,6 +462,15 @@ def _folder_fingerprint(name: str) -> list[Any]:
     return [str(folder.resolve()), rows]
 
 
+def cacheable(embedder: Any) -> bool:
+    """Whether a cache key can tell this model's vectors apart: bgekit's own classes always (a name
+    they loaded from, or a digest of weights changed since), another class only when it names a model
+    folder bgekit can fingerprint; a custom embedder is otherwise known by its class name alone."""
+    if type(embedder).__module__.split(".")[0] == "bgekit":
+        return True
+    return bool(_folder_fingerprint(str(getattr(embedder, "model_name_or_path", "") or "")))
+
+
 def cache_key(embedder: Any, dataset: RetrievalDataset, max_length: int | None) -> str:
     payload = {
         "version": CACHE_VERSION,
@@ -497,6 +506,20 @@ def embed_corpus(
     if cache_root is None:
         vectors = encode(texts)
         return vectors, {"status": "off", "cached_documents": 0, "embedded_documents": n}
+
+    if not cacheable(embedder):
+        logger.warning(
+            "corpus embeddings of %s are not cached: it names no model folder bgekit can fingerprint, so a "
+            "cache could not tell its vectors from another instance's (give it a model_name_or_path)",
+            type(embedder).__name__,
+        )
+        vectors = encode(texts)
+        return vectors, {
+            "status": "off",
+            "reason": "unidentifiable model",
+            "cached_documents": 0,
+            "embedded_documents": n,
+        }
 
     key = cache_key(embedder, dataset, max_length)
     folder = cache_root / "corpus" / key[:32]
