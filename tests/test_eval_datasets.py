@@ -60,6 +60,9 @@ def test_title_joined_like_mteb_and_only_judged_queries_kept(tmp_path):
     ]
     assert dataset.queries == {"q1": "what do pandas eat?", "q2": "capital of france"}
     assert dataset.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
+    # a header after leading blank lines is still the header
+    (folder / "qrels" / "test.tsv").write_text("\n\n" + QRELS)
+    assert load_retrieval_dataset(folder).qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
 
 
 def test_gzipped_corpus_and_trec_qrels(tmp_path):
@@ -139,6 +142,8 @@ def test_qrels_naming_unknown_documents_and_queries_warn_and_count(tmp_path, cap
         (DOCS, QUERIES, "q1\td1\t1\nq1\td1\t0\n", DataFormatError,
          r"test\.tsv, line 2: \('q1', 'd1'\) is judged 0 here but 1 on line 1"),
         (DOCS, QUERIES, "query-id\tcorpus-id\tscore\n", InputError, r"test\.tsv holds no judgments"),
+        (DOCS, QUERIES, "query-id\tcorpus-id\tscore\nq1\td1\t1\nquery-id\tcorpus-id\tscore\nq2\td2\t1\n",
+         DataFormatError, r"test\.tsv, line 3: a header line after the first judgments \(two qrels files joined"),
         (DOCS, QUERIES, "x\td1\t1\n", InputError,
          r"none of the 1 queries judged in .*test\.tsv is in the queries file"),
     ],

@@ -363,6 +363,7 @@ class _Judgments:
 def read_qrels_tsv(path: Path) -> dict[str, dict[str, int]]:
     """BEIR ``query-id<TAB>corpus-id<TAB>score`` (header optional) or TREC ``qid 0 docid rel`` lines."""
     judgments = _Judgments(path)
+    first = True
     for line_number, raw in io.numbered_lines(path):
         line = raw.rstrip("\r\n")
         if not line.strip():
@@ -379,8 +380,14 @@ def read_qrels_tsv(path: Path) -> dict[str, dict[str, int]]:
                 f"expected 3 tab-separated columns (query-id, corpus-id, score), found {len(parts)}",
             )
         query_id, doc_id, score = (p.strip() for p in parts)
-        if line_number == 1 and _qrels_header(query_id, score):
-            continue
+        if _qrels_header(query_id, score):
+            if first:  # the first line that is not blank
+                first = False
+                continue
+            raise DataFormatError(
+                path, line_number, "a header line after the first judgments (two qrels files joined?); remove it"
+            )
+        first = False
         if not query_id or not doc_id:
             raise DataFormatError(path, line_number, "empty query or document id")
         judgments.add(query_id, doc_id, _relevance(score, path, line_number), line_number)
