@@ -121,6 +121,28 @@ def test_qrels_naming_unknown_documents_and_queries_warn_and_count(tmp_path, cap
     assert dataset.qrels["q1"] == {"d1": 1, "ghost-doc": 1}  # still relevant, as trec_eval counts it
 
 
+def test_cqadupstack_forums_are_datasets_of_their_own(tmp_path):
+    """BEIR's cqadupstack zip holds one folder a forum: ``cqadupstack/android`` loads that forum."""
+    source = tmp_path / "src" / "cqadupstack"
+    write_beir(source / "android", DOCS, QUERIES, QRELS)
+    write_beir(source / "gis", DOCS[:1], QUERIES[:1], "q1\td1\t1\n")
+    archive = tmp_path / "cqadupstack.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in source.rglob("*"):
+            bundle.write(path, path.relative_to(source.parent))
+    cache = tmp_path / "cache"
+    folder = download_beir("cqadupstack", cache_dir=cache, url=archive.as_uri())
+    assert sorted(p.name for p in folder.iterdir()) == ["android", "gis"]
+    assert download_beir("cqadupstack", cache_dir=cache, url="file:///nowhere.zip") == folder  # cached
+    android = load_retrieval_dataset("cqadupstack/android", cache_dir=cache)
+    assert android.name == "android" and android.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
+    assert load_retrieval_dataset("CQADupStack/gis", cache_dir=cache).corpus_ids == ["d1"]
+    with pytest.raises(InputError, match=r"cqadupstack is 12 datasets, one a forum; .*cqadupstack/FORUM"):
+        load_retrieval_dataset("cqadupstack", cache_dir=cache)
+    with pytest.raises(InputError, match=r"holds 2 datasets, not one \(android, gis\); pass one of their folders"):
+        load_retrieval_dataset(folder)
+
+
 @pytest.mark.parametrize(
     ("corpus", "queries", "qrels", "error", "message"),
     [

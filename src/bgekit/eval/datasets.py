@@ -57,6 +57,22 @@ BEIR_DATASETS = (
     "trec-covid",
     "webis-touche2020",
 )
+#: the forums of BEIR's ``cqadupstack`` archive, each a dataset of its own (``cqadupstack/android``);
+#: MTEB's CQADupstackRetrieval score is the mean of their scores
+CQADUPSTACK_FORUMS = (
+    "android",
+    "english",
+    "gaming",
+    "gis",
+    "mathematica",
+    "physics",
+    "programmers",
+    "stats",
+    "tex",
+    "unix",
+    "webmasters",
+    "wordpress",
+)
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -155,6 +171,15 @@ def load_retrieval_dataset(
     if path.exists():
         return load_local_dataset(path, split)
     name = str(name_or_path)
+    parent, _, forum = name.lower().partition("/")
+    if parent == "cqadupstack":
+        if forum not in CQADUPSTACK_FORUMS:
+            raise InputError(
+                f"cqadupstack is {len(CQADUPSTACK_FORUMS)} datasets, one a forum; evaluate each as "
+                f"cqadupstack/FORUM, FORUM one of {', '.join(CQADUPSTACK_FORUMS)} (MTEB's CQADupstack score is "
+                "the mean of their scores)"
+            )
+        return load_local_dataset(download_beir("cqadupstack", cache_dir=cache_dir) / forum, split)
     if name.lower() in BEIR_DATASETS:
         return load_local_dataset(download_beir(name.lower(), cache_dir=cache_dir), split)
     if _HF_ID.match(name) and not path.parent.is_dir():  # `data/scifactt` under an existing `data/` is a typo
@@ -187,6 +212,11 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
     """Read a dataset folder in the BEIR or the custom layout (see the module docstring)."""
     folder = Path(folder)
     layout = detect_layout(folder, split)
+    nested = _nested_datasets(folder)
+    if nested:  # cqadupstack's archive: a folder of datasets, not one
+        raise InputError(
+            f"{folder} holds {len(nested)} datasets, not one ({', '.join(nested)}); pass one of their folders"
+        )
     if layout == "custom":
         corpus_path = _require(folder, ["corpus.jsonl", "corpus.jsonl.gz"], split, layout)
         queries_path = _require(folder, [f"{split}_queries.jsonl", f"{split}_queries.jsonl.gz"], split, layout)
@@ -200,6 +230,17 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
     ids, texts = read_corpus(corpus_path)
     queries = read_queries(queries_path)
     return assemble(folder.name, split, ids, texts, queries, qrels, folder, layout, qrels_path)
+
+
+def _nested_datasets(folder: Path) -> list[str]:
+    """The subfolders holding a corpus when ``folder`` itself has none."""
+    if not folder.is_dir() or any((folder / f"corpus.jsonl{gz}").exists() for gz in ("", ".gz")):
+        return []
+    return sorted(
+        sub.name
+        for sub in folder.iterdir()
+        if sub.is_dir() and any((sub / f"corpus.jsonl{gz}").exists() for gz in ("", ".gz"))
+    )
 
 
 def assemble(
@@ -479,7 +520,7 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
     """
     root = Path(cache_dir or default_cache_dir() / "datasets").expanduser()
     target = root / name
-    if (target / "corpus.jsonl").exists() or (target / "corpus.jsonl.gz").exists():
+    if (target / "corpus.jsonl").exists() or (target / "corpus.jsonl.gz").exists() or _nested_datasets(target):
         return target
     url = url or BEIR_URL.format(name=name)
     root.mkdir(parents=True, exist_ok=True)
@@ -499,7 +540,7 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
             raise InputError(f"{url} is not a zip archive") from None
         unpacked = Path(tmp) / "unpacked"
         inner = unpacked / name if (unpacked / name).is_dir() else unpacked
-        if not any((inner / f).exists() for f in ("corpus.jsonl", "corpus.jsonl.gz")):
+        if not any((inner / f).exists() for f in ("corpus.jsonl", "corpus.jsonl.gz")) and not _nested_datasets(inner):
             raise InputError(f"{url} holds no corpus.jsonl: not a BEIR dataset archive")
         os.replace(inner, target)
     logger.info("downloaded BEIR dataset %s to %s", name, target)
@@ -570,6 +611,7 @@ def dataset_json(dataset: RetrievalDataset) -> dict[str, Any]:
 
 __all__ = [
     "BEIR_DATASETS",
+    "CQADUPSTACK_FORUMS",
     "RetrievalDataset",
     "StsDataset",
     "available_splits",
