@@ -45,6 +45,27 @@ def test_top_k_breaks_ties_by_lower_index():
     assert rows.tolist() == [[1, 0, 2]] and scores[0].tolist() == pytest.approx([0.9, 0.5, 0.5])
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_flat_index_ties_come_lowest_row_first(quantization):
+    """Duplicate documents tie exactly; faiss's flat search returned them highest row first. Small
+    integers keep every dot product exact; 40 queries take faiss's blocked (BLAS) path."""
+    rng = np.random.default_rng(4)
+    docs = np.repeat(rng.integers(-3, 4, (6, 8)).astype(np.float32), 7, axis=0)[rng.permutation(42)]
+    index = DenseIndex.build(docs, [str(i) for i in range(len(docs))], quantization=quantization)
+    queries = rng.integers(-3, 4, (40, 8)).astype(np.float32)
+    full = queries @ docs.T
+    for k in (1, 3, 7, 10, 42):  # cuts inside and at the end of a run of ties
+        expected = np.stack([np.lexsort((np.arange(len(docs)), -row))[:k] for row in full])
+        scores, rows = index.search(queries, k)
+        if quantization is None:
+            np.testing.assert_array_equal(rows, expected)
+        else:  # int8 codes change the scores, not their ties: each run of equal scores is in row order
+            for score_row, row in zip(scores, rows, strict=True):
+                for value in np.unique(score_row):
+                    tied = row[score_row == value]
+                    assert tied.tolist() == sorted(tied.tolist())
+
+
 def test_top_k_ties_at_the_cut_keep_the_lowest_indices():
     """Sparse scores tie a lot (every unmatched document scores 0): the rows kept at the k-th score
     must be the lowest-indexed ones, as a stable full sort would keep them."""

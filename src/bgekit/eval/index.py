@@ -73,6 +73,16 @@ def _as_matrix(vectors: Any, name: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def rank_rows(scores: np.ndarray, rows: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Order each query's results by score descending, the lower row first on ties (faiss's flat search
+    gives tied rows highest first), faiss's ``-1`` (no result) last; keep the first ``k``."""
+    missing = rows < 0
+    keys_rows = np.where(missing, np.iinfo(np.int64).max, rows)
+    keys_scores = np.where(missing, np.inf, -scores)
+    order = np.lexsort((keys_rows, keys_scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` of each row of a dense score matrix: score descending, lower index first on ties."""
     n = scores.shape[1]
@@ -221,15 +231,28 @@ class DenseIndex:
         k = min(k, len(self))
         all_scores, all_indices = [], []
         for start in range(0, len(matrix), batch_size):
-            chunk = matrix[start : start + batch_size]
+            scores, indices = self._search_keeping_ties(matrix[start : start + batch_size], k)
+            all_scores.append(scores)
+            all_indices.append(indices)
+        return np.concatenate(all_scores), np.concatenate(all_indices)
+
+    def _search_keeping_ties(self, chunk: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's top ``k``, ordered by :func:`rank_rows`. An exact (flat, float) index searches deeper
+        while the last row found ties the k-th: faiss keeps any of the rows tied at the cut, not the
+        lowest (duplicate documents are common). Binary codes tie too often to chase; HNSW / IVF are
+        approximate anyway: those are only reordered."""
+        exact = self.kind == "flat" and self.quantization != "binary"
+        depth = k
+        while True:
             if self.quantization == "binary":
-                distances, indices = self.index.search(np.packbits(chunk > 0, axis=1), k)
+                distances, indices = self.index.search(np.packbits(chunk > 0, axis=1), depth)
                 scores = 1.0 - 2.0 * distances.astype(np.float32) / self.dim
             else:
-                scores, indices = self.index.search(chunk, k)
-            all_scores.append(scores.astype(np.float32, copy=False))
-            all_indices.append(indices.astype(np.int64, copy=False))
-        return np.concatenate(all_scores), np.concatenate(all_indices)
+                scores, indices = self.index.search(chunk, depth)
+            scores, indices = scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
+            if not exact or depth >= len(self) or not np.any(scores[:, -1] == scores[:, k - 1]):
+                return rank_rows(scores, indices, k)
+            depth = min(len(self), 2 * depth)
 
     # -- disk ------------------------------------------------------------------------------
     def save(self, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import io
 from ..errors import InputError
-from .index import DenseIndex, _as_matrix, _check_ids, _faiss
+from .index import DenseIndex, _as_matrix, _check_ids, _faiss, rank_rows
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ def merge_top_k(
     rows = np.concatenate(
         [np.where(i >= 0, i + offset, -1) for i, offset in zip(indices, offsets, strict=True)], axis=1
     ).astype(np.int64)
-    missing = rows < 0
-    keys_rows = np.where(missing, np.iinfo(np.int64).max, rows)
-    keys_scores = np.where(missing, np.inf, -all_scores)
-    order = np.lexsort((keys_rows, keys_scores), axis=1)[:, :k]
-    return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+    return rank_rows(all_scores, rows, k)
 
 
 class ShardedIndex:
