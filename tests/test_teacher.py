@@ -85,8 +85,9 @@ def test_score_keeps_every_field_of_the_record(tmp_path, golden_dir):
 
 def test_score_replaces_the_scores_of_partly_scored_data(tmp_path, golden_dir):
     """add_reranker_score.py overwrites whatever scores a record had; a file where only some records carry
-    them (data merged from two sources) was refused as training data is."""
-    rows = [{**RECORDS[0], "pos_scores": [9.0], "neg_scores": [1.0, 2.0]}, RECORDS[1]]
+    them (data merged from two sources) was refused as training data is, and stale scores (of negatives
+    edited since: 1 score for 2 negatives) were checked and refused though they are replaced."""
+    rows = [{**RECORDS[0], "pos_scores": [9.0], "neg_scores": [1.0]}, RECORDS[1]]
     train, out = tmp_path / "train.jsonl", tmp_path / "scored.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     folder = str(golden_dir / "models" / "xlmr-reranker")

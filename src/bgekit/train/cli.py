@@ -382,7 +382,7 @@ def mine(
         use_gpu_for_searching,
     )
     mining.check()  # a bad --margin found before the data is read and the model loaded, not after
-    records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
+    records = load_train_data(input, read_scores=False)  # its scores are replaced or dropped
     pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
     _, options = family_options(model, model_class, pooling_method, query_instruction_for_retrieval, examples)
     if query_instruction_format is not None:
@@ -432,7 +432,7 @@ def score(
             f"teacher scores come from one layer; got {len(layers)} ({cutoff_layers})", param_hint="--cutoff-layers"
         )
     _check_reranker_flags(reranker, model_class, cutoff_layers=layers, prompt=prompt)
-    records = load_train_data(input, uniform_scores=False)  # its scores are replaced or dropped
+    records = load_train_data(input, read_scores=False)  # its scores are replaced or dropped
     options = {
         "model_class": model_class,
         "max_length": max_length,

@@ -157,11 +157,12 @@ def _records_of(path: Path) -> Iterator[tuple[int, dict]]:
     return read_jsonl(path)
 
 
-def load_train_data(paths: str | Path | Sequence[str | Path], *, uniform_scores: bool = True) -> list[TrainRecord]:
+def load_train_data(paths: str | Path | Sequence[str | Path], *, read_scores: bool = True) -> list[TrainRecord]:
     """Read and validate every record of one or more JSONL files (or folders of them); a ``.json``
     file may also hold one JSON array of records, as FlagEmbedding reads it. Training needs teacher
-    scores on every record or none (``uniform_scores``); ``bgekit score`` and ``mine``, which replace
-    or drop them, take a mix."""
+    scores on every record or none; ``bgekit score`` and ``mine``, which replace or drop them, pass
+    ``read_scores=False``: old scores are neither read nor checked (stale ones, of negatives since
+    edited, are why a file is scored again), and stay in the record's ``raw`` object."""
     files: list[Path] = []
     for item in [paths] if isinstance(paths, (str, Path)) else paths:
         item = Path(item)
@@ -176,13 +177,21 @@ def load_train_data(paths: str | Path | Sequence[str | Path], *, uniform_scores:
     records: list[TrainRecord] = []
     for path in files:
         before = len(records)
-        records += [parse_record(obj, path, line) for line, obj in _records_of(path)]
+        records += [_parse(obj, path, line, read_scores) for line, obj in _records_of(path)]
         if len(records) == before:
             raise InputError(f"training file {path} holds no records")
     scored = {r.pos_scores is not None for r in records}
-    if uniform_scores and len(scored) > 1:
+    if read_scores and len(scored) > 1:
         raise InputError("some records have teacher scores and some do not; score every record or none")
     return records
+
+
+def _parse(obj: dict, path: Path, line: int, read_scores: bool) -> TrainRecord:
+    if read_scores or not isinstance(obj, dict):
+        return parse_record(obj, path, line)
+    record = parse_record({k: v for k, v in obj.items() if k not in ("pos_scores", "neg_scores")}, path, line)
+    record.raw = obj  # the old scores keep their place for the new ones
+    return record
 
 
 def write_records(path: str | Path, records: Iterable[TrainRecord]) -> None:
