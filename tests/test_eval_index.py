@@ -64,6 +64,9 @@ def test_flat_index_ties_come_lowest_row_first(quantization):
                 for value in np.unique(score_row):
                     tied = row[score_row == value]
                     assert tied.tolist() == sorted(tied.tolist())
+    # a query tied with the whole corpus (a zero vector) is not chased past a bounded depth, still ordered
+    scores, rows = index.search(np.zeros((1, 8), dtype=np.float32), 5)
+    assert scores.tolist() == [[0.0] * 5] and rows[0].tolist() == sorted(rows[0].tolist())
 
 
 def test_top_k_ties_at_the_cut_keep_the_lowest_indices():

@@ -237,22 +237,29 @@ class DenseIndex:
         return np.concatenate(all_scores), np.concatenate(all_indices)
 
     def _search_keeping_ties(self, chunk: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """faiss's top ``k``, ordered by :func:`rank_rows`. An exact (flat, float) index searches deeper
-        while the last row found ties the k-th: faiss keeps any of the rows tied at the cut, not the
-        lowest (duplicate documents are common). Binary codes tie too often to chase; HNSW / IVF are
-        approximate anyway: those are only reordered."""
+        """faiss's top ``k``, ordered by :func:`rank_rows`. faiss keeps any of the rows tied at the cut,
+        not the lowest (duplicate documents are common), so on an exact (flat, float) index the queries
+        whose deepest row ties the k-th are searched again, deeper, up to ``max(4k, k + 1024)`` rows
+        (a query tied with most of the corpus, e.g. a constant vector, stops there). Binary codes tie too
+        often to chase; HNSW / IVF are approximate anyway: those are only reordered."""
+        scores, indices = self._faiss_search(chunk, k)
         exact = self.kind == "flat" and self.quantization != "binary"
-        depth = k
-        while True:
-            if self.quantization == "binary":
-                distances, indices = self.index.search(np.packbits(chunk > 0, axis=1), depth)
-                scores = 1.0 - 2.0 * distances.astype(np.float32) / self.dim
-            else:
-                scores, indices = self.index.search(chunk, depth)
-            scores, indices = scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
-            if not exact or depth >= len(self) or not np.any(scores[:, -1] == scores[:, k - 1]):
-                return rank_rows(scores, indices, k)
-            depth = min(len(self), 2 * depth)
+        depth, limit = k, min(len(self), max(4 * k, k + 1024))
+        tied = np.flatnonzero(scores[:, -1] == scores[:, k - 1]) if exact else []
+        while len(tied) and depth < limit:
+            depth = min(limit, 2 * depth)
+            deeper_scores, deeper = self._faiss_search(chunk[tied], depth)
+            scores[tied], indices[tied] = rank_rows(deeper_scores, deeper, k)
+            tied = tied[deeper_scores[:, -1] == deeper_scores[:, k - 1]]
+        return rank_rows(scores, indices, k)
+
+    def _faiss_search(self, chunk: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.quantization == "binary":
+            distances, indices = self.index.search(np.packbits(chunk > 0, axis=1), depth)
+            scores = 1.0 - 2.0 * distances.astype(np.float32) / self.dim
+        else:
+            scores, indices = self.index.search(chunk, depth)
+        return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
 
     # -- disk ------------------------------------------------------------------------------
     def save(self, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
