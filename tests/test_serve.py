@@ -168,6 +168,27 @@ def test_m3_sparse_and_colbert_extension(server, golden_dir):
     assert refused.status_code == 400 and error_of(refused)["param"] == "return_sparse"
 
 
+def test_dimensions_shapes_the_dense_embedding_only(server, golden_dir):
+    """``dimensions`` past the model's size was a 400 even with ``return_dense: false``, while any smaller value
+    was ignored there: it is checked and applied only when a dense embedding is returned."""
+    library = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"))
+    expected = library.encode(TEXTS, return_dense=False, return_sparse=True, return_colbert_vecs=True)
+    body = {"model": "m3", "input": TEXTS, "return_dense": False, "return_sparse": True, "return_colbert_vecs": True}
+    for dimensions in (8, 4096):
+        response = post(server, "/v1/embeddings", {**body, "dimensions": dimensions})
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert all(item["embedding"] == [] for item in data)
+        for item, vectors in zip(data, expected["colbert_vecs"], strict=True):  # ColBERT vectors are never cut
+            np.testing.assert_allclose(item["colbert_vecs"], vectors, atol=1e-5)
+    dense = post(server, "/v1/embeddings", {"model": "m3", "input": TEXTS, "return_sparse": True, "dimensions": 4096})
+    assert dense.status_code == 400 and error_of(dense)["code"] == "invalid_dimensions"
+    assert "4096" in error_of(dense)["message"]
+    # a plain model has no output but the dense one: return_dense=false is the error, not dimensions
+    plain = post(server, "/v1/embeddings", {"model": "minilm", "input": "x", "return_dense": False, "dimensions": 4096})
+    assert plain.status_code == 400 and error_of(plain)["code"] == "unsupported_output"
+
+
 # -- check 2: rerank returns the library's scores, sorted, top_n, return_documents ---------------
 @pytest.mark.parametrize("name", ["rr", "llm-rr", "layerwise", "bi-encoder"])
 def test_rerank_matches_the_library(server, name, tiny_xlmr_reranker, golden_dir, minilm_dir):

@@ -355,13 +355,6 @@ def create_app(
         if not texts:
             raise ApiError(422, "input is an empty list; send at least one text", param="input", code="invalid_schema")
         check_count(len(texts), "input")
-        if request.dimensions is not None and engine.dimensions is not None and request.dimensions > engine.dimensions:
-            raise ApiError(
-                400,
-                f"dimensions={request.dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
-                param="dimensions",
-                code="invalid_dimensions",
-            )
         options = EmbedOptions(request.return_dense, request.return_sparse, request.return_colbert_vecs)
         if (options.sparse or options.colbert or not options.dense) and not engine.is_m3:
             raise ApiError(
@@ -377,11 +370,19 @@ def create_app(
             )
         if not (options.dense or options.sparse or options.colbert):
             raise ApiError(400, "nothing to return: every return_* option is false", param="return_dense")
+        # dimensions shapes the dense embedding only (sparse weights and ColBERT vectors are never cut):
+        # checked, and applied, when one is returned; with return_dense=false there is nothing to shape
+        dimensions = request.dimensions if options.dense else None
+        if dimensions is not None and engine.dimensions is not None and dimensions > engine.dimensions:
+            raise ApiError(
+                400,
+                f"dimensions={dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
+                param="dimensions",
+                code="invalid_dimensions",
+            )
         truncate = config.truncate if request.truncate is None else request.truncate
         work, result = await run(engine, (texts, request.input_type, truncate, options), "input", http)
-        return await render(
-            engine.render, work, result, encoding_format=request.encoding_format, dimensions=request.dimensions
-        )
+        return await render(engine.render, work, result, encoding_format=request.encoding_format, dimensions=dimensions)
 
     @router.post(
         "/rerank",
