@@ -320,6 +320,40 @@ def test_too_long_input_is_truncated_or_413(server, minilm):
     assert refused_pairs.status_code == 413 and error_of(refused_pairs)["param"] == "documents"
 
 
+def test_an_llm_reranker_413_gives_the_pair_budget_it_really_has(server, golden_dir, tiny_xlmr_reranker):
+    """An LLM reranker cuts (bos + query, separator + document) to max_length + len(separator + prompt): the
+    413 named max_length (512) as the pair's limit, a number that was neither the query's, nor the document's,
+    nor the pair's. It gives the three real limits and the tokens of the first pair past one of them."""
+    from bgekit.models.llm_reranker import DEFAULT_PROMPT
+
+    library = Reranker.from_pretrained(str(golden_dir / "models" / "gemma-llm-reranker"))
+    tokenizer = library.tokenizer
+
+    def tokens(text: str) -> int:  # as the model reads a side: instruction included, no special tokens
+        return len(tokenizer.plain_ids([text])[0][0])
+
+    together = 512 + tokens(DEFAULT_PROMPT) - 1  # the prompt comes on top of max_length; bos takes one
+    query = "a " * 200
+    q = tokens(library.detailed_pairs([(query, "")])[0][0])
+    words = next(k for k in range(1, 600) if tokens(library.detailed_pairs([("", "a " * k)])[0][1]) == together - q)
+    body = {"model": "llm-rr", "query": query, "documents": ["a", "a " * words], "truncate": False}
+    assert post(server, "/v1/rerank", body).status_code == 200  # exactly the budget: whole
+    refused = post(server, "/v1/rerank", {**body, "documents": ["a", "a " * (words + 1)]})
+    assert refused.status_code == 413
+    message = error_of(refused)["message"]
+    assert f"documents[1] has {together - q + 1} tokens, the query {q}" in message, message
+    assert "a query of at most 384 tokens, a document of at most 512 and both together at most " in message
+    assert f"together at most {together} " in message
+    # a cross-encoder's special tokens take part of max_length instead
+    long_text = "pandas eat bamboo " * 400
+    cross = post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], "truncate": False})
+    assert cross.status_code == 413
+    length = httpx.get(f"{server.url}/v1/models/rr", headers=AUTH, timeout=10).json()["max_length"]
+    limit = length - Reranker.from_pretrained(str(tiny_xlmr_reranker)).tokenizer.n_special_pair  # <s>q</s></s>d</s>
+    message = error_of(cross)["message"]
+    assert f"a query of at most {length * 3 // 4} tokens and both together at most {limit} " in message, message
+
+
 def test_broken_json_and_lone_surrogates_are_400_naming_the_problem(server):
     headers = {**AUTH, "Content-Type": "application/json"}
     broken = httpx.post(f"{server.url}/v1/embeddings", content=b'{"input": "a",}', headers=headers, timeout=10)
