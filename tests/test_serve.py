@@ -438,6 +438,25 @@ def metric_value(server, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+def test_metrics_have_the_prometheus_content_types(server):
+    """/metrics answered the plain text format under prometheus-client's CONTENT_TYPE_LATEST, which recent
+    releases make ``version=1.0.0``: a format the body was not. It answers as prometheus-client's own exporters
+    do: the 0.0.4 text format by default, OpenMetrics to a scraper that asks for it (Prometheus does)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+    from prometheus_client.parser import text_string_to_metric_families
+
+    plain = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert plain.status_code == 200
+    assert plain.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "bgekit_requests" in {family.name for family in text_string_to_metric_families(plain.text)}
+    accept = "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+    scraped = httpx.get(f"{server.url}/metrics", headers={"Accept": accept}, timeout=10)
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert scraped.text.endswith("# EOF\n")
+    assert "bgekit_requests" in {family.name for family in openmetrics_families(scraped.text)}
+    assert httpx.head(f"{server.url}/metrics", timeout=10).headers["content-type"] == plain.headers["content-type"]
+
+
 # -- check 4: 500 requests from 50 concurrent clients, all correct, batching visible -----------------
 def test_500_requests_from_50_concurrent_clients(server, tiny_prompted):
     n_clients, per_client = 50, 10

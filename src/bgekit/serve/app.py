@@ -459,8 +459,9 @@ def create_app(
         return JSONResponse({"status": "ok" if ok else "unhealthy", "models": report}, status_code=200 if ok else 503)
 
     @router.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+    async def prometheus(http: Request) -> Response:
+        body, content_type = metrics.render(http.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)
