@@ -37,6 +37,7 @@ KEY = "sk-bgekit-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_REQUEST_BYTES = 200_000
 MAX_CLIENT_BATCH = 64
+CORS_ORIGIN = "https://app.example"
 TEXTS = [
     "The giant panda is a bear native to China that eats bamboo.",
     "Paris is the capital of France.",
@@ -69,6 +70,7 @@ def server(tmp_path_factory, minilm_dir, golden_dir, tiny_prompted, tiny_xlmr_re
         *("--served-model-name", "bi-encoder"),
         *("--api-key", KEY, "--max-client-batch-size", str(MAX_CLIENT_BATCH)),
         *("--max-request-bytes", str(MAX_REQUEST_BYTES)),
+        *("--cors-origin", CORS_ORIGIN, "--cors-origin", "http://localhost:3000"),
     ]
     with running_server(args, tmp_path_factory.mktemp("serve") / "server.log") as srv:
         yield srv
@@ -259,6 +261,31 @@ def test_missing_or_wrong_key_is_401(server):
         server, "/v1/embeddings", {"model": "minilm", "input": "x"}, headers={"Authorization": f"bearer {KEY}"}
     )
     assert lower.status_code == 200
+
+
+def test_cors_origins_get_preflight_and_response_headers(server):
+    """--cors-origin lets a web page on that origin call the API: the browser's preflight (OPTIONS, no API key)
+    is answered before the key check, and answers, errors included, carry Access-Control-Allow-Origin."""
+    preflight = {
+        "Origin": CORS_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    response = httpx.options(f"{server.url}/v1/embeddings", headers=preflight, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert {"authorization", "content-type"} <= {
+        h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")
+    }
+    called = post(server, "/v1/embeddings", {"model": "tiny", "input": "x"}, headers={**AUTH, "Origin": CORS_ORIGIN})
+    assert called.status_code == 200 and called.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "retry-after" in called.headers["access-control-expose-headers"].lower()
+    refused = post(server, "/v1/embeddings", {"model": "tiny", "input": "x"}, headers={"Origin": CORS_ORIGIN})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == CORS_ORIGIN
+    # an origin not listed gets no CORS headers, so the browser blocks the page's call
+    other = httpx.options(f"{server.url}/v1/embeddings", headers={**preflight, "Origin": "https://evil.example"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
 
 
 def test_unknown_model_and_wrong_task_are_400(server, client):
@@ -535,6 +562,7 @@ def test_an_idle_server_runs_a_lone_request_at_once(server):
         (["--model", "x", "--served-model-name", "a", "--served-model-name", "b"], "--served-model-name"),
         (["--reranker", "/no/such/folder", "--examples", "x.json"], "are for --model"),
         (["--model", "/no/such/folder", "--cutoff-layers", "28"], "but no --reranker is served"),
+        (["--model", "x", "--cors-origin", "https://app.example/"], "is not an origin"),
     ],
 )
 def test_serve_command_errors_are_one_line(args, message):

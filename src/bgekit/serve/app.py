@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -65,6 +66,7 @@ class ServeConfig:
     batch_wait_ms: float = 0.0
     tokenizer_threads: int = 2
     render_threads: int = 2
+    cors_origins: tuple[str, ...] = ()
 
 
 class ApiError(Exception):
@@ -246,6 +248,14 @@ def create_app(
     app.state.begin_shutdown = begin_shutdown
     app.state.engines, app.state.batchers, app.state.metrics, app.state.config = engines, batchers, metrics, config
     app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics, max_body=config.max_request_bytes)
+    if config.cors_origins:  # added last, so outermost: a browser's preflight (no API key) is answered first
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["*"],  # Authorization and Content-Type above all
+            expose_headers=["Retry-After"],  # 429 / 503: when to retry
+        )
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
 

@@ -93,6 +93,23 @@ def served_names(models: list[str], rerankers: list[str], names: list[str]) -> l
     return out
 
 
+def cors_origins(origins: list[str]) -> tuple[str, ...]:
+    """``--cors-origin`` values, checked: a browser sends its page's origin as ``scheme://host[:port]``, so a
+    value with a path (or only a trailing slash) would match nothing and every cross-origin call would fail."""
+    from urllib.parse import urlsplit
+
+    from ..errors import InputError
+
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and not (parts.scheme and parts.netloc and not (parts.path or parts.query or parts.fragment)):
+            raise InputError(
+                f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] with no path or trailing "
+                "slash (e.g. https://app.example.com or http://localhost:3000), or '*' for any"
+            )
+    return tuple(origins)
+
+
 def reranker_layer_options(rerankers: list[str], **given: object) -> dict[str, object]:
     """``--cutoff-layers`` / ``--compress-*`` as reranker options, refused for a served reranker of a
     family that has no such layers (before any model loads)."""
@@ -193,6 +210,15 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(envvar="BGEKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on the API routes."),
         ] = None,
+        cors_origin: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--cors-origin",
+                envvar="BGEKIT_CORS_ORIGIN",
+                help="Let web pages from this origin (scheme://host[:port], or '*' for any) call the API from a "
+                "browser; repeat for several (env: space-separated). Default: no CORS headers.",
+            ),
+        ] = None,
         max_batch_tokens: Annotated[
             int | None,
             typer.Option(
@@ -291,6 +317,7 @@ def register(app: typer.Typer) -> None:
         if not models and not rerankers:
             raise InputError("nothing to serve: pass --model (embeddings) and/or --reranker (or set BGEKIT_MODEL)")
         names = served_names(models, rerankers, list(served_model_name or []))
+        origins = cors_origins(list(cors_origin or []))
         try:
             import uvicorn  # noqa: F401  (the extra's presence, checked before models load)
 
@@ -354,6 +381,7 @@ def register(app: typer.Typer) -> None:
             stuck_timeout=stuck_timeout,
             batch_wait_ms=batch_wait_ms,
             tokenizer_threads=tokenizer_threads,
+            cors_origins=origins,
         )
         server_app = create_app(embedders, scorers, config)
         serve_until_stopped(
