@@ -563,6 +563,10 @@ def test_an_idle_server_runs_a_lone_request_at_once(server):
         (["--reranker", "/no/such/folder", "--examples", "x.json"], "are for --model"),
         (["--model", "/no/such/folder", "--cutoff-layers", "28"], "but no --reranker is served"),
         (["--model", "x", "--cors-origin", "https://app.example/"], "is not an origin"),
+        # a family flag is about one model: with several, a value that names none is refused (it set them all)
+        (["--model", "a", "--model", "b", "--pooling-method", "last_token"], "does not say which model it is for"),
+        (["--model", "a", "--reranker", "r", "--query-instruction", "r=Find: "], "'r' is a --reranker"),
+        (["--model", "a", "--pooling-method", "a=cls", "--pooling-method", "mean"], "given twice for 'a'"),
     ],
 )
 def test_serve_command_errors_are_one_line(args, message):
@@ -604,6 +608,28 @@ def test_an_empty_query_instruction_variable_means_no_instruction(tmp_path, tiny
     assert response.status_code == 200, response.text
     got = np.array([d["embedding"] for d in response.json()["data"]])
     np.testing.assert_allclose(got, Embedder.from_pretrained(str(tiny_prompted)).encode(TEXTS), atol=1e-5)
+
+
+def test_family_flags_name_the_model_they_are_for(tmp_path, tiny_prompted):
+    """With several --model, --query-instruction / --pooling-method (and --model-class, --examples) take
+    NAME=VALUE for one served model; the others keep their own. A flag used to set every model alike:
+    last-token pooling for a BERT beside a decoder, one model's instruction on another."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    env["BGEKIT_QUERY_INSTRUCTION"] = "a=Find the passage: "  # one value a line: an instruction has spaces
+    args = ["--model", str(tiny_prompted), "--model", str(tiny_prompted), "--served-model-name", "a"]
+    args += ["--served-model-name", "b", "--pooling-method", "b=mean"]
+    got = {}
+    with running_server(args, tmp_path / "server.log", env=env) as srv:
+        for name in ("a", "b"):
+            body = {"model": name, "input": TEXTS, "input_type": "query"}
+            response = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            got[name] = np.array([d["embedding"] for d in response.json()["data"]])
+    a = Embedder.from_pretrained(str(tiny_prompted), query_instruction_for_retrieval="Find the passage: ")
+    b = Embedder.from_pretrained(str(tiny_prompted), pooling_method="mean")
+    assert a.pooling_method == "cls" and b.query_instruction_for_retrieval == "query: "  # each keeps the rest
+    np.testing.assert_allclose(got["a"], a.encode_queries(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(got["b"], b.encode_queries(TEXTS), atol=1e-5)
 
 
 def test_serve_packed_setting_reaches_the_models(golden_dir):

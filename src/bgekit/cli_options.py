@@ -6,7 +6,6 @@ its annotations from the module) without importing the main command line; nothin
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -118,9 +117,3 @@ def int_list(text: str | None, option: str) -> list[int] | None:
     if not all(part.isdigit() for part in parts):
         raise typer.BadParameter(f"expected whole numbers separated by commas, got {text!r}", param_hint=option)
     return [int(part) for part in parts]
-
-
-def empty_env_kept(value: str | None, envvar: str) -> str | None:
-    """click reads an environment variable set to ``""`` as unset; where ``""`` means something
-    (``BGEKIT_QUERY_INSTRUCTION=`` : no instruction) it is given back here."""
-    return "" if value is None and os.environ.get(envvar) == "" else value
