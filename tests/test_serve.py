@@ -632,6 +632,20 @@ def test_family_flags_name_the_model_they_are_for(tmp_path, tiny_prompted):
     np.testing.assert_allclose(got["b"], b.encode_queries(TEXTS), atol=1e-5)
 
 
+def test_a_family_flag_a_model_cannot_take_is_refused_before_any_model_loads(minilm_dir, golden_dir):
+    """cls pooling named for a decoder was refused by the decoder's class once the models before it had loaded
+    and warmed up; it is refused before the first one loads."""
+    from .serving import BGEKIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    args = ["--model", str(minilm_dir), "--model", str(golden_dir / "models" / "mistral-llm")]
+    args += ["--served-model-name", "minilm", "--served-model-name", "llm", "--pooling-method", "llm=cls"]
+    result = subprocess.run([BGEKIT, "serve", *args], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "--pooling-method cls" in result.stderr and "pools the last token" in result.stderr
+    assert "loaded" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_serve_packed_setting_reaches_the_models(golden_dir):
     """``BGEKIT_PACKED=on`` (``--packed on``) asks every model for packed batches: a layerwise reranker,
     which cannot take them, stops the server before it binds, with one clear line."""

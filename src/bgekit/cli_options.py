@@ -99,6 +99,10 @@ def family_options(
     if pooling_method is not None:
         if pooling_method not in registry.POOLING_METHODS:
             raise InputError(f"pooling_method must be one of {registry.POOLING_METHODS}, got {pooling_method!r}")
+        if kind in (registry.DECODER, registry.ICL) and pooling_method != "last_token":  # found at load before
+            raise InputError(
+                f"--pooling-method {pooling_method}: {name} is a decoder-only embedder, which pools the last token"
+            )
         options["pooling_method"] = pooling_method
     if examples is not None:
         if kind not in (registry.ICL, registry.DECODER):
