@@ -37,6 +37,7 @@ KEY = "sk-bgekit-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_REQUEST_BYTES = 200_000
 MAX_CLIENT_BATCH = 64
+CORS_ORIGIN = "https://app.example"
 TEXTS = [
     "The giant panda is a bear native to China that eats bamboo.",
     "Paris is the capital of France.",
@@ -69,6 +70,7 @@ def server(tmp_path_factory, minilm_dir, golden_dir, tiny_prompted, tiny_xlmr_re
         *("--served-model-name", "bi-encoder"),
         *("--api-key", KEY, "--max-client-batch-size", str(MAX_CLIENT_BATCH)),
         *("--max-request-bytes", str(MAX_REQUEST_BYTES)),
+        *("--cors-origin", CORS_ORIGIN, "--cors-origin", "http://localhost:3000"),
     ]
     with running_server(args, tmp_path_factory.mktemp("serve") / "server.log") as srv:
         yield srv
@@ -168,6 +170,27 @@ def test_m3_sparse_and_colbert_extension(server, golden_dir):
     assert refused.status_code == 400 and error_of(refused)["param"] == "return_sparse"
 
 
+def test_dimensions_shapes_the_dense_embedding_only(server, golden_dir):
+    """``dimensions`` past the model's size was a 400 even with ``return_dense: false``, while any smaller value
+    was ignored there: it is checked and applied only when a dense embedding is returned."""
+    library = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"))
+    expected = library.encode(TEXTS, return_dense=False, return_sparse=True, return_colbert_vecs=True)
+    body = {"model": "m3", "input": TEXTS, "return_dense": False, "return_sparse": True, "return_colbert_vecs": True}
+    for dimensions in (8, 4096):
+        response = post(server, "/v1/embeddings", {**body, "dimensions": dimensions})
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert all(item["embedding"] == [] for item in data)
+        for item, vectors in zip(data, expected["colbert_vecs"], strict=True):  # ColBERT vectors are never cut
+            np.testing.assert_allclose(item["colbert_vecs"], vectors, atol=1e-5)
+    dense = post(server, "/v1/embeddings", {"model": "m3", "input": TEXTS, "return_sparse": True, "dimensions": 4096})
+    assert dense.status_code == 400 and error_of(dense)["code"] == "invalid_dimensions"
+    assert "4096" in error_of(dense)["message"]
+    # a plain model has no output but the dense one: return_dense=false is the error, not dimensions
+    plain = post(server, "/v1/embeddings", {"model": "minilm", "input": "x", "return_dense": False, "dimensions": 4096})
+    assert plain.status_code == 400 and error_of(plain)["code"] == "unsupported_output"
+
+
 # -- check 2: rerank returns the library's scores, sorted, top_n, return_documents ---------------
 @pytest.mark.parametrize("name", ["rr", "llm-rr", "layerwise", "bi-encoder"])
 def test_rerank_matches_the_library(server, name, tiny_xlmr_reranker, golden_dir, minilm_dir):
@@ -240,6 +263,31 @@ def test_missing_or_wrong_key_is_401(server):
     assert lower.status_code == 200
 
 
+def test_cors_origins_get_preflight_and_response_headers(server):
+    """--cors-origin lets a web page on that origin call the API: the browser's preflight (OPTIONS, no API key)
+    is answered before the key check, and answers, errors included, carry Access-Control-Allow-Origin."""
+    preflight = {
+        "Origin": CORS_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    response = httpx.options(f"{server.url}/v1/embeddings", headers=preflight, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert {"authorization", "content-type"} <= {
+        h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")
+    }
+    called = post(server, "/v1/embeddings", {"model": "tiny", "input": "x"}, headers={**AUTH, "Origin": CORS_ORIGIN})
+    assert called.status_code == 200 and called.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "retry-after" in called.headers["access-control-expose-headers"].lower()
+    refused = post(server, "/v1/embeddings", {"model": "tiny", "input": "x"}, headers={"Origin": CORS_ORIGIN})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == CORS_ORIGIN
+    # an origin not listed gets no CORS headers, so the browser blocks the page's call
+    other = httpx.options(f"{server.url}/v1/embeddings", headers={**preflight, "Origin": "https://evil.example"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
 def test_unknown_model_and_wrong_task_are_400(server, client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model="no-such-model", input="x")
@@ -297,6 +345,40 @@ def test_too_long_input_is_truncated_or_413(server, minilm):
         server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], "truncate": False}
     )
     assert refused_pairs.status_code == 413 and error_of(refused_pairs)["param"] == "documents"
+
+
+def test_an_llm_reranker_413_gives_the_pair_budget_it_really_has(server, golden_dir, tiny_xlmr_reranker):
+    """An LLM reranker cuts (bos + query, separator + document) to max_length + len(separator + prompt): the
+    413 named max_length (512) as the pair's limit, a number that was neither the query's, nor the document's,
+    nor the pair's. It gives the three real limits and the tokens of the first pair past one of them."""
+    from bgekit.models.llm_reranker import DEFAULT_PROMPT
+
+    library = Reranker.from_pretrained(str(golden_dir / "models" / "gemma-llm-reranker"))
+    tokenizer = library.tokenizer
+
+    def tokens(text: str) -> int:  # as the model reads a side: instruction included, no special tokens
+        return len(tokenizer.plain_ids([text])[0][0])
+
+    together = 512 + tokens(DEFAULT_PROMPT) - 1  # the prompt comes on top of max_length; bos takes one
+    query = "a " * 200
+    q = tokens(library.detailed_pairs([(query, "")])[0][0])
+    words = next(k for k in range(1, 600) if tokens(library.detailed_pairs([("", "a " * k)])[0][1]) == together - q)
+    body = {"model": "llm-rr", "query": query, "documents": ["a", "a " * words], "truncate": False}
+    assert post(server, "/v1/rerank", body).status_code == 200  # exactly the budget: whole
+    refused = post(server, "/v1/rerank", {**body, "documents": ["a", "a " * (words + 1)]})
+    assert refused.status_code == 413
+    message = error_of(refused)["message"]
+    assert f"documents[1] has {together - q + 1} tokens, the query {q}" in message, message
+    assert "a query of at most 384 tokens, a document of at most 512 and both together at most " in message
+    assert f"together at most {together} " in message
+    # a cross-encoder's special tokens take part of max_length instead
+    long_text = "pandas eat bamboo " * 400
+    cross = post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], "truncate": False})
+    assert cross.status_code == 413
+    length = httpx.get(f"{server.url}/v1/models/rr", headers=AUTH, timeout=10).json()["max_length"]
+    limit = length - Reranker.from_pretrained(str(tiny_xlmr_reranker)).tokenizer.n_special_pair  # <s>q</s></s>d</s>
+    message = error_of(cross)["message"]
+    assert f"a query of at most {length * 3 // 4} tokens and both together at most {limit} " in message, message
 
 
 def test_broken_json_and_lone_surrogates_are_400_naming_the_problem(server):
@@ -383,6 +465,25 @@ def metric_value(server, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+def test_metrics_have_the_prometheus_content_types(server):
+    """/metrics answered the plain text format under prometheus-client's CONTENT_TYPE_LATEST, which recent
+    releases make ``version=1.0.0``: a format the body was not. It answers as prometheus-client's own exporters
+    do: the 0.0.4 text format by default, OpenMetrics to a scraper that asks for it (Prometheus does)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+    from prometheus_client.parser import text_string_to_metric_families
+
+    plain = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert plain.status_code == 200
+    assert plain.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "bgekit_requests" in {family.name for family in text_string_to_metric_families(plain.text)}
+    accept = "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+    scraped = httpx.get(f"{server.url}/metrics", headers={"Accept": accept}, timeout=10)
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert scraped.text.endswith("# EOF\n")
+    assert "bgekit_requests" in {family.name for family in openmetrics_families(scraped.text)}
+    assert httpx.head(f"{server.url}/metrics", timeout=10).headers["content-type"] == plain.headers["content-type"]
+
+
 # -- check 4: 500 requests from 50 concurrent clients, all correct, batching visible -----------------
 def test_500_requests_from_50_concurrent_clients(server, tiny_prompted):
     n_clients, per_client = 50, 10
@@ -461,6 +562,11 @@ def test_an_idle_server_runs_a_lone_request_at_once(server):
         (["--model", "x", "--served-model-name", "a", "--served-model-name", "b"], "--served-model-name"),
         (["--reranker", "/no/such/folder", "--examples", "x.json"], "are for --model"),
         (["--model", "/no/such/folder", "--cutoff-layers", "28"], "but no --reranker is served"),
+        (["--model", "x", "--cors-origin", "https://app.example/"], "is not an origin"),
+        # a family flag is about one model: with several, a value that names none is refused (it set them all)
+        (["--model", "a", "--model", "b", "--pooling-method", "last_token"], "does not say which model it is for"),
+        (["--model", "a", "--reranker", "r", "--query-instruction", "r=Find: "], "'r' is a --reranker"),
+        (["--model", "a", "--pooling-method", "a=cls", "--pooling-method", "mean"], "given twice for 'a'"),
     ],
 )
 def test_serve_command_errors_are_one_line(args, message):
@@ -502,6 +608,42 @@ def test_an_empty_query_instruction_variable_means_no_instruction(tmp_path, tiny
     assert response.status_code == 200, response.text
     got = np.array([d["embedding"] for d in response.json()["data"]])
     np.testing.assert_allclose(got, Embedder.from_pretrained(str(tiny_prompted)).encode(TEXTS), atol=1e-5)
+
+
+def test_family_flags_name_the_model_they_are_for(tmp_path, tiny_prompted):
+    """With several --model, --query-instruction / --pooling-method (and --model-class, --examples) take
+    NAME=VALUE for one served model; the others keep their own. A flag used to set every model alike:
+    last-token pooling for a BERT beside a decoder, one model's instruction on another."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    env["BGEKIT_QUERY_INSTRUCTION"] = "a=Find the passage: "  # one value a line: an instruction has spaces
+    args = ["--model", str(tiny_prompted), "--model", str(tiny_prompted), "--served-model-name", "a"]
+    args += ["--served-model-name", "b", "--pooling-method", "b=mean"]
+    got = {}
+    with running_server(args, tmp_path / "server.log", env=env) as srv:
+        for name in ("a", "b"):
+            body = {"model": name, "input": TEXTS, "input_type": "query"}
+            response = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            got[name] = np.array([d["embedding"] for d in response.json()["data"]])
+    a = Embedder.from_pretrained(str(tiny_prompted), query_instruction_for_retrieval="Find the passage: ")
+    b = Embedder.from_pretrained(str(tiny_prompted), pooling_method="mean")
+    assert a.pooling_method == "cls" and b.query_instruction_for_retrieval == "query: "  # each keeps the rest
+    np.testing.assert_allclose(got["a"], a.encode_queries(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(got["b"], b.encode_queries(TEXTS), atol=1e-5)
+
+
+def test_a_family_flag_a_model_cannot_take_is_refused_before_any_model_loads(minilm_dir, golden_dir):
+    """cls pooling named for a decoder was refused by the decoder's class once the models before it had loaded
+    and warmed up; it is refused before the first one loads."""
+    from .serving import BGEKIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    args = ["--model", str(minilm_dir), "--model", str(golden_dir / "models" / "mistral-llm")]
+    args += ["--served-model-name", "minilm", "--served-model-name", "llm", "--pooling-method", "llm=cls"]
+    result = subprocess.run([BGEKIT, "serve", *args], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "--pooling-method cls" in result.stderr and "pools the last token" in result.stderr
+    assert "loaded" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_packed_setting_reaches_the_models(golden_dir):

@@ -100,6 +100,13 @@ def test_env_vars_configure_the_server(server):
         f"{server.url}/v1/embeddings", json={"input": long_text, "truncate": True}, headers=AUTH, timeout=30
     )
     assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 16
+    # no BGEKIT_CORS_ORIGIN: no CORS headers, so browsers keep other sites' pages from calling the server
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{server.url}/v1/embeddings", headers=preflight).headers
+    called = httpx.post(
+        f"{server.url}/v1/embeddings", json={"input": GOOD}, headers={**AUTH, "Origin": "https://app.example"}
+    )
+    assert called.status_code == 200 and "access-control-allow-origin" not in called.headers
 
 
 def test_model_error_fails_only_that_request(server, library):

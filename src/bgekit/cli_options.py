@@ -6,7 +6,6 @@ its annotations from the module) without importing the main command line; nothin
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -100,6 +99,10 @@ def family_options(
     if pooling_method is not None:
         if pooling_method not in registry.POOLING_METHODS:
             raise InputError(f"pooling_method must be one of {registry.POOLING_METHODS}, got {pooling_method!r}")
+        if kind in (registry.DECODER, registry.ICL) and pooling_method != "last_token":  # found at load before
+            raise InputError(
+                f"--pooling-method {pooling_method}: {name} is a decoder-only embedder, which pools the last token"
+            )
         options["pooling_method"] = pooling_method
     if examples is not None:
         if kind not in (registry.ICL, registry.DECODER):
@@ -118,9 +121,3 @@ def int_list(text: str | None, option: str) -> list[int] | None:
     if not all(part.isdigit() for part in parts):
         raise typer.BadParameter(f"expected whole numbers separated by commas, got {text!r}", param_hint=option)
     return [int(part) for part in parts]
-
-
-def empty_env_kept(value: str | None, envvar: str) -> str | None:
-    """click reads an environment variable set to ``""`` as unset; where ``""`` means something
-    (``BGEKIT_QUERY_INSTRUCTION=`` : no instruction) it is given back here."""
-    return "" if value is None and os.environ.get(envvar) == "" else value

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -65,6 +66,7 @@ class ServeConfig:
     batch_wait_ms: float = 0.0
     tokenizer_threads: int = 2
     render_threads: int = 2
+    cors_origins: tuple[str, ...] = ()
 
 
 class ApiError(Exception):
@@ -246,6 +248,14 @@ def create_app(
     app.state.begin_shutdown = begin_shutdown
     app.state.engines, app.state.batchers, app.state.metrics, app.state.config = engines, batchers, metrics, config
     app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics, max_body=config.max_request_bytes)
+    if config.cors_origins:  # added last, so outermost: a browser's preflight (no API key) is answered first
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["*"],  # Authorization and Content-Type above all
+            expose_headers=["Retry-After"],  # 429 / 503: when to retry
+        )
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
 
@@ -355,13 +365,6 @@ def create_app(
         if not texts:
             raise ApiError(422, "input is an empty list; send at least one text", param="input", code="invalid_schema")
         check_count(len(texts), "input")
-        if request.dimensions is not None and engine.dimensions is not None and request.dimensions > engine.dimensions:
-            raise ApiError(
-                400,
-                f"dimensions={request.dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
-                param="dimensions",
-                code="invalid_dimensions",
-            )
         options = EmbedOptions(request.return_dense, request.return_sparse, request.return_colbert_vecs)
         if (options.sparse or options.colbert or not options.dense) and not engine.is_m3:
             raise ApiError(
@@ -377,11 +380,19 @@ def create_app(
             )
         if not (options.dense or options.sparse or options.colbert):
             raise ApiError(400, "nothing to return: every return_* option is false", param="return_dense")
+        # dimensions shapes the dense embedding only (sparse weights and ColBERT vectors are never cut):
+        # checked, and applied, when one is returned; with return_dense=false there is nothing to shape
+        dimensions = request.dimensions if options.dense else None
+        if dimensions is not None and engine.dimensions is not None and dimensions > engine.dimensions:
+            raise ApiError(
+                400,
+                f"dimensions={dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
+                param="dimensions",
+                code="invalid_dimensions",
+            )
         truncate = config.truncate if request.truncate is None else request.truncate
         work, result = await run(engine, (texts, request.input_type, truncate, options), "input", http)
-        return await render(
-            engine.render, work, result, encoding_format=request.encoding_format, dimensions=request.dimensions
-        )
+        return await render(engine.render, work, result, encoding_format=request.encoding_format, dimensions=dimensions)
 
     @router.post(
         "/rerank",
@@ -458,8 +469,9 @@ def create_app(
         return JSONResponse({"status": "ok" if ok else "unhealthy", "models": report}, status_code=200 if ok else 503)
 
     @router.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+    async def prometheus(http: Request) -> Response:
+        body, content_type = metrics.render(http.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)

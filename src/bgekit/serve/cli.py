@@ -16,7 +16,6 @@ from ..cli_options import (
     Backend,
     Packing,
     backend_options,
-    empty_env_kept,
     family_options,
     int_list,
     packing_options,
@@ -93,6 +92,78 @@ def served_names(models: list[str], rerankers: list[str], names: list[str]) -> l
     return out
 
 
+#: embedder options that depend on the model's family: flag -> environment variable
+FAMILY_FLAGS = {
+    "--model-class": "BGEKIT_MODEL_CLASS",
+    "--pooling-method": "BGEKIT_POOLING_METHOD",
+    "--query-instruction": "BGEKIT_QUERY_INSTRUCTION",
+    "--examples": "BGEKIT_EXAMPLES",
+}
+
+
+def flag_values(given: list[str] | None, flag: str) -> list[str]:
+    """A family flag's values: the command line's, else its variable's, one value a line (an instruction
+    holds spaces, so the variable is not split on them as other lists are; set empty it is one ``""``)."""
+    import os
+
+    if given:
+        return list(given)
+    value = os.environ.get(FAMILY_FLAGS[flag])
+    return [] if value is None else value.split("\n")
+
+
+def per_model(flag: str, values: list[str], embedders: list[str], rerankers: list[str]) -> list[str | None]:
+    """One value of a family flag per ``--model`` (``None``: the model's own), from ``NAME=VALUE`` values
+    (NAME: a served name) or one plain VALUE when one ``--model`` is served. A family flag is about one
+    model (bge-en's instruction is not e5's; last-token pooling is wrong for BERT), so with several models
+    a value that names none is an error, not a setting for all of them."""
+    from ..errors import InputError
+
+    out: list[str | None] = [None] * len(embedders)
+    plain = []
+    for value in values:
+        name, has_name, rest = value.partition("=")
+        if has_name and name in embedders:
+            index = embedders.index(name)
+        elif has_name and name in rerankers:
+            raise InputError(f"{flag} {value!r}: {name!r} is a --reranker; {flag} is for --model")
+        else:
+            plain.append(value)
+            continue
+        if out[index] is not None:
+            raise InputError(f"{flag} is given twice for {name!r}; give it once per model")
+        out[index] = rest
+    if not plain:
+        return out
+    if len(embedders) > 1 or len(plain) > 1:
+        raise InputError(
+            f"{flag} {plain[0]!r} does not say which model it is for, and {len(embedders)} --model are served "
+            f"({', '.join(embedders)}): give it as {flag} NAME=VALUE, NAME a served name, once for each model "
+            "it is for (the others keep their own)"
+        )
+    if out[0] is not None:
+        raise InputError(f"{flag} is given twice for {embedders[0]!r}; give it once per model")
+    out[0] = plain[0]
+    return out
+
+
+def cors_origins(origins: list[str]) -> tuple[str, ...]:
+    """``--cors-origin`` values, checked: a browser sends its page's origin as ``scheme://host[:port]``, so a
+    value with a path (or only a trailing slash) would match nothing and every cross-origin call would fail."""
+    from urllib.parse import urlsplit
+
+    from ..errors import InputError
+
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and not (parts.scheme and parts.netloc and not (parts.path or parts.query or parts.fragment)):
+            raise InputError(
+                f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] with no path or trailing "
+                "slash (e.g. https://app.example.com or http://localhost:3000), or '*' for any"
+            )
+    return tuple(origins)
+
+
 def reranker_layer_options(rerankers: list[str], **given: object) -> dict[str, object]:
     """``--cutoff-layers`` / ``--compress-*`` as reranker options, refused for a served reranker of a
     family that has no such layers (before any model loads)."""
@@ -142,26 +213,31 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         model_class: Annotated[
-            str | None,
-            typer.Option(envvar="BGEKIT_MODEL_CLASS", help="Embedders: family override, as for `bgekit embed`."),
+            list[str] | None,
+            typer.Option(
+                help="Embedders: family override, as for `bgekit embed`. With several --model, NAME=VALUE "
+                "(NAME: a served name), once per model it is for (env BGEKIT_MODEL_CLASS: one value a line).",
+            ),
         ] = None,
         pooling_method: Annotated[
-            str | None,
-            typer.Option(envvar="BGEKIT_POOLING_METHOD", help="Embedders: pooling override (cls, mean, last_token)."),
+            list[str] | None,
+            typer.Option(
+                help="Embedders: pooling override (cls, mean, last_token); NAME=VALUE as for --model-class "
+                "(env BGEKIT_POOLING_METHOD).",
+            ),
         ] = None,
         query_instruction: Annotated[
-            str | None,
+            list[str] | None,
             typer.Option(
-                envvar="BGEKIT_QUERY_INSTRUCTION",
-                help="Embedders: instruction for input_type=query (default: the model's; '' for none).",
+                help="Embedders: instruction for input_type=query (default: the model's; '' for none); "
+                "NAME=VALUE as for --model-class (env BGEKIT_QUERY_INSTRUCTION).",
             ),
         ] = None,
         examples: Annotated[
-            str | None,
+            list[str] | None,
             typer.Option(
-                envvar="BGEKIT_EXAMPLES",
                 help="In-context examples for ICL embedders (bge-en-icl), a JSON list or JSONL file, put before "
-                "every query.",
+                "every query; NAME=FILE as for --model-class (env BGEKIT_EXAMPLES).",
             ),
         ] = None,
         cutoff_layers: Annotated[
@@ -192,6 +268,15 @@ def register(app: typer.Typer) -> None:
         api_key: Annotated[
             str | None,
             typer.Option(envvar="BGEKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on the API routes."),
+        ] = None,
+        cors_origin: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--cors-origin",
+                envvar="BGEKIT_CORS_ORIGIN",
+                help="Let web pages from this origin (scheme://host[:port], or '*' for any) call the API from a "
+                "browser; repeat for several (env: space-separated). Default: no CORS headers.",
+            ),
         ] = None,
         max_batch_tokens: Annotated[
             int | None,
@@ -291,6 +376,7 @@ def register(app: typer.Typer) -> None:
         if not models and not rerankers:
             raise InputError("nothing to serve: pass --model (embeddings) and/or --reranker (or set BGEKIT_MODEL)")
         names = served_names(models, rerankers, list(served_model_name or []))
+        origins = cors_origins(list(cors_origin or []))
         try:
             import uvicorn  # noqa: F401  (the extra's presence, checked before models load)
 
@@ -324,12 +410,19 @@ def register(app: typer.Typer) -> None:
             compress_ratio=compress_ratio,
             compress_layers=int_list(compress_layers, "--compress-layers"),
         )
-        if models:  # BGEKIT_QUERY_INSTRUCTION= (empty) is --query-instruction '': no instruction
-            query_instruction = empty_env_kept(query_instruction, "BGEKIT_QUERY_INSTRUCTION")
-        family_flags = (model_class, pooling_method, query_instruction, examples)
-        if not models and any(flag is not None for flag in family_flags):
+        # BGEKIT_QUERY_INSTRUCTION= (empty) is --query-instruction '': no instruction
+        given = {
+            flag: flag_values(values, flag)
+            for flag, values in zip(
+                FAMILY_FLAGS, (model_class, pooling_method, query_instruction, examples), strict=True
+            )
+        }
+        if not models and any(given.values()):
             raise InputError("--model-class, --pooling-method, --query-instruction and --examples are for --model")
-        families = [family_options(m, *family_flags)[1] for m in models]
+        settings = [
+            per_model(flag, values, names[: len(models)], names[len(models) :]) for flag, values in given.items()
+        ]
+        families = [family_options(m, *(values[i] for values in settings))[1] for i, m in enumerate(models)]
         sources = [*models, *rerankers]
         backends = [backend_options(backend, source, reranker=i >= len(models)) for i, source in enumerate(sources)]
         embedders, scorers = [], []
@@ -354,6 +447,7 @@ def register(app: typer.Typer) -> None:
             stuck_timeout=stuck_timeout,
             batch_wait_ms=batch_wait_ms,
             tokenizer_threads=tokenizer_threads,
+            cors_origins=origins,
         )
         server_app = create_app(embedders, scorers, config)
         serve_until_stopped(

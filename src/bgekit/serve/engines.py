@@ -306,14 +306,52 @@ class RerankEngine:
         pairs = Tokenized([q.ids[0] + row for row in p.ids], None, cut)
         return pairs, len(q.ids[0]) + sum(len(row) for row in p.ids)
 
+    def pair_limits(self) -> tuple[int, int, int]:
+        """What a pair model reads of the texts a client sends (each with its rerank instruction, as
+        plain tokens): ``(query at most, document at most, both together at most)``. A cross-encoder's
+        special tokens take part of ``max_length``; an LLM reranker's separator and prompt come on top
+        of it (FlagEmbedding's layout: the pair is cut to ``max_length + len(separator + prompt)``)."""
+        length, query = self.max_length(), self.query_max_length()
+        if hasattr(self.model, "pair_inputs"):  # LLM rerankers: bos + query, separator + document, then the tail
+            empty, tail = self.model.pair_inputs([("", "")], query, length, self.model.prompt)
+            head = len(empty.ids[0]) - tail  # bos and the separator
+            return query, length, length + tail - head
+        return query, length, length - self.model.tokenizer.n_special_pair
+
+    def _too_long(self, query: str, documents: list[str], cut: int) -> str:
+        """The 413 message: which pair first breaks which limit, in numbers a client can act on."""
+        if not self._pairs:
+            return (
+                f"{cut} of {len(documents)} (query, document) pairs are longer than this model's limit of "
+                f"{self.max_length()} tokens a document (the query at most {self.query_max_length()})"
+            )
+        max_query, max_document, together = self.pair_limits()
+        pairs = self.model.detailed_pairs([(query, d) for d in documents])
+        (query_ids,), _ = self.model.tokenizer.plain_ids([pairs[0][0]])
+        document_ids, _ = self.model.tokenizer.plain_ids([d for _, d in pairs])
+        q = len(query_ids)
+
+        def too_long(d: int) -> bool:
+            return q > max_query or d > max_document or min(q, max_query) + min(d, max_document) > together
+
+        first = next((i for i, ids in enumerate(document_ids) if too_long(len(ids))), None)
+        found = ":" if first is None else f": documents[{first}] has {len(document_ids[first])} tokens, the query {q};"
+        limits = [f"a query of at most {max_query} tokens"]
+        if max_document < together:
+            limits.append(f"a document of at most {max_document}")
+        limits.append(f"both together at most {together}")
+        return (
+            f"{cut} of {len(documents)} (query, document) pairs are too long for this model{found} it reads "
+            f"{', '.join(limits[:-1])} and {limits[-1]} (tokens of the texts sent, the model's rerank "
+            "instructions included; the server's --max-length sets them)"
+        )
+
     def prepare(self, query: str, documents: list[str], truncate: bool) -> Work:
         tokenized, n_tokens = self._tokenize(query, documents)
         if tokenized.truncated and not truncate:
             raise InputTooLong(
-                f"{tokenized.truncated} of {len(documents)} (query, document) pairs are longer than this model's "
-                f"limit of {self.max_length()} tokens {'a pair' if self._pairs else 'a document'} (the query at most "
-                f"{self.query_max_length()}); shorten them, or send truncate=true (or start the server with "
-                "--truncate) to cut them"
+                f"{self._too_long(query, documents, tokenized.truncated)}; shorten them, or send truncate=true "
+                "(or start the server with --truncate) to cut them"
             )
         payload = tokenized if self.tokenized_scoring else [(query, d) for d in documents]
         return Work([len(row) for row in tokenized.ids], payload, n_tokens, tokenized.truncated)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .batcher import Batcher, BatchStats
@@ -46,8 +47,6 @@ class _WorkerCollector(Collector):
 
 class ServeMetrics:
     """Every metric the server exports."""
-
-    content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, batchers: Callable[[], Iterable[Batcher]]):
         self.registry = CollectorRegistry()
@@ -120,5 +119,10 @@ class ServeMetrics:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """``(body, content type)`` for a scrape's ``Accept`` header, as prometheus_client's own exporters
+        answer: OpenMetrics when asked for it, else the text format that ``generate_latest`` writes with
+        its content type (``text/plain; version=0.0.4; charset=utf-8``). ``CONTENT_TYPE_LATEST`` is not that
+        type in recent prometheus-client releases (``version=1.0.0``), so it misnamed the body's format."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

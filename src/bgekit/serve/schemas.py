@@ -50,7 +50,9 @@ class EmbeddingRequest(_Request):
         None,
         ge=1,
         strict=True,
-        description="Keep the first N dimensions (Matryoshka), then re-normalize as the model does.",
+        description="Keep the first N dimensions of the dense embedding (Matryoshka), then re-normalize as the "
+        "model does; at most the model's size. Sparse weights and ColBERT vectors are never cut, and with "
+        "return_dense=false (M3) it is ignored.",
     )
     user: str | None = Field(None, description="Accepted for OpenAI compatibility and ignored.")
     input_type: Literal["query", "passage"] | None = Field(
