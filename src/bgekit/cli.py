@@ -96,11 +96,21 @@ def takes_verbose(fn):
     return wrapper
 
 
+def _group_verbose(verbose: VerboseOpt = False) -> None:
+    # no docstring: typer would show it as the group's help
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
 def _verbose_everywhere(group: typer.Typer) -> None:
-    """:func:`takes_verbose` on every command of ``group`` and of the groups under it."""
+    """:func:`takes_verbose` on every command of ``group`` and of the groups under it, and a
+    ``-v/--verbose`` on each group, so it may also sit between the two (``bgekit finetune -v embedder``)."""
     for command in group.registered_commands:
         command.callback = takes_verbose(command.callback)
     for sub in group.registered_groups:
+        own = getattr(sub.callback, "value", sub.callback)  # add_typer(callback=...), a placeholder if none
+        if own is None and sub.typer_instance.registered_callback is None:
+            sub.typer_instance.callback()(_group_verbose)
         _verbose_everywhere(sub.typer_instance)
 
 
