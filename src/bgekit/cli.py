@@ -147,7 +147,9 @@ def embed(
     query_instruction: Annotated[str | None, typer.Option(help="Query instruction (overrides the model's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     max_length: Annotated[int | None, typer.Option(min=1, help="Token limit; longer texts are truncated.")] = None,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+    ] = None,
     output_format: Annotated[
         OutputFormat | None, typer.Option("--format", help="npy or jsonl; default from the suffix.")
     ] = None,
@@ -330,7 +332,9 @@ def rerank(
     normalize: Annotated[bool, typer.Option("--normalize", help="Sigmoid scores into (0, 1).")] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     max_length: Annotated[int, typer.Option(min=8)] = 512,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+    ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,

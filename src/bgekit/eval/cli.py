@@ -182,7 +182,9 @@ def index_build(
     quantization: Annotated[Quantization, typer.Option(help="none, int8 or binary codes.")] = Quantization.none,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     max_length: Annotated[int | None, typer.Option(min=1)] = None,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+    ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
