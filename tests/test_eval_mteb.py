@@ -123,3 +123,12 @@ def test_symmetric_tasks_get_the_query_instruction_where_the_family_wants_it(tin
     np.testing.assert_allclose(plain, e5_like.encode(TEXTS), atol=1e-6)
     with pytest.raises(InputError, match="symmetric must be one of auto, query, plain"):
         MtebEncoder(e5_like, symmetric="queries")
+
+
+def test_mteb_can_set_the_model_meta(tiny_bert):
+    """mteb 2.x's ``ModelMeta.load_model`` calls the loader (``MtebEncoder(name, revision=...)``) and then
+    sets ``model.mteb_model_meta = meta``; the read-only property raised AttributeError there."""
+    meta = object()  # mteb's ModelMeta; any object stands in, mteb is not installed here
+    encoder = MtebEncoder(str(tiny_bert), revision="abc", device="cpu")
+    encoder.mteb_model_meta = meta
+    assert encoder.mteb_model_meta is meta

@@ -124,6 +124,7 @@ class MtebEncoder:
         self.revision = revision
         self.batch_size = batch_size
         self.symmetric = symmetric
+        self._model_meta: Any = None
 
     @property
     def model_name(self) -> str:
@@ -202,7 +203,10 @@ class MtebEncoder:
 
     @property
     def mteb_model_meta(self):
-        """mteb's ``ModelMeta`` for the results folder (needs mteb installed)."""
+        """mteb's ``ModelMeta`` for the results folder (needs mteb installed): the one mteb set, else
+        one built from the model."""
+        if self._model_meta is not None:
+            return self._model_meta
         from mteb.models.model_meta import ModelMeta
 
         dim = None
@@ -220,6 +224,11 @@ class MtebEncoder:
             "framework": ["PyTorch"],
         }
         return ModelMeta.create_empty(fields) if hasattr(ModelMeta, "create_empty") else ModelMeta(**fields)
+
+    @mteb_model_meta.setter
+    def mteb_model_meta(self, meta: Any) -> None:
+        # mteb 2.x's ModelMeta.load_model sets the meta it loaded the model by on the new model
+        self._model_meta = meta
 
     def __repr__(self) -> str:
         return f"MtebEncoder({self.model!r})"
