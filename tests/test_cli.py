@@ -156,6 +156,40 @@ def test_verbose_may_follow_the_command(tmp_path, passages_file, minilm_dir):
         assert any("-v" in p.opts and "--verbose" in p.opts for p in command.params), name
 
 
+def test_verbose_may_sit_between_a_group_and_its_command(tmp_path, minilm_dir):
+    """``bgekit finetune -v embedder ...`` was 'No such option: -v' from the finetune group; every group
+    takes the flag there too, and it logs as after the command."""
+    import typer
+
+    from bgekit.cli import app
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": f"document {i}"}) + "\n" for i in range(5)))
+    built = run("index", "-v", "build", "-m", str(minilm_dir), "-c", str(corpus), "-o", str(tmp_path / "index"))
+    assert "INFO bgekit.eval.index: built" in built.stderr
+    assert "Usage: bgekit finetune embedder" in run("finetune", "-v", "embedder", "--help").stdout
+    groups = {name: g for name, g in typer.main.get_command(app).commands.items() if hasattr(g, "commands")}
+    assert {"eval", "index", "finetune", "data"} <= set(groups)
+    for name, group in groups.items():
+        assert any("-v" in p.opts and "--verbose" in p.opts for p in group.params), name
+
+
+def test_text_field_on_plain_text_input_is_an_error(tmp_path):
+    """embed, rerank and index build read ``--text-field`` from JSONL only; on a plain-text file it was
+    silently unused. It is now one error line, before any model loads."""
+    plain = tmp_path / "lines.txt"
+    plain.write_text("first line\nsecond line\n")
+    for args in (
+        ("embed", "-i", str(plain), "-o", str(tmp_path / "v.npy")),
+        ("rerank", "-q", "query", "-i", str(plain)),
+        ("index", "build", "-c", str(plain), "-o", str(tmp_path / "index")),
+    ):
+        result = run(*args, "-m", "no/such-model", "--text-field", "body", check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: text field 'body' (--text-field) picks a field of JSONL"), args
+        assert "lines.txt is plain text" in result.stderr
+
+
 def test_embed_bf16_runs_bfloat16_on_the_cpu(tmp_path, passages_file, minilm_dir):
     """``--bf16`` is the library's ``use_bf16=True``, which the CPU honours (``--fp16`` it ignores)."""
     out = tmp_path / "v.npy"

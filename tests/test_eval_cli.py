@@ -115,6 +115,24 @@ def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
     assert unknown.returncode == 2 and "does not know the reranker 'nobody/reranker'" in unknown.stderr
 
 
+def test_search_takes_the_query_as_q_like_rerank(tmp_path, minilm_dir):
+    """``bgekit rerank -q TEXT`` but ``bgekit search TEXT``: ``search -q TEXT`` was 'No such option: -q'.
+    Both spellings now search alike; giving both, or neither, is refused."""
+    corpus = tmp_path / "corpus.jsonl"
+    texts = ["pandas eat bamboo", "Paris is in France", "the moon orbits the earth"]
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    index = tmp_path / "index"
+    run("index", "build", "-m", str(minilm_dir), "-c", str(corpus), "-o", str(index))
+    positional = run("search", "-i", str(index), "what do pandas eat", "--json").stdout
+    assert json.loads(positional.splitlines()[0])["id"] == "0"
+    assert run("search", "-i", str(index), "-q", "what do pandas eat", "--json").stdout == positional
+    assert run("search", "--query", "what do pandas eat", "-i", str(index), "--json").stdout == positional
+    both = run("search", "-i", str(index), "-q", "pandas", "bamboo", check=False)
+    assert both.returncode == 2 and "give the query once" in both.stderr
+    neither = run("search", "-i", str(index), check=False)
+    assert neither.returncode == 2 and "no query" in neither.stderr
+
+
 def test_search_refuses_a_query_model_of_other_vectors(tmp_path, minilm_dir, tiny_bert):
     import shutil
 

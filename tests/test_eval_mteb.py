@@ -87,3 +87,48 @@ def test_satisfies_mteb_protocol_when_mteb_is_installed(model):
     encoder = MtebEncoder(model)
     assert isinstance(encoder, mteb.models.EncoderProtocol)
     assert encoder.mteb_model_meta.similarity_fn_name is not None
+
+
+def test_symmetric_tasks_get_the_query_instruction_where_the_family_wants_it(tiny_bert):
+    """STS, classification and clustering calls come without a prompt type; they went through plain
+    encode, so e5-style and instruction-template models lost the instruction their texts need."""
+    from bgekit import Embedder
+    from bgekit.errors import InputError
+
+    kwargs = {"task_metadata": None, "hf_split": "test", "hf_subset": "default"}
+    e5_like = Embedder.from_pretrained(
+        str(tiny_bert), query_instruction_for_retrieval="query: ", passage_instruction_for_retrieval="passage: "
+    )
+    template = Embedder.from_pretrained(
+        str(tiny_bert),
+        query_instruction_for_retrieval="Retrieve semantically similar text.",
+        query_instruction_format="Instruct: {}\nQuery: {}",
+    )
+    bge_like = Embedder.from_pretrained(str(tiny_bert), query_instruction_for_retrieval="Represent this: ")
+    for model in (e5_like, template):
+        encoder = MtebEncoder(model)
+        np.testing.assert_allclose(encoder.encode(loader(TEXTS), **kwargs), model.encode_queries(TEXTS), atol=1e-6)
+        np.testing.assert_allclose(encoder.encode(TEXTS, task_name="STS12"), model.encode_queries(TEXTS), atol=1e-6)
+        assert not np.allclose(encoder.encode(TEXTS, task_name="STS12"), model.encode(TEXTS))
+        np.testing.assert_allclose(  # documents still get the passage side
+            encoder.encode(loader(TEXTS), prompt_type=PromptType.document, **kwargs),
+            model.encode_corpus(TEXTS),
+            atol=1e-6,
+        )
+    # a retrieval-only prefix (BGE's) stays off symmetric texts; symmetric="query" is FlagEmbedding 1.4.2's rule
+    np.testing.assert_allclose(MtebEncoder(bge_like).encode(loader(TEXTS), **kwargs), bge_like.encode(TEXTS), atol=1e-6)
+    as_queries = MtebEncoder(bge_like, symmetric="query").encode(loader(TEXTS), **kwargs)
+    np.testing.assert_allclose(as_queries, bge_like.encode_queries(TEXTS), atol=1e-6)
+    plain = MtebEncoder(e5_like, symmetric="plain").encode(TEXTS, task_name="STS12")
+    np.testing.assert_allclose(plain, e5_like.encode(TEXTS), atol=1e-6)
+    with pytest.raises(InputError, match="symmetric must be one of auto, query, plain"):
+        MtebEncoder(e5_like, symmetric="queries")
+
+
+def test_mteb_can_set_the_model_meta(tiny_bert):
+    """mteb 2.x's ``ModelMeta.load_model`` calls the loader (``MtebEncoder(name, revision=...)``) and then
+    sets ``model.mteb_model_meta = meta``; the read-only property raised AttributeError there."""
+    meta = object()  # mteb's ModelMeta; any object stands in, mteb is not installed here
+    encoder = MtebEncoder(str(tiny_bert), revision="abc", device="cpu")
+    encoder.mteb_model_meta = meta
+    assert encoder.mteb_model_meta is meta

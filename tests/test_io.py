@@ -125,3 +125,28 @@ def test_ray_shards_name_bad_lines_as_read_texts_does(tmp_path):
     assert read_shard(str(source), shards.format, shards.shards[0]) == (["1"], ["ok"])
     with pytest.raises(DataFormatError, match=r"corpus\.jsonl, line 4: not valid JSON"):
         read_shard(str(source), shards.format, shards.shards[2])
+
+
+def test_a_text_field_for_plain_text_is_an_error(tmp_path):
+    """``--text-field`` on a plain-text file was silently unused (every line embedded whole); it is an
+    error naming the file, while JSONL still reads the field and leaving it out still reads 'text'."""
+    plain = tmp_path / "lines.txt"
+    plain.write_text("first line\nsecond line\n")
+    with pytest.raises(InputError, match=r"text field 'body' \(--text-field\) .*lines\.txt is plain text"):
+        io.read_texts(plain, field="body")
+    assert [r.text for r in io.read_texts(plain)] == ["first line", "second line"]
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"_id": "a", "body": "from body", "text": "from text"}\n')
+    assert [r.text for r in io.read_texts(records, field="body")] == ["from body"]
+    assert [r.text for r in io.read_texts(records)] == ["from text"]
+
+
+def test_encode_dataset_refuses_a_text_field_for_plain_text(tmp_path):
+    """The same for ``bgekit embed --ray`` (and ``encode_dataset``), before any model loads."""
+    pytest.importorskip("pyarrow")
+    from bgekit.distributed import encode_dataset
+
+    plain = tmp_path / "lines.txt"
+    plain.write_text("first line\nsecond line\n")
+    with pytest.raises(InputError, match=r"text field 'body' \(--text-field\)"):
+        encode_dataset("no/such-model", plain, tmp_path / "out", use_ray=False, text_field="body")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
 from bgekit import Embedder, FlagAutoModel, FlagAutoReranker, FlagModel, FlagReranker, Reranker, registry
-from bgekit.hub import describe_folder, resolve
+from bgekit.errors import ModelNotFoundError
+from bgekit.hub import describe_folder, model_folder, resolve
 
 
 def test_lookup_full_ids_case_insensitive_and_unique_short_names():
@@ -76,6 +78,30 @@ def test_hub_cache_layout_names_the_model(tmp_path, tiny_bert):
     auto = FlagAutoModel.from_finetuned(str(snapshot), devices="cpu")
     assert auto.query_instruction_for_retrieval is None  # FlagEmbedding adds none unless asked
     assert auto.pooling_method == "cls"
+    with_slash = Embedder.from_pretrained(f"{snapshot}/", devices="cpu")
+    assert with_slash.query_instruction_for_retrieval == registry.BGE_EN_QUERY
+
+
+def test_hub_cache_repo_folder_loads_its_snapshot(tmp_path, tiny_bert, tiny_bert_reranker):
+    """The cache's repo folder (``models--BAAI--bge-base-en-v1.5``, as ``ls ~/.cache/huggingface/hub``
+    shows it) was refused for having no config.json; it loads the snapshot refs/main names, and a
+    reranker snapshot is known as the reranker it caches."""
+    repo = tmp_path / "models--BAAI--bge-base-en-v1.5"
+    shutil.copytree(tiny_bert, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    model = Embedder.from_pretrained(str(repo), devices="cpu")
+    assert model.query_instruction_for_retrieval == registry.BGE_EN_QUERY
+    assert model.encode("hi").shape == (32,)
+    shutil.copytree(tiny_bert, repo / "snapshots" / "4567def")
+    assert Path(model_folder(str(repo))).name == "0123abc", "refs/main decides between snapshots"
+    (repo / "refs" / "main").unlink()
+    with pytest.raises(ModelNotFoundError, match="2 snapshots and no refs/main"):
+        model_folder(str(repo))
+    reranker_snapshot = tmp_path / "models--BAAI--bge-reranker-base" / "snapshots" / "89ab"
+    shutil.copytree(tiny_bert_reranker, reranker_snapshot)
+    assert isinstance(Reranker.from_pretrained(str(reranker_snapshot), devices="cpu"), FlagReranker)
+    assert type(Reranker.from_pretrained(f"{repo}/snapshots/0123abc", devices="cpu")).__name__ == "BiEncoderReranker"
 
 
 def test_checkpoint_folders_and_overrides(tmp_path, tiny_bert):
@@ -91,6 +117,27 @@ def test_checkpoint_folders_and_overrides(tmp_path, tiny_bert):
         str(tmp_path / "run" / "checkpoint-100"), query_instruction_for_retrieval=""
     )
     assert no_instruction.query_instruction_for_retrieval is None
+
+
+def test_hub_ids_with_stray_whitespace_or_trailing_slash_are_hub_ids(tmp_path, monkeypatch, minilm_dir, tiny_bert):
+    """'BAAI/bge-base-en-v1.5/' (tab completion) and ' BAAI/...' (pasted) were taken for folders and
+    refused as missing; they are the hub id, while an existing folder of that name still wins."""
+    for name in ("BAAI/bge-base-en-v1.5/", " BAAI/bge-base-en-v1.5", "BAAI/bge-base-en-v1.5 \n", "bge-base-en-v1.5/"):
+        assert resolve(name, registry.EMBEDDERS)[0] == "BAAI/bge-base-en-v1.5"
+    assert resolve("BAAI/bge-reranker-base/", registry.RERANKERS, for_reranker=True)[0] == "BAAI/bge-reranker-base"
+    packaged = Embedder.from_pretrained(" sentence-transformers/all-MiniLM-L6-v2/ ", devices="cpu")
+    assert (packaged.model_name_or_path, packaged.pooling_method) == ("sentence-transformers/all-MiniLM-L6-v2", "mean")
+    assert FlagModel("sentence-transformers/all-MiniLM-L6-v2/", devices="cpu").encode("hi").shape == (384,)
+    # a local folder named like a hub id is that folder, slash or not
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_bert, tmp_path / "BAAI" / "bge-base-en-v1.5")
+    local = Embedder.from_pretrained("BAAI/bge-base-en-v1.5/", devices="cpu")
+    assert local.encode("hi").shape == (32,)
+    # missing folders keep their own error, naming the path as typed
+    with pytest.raises(ModelNotFoundError, match=r"'\./missing/' does not exist"):
+        resolve("./missing/", registry.EMBEDDERS)
+    with pytest.raises(ModelNotFoundError, match=r"no local folder 'my-org/missing/' either"):
+        FlagModel("my-org/missing/", devices="cpu")
 
 
 def test_model_class_override_for_unknown_hub_id():

@@ -96,11 +96,21 @@ def takes_verbose(fn):
     return wrapper
 
 
+def _group_verbose(verbose: VerboseOpt = False) -> None:
+    # no docstring: typer would show it as the group's help
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
 def _verbose_everywhere(group: typer.Typer) -> None:
-    """:func:`takes_verbose` on every command of ``group`` and of the groups under it."""
+    """:func:`takes_verbose` on every command of ``group`` and of the groups under it, and a
+    ``-v/--verbose`` on each group, so it may also sit between the two (``bgekit finetune -v embedder``)."""
     for command in group.registered_commands:
         command.callback = takes_verbose(command.callback)
     for sub in group.registered_groups:
+        own = getattr(sub.callback, "value", sub.callback)  # add_typer(callback=...), a placeholder if none
+        if own is None and sub.typer_instance.registered_callback is None:
+            sub.typer_instance.callback()(_group_verbose)
         _verbose_everywhere(sub.typer_instance)
 
 
@@ -137,7 +147,9 @@ def embed(
     query_instruction: Annotated[str | None, typer.Option(help="Query instruction (overrides the model's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     max_length: Annotated[int | None, typer.Option(min=1, help="Token limit; longer texts are truncated.")] = None,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+    ] = None,
     output_format: Annotated[
         OutputFormat | None, typer.Option("--format", help="npy or jsonl; default from the suffix.")
     ] = None,
@@ -320,7 +332,9 @@ def rerank(
     normalize: Annotated[bool, typer.Option("--normalize", help="Sigmoid scores into (0, 1).")] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     max_length: Annotated[int, typer.Option(min=8)] = 512,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+    ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,

@@ -27,14 +27,32 @@ _DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.pt", "*.
 
 def is_hub_id(name: str) -> bool:
     """True for ``org/name`` strings that are not an existing local path."""
-    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+    return bool(_HUB_ID.match(clean_name(name))) and not Path(name).expanduser().exists()
+
+
+def clean_name(name_or_path: str | Path) -> str:
+    """``name_or_path`` as given when it is an existing path; a hub id or known short name without
+    the stray whitespace and trailing slash that pasting or tab completion leave (``" BAAI/bge-m3"``,
+    ``"BAAI/bge-base-en-v1.5/"``); anything else unchanged, so a missing folder is named as typed."""
+    name = str(name_or_path)
+    if Path(name).expanduser().exists():
+        return name  # a real local folder always wins
+    stripped = name.strip()
+    if stripped != name and Path(stripped).expanduser().exists():
+        return stripped
+    trimmed = stripped.rstrip("/")
+    if trimmed and (_HUB_ID.match(trimmed) or registry.lookup(trimmed, {**registry.EMBEDDERS, **registry.RERANKERS})):
+        return trimmed
+    return name
 
 
 def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
     """Return a local folder holding the model's files, downloading it if needed."""
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise ModelNotFoundError(f"model must be a hub id or a folder path, got {name_or_path!r}")
-    path = Path(name_or_path).expanduser()
+    given = str(name_or_path)
+    name = clean_name(given)
+    path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} is a file; pass the folder that holds config.json")
@@ -44,10 +62,11 @@ def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str 
                 f"{path} is a LoRA adapter, not a whole model: load {base} with peft_path={str(path)!r}, "
                 "or the merged model in the folder above it"
             )
+        if not (path / "config.json").exists() and _CACHE_DIR.match(path.resolve().name):
+            path = _cache_snapshot(path)
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} has no config.json: it is not a transformers model folder")
         return path
-    name = str(name_or_path)
     if not _HUB_ID.match(name):
         raise ModelNotFoundError(
             f"model folder {name!r} does not exist (and it is not a hub id like 'BAAI/bge-base-en-v1.5')"
@@ -57,7 +76,31 @@ def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str 
     packaged = _packaged_folder(canonical)
     if packaged is not None:
         return packaged
-    return _download(canonical, cache_dir, revision)
+    try:
+        return _download(canonical, cache_dir, revision)
+    except ModelNotFoundError as exc:
+        if given.strip() == name:  # only a trailing slash could have meant a folder
+            raise
+        raise ModelNotFoundError(f"{exc} (there is no local folder {given!r} either)") from None
+
+
+def _cache_snapshot(repo: Path) -> Path:
+    """The snapshot a hub cache repo folder (``.../models--BAAI--bge-m3``) points at: ``refs/main``'s,
+    else its only one; the folder itself (which then fails on config.json) when it cannot say which."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        chosen = repo / "snapshots" / ref.read_text(encoding="utf-8").strip()
+        if (chosen / "config.json").exists():
+            return chosen
+    snapshots = sorted(s for s in (repo / "snapshots").glob("*") if (s / "config.json").exists())
+    if len(snapshots) == 1:
+        return snapshots[0]
+    if snapshots:
+        raise ModelNotFoundError(
+            f"{repo} is a hub cache folder with {len(snapshots)} snapshots and no refs/main: "
+            f"pass one of them, such as {snapshots[0]}"
+        )
+    return repo
 
 
 def _packaged_folder(hub_id: str) -> Path | None:
@@ -101,7 +144,7 @@ def resolve(
     """
     if not isinstance(name_or_path, (str, Path)):
         raise ModelNotFoundError(f"model must be a hub id or a folder path, got {type(name_or_path).__name__}")
-    name = str(name_or_path)
+    name = clean_name(name_or_path)
     kinds = registry.RERANKER_KINDS if for_reranker else registry.EMBEDDER_KINDS
     if model_class is not None and model_class not in kinds:
         raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")

@@ -123,10 +123,12 @@ def record_text(obj: dict[str, Any], path: Path, line: int, field: str = "text")
     return f"{title} {text}".strip() if title else text
 
 
-def read_texts(path: str | Path, field: str = "text") -> list[TextRecord]:
+def read_texts(path: str | Path, field: str | None = None) -> list[TextRecord]:
     """Read plain-text or JSONL input into records, in file order, in one pass (a pipe works).
 
-    Blank lines are skipped in both; a text line's id is its line number, as in ``--ray`` shards."""
+    Blank lines are skipped in both; a text line's id is its line number, as in ``--ray`` shards.
+    ``field`` is the JSONL field holding the text (``"text"`` when None); given for a plain-text
+    file, which has no fields, it is an :class:`InputError` rather than silently unused."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {path} does not exist")
@@ -137,12 +139,22 @@ def read_texts(path: str | Path, field: str = "text") -> list[TextRecord]:
     everything = itertools.chain(head, lines)
     if has_jsonl_suffix(path) or (first is not None and first.lstrip().startswith("{")):
         for line, obj in _parse_jsonl(path, everything):
-            records.append(TextRecord(record_id(obj, line), record_text(obj, path, line, field)))
+            records.append(TextRecord(record_id(obj, line), record_text(obj, path, line, field or "text")))
     else:
+        if field is not None:
+            raise plain_text_field_error(path, field)
         records = [TextRecord(str(line), text.rstrip("\r\n")) for line, text in everything if text.strip()]
     if not records:
         raise InputError(f"{path} holds no texts")
     return records
+
+
+def plain_text_field_error(path: str | Path, field: str) -> InputError:
+    """The error for a text field named for plain-text input (one text a line, no fields to pick from)."""
+    return InputError(
+        f"text field {field!r} (--text-field) picks a field of JSONL records, but {path} is plain text "
+        "(one text a line, no fields): leave it out, or pass JSONL"
+    )
 
 
 def read_examples(path: str | Path) -> list[dict[str, Any]]:

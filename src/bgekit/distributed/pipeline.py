@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import io as bio
 from ..errors import InputError
 from . import plan as planning
 from . import shards, storage
@@ -52,7 +53,7 @@ def encode_dataset(
     batch_size: int = 256,
     max_length: int | None = None,
     queries: bool = False,
-    text_field: str = "text",
+    text_field: str | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
     **embedder_options: Any,
 ) -> EncodeResult:
@@ -64,8 +65,9 @@ def encode_dataset(
     ``use_ray=True`` shards run on Ray Data (``address`` of a cluster, else a local Ray with
     ``num_workers`` workers; one GPU per worker when there are GPUs); with ``use_ray=False``
     they run in this process on ``devices`` (several GPUs share the work batch by batch).
-    ``embedder_options`` go to :meth:`Embedder.from_pretrained` (``normalize_embeddings``,
-    ``pooling_method``, ``query_instruction_for_retrieval``, ...) and must be JSON values.
+    ``text_field`` is the JSONL field or Parquet column holding the text (``"text"``; an error for
+    plain-text input, which has none). ``embedder_options`` go to :meth:`Embedder.from_pretrained`
+    (``normalize_embeddings``, ``pooling_method``, ``query_instruction_for_retrieval``, ...) and must be JSON values.
     The vectors equal ``Embedder.encode_corpus`` (``encode_queries`` with ``queries=True``).
     ``on_shard(result)`` is called in this process as each shard completes (``shard``, ``rows``,
     ``dim``, ``seconds``), e.g. for progress.
@@ -92,6 +94,8 @@ def encode_dataset(
         raise InputError(f"embedder options must be JSON values (they go into the manifest): {exc}") from None
     started = time.perf_counter()
     input_plan = planning.plan(_location(input), shard_size)
+    if text_field is not None and input_plan.format == "text":
+        raise bio.plain_text_field_error(input_plan.path, text_field)
     job = EncodeJob(
         model=model or hub.default_model(),
         input_path=input_plan.path,
@@ -99,7 +103,7 @@ def encode_dataset(
         output_dir=_location(output_dir),
         embedder_options=embedder_options,
         input_type="query" if queries else "passage",
-        text_field=text_field,
+        text_field=text_field or "text",
         batch_size=batch_size,
         max_length=max_length,
     )

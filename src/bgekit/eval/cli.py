@@ -182,7 +182,9 @@ def index_build(
     quantization: Annotated[Quantization, typer.Option(help="none, int8 or binary codes.")] = Quantization.none,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     max_length: Annotated[int | None, typer.Option(min=1)] = None,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+    ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
@@ -238,8 +240,13 @@ def _absolute_if_local(name: str) -> str:
 
 
 def search(
-    query: Annotated[str, typer.Argument(help="The query text.")],
     index: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `bgekit index build`.")],
+    query: Annotated[
+        str | None, typer.Argument(metavar="QUERY", help="The query text (or give it as -q/--query).")
+    ] = None,
+    query_option: Annotated[
+        str | None, typer.Option("--query", "-q", help="The query text, as `bgekit rerank` takes it.")
+    ] = None,
     top_k: Annotated[
         int, typer.Option(min=1, help="How many results to print (with a reranker, of the reranked candidates).")
     ] = 10,
@@ -270,6 +277,11 @@ def search(
     from .index import DenseIndex
     from .retrieval import encode_queries, load_reranker, normalize_rows
 
+    if query is not None and query_option is not None:
+        raise typer.BadParameter("give the query once: as QUERY or as -q/--query, not both", param_hint="QUERY")
+    query = query if query_option is None else query_option
+    if query is None:
+        raise typer.BadParameter("no query: bgekit search -i INDEX -q 'query text'", param_hint="QUERY")
     if not query.strip():
         raise typer.BadParameter("the query is empty", param_hint="QUERY")
     dense = DenseIndex.load(index)

@@ -10,9 +10,18 @@
   strings, and ``encode_queries`` / ``encode_corpus``.
 
 ``prompt_type="query"`` goes through the model's ``encode_queries`` (its query instruction),
-``"document"`` through ``encode_corpus``, anything else through ``encode`` (no instruction),
-the same split bgekit's own evaluation makes. mteb itself is not a dependency of bgekit:
-nothing here imports it except ``mteb_model_meta``.
+``"document"`` through ``encode_corpus``. Calls without a prompt type are the symmetric tasks
+(STS, classification, clustering, pair classification), whose texts are neither queries nor
+documents. FlagEmbedding 1.4.2's MTEB evaluation embeds them as queries, but a retrieval-only
+prefix (BGE's "Represent this sentence for searching relevant passages: ") does not belong on
+them: BGE's own MTEB runs leave it off outside retrieval. So ``symmetric="auto"`` (the default)
+embeds them as queries where the model's instruction is meant for every input it is not a
+document: an instruction template (``"Instruct: {}\\nQuery: {}"``: e5-mistral, gte-Qwen, bge-en-icl
+and other LLM embedders) or a query prefix paired with a passage prefix (e5's ``"query: "`` /
+``"passage: "``, which e5 prescribes for symmetric tasks); otherwise as they are.
+``symmetric="query"`` always embeds them as queries (FlagEmbedding 1.4.2's rule),
+``symmetric="plain"`` never. mteb itself is not a dependency of bgekit: nothing here imports it
+except ``mteb_model_meta``.
 
 Example:
     >>> import mteb                                                          # doctest: +SKIP
@@ -30,6 +39,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+
+#: how texts of calls without a prompt type are embedded (see the module docstring)
+SYMMETRIC_MODES = ("auto", "query", "plain")
 
 
 def _prompt_kind(prompt_type: Any) -> str | None:
@@ -81,6 +93,8 @@ class MtebEncoder:
         revision: recorded in the model metadata (bgekit loads what ``model`` names).
         device: ``"cpu"``, ``"cuda:0"``...; passed to ``from_pretrained`` as ``devices``.
         batch_size: default batch size (mteb's ``batch_size`` keyword wins).
+        symmetric: how calls without a prompt type (STS, classification, clustering) embed their
+            texts: ``"auto"``, ``"query"`` or ``"plain"`` (see the module docstring).
         options: more ``Embedder.from_pretrained`` options.
     """
 
@@ -91,8 +105,11 @@ class MtebEncoder:
         *,
         device: str | None = None,
         batch_size: int | None = None,
+        symmetric: str = "auto",
         **options: Any,
     ):
+        if symmetric not in SYMMETRIC_MODES:
+            raise InputError(f"symmetric must be one of {', '.join(SYMMETRIC_MODES)}, got {symmetric!r}")
         if isinstance(model, (str, Path)):
             from ..models.embedder import Embedder
 
@@ -106,10 +123,23 @@ class MtebEncoder:
         self.model = model
         self.revision = revision
         self.batch_size = batch_size
+        self.symmetric = symmetric
+        self._model_meta: Any = None
 
     @property
     def model_name(self) -> str:
         return str(self.model.model_name_or_path)
+
+    def symmetric_kind(self) -> str | None:
+        """``"query"`` when texts of a call without a prompt type get the query instruction, else None."""
+        if self.symmetric != "auto":
+            return "query" if self.symmetric == "query" else None
+        model = self.model
+        if not getattr(model, "query_instruction_for_retrieval", None):
+            return None  # nothing to add either way
+        template = (getattr(model, "query_instruction_format", None) or "{}{}") != "{}{}"
+        paired = bool(getattr(model, "passage_instruction_for_retrieval", None))
+        return "query" if template or paired else None
 
     def _run(self, texts: list[str], kind: str | None, batch_size: int | None) -> np.ndarray:
         if not texts:
@@ -141,7 +171,8 @@ class MtebEncoder:
         **kwargs: Any,
     ) -> np.ndarray:
         """Vectors ``(n, dim)`` float32 for the inputs, in order (see the module docstring)."""
-        return self._run(_texts_from_inputs(inputs), _prompt_kind(prompt_type), batch_size)
+        kind = _prompt_kind(prompt_type) if prompt_type is not None else self.symmetric_kind()
+        return self._run(_texts_from_inputs(inputs), kind, batch_size)
 
     def encode_queries(self, queries: Iterable[str], *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
         """mteb 1.x / BEIR: queries with the query instruction."""
@@ -172,7 +203,10 @@ class MtebEncoder:
 
     @property
     def mteb_model_meta(self):
-        """mteb's ``ModelMeta`` for the results folder (needs mteb installed)."""
+        """mteb's ``ModelMeta`` for the results folder (needs mteb installed): the one mteb set, else
+        one built from the model."""
+        if self._model_meta is not None:
+            return self._model_meta
         from mteb.models.model_meta import ModelMeta
 
         dim = None
@@ -190,6 +224,11 @@ class MtebEncoder:
             "framework": ["PyTorch"],
         }
         return ModelMeta.create_empty(fields) if hasattr(ModelMeta, "create_empty") else ModelMeta(**fields)
+
+    @mteb_model_meta.setter
+    def mteb_model_meta(self, meta: Any) -> None:
+        # mteb 2.x's ModelMeta.load_model sets the meta it loaded the model by on the new model
+        self._model_meta = meta
 
     def __repr__(self) -> str:
         return f"MtebEncoder({self.model!r})"
