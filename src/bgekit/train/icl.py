@@ -35,7 +35,14 @@ from pathlib import Path
 from .. import hub, registry
 from ..errors import DataFormatError, InputError
 from ..models.embedder import unescape_format
-from ..models.llm import ICL_QUERY_FORMAT, ICL_SUFFIX, icl_examples_prefix, icl_query_tokens
+from ..models.llm import (
+    ICL_EXAMPLE_FORMAT,
+    ICL_QUERY_FORMAT,
+    ICL_SUFFIX,
+    check_examples,
+    icl_examples_prefix,
+    icl_query_tokens,
+)
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import lora
 from .data import SYMMETRIC_TYPES, Group, GroupSampler, TrainRecord, load_train_data
@@ -203,6 +210,35 @@ class ICLCollator(EmbedderCollator):
             else [t if t is not None else [0] * len(i) for i, t in rows]
         )
         return Tokenized([i for i, _ in rows], type_ids, plain.truncated + asked.truncated)
+
+
+class ICLInferenceCollator(EmbedderCollator):
+    """Queries laid out as a saved ICL model's ``FlagICLModel.tokenize_queries`` lays them out: instructed,
+    behind the model's few-shot examples (one block for every query), ending with its ICL suffix. For
+    scoring a model as it will be used (``bgekit merge --example-data``), not for training."""
+
+    prefix = ""
+    suffix = ICL_SUFFIX
+
+    def use_model_prompts(self, folder: Path, examples: list[dict[str, str]] | None) -> None:
+        """The folder's suffix and example layout (its ``bgekit.json``; bge-en-icl's by default) and
+        ``examples`` as ``examples_for_task``."""
+        meta = hub.read_folder_metadata(folder) or {}
+        self.suffix = meta.get("icl_suffix_str", ICL_SUFFIX)
+        layout = meta.get("examples_instruction_format", ICL_EXAMPLE_FORMAT)
+        examples = check_examples(examples)
+        instruction = self.options.query_instruction_for_retrieval
+        # an empty list is FlagICLModel's "\n\n" (FlagEmbedding 1.4.2's set_examples)
+        self.prefix = "\n\n" if examples == [] else icl_examples_prefix(examples, instruction, layout)
+
+    def query_tokens(self, groups: list[Group]) -> Tokenized:
+        opts = self.options
+        instruction = opts.query_instruction_for_retrieval
+        texts = [
+            g.query if instruction is None else opts.query_instruction_format.format(instruction, g.query)
+            for g in groups
+        ]
+        return icl_query_tokens(self.tokenizer, texts, [self.prefix] * len(texts), opts.query_max_len, self.suffix)
 
 
 def example_format(options: ICLOptions) -> str:
