@@ -87,6 +87,22 @@ def _download(hub_id: str, cache_dir: str | None, revision: str | None) -> Path:
         ) from None
 
 
+def adapter_embedder(name_or_path: object) -> tuple[str, Path, ModelSpec] | None:
+    """A LoRA adapter folder bgekit's embedder training wrote (``OUT/adapter``: ``adapter_config.json``
+    and ``bgekit.json``, no ``config.json``): its base model, the folder, and the family it trained as;
+    None for anything else."""
+    if not isinstance(name_or_path, (str, Path)):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or (path / "config.json").exists() or not (path / "adapter_config.json").exists():
+        return None
+    meta = read_folder_metadata(path)
+    base = (_read_json(path / "adapter_config.json") or {}).get("base_model_name_or_path")
+    if not meta or meta.get("model_class") not in registry.EMBEDDER_KINDS or not base:
+        return None
+    return str(base), path, describe_folder(path, registry.EMBEDDERS)
+
+
 def resolve(
     name_or_path: str,
     table: dict[str, ModelSpec],

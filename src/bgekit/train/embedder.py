@@ -214,15 +214,22 @@ def write_sentence_transformers_files(
     settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
     if decoder or not options.normalize_embeddings:  # what the module files do not tell bgekit
-        settings = {} if options.normalize_embeddings else {"normalize_embeddings": False}
-        hub.write_folder_metadata(
-            folder,
-            registry.DECODER if decoder else registry.ENCODER,
-            pooling_method,
-            query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
-            query_instruction_format=options.query_instruction_format,
-            **settings,
-        )
+        write_embedder_metadata(folder, pooling_method, options, decoder=decoder)
+
+
+def write_embedder_metadata(folder: Path, pooling_method: str, options: EmbedderOptions, *, decoder: bool) -> None:
+    """``bgekit.json``: family, pooling and query prompt (and unnormalized vectors) of the trained model. A
+    LoRA adapter folder always gets it: ``Embedder.from_pretrained(OUT/adapter)`` loads the base with the
+    adapter as this family (it has no module files or config to tell)."""
+    settings = {} if options.normalize_embeddings else {"normalize_embeddings": False}
+    hub.write_folder_metadata(
+        folder,
+        registry.DECODER if decoder else registry.ENCODER,
+        pooling_method,
+        query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
+        query_instruction_format=options.query_instruction_format,
+        **settings,
+    )
 
 
 def finetune_embedder(options: EmbedderOptions) -> Path:
@@ -313,6 +320,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options,
         resized=resized,
         write_extra=lambda folder: write_sentence_transformers_files(folder, pooling_method, options, decoder=decoder),
+        describe_adapter=lambda folder: write_embedder_metadata(folder, pooling_method, options, decoder=decoder),
     )
 
 

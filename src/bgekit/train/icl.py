@@ -367,4 +367,5 @@ def finetune_icl(
         options,
         resized=resized,
         write_extra=lambda folder: write_metadata(folder, options),
+        describe_adapter=lambda folder: write_metadata(folder, options),
     )
