@@ -264,6 +264,11 @@ def test_icl_lora_merged_and_adapter_forms_agree(tmp_path, icl_dir):
     got = merged.encode_queries(queries, examples_for_task=examples)
     np.testing.assert_allclose(got, adapted.encode_queries(queries, examples_for_task=examples), atol=1e-5)
     assert np.abs(got - base.encode_queries(queries, examples_for_task=examples)).max() > 1e-4, "LoRA trained"
+    from_adapter = Embedder.from_pretrained(  # OUT/adapter carries bgekit.json: the ICL family, merged over its base
+        str(out / "adapter"), devices="cpu", use_fp16=False, query_instruction_for_retrieval=INSTRUCTION
+    )
+    assert isinstance(from_adapter, FlagICLModel)
+    np.testing.assert_allclose(from_adapter.encode_queries(queries, examples_for_task=examples), got, atol=1e-5)
 
 
 def test_symmetric_records_are_laid_out_as_icl_queries(tmp_path, icl_dir, tokenizer):
