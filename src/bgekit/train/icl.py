@@ -180,8 +180,8 @@ class ICLCollator(EmbedderCollator):
         return icl_query_tokens(self.tokenizer, queries, prefixes, opts.query_max_len, opts.icl_suffix_str)
 
     def query_text(self, group: Group, text: str | None = None) -> str:
-        """The query (or ``text``) behind its instruction; an ICL query always has one (``None`` reads as
-        FlagEmbedding's ``"None"``, with the warning at start)."""
+        """The query (or ``text``) behind the record's prompt or the query instruction (plain when neither
+        is set, as :meth:`query_tokens` does)."""
         instruction = query_instruction(group, self.options)
         text = group.query if text is None else text
         return text if instruction is None else self.options.query_instruction_format.format(instruction, text)
