@@ -473,3 +473,7 @@ def test_an_adapter_only_decoder_embedder_loads_as_the_model_it_came_from(tmp_pa
         query_instruction_format=FORMAT,
     )
     assert np.abs(plain.encode_queries(queries) - model.encode_queries(queries)).max() > 1e-4, "the adapter is used"
+    (tmp_path / "queries.txt").write_text(queries[0] + "\n")
+    cli("embed", "--model", str(out), "--input", str(tmp_path / "queries.txt"), "--output", str(tmp_path / "q.npy"),
+        "--queries", "--device", "cpu", "--no-fp16")  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"), model.encode_queries(queries), rtol=0, atol=1e-5)

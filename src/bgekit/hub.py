@@ -123,8 +123,10 @@ def resolve(
         raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")
     looks_like_path = not _HUB_ID.match(name) and ("/" in name or "\\" in name or name.startswith((".", "~")))
     if Path(name).expanduser().exists() or looks_like_path:
-        # model_folder raises ModelNotFoundError naming a path that does not exist
-        spec = describe_folder(model_folder(name), table, for_reranker=for_reranker)
+        # an embedder's LoRA adapter folder (OUT/adapter) is the family it trained as: Embedder.from_pretrained
+        # loads its base with it; model_folder raises ModelNotFoundError naming a path that does not exist
+        adapter = None if for_reranker else adapter_embedder(name)
+        spec = adapter[2] if adapter else describe_folder(model_folder(name), table, for_reranker=for_reranker)
     else:
         known = registry.lookup(name, table)
         if known is None and for_reranker and registry.lookup(name, registry.EMBEDDERS):
