@@ -477,3 +477,14 @@ def test_an_adapter_only_decoder_embedder_loads_as_the_model_it_came_from(tmp_pa
     cli("embed", "--model", str(out), "--input", str(tmp_path / "queries.txt"), "--output", str(tmp_path / "q.npy"),
         "--queries", "--device", "cpu", "--no-fp16")  # fmt: skip
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"), model.encode_queries(queries), rtol=0, atol=1e-5)
+
+
+def test_an_adapter_whose_base_moved_is_a_clear_error(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    (folder / "bgekit.json").write_text(
+        json.dumps({"model_class": "decoder-only-base", "pooling_method": "last_token"})
+    )
+    with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter over .*gone.*peft_path="):
+        Embedder.from_pretrained(str(folder))
