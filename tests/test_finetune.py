@@ -501,3 +501,32 @@ def test_lengths_past_the_position_table_train_at_the_table_length(tmp_path, gol
             if name != "train_group_size":
                 assert getattr(options, name) == 24, (train.__name__, name)
                 assert f"{name}={lengths[name]} is beyond the model's 24 positions" in caplog.text
+
+
+def test_symmetric_records_encode_their_passages_as_queries(tiny_bert):
+    """FlagEmbedding 1.4.2's ``symmetric_sts`` / ``symmetric_clustering`` records compare texts of one kind:
+    their passages take the query's instruction (the record's prompt), not the passage instruction; other
+    records' passages are as before. They were all given the passage instruction."""
+    from bgekit.models.tokenization import TextTokenizer, load_hf_tokenizer
+    from bgekit.train.data import Group
+    from bgekit.train.embedder import EmbedderCollator, EmbedderOptions
+
+    tokenizer = TextTokenizer(load_hf_tokenizer(tiny_bert))
+    options = EmbedderOptions(
+        output_dir="unused", query_instruction_for_retrieval="Q: ", passage_instruction_for_retrieval="P: "
+    )
+    collator = EmbedderCollator(tokenizer, options)
+    groups = [
+        Group("a cat sits", ["a cat is sitting", "a dog runs"], None, "Same meaning: ", type="symmetric_sts"),
+        Group("apples", ["pears", "cars"], None, None, type="symmetric_clustering"),
+        Group("what is a door", ["a door opens", "a window"], None, None, type="retrieval"),
+    ]
+    assert [collator.passage_texts(g) for g in groups] == [
+        ["Same meaning: a cat is sitting", "Same meaning: a dog runs"],
+        ["Q: pears", "Q: cars"],
+        ["P: a door opens", "P: a window"],
+    ]
+    batch = collator(groups)
+    want = tokenizer.encode([t for g in groups for t in collator.passage_texts(g)], options.passage_max_len)
+    mask = batch["passage"]["attention_mask"].bool()
+    assert [batch["passage"]["input_ids"][i][mask[i]].tolist() for i in range(6)] == want.ids

@@ -265,3 +265,99 @@ def test_example_data_scores_an_llm_reranker_by_its_yes_logit(tmp_path, golden_d
         merge_models(
             [str(golden_dir / "models" / "minicpm-layerwise")] * 2, example_data=examples, output_dir=tmp_path / "lw"
         )
+
+
+def test_a_pretrain_output_merges_with_its_plain_encoder(tmp_path, tiny_bert):
+    """A ``bgekit pretrain`` folder (a masked-LM BERT, ``bert.``-prefixed, plus the RetroMAE decoder) merges
+    with the plain encoder it started from, as LM-Cocktail merges them: encoder weights by name, the MLM
+    head and decoder dropped, the plain encoder's layout and pooler kept. It was refused (names differ)."""
+
+    from bgekit.train.pretrain import DECODER_FILE, PretrainOptions, pretrain
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"wing {i} lift at speed {i * 7} and drag"}) + "\n" for i in range(8))
+    )
+    pretrained = pretrain(
+        PretrainOptions(
+            output_dir=str(tmp_path / "pretrained"),
+            model_name_or_path=str(tiny_bert),
+            train_data=[str(corpus)],
+            max_steps=2,
+            per_device_train_batch_size=4,
+            max_seq_length=32,
+            learning_rate=1e-2,
+        )
+    )
+    assert (pretrained / DECODER_FILE).exists()
+    mlm, plain = read_state_dict(pretrained), read_state_dict(tiny_bert)  # gamma/beta names as weight/bias
+    for order, weights in (((pretrained, tiny_bert), [0.25, 0.75]), ((tiny_bert, pretrained), [0.75, 0.25])):
+        out = merge_models([str(m) for m in order], weights, output_dir=tmp_path / f"merged-{order[0].name}")
+        merged = read_state_dict(out.output_dir)
+        assert merged.keys() == plain.keys(), "the plain encoder's names, pooler included; no MLM head"
+        for key, tensor in merged.items():
+            if not tensor.is_floating_point():
+                continue
+            if key.startswith("pooler."):  # only the plain encoder has one: its own
+                torch.testing.assert_close(tensor, plain[key].float(), rtol=0, atol=0)
+            else:
+                expected = 0.25 * mlm[f"bert.{key}"].float() + 0.75 * plain[key].float()
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
+        assert not (out.output_dir / DECODER_FILE).exists()
+        assert json.loads((out.output_dir / "config.json").read_text())["architectures"] == ["BertModel"]
+        assert Embedder.from_pretrained(str(out.output_dir), devices="cpu").encode("hello").shape == (32,)
+    assert (
+        mlm["bert.encoder.layer.0.attention.self.query.weight"]
+        .ne(plain["encoder.layer.0.attention.self.query.weight"])
+        .any()
+    ), "pre-training changed the encoder"
+
+
+def test_example_loss_of_an_icl_embedder_sees_its_few_shot_examples(tmp_path, golden_dir, examples):
+    """An ICL embedder's example loss embeds the queries as FlagICLModel does, behind the model's few-shot
+    examples (``--examples``) and ending with the ICL suffix; they were scored as plain instructed queries."""
+    from bgekit import hub
+    from bgekit.train import losses
+    from bgekit.train.data import GroupSampler, load_train_data
+    from bgekit.train.merge import example_loss
+
+    folder = tmp_path / "icl"
+    shutil.copytree(golden_dir / "models" / "mistral-icl", folder)
+    hub.write_folder_metadata(
+        folder,
+        "decoder-only-icl",
+        "last_token",
+        query_instruction_for_retrieval="Find the passage",
+        query_instruction_format="<instruct>{}\n<query>{}",
+    )
+    shots = [{"instruct": "Find the passage", "query": "what do koalas eat", "response": "Koalas eat eucalyptus."}]
+    shots_file = tmp_path / "shots.json"
+    shots_file.write_text(json.dumps(shots))
+    records = load_train_data(examples)
+    groups = [GroupSampler(records, 2, 42).group(i) for i in range(len(records))]
+    for shown in (shots, None):
+        model = Embedder.from_pretrained(str(folder), devices="cpu", use_fp16=False, examples_for_task=shown)
+        q = torch.from_numpy(model.encode_queries([g.query for g in groups], max_length=64))
+        p = torch.from_numpy(model.encode_corpus([text for g in groups for text in g.passages], max_length=256))
+        expected = losses.info_nce(q, p, 2, 0.05).item()
+        assert example_loss(folder, records, "embedder", group_size=2, examples=shown) == pytest.approx(
+            expected, rel=1e-4
+        )
+    run(
+        "merge",
+        "--models",
+        str(folder),
+        str(folder),
+        "--example-data",
+        str(examples),
+        "--examples",
+        str(shots_file),
+        "--output-dir",
+        str(tmp_path / "mixed"),
+        "--group-size",
+        "2",
+    )
+    saved = json.loads((tmp_path / "mixed" / "merge_weights.json").read_text())
+    assert saved["losses"][0] == pytest.approx(example_loss(folder, records, "embedder", group_size=2, examples=shots))
+    with pytest.raises(InputError, match="not an ICL embedder"):
+        example_loss(golden_dir / "models" / "bert-cls", records, "embedder", examples=shots)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bgekit import Embedder, FlagICLModel, InputError
+from bgekit import DataFormatError, Embedder, FlagICLModel, InputError
 from bgekit.models.tokenization import TextTokenizer, load_hf_tokenizer
 from bgekit.train.data import GroupSampler, load_train_data
 from bgekit.train.embedder import EmbedderOptions, finetune_embedder
@@ -264,3 +264,34 @@ def test_icl_lora_merged_and_adapter_forms_agree(tmp_path, icl_dir):
     got = merged.encode_queries(queries, examples_for_task=examples)
     np.testing.assert_allclose(got, adapted.encode_queries(queries, examples_for_task=examples), atol=1e-5)
     assert np.abs(got - base.encode_queries(queries, examples_for_task=examples)).max() > 1e-4, "LoRA trained"
+    from_adapter = Embedder.from_pretrained(  # OUT/adapter carries bgekit.json: the ICL family, merged over its base
+        str(out / "adapter"), devices="cpu", use_fp16=False, query_instruction_for_retrieval=INSTRUCTION
+    )
+    assert isinstance(from_adapter, FlagICLModel)
+    np.testing.assert_allclose(from_adapter.encode_queries(queries, examples_for_task=examples), got, atol=1e-5)
+
+
+def test_symmetric_records_are_laid_out_as_icl_queries(tmp_path, icl_dir, tokenizer):
+    """FlagEmbedding 1.4.2's ICL data: a ``symmetric_sts`` / ``symmetric_clustering`` record's passages are
+    instructed and end with the ICL suffix, the prompt ``FlagICLModel.encode_queries`` gives a query without
+    examples; a ``symmetric_clustering`` record answers as another query's example with its ``category``."""
+    options = icl_options(passage_max_len=24, query_instruction_for_retrieval="unused")
+    groups = [
+        ICLGroup("a cat sits", ["a cat is sitting", "a dog runs " * 30], None, INSTRUCTION, [], type="symmetric_sts"),
+        ICLGroup("what does item 4 do?", ["p2", "p3"], None, INSTRUCTION, []),
+    ]
+    batch = ICLCollator(tokenizer, options)(groups)
+    model = FlagICLModel(str(icl_dir), devices="cpu", query_instruction_for_retrieval=INSTRUCTION)
+    want = [model.tokenize_queries([p], 24, "").ids[0] for p in groups[0].passages]
+    want += model.tokenize(["p2", "p3"], "passage", 24).ids
+    mask = batch["passage"]["attention_mask"].bool()
+    assert [batch["passage"]["input_ids"][i][mask[i]].tolist() for i in range(4)] == want
+
+    rows = [dict(r, type="symmetric_clustering", category=f"topic {i}") for i, r in enumerate(records(4))]
+    loaded = load_train_data(write(tmp_path / "clusters.jsonl", rows))
+    picker = ExamplePicker(loaded, tokenizer, icl_options(example_passage_max_len=32))
+    assert picker.cut(2) == (loaded[2].query, "topic 2")
+    del rows[3]["category"]
+    loaded = load_train_data(write(tmp_path / "clusters.jsonl", rows))
+    with pytest.raises(DataFormatError, match=r"clusters.jsonl, line 4: .*'category'"):
+        ExamplePicker(loaded, tokenizer, icl_options())

@@ -431,3 +431,60 @@ def test_encoder_embedder_adapter_loads_over_its_base(tmp_path, tiny_bert, train
     assert np.abs(base - merged).max() > 1e-4
     with pytest.raises(InputError, match="load the merged model"):
         FlagModel(str(tiny_bert), devices="cpu", backend="onnx", peft_path=str(out / "adapter"))
+    assert (out / "adapter" / "bgekit.json").exists()
+    from_adapter = Embedder.from_pretrained(str(out / "adapter"), devices="cpu")
+    np.testing.assert_allclose(from_adapter.encode(texts), merged, rtol=0, atol=1e-5)
+
+
+def test_an_adapter_only_decoder_embedder_loads_as_the_model_it_came_from(tmp_path, tiny_llms, train_file):
+    """``--no-save-merged-model`` leaves only ``OUT/adapter``; it now carries ``bgekit.json`` (family,
+    pooling, instruction), so ``Embedder.from_pretrained(OUT/adapter)`` is the base with the adapter as the
+    decoder embedder it trained as. It was refused ('a LoRA adapter, not a whole model') and the base alone
+    would have lost the instruction and format."""
+    base = tiny_llms["mistral"]
+    options = common_options(
+        tmp_path / "emb", base, train_file, max_steps=2, lora_rank=4, learning_rate=1e-2, save_merged_lora_model=False
+    )
+    out = finetune_embedder(
+        EmbedderOptions(**options, query_instruction_for_retrieval=INSTRUCTION, query_instruction_format=FORMAT)
+    )
+    assert out == tmp_path / "emb" / "adapter" and not (tmp_path / "emb" / "config.json").exists()
+    meta = json.loads((out / "bgekit.json").read_text())
+    assert (meta["model_class"], meta["pooling_method"]) == ("decoder-only-base", "last_token")
+    model = Embedder.from_pretrained(str(out), devices="cpu", use_fp16=False)
+    assert isinstance(model, FlagLLMModel)
+    assert (model.query_instruction_for_retrieval, model.query_instruction_format) == (INSTRUCTION, FORMAT)
+    queries, passages = ["what opens door number 3?"], ["key 3 opens door number 3"]
+    adapted = FlagLLMModel(
+        str(base),
+        devices="cpu",
+        use_fp16=False,
+        peft_path=str(out),
+        query_instruction_for_retrieval=INSTRUCTION,
+        query_instruction_format=FORMAT,
+    )
+    np.testing.assert_allclose(model.encode_queries(queries), adapted.encode_queries(queries), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(model.encode_corpus(passages), adapted.encode_corpus(passages), rtol=0, atol=1e-6)
+    plain = FlagLLMModel(
+        str(base),
+        devices="cpu",
+        use_fp16=False,
+        query_instruction_for_retrieval=INSTRUCTION,
+        query_instruction_format=FORMAT,
+    )
+    assert np.abs(plain.encode_queries(queries) - model.encode_queries(queries)).max() > 1e-4, "the adapter is used"
+    (tmp_path / "queries.txt").write_text(queries[0] + "\n")
+    cli("embed", "--model", str(out), "--input", str(tmp_path / "queries.txt"), "--output", str(tmp_path / "q.npy"),
+        "--queries", "--device", "cpu", "--no-fp16")  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"), model.encode_queries(queries), rtol=0, atol=1e-5)
+
+
+def test_an_adapter_whose_base_moved_is_a_clear_error(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    (folder / "bgekit.json").write_text(
+        json.dumps({"model_class": "decoder-only-base", "pooling_method": "last_token"})
+    )
+    with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter over .*gone.*peft_path="):
+        Embedder.from_pretrained(str(folder))

@@ -130,6 +130,22 @@ def _download(hub_id: str, cache_dir: str | None, revision: str | None) -> Path:
         ) from None
 
 
+def adapter_embedder(name_or_path: object) -> tuple[str, Path, ModelSpec] | None:
+    """A LoRA adapter folder bgekit's embedder training wrote (``OUT/adapter``: ``adapter_config.json``
+    and ``bgekit.json``, no ``config.json``): its base model, the folder, and the family it trained as;
+    None for anything else."""
+    if not isinstance(name_or_path, (str, Path)):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or (path / "config.json").exists() or not (path / "adapter_config.json").exists():
+        return None
+    meta = read_folder_metadata(path)
+    base = (_read_json(path / "adapter_config.json") or {}).get("base_model_name_or_path")
+    if not meta or meta.get("model_class") not in registry.EMBEDDER_KINDS or not base:
+        return None
+    return str(base), path, describe_folder(path, registry.EMBEDDERS)
+
+
 def resolve(
     name_or_path: str,
     table: dict[str, ModelSpec],
@@ -150,8 +166,10 @@ def resolve(
         raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")
     looks_like_path = not _HUB_ID.match(name) and ("/" in name or "\\" in name or name.startswith((".", "~")))
     if Path(name).expanduser().exists() or looks_like_path:
-        # model_folder raises ModelNotFoundError naming a path that does not exist
-        spec = describe_folder(model_folder(name), table, for_reranker=for_reranker)
+        # an embedder's LoRA adapter folder (OUT/adapter) is the family it trained as: Embedder.from_pretrained
+        # loads its base with it; model_folder raises ModelNotFoundError naming a path that does not exist
+        adapter = None if for_reranker else adapter_embedder(name)
+        spec = adapter[2] if adapter else describe_folder(model_folder(name), table, for_reranker=for_reranker)
     else:
         known = registry.lookup(name, table)
         if known is None and for_reranker and registry.lookup(name, registry.EMBEDDERS):

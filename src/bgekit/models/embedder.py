@@ -9,6 +9,7 @@ queries get the instruction, passages only when a passage instruction is set.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import re
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import hub, registry
-from ..errors import InputError, UnknownModelError
+from ..errors import InputError, ModelNotFoundError, UnknownModelError
 from .flag_pool import EmbedderPoolMethods
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
@@ -88,7 +89,20 @@ class Embedder(EmbedderPoolMethods):
         Known models get their recommended query instruction unless you pass one
         (``query_instruction_for_retrieval=None`` keeps it; ``""`` turns it off).
         """
-        name, spec = hub.resolve(model_name_or_path, registry.EMBEDDERS, model_class)
+        adapter = None if options.get("peft_path") else hub.adapter_embedder(model_name_or_path)
+        if adapter is not None:  # bgekit's OUT/adapter: its base, with the adapter merged, as it trained
+            base, folder, spec = adapter
+            try:
+                name, _ = hub.resolve(base, registry.EMBEDDERS, model_class or spec.kind)
+            except ModelNotFoundError as exc:
+                raise ModelNotFoundError(
+                    f"{folder} is a LoRA adapter over {base}, which cannot be loaded ({exc}); load the base from "
+                    f"where it is now with peft_path={str(folder)!r}"
+                ) from None
+            spec = spec if model_class is None else dataclasses.replace(spec, kind=model_class)
+            options = {**options, "peft_path": str(folder)}
+        else:
+            name, spec = hub.resolve(model_name_or_path, registry.EMBEDDERS, model_class)
         skipped = spec.extra.get("modules_not_run")
         if skipped:  # its vectors would silently differ from sentence-transformers'
             raise UnknownModelError(

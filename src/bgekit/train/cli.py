@@ -626,6 +626,13 @@ def merge(
     example_data: Annotated[
         Path | None, typer.Option(help="A few training JSONL records; each model's loss on them sets its weight.")
     ] = None,
+    examples: Annotated[
+        Path | None,
+        typer.Option(
+            help="ICL embedders (bge-en-icl): their in-context examples for --example-data, JSON list or JSONL "
+            "(as encode --examples); the queries are scored behind them, as FlagICLModel embeds them."
+        ),
+    ] = None,
     model_type: Annotated[str, typer.Option(help="auto | embedder | reranker (for --example-data)")] = "auto",
     temperature: Annotated[float, typer.Option(help="Weights = softmax(-loss / temperature).")] = 5.0,
     max_examples: Annotated[int, typer.Option(min=1)] = 32,
@@ -651,6 +658,7 @@ def merge(
         group_size=group_size,
         query_max_len=query_max_len,
         passage_max_len=passage_max_len,
+        examples=examples,
     )
     for i, (name, weight) in enumerate(zip(models, result.weights, strict=True)):
         loss = f"  (example loss {result.losses[i]:.4f})" if result.losses else ""

@@ -40,6 +40,10 @@ class TrainRecord:
     raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
+#: record types whose passages are texts of the query's kind (FlagEmbedding 1.4.2): they get the query's
+#: instruction (and, for ICL embedders, the query's ICL layout) instead of the passage instruction
+SYMMETRIC_TYPES = ("symmetric_sts", "symmetric_clustering")
+
 #: the fields a training record's JSON object may have that bgekit reads (the rest are carried along)
 SCHEMA_FIELDS = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type")
 
@@ -218,6 +222,8 @@ class Group:
     passages: list[str]
     scores: list[float] | None
     prompt: str | None
+    #: the record's ``type``: ``symmetric_sts`` / ``symmetric_clustering`` passages are encoded as queries
+    type: str | None = field(default=None, kw_only=True)
 
 
 class GroupSampler:
@@ -260,7 +266,7 @@ class GroupSampler:
                 passages += [self._random_negative(rng, set(record.pos)) for _ in range(wanted)]
                 if scores is not None:  # the teacher never saw these: it gives them no weight (softmax of -inf)
                     scores += [-math.inf] * wanted
-        return Group(record.query, passages, scores, record.prompt)
+        return Group(record.query, passages, scores, record.prompt, type=record.type)
 
     def _random_negative(self, rng: random.Random, positives: set[str]) -> str:
         """A random corpus passage that is not one of the record's positives (a few tries)."""

@@ -22,7 +22,7 @@ from ..models.embedder import unescape_format
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
-from .data import Group, GroupSampler, load_train_data, with_teacher_scores
+from .data import SYMMETRIC_TYPES, Group, GroupSampler, load_train_data, with_teacher_scores
 from .trainer import (
     BgekitTrainer,
     EpochCallback,
@@ -72,20 +72,33 @@ class EmbedderCollator:
         self.tokenizer = tokenizer
         self.options = options
 
-    def query_text(self, group: Group) -> str:
-        """The query with its instruction: a record's ``prompt`` stands in for
+    def query_text(self, group: Group, text: str | None = None) -> str:
+        """The query (or ``text`` in its place) with its instruction: a record's ``prompt`` stands in for
         ``query_instruction_for_retrieval``, and only when there is one (FlagEmbedding 1.4.2's rule: the
         saved model asks queries with that instruction, or with none)."""
+        text = group.query if text is None else text
         instruction = self.options.query_instruction_for_retrieval
         if instruction is None:
-            return group.query
+            return text
         if group.prompt is not None:
             instruction = group.prompt
-        return self.options.query_instruction_format.format(instruction, group.query)
+        return self.options.query_instruction_format.format(instruction, text)
 
     def passage_text(self, text: str) -> str:
         instruction = self.options.passage_instruction_for_retrieval
         return text if instruction is None else f"{instruction}{text}"
+
+    def passage_texts(self, group: Group) -> list[str]:
+        """The group's passages as the model reads them: ``symmetric_sts`` / ``symmetric_clustering``
+        records compare texts of one kind, so their passages take the query's instruction (FlagEmbedding
+        1.4.2's rule; at inference both sides are encoded with ``encode_queries``); others the passage one."""
+        if group.type in SYMMETRIC_TYPES:
+            return [self.query_text(group, p) for p in group.passages]
+        return [self.passage_text(p) for p in group.passages]
+
+    def passage_tokens(self, groups: list[Group]) -> Tokenized:
+        """The batch's passages, tokenized (the ICL collator lays symmetric ones out as queries)."""
+        return self.tokenizer.encode([t for g in groups for t in self.passage_texts(g)], self.options.passage_max_len)
 
     def query_tokens(self, groups: list[Group]) -> Tokenized:
         """The batch's queries, tokenized (the ICL collator adds examples here)."""
@@ -93,9 +106,7 @@ class EmbedderCollator:
 
     def __call__(self, groups: list[Group]) -> dict:
         queries = self.query_tokens(groups)
-        passages = self.tokenizer.encode(
-            [self.passage_text(p) for g in groups for p in g.passages], self.options.passage_max_len
-        )
+        passages = self.passage_tokens(groups)
         batch = {
             "query": self.tokenizer.collate(queries.ids, queries.type_ids),
             "passage": self.tokenizer.collate(passages.ids, passages.type_ids),
@@ -203,15 +214,22 @@ def write_sentence_transformers_files(
     settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
     if decoder or not options.normalize_embeddings:  # what the module files do not tell bgekit
-        settings = {} if options.normalize_embeddings else {"normalize_embeddings": False}
-        hub.write_folder_metadata(
-            folder,
-            registry.DECODER if decoder else registry.ENCODER,
-            pooling_method,
-            query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
-            query_instruction_format=options.query_instruction_format,
-            **settings,
-        )
+        write_embedder_metadata(folder, pooling_method, options, decoder=decoder)
+
+
+def write_embedder_metadata(folder: Path, pooling_method: str, options: EmbedderOptions, *, decoder: bool) -> None:
+    """``bgekit.json``: family, pooling and query prompt (and unnormalized vectors) of the trained model. A
+    LoRA adapter folder always gets it: ``Embedder.from_pretrained(OUT/adapter)`` loads the base with the
+    adapter as this family (it has no module files or config to tell)."""
+    settings = {} if options.normalize_embeddings else {"normalize_embeddings": False}
+    hub.write_folder_metadata(
+        folder,
+        registry.DECODER if decoder else registry.ENCODER,
+        pooling_method,
+        query_instruction_for_retrieval=options.query_instruction_for_retrieval or None,
+        query_instruction_format=options.query_instruction_format,
+        **settings,
+    )
 
 
 def finetune_embedder(options: EmbedderOptions) -> Path:
@@ -302,6 +320,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         options,
         resized=resized,
         write_extra=lambda folder: write_sentence_transformers_files(folder, pooling_method, options, decoder=decoder),
+        describe_adapter=lambda folder: write_embedder_metadata(folder, pooling_method, options, decoder=decoder),
     )
 
 

@@ -33,12 +33,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import hub, registry
-from ..errors import InputError
+from ..errors import DataFormatError, InputError
 from ..models.embedder import unescape_format
-from ..models.llm import ICL_QUERY_FORMAT, ICL_SUFFIX, icl_examples_prefix, icl_query_tokens
+from ..models.llm import (
+    ICL_EXAMPLE_FORMAT,
+    ICL_QUERY_FORMAT,
+    ICL_SUFFIX,
+    check_examples,
+    icl_examples_prefix,
+    icl_query_tokens,
+)
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import lora
-from .data import Group, GroupSampler, TrainRecord, load_train_data
+from .data import SYMMETRIC_TYPES, Group, GroupSampler, TrainRecord, load_train_data
 from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
 from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
@@ -83,6 +90,16 @@ class ExamplePicker:
         self.tasks: dict[tuple[str, str | None], list[int]] = defaultdict(list)
         for index, record in enumerate(records):
             self.tasks[self.task(record)].append(index)
+            if record.type == "symmetric_clustering":
+                category = (record.raw or {}).get("category")
+                if not isinstance(category, str) or not category.strip():
+                    path, _, line = record.source.rpartition(":")
+                    raise DataFormatError(
+                        path or "training records",
+                        int(line) if line.isdigit() else None,
+                        "a 'symmetric_clustering' record needs a 'category' (a non-empty string): it is the "
+                        "response when the record is another query's in-context example",
+                    )
         self._cut: dict[int, tuple[str, str]] = {}
 
     @staticmethod
@@ -112,12 +129,14 @@ class ExamplePicker:
         return examples
 
     def cut(self, index: int) -> tuple[str, str]:
-        """Record ``index``'s query and first positive, cut to the example lengths (decoded when cut)."""
+        """Record ``index``'s query and first positive (a ``symmetric_clustering`` record's ``category``, as
+        FlagEmbedding 1.4.2 answers its examples), cut to the example lengths (decoded when cut)."""
         if index not in self._cut:
             record = self.records[index]
+            response = record.raw["category"] if record.type == "symmetric_clustering" else record.pos[0]
             self._cut[index] = (
                 self._shorten(record.query, self.options.example_query_max_len),
-                self._shorten(record.pos[0], self.options.example_passage_max_len),
+                self._shorten(response, self.options.example_passage_max_len),
             )
         return self._cut[index]
 
@@ -159,6 +178,67 @@ class ICLCollator(EmbedderCollator):
             )
             prefixes.append(icl_examples_prefix(group.examples, instruction, example_format(opts)))
         return icl_query_tokens(self.tokenizer, queries, prefixes, opts.query_max_len, opts.icl_suffix_str)
+
+    def query_text(self, group: Group, text: str | None = None) -> str:
+        """The query (or ``text``) behind the record's prompt or the query instruction (plain when neither
+        is set, as :meth:`query_tokens` does)."""
+        instruction = query_instruction(group, self.options)
+        text = group.query if text is None else text
+        return text if instruction is None else self.options.query_instruction_format.format(instruction, text)
+
+    def passage_tokens(self, groups: list[ICLGroup]) -> Tokenized:
+        """Plain passages as the plain embedder; a ``symmetric_sts`` / ``symmetric_clustering`` record's
+        passages laid out as queries without examples (instruction, ICL suffix: FlagEmbedding 1.4.2), the
+        prompt ``FlagICLModel.encode_queries`` gives them at inference, cut to ``passage_max_len``."""
+        opts = self.options
+        texts = [(g.type in SYMMETRIC_TYPES, t) for g in groups for t in self.passage_texts(g)]
+        plain = self.tokenizer.encode([t for symmetric, t in texts if not symmetric], opts.passage_max_len)
+        symmetric = [t for is_symmetric, t in texts if is_symmetric]
+        if not symmetric:
+            return plain
+        asked = icl_query_tokens(
+            self.tokenizer, symmetric, [""] * len(symmetric), opts.passage_max_len, opts.icl_suffix_str
+        )
+        parts = {
+            False: iter(zip(plain.ids, plain.type_ids or [None] * len(plain.ids), strict=True)),
+            True: iter(zip(asked.ids, asked.type_ids or [None] * len(asked.ids), strict=True)),
+        }
+        rows = [next(parts[is_symmetric]) for is_symmetric, _ in texts]
+        type_ids = (
+            None
+            if plain.type_ids is None and asked.type_ids is None
+            else [t if t is not None else [0] * len(i) for i, t in rows]
+        )
+        return Tokenized([i for i, _ in rows], type_ids, plain.truncated + asked.truncated)
+
+
+class ICLInferenceCollator(EmbedderCollator):
+    """Queries laid out as a saved ICL model's ``FlagICLModel.tokenize_queries`` lays them out: instructed,
+    behind the model's few-shot examples (one block for every query), ending with its ICL suffix. For
+    scoring a model as it will be used (``bgekit merge --example-data``), not for training."""
+
+    prefix = ""
+    suffix = ICL_SUFFIX
+
+    def use_model_prompts(self, folder: Path, examples: list[dict[str, str]] | None) -> None:
+        """The folder's suffix and example layout (its ``bgekit.json``; bge-en-icl's by default) and
+        ``examples`` as ``examples_for_task``."""
+        meta = hub.read_folder_metadata(folder) or {}
+        self.suffix = meta.get("icl_suffix_str", ICL_SUFFIX)
+        layout = meta.get("examples_instruction_format", ICL_EXAMPLE_FORMAT)
+        examples = check_examples(examples)
+        instruction = self.options.query_instruction_for_retrieval
+        # an empty list is FlagICLModel's "\n\n" (FlagEmbedding 1.4.2's set_examples)
+        self.prefix = "\n\n" if examples == [] else icl_examples_prefix(examples, instruction, layout)
+
+    def query_tokens(self, groups: list[Group]) -> Tokenized:
+        opts = self.options
+        instruction = opts.query_instruction_for_retrieval
+        texts = [
+            g.query if instruction is None else opts.query_instruction_format.format(instruction, g.query)
+            for g in groups
+        ]
+        return icl_query_tokens(self.tokenizer, texts, [self.prefix] * len(texts), opts.query_max_len, self.suffix)
 
 
 def example_format(options: ICLOptions) -> str:
@@ -287,4 +367,5 @@ def finetune_icl(
         options,
         resized=resized,
         write_extra=lambda folder: write_metadata(folder, options),
+        describe_adapter=lambda folder: write_metadata(folder, options),
     )

@@ -9,7 +9,9 @@ A LoRA run leaves this layout in ``output_dir``::
                     its tokenizer and, for embedders, sentence-transformers module files:
                     Embedder.from_pretrained(OUT) / Reranker.from_pretrained(OUT) load it as it is
     OUT/adapter/    the LoRA adapter (adapter_config.json, adapter_model.safetensors) and the
-                    tokenizer: load it over the base model with ``peft_path=OUT/adapter``
+                    tokenizer: load it over the base model with ``peft_path=OUT/adapter``; an
+                    embedder's also has its bgekit.json, so Embedder.from_pretrained(OUT/adapter)
+                    loads the base with the adapter as the family it trained as
     OUT/checkpoint-N/  the Trainer's checkpoints (adapters), for --resume-from-checkpoint
 
 With ``save_merged_lora_model=False`` only ``OUT/adapter/`` (and the checkpoints) is written.
@@ -190,13 +192,17 @@ def save(
     *,
     resized: bool,
     write_extra: Callable[[Path], None] | None = None,
+    describe_adapter: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``OUT/adapter/`` and, unless turned off, the merged model in ``OUT/``; returns the
-    folder that loads as a plain model (``OUT``), or the adapter folder when nothing was merged."""
+    """Write ``OUT/adapter/`` (with ``describe_adapter``'s files: an embedder's ``bgekit.json``, so the
+    folder loads as the model it came from) and, unless turned off, the merged model in ``OUT/``; returns
+    the folder that loads as a plain model (``OUT``), or the adapter folder when nothing was merged."""
     output = Path(output_dir)
     adapter = output / ADAPTER_DIR
     model.save_pretrained(str(adapter), save_embedding_layers=resized)
     hf_tokenizer.save_pretrained(str(adapter))
+    if describe_adapter is not None:
+        describe_adapter(adapter)
     if not options.save_merged_lora_model:
         return adapter
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
@@ -228,6 +234,7 @@ def save_trained(
     resized: bool,
     write_extra: Callable[[Path], None] | None = None,
     model: torch.nn.Module | None = None,
+    describe_adapter: Callable[[Path], None] | None = None,
 ) -> Path:
     """The end of every training run: with LoRA, :func:`save` on rank 0 (adapter and merged model) of
     ``model`` (the peft model; default: the trainer's); otherwise the Trainer's own ``save_model``, then
@@ -236,7 +243,15 @@ def save_trained(
     if options.use_lora:
         if trainer.is_world_process_zero():
             peft_model = trainer.model if model is None else model
-            return save(peft_model, hf_tokenizer, output, options, resized=resized, write_extra=write_extra)
+            return save(
+                peft_model,
+                hf_tokenizer,
+                output,
+                options,
+                resized=resized,
+                write_extra=write_extra,
+                describe_adapter=describe_adapter,
+            )
         return output
     trainer.save_model(str(output))
     if write_extra is not None and trainer.is_world_process_zero():

@@ -4,7 +4,10 @@ one architecture, with the weights given or worked out from each model's loss on
 Merging reads and writes weight files directly (``model.safetensors``, sharded safetensors or
 ``pytorch_model.bin``, and BGE-M3's ``colbert_linear.pt`` / ``sparse_linear.pt``), so any
 transformers model merges without being instantiated. Everything else in the folder (config,
-tokenizer, sentence-transformers modules) is copied from the first model. The average is computed
+tokenizer, sentence-transformers modules) is copied from the first model. A ``bgekit pretrain``
+(RetroMAE) output merges with plain encoders of its architecture: its encoder weights are renamed to
+theirs (``bert.encoder...`` to ``encoder...``), its MLM head and decoder dropped, and the merge takes the
+first plain encoder's layout, as LM-Cocktail (which loads each with ``AutoModel``) merges them. The average is computed
 and saved in float32 whatever dtypes the models were saved in, as LM-Cocktail's ``mix_models``
 (every model loaded in float32, the mix saved so); ``config.json`` then says float32.
 """
@@ -15,7 +18,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,43 +76,90 @@ def _architecture(folder: Path) -> tuple[str, tuple[str, ...]]:
     return config.get("model_type", ""), tuple(config.get("architectures") or ())
 
 
-def check_same_architecture(folders: Sequence[Path], states: Sequence[dict[str, torch.Tensor]]) -> None:
-    """Same config type, same tensor names and shapes in every model, or an InputError naming the difference."""
-    first = _architecture(folders[0])
-    for folder, state in zip(folders[1:], states[1:], strict=True):
+def check_same_architecture(
+    folders: Sequence[Path],
+    states: Sequence[dict[str, torch.Tensor]],
+    *,
+    reference: int = 0,
+    mapped: Collection[int] = (),
+) -> None:
+    """Same config type, same tensor names and shapes in every model as in model ``reference``, or an
+    InputError naming the difference. ``mapped`` models are pretrain outputs whose encoder weights were
+    renamed to the reference's names (:func:`encoder_weights`): their config type must match, and they may
+    lack the reference's pooler (a masked-LM encoder has none)."""
+    first = _architecture(folders[reference])
+    for index, (folder, state) in enumerate(zip(folders, states, strict=True)):
+        if index == reference:
+            continue
         other = _architecture(folder)
-        if other != first:
+        if (other[0] != first[0]) if index in mapped else (other != first):
             raise InputError(
-                f"cannot merge {folders[0]} ({first[0]}, {list(first[1])}) with {folder} ({other[0]}, "
+                f"cannot merge {folders[reference]} ({first[0]}, {list(first[1])}) with {folder} ({other[0]}, "
                 f"{list(other[1])}): models must share one architecture"
             )
-        missing, extra = sorted(set(states[0]) - set(state)), sorted(set(state) - set(states[0]))
+        missing, extra = sorted(set(states[reference]) - set(state)), sorted(set(state) - set(states[reference]))
+        if index in mapped:
+            missing = [name for name in missing if not name.startswith(_OPTIONAL)]
         if missing or extra:
             raise InputError(
-                f"cannot merge {folder} with {folders[0]}: parameter names differ "
+                f"cannot merge {folder} with {folders[reference]}: parameter names differ "
                 f"(missing {missing[:3]}, unexpected {extra[:3]})"
             )
-        for name, tensor in states[0].items():
-            if state[name].shape != tensor.shape:
+        for name, tensor in states[reference].items():
+            if name in state and state[name].shape != tensor.shape:
                 raise InputError(
-                    f"cannot merge {folder} with {folders[0]}: {name} has shape {tuple(state[name].shape)} "
+                    f"cannot merge {folder} with {folders[reference]}: {name} has shape {tuple(state[name].shape)} "
                     f"vs {tuple(tensor.shape)}"
                 )
 
 
-def average_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+#: what a plain encoder has and a pretrain output's masked-LM encoder lacks
+_OPTIONAL = ("pooler.",)
+
+
+def is_pretrain_output(folder: Path) -> bool:
+    """A ``bgekit pretrain`` (RetroMAE) folder: a masked-LM encoder plus the RetroMAE decoder file."""
+    from .pretrain import DECODER_FILE
+
+    return (folder / DECODER_FILE).exists()
+
+
+def encoder_weights(state: dict[str, torch.Tensor], names: Collection[str], folder: Path) -> dict[str, torch.Tensor]:
+    """A pretrain output's encoder weights under a plain encoder's ``names``: its masked-LM model keeps the
+    encoder under the base-model prefix (``bert.encoder...``), the plain encoder without (``encoder...``).
+    The MLM head (``cls.*``) and the RetroMAE decoder are not encoder weights and are dropped, as
+    LM-Cocktail's ``AutoModel`` loading drops them."""
+    wanted = set(names)
+    for prefix in sorted({key.split(".", 1)[0] for key in state if "." in key}):
+        inner = {key[len(prefix) + 1 :]: v for key, v in state.items() if key.startswith(prefix + ".")}
+        if set(inner) <= wanted and not {n for n in wanted - set(inner) if not n.startswith(_OPTIONAL)}:
+            return inner
+    raise InputError(
+        f"cannot merge {folder}: its weights are not the encoder's under a base-model prefix "
+        f"(e.g. {sorted(state)[:2]} vs {sorted(wanted)[:2]})"
+    )
+
+
+def average_states(
+    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], *, reference: int = 0
+) -> dict[str, torch.Tensor]:
     """``sum(w_i * state_i)`` per float tensor, computed and returned in float32 whatever dtypes the
     models were saved in (LM-Cocktail loads every model in float32 and saves the mix so; casting to
     the first model's dtype silently rounded a bf16 + fp32 mix to bf16); integer buffers are taken
-    from the first model."""
+    from model ``reference``. A tensor only some models have (a plain encoder's pooler, merged with a
+    pretrain output) is the average of those, their weights scaled to sum to 1."""
     merged = {}
-    for name, tensor in states[0].items():
+    for name, tensor in states[reference].items():
         if not tensor.is_floating_point():
             merged[name] = tensor.clone()
             continue
+        present = [(state[name], float(w)) for state, w in zip(states, weights, strict=True) if name in state]
+        scale = sum(w for _, w in present)
+        if abs(scale) < 1e-12:  # only zero-weight models have it: theirs as it is
+            present, scale = [(tensor, 1.0)], 1.0
         total = torch.zeros(tensor.shape, dtype=torch.float32)
-        for state, weight in zip(states, weights, strict=True):
-            total += float(weight) * state[name].float()
+        for value, weight in present:
+            total += (weight / scale) * value.float()
         merged[name] = total.contiguous()
     return merged
 
@@ -188,10 +238,12 @@ def example_loss(
     query_max_len: int = 64,
     passage_max_len: int = 256,
     seed: int = 42,
+    examples: list[dict[str, str]] | None = None,
 ) -> float:
     """Mean loss of one model on the example records: InfoNCE with the model's pooling for an
     embedder, group cross-entropy for a reranker (``kind`` one of :data:`EXAMPLE_KINDS`; the losses
-    its fine-tuning uses, on the pairs its inference builds)."""
+    its fine-tuning uses, on the pairs its inference builds). An ICL embedder's queries are its
+    inference prompts, behind ``examples`` (its few-shot examples, as ``FlagICLModel(examples_for_task=...)``)."""
     if kind not in EXAMPLE_KINDS:
         raise InputError(f"example-loss kind must be one of {list(EXAMPLE_KINDS)}, got {kind!r}")
     from ..models.pooling import pool
@@ -229,11 +281,13 @@ def example_loss(
         from transformers import AutoModel
 
         from .embedder import EmbedderCollator, EmbedderOptions
+        from .icl import ICLInferenceCollator
 
         _, spec = hub.resolve(str(folder), registry.EMBEDDERS)
         pooling = (spec.pooling_method if spec else None) or "cls"
         model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
-        collate = EmbedderCollator(
+        icl = spec is not None and spec.kind == registry.ICL
+        collate = (ICLInferenceCollator if icl else EmbedderCollator)(
             tokenizer,
             EmbedderOptions(
                 output_dir="",
@@ -245,6 +299,10 @@ def example_loss(
                 passage_instruction_for_retrieval=spec.passage_instruction if spec else None,
             ),
         )
+        if examples is not None and not icl:
+            raise InputError(f"{folder} is not an ICL embedder: in-context examples are for ICL embedders only")
+        if icl:  # the queries FlagICLModel(folder, examples_for_task=examples) embeds
+            collate.use_model_prompts(folder, examples)
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(groups), batch_size):
@@ -287,12 +345,15 @@ def merge_models(
     loss_temperature: float = 0.05,
     query_max_len: int = 64,
     passage_max_len: int = 256,
+    examples: str | Path | list[dict[str, str]] | None = None,
 ) -> MergeResult:
     """Average same-architecture models with ``weights``, or with weights from ``example_data``.
 
     With ``example_data`` (training JSONL records; the first ``max_examples`` are used) each model's
     loss on them sets its weight, ``softmax(-loss / temperature)`` (LM-Cocktail). The weights (and
-    losses) are also written to ``merge_weights.json`` in ``output_dir``.
+    losses) are also written to ``merge_weights.json`` in ``output_dir``. ICL embedders score the
+    records' queries behind ``examples`` (their few-shot examples: a list of ``{"instruct"?, "query",
+    "response"}`` dicts or a JSON / JSONL file of them, as ``FlagICLModel(examples_for_task=...)``).
 
     Example:
         >>> from bgekit.train.merge import merge_models
@@ -307,6 +368,8 @@ def merge_models(
         raise InputError("give weights (one per model) or example_data to work them out")
     if weights is not None and example_data is not None:
         raise InputError("give either weights (one per model) or example_data to work them out, not both")
+    if examples is not None and example_data is None:
+        raise InputError("examples (an ICL embedder's few-shot examples) are for scoring example_data; give both")
     if model_type not in ("auto", "embedder", "reranker"):
         raise InputError(f"model_type must be auto, embedder or reranker, got {model_type!r}")
     folders = [hub.model_folder(str(m)) for m in models]
@@ -314,7 +377,21 @@ def merge_models(
         raise InputError(f"output_dir {output_dir} is one of the models being merged; write the merge elsewhere")
     io.check_output_folder(output_dir)  # before the weights are read and averaged
     states = [read_state_dict(f) for f in folders]
-    check_same_architecture(folders, states)
+    # a pretrain output merges with its plain encoder: its encoder weights under the encoder's names,
+    # written in the plain encoder's layout (config, tokenizer), as LM-Cocktail merges them
+    pretrained = [i for i, f in enumerate(folders) if is_pretrain_output(f)]
+    reference = next((i for i in range(len(folders)) if i not in pretrained), 0)
+    mapped = pretrained if len(pretrained) < len(folders) else []
+    for i in mapped:
+        states[i] = encoder_weights(states[i], states[reference].keys(), folders[i])
+    if mapped:
+        logger.info(
+            "merging the encoder weights of pretrain output(s) %s into %s's layout (their MLM head and "
+            "RetroMAE decoder are dropped)",
+            [str(folders[i]) for i in mapped],
+            folders[reference],
+        )
+    check_same_architecture(folders, states, reference=reference, mapped=mapped)
     heads: dict[str, list[dict[str, torch.Tensor]]] = {}
     for name in HEAD_FILES:
         present = [(f / name).exists() for f in folders]
@@ -329,7 +406,9 @@ def merge_models(
             raise InputError("max_examples and group_size must be >= 1")
         records = load_train_data(example_data if not isinstance(example_data, (str, Path)) else [example_data])
         records = records[:max_examples]
-        kind = model_kind(folders[0], model_type)
+        if isinstance(examples, (str, Path)):
+            examples = io.read_examples(examples)
+        kind = model_kind(folders[reference], model_type)
         model_losses = [
             example_loss(
                 f,
@@ -340,6 +419,7 @@ def merge_models(
                 loss_temperature=loss_temperature,
                 query_max_len=query_max_len,
                 passage_max_len=passage_max_len,
+                examples=examples,
             )
             for f in folders
         ]
@@ -348,11 +428,12 @@ def merge_models(
     weights = check_weights(weights, len(folders))
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    copy_extras(folders[0], output)
+    copy_extras(folders[reference], output)
     mark_float32(output)
     from safetensors.torch import save_file
 
-    save_file(average_states(states, weights), str(output / "model.safetensors"), metadata={"format": "pt"})
+    merged = average_states(states, weights, reference=reference)
+    save_file(merged, str(output / "model.safetensors"), metadata={"format": "pt"})
     for name, head_states in heads.items():
         torch.save(average_states(head_states, weights), output / name)
     record = {"models": [str(m) for m in models], "weights": weights, "losses": model_losses}
