@@ -401,6 +401,9 @@ def model_identity(embedder: Any) -> dict[str, Any]:
     backend = getattr(embedder, "backend", "torch")
     if backend != "torch":  # only then, so the torch backend's caches keep their keys
         identity["backend"] = backend
+        graphs = _onnx_graphs(embedder)
+        if graphs:  # the export it runs: a new one (weights replaced in place, new libraries) is a new key
+            identity["onnx"] = graphs
     weights = _weights_digest(embedder)
     if weights:  # trained or loaded into in this process: the files no longer say what it computes
         identity["weights"] = weights
@@ -430,6 +433,22 @@ def space_differences(built: dict[str, Any], query: dict[str, Any]) -> list[str]
     only count when nothing else differs, as "file_times" (a copy or a new download has new times)."""
     keys = sorted(k for k in set(built) | set(query) if built.get(k) != query.get(k))
     return [k for k in keys if k != "file_times"] or keys
+
+
+def _onnx_graphs(embedder: Any) -> list[list[Any]]:
+    """The ONNX graphs an embedder runs, each as [its export's cache folder, file size]: that folder's
+    name is a digest of the weights files (size, modification and change time), the backend and the
+    library versions (:func:`bgekit.models.onnx_backend.cache_key`), so it changes with the graph even
+    where the weights' names, sizes and modification times (the ``files`` fingerprint) do not."""
+    from ..models.onnx_backend import OnnxModule
+
+    host = getattr(embedder, "host", None)
+    module = getattr(host, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return []
+    return [
+        [part.path.parent.name, part.path.stat().st_size] for part in module.modules() if isinstance(part, OnnxModule)
+    ]
 
 
 def _weights_digest(embedder: Any) -> str | None:
