@@ -462,20 +462,17 @@ def _weights_sample(folder: Path, names: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _onnx_graphs(embedder: Any) -> list[list[Any]]:
-    """The ONNX graphs an embedder runs, each as [its export's cache folder, file size]: that folder's
-    name is a digest of the weights files (size, modification and change time), the backend and the
-    library versions (:func:`bgekit.models.onnx_backend.cache_key`), so it changes with the graph even
-    where the weights' names, sizes and modification times (the ``files`` fingerprint) do not."""
+def _onnx_graphs(embedder: Any) -> list[str]:
+    """The ONNX graphs an embedder runs, each by its export's cache folder name: a digest of the weights
+    files (size, modification and change time), the backend and the library versions
+    (:func:`bgekit.models.onnx_backend.cache_key`), so it changes with the graph even where the weights'
+    names, sizes and modification times (the ``files`` fingerprint) do not."""
     from ..models.onnx_backend import OnnxModule
 
-    host = getattr(embedder, "host", None)
-    module = getattr(host, "module", None)
+    module = getattr(getattr(embedder, "host", None), "module", None)
     if not isinstance(module, torch.nn.Module):
         return []
-    return [
-        [part.path.parent.name, part.path.stat().st_size] for part in module.modules() if isinstance(part, OnnxModule)
-    ]
+    return [part.path.parent.name for part in module.modules() if isinstance(part, OnnxModule)]
 
 
 def _weights_digest(embedder: Any) -> str | None:
