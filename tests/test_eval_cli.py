@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .test_cli import run
+from .test_cli import BGEKIT, run
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "examples" / "data" / "scifact-mini"
@@ -180,6 +181,15 @@ def test_search_refuses_a_fine_tuned_model_of_the_same_architecture(tmp_path, ti
     del meta["vector_space"]["weights_sample"]
     (index / "index.json").write_text(json.dumps(meta))
     assert "other modification times" in run(*query).stderr
+    # an index with no record, searched with its own model named relatively: the same folder, no warning
+    del meta["vector_space"]
+    (index / "index.json").write_text(json.dumps(meta))
+    relative = ["search", "--index", str(index), "document 3", "-m", f"./{tiny_bert.name}/"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    same = subprocess.run(
+        [BGEKIT, *relative], capture_output=True, text=True, cwd=tiny_bert.parent, timeout=300, env=env
+    )
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
 
 
 @pytest.mark.parametrize(
