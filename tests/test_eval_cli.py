@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .test_cli import run
+from .test_cli import BGEKIT, run
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "examples" / "data" / "scifact-mini"
@@ -170,6 +171,43 @@ def test_search_refuses_a_query_model_of_other_vectors(tmp_path, minilm_dir, tin
     (index / "index.json").write_text(json.dumps(meta))
     assert "records no model identity" in run(*query, "-m", str(cls)).stderr
     assert "warning" not in run(*query).stderr
+
+
+def test_search_refuses_a_fine_tuned_model_of_the_same_architecture(tmp_path, tiny_bert):
+    """A fine-tuned copy has weights files of the same names and sizes as the index's model: it searched
+    with a 'maybe retrained' warning and ranked by noise. Its weights' bytes now tell it apart."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index = tmp_path / "index"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": f"document {i}"}) + "\n" for i in range(5)))
+    run("index", "build", "-m", str(tiny_bert), "-c", str(corpus), "-o", str(index))
+    tuned = shutil.copytree(tiny_bert, tmp_path / "tuned")
+    weights = tuned / "model.safetensors"
+    torch.manual_seed(0)
+    tensors = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == (tiny_bert / "model.safetensors").stat().st_size
+    query = ["search", "--index", str(index), "document 3", "--json", "-m", str(tuned)]
+    refused = run(*query, check=False)
+    assert refused.returncode == 2 and "weights_sample differ" in refused.stderr and refused.stdout == ""
+    # an index recorded before the sample was: the names and sizes alone, so the file-times warning
+    meta = json.loads((index / "index.json").read_text())
+    del meta["vector_space"]["weights_sample"]
+    (index / "index.json").write_text(json.dumps(meta))
+    assert "other modification times" in run(*query).stderr
+    # an index with no record, searched with its own model named relatively: the same folder, no warning
+    del meta["vector_space"]
+    (index / "index.json").write_text(json.dumps(meta))
+    relative = ["search", "--index", str(index), "document 3", "-m", f"./{tiny_bert.name}/"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    same = subprocess.run(
+        [BGEKIT, *relative], capture_output=True, text=True, cwd=tiny_bert.parent, timeout=300, env=env
+    )
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
 
 
 @pytest.mark.parametrize(

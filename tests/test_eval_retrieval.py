@@ -402,3 +402,31 @@ def test_a_custom_embedder_without_a_model_folder_is_not_cached(tmp_path, minilm
     named = evaluate_retrieval(_HashEmbedder(1, str(minilm_dir)), MINI, cache_dir=tmp_path)
     again = evaluate_retrieval(_HashEmbedder(1, str(minilm_dir)), MINI, cache_dir=tmp_path)
     assert (named.cache["status"], again.cache["status"]) == ("miss", "hit") and again.metrics == first.metrics
+
+
+def test_an_onnx_export_of_replaced_weights_gets_its_own_cache_key(tiny_bert, dataset, tmp_path, monkeypatch):
+    """The key said only backend "onnx": weights replaced in place with their size and modification time
+    kept (``cp -p``, ``rsync -a``) were exported again, yet the cache gave the old export's vectors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from bgekit import Embedder
+    from bgekit.eval.retrieval import cache_key
+
+    monkeypatch.setenv("BGEKIT_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(tiny_bert, tmp_path / "model")
+    old = cache_key(Embedder.from_pretrained(str(folder), devices="cpu", backend="onnx"), dataset, None)
+    weights = folder / "model.safetensors"
+    before = weights.stat()
+    torch.manual_seed(0)
+    tensors = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size
+    new = cache_key(Embedder.from_pretrained(str(folder), devices="cpu", backend="onnx"), dataset, None)
+    assert new != old
+    assert cache_key(Embedder.from_pretrained(str(folder), devices="cpu", backend="onnx"), dataset, None) == new

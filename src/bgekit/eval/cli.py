@@ -333,7 +333,8 @@ def _check_query_model(embedder, dense, index: Path, other_model: bool) -> None:
 
     built = dense.meta.get("vector_space")
     if built is None:  # an index of an older bgekit: only its model's name to go by
-        if embedder.model_name_or_path != dense.meta.get("model") and not other_model:
+        same = _absolute_if_local(embedder.model_name_or_path) == dense.meta.get("model")  # as build records it
+        if not same and not other_model:
             typer.echo(
                 f"warning: {index} records no model identity (built by an older bgekit); searching it with "
                 f"{embedder.model_name_or_path}, which cannot be checked against {dense.meta.get('model')}",

@@ -401,6 +401,9 @@ def model_identity(embedder: Any) -> dict[str, Any]:
     backend = getattr(embedder, "backend", "torch")
     if backend != "torch":  # only then, so the torch backend's caches keep their keys
         identity["backend"] = backend
+        graphs = _onnx_graphs(embedder)
+        if graphs:  # the export it runs: a new one (weights replaced in place, new libraries) is a new key
+            identity["onnx"] = graphs
     weights = _weights_digest(embedder)
     if weights:  # trained or loaded into in this process: the files no longer say what it computes
         identity["weights"] = weights
@@ -420,6 +423,7 @@ def vector_space(embedder: Any) -> dict[str, Any]:
     if files:
         space["files"] = [[row[0], row[1]] for row in files[1]]
         space["file_times"] = [row[2] for row in files[1]]  # same sizes, new times: maybe retrained in place
+        space["weights_sample"] = _weights_sample(Path(files[0]), [row[0] for row in files[1]])
     else:  # a name no folder answers to: known by that name alone
         space["name"] = identity["name"]
     return space
@@ -427,9 +431,48 @@ def vector_space(embedder: Any) -> dict[str, Any]:
 
 def space_differences(built: dict[str, Any], query: dict[str, Any]) -> list[str]:
     """The keys of two :func:`vector_space` records that differ (empty: the same space); file times
-    only count when nothing else differs, as "file_times" (a copy or a new download has new times)."""
+    only count when nothing else differs, as "file_times" (a copy or a new download has new times).
+    A record without "weights_sample" (an index of bgekit before it) is not compared on it."""
     keys = sorted(k for k in set(built) | set(query) if built.get(k) != query.get(k))
+    if "weights_sample" not in built or "weights_sample" not in query:
+        keys = [k for k in keys if k != "weights_sample"]
     return [k for k in keys if k != "file_times"] or keys
+
+
+#: bytes read from each weights file for :func:`_weights_sample`: 64 runs of 4 KiB spread over the file
+_SAMPLE_RUNS, _SAMPLE_BYTES = 64, 4096
+
+
+def _weights_sample(folder: Path, names: list[str]) -> str:
+    """SHA-256 of 64 runs of 4 KiB spread evenly over each weights file (a quarter MiB a file, read in
+    milliseconds): a fine-tuned model of the same architecture has weights files of the same names and
+    sizes, so only their bytes tell it from a copy of the model an index was built with."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = folder / name
+        if path.suffix not in (".safetensors", ".bin", ".pt"):
+            continue
+        size = path.stat().st_size
+        digest.update(f"{name}\0{size}\0".encode())
+        step = max(1, (size - _SAMPLE_BYTES) // (_SAMPLE_RUNS - 1))
+        with path.open("rb") as handle:
+            for offset in range(0, max(1, size - _SAMPLE_BYTES + 1), step)[:_SAMPLE_RUNS]:
+                handle.seek(offset)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _onnx_graphs(embedder: Any) -> list[str]:
+    """The ONNX graphs an embedder runs, each by its export's cache folder name: a digest of the weights
+    files (size, modification and change time), the backend and the library versions
+    (:func:`bgekit.models.onnx_backend.cache_key`), so it changes with the graph even where the weights'
+    names, sizes and modification times (the ``files`` fingerprint) do not."""
+    from ..models.onnx_backend import OnnxModule
+
+    module = getattr(getattr(embedder, "host", None), "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return []
+    return [part.path.parent.name for part in module.modules() if isinstance(part, OnnxModule)]
 
 
 def _weights_digest(embedder: Any) -> str | None:
