@@ -431,11 +431,14 @@ def vector_space(embedder: Any) -> dict[str, Any]:
 
 def space_differences(built: dict[str, Any], query: dict[str, Any]) -> list[str]:
     """The keys of two :func:`vector_space` records that differ (empty: the same space); file times
-    only count when nothing else differs, as "file_times" (a copy or a new download has new times).
+    only count when nothing else differs, as "file_times" (a copy or a new download has new times),
+    and not at all when both records hold a "weights_sample" (the bytes themselves were compared).
     A record without "weights_sample" (an index of bgekit before it) is not compared on it."""
     keys = sorted(k for k in set(built) | set(query) if built.get(k) != query.get(k))
     if "weights_sample" not in built or "weights_sample" not in query:
         keys = [k for k in keys if k != "weights_sample"]
+    elif "file_times" in keys:  # the bytes were compared: new times alone are a copy or a new download
+        keys.remove("file_times")
     return [k for k in keys if k != "file_times"] or keys
 
 
