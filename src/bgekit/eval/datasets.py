@@ -234,13 +234,13 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
 
 def _nested_datasets(folder: Path) -> list[str]:
     """The subfolders holding a corpus when ``folder`` itself has none."""
-    if not folder.is_dir() or any((folder / f"corpus.jsonl{gz}").exists() for gz in ("", ".gz")):
+    if not folder.is_dir() or _has_corpus(folder):
         return []
-    return sorted(
-        sub.name
-        for sub in folder.iterdir()
-        if sub.is_dir() and any((sub / f"corpus.jsonl{gz}").exists() for gz in ("", ".gz"))
-    )
+    return sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and _has_corpus(sub))
+
+
+def _has_corpus(folder: Path) -> bool:
+    return any((folder / f"corpus.jsonl{gz}").exists() for gz in ("", ".gz"))
 
 
 def assemble(
@@ -520,7 +520,7 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
     """
     root = Path(cache_dir or default_cache_dir() / "datasets").expanduser()
     target = root / name
-    if (target / "corpus.jsonl").exists() or (target / "corpus.jsonl.gz").exists() or _nested_datasets(target):
+    if _has_corpus(target) or _nested_datasets(target):
         return target
     url = url or BEIR_URL.format(name=name)
     root.mkdir(parents=True, exist_ok=True)
@@ -540,7 +540,7 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
             raise InputError(f"{url} is not a zip archive") from None
         unpacked = Path(tmp) / "unpacked"
         inner = unpacked / name if (unpacked / name).is_dir() else unpacked
-        if not any((inner / f).exists() for f in ("corpus.jsonl", "corpus.jsonl.gz")) and not _nested_datasets(inner):
+        if not _has_corpus(inner) and not _nested_datasets(inner):
             raise InputError(f"{url} holds no corpus.jsonl: not a BEIR dataset archive")
         os.replace(inner, target)
     logger.info("downloaded BEIR dataset %s to %s", name, target)
