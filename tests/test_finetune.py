@@ -103,10 +103,19 @@ def test_finetune_reranker_saves_a_loadable_model(tmp_path, tiny_bert, train_fil
         "2",
         "--train-group-size",
         "3",
+        "--query-instruction-for-rerank",
+        "query: ",
     )
     reranker = Reranker.from_pretrained(str(out), devices="cpu")
     assert isinstance(reranker, FlagReranker)
-    assert len(reranker.compute_score([("q", "p"), ("q", "r")])) == 2
+    pairs = [("q", "p"), ("q", "r")]
+    scores = reranker.compute_score(pairs)
+    assert len(scores) == 2
+    # it scores with the instruction it trained with (recorded in bgekit.json), unless given another
+    assert (reranker.query_instruction_for_rerank, reranker.passage_instruction_for_rerank) == ("query: ", None)
+    np.testing.assert_allclose(scores, FlagReranker(str(out)).compute_score([("query: q", "p"), ("query: q", "r")]))
+    other = Reranker.from_pretrained(str(out), devices="cpu", query_instruction_for_rerank="q: ")
+    assert other.query_instruction_for_rerank == "q: "
 
 
 def test_teacher_scores_in_bf16_are_the_library_bf16_scores(tmp_path, tiny_xlmr_reranker, train_file):

@@ -218,6 +218,11 @@ def test_finetune_layerwise_with_lora_saves_a_merged_model_and_its_adapter(tmp_p
     np.testing.assert_allclose(
         merged.compute_score(pairs, cutoff_layers=[1, 2]), adapter.compute_score(pairs, cutoff_layers=[1, 2]), atol=1e-5
     )
+    alone = Reranker.from_pretrained(str(out / "adapter"), devices="cpu")  # its base with it, as it trained
+    assert isinstance(alone, LayerWiseFlagLLMReranker)
+    np.testing.assert_allclose(
+        merged.compute_score(pairs, cutoff_layers=[1, 2]), alone.compute_score(pairs, cutoff_layers=[1, 2]), atol=1e-5
+    )
     rows = records()
     before = group_ce(LayerWiseFlagLLMReranker(str(layerwise_dir), devices="cpu"), rows, [1, 2])
     after = group_ce(merged, rows, [1, 2])

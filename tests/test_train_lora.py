@@ -300,11 +300,16 @@ def test_cli_lora_embedder_and_adapter_only_reranker(tmp_path, tiny_llms, train_
     cli("finetune", "reranker", "--model", str(base), "--output-dir", str(out), *shared, *lora,
         "--no-save-merged-model", "--train-group-size", "2", "--prompt", PROMPT)  # fmt: skip
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "config.json").exists()
-    with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter, not a whole model: load .* with peft_path="):
-        Reranker.from_pretrained(str(out / "adapter"))
     reranker = FlagLLMReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", prompt=PROMPT)
-    scores = reranker.compute_score([("q", "p")])
-    assert len(scores) == 1 and np.isfinite(scores[0])
+    pairs = [("q", "p"), ("what opens door 3?", "key 3")]
+    scores = reranker.compute_score(pairs)
+    assert len(scores) == 2 and np.isfinite(scores).all()
+    # the adapter folder alone: its base with the adapter, as the LLM reranker it trained as, with its prompt
+    alone = Reranker.from_pretrained(str(out / "adapter"), devices="cpu")
+    assert isinstance(alone, FlagLLMReranker) and alone.prompt == PROMPT
+    np.testing.assert_allclose(alone.compute_score(pairs), scores, rtol=0, atol=1e-5)
+    other = Reranker.from_pretrained(str(out / "adapter"), devices="cpu", prompt="Is B relevant to A?")
+    assert other.prompt == "Is B relevant to A?", "a prompt passed in wins over the recorded one"
 
 
 @pytest.mark.parametrize(
@@ -410,6 +415,10 @@ def test_cross_encoder_adapter_loads_over_its_base(request, tmp_path, train_file
     auto = Reranker.from_pretrained(str(base), peft_path=str(out / "adapter"), devices="cpu")
     assert isinstance(auto, FlagReranker)
     np.testing.assert_allclose(auto.compute_score(pairs), merged, rtol=0, atol=1e-5)
+    # the adapter folder alone loads its base with it (it was 'a LoRA adapter, not a whole model')
+    alone = Reranker.from_pretrained(str(out / "adapter"), devices="cpu")
+    assert isinstance(alone, FlagReranker)
+    np.testing.assert_allclose(alone.compute_score(pairs), merged, rtol=0, atol=1e-5)
     with pytest.raises(InputError, match="load the merged model"):
         FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", backend="onnx")
 
@@ -488,3 +497,6 @@ def test_an_adapter_whose_base_moved_is_a_clear_error(tmp_path):
     )
     with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter over .*gone.*peft_path="):
         Embedder.from_pretrained(str(folder))
+    (folder / "bgekit.json").write_text(json.dumps({"model_class": "decoder-only-base"}))  # an LLM reranker's
+    with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter over .*gone.*peft_path="):
+        Reranker.from_pretrained(str(folder))

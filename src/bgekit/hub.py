@@ -8,6 +8,7 @@ for known hub ids, from the folder's own files (sentence-transformers modules, M
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -130,20 +131,55 @@ def _download(hub_id: str, cache_dir: str | None, revision: str | None) -> Path:
         ) from None
 
 
-def adapter_embedder(name_or_path: object) -> tuple[str, Path, ModelSpec] | None:
-    """A LoRA adapter folder bgekit's embedder training wrote (``OUT/adapter``: ``adapter_config.json``
-    and ``bgekit.json``, no ``config.json``): its base model, the folder, and the family it trained as;
-    None for anything else."""
+def lora_adapter(name_or_path: object) -> tuple[str, Path] | None:
+    """A LoRA adapter folder (``adapter_config.json`` naming its base model, no ``config.json``), as
+    bgekit's trainers write ``OUT/adapter``: its base model and the folder; None for anything else."""
     if not isinstance(name_or_path, (str, Path)):
         return None
-    path = Path(name_or_path).expanduser()
+    path = Path(clean_name(str(name_or_path))).expanduser()
     if not path.is_dir() or (path / "config.json").exists() or not (path / "adapter_config.json").exists():
         return None
-    meta = read_folder_metadata(path)
     base = (_read_json(path / "adapter_config.json") or {}).get("base_model_name_or_path")
-    if not meta or meta.get("model_class") not in registry.EMBEDDER_KINDS or not base:
+    return (str(base), path) if base else None
+
+
+def adapter_embedder(name_or_path: object) -> tuple[str, Path, ModelSpec] | None:
+    """A LoRA adapter folder bgekit's embedder training wrote (``OUT/adapter`` with ``bgekit.json``): its
+    base model, the folder, and the family it trained as; None for anything else."""
+    adapter = lora_adapter(name_or_path)
+    if adapter is None or embedder_metadata(adapter[1]) is None:
         return None
-    return str(base), path, describe_folder(path, registry.EMBEDDERS)
+    return adapter[0], adapter[1], describe_folder(adapter[1], registry.EMBEDDERS)
+
+
+def resolve_adapter_base(
+    base: str, folder: Path, table: dict[str, ModelSpec], model_class: str | None = None, *, for_reranker: bool = False
+) -> tuple[str, ModelSpec | None]:
+    """:func:`resolve` for the base model of the LoRA adapter in ``folder``; a base that is gone (moved, or
+    a hub id offline) is an error naming the adapter, its base, and how to load it from where it is now."""
+    try:
+        return resolve(base, table, model_class, for_reranker=for_reranker)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"{folder} is a LoRA adapter over {base}, which cannot be loaded ({exc}); load the base from "
+            f"where it is now with peft_path={str(folder)!r}"
+        ) from None
+
+
+def _adapter_reranker_spec(base: str, folder: Path) -> ModelSpec:
+    """How a LoRA adapter folder reranks: as its ``bgekit.json`` says (a reranker's training records its
+    family and prompts there), else as its base does; a sequence classifier's adapter (it holds the score
+    head) makes an encoder base a cross-encoder, and an embedder's adapter reranks as that embedder."""
+    if embedder_metadata(folder) is not None:
+        return ModelSpec(registry.BI_ENCODER)
+    _, base_spec = resolve_adapter_base(base, folder, registry.RERANKERS, for_reranker=True)
+    saved = _saved_reranker_spec(read_folder_metadata(folder))
+    if saved is not None:
+        return dataclasses.replace(saved, trust_remote_code=base_spec.trust_remote_code)
+    task = (_read_json(folder / "adapter_config.json") or {}).get("task_type")
+    if base_spec.kind == registry.BI_ENCODER and task == "SEQ_CLS":
+        return ModelSpec(registry.CROSS_ENCODER, trust_remote_code=base_spec.trust_remote_code)
+    return base_spec
 
 
 def resolve(
@@ -166,10 +202,13 @@ def resolve(
         raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")
     looks_like_path = not _HUB_ID.match(name) and ("/" in name or "\\" in name or name.startswith((".", "~")))
     if Path(name).expanduser().exists() or looks_like_path:
-        # an embedder's LoRA adapter folder (OUT/adapter) is the family it trained as: Embedder.from_pretrained
-        # loads its base with it; model_folder raises ModelNotFoundError naming a path that does not exist
-        adapter = None if for_reranker else adapter_embedder(name)
-        spec = adapter[2] if adapter else describe_folder(model_folder(name), table, for_reranker=for_reranker)
+        # a LoRA adapter folder (OUT/adapter) is the family it trained as: Embedder / Reranker.from_pretrained
+        # load its base with it; model_folder raises ModelNotFoundError naming a path that does not exist
+        adapter = lora_adapter(name) if for_reranker else adapter_embedder(name)
+        if adapter is None:
+            spec = describe_folder(model_folder(name), table, for_reranker=for_reranker)
+        else:
+            spec = _adapter_reranker_spec(*adapter) if for_reranker else adapter[2]
     else:
         known = registry.lookup(name, table)
         if known is None and for_reranker and registry.lookup(name, registry.EMBEDDERS):
@@ -201,12 +240,15 @@ def resolve(
 
 
 METADATA_FILE = "bgekit.json"
+RERANK_TASK = "rerank"  # bgekit.json's "task" in a reranker's folder
 
 
-def write_folder_metadata(folder: str | Path, model_class: str, pooling_method: str, **settings) -> None:
+def write_folder_metadata(folder: str | Path, model_class: str, pooling_method: str | None, **settings) -> None:
     """``bgekit.json``: the family and prompt settings of a folder bgekit's trainers wrote, for what the
-    folder's other files cannot say: decoder and M3 prompts, vectors left unnormalized."""
-    meta = {"model_class": model_class, "pooling_method": pooling_method, **settings}
+    folder's other files cannot say: decoder and M3 prompts, vectors left unnormalized, a reranker's
+    instructions and prompt (a reranker has no pooling: None leaves it out)."""
+    pooling = {} if pooling_method is None else {"pooling_method": pooling_method}
+    meta = {"model_class": model_class, **pooling, **settings}
     (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -224,6 +266,15 @@ def read_folder_metadata(folder: Path) -> dict | None:
     return None
 
 
+def embedder_metadata(folder: Path) -> dict | None:
+    """The folder's ``bgekit.json`` when an embedder's training wrote it (a reranker's is marked
+    ``"task": "rerank"``: FlagEmbedding names both families' classes alike, e.g. ``decoder-only-base``)."""
+    meta = read_folder_metadata(folder)
+    if not meta or meta.get("model_class") not in registry.EMBEDDER_KINDS or meta.get("task") == RERANK_TASK:
+        return None
+    return meta
+
+
 def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: bool = False) -> ModelSpec | None:
     """Infer a model's family from the files in its folder (no weights are read)."""
     for part in reversed(folder.resolve().parts):
@@ -232,8 +283,11 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
             known = _known_or_bi_encoder(f"{match['org']}/{match['name']}", table, for_reranker)
             if known:
                 return known
-    meta = None if for_reranker else read_folder_metadata(folder)  # written by bgekit's trainers
-    if meta and meta.get("model_class") in registry.EMBEDDER_KINDS:
+    saved = _saved_reranker_spec(read_folder_metadata(folder)) if for_reranker else None  # bgekit's trainers'
+    if saved is not None:
+        return saved
+    meta = None if for_reranker else embedder_metadata(folder)
+    if meta is not None:
         saved = _sentence_transformers_spec(folder)  # passage prompt and length, where there are module files
         return ModelSpec(
             meta["model_class"],
@@ -268,6 +322,21 @@ def describe_folder(folder: Path, table: dict[str, ModelSpec], *, for_reranker: 
     if "ForCausalLM" in archs or (archs and not _is_encoder(config)):
         return ModelSpec(registry.DECODER, "last_token", query_instruction_format=registry.E5_INSTRUCT)
     return _sentence_transformers_spec(folder) or ModelSpec(registry.ENCODER, "cls")
+
+
+#: what a reranker's training records in ``bgekit.json``: constructor options it scores with by default
+RERANKER_SETTINGS = ("query_instruction_for_rerank", "passage_instruction_for_rerank", "prompt")
+
+
+def _saved_reranker_spec(meta: dict | None) -> ModelSpec | None:
+    """The reranker family and default options a reranker's ``bgekit.json`` records (``extra["options"]``:
+    the instructions and prompt it trained with); None when the folder has none."""
+    meta = meta or {}
+    kind = meta.get("model_class")
+    if meta.get("task") != RERANK_TASK or kind not in registry.RERANKER_KINDS or kind == registry.BI_ENCODER:
+        return None
+    options = {key: meta[key] for key in RERANKER_SETTINGS if meta.get(key) is not None}
+    return ModelSpec(kind, extra={"options": options})
 
 
 def _known_or_bi_encoder(name: str, table: dict[str, ModelSpec], for_reranker: bool) -> ModelSpec | None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import hub, registry
-from ..errors import InputError, ModelNotFoundError, UnknownModelError
+from ..errors import InputError, UnknownModelError
 from .flag_pool import EmbedderPoolMethods
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
@@ -92,13 +92,7 @@ class Embedder(EmbedderPoolMethods):
         adapter = None if options.get("peft_path") else hub.adapter_embedder(model_name_or_path)
         if adapter is not None:  # bgekit's OUT/adapter: its base, with the adapter merged, as it trained
             base, folder, spec = adapter
-            try:
-                name, _ = hub.resolve(base, registry.EMBEDDERS, model_class or spec.kind)
-            except ModelNotFoundError as exc:
-                raise ModelNotFoundError(
-                    f"{folder} is a LoRA adapter over {base}, which cannot be loaded ({exc}); load the base from "
-                    f"where it is now with peft_path={str(folder)!r}"
-                ) from None
+            name, _ = hub.resolve_adapter_base(base, folder, registry.EMBEDDERS, model_class or spec.kind)
             spec = spec if model_class is None else dataclasses.replace(spec, kind=model_class)
             options = {**options, "peft_path": str(folder)}
         else:

@@ -83,14 +83,26 @@ class Reranker(RerankerPoolMethods):
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, model_class: str | None = None, **options: Any) -> Reranker:
-        """Load any reranker by hub id or folder; the family comes from the registry or the folder."""
+        """Load any reranker by hub id or folder; the family comes from the registry or the folder.
+
+        A folder bgekit's reranker training wrote scores with the instructions and prompt it trained with
+        (its ``bgekit.json``) unless you pass others; a LoRA adapter folder (``OUT/adapter``) loads its base
+        with the adapter merged, as the reranker it trained as.
+        """
         name, spec = hub.resolve(model_name_or_path, registry.RERANKERS, model_class, for_reranker=True)
+        adapter = None if options.get("peft_path") or spec.kind == registry.BI_ENCODER else hub.lora_adapter(name)
+        if adapter is not None:  # the embedder of a bi-encoder loads an adapter folder itself
+            base, folder = adapter
+            name, _ = hub.resolve_adapter_base(base, folder, registry.RERANKERS, spec.kind, for_reranker=True)
+            options = {**options, "peft_path": str(folder)}
         if spec.trust_remote_code:
             options.setdefault("trust_remote_code", True)
         kind = spec.kind
         if kind == registry.BI_ENCODER and model_class is None and _classifier_adapter(options.get("peft_path")):
             kind = registry.CROSS_ENCODER  # a plain encoder plus a cross-encoder's adapter (and its score head)
-        return reranker_class(kind)(name, **{k: v for k, v in options.items() if v is not None})
+        defaults = dict(spec.extra.get("options") or {})  # what its training recorded
+        defaults.update({k: v for k, v in options.items() if v is not None})
+        return reranker_class(kind)(name, **defaults)
 
     def detailed_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Apply the query and passage instructions, as text, before tokenizing."""

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from .. import hub
+from .. import hub, registry
 from ..errors import InputError
 from ..models.layerwise_reranker import LayerWiseFlagLLMReranker, check_cutoff_layers
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF
 from . import lora, losses
 from .data import Group, GroupSampler, TrainRecord, load_train_data, with_teacher_scores
 from .llm_reranker import ids_by_prompt, pair_prompts
-from .reranker import RerankerOptions
+from .reranker import RerankerOptions, write_reranker_metadata
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
 
 # files of the model folder that are not weights or tokenizer and must travel with the weights
@@ -161,6 +161,12 @@ def copy_folder_files(source: Path, target: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def save_folder_files(source: Path, target: Path, options: RerankerOptions) -> None:
+    """:func:`copy_folder_files`, and ``bgekit.json`` with the prompt and instructions it trained with."""
+    copy_folder_files(source, target)
+    write_reranker_metadata(target, registry.LAYERWISE_RERANKER, options)
+
+
 def as_layerwise_options(options: RerankerOptions) -> LayerwiseOptions:
     """A copy of ``options`` as :class:`LayerwiseOptions` (layerwise defaults for what plain options lack)."""
     return LayerwiseOptions(**{f.name: getattr(options, f.name) for f in fields(options)})
@@ -214,6 +220,7 @@ def finetune_layerwise(
                 return
             if options.use_lora:  # the checkpoint's weights are the wrapped module's; its adapter loads as peft_path
                 module.save_pretrained(str(checkpoint / lora.ADAPTER_DIR))
+                lora.name_base_model(checkpoint / lora.ADAPTER_DIR, options.model_name_or_path)
             else:
                 copy_folder_files(folder, checkpoint)
 
@@ -237,10 +244,11 @@ def finetune_layerwise(
             output,
             options,
             resized=False,
-            write_extra=lambda target: copy_folder_files(folder, target),
+            write_extra=lambda target: save_folder_files(folder, target, options),
             model=module,
+            describe_adapter=lambda target: write_reranker_metadata(target, registry.LAYERWISE_RERANKER, options),
         )
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
-        copy_folder_files(folder, output)
+        save_folder_files(folder, output, options)
     return output

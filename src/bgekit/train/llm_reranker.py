@@ -14,13 +14,16 @@ fully fine-tuned causal LM. Either way ``Reranker.from_pretrained(OUT)`` loads a
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import registry
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF, llm_pair_inputs, yes_logits, yes_token_id
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
 from .data import Group, GroupSampler, TrainRecord, with_teacher_scores
+from .reranker import write_reranker_metadata
 from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
 
 if TYPE_CHECKING:
@@ -132,4 +135,7 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
     trainer.train(resume_from_checkpoint=resume)
     output = Path(options.output_dir)
     trainer.model.config.use_cache = use_cache  # the saved config as it came
-    return lora.save_trained(trainer, hf_tokenizer, output, options, resized=resized)
+    describe = partial(write_reranker_metadata, kind=registry.LLM_RERANKER, options=options)
+    return lora.save_trained(
+        trainer, hf_tokenizer, output, options, resized=resized, write_extra=describe, describe_adapter=describe
+    )

@@ -9,8 +9,8 @@ A LoRA run leaves this layout in ``output_dir``::
                     its tokenizer and, for embedders, sentence-transformers module files:
                     Embedder.from_pretrained(OUT) / Reranker.from_pretrained(OUT) load it as it is
     OUT/adapter/    the LoRA adapter (adapter_config.json, adapter_model.safetensors) and the
-                    tokenizer: load it over the base model with ``peft_path=OUT/adapter``; an
-                    embedder's also has its bgekit.json, so Embedder.from_pretrained(OUT/adapter)
+                    tokenizer: load it over the base model with ``peft_path=OUT/adapter``; it
+                    also has its bgekit.json, so Embedder / Reranker.from_pretrained(OUT/adapter)
                     loads the base with the adapter as the family it trained as
     OUT/checkpoint-N/  the Trainer's checkpoints (adapters), for --resume-from-checkpoint
 
@@ -22,6 +22,7 @@ peft is the optional ``lora`` extra and is imported only when LoRA is asked for.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,6 +185,15 @@ def wrap(model: torch.nn.Module, options: LoraOptions, *, gradient_checkpointing
     return wrapped
 
 
+def name_base_model(adapter: Path, base: str | None) -> None:
+    """Fill ``base_model_name_or_path`` in the adapter's config where peft left it null (a bgekit
+    architecture such as the layerwise reranker's has no ``name_or_path``), so the folder names its base."""
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if base and not config.get("base_model_name_or_path"):
+        path.write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2), encoding="utf-8")
+
+
 def save(
     model: torch.nn.Module,
     hf_tokenizer,
@@ -200,6 +210,7 @@ def save(
     output = Path(output_dir)
     adapter = output / ADAPTER_DIR
     model.save_pretrained(str(adapter), save_embedding_layers=resized)
+    name_base_model(adapter, getattr(options, "model_name_or_path", None))
     hf_tokenizer.save_pretrained(str(adapter))
     if describe_adapter is not None:
         describe_adapter(adapter)

@@ -214,8 +214,7 @@ def model_kind(folder: Path, model_type: str = "auto") -> str:
     embedder is an LLM reranker); ``reranker`` picks the cross-encoder or LLM form by the folder."""
     if model_type == "embedder":
         return "embedder"
-    meta = hub.read_folder_metadata(folder)
-    if model_type == "auto" and meta and meta.get("model_class") in registry.EMBEDDER_KINDS:
+    if model_type == "auto" and hub.embedder_metadata(folder) is not None:
         return "embedder"
     spec = hub.describe_folder(folder, registry.RERANKERS, for_reranker=True)
     kind = spec.kind if spec else registry.CROSS_ENCODER

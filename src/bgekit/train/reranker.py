@@ -9,6 +9,7 @@ folder is a sequence-classification model that ``Reranker.from_pretrained`` load
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ class RerankerOptions(TrainOptions, lora.LoraOptions):
     resume_from_checkpoint: str | None = None
     model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-layerwise)
     # LLM rerankers (decoder-only-base): None keeps FlagLLMReranker's "A: ", "B: " and default prompt;
-    # cross-encoders: None is no instruction, as FlagReranker's (pass the same ones at inference)
+    # cross-encoders: None is no instruction, as FlagReranker's; set ones go in OUT's bgekit.json
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
     prompt: str | None = None
@@ -82,6 +83,14 @@ class RerankerTrainer(BgekitTrainer):
         scores = model(**inputs["pairs"], return_dict=True).logits.view(-1).float()
         loss = losses.reranker_loss(scores, self.group_size, inputs.get("teacher_scores"))
         return (loss, {"scores": scores}) if return_outputs else loss
+
+
+def write_reranker_metadata(folder: Path, kind: str, options: RerankerOptions) -> None:
+    """``bgekit.json``: the reranker family and the instructions and prompt it trained with, so
+    ``Reranker.from_pretrained`` scores with them by default, for the saved model (``OUT``) and its LoRA
+    adapter (``OUT/adapter``, which then loads alone). Settings left at the class's default are not written."""
+    settings = {key: getattr(options, key) for key in hub.RERANKER_SETTINGS if getattr(options, key) is not None}
+    hub.write_folder_metadata(folder, kind, None, task=hub.RERANK_TASK, **settings)
 
 
 def finetune_reranker(options: RerankerOptions) -> Path:
@@ -126,4 +135,13 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume)
     # with LoRA: OUT/adapter and the merged model in OUT (see bgekit.train.lora)
-    return lora.save_trained(trainer, hf_tokenizer, options.output_dir, options, resized=resized)
+    describe = partial(write_reranker_metadata, kind=registry.CROSS_ENCODER, options=options)
+    return lora.save_trained(
+        trainer,
+        hf_tokenizer,
+        options.output_dir,
+        options,
+        resized=resized,
+        write_extra=describe,
+        describe_adapter=describe,
+    )
