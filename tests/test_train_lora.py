@@ -500,3 +500,23 @@ def test_an_adapter_whose_base_moved_is_a_clear_error(tmp_path):
     (folder / "bgekit.json").write_text(json.dumps({"model_class": "decoder-only-base"}))  # an LLM reranker's
     with pytest.raises(ModelNotFoundError, match=r"is a LoRA adapter over .*gone.*peft_path="):
         Reranker.from_pretrained(str(folder))
+
+
+def test_an_adapter_trained_from_a_relative_base_folder_loads_from_anywhere(
+    tmp_path, tiny_bert, train_file, monkeypatch
+):
+    """peft records the base as it was given; a folder relative to the training's working directory left
+    an adapter that loaded nowhere else. It is recorded as an absolute path now."""
+    import os
+
+    monkeypatch.chdir(tiny_bert.parent)
+    options = common_options(tmp_path / "rr", Path(os.path.relpath(tiny_bert)), train_file, max_steps=1, lora_rank=4)
+    out = finetune_reranker(RerankerOptions(**options, max_len=48))
+    recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded) == tiny_bert.resolve()
+    monkeypatch.chdir(tmp_path)
+    pairs = [("what opens door 3?", "key 3"), ("what opens door 3?", "a cat")]
+    alone = Reranker.from_pretrained(str(out / "adapter"), devices="cpu")
+    np.testing.assert_allclose(
+        alone.compute_score(pairs), Reranker.from_pretrained(str(out)).compute_score(pairs), atol=1e-5
+    )

@@ -186,12 +186,16 @@ def wrap(model: torch.nn.Module, options: LoraOptions, *, gradient_checkpointing
 
 
 def name_base_model(adapter: Path, base: str | None) -> None:
-    """Fill ``base_model_name_or_path`` in the adapter's config where peft left it null (a bgekit
-    architecture such as the layerwise reranker's has no ``name_or_path``), so the folder names its base."""
+    """``base_model_name_or_path`` in the adapter's config as a name that loads from anywhere: ``base``
+    where peft left it null (a bgekit architecture such as the layerwise reranker's has no
+    ``name_or_path``), and a local folder given relative to the working directory made absolute."""
     path = adapter / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    if base and not config.get("base_model_name_or_path"):
-        path.write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2), encoding="utf-8")
+    recorded = config.get("base_model_name_or_path") or base
+    if recorded and not Path(recorded).is_absolute() and Path(recorded).expanduser().is_dir():
+        recorded = str(Path(recorded).expanduser().resolve())
+    if recorded and recorded != config.get("base_model_name_or_path"):
+        path.write_text(json.dumps({**config, "base_model_name_or_path": recorded}, indent=2), encoding="utf-8")
 
 
 def save(
