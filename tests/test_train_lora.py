@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bgekit import Embedder, FlagLLMModel, FlagLLMReranker, InputError, ModelNotFoundError, Reranker
+from bgekit import Embedder, FlagAutoReranker, FlagLLMModel, FlagLLMReranker, InputError, ModelNotFoundError, Reranker
 from bgekit.train import losses
 from bgekit.train.embedder import EmbedderCollator, EmbedderOptions, finetune_embedder
 from bgekit.train.reranker import RerankerOptions, finetune_reranker
@@ -419,6 +419,8 @@ def test_cross_encoder_adapter_loads_over_its_base(request, tmp_path, train_file
     alone = Reranker.from_pretrained(str(out / "adapter"), devices="cpu")
     assert isinstance(alone, FlagReranker)
     np.testing.assert_allclose(alone.compute_score(pairs), merged, rtol=0, atol=1e-5)
+    auto_alone = FlagAutoReranker.from_finetuned(str(out / "adapter"), devices="cpu")
+    np.testing.assert_allclose(auto_alone.compute_score(pairs), merged, rtol=0, atol=1e-5)
     with pytest.raises(InputError, match="load the merged model"):
         FlagReranker(str(base), peft_path=str(out / "adapter"), devices="cpu", backend="onnx")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import hub, registry
 from .models.embedder import Embedder, embedder_class
-from .models.reranker import Reranker, reranker_class
+from .models.reranker import Reranker
 
 
 class FlagAutoModel:
@@ -75,7 +75,10 @@ class FlagAutoReranker:
         trust_remote_code: bool | None = None,
         **kwargs: Any,
     ) -> Reranker:
+        """The reranker class for ``model_name_or_path``, as :meth:`Reranker.from_pretrained` loads it: a
+        folder bgekit's training wrote scores with its recorded prompt and instructions (unless you pass
+        others), and a LoRA adapter folder (``OUT/adapter``) loads over its base."""
         model_class = getattr(model_class, "value", model_class)  # RerankerModelClass members
-        name, spec = hub.resolve(model_name_or_path, registry.RERANKERS, model_class, for_reranker=True)
-        trust = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
-        return reranker_class(spec.kind)(name, use_fp16=use_fp16, trust_remote_code=trust, **kwargs)
+        return Reranker.from_pretrained(
+            model_name_or_path, model_class, use_fp16=use_fp16, trust_remote_code=trust_remote_code, **kwargs
+        )
