@@ -68,7 +68,10 @@ def eval_retrieval(
     dataset: Annotated[
         str,
         typer.Option(
-            "--dataset", "-d", help="Dataset folder (BEIR or custom layout); online also a BEIR name or hub id."
+            "--dataset",
+            "-d",
+            help="Dataset folder (BEIR or custom layout); online also a BEIR name or hub id. CQADupStack's folder "
+            "(or name): every forum in its own corpus, the score their mean.",
         ),
     ],
     model: ModelOpt = None,
