@@ -4,8 +4,8 @@ The method is MTEB's, so published numbers reproduce: documents embedded as
 ``(title + " " + text).strip()``, queries with the model's query instruction, cosine
 similarity, exact search over the whole corpus, trec_eval metrics (:mod:`.metrics`).
 
-Corpus embeddings are cached on disk under a key made of the model (name, files, pooling,
-lengths, instructions, precision) and the corpus content. They are written in chunks as they
+Corpus embeddings are cached on disk under a key made of the model (name, files, a sample of the
+weights' bytes, pooling, lengths, instructions, precision) and the corpus content. They are written in chunks as they
 are made, so a run that is killed resumes from its last finished chunk; a finished cache is one
 ``embeddings.npy`` and a second run does no forward pass on the corpus.
 """
@@ -411,9 +411,9 @@ _PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def model_identity(embedder: Any) -> dict[str, Any]:
-    """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision
-    (the dtype each device really runs), a merged LoRA adapter's files and, off the default torch
-    backend, the backend."""
+    """What a model's corpus vectors depend on: name, files (names, sizes, times, and a sample of the
+    weights' bytes: :func:`_weights_sample`), pooling, lengths, instruction, precision (the dtype each
+    device really runs), a merged LoRA adapter's files and, off the default torch backend, the backend."""
     # bgekit's classes name devices as torch does; another embedder's bare ordinals are CUDA's
     named = getattr(embedder, "target_devices", None) or ["cpu"]
     devices = [f"cuda:{d}" if str(d).isdigit() else str(d) for d in named]
@@ -431,9 +431,13 @@ def model_identity(embedder: Any) -> dict[str, Any]:
         "precision": "+".join(sorted(precisions)),
         "files": _folder_fingerprint(getattr(embedder, "model_name_or_path", "")),
     }
+    if identity["files"]:  # the bytes: other weights copied in with their size and time (cp -p) are a new key
+        identity["weights_sample"] = _files_sample(identity["files"])
     adapter = getattr(embedder, "peft_path", None)
     if adapter:  # a LoRA adapter merged at load time changes every vector (only then: old keys stay)
         identity["adapter"] = _folder_fingerprint(str(adapter))
+        if identity["adapter"]:
+            identity["adapter_sample"] = _files_sample(identity["adapter"])
     backend = getattr(embedder, "backend", "torch")
     if backend != "torch":  # only then, so the torch backend's caches keep their keys
         identity["backend"] = backend
@@ -459,7 +463,7 @@ def vector_space(embedder: Any) -> dict[str, Any]:
     if files:
         space["files"] = [[row[0], row[1]] for row in files[1]]
         space["file_times"] = [row[2] for row in files[1]]  # same sizes, new times: maybe retrained in place
-        space["weights_sample"] = _weights_sample(Path(files[0]), [row[0] for row in files[1]])
+        space["weights_sample"] = identity["weights_sample"]
     else:  # a name no folder answers to: known by that name alone
         space["name"] = identity["name"]
     return space
@@ -499,6 +503,11 @@ def _weights_sample(folder: Path, names: list[str]) -> str:
                 handle.seek(offset)
                 digest.update(handle.read(_SAMPLE_BYTES))
     return digest.hexdigest()
+
+
+def _files_sample(fingerprint: list[Any]) -> str:
+    """:func:`_weights_sample` of the weights files a :func:`_folder_fingerprint` lists."""
+    return _weights_sample(Path(fingerprint[0]), [row[0] for row in fingerprint[1]])
 
 
 def _onnx_graphs(embedder: Any) -> list[str]:
