@@ -120,6 +120,13 @@ def test_some_forums_are_averaged_with_a_warning(tiny, tmp_path, caplog):
     assert "Missing forums: english, gaming" in result.to_markdown()
 
 
+def test_a_forum_without_the_split_is_named_before_any_is_embedded(tmp_path):
+    folder = write_forums(tmp_path / "cqadupstack", ("android", "gis"))
+    (folder / "gis" / "qrels" / "test.tsv").rename(folder / "gis" / "qrels" / "dev.tsv")
+    with pytest.raises(InputError, match=r"forum .*gis has no judgments for split 'test' \(splits found: dev\)"):
+        evaluate_retrieval("no/such-model", folder)  # the model is not even loaded
+
+
 def test_the_name_cqadupstack_is_the_downloaded_archive(tiny, tmp_path):
     """Online, ``cqadupstack`` is BEIR's archive (downloaded once into the cache): all its forums."""
     write_forums(tmp_path / "cache" / "datasets" / "cqadupstack", ("android", "gis"))

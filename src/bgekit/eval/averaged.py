@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, io
+from ..errors import InputError
 from . import metrics as metrics_mod
-from .datasets import CQADUPSTACK_FORUMS
+from .datasets import CQADUPSTACK_FORUMS, available_splits
 from .retrieval import RetrievalResult, evaluate_retrieval, load_embedder, load_reranker, report_stem
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,12 @@ def evaluate_forums(
             "CQADupStack scores",
             root, len(folders), len(CQADUPSTACK_FORUMS), ", ".join(missing),
         )  # fmt: skip
+    for folder in folders:  # before any forum is embedded: the last one's missing split was found at the end
+        splits = available_splits(folder)
+        if split not in splits:
+            raise InputError(
+                f"forum {folder} has no judgments for split {split!r} (splits found: {', '.join(splits) or 'none'})"
+            )
     tick = time.perf_counter()
     embedder = load_embedder(model, query_instruction, model_options)
     rerank_model = load_reranker(reranker, reranker_options) if reranker is not None else None
