@@ -111,13 +111,16 @@ def test_a_reranked_archive_averages_both_stages(tiny, tiny_bert_reranker, tmp_p
     assert result.metrics != result.retrieval_metrics
 
 
-def test_some_forums_are_averaged_with_a_warning(tiny, tmp_path, caplog):
+def test_some_forums_are_averaged_with_a_warning(tiny, tmp_path, caplog, monkeypatch):
     folder = write_forums(tmp_path / "cqadupstack", ("android", "gis", "tex"))
     with caplog.at_level(logging.WARNING, logger="bgekit.eval.averaged"):
         result = evaluate_retrieval(tiny, folder, use_cache=False)
     assert result.forums == ["android", "gis", "tex"] and len(result.missing_forums) == 9
     assert "holds 3 of the 12 CQADupStack forums" in caplog.text and "not comparable" in caplog.text
     assert "Missing forums: english, gaming" in result.to_markdown()
+    monkeypatch.chdir(folder)
+    here = evaluate_retrieval(tiny, ".", use_cache=False)
+    assert here.name == "cqadupstack" and here.metrics == result.metrics
 
 
 def test_a_forum_without_the_split_is_named_before_any_is_embedded(tmp_path):

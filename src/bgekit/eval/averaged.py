@@ -206,7 +206,7 @@ def evaluate_forums(
     timings["total_s"] = round(time.perf_counter() - started, 3)
     result = AveragedRetrievalResult(
         model=first.model,
-        name=root.name,
+        name=root.resolve().name,  # "." run inside the archive folder is named by the folder
         path=str(root),
         split=first.split,
         metrics=mean_metrics([r.metrics for r in per_forum.values()]),
