@@ -116,6 +116,22 @@ def test_index_build_and_search(tmp_path, minilm_dir, tiny_xlmr_reranker):
     assert unknown.returncode == 2 and "does not know the reranker 'nobody/reranker'" in unknown.stderr
 
 
+def test_index_build_records_a_hub_id_as_the_loader_reads_it(tmp_path, minilm_dir):
+    """``-m "org/name/"`` (a pasted or tab-completed hub id) loads as ``org/name``; the index and the
+    message named it with its trailing slash where the loader did not normalise it first."""
+    from bgekit.eval.cli import _absolute_if_local
+
+    assert _absolute_if_local(" org/name/ ") == "org/name" == _absolute_if_local("org/name")
+    assert _absolute_if_local(f"{minilm_dir}/") == str(Path(minilm_dir).resolve())
+    index = tmp_path / "index"
+    built = run("index", "build", "-m", " sentence-transformers/all-MiniLM-L6-v2/", "-c", str(MINI / "corpus.jsonl"),
+                "-o", str(index))  # fmt: skip
+    assert built.stderr.rstrip().endswith("from sentence-transformers/all-MiniLM-L6-v2")
+    assert json.loads((index / "index.json").read_text())["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    found = run("search", "-i", str(index), "-q", "bone density", "--top-k", "1")
+    assert found.stdout.count("\n") == 1 and "warning" not in found.stderr
+
+
 def test_search_takes_the_query_as_q_like_rerank(tmp_path, minilm_dir):
     """``bgekit rerank -q TEXT`` but ``bgekit search TEXT``: ``search -q TEXT`` was 'No such option: -q'.
     Both spellings now search alike; giving both, or neither, is refused."""

@@ -324,6 +324,35 @@ def test_weights_written_in_this_process_get_their_own_cache_entry(tiny_bert, da
     assert cache_key(Embedder.from_pretrained(str(tiny_bert), devices="cpu"), dataset, None) == loaded_key
 
 
+def test_other_weights_copied_in_with_size_and_time_kept_get_their_own_cache_entry(golden_dir, tmp_path):
+    """The key held the weights files' names, sizes and modification times: another model of the same
+    architecture copied over them with ``cp -p`` (same size, its time set to the old file's) reused the
+    old model's cached vectors. The key now holds a sample of the weights' bytes too."""
+    import os
+    import shutil
+
+    from bgekit import Embedder
+
+    from .tiny_models import build_bert
+
+    tokenizer = golden_dir / "models" / "bert-cls"
+    model = build_bert(tmp_path / "model", tokenizer, seed=7)
+    other = build_bert(tmp_path / "other", tokenizer, seed=8)
+    weights, replacement = model / "model.safetensors", other / "model.safetensors"
+    assert weights.stat().st_size == replacement.stat().st_size
+    before = weights.stat()
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    first = evaluate_retrieval(Embedder.from_pretrained(str(model), devices="cpu"), MINI, cache_dir=tmp_path / "c")
+    shutil.copy2(replacement, weights)  # cp -p
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = evaluate_retrieval(Embedder.from_pretrained(str(model), devices="cpu"), MINI, cache_dir=tmp_path / "c")
+    assert (first.cache["status"], second.cache["status"]) == ("miss", "miss")
+    assert second.cache["path"] != first.cache["path"] and second.metrics != first.metrics
+    fresh = evaluate_retrieval(Embedder.from_pretrained(str(other), devices="cpu"), MINI, cache_dir=tmp_path / "d")
+    assert second.metrics == fresh.metrics  # the vectors of the weights now in the folder
+
+
 def test_query_instruction_override_keeps_the_models_query_path(golden_dir):
     """The override went through plain ``encode``: M3 crashed on its dict, ICL lost its prompt and examples."""
     from bgekit import BGEM3FlagModel, FlagICLModel

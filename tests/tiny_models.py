@@ -21,12 +21,19 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
 
 
 def build_bert(
-    target: Path, tokenizer_source: Path, *, reranker: bool = False, max_positions: int = 128, num_labels: int = 1
+    target: Path,
+    tokenizer_source: Path,
+    *,
+    reranker: bool = False,
+    max_positions: int = 128,
+    num_labels: int = 1,
+    seed: int = 7,
 ) -> Path:
-    """A 2-layer BERT (hidden 32) embedder or 1-label sequence classifier."""
+    """A 2-layer BERT (hidden 32) embedder or 1-label sequence classifier; another ``seed`` gives other
+    weights in files of the same names and sizes."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522,
         hidden_size=32,

@@ -16,6 +16,7 @@ import importlib
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
+    "AveragedRetrievalResult": "bgekit.eval.averaged",
     "RetrievalDataset": "bgekit.eval.datasets",
     "StsDataset": "bgekit.eval.datasets",
     "load_retrieval_dataset": "bgekit.eval.datasets",

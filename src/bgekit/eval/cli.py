@@ -68,7 +68,10 @@ def eval_retrieval(
     dataset: Annotated[
         str,
         typer.Option(
-            "--dataset", "-d", help="Dataset folder (BEIR or custom layout); online also a BEIR name or hub id."
+            "--dataset",
+            "-d",
+            help="Dataset folder (BEIR or custom layout); online also a BEIR name or hub id. CQADupStack's folder "
+            "(or name): every forum in its own corpus, the score their mean.",
         ),
     ],
     model: ModelOpt = None,
@@ -214,12 +217,13 @@ def index_build(
         vectors = vectors["dense_vecs"]
     built = DenseIndex.build(normalize_rows(vectors), ids, kind=index_type.value, quantization=quantization.value)
     io.write_jsonl(out / "docs.jsonl", ({"id": r.id, "text": r.text} for r in records))
+    recorded = _absolute_if_local(embedder.model_name_or_path)
     built.save(
         out,
         extra={
             "type": "dense",
             # a local folder by its absolute path: `search` may run from another directory
-            "model": _absolute_if_local(embedder.model_name_or_path),
+            "model": recorded,
             "vector_space": vector_space(embedder),  # `search` refuses a query model of another space
             "query_instruction": embedder.query_instruction_for_retrieval,
             "score_function": "cosine",
@@ -228,13 +232,17 @@ def index_build(
         },
     )
     typer.echo(
-        f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) from {name}",
+        f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) from {recorded}",
         err=True,
     )
 
 
 def _absolute_if_local(name: str) -> str:
-    """A model folder that exists here as its absolute path; a hub id as it is."""
+    """A model folder that exists here as its absolute path; a hub id as the loader reads it (without
+    the stray whitespace or trailing slash it accepts: ``"org/name/"`` is ``"org/name"``)."""
+    from .. import hub
+
+    name = hub.clean_name(name)
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
 

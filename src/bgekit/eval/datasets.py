@@ -175,9 +175,8 @@ def load_retrieval_dataset(
     if parent == "cqadupstack":
         if forum not in CQADUPSTACK_FORUMS:
             raise InputError(
-                f"cqadupstack is {len(CQADUPSTACK_FORUMS)} datasets, one a forum; evaluate each as "
-                f"cqadupstack/FORUM, FORUM one of {', '.join(CQADUPSTACK_FORUMS)} (MTEB's CQADupstack score is "
-                "the mean of their scores)"
+                f"cqadupstack is {len(CQADUPSTACK_FORUMS)} datasets, one a forum: load one as cqadupstack/FORUM, "
+                f"FORUM one of {', '.join(CQADUPSTACK_FORUMS)}; {_WHOLE_CQADUPSTACK}"
             )
         return load_local_dataset(download_beir("cqadupstack", cache_dir=cache_dir) / forum, split)
     if name.lower() in BEIR_DATASETS:
@@ -214,8 +213,9 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
     layout = detect_layout(folder, split)
     nested = _nested_datasets(folder)
     if nested:  # cqadupstack's archive: a folder of datasets, not one
+        whole = f"; {_WHOLE_CQADUPSTACK}" if set(nested) <= set(CQADUPSTACK_FORUMS) else ""
         raise InputError(
-            f"{folder} holds {len(nested)} datasets, not one ({', '.join(nested)}); pass one of their folders"
+            f"{folder} holds {len(nested)} datasets, not one ({', '.join(nested)}); pass one of their folders{whole}"
         )
     if layout == "custom":
         corpus_path = _require(folder, ["corpus.jsonl", "corpus.jsonl.gz"], split, layout)
@@ -230,6 +230,33 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
     ids, texts = read_corpus(corpus_path)
     queries = read_queries(queries_path)
     return assemble(folder.name, split, ids, texts, queries, qrels, folder, layout, qrels_path)
+
+
+def cqadupstack_forums(name_or_path: str | Path, *, cache_dir: str | Path | None = None) -> list[Path] | None:
+    """The forum folders when ``name_or_path`` is CQADupStack as a whole, else None.
+
+    CQADupStack as a whole is a folder whose datasets are subfolders named as its forums (BEIR's
+    ``cqadupstack`` archive: ``android/``, ``english/`` ... ``wordpress/``, each with its own corpus),
+    or, online, the name ``cqadupstack`` (the archive, downloaded once into ``cache_dir``). Its score
+    is the mean of the forums' scores, each forum searched in its own corpus (BEIR, MTEB).
+    """
+    if isinstance(name_or_path, RetrievalDataset):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if str(name_or_path).strip().rstrip("/").lower() != "cqadupstack":
+            return None
+        path = download_beir("cqadupstack", cache_dir=cache_dir)
+    nested = _nested_datasets(path)
+    if not nested or not set(nested) <= set(CQADUPSTACK_FORUMS):
+        return None
+    return [path / name for name in nested]
+
+
+_WHOLE_CQADUPSTACK = (
+    "evaluate_retrieval (bgekit eval retrieval) takes the whole of it, evaluates each forum in its own corpus and "
+    "reports their mean, the CQADupStack score of BEIR and MTEB"
+)
 
 
 def _nested_datasets(folder: Path) -> list[str]:
@@ -615,6 +642,7 @@ __all__ = [
     "RetrievalDataset",
     "StsDataset",
     "available_splits",
+    "cqadupstack_forums",
     "dataset_json",
     "download_beir",
     "download_hf_dataset",

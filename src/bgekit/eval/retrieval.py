@@ -4,8 +4,8 @@ The method is MTEB's, so published numbers reproduce: documents embedded as
 ``(title + " " + text).strip()``, queries with the model's query instruction, cosine
 similarity, exact search over the whole corpus, trec_eval metrics (:mod:`.metrics`).
 
-Corpus embeddings are cached on disk under a key made of the model (name, files, pooling,
-lengths, instructions, precision) and the corpus content. They are written in chunks as they
+Corpus embeddings are cached on disk under a key made of the model (name, files, a sample of the
+weights' bytes, pooling, lengths, instructions, precision) and the corpus content. They are written in chunks as they
 are made, so a run that is killed resumes from its last finished chunk; a finished cache is one
 ``embeddings.npy`` and a second run does no forward pass on the corpus.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,7 +30,16 @@ from .. import __version__, io
 from ..errors import InputError
 from ..runtime.devices import resolve_dtype
 from . import metrics as metrics_mod
-from .datasets import RetrievalDataset, dataset_json, default_cache_dir, load_retrieval_dataset
+from .datasets import (
+    RetrievalDataset,
+    cqadupstack_forums,
+    dataset_json,
+    default_cache_dir,
+    load_retrieval_dataset,
+)
+
+if TYPE_CHECKING:
+    from .averaged import AveragedRetrievalResult
 
 logger = logging.getLogger(__name__)
 
@@ -111,25 +120,37 @@ class RetrievalResult:
     def save(self, output: str | Path) -> dict[str, str]:
         """Write ``OUT.json``, ``OUT.md`` and TREC run files (``OUT.trec``; with a reranker also
         ``OUT.retrieval.trec`` for the first stage), each atomically. Returns the paths."""
-        output = Path(output)
-        stem = output.with_suffix("") if output.suffix.lower() == ".json" else output
+        stem = report_stem(output)
         json_path = stem.with_name(stem.name + ".json")
         files = {"json": str(json_path), "markdown": str(stem.with_name(stem.name + ".md"))}
-        runs = {"run": (".trec", self.run), "retrieval_run": (".retrieval.trec", self.retrieval_run)}
-        for key, (suffix, run) in runs.items():
-            path = stem.with_name(stem.name + suffix)
-            try:
-                if run is not None:
-                    files[key] = str(metrics_mod.write_trec_run(path, run))
-            except InputError as exc:  # ids with spaces cannot go into a TREC run file
-                logger.warning("no TREC run file written: %s", exc)
-            if key not in files:  # an earlier report's run file must not pass for this one's
-                path.unlink(missing_ok=True)
+        files.update(self.save_runs(stem))
         self.files = files
         io.write_with(files["markdown"], lambda tmp: tmp.write_text(self.to_markdown(), encoding="utf-8"))
         text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"
         io.write_with(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return files
+
+    def save_runs(self, stem: Path, prefix: str = "") -> dict[str, str]:
+        """Write the TREC run files ``STEM.trec`` (and ``STEM.retrieval.trec`` for the first stage);
+        returns ``{prefix + "run": path, ...}`` for those written, and removes the others."""
+        files = {}
+        runs = {"run": (".trec", self.run), "retrieval_run": (".retrieval.trec", self.retrieval_run)}
+        for key, (suffix, run) in runs.items():
+            path = stem.with_name(stem.name + suffix)
+            try:
+                if run is not None:
+                    files[prefix + key] = str(metrics_mod.write_trec_run(path, run))
+            except InputError as exc:  # ids with spaces cannot go into a TREC run file
+                logger.warning("no TREC run file written: %s", exc)
+            if prefix + key not in files:  # an earlier report's run file must not pass for this one's
+                path.unlink(missing_ok=True)
+        return files
+
+
+def report_stem(output: str | Path) -> Path:
+    """``OUT`` for ``OUT.json`` or ``OUT``: the name the report's files share."""
+    output = Path(output)
+    return output.with_suffix("") if output.suffix.lower() == ".json" else output
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -159,14 +180,17 @@ def evaluate_retrieval(
     output: str | Path | None = None,
     show_progress_bar: bool | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
-) -> RetrievalResult:
+) -> RetrievalResult | AveragedRetrievalResult:
     """Evaluate an embedder (and optionally a reranker) on a retrieval dataset.
 
     Args:
         model: an :class:`~bgekit.Embedder` or a name / folder for ``Embedder.from_pretrained``
             (with ``model_options``).
         dataset: a dataset folder (BEIR or custom layout), a BEIR name or hub id (online), or a
-            :class:`RetrievalDataset`.
+            :class:`RetrievalDataset`. CQADupStack as a whole (BEIR's ``cqadupstack`` folder of forum
+            folders, or online the name ``cqadupstack``) gives an
+            :class:`~bgekit.eval.averaged.AveragedRetrievalResult`: each forum evaluated in its own
+            corpus, ``metrics`` the mean over the forums (BEIR's and MTEB's CQADupStack score).
         reranker: a :class:`~bgekit.Reranker` or a name / folder; reranks each query's top
             ``rerank_top_k``, and the metrics are computed on that reranked list.
         k_values: cutoffs for every metric (``ndcg_at_10``, ``map_at_10``, ``recall_at_100``...).
@@ -197,10 +221,22 @@ def evaluate_retrieval(
     metrics_mod.require_pytrec_eval()
 
     tick = time.perf_counter()
+    downloads = None if cache_dir is None else Path(cache_dir) / "datasets"
+    forums = None if isinstance(dataset, RetrievalDataset) else cqadupstack_forums(dataset, cache_dir=downloads)
+    if forums:  # CQADupStack as a whole: each forum in its own corpus, the score their mean
+        from .averaged import evaluate_forums
+
+        return evaluate_forums(
+            model, forums, split, reranker=reranker, query_instruction=query_instruction,
+            model_options=model_options, reranker_options=reranker_options, output=output,
+            rerank_top_k=rerank_top_k, k_values=k_values, top_k=top_k, score_function=score_function,
+            batch_size=batch_size, max_length=max_length, reranker_batch_size=reranker_batch_size,
+            reranker_max_length=reranker_max_length, ignore_identical_ids=ignore_identical_ids, index=index,
+            quantization=quantization, cache_dir=cache_dir, use_cache=use_cache, chunk_size=chunk_size,
+            show_progress_bar=show_progress_bar, on_chunk=on_chunk,
+        )  # fmt: skip
     if not isinstance(dataset, RetrievalDataset):
-        dataset = load_retrieval_dataset(
-            dataset, split, cache_dir=None if cache_dir is None else Path(cache_dir) / "datasets"
-        )
+        dataset = load_retrieval_dataset(dataset, split, cache_dir=downloads)
     timings["load_dataset_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -375,9 +411,9 @@ _PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def model_identity(embedder: Any) -> dict[str, Any]:
-    """What a model's corpus vectors depend on: name, files, pooling, lengths, instruction, precision
-    (the dtype each device really runs), a merged LoRA adapter's files and, off the default torch
-    backend, the backend."""
+    """What a model's corpus vectors depend on: name, files (names, sizes, times, and a sample of the
+    weights' bytes: :func:`_weights_sample`), pooling, lengths, instruction, precision (the dtype each
+    device really runs), a merged LoRA adapter's files and, off the default torch backend, the backend."""
     # bgekit's classes name devices as torch does; another embedder's bare ordinals are CUDA's
     named = getattr(embedder, "target_devices", None) or ["cpu"]
     devices = [f"cuda:{d}" if str(d).isdigit() else str(d) for d in named]
@@ -395,9 +431,13 @@ def model_identity(embedder: Any) -> dict[str, Any]:
         "precision": "+".join(sorted(precisions)),
         "files": _folder_fingerprint(getattr(embedder, "model_name_or_path", "")),
     }
+    if identity["files"]:  # the bytes: other weights copied in with their size and time (cp -p) are a new key
+        identity["weights_sample"] = _files_sample(identity["files"])
     adapter = getattr(embedder, "peft_path", None)
     if adapter:  # a LoRA adapter merged at load time changes every vector (only then: old keys stay)
         identity["adapter"] = _folder_fingerprint(str(adapter))
+        if identity["adapter"]:
+            identity["adapter_sample"] = _files_sample(identity["adapter"])
     backend = getattr(embedder, "backend", "torch")
     if backend != "torch":  # only then, so the torch backend's caches keep their keys
         identity["backend"] = backend
@@ -423,7 +463,7 @@ def vector_space(embedder: Any) -> dict[str, Any]:
     if files:
         space["files"] = [[row[0], row[1]] for row in files[1]]
         space["file_times"] = [row[2] for row in files[1]]  # same sizes, new times: maybe retrained in place
-        space["weights_sample"] = _weights_sample(Path(files[0]), [row[0] for row in files[1]])
+        space["weights_sample"] = identity["weights_sample"]
     else:  # a name no folder answers to: known by that name alone
         space["name"] = identity["name"]
     return space
@@ -463,6 +503,11 @@ def _weights_sample(folder: Path, names: list[str]) -> str:
                 handle.seek(offset)
                 digest.update(handle.read(_SAMPLE_BYTES))
     return digest.hexdigest()
+
+
+def _files_sample(fingerprint: list[Any]) -> str:
+    """:func:`_weights_sample` of the weights files a :func:`_folder_fingerprint` lists."""
+    return _weights_sample(Path(fingerprint[0]), [row[0] for row in fingerprint[1]])
 
 
 def _onnx_graphs(embedder: Any) -> list[str]:
