@@ -288,6 +288,23 @@ def test_cors_origins_get_preflight_and_response_headers(server):
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
 
 
+def test_cors_preflights_are_counted_in_metrics(server):
+    """The CORS middleware sat outside the one that counts requests: a preflight, answered or refused,
+    never showed in bgekit_requests_total. It counts under its route and status as any request."""
+    preflight = {"Origin": CORS_ORIGIN, "Access-Control-Request-Method": "POST"}
+    counts = {
+        ("/rerank", "200"): lambda: httpx.options(f"{server.url}/v1/rerank", headers=preflight, timeout=10),
+        ("/rerank", "400"): lambda: httpx.options(
+            f"{server.url}/rerank", headers={**preflight, "Origin": "https://evil.example"}, timeout=10
+        ),
+    }
+    for (route, status), send in counts.items():
+        labels = {"route": route, "status": status}
+        before = metric_value(server, "bgekit_requests_total", labels)
+        assert send().status_code == int(status)
+        assert metric_value(server, "bgekit_requests_total", labels) == before + 1, (route, status)
+
+
 def test_unknown_model_and_wrong_task_are_400(server, client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model="no-such-model", input="x")
