@@ -5,6 +5,7 @@ with a "text" column (mteb 2.x), or plain lists of strings (mteb 1.x)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -132,3 +133,88 @@ def test_mteb_can_set_the_model_meta(tiny_bert):
     encoder = MtebEncoder(str(tiny_bert), revision="abc", device="cpu")
     encoder.mteb_model_meta = meta
     assert encoder.mteb_model_meta is meta
+
+
+@dataclass
+class TaskMetadata:
+    """The two fields of mteb.TaskMetadata that prompt lookup reads."""
+
+    name: str
+    type: str
+
+
+PROMPTS = {
+    "SciFact-query": "scifact queries: ",
+    "SciFact": "scifact: ",
+    "Retrieval-query": "retrieval queries: ",
+    "Retrieval": "retrieval: ",
+    "query": "any query: ",
+    "document": "any document: ",
+    "STS": "sts: ",
+    "NFCorpus-document": "",
+}
+
+
+@pytest.mark.parametrize(
+    ("task", "prompt_type", "key"),
+    [
+        (TaskMetadata("SciFact", "Retrieval"), PromptType.query, "SciFact-query"),
+        (TaskMetadata("SciFact", "Retrieval"), PromptType.document, "SciFact"),
+        (TaskMetadata("FiQA2018", "Retrieval"), PromptType.query, "Retrieval-query"),
+        (TaskMetadata("FiQA2018", "Retrieval"), PromptType.document, "Retrieval"),
+        (TaskMetadata("AskUbuntuDupQuestions", "Reranking"), PromptType.query, "query"),
+        (TaskMetadata("AskUbuntuDupQuestions", "Reranking"), PromptType.document, "document"),
+        (TaskMetadata("STSBenchmark", "STS"), None, "STS"),
+        (TaskMetadata("NFCorpus", "Retrieval"), PromptType.document, "NFCorpus-document"),
+    ],
+)
+def test_model_prompts_follow_mtebs_lookup_order(model, task, prompt_type, key):
+    """mteb 2.x passes task_metadata and prompt_type; the per-task prompts it means for them were never read.
+    The prompt found is that call's instruction: queries and symmetric texts in the query format, documents in
+    the passage format ('' is no instruction)."""
+    encoder = MtebEncoder(model, model_prompts=PROMPTS)
+    assert encoder.get_prompt_name(task, prompt_type) == key
+    kwargs = {"task_metadata": task, "hf_split": "test", "hf_subset": "default", "prompt_type": prompt_type}
+    got = encoder.encode(loader(TEXTS), **kwargs)
+    instruction = PROMPTS[key] or None
+    if prompt_type == PromptType.document:
+        expected = model.encode_corpus(TEXTS, instruction=instruction)
+    else:
+        expected = model.encode_queries(TEXTS, instruction=instruction)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    before = MtebEncoder(model).encode(loader(TEXTS), **kwargs)  # the prompt was not read
+    assert np.allclose(got, before) == (key == "NFCorpus-document")  # '' on documents: as before, no instruction
+
+
+def test_without_a_matching_prompt_the_calls_embed_as_before(model):
+    encoder = MtebEncoder(model, model_prompts={"Clustering": "cluster: ", "SciFact-document": "doc: "})
+    kwargs = {"hf_split": "test", "hf_subset": "default"}
+    sts, scifact = TaskMetadata("STS12", "STS"), TaskMetadata("SciFact", "Retrieval")
+    np.testing.assert_allclose(encoder.encode(loader(TEXTS), task_metadata=sts, **kwargs), model.encode(TEXTS))
+    queries = encoder.encode(loader(TEXTS), task_metadata=scifact, prompt_type=PromptType.query, **kwargs)
+    np.testing.assert_allclose(queries, model.encode_queries(TEXTS), atol=1e-6)  # the model's own instruction
+    # mteb 1.x: a task name and no metadata; BEIR-style encode_queries / encode_corpus read the prompt type keys
+    np.testing.assert_allclose(
+        encoder.encode(TEXTS, task_name="SciFact", prompt_type="document"),
+        model.encode_corpus(TEXTS, instruction="doc: "),
+        atol=1e-6,
+    )
+    typed = MtebEncoder(model, model_prompts={"query": "q: ", "document": "d: "})
+    np.testing.assert_allclose(typed.encode_queries(TEXTS), model.encode_queries(TEXTS, instruction="q: "), atol=1e-6)
+    np.testing.assert_allclose(typed.encode_corpus(TEXTS), model.encode_corpus(TEXTS, instruction="d: "), atol=1e-6)
+
+
+def test_model_name_keyword_and_bad_arguments(tiny_bert, model, golden_dir):
+    from bgekit.errors import InputError
+
+    encoder = MtebEncoder(model_name=str(tiny_bert), revision="abc", device="cpu")  # mteb 2.x's spelling
+    assert encoder.model_name == str(tiny_bert) and encoder.encode(["hello"], task_name="x").shape == (1, 32)
+    with pytest.raises(InputError, match="got both"):
+        MtebEncoder(str(tiny_bert), model_name=str(tiny_bert))
+    with pytest.raises(InputError, match="got neither"):
+        MtebEncoder()
+    with pytest.raises(InputError, match="model_prompts must map prompt names"):
+        MtebEncoder(model, model_prompts={"SciFact": 3})
+    with pytest.raises(InputError, match="model_prompts cannot be used with FlagICLModel"):
+        icl = golden_dir / "models" / "mistral-icl"
+        MtebEncoder(str(icl), model_prompts={"query": "q: "}, device="cpu", model_class="decoder-only-icl")

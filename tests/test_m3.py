@@ -92,6 +92,39 @@ def test_embedder_from_pretrained_picks_m3(m3_dir):
     assert model.encode("hi")["dense_vecs"].shape == (32,)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("pooling_method", ["mean", "last_token"])
+def test_pooling_method_is_honoured_as_flagembedding_does(m3_dir, pooling_method, packed):
+    """FlagEmbedding 1.4.2's BGEM3FlagModel passes pooling_method to its dense head (cls, mean or the last
+    real token; encoder_only/m3 modeling's _dense_embedding), so bgekit pools M3's dense vector by it too:
+    each text's own tokens, whatever the padding of its batch."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    encoder, tokenizer = (
+        AutoModel.from_pretrained(str(m3_dir)).eval(),
+        Tokenizer.from_file(str(m3_dir / "tokenizer.json")),
+    )
+    expected = []
+    for text in PASSAGES:  # one at a time: no padding to get wrong
+        with torch.no_grad():
+            hidden = encoder(torch.tensor([tokenizer.encode(text).ids])).last_hidden_state[0]
+        expected.append(hidden.mean(0) if pooling_method == "mean" else hidden[-1])
+    expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1).numpy()
+    model = BGEM3FlagModel(str(m3_dir), pooling_method=pooling_method, devices="cpu", packed=packed)
+    np.testing.assert_allclose(model.encode(PASSAGES, batch_size=4)["dense_vecs"], expected, rtol=0, atol=1e-5)
+
+
+def test_cli_pooling_method_reaches_m3(tmp_path, m3_dir):
+    from .test_cli import run
+
+    (tmp_path / "in.txt").write_text("\n".join(PASSAGES) + "\n")
+    run("embed", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.npy"), "-m", str(m3_dir),
+        "--pooling-method", "last_token")  # fmt: skip
+    library = BGEM3FlagModel(str(m3_dir), pooling_method="last_token", devices="cpu").encode(PASSAGES)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), library["dense_vecs"], rtol=0, atol=1e-5)
+
+
 # -- scores ---------------------------------------------------------------------------------
 def test_compute_score_matches_the_separate_scores(model, encoded):
     q, p = encoded

@@ -288,6 +288,23 @@ def test_cors_origins_get_preflight_and_response_headers(server):
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
 
 
+def test_cors_preflights_are_counted_in_metrics(server):
+    """The CORS middleware sat outside the one that counts requests: a preflight, answered or refused,
+    never showed in bgekit_requests_total. It counts under its route and status as any request."""
+    preflight = {"Origin": CORS_ORIGIN, "Access-Control-Request-Method": "POST"}
+    counts = {
+        ("/rerank", "200"): lambda: httpx.options(f"{server.url}/v1/rerank", headers=preflight, timeout=10),
+        ("/rerank", "400"): lambda: httpx.options(
+            f"{server.url}/rerank", headers={**preflight, "Origin": "https://evil.example"}, timeout=10
+        ),
+    }
+    for (route, status), send in counts.items():
+        labels = {"route": route, "status": status}
+        before = metric_value(server, "bgekit_requests_total", labels)
+        assert send().status_code == int(status)
+        assert metric_value(server, "bgekit_requests_total", labels) == before + 1, (route, status)
+
+
 def test_unknown_model_and_wrong_task_are_400(server, client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model="no-such-model", input="x")
@@ -401,15 +418,23 @@ def test_broken_json_and_lone_surrogates_are_400_naming_the_problem(server):
 
 
 def test_an_embedder_reranker_states_its_own_limits(server):
-    """An embedder used as a reranker cuts the query and each document at its own lengths (MiniLM: 256)."""
+    """An embedder used as a reranker cuts the query and each document at its own lengths (MiniLM: 256, of
+    which [CLS] and [SEP] take two). Its 413 said 'longer than this model's limit of 256 tokens a document':
+    it names the first pair too long and the limits in tokens of the texts sent, as a cross-encoder's does."""
     cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models", headers=AUTH, timeout=10).json()["data"]}
     assert cards["bi-encoder"]["max_length"] == 256
-    words = "word " * 300  # 302 tokens: past 256, not past 512
-    body = {"model": "bi-encoder", "query": "q", "documents": ["a", words], "truncate": False}
-    one = post(server, "/v1/rerank", body)
-    assert one.status_code == 413 and "1 of 2" in error_of(one)["message"] and "256 tokens" in error_of(one)["message"]
-    every = post(server, "/v1/rerank", {**body, "query": words, "documents": ["a", "b"]})
-    assert every.status_code == 413 and "2 of 2" in error_of(every)["message"]  # a cut query cuts every pair
+    limits = "it reads a query of at most 254 tokens and a document of at most 254, each on its own (tokens of"
+    body = {"model": "bi-encoder", "query": "q", "documents": ["a", "word " * 254], "truncate": False}
+    assert post(server, "/v1/rerank", body).status_code == 200  # 254 tokens + [CLS] + [SEP]: whole
+    one = post(server, "/v1/rerank", {**body, "documents": ["a", "word " * 255]})
+    assert one.status_code == 413 and error_of(one)["param"] == "documents"
+    message = error_of(one)["message"]
+    assert message.startswith("1 of 2 (query, document) pairs are too long for this model: documents[1] has 255 "
+                              f"tokens, the query 1; {limits}"), message  # fmt: skip
+    every = post(server, "/v1/rerank", {**body, "query": "word " * 255, "documents": ["a", "b"]})
+    assert every.status_code == 413  # a cut query cuts every pair
+    assert error_of(every)["message"].startswith("2 of 2 (query, document) pairs are too long for this model: "
+                                                 f"documents[0] has 1 tokens, the query 255; {limits}")  # fmt: skip
 
 
 def test_too_many_inputs_is_413(server):
@@ -744,3 +769,15 @@ def test_rerank_order_follows_the_raw_scores(tiny_xlmr_reranker):
     )  # fmt: skip
     results = json.loads(body)["results"]
     assert [r["index"] for r in results] == [1, 0, 2] and {r["relevance_score"] for r in results} == {1.0}
+
+
+def test_an_embedder_reranker_413_counts_its_rerank_instruction(minilm_dir):
+    """The query's tokens in the 413 are those the model reads: the rerank instruction included."""
+    from bgekit.serve.engines import InputTooLong, RerankEngine
+
+    model = Reranker.from_pretrained(str(minilm_dir), query_instruction_for_rerank="word word ", max_length=16)
+    engine = RerankEngine("bi", str(minilm_dir), model, 1)
+    engine.prepare("word " * 12, ["a"], False)  # 2 + 12 tokens + [CLS] + [SEP] = 16: whole
+    with pytest.raises(InputTooLong, match=r"documents\[0\] has 1 tokens, the query 15; it reads a query of at most "
+                                           r"14 tokens and a document of at most 14, each on its own"):  # fmt: skip
+        engine.prepare("word " * 13, ["a"], False)

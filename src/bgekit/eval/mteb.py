@@ -20,8 +20,15 @@ document: an instruction template (``"Instruct: {}\\nQuery: {}"``: e5-mistral, g
 and other LLM embedders) or a query prefix paired with a passage prefix (e5's ``"query: "`` /
 ``"passage: "``, which e5 prescribes for symmetric tasks); otherwise as they are.
 ``symmetric="query"`` always embeds them as queries (FlagEmbedding 1.4.2's rule),
-``symmetric="plain"`` never. mteb itself is not a dependency of bgekit: nothing here imports it
-except ``mteb_model_meta``.
+``symmetric="plain"`` never.
+
+Per-task prompts: ``model_prompts`` maps mteb prompt names to instructions, looked up as mteb's own
+wrappers do (``AbsEncoder.get_prompt_name``): ``"{task name}-{prompt type}"``, the task name,
+``"{task type}-{prompt type}"``, the task type, then the prompt type (``"query"`` / ``"document"``).
+The prompt found is that call's instruction, in place of the model's: queries and symmetric texts
+get it in the model's query format, documents in its passage format (an empty prompt: no
+instruction). Calls no key matches embed as described above. mteb itself is not a dependency of
+bgekit: nothing here imports it except ``mteb_model_meta``.
 
 Example:
     >>> import mteb                                                          # doctest: +SKIP
@@ -54,6 +61,24 @@ def _prompt_kind(prompt_type: Any) -> str | None:
     if value in ("document", "passage", "corpus", "documents"):
         return "document"
     return None
+
+
+def _prompt_type_value(prompt_type: Any) -> str | None:
+    """The prompt type as mteb spells it in prompt names (``PromptType.query.value``: ``"query"``)."""
+    return None if prompt_type is None else str(getattr(prompt_type, "value", prompt_type))
+
+
+def _check_prompts(model_prompts: Any) -> dict[str, str] | None:
+    if model_prompts is None:
+        return None
+    if not isinstance(model_prompts, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in model_prompts.items()
+    ):
+        raise InputError(
+            "model_prompts must map prompt names (a task name or type, '-query' / '-document' added or not, "
+            f"or 'query' / 'document') to instruction strings, got {model_prompts!r}"
+        )
+    return dict(model_prompts)
 
 
 def _texts_from_inputs(inputs: Any) -> list[str]:
@@ -89,27 +114,38 @@ class MtebEncoder:
     """A bgekit :class:`~bgekit.Embedder` behind mteb's encoder protocol.
 
     Args:
-        model: an Embedder, or a hub id / folder for ``Embedder.from_pretrained``.
+        model: an Embedder, or a hub id / folder for ``Embedder.from_pretrained``; ``model_name=``
+            is the same argument by mteb 2.x's keyword.
         revision: recorded in the model metadata (bgekit loads what ``model`` names).
         device: ``"cpu"``, ``"cuda:0"``...; passed to ``from_pretrained`` as ``devices``.
         batch_size: default batch size (mteb's ``batch_size`` keyword wins).
         symmetric: how calls without a prompt type (STS, classification, clustering) embed their
             texts: ``"auto"``, ``"query"`` or ``"plain"`` (see the module docstring).
+        model_prompts: per-task instructions by mteb prompt name (see the module docstring).
         options: more ``Embedder.from_pretrained`` options.
     """
 
     def __init__(
         self,
-        model: Any,
+        model: Any = None,
         revision: str | None = None,
         *,
+        model_name: str | None = None,
         device: str | None = None,
         batch_size: int | None = None,
         symmetric: str = "auto",
+        model_prompts: Mapping[str, str] | None = None,
         **options: Any,
     ):
+        if (model is None) == (model_name is None):
+            raise InputError(
+                "MtebEncoder takes the model once: as its first argument (model=) or as model_name= (mteb 2.x), "
+                f"got {'both' if model is not None else 'neither'}"
+            )
+        model = model if model is not None else model_name
         if symmetric not in SYMMETRIC_MODES:
             raise InputError(f"symmetric must be one of {', '.join(SYMMETRIC_MODES)}, got {symmetric!r}")
+        self.model_prompts = _check_prompts(model_prompts)
         if isinstance(model, (str, Path)):
             from ..models.embedder import Embedder
 
@@ -120,6 +156,11 @@ class MtebEncoder:
             raise InputError("device and options apply only when MtebEncoder loads the model by name")
         if not hasattr(model, "encode_queries") or not hasattr(model, "encode_corpus"):
             raise InputError(f"MtebEncoder needs a bgekit Embedder, got {type(model).__name__}")
+        if self.model_prompts and hasattr(model, "examples_for_task"):
+            raise InputError(
+                f"model_prompts cannot be used with {type(model).__name__}: an in-context-learning model's "
+                "instruction is also its examples'; give each task's instruction and examples to the model instead"
+            )
         self.model = model
         self.revision = revision
         self.batch_size = batch_size
@@ -141,14 +182,34 @@ class MtebEncoder:
         paired = bool(getattr(model, "passage_instruction_for_retrieval", None))
         return "query" if template or paired else None
 
-    def _run(self, texts: list[str], kind: str | None, batch_size: int | None) -> np.ndarray:
+    def get_prompt_name(self, task_metadata: Any, prompt_type: Any, task_name: str | None = None) -> str | None:
+        """The ``model_prompts`` key for a call, in mteb's order: task name + prompt type, task name,
+        task type + prompt type, task type, prompt type; None when none is there. ``task_name``
+        stands in for mteb 1.x calls, which pass no metadata."""
+        if not self.model_prompts:
+            return None
+        name = getattr(task_metadata, "name", None) or task_name
+        task_type = getattr(task_metadata, "type", None)
+        kind = _prompt_type_value(prompt_type)
+        candidates = [
+            f"{name}-{kind}" if name and kind else None,
+            name,
+            f"{task_type}-{kind}" if task_type and kind else None,
+            task_type,
+            kind,
+        ]
+        return next((key for key in candidates if key and key in self.model_prompts), None)
+
+    def _run(self, texts: list[str], kind: str | None, batch_size: int | None, prompt: str | None = None) -> np.ndarray:
+        """Embed ``texts`` as ``kind``; a ``prompt`` (from ``model_prompts``) replaces the instruction."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         batch_size = batch_size or self.batch_size
-        if kind == "query":
-            output = self.model.encode_queries(texts, batch_size=batch_size)
-        elif kind == "document":
-            output = self.model.encode_corpus(texts, batch_size=batch_size)
+        instruction = {} if prompt is None else {"instruction": prompt or None}
+        if kind == "document":
+            output = self.model.encode_corpus(texts, batch_size=batch_size, **instruction)
+        elif kind == "query" or prompt is not None:  # a symmetric task's prompt is for every text
+            output = self.model.encode_queries(texts, batch_size=batch_size, **instruction)
         else:
             output = self.model.encode(texts, batch_size=batch_size)
         if isinstance(output, dict):  # M3: the dense vectors
@@ -172,20 +233,27 @@ class MtebEncoder:
     ) -> np.ndarray:
         """Vectors ``(n, dim)`` float32 for the inputs, in order (see the module docstring)."""
         kind = _prompt_kind(prompt_type) if prompt_type is not None else self.symmetric_kind()
-        return self._run(_texts_from_inputs(inputs), kind, batch_size)
+        return self._run(
+            _texts_from_inputs(inputs), kind, batch_size, self._prompt(task_metadata, prompt_type, task_name)
+        )
+
+    def _prompt(self, task_metadata: Any, prompt_type: Any, task_name: str | None = None) -> str | None:
+        key = self.get_prompt_name(task_metadata, prompt_type, task_name)
+        return None if key is None else self.model_prompts[key]  # type: ignore[index]
 
     def encode_queries(self, queries: Iterable[str], *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
-        """mteb 1.x / BEIR: queries with the query instruction."""
-        return self._run(_texts_from_inputs(queries), "query", batch_size)
+        """mteb 1.x / BEIR: queries with the query instruction (``model_prompts["query"]`` if given)."""
+        return self._run(_texts_from_inputs(queries), "query", batch_size, self._prompt(None, "query"))
 
     def encode_corpus(self, corpus: Any, *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
-        """mteb 1.x / BEIR: documents (dicts with ``title`` / ``text``, or strings)."""
+        """mteb 1.x / BEIR: documents (dicts with ``title`` / ``text``, or strings); ``model_prompts["document"]``
+        is their instruction if given."""
         if isinstance(corpus, Mapping) and "text" in corpus and not isinstance(corpus["text"], str):
             titles = corpus.get("title") or [""] * len(corpus["text"])
             texts = [f"{t} {x}".strip() if t else x for t, x in zip(titles, corpus["text"], strict=True)]
         else:
             texts = _texts_from_inputs(corpus)
-        return self._run(texts, "document", batch_size)
+        return self._run(texts, "document", batch_size, self._prompt(None, "document"))
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
         """Cosine similarity matrix ``(n1, n2)``."""

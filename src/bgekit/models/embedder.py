@@ -222,22 +222,28 @@ class Embedder(EmbedderPoolMethods):
         ``embed_tokenized`` turns it into pooled vectors.
         """
         texts, _ = as_text_list(texts, "texts")
-        if input_type == "query":
-            instruction, fmt = self.query_instruction_for_retrieval, self.query_instruction_format
-            default = self.query_max_length
-        elif input_type in ("passage", None):
-            instruction, fmt = (
-                (self.passage_instruction_for_retrieval, self.passage_instruction_format)
-                if input_type
-                else (None, None)
-            )
-            default = self.passage_max_length
-        else:
-            raise InputError(f"input_type must be 'query', 'passage' or None, got {input_type!r}")
-        texts = with_instruction(texts, instruction, fmt)
+        texts = self.prompted(texts, input_type)
+        default = self.query_max_length if input_type == "query" else self.passage_max_length
         # every concrete embedder sets ``tokenizer`` (TextTokenizer) and ``host`` (ModelHost)
         max_length = self.host.clamp_length(max_length, default)
         return self.tokenizer.encode(texts, max_length)
+
+    def prompted(self, texts: list[str], input_type: str | None) -> list[str]:
+        """``texts`` as :meth:`tokenize` reads them for ``input_type``: with the query or passage
+        instruction, or as they are for ``None``."""
+        if input_type == "query":
+            return with_instruction(texts, self.query_instruction_for_retrieval, self.query_instruction_format)
+        if input_type == "passage":
+            return with_instruction(texts, self.passage_instruction_for_retrieval, self.passage_instruction_format)
+        if input_type is None:
+            return texts
+        raise InputError(f"input_type must be 'query', 'passage' or None, got {input_type!r}")
+
+    def text_budget(self, input_type: str | None, max_length: int) -> int:
+        """How many tokens of a :meth:`prompted` text (no special tokens) :meth:`tokenize` keeps
+        within ``max_length``: the rest is the tokens the model adds around it. For messages that
+        state a limit in tokens of the text a client sent."""
+        return max_length - self.tokenizer.n_special_single
 
     def _embed(
         self, texts: list[str], batch_size: int, max_length: int, show_progress_bar: bool | None

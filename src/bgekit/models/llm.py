@@ -139,6 +139,12 @@ def icl_examples_prefix(
     return "\n\n".join(blocks) + "\n\n"
 
 
+def icl_query_budget(tokenizer: TextTokenizer, max_length: int, suffix: str = ICL_SUFFIX) -> int:
+    """Tokens of an instructed ICL query kept within ``max_length``: the rest is ``<s>`` and ``suffix + "</s>"``."""
+    (bos_ids, tail_ids), _ = tokenizer.plain_ids(["<s>", suffix + "</s>"])
+    return max_length - len(bos_ids) - len(tail_ids)
+
+
 def icl_query_tokens(
     tokenizer: TextTokenizer, queries: list[str], prefixes: Sequence[str], max_length: int, suffix: str = ICL_SUFFIX
 ) -> Tokenized:
@@ -156,8 +162,7 @@ def icl_query_tokens(
     """
     if len(prefixes) != len(queries):
         raise InputError(f"got {len(prefixes)} example prefixes for {len(queries)} queries")
-    (bos_ids, tail_ids), _ = tokenizer.plain_ids(["<s>", suffix + "</s>"])
-    budget = max_length - len(bos_ids) - len(tail_ids)
+    budget = icl_query_budget(tokenizer, max_length, suffix)
     if budget < 1:
         raise InputError(f"max_length={max_length} leaves no room for the query after the ICL special tokens")
     ids, truncated = tokenizer.plain_ids(queries, budget)
@@ -263,10 +268,22 @@ class FlagICLModel(FlagLLMModel):
 
     def tokenize_queries(self, queries: list[str], max_length: int, prefix: str | None = None) -> Tokenized:
         """Token ids of the query prompts (see :func:`icl_query_tokens`), special tokens included."""
-        if self.query_instruction_for_retrieval is not None:
-            queries = [self.query_instruction_format.format(self.query_instruction_for_retrieval, q) for q in queries]
         prefix = self.prefix if prefix is None else prefix
+        queries = self.prompted(queries, "query")
         return icl_query_tokens(self.tokenizer, queries, [prefix] * len(queries), max_length, self.suffix)
+
+    def prompted(self, texts: list[str], input_type: str | None) -> list[str]:
+        """As :meth:`Embedder.prompted`; a query's instruction goes in as written (the examples prefix
+        and the suffix are not part of it)."""
+        if input_type != "query" or self.query_instruction_for_retrieval is None:
+            return super().prompted(texts, input_type)
+        return [self.query_instruction_format.format(self.query_instruction_for_retrieval, q) for q in texts]
+
+    def text_budget(self, input_type: str | None, max_length: int) -> int:
+        """As :meth:`Embedder.text_budget`; a query keeps what ``<s>`` and the suffix leave."""
+        if input_type != "query":
+            return super().text_budget(input_type, max_length)
+        return icl_query_budget(self.tokenizer, max_length, self.suffix)
 
     def tokenize(self, texts: str | list[str], input_type: str | None = None, max_length: int | None = None):
         """As :meth:`Embedder.tokenize`; queries get the in-context examples, as :meth:`encode_queries`."""

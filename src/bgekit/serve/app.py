@@ -104,20 +104,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _GuardMiddleware:
-    """Pure ASGI middleware: checks the API key and the body's size before anything reads the body
-    (a huge JSON body is parsed on the event loop, stalling every other request), and records every
-    request's latency and status for Prometheus."""
+class _MetricsMiddleware:
+    """Pure ASGI middleware, outermost: records every request's route, status and latency for
+    Prometheus, a CORS preflight and a refused API key included."""
 
-    def __init__(self, app, api_key: str | None, metrics: ServeMetrics, max_body: int = ServeConfig.max_request_bytes):
-        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
-        self._expected = api_key.encode() if api_key else None
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        route = path.removeprefix("/v1") or "/"
+        route = scope["path"].removeprefix("/v1") or "/"
         route = "/models" if route.startswith("/models/") else route if route in ROUTES else "other"
         started = time.perf_counter()
         status = 500
@@ -129,23 +126,35 @@ class _GuardMiddleware:
             await send(message)
 
         try:
-            if self._expected is not None and path not in OPEN_PATHS and not self._authorized(scope):
-                response = ApiError(
-                    401,
-                    "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with the key the "
-                    "server was started with (--api-key / BGEKIT_API_KEY)",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                ).response()
-                await response(scope, receive, send_with_status)
-                return None
-            declared = dict(scope.get("headers", ())).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_body:
-                await self._too_large().response()(scope, receive, send_with_status)
-                return None
-            await self.app(scope, self._counting(receive), send_with_status)
+            await self.app(scope, receive, send_with_status)
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+
+class _GuardMiddleware:
+    """Pure ASGI middleware: checks the API key and the body's size before anything reads the body
+    (a huge JSON body is parsed on the event loop, stalling every other request)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int = ServeConfig.max_request_bytes):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+        self._expected = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self._expected is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+            response = ApiError(
+                401,
+                "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with the key the "
+                "server was started with (--api-key / BGEKIT_API_KEY)",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ).response()
+            return await response(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await self._too_large().response()(scope, receive, send)
+        return await self.app(scope, self._counting(receive), send)
 
     def _too_large(self) -> ApiError:
         return ApiError(
@@ -247,8 +256,10 @@ def create_app(
     )
     app.state.begin_shutdown = begin_shutdown
     app.state.engines, app.state.batchers, app.state.metrics, app.state.config = engines, batchers, metrics, config
-    app.add_middleware(_GuardMiddleware, api_key=config.api_key, metrics=metrics, max_body=config.max_request_bytes)
-    if config.cors_origins:  # added last, so outermost: a browser's preflight (no API key) is answered first
+    # the middleware added last is outermost: metrics see every request, then CORS answers a browser's
+    # preflight (no API key) before the key check
+    app.add_middleware(_GuardMiddleware, api_key=config.api_key, max_body=config.max_request_bytes)
+    if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(config.cors_origins),
@@ -256,6 +267,7 @@ def create_app(
             allow_headers=["*"],  # Authorization and Content-Type above all
             expose_headers=["Retry-After"],  # 429 / 503: when to retry
         )
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
 

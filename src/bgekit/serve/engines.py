@@ -318,31 +318,49 @@ class RerankEngine:
             return query, length, length + tail - head
         return query, length, length - self.model.tokenizer.n_special_pair
 
+    def _side_lengths(self, query: str, documents: list[str]) -> tuple[int, list[int]]:
+        """Tokens of the query and of each document as the model reads them, its rerank instructions
+        included, special tokens not (the units of :meth:`pair_limits`)."""
+        if self._pairs:
+            pairs = self.model.detailed_pairs([(query, d) for d in documents])
+            tokenizer, query, documents = self.model.tokenizer, pairs[0][0], [d for _, d in pairs]
+        else:
+            embedder = self.model.embedder
+            tokenizer, (query,), documents = (
+                embedder.tokenizer,
+                embedder.prompted([query], "query"),
+                embedder.prompted(documents, "passage"),
+            )
+        (query_ids,), _ = tokenizer.plain_ids([query])
+        document_ids, _ = tokenizer.plain_ids(documents)
+        return len(query_ids), [len(ids) for ids in document_ids]
+
     def _too_long(self, query: str, documents: list[str], cut: int) -> str:
         """The 413 message: which pair first breaks which limit, in numbers a client can act on."""
-        if not self._pairs:
-            return (
-                f"{cut} of {len(documents)} (query, document) pairs are longer than this model's limit of "
-                f"{self.max_length()} tokens a document (the query at most {self.query_max_length()})"
-            )
-        max_query, max_document, together = self.pair_limits()
-        pairs = self.model.detailed_pairs([(query, d) for d in documents])
-        (query_ids,), _ = self.model.tokenizer.plain_ids([pairs[0][0]])
-        document_ids, _ = self.model.tokenizer.plain_ids([d for _, d in pairs])
-        q = len(query_ids)
+        if self._pairs:
+            max_query, max_document, together = self.pair_limits()
+        else:  # an embedder reads the query and each document on its own: no limit on both together
+            embedder = self.model.embedder
+            max_query = embedder.text_budget("query", self.query_max_length())
+            max_document, together = embedder.text_budget("passage", self.max_length()), None
+        q, lengths = self._side_lengths(query, documents)
 
         def too_long(d: int) -> bool:
-            return q > max_query or d > max_document or min(q, max_query) + min(d, max_document) > together
+            if q > max_query or d > max_document:
+                return True
+            return together is not None and min(q, max_query) + min(d, max_document) > together
 
-        first = next((i for i, ids in enumerate(document_ids) if too_long(len(ids))), None)
-        found = ":" if first is None else f": documents[{first}] has {len(document_ids[first])} tokens, the query {q};"
+        first = next((i for i, d in enumerate(lengths) if too_long(d)), None)
+        found = ":" if first is None else f": documents[{first}] has {lengths[first]} tokens, the query {q};"
         limits = [f"a query of at most {max_query} tokens"]
-        if max_document < together:
+        if together is None or max_document < together:
             limits.append(f"a document of at most {max_document}")
-        limits.append(f"both together at most {together}")
+        if together is not None:
+            limits.append(f"both together at most {together}")
+        each = "" if together is not None else ", each on its own"
         return (
             f"{cut} of {len(documents)} (query, document) pairs are too long for this model{found} it reads "
-            f"{', '.join(limits[:-1])} and {limits[-1]} (tokens of the texts sent, the model's rerank "
+            f"{', '.join(limits[:-1])} and {limits[-1]}{each} (tokens of the texts sent, the model's rerank "
             "instructions included; the server's --max-length sets them)"
         )
 
