@@ -268,3 +268,42 @@ def test_icl_and_m3_training_refuse_the_mode_before_loading(tmp_path, tiny_bert)
     m3.same_dataset_within_batch = True
     with pytest.raises(InputError, match="same_dataset_within_batch not supported for M3"):
         finetune_m3(m3)
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_bert):
+    """Resuming mid-way through the second epoch gives the weights of the run that never stopped: the
+    plan depends on the seed and the epoch alone, and the Trainer skips the batches already trained."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+
+    paths = [str(write(tmp_path / "data" / f"{n}.jsonl", n, 12)) for n in ("alpha", "beta_no_in_batch_neg")]
+
+    def train(out, resume=None):
+        options = EmbedderOptions(
+            output_dir=str(out),
+            model_name_or_path=str(tiny_bert),
+            train_data=paths,
+            num_train_epochs=2,
+            per_device_train_batch_size=4,
+            train_group_size=3,
+            learning_rate=1e-3,
+            passage_max_len=32,
+            save_steps=4,
+            save_total_limit=None,
+            resume_from_checkpoint=resume,
+            same_dataset_within_batch=True,
+        )
+        finetune_embedder(options)
+        return load_file(str(out / "model.safetensors"))
+
+    whole = train(tmp_path / "whole")  # 2 files x 12 records, 4 a batch: steps 1-6 epoch 1, 7-12 epoch 2
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-8", resumed_dir / "checkpoint-8")
+    resumed = train(resumed_dir, "auto")
+    start = load_file(str(tmp_path / "whole" / "checkpoint-8" / "model.safetensors"))
+    assert any(not torch.equal(start[k], whole[k]) for k in whole), "the last steps changed the weights"
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key
