@@ -307,3 +307,32 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_b
     assert any(not torch.equal(start[k], whole[k]) for k in whole), "the last steps changed the weights"
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
+
+
+def test_teacher_scores_follow_the_batch_group_size(tmp_path, tiny_bert):
+    """An ``only_1neg`` file with teacher scores trains 1 positive + 1 negative per query whatever
+    ``train_group_size``: the batch's teacher scores are ``(queries, 2)`` and both distillation losses
+    take them (``kl_div`` adds KL over each query's own pair to the in-batch InfoNCE)."""
+    from bgekit.train import losses
+    from bgekit.train.embedder import EmbedderCollator, EmbedderOptions
+    from bgekit.train.same_dataset import SameSetCollator
+
+    path = write(tmp_path / "pairs.jsonl", "pairs", 4, type="only_1neg", pos_scores=[3.0], neg_scores=[1.0, 0.5, 0.0])
+    for kd in ("kl_div", "m3_kd_loss"):
+        options = EmbedderOptions(output_dir=str(tmp_path / kd), train_group_size=4, kd_loss_type=kd)
+        trainer = trainer_for(tiny_bert, options)
+        trainer.model.eval()
+        batch = SameSetCollator(EmbedderCollator(trainer.text_tokenizer, options))([plan_of([path], group_size=4)[0]])
+        teacher = batch["teacher_scores"]
+        assert teacher.shape == (4, 2) and batch["passage"]["input_ids"].shape[0] == 8
+        assert teacher[:, 0].eq(3.0).all() and torch.isin(teacher[:, 1], torch.tensor([1.0, 0.5, 0.0])).all()
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, batch)
+            q, p = trainer.embed(trainer.model, batch["query"]), trainer.embed(trainer.model, batch["passage"])
+        want = losses.embedding_loss(q, p, 2, options.temperature, teacher, kd)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+        if kd == "kl_div":
+            scores = q @ p.T / options.temperature
+            own = torch.stack([scores[i, 2 * i : 2 * i + 2] for i in range(4)])
+            kl = F.kl_div(F.log_softmax(own, -1), F.softmax(teacher, -1), reduction="batchmean")
+            assert loss.item() == pytest.approx((F.cross_entropy(scores, torch.arange(4) * 2) + kl).item(), rel=1e-5)
