@@ -313,6 +313,43 @@ def test_a_pretrain_output_merges_with_its_plain_encoder(tmp_path, tiny_bert):
     ), "pre-training changed the encoder"
 
 
+def test_pretrain_outputs_merged_together_average_their_decoders(tmp_path, tiny_bert):
+    """Two ``bgekit pretrain`` outputs merge into a pretrain output whose RetroMAE decoder is the weighted
+    average of theirs (it was the first one's, copied), and pre-training goes on from it."""
+    from safetensors.torch import load_file
+
+    from bgekit.train.pretrain import DECODER_FILE, PretrainOptions, pretrain
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"wing {i} lift at speed {i * 7}"}) + "\n" for i in range(8)))
+
+    def pretrained(name: str, seed: int, start=tiny_bert, steps: int = 2):
+        options = PretrainOptions(
+            output_dir=str(tmp_path / name),
+            model_name_or_path=str(start),
+            train_data=[str(corpus)],
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            max_seq_length=32,
+            learning_rate=1e-2,
+            seed=seed,
+        )
+        return pretrain(options)
+
+    a, b = pretrained("a", 1), pretrained("b", 2)
+    out = merge_models([str(a), str(b)], [0.25, 0.75], output_dir=tmp_path / "merged").output_dir
+    first, second, merged = (load_file(str(f / DECODER_FILE)) for f in (a, b, out))
+    assert merged.keys() == first.keys()
+    assert any(first[k].ne(second[k]).any() for k in first), "the two runs trained different decoders"
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.25 * first[key].float() + 0.75 * second[key].float(), rtol=0, atol=1e-7)
+    encoder = read_state_dict(out)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    expected = 0.25 * read_state_dict(a)[key].float() + 0.75 * read_state_dict(b)[key].float()
+    torch.testing.assert_close(encoder[key], expected, rtol=0, atol=1e-7)
+    assert (pretrained("c", 3, start=out, steps=1) / DECODER_FILE).exists(), "pre-training goes on from it"
+
+
 def test_example_loss_of_an_icl_embedder_sees_its_few_shot_examples(tmp_path, golden_dir, examples):
     """An ICL embedder's example loss embeds the queries as FlagICLModel does, behind the model's few-shot
     examples (``--examples``) and ending with the ICL suffix; they were scored as plain instructed queries."""

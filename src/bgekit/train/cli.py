@@ -175,6 +175,19 @@ def finetune_embedder_cmd(
     ] = True,
     icl_suffix_str: Annotated[str, typer.Option(help="ICL: what ends each query (FlagICLModel's).")] = "\\n<response>",
     max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
+    same_dataset_within_batch: Annotated[
+        bool,
+        typer.Option(
+            help="Every batch from one training file (its own batch size; no in-batch negatives for "
+            "*no_in_batch_neg files), as FlagEmbedding's option."
+        ),
+    ] = False,
+    small_threshold: Annotated[
+        int, typer.Option(min=0, help="With --same-dataset-within-batch: a folder's files under N records merge.")
+    ] = 0,
+    drop_threshold: Annotated[
+        int, typer.Option(min=0, help="With --same-dataset-within-batch: ... unless they hold under N records in all.")
+    ] = 0,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
 
@@ -221,6 +234,9 @@ def finetune_embedder_cmd(
         retrieval_use_examples=retrieval_use_examples,
         icl_suffix_str=icl_suffix_str.replace("\\n", "\n"),
         max_examples=max_examples,
+        same_dataset_within_batch=same_dataset_within_batch,
+        small_threshold=small_threshold,
+        drop_threshold=drop_threshold,
         **_lora(
             use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
         ),

@@ -161,33 +161,48 @@ def _records_of(path: Path) -> Iterator[tuple[int, dict]]:
     return read_jsonl(path)
 
 
+def training_files(paths: str | Path | Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
+    """Each training file with the folder it was found in (None for a file named itself): a folder
+    gives its ``.jsonl`` / ``.json`` / ``.jsonl.gz`` files, sorted."""
+    files: list[tuple[Path, Path | None]] = []
+    for item in [paths] if isinstance(paths, (str, Path)) else paths:
+        item = Path(item)
+        if item.is_dir():
+            files += [
+                (p, item)
+                for p in sorted(item.iterdir())
+                if p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.gz")
+            ]
+        else:
+            files.append((item, None))
+    if not files:
+        raise InputError(f"no training files found in {paths}")
+    return files
+
+
 def load_train_data(paths: str | Path | Sequence[str | Path], *, read_scores: bool = True) -> list[TrainRecord]:
     """Read and validate every record of one or more JSONL files (or folders of them); a ``.json``
     file may also hold one JSON array of records, as FlagEmbedding reads it. Training needs teacher
     scores on every record or none; ``bgekit score`` and ``mine``, which replace or drop them, pass
     ``read_scores=False``: old scores are neither read nor checked (stale ones, of negatives since
     edited, are why a file is scored again), and stay in the record's ``raw`` object."""
-    files: list[Path] = []
-    for item in [paths] if isinstance(paths, (str, Path)) else paths:
-        item = Path(item)
-        if item.is_dir():
-            files += sorted(
-                p for p in item.iterdir() if p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.gz")
-            )
-        else:
-            files.append(item)
-    if not files:
-        raise InputError(f"no training files found in {paths}")
-    records: list[TrainRecord] = []
-    for path in files:
-        before = len(records)
-        records += [_parse(obj, path, line, read_scores) for line, obj in _records_of(path)]
-        if len(records) == before:
+    return [r for _, _, file_records in load_train_files(paths, read_scores=read_scores) for r in file_records]
+
+
+def load_train_files(
+    paths: str | Path | Sequence[str | Path], *, read_scores: bool = True
+) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
+    """:func:`load_train_data` file by file: ``(file, folder it was found in or None, its records)``."""
+    loaded = []
+    for path, folder in training_files(paths):
+        records = [_parse(obj, path, line, read_scores) for line, obj in _records_of(path)]
+        if not records:
             raise InputError(f"training file {path} holds no records")
-    scored = {r.pos_scores is not None for r in records}
+        loaded.append((path, folder, records))
+    scored = {r.pos_scores is not None for _, _, records in loaded for r in records}
     if read_scores and len(scored) > 1:
         raise InputError("some records have teacher scores and some do not; score every record or none")
-    return records
+    return loaded
 
 
 def _parse(obj: dict, path: Path, line: int, read_scores: bool) -> TrainRecord:
@@ -248,12 +263,13 @@ class GroupSampler:
     def __len__(self) -> int:
         return len(self.records)
 
-    def group(self, index: int, epoch: int = 0) -> Group:
+    def group(self, index: int, epoch: int = 0, group_size: int | None = None) -> Group:
+        """Record ``index``'s group for ``epoch``: its ``group_size`` passages (default: the sampler's)."""
         record = self.records[index]
         rng = random.Random(hash((self.seed, epoch, index)))
         p = rng.randrange(len(record.pos))
         passages, scores = [record.pos[p]], [record.pos_scores[p]] if record.pos_scores else None
-        wanted = self.group_size - 1
+        wanted = (self.group_size if group_size is None else group_size) - 1
         if wanted:
             if record.neg:
                 # too few: drawn from the list repeated, as FlagEmbedding, so each negative is used evenly

@@ -22,7 +22,8 @@ from ..models.embedder import unescape_format
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
-from .data import SYMMETRIC_TYPES, Group, GroupSampler, load_train_data, with_teacher_scores
+from .data import SYMMETRIC_TYPES, Group, GroupSampler, load_train_files, with_teacher_scores
+from .same_dataset import SameSetCollator, SameSetDataset, training_sets
 from .trainer import (
     BgekitTrainer,
     EpochCallback,
@@ -63,6 +64,10 @@ class EmbedderOptions(TrainOptions, lora.LoraOptions):
     resume_from_checkpoint: str | None = None
     sub_batch_size: int | None = None  # gradient cache: embed this many sequences at a time
     model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-icl)
+    #: every batch from one training file, with per-file batch size and negatives (bgekit.train.same_dataset)
+    same_dataset_within_batch: bool = False
+    small_threshold: int = 0  # that mode: a folder's files under this many records batch together
+    drop_threshold: int = 0  # that mode: ... unless they hold fewer than this many in all
 
 
 class EmbedderCollator:
@@ -127,24 +132,37 @@ class EmbedderTrainer(BgekitTrainer):
         vectors = pool(hidden, inputs["attention_mask"], self.pooling_method)
         return F.normalize(vectors, dim=-1) if self.options.normalize_embeddings else vectors
 
+    def _get_train_sampler(self, train_dataset=None):
+        """A same-dataset plan is read in order: its items are whole batches, already shuffled."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, SameSetDataset):
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(inputs["query"], inputs["passage"])
         q = self.embed(model, inputs["query"])
         p = self.embed(model, inputs["passage"])
-        loss = self.loss_from_vectors(q, p, inputs.get("teacher_scores"))
+        loss = self.loss_from_vectors(q, p, inputs.get("teacher_scores"), inputs)
         return (loss, {"q": q, "p": p}) if return_outputs else loss
 
-    def loss_from_vectors(self, q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
-        """Contrastive loss (+ distillation when the batch has teacher scores) of query and passage vectors."""
+    def loss_from_vectors(
+        self, q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor | None, inputs: dict | None = None
+    ) -> torch.Tensor:
+        """Contrastive loss (+ distillation when the batch has teacher scores) of query and passage vectors.
+        A same-dataset batch (``inputs``) brings its own group size, and ``in_batch=False`` for a
+        ``no_in_batch_neg`` file: then each query meets its own passages only, on no other device either."""
         opts = self.options
+        inputs = inputs or {}
+        in_batch = opts.use_inbatch_neg and inputs.get("in_batch", True)
         return losses.embedding_loss(
             q,
             p,
-            opts.train_group_size,
+            inputs.get("group_size", opts.train_group_size),
             opts.temperature,
             teacher,
             opts.kd_loss_type,
-            in_batch=opts.use_inbatch_neg,
+            in_batch=in_batch,
             cross_device=opts.negatives_cross_device,
             matryoshka_dims=opts.matryoshka_dims,
         )
@@ -169,7 +187,7 @@ class EmbedderTrainer(BgekitTrainer):
         p, p_states = grad_cache.embed_without_graph(embed, passage_chunks)
         q, p = q.detach().requires_grad_(), p.detach().requires_grad_()
         with self.compute_loss_context_manager():
-            loss = self.loss_from_vectors(q, p, inputs.get("teacher_scores"))
+            loss = self.loss_from_vectors(q, p, inputs.get("teacher_scores"), inputs)
         loss = loss / self.current_gradient_accumulation_steps
         with self.accelerator.no_sync(model):  # the loss touches no weight: nothing to all-reduce yet
             self.accelerator.backward(loss)
@@ -238,7 +256,8 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
 
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
-    records = load_train_data(options.train_data)  # validated before any model loads
+    files = load_train_files(options.train_data)  # validated before any model loads
+    records = [r for _, _, file_records in files for r in file_records]
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
     options.query_instruction_format = unescape_format(
@@ -273,6 +292,21 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     decoder = spec is not None and spec.kind == registry.DECODER
     if decoder:
         decoder_prompts(options, spec, pooling_method)
+    args = options.training_arguments()
+    sampler = GroupSampler(records, options.train_group_size, options.seed)
+    if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
+        sets = training_sets(
+            files,
+            options.per_device_train_batch_size,
+            small_threshold=options.small_threshold,
+            drop_threshold=options.drop_threshold,
+        )
+        if args.n_gpu > 1:  # DataParallel would stack several items (batches of several files) into one
+            raise InputError("same_dataset_within_batch runs one process per device: start it with torchrun")
+        dataset = SameSetDataset(sampler, sets, options.seed, processes=args.world_size)
+        args.per_device_train_batch_size = 1
+    else:
+        dataset = GroupDataset(sampler)
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(folder)
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
@@ -287,7 +321,9 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
         model.config.use_cache = False  # no key/value cache while training
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
-    dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
+    collator = EmbedderCollator(tokenizer, options)
+    if options.same_dataset_within_batch:
+        collator = SameSetCollator(collator)
     throughput = ThroughputCallback()
     output = Path(options.output_dir)
 
@@ -300,9 +336,9 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
 
     trainer = EmbedderTrainer(
         model=model,
-        args=options.training_arguments(),
+        args=args,
         train_dataset=dataset,
-        data_collator=EmbedderCollator(tokenizer, options),
+        data_collator=collator,
         processing_class=hf_tokenizer,
         callbacks=[EpochCallback(dataset), throughput, SaveModuleFiles()],
         text_tokenizer=tokenizer,

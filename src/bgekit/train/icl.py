@@ -316,6 +316,8 @@ def finetune_icl(
     from transformers import AutoModel, TrainerCallback
 
     options = as_icl_options(options)
+    if getattr(options, "same_dataset_within_batch", False):
+        raise InputError("same_dataset_within_batch is not supported for ICL embedders (bge-en-icl) yet; leave it off")
     if records is None:
         records = load_train_data(options.train_data)
     if name is None:

@@ -314,7 +314,7 @@ def finetune_m3(options: M3Options) -> Path:
     if options.sentence_pooling_method not in (None, "cls"):
         raise InputError("BGE-M3's dense vector is the CLS state; sentence_pooling_method must be 'cls'")
     # embedder options this trainer does not implement (getattr: not every version has them)
-    names = ("matryoshka_dims", "sub_batch_size", "use_lora", "model_class")
+    names = ("matryoshka_dims", "sub_batch_size", "use_lora", "model_class", "same_dataset_within_batch")
     unsupported = [name for name in names if getattr(options, name, None)]
     if unsupported:
         raise InputError(f"{', '.join(unsupported)} not supported for M3 fine-tuning; leave them unset")

@@ -7,7 +7,8 @@ transformers model merges without being instantiated. Everything else in the fol
 tokenizer, sentence-transformers modules) is copied from the first model. A ``bgekit pretrain``
 (RetroMAE) output merges with plain encoders of its architecture: its encoder weights are renamed to
 theirs (``bert.encoder...`` to ``encoder...``), its MLM head and decoder dropped, and the merge takes the
-first plain encoder's layout, as LM-Cocktail (which loads each with ``AutoModel``) merges them. The average is computed
+first plain encoder's layout, as LM-Cocktail (which loads each with ``AutoModel``) merges them. Pretrain
+outputs merged only with each other stay one: their RetroMAE decoders are averaged too. The average is computed
 and saved in float32 whatever dtypes the models were saved in, as LM-Cocktail's ``mix_models``
 (every model loaded in float32, the mix saved so); ``config.json`` then says float32.
 """
@@ -27,6 +28,7 @@ import torch
 from .. import hub, io, registry
 from ..errors import InputError, ModelNotFoundError
 from .data import GroupSampler, load_train_data
+from .pretrain import DECODER_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +121,6 @@ _OPTIONAL = ("pooler.",)
 
 def is_pretrain_output(folder: Path) -> bool:
     """A ``bgekit pretrain`` (RetroMAE) folder: a masked-LM encoder plus the RetroMAE decoder file."""
-    from .pretrain import DECODER_FILE
-
     return (folder / DECODER_FILE).exists()
 
 
@@ -182,7 +182,8 @@ def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
 def copy_extras(source: Path, target: Path) -> None:
     """Config, tokenizer and module files of ``source`` (not its weights or training leftovers)."""
     for item in source.iterdir():
-        if item.name.startswith(_SKIP) or item.name in HEAD_FILES or item.name.startswith("checkpoint-"):
+        averaged = item.name in HEAD_FILES or item.name == DECODER_FILE  # written from every model's, not copied
+        if item.name.startswith(_SKIP) or averaged or item.name.startswith("checkpoint-"):
             continue
         if item.is_dir():
             shutil.copytree(item, target / item.name, dirs_exist_ok=True)
@@ -399,6 +400,12 @@ def merge_models(
         if all(present):
             heads[name] = [torch.load(f / name, map_location="cpu", weights_only=True) for f in folders]
             check_same_architecture(folders, heads[name])
+    decoders = None
+    if pretrained and not mapped:  # pretrain outputs only: the merge is one too, its decoder their average
+        from safetensors.torch import load_file
+
+        decoders = [load_file(str(f / DECODER_FILE)) for f in folders]
+        check_same_architecture(folders, decoders)
     model_losses = None
     if example_data is not None:
         if max_examples < 1 or group_size < 1:
@@ -435,6 +442,8 @@ def merge_models(
     save_file(merged, str(output / "model.safetensors"), metadata={"format": "pt"})
     for name, head_states in heads.items():
         torch.save(average_states(head_states, weights), output / name)
+    if decoders is not None:
+        save_file(average_states(decoders, weights), str(output / DECODER_FILE), metadata={"format": "pt"})
     record = {"models": [str(m) for m in models], "weights": weights, "losses": model_losses}
     (output / WEIGHTS_JSON).write_text(json.dumps({**record, "temperature": temperature}, indent=2))
     return MergeResult(output, weights, model_losses)
