@@ -57,6 +57,19 @@ def finetuned(tmp_path_factory, minilm_dir, examples):
     return folders
 
 
+def test_a_lora_runs_adapter_folder_is_not_copied_into_the_merge(tmp_path, finetuned):
+    """A LoRA run's OUT holds OUT/adapter; merging copied the first model's into the merged folder, where
+    ``Embedder.from_pretrained(MERGED/adapter)`` loaded that one model, not the merge."""
+    a, b = finetuned
+    first = tmp_path / "a"
+    shutil.copytree(a, first)
+    (first / "adapter").mkdir()
+    (first / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(a)}))
+    merged = merge_models([str(first), str(b)], [0.5, 0.5], output_dir=tmp_path / "merged").output_dir
+    assert not (merged / "adapter").exists()
+    assert (merged / "modules.json").exists() and (merged / "tokenizer.json").exists()
+
+
 def test_weights_one_zero_give_the_first_model_back(tmp_path, finetuned):
     a, b = finetuned
     out = tmp_path / "merged"

@@ -28,6 +28,7 @@ import torch
 from .. import hub, io, registry
 from ..errors import InputError, ModelNotFoundError
 from .data import GroupSampler, load_train_data
+from .lora import ADAPTER_DIR
 from .pretrain import DECODER_FILE
 
 logger = logging.getLogger(__name__)
@@ -180,10 +181,12 @@ def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
 
 
 def copy_extras(source: Path, target: Path) -> None:
-    """Config, tokenizer and module files of ``source`` (not its weights or training leftovers)."""
+    """Config, tokenizer and module files of ``source`` (not its weights or training leftovers; not its LoRA
+    ``adapter/`` either, which would load as that one model, not as the merge)."""
     for item in source.iterdir():
         averaged = item.name in HEAD_FILES or item.name == DECODER_FILE  # written from every model's, not copied
-        if item.name.startswith(_SKIP) or averaged or item.name.startswith("checkpoint-"):
+        leftover = item.name.startswith("checkpoint-") or (item.is_dir() and item.name == ADAPTER_DIR)
+        if item.name.startswith(_SKIP) or averaged or leftover:
             continue
         if item.is_dir():
             shutil.copytree(item, target / item.name, dirs_exist_ok=True)
