@@ -539,3 +539,34 @@ def test_symmetric_records_encode_their_passages_as_queries(tiny_bert):
     want = tokenizer.encode([t for g in groups for t in collator.passage_texts(g)], options.passage_max_len)
     mask = batch["passage"]["attention_mask"].bool()
     assert [batch["passage"]["input_ids"][i][mask[i]].tolist() for i in range(6)] == want.ids
+
+
+def test_fix_position_embedding_keeps_the_position_table(tmp_path, tiny_bert, train_file):
+    """--fix-position-embedding (FlagEmbedding's option) freezes the position embeddings; the rest trains."""
+    from transformers import AutoModel
+
+    out = tmp_path / "fixed-positions"
+    run(
+        "finetune",
+        "embedder",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(train_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--fix-position-embedding",
+    )
+    # loaded, not read from the files: transformers 5.0 saves LayerNorm weights as gamma / beta
+    start = AutoModel.from_pretrained(str(tiny_bert)).state_dict()
+    end = AutoModel.from_pretrained(str(out)).state_dict()
+    positions = [k for k in start if "position_embeddings" in k]
+    assert positions, "the tiny BERT has a position table"
+    assert all(torch.equal(start[k], end[k]) for k in positions), "the position table must not move"
+    assert not torch.equal(start["embeddings.word_embeddings.weight"], end["embeddings.word_embeddings.weight"])

@@ -89,6 +89,13 @@ TargetModules = Annotated[
 SpecialTokens = Annotated[
     list[str] | None, typer.Option(help="Add this special token to the tokenizer (repeat the option for more).")
 ]
+FixPositionEmbedding = Annotated[
+    bool,
+    typer.Option(
+        "--fix-position-embedding",
+        help="Freeze the position embeddings (parameters named position_embeddings), as FlagEmbedding's option.",
+    ),
+]
 SaveMerged = Annotated[
     bool,
     typer.Option("--save-merged-model/--no-save-merged-model", help="With --lora, also save the merged model in OUT."),
@@ -175,6 +182,7 @@ def finetune_embedder_cmd(
     ] = True,
     icl_suffix_str: Annotated[str, typer.Option(help="ICL: what ends each query (FlagICLModel's).")] = "\\n<response>",
     max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
+    fix_position_embedding: FixPositionEmbedding = False,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
 
@@ -221,6 +229,7 @@ def finetune_embedder_cmd(
         retrieval_use_examples=retrieval_use_examples,
         icl_suffix_str=icl_suffix_str.replace("\\n", "\n"),
         max_examples=max_examples,
+        fix_position_embedding=fix_position_embedding,
         **_lora(
             use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
         ),
@@ -526,6 +535,7 @@ def finetune_m3_cmd(
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
     overwrite_output_dir: Overwrite = False,
+    fix_position_embedding: FixPositionEmbedding = False,
 ) -> None:
     """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
     from .m3 import M3Options, finetune_m3
@@ -567,6 +577,7 @@ def finetune_m3_cmd(
         kd_loss_type=kd_loss_type,
         resume_from_checkpoint=resume_from_checkpoint,
         overwrite_output_dir=overwrite_output_dir,
+        fix_position_embedding=fix_position_embedding,
     )
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 

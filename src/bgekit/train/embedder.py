@@ -30,6 +30,7 @@ from .trainer import (
     ThroughputCallback,
     TrainOptions,
     fit_lengths,
+    freeze_position_embeddings,
     resolve_resume,
     training_tokenizer,
 )
@@ -63,6 +64,7 @@ class EmbedderOptions(TrainOptions, lora.LoraOptions):
     resume_from_checkpoint: str | None = None
     sub_batch_size: int | None = None  # gradient cache: embed this many sequences at a time
     model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-icl)
+    fix_position_embedding: bool = False  # freeze the position embedding table (FlagEmbedding's option)
 
 
 class EmbedderCollator:
@@ -285,6 +287,8 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     use_cache = getattr(model.config, "use_cache", None)
     if decoder:
         model.config.use_cache = False  # no key/value cache while training
+    if options.fix_position_embedding:
+        freeze_position_embeddings(model)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))

@@ -47,7 +47,14 @@ from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import lora
 from .data import SYMMETRIC_TYPES, Group, GroupSampler, TrainRecord, load_train_data
 from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
-from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
+from .trainer import (
+    EpochCallback,
+    GroupDataset,
+    ThroughputCallback,
+    freeze_position_embeddings,
+    resolve_resume,
+    training_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +337,8 @@ def finetune_icl(
     resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False  # no cache in training
+    if options.fix_position_embedding:
+        freeze_position_embeddings(model)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
     dataset = ICLDataset(

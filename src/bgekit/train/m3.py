@@ -34,6 +34,7 @@ from .trainer import (
     OwnFolderLayout,
     ThroughputCallback,
     fit_lengths,
+    freeze_position_embeddings,
     resolve_resume,
     with_current_names,
 )
@@ -328,6 +329,8 @@ def finetune_m3(options: M3Options) -> Path:
     hf_tokenizer = load_hf_tokenizer(folder)
     tokenizer = TextTokenizer(hf_tokenizer)
     model = load_m3_for_training(folder, options, heads, hf_tokenizer)
+    if options.fix_position_embedding:
+        freeze_position_embeddings(model)
     fit_lengths(options, model.encoder.config, "query_max_len", "passage_max_len")
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
     throughput = ThroughputCallback()

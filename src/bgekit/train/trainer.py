@@ -116,6 +116,23 @@ def fit_lengths(options: Any, config: Any, *names: str) -> None:
             setattr(options, name, limit)
 
 
+def freeze_position_embeddings(model: torch.nn.Module) -> list[str]:
+    """``fix_position_embedding``: stop every parameter whose name holds ``position_embeddings`` from
+    training (FlagEmbedding's rule, for encoder embedders and BGE-M3): a long-context model's
+    position table then keeps the positions short training texts never reach. Returns the names
+    frozen; a model with none (rotary positions) is told in the log and trains as it would."""
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if "position_embeddings" in name:
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    if frozen:
+        logger.info("fix_position_embedding: frozen %s", ", ".join(frozen))
+    else:
+        logger.warning("fix_position_embedding: the model has no position_embeddings parameters; nothing frozen")
+    return frozen
+
+
 def training_tokenizer(hf_tokenizer) -> TextTokenizer:
     """The collators' tokenizer: the model's own ids, padded on the right whatever side inference
     pads. Under causal attention a left pad position has no key it may attend to. On an H200, a
