@@ -89,6 +89,16 @@ TargetModules = Annotated[
 SpecialTokens = Annotated[
     list[str] | None, typer.Option(help="Add this special token to the tokenizer (repeat the option for more).")
 ]
+FromPeft = Annotated[
+    str | None,
+    typer.Option(
+        help="Go on training this LoRA adapter (a folder, or a --lora run's OUT), with its own rank; implies --lora."
+    ),
+]
+ModulesToSave = Annotated[
+    str | None,
+    typer.Option(help="With --lora: comma-separated modules trained whole, saved in the adapter (e.g. embed_tokens)."),
+]
 FixPositionEmbedding = Annotated[
     bool,
     typer.Option(
@@ -110,9 +120,13 @@ def _lora(
     target_modules: str | None,
     additional_special_tokens: list[str] | None,
     save_merged_model: bool,
+    from_peft: str | None = None,
+    modules_to_save: str | None = None,
 ) -> dict:
     """The LoRA options (FlagEmbedding's names) as keyword arguments."""
     return {
+        "from_peft": from_peft,
+        "modules_to_save": [m.strip() for m in modules_to_save.split(",") if m.strip()] if modules_to_save else None,
         "use_lora": use_lora,
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
@@ -169,6 +183,8 @@ def finetune_embedder_cmd(
     target_modules: TargetModules = None,
     additional_special_tokens: SpecialTokens = None,
     save_merged_model: SaveMerged = True,
+    from_peft: FromPeft = None,
+    modules_to_save: ModulesToSave = None,
     model_class: Annotated[
         str | None, typer.Option(help="The model's family, e.g. decoder-only-icl (default: the registry's/folder's).")
     ] = None,
@@ -231,7 +247,15 @@ def finetune_embedder_cmd(
         max_examples=max_examples,
         fix_position_embedding=fix_position_embedding,
         **_lora(
-            use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
+            use_lora,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            additional_special_tokens,
+            save_merged_model,
+            from_peft,
+            modules_to_save,
         ),
     )
     typer.echo(f"saved {finetune_embedder(options)}", err=True)
@@ -275,6 +299,8 @@ def finetune_reranker_cmd(
     target_modules: TargetModules = None,
     additional_special_tokens: SpecialTokens = None,
     save_merged_model: SaveMerged = True,
+    from_peft: FromPeft = None,
+    modules_to_save: ModulesToSave = None,
     model_class: Annotated[
         str | None,
         typer.Option(help="The model's family, e.g. decoder-only-layerwise (default: the registry's or folder's)."),
@@ -323,7 +349,15 @@ def finetune_reranker_cmd(
         start_layer=start_layer,
         cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
         **_lora(
-            use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
+            use_lora,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            additional_special_tokens,
+            save_merged_model,
+            from_peft,
+            modules_to_save,
         ),
     )
     typer.echo(f"saved {finetune_reranker(options)}", err=True)

@@ -276,13 +276,15 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     if decoder:
         decoder_prompts(options, spec, pooling_method)
     folder = hub.model_folder(name)
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
     fit_lengths(options, model.config, "query_max_len", "passage_max_len")
     width = getattr(model.config, "hidden_size", None)
     if options.matryoshka_dims and width and max(options.matryoshka_dims) > width:
         raise InputError(f"matryoshka_dims {options.matryoshka_dims} go past the model's {width} dimensions")
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache = getattr(model.config, "use_cache", None)
     if decoder:

@@ -332,9 +332,11 @@ def finetune_icl(
     if options.query_instruction_for_retrieval is None and not any(r.prompt for r in records):
         logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
     folder = hub.model_folder(name)
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False  # no cache in training
     if options.fix_position_embedding:

@@ -113,10 +113,12 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     options.check_lora()
     if options.prompt is not None:
         raise InputError("prompt is the question an LLM reranker answers; a cross-encoder has none (leave it out)")
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
     fit_lengths(options, model.config, "query_max_len", "max_len")
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = TextTokenizer(hf_tokenizer)
     if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing, task_type="SEQ_CLS")
