@@ -99,6 +99,14 @@ ModulesToSave = Annotated[
     str | None,
     typer.Option(help="With --lora: comma-separated modules trained whole, saved in the adapter (e.g. embed_tokens)."),
 ]
+KnowledgeDistillation = Annotated[
+    bool | None,
+    typer.Option(
+        "--knowledge-distillation/--no-knowledge-distillation",
+        help="Distil from the records' pos_scores/neg_scores (they must be there) / ignore them. "
+        "Default: distil when they are there (FlagEmbedding's default ignores them).",
+    ),
+]
 FixPositionEmbedding = Annotated[
     bool,
     typer.Option(
@@ -199,6 +207,7 @@ def finetune_embedder_cmd(
     icl_suffix_str: Annotated[str, typer.Option(help="ICL: what ends each query (FlagICLModel's).")] = "\\n<response>",
     max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
     fix_position_embedding: FixPositionEmbedding = False,
+    knowledge_distillation: KnowledgeDistillation = None,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
 
@@ -246,6 +255,7 @@ def finetune_embedder_cmd(
         icl_suffix_str=icl_suffix_str.replace("\\n", "\n"),
         max_examples=max_examples,
         fix_position_embedding=fix_position_embedding,
+        knowledge_distillation=knowledge_distillation,
         **_lora(
             use_lora,
             lora_rank,
@@ -311,6 +321,7 @@ def finetune_reranker_cmd(
     cutoff_layers: Annotated[
         str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
     ] = None,
+    knowledge_distillation: KnowledgeDistillation = None,
 ) -> None:
     """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives; LoRA with --lora).
 
@@ -348,6 +359,7 @@ def finetune_reranker_cmd(
         model_class=model_class,
         start_layer=start_layer,
         cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
+        knowledge_distillation=knowledge_distillation,
         **_lora(
             use_lora,
             lora_rank,
@@ -570,6 +582,7 @@ def finetune_m3_cmd(
     resume_from_checkpoint: Resume = None,
     overwrite_output_dir: Overwrite = False,
     fix_position_embedding: FixPositionEmbedding = False,
+    knowledge_distillation: KnowledgeDistillation = None,
 ) -> None:
     """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
     from .m3 import M3Options, finetune_m3
@@ -612,6 +625,7 @@ def finetune_m3_cmd(
         resume_from_checkpoint=resume_from_checkpoint,
         overwrite_output_dir=overwrite_output_dir,
         fix_position_embedding=fix_position_embedding,
+        knowledge_distillation=knowledge_distillation,
     )
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 

@@ -29,6 +29,7 @@ from .trainer import (
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
+    distillation_records,
     fit_lengths,
     freeze_position_embeddings,
     resolve_resume,
@@ -65,6 +66,8 @@ class EmbedderOptions(TrainOptions, lora.LoraOptions):
     sub_batch_size: int | None = None  # gradient cache: embed this many sequences at a time
     model_class: str | None = None  # the model's family, overriding the registry (e.g. decoder-only-icl)
     fix_position_embedding: bool = False  # freeze the position embedding table (FlagEmbedding's option)
+    #: distil from the records' teacher scores: None when they carry them, False never, True (they must)
+    knowledge_distillation: bool | None = None
 
 
 class EmbedderCollator:
@@ -241,6 +244,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
     records = load_train_data(options.train_data)  # validated before any model loads
+    records = distillation_records(records, options.knowledge_distillation)
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
     options.query_instruction_format = unescape_format(

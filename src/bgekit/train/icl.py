@@ -51,6 +51,7 @@ from .trainer import (
     EpochCallback,
     GroupDataset,
     ThroughputCallback,
+    distillation_records,
     freeze_position_embeddings,
     resolve_resume,
     training_tokenizer,
@@ -324,7 +325,7 @@ def finetune_icl(
 
     options = as_icl_options(options)
     if records is None:
-        records = load_train_data(options.train_data)
+        records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
     if name is None:
         name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class or registry.ICL)
     options = check_icl_options(options, spec)

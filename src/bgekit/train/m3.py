@@ -33,6 +33,7 @@ from .trainer import (
     LossPartsLogging,
     OwnFolderLayout,
     ThroughputCallback,
+    distillation_records,
     fit_lengths,
     freeze_position_embeddings,
     resolve_resume,
@@ -306,6 +307,7 @@ def finetune_m3(options: M3Options) -> Path:
     """
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     records = load_train_data(options.train_data)  # validated before any model loads
+    records = distillation_records(records, options.knowledge_distillation)
     heads = resolve_heads(options)
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")

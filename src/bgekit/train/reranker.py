@@ -25,6 +25,7 @@ from .trainer import (
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
+    distillation_records,
     fit_lengths,
     resolve_resume,
 )
@@ -46,6 +47,8 @@ class RerankerOptions(TrainOptions, lora.LoraOptions):
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
     prompt: str | None = None
+    #: distil from the records' teacher scores: None when they carry them, False never, True (they must)
+    knowledge_distillation: bool | None = None
 
 
 class RerankerCollator:
@@ -99,7 +102,7 @@ def finetune_reranker(options: RerankerOptions) -> Path:
 
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
-    records = load_train_data(options.train_data)
+    records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
     folder = hub.model_folder(options.model_name_or_path)
     kind = options.model_class or hub.describe_folder(folder, registry.RERANKERS, for_reranker=True).kind
     if kind == registry.LAYERWISE_RERANKER:  # a score head per layer
