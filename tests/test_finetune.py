@@ -539,3 +539,89 @@ def test_symmetric_records_encode_their_passages_as_queries(tiny_bert):
     want = tokenizer.encode([t for g in groups for t in collator.passage_texts(g)], options.passage_max_len)
     mask = batch["passage"]["attention_mask"].bool()
     assert [batch["passage"]["input_ids"][i][mask[i]].tolist() for i in range(6)] == want.ids
+
+
+def test_fix_position_embedding_keeps_the_position_table(tmp_path, tiny_bert, train_file):
+    """--fix-position-embedding (FlagEmbedding's option) freezes the position embeddings; the rest trains."""
+    from transformers import AutoModel
+
+    out = tmp_path / "fixed-positions"
+    run(
+        "finetune",
+        "embedder",
+        "--model",
+        str(tiny_bert),
+        "--train-data",
+        str(train_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--fix-position-embedding",
+    )
+    # loaded, not read from the files: transformers 5.0 saves LayerNorm weights as gamma / beta
+    start = AutoModel.from_pretrained(str(tiny_bert)).state_dict()
+    end = AutoModel.from_pretrained(str(out)).state_dict()
+    positions = [k for k in start if "position_embeddings" in k]
+    assert positions, "the tiny BERT has a position table"
+    assert all(torch.equal(start[k], end[k]) for k in positions), "the position table must not move"
+    assert not torch.equal(start["embeddings.word_embeddings.weight"], end["embeddings.word_embeddings.weight"])
+
+
+def test_knowledge_distillation_switch(tmp_path, tiny_bert, train_file):
+    """``knowledge_distillation`` as FlagEmbedding's: False trains on scored records exactly as on the same
+    records without scores; unset (bgekit's default) distils when they are there; True needs them."""
+    from safetensors.torch import load_file
+
+    from bgekit.errors import InputError
+    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
+    from bgekit.train.reranker import RerankerOptions, finetune_reranker
+
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text(
+        "".join(
+            json.dumps({**r, "pos_scores": [3.0], "neg_scores": [2.5 - i % 3 for i in range(len(r["neg"]))]}) + "\n"
+            for r in rows
+        )
+    )
+
+    def weights(data, name, **options):
+        out = finetune_embedder(
+            EmbedderOptions(
+                output_dir=str(tmp_path / name),
+                model_name_or_path=str(tiny_bert),
+                train_data=[str(data)],
+                max_steps=2,
+                per_device_train_batch_size=4,
+                learning_rate=1e-3,
+                **options,
+            )
+        )
+        return load_file(str(out / "model.safetensors"))
+
+    plain = weights(train_file, "plain")
+    ignored = weights(scored, "ignored", knowledge_distillation=False)
+    distilled = weights(scored, "distilled")
+    assert all(torch.equal(plain[k], ignored[k]) for k in plain), "scores switched off are not used"
+    assert any(not torch.equal(plain[k], distilled[k]) for k in plain), "by default the scores are distilled"
+    with pytest.raises(InputError, match=r"train\.jsonl:1 has none"):
+        weights(train_file, "needs-scores", knowledge_distillation=True)
+    with pytest.raises(InputError, match="knowledge_distillation needs teacher scores"):
+        finetune_reranker(
+            RerankerOptions(
+                output_dir=str(tmp_path / "rr"),
+                model_name_or_path=str(tiny_bert),
+                train_data=[str(train_file)],
+                knowledge_distillation=True,
+            )
+        )
+    result = run(
+        "finetune", "reranker", "-m", str(tiny_bert), "--train-data", str(train_file), "--output-dir",
+        str(tmp_path / "o"), "--knowledge-distillation", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "has none" in result.stderr and "Traceback" not in result.stderr

@@ -522,3 +522,88 @@ def test_an_adapter_trained_from_a_relative_base_folder_loads_from_anywhere(
     np.testing.assert_allclose(
         alone.compute_score(pairs), Reranker.from_pretrained(str(out)).compute_score(pairs), atol=1e-5
     )
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_from_peft_goes_on_training_the_adapter(tmp_path, tiny_llms, train_file):
+    """``from_peft`` (FlagEmbedding's): the run starts from the adapter's own weights and settings (the
+    rank passed is not used), trains them, keeps its added tokens, and saves both loadable forms."""
+    base = tiny_llms["qwen3"]
+    prompts = {"query_instruction_for_retrieval": INSTRUCTION, "query_instruction_format": FORMAT}
+    first = finetune_embedder(
+        EmbedderOptions(
+            **common_options(tmp_path / "first", base, train_file, max_steps=2, lora_rank=4),
+            target_modules=["q_proj", "v_proj"],
+            additional_special_tokens=["<instruct>", "<query>"],
+            **prompts,
+        )
+    )
+    start = adapter_weights(first / "adapter")
+    lr, steps = 1e-3, 2
+    # the --lora run's OUT stands for its OUT/adapter; lora_rank 8 is the adapter's business, not this run's
+    out = finetune_embedder(
+        EmbedderOptions(
+            **common_options(tmp_path / "next", base, train_file, max_steps=steps, learning_rate=lr, use_lora=False),
+            from_peft=str(first),
+            **prompts,
+        )
+    )
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    end = adapter_weights(out / "adapter")
+    assert end.keys() == start.keys()
+    lora_a = [k for k in start if "lora_A" in k]
+    # Adam moves a weight by about lr a step: a fresh adapter (random lora_A) would be far off
+    assert max(float((end[k] - start[k]).abs().max()) for k in lora_a) < 5 * lr * steps
+    assert any(not torch.equal(end[k], start[k]) for k in lora_a), "the adapter trains on"
+    merged = Embedder.from_pretrained(str(out), devices="cpu", use_fp16=False)
+    assert "<instruct>" in merged.tokenizer.hf.get_vocab()
+    alone = Embedder.from_pretrained(str(out / "adapter"), devices="cpu", use_fp16=False)
+    queries = ["what opens door number 3?"]
+    np.testing.assert_allclose(merged.encode_queries(queries), alone.encode_queries(queries), rtol=0, atol=1e-5)
+
+
+def test_modules_to_save_train_whole_and_both_forms_load(tmp_path, tiny_llms, train_file):
+    """``modules_to_save`` (passed to peft's LoraConfig, as FlagEmbedding): the named modules train whole,
+    the adapter carries them, and the merged folder and the adapter folder score alike."""
+    base = tiny_llms["qwen3"]
+    options = common_options(
+        tmp_path / "rr", base, train_file, max_steps=2, lora_rank=4, learning_rate=1e-2, train_group_size=2
+    )
+    out = finetune_reranker(
+        RerankerOptions(**options, modules_to_save=["embed_tokens", "lm_head"], max_len=48, prompt=PROMPT)
+    )
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(config["modules_to_save"]) >= {"embed_tokens", "lm_head"}
+    saved = adapter_weights(out / "adapter")
+    assert any("embed_tokens" in k for k in saved) and any("lm_head" in k for k in saved)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(str(base)).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(before[name], after[name]), f"{name} trains whole"
+    pairs = [("what opens door 3?", "key 3 opens door number 3"), ("q", "p")]
+    merged = Reranker.from_pretrained(str(out), devices="cpu", use_fp16=False)
+    alone = Reranker.from_pretrained(str(out / "adapter"), devices="cpu", use_fp16=False)
+    np.testing.assert_allclose(merged.compute_score(pairs), alone.compute_score(pairs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"from_peft": "nowhere"}, "not a LoRA adapter folder"),
+        ({"modules_to_save": ["embed_tokens"], "use_lora": False}, "pass use_lora"),
+        ({"modules_to_save": ["no_such_module"]}, "not modules of this model"),
+    ],
+)
+def test_bad_from_peft_and_modules_to_save_are_clear_errors(tmp_path, tiny_llms, train_file, overrides, message):
+    options = common_options(tmp_path / "bad", tiny_llms["qwen3"], train_file, max_steps=1)
+    with pytest.raises(InputError, match=message):
+        finetune_embedder(EmbedderOptions(**{**options, **overrides}))

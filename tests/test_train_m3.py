@@ -197,6 +197,32 @@ def test_fresh_heads_on_a_plain_encoder(tmp_path, tiny_xlmr, m3_train_file):
     assert len(result["lexical_weights"][0]) > 0, "a new sparse head starts with every token alive"
 
 
+def test_fix_position_embedding_keeps_m3s_position_table(tmp_path, m3_start, m3_train_file):
+    """As FlagEmbedding's M3 runner: fix_position_embedding freezes the encoder's position table only."""
+    from transformers import AutoModel
+
+    from bgekit.train.m3 import M3Options, finetune_m3
+
+    out = finetune_m3(
+        M3Options(
+            output_dir=str(tmp_path / "fixed"),
+            model_name_or_path=str(m3_start),
+            train_data=[str(m3_train_file)],
+            max_steps=2,
+            per_device_train_batch_size=4,
+            query_max_len=16,
+            passage_max_len=32,
+            learning_rate=1e-3,
+            fix_position_embedding=True,
+        )
+    )
+    start = AutoModel.from_pretrained(str(m3_start)).state_dict()
+    end = AutoModel.from_pretrained(str(out)).state_dict()
+    positions = [k for k in start if "position_embeddings" in k]
+    assert positions and all(torch.equal(start[k], end[k]) for k in positions)
+    assert not torch.equal(start["embeddings.word_embeddings.weight"], end["embeddings.word_embeddings.weight"])
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -89,6 +89,31 @@ TargetModules = Annotated[
 SpecialTokens = Annotated[
     list[str] | None, typer.Option(help="Add this special token to the tokenizer (repeat the option for more).")
 ]
+FromPeft = Annotated[
+    str | None,
+    typer.Option(
+        help="Go on training this LoRA adapter (a folder, or a --lora run's OUT), with its own rank; implies --lora."
+    ),
+]
+ModulesToSave = Annotated[
+    str | None,
+    typer.Option(help="With --lora: comma-separated modules trained whole, saved in the adapter (e.g. embed_tokens)."),
+]
+KnowledgeDistillation = Annotated[
+    bool | None,
+    typer.Option(
+        "--knowledge-distillation/--no-knowledge-distillation",
+        help="Distil from the records' pos_scores/neg_scores (they must be there) / ignore them. "
+        "Default: distil when they are there (FlagEmbedding's default ignores them).",
+    ),
+]
+FixPositionEmbedding = Annotated[
+    bool,
+    typer.Option(
+        "--fix-position-embedding",
+        help="Freeze the position embeddings (parameters named position_embeddings), as FlagEmbedding's option.",
+    ),
+]
 SaveMerged = Annotated[
     bool,
     typer.Option("--save-merged-model/--no-save-merged-model", help="With --lora, also save the merged model in OUT."),
@@ -103,9 +128,13 @@ def _lora(
     target_modules: str | None,
     additional_special_tokens: list[str] | None,
     save_merged_model: bool,
+    from_peft: str | None = None,
+    modules_to_save: str | None = None,
 ) -> dict:
     """The LoRA options (FlagEmbedding's names) as keyword arguments."""
     return {
+        "from_peft": from_peft,
+        "modules_to_save": [m.strip() for m in modules_to_save.split(",") if m.strip()] if modules_to_save else None,
         "use_lora": use_lora,
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
@@ -162,6 +191,8 @@ def finetune_embedder_cmd(
     target_modules: TargetModules = None,
     additional_special_tokens: SpecialTokens = None,
     save_merged_model: SaveMerged = True,
+    from_peft: FromPeft = None,
+    modules_to_save: ModulesToSave = None,
     model_class: Annotated[
         str | None, typer.Option(help="The model's family, e.g. decoder-only-icl (default: the registry's/folder's).")
     ] = None,
@@ -188,6 +219,8 @@ def finetune_embedder_cmd(
     drop_threshold: Annotated[
         int, typer.Option(min=0, help="With --same-dataset-within-batch: ... unless they hold under N records in all.")
     ] = 0,
+    fix_position_embedding: FixPositionEmbedding = False,
+    knowledge_distillation: KnowledgeDistillation = None,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
 
@@ -237,8 +270,18 @@ def finetune_embedder_cmd(
         same_dataset_within_batch=same_dataset_within_batch,
         small_threshold=small_threshold,
         drop_threshold=drop_threshold,
+        fix_position_embedding=fix_position_embedding,
+        knowledge_distillation=knowledge_distillation,
         **_lora(
-            use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
+            use_lora,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            additional_special_tokens,
+            save_merged_model,
+            from_peft,
+            modules_to_save,
         ),
     )
     typer.echo(f"saved {finetune_embedder(options)}", err=True)
@@ -282,6 +325,8 @@ def finetune_reranker_cmd(
     target_modules: TargetModules = None,
     additional_special_tokens: SpecialTokens = None,
     save_merged_model: SaveMerged = True,
+    from_peft: FromPeft = None,
+    modules_to_save: ModulesToSave = None,
     model_class: Annotated[
         str | None,
         typer.Option(help="The model's family, e.g. decoder-only-layerwise (default: the registry's or folder's)."),
@@ -292,6 +337,7 @@ def finetune_reranker_cmd(
     cutoff_layers: Annotated[
         str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
     ] = None,
+    knowledge_distillation: KnowledgeDistillation = None,
 ) -> None:
     """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives; LoRA with --lora).
 
@@ -329,8 +375,17 @@ def finetune_reranker_cmd(
         model_class=model_class,
         start_layer=start_layer,
         cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
+        knowledge_distillation=knowledge_distillation,
         **_lora(
-            use_lora, lora_rank, lora_alpha, lora_dropout, target_modules, additional_special_tokens, save_merged_model
+            use_lora,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            additional_special_tokens,
+            save_merged_model,
+            from_peft,
+            modules_to_save,
         ),
     )
     typer.echo(f"saved {finetune_reranker(options)}", err=True)
@@ -542,6 +597,8 @@ def finetune_m3_cmd(
     seed: Annotated[int, typer.Option()] = 42,
     resume_from_checkpoint: Resume = None,
     overwrite_output_dir: Overwrite = False,
+    fix_position_embedding: FixPositionEmbedding = False,
+    knowledge_distillation: KnowledgeDistillation = None,
 ) -> None:
     """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
     from .m3 import M3Options, finetune_m3
@@ -583,6 +640,8 @@ def finetune_m3_cmd(
         kd_loss_type=kd_loss_type,
         resume_from_checkpoint=resume_from_checkpoint,
         overwrite_output_dir=overwrite_output_dir,
+        fix_position_embedding=fix_position_embedding,
+        knowledge_distillation=knowledge_distillation,
     )
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 

@@ -30,7 +30,9 @@ from .trainer import (
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
+    distillation_records,
     fit_lengths,
+    freeze_position_embeddings,
     resolve_resume,
     training_tokenizer,
 )
@@ -68,6 +70,9 @@ class EmbedderOptions(TrainOptions, lora.LoraOptions):
     same_dataset_within_batch: bool = False
     small_threshold: int = 0  # that mode: a folder's files under this many records batch together
     drop_threshold: int = 0  # that mode: ... unless they hold fewer than this many in all
+    fix_position_embedding: bool = False  # freeze the position embedding table (FlagEmbedding's option)
+    #: distil from the records' teacher scores: None when they carry them, False never, True (they must)
+    knowledge_distillation: bool | None = None
 
 
 class EmbedderCollator:
@@ -256,7 +261,10 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
 
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
-    files = load_train_files(options.train_data)  # validated before any model loads
+    files = [  # validated before any model loads
+        (path, folder, distillation_records(file_records, options.knowledge_distillation))
+        for path, folder, file_records in load_train_files(options.train_data)
+    ]
     records = [r for _, _, file_records in files for r in file_records]
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
@@ -308,17 +316,21 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     else:
         dataset = GroupDataset(sampler)
     folder = hub.model_folder(name)
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
     fit_lengths(options, model.config, "query_max_len", "passage_max_len")
     width = getattr(model.config, "hidden_size", None)
     if options.matryoshka_dims and width and max(options.matryoshka_dims) > width:
         raise InputError(f"matryoshka_dims {options.matryoshka_dims} go past the model's {width} dimensions")
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache = getattr(model.config, "use_cache", None)
     if decoder:
         model.config.use_cache = False  # no key/value cache while training
+    if options.fix_position_embedding:
+        freeze_position_embeddings(model)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
     collator = EmbedderCollator(tokenizer, options)

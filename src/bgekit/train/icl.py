@@ -47,7 +47,15 @@ from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import lora
 from .data import SYMMETRIC_TYPES, Group, GroupSampler, TrainRecord, load_train_data
 from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
-from .trainer import EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
+from .trainer import (
+    EpochCallback,
+    GroupDataset,
+    ThroughputCallback,
+    distillation_records,
+    freeze_position_embeddings,
+    resolve_resume,
+    training_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +327,7 @@ def finetune_icl(
     if getattr(options, "same_dataset_within_batch", False):
         raise InputError("same_dataset_within_batch is not supported for ICL embedders (bge-en-icl) yet; leave it off")
     if records is None:
-        records = load_train_data(options.train_data)
+        records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
     if name is None:
         name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class or registry.ICL)
     options = check_icl_options(options, spec)
@@ -327,11 +335,15 @@ def finetune_icl(
     if options.query_instruction_for_retrieval is None and not any(r.prompt for r in records):
         logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
     folder = hub.model_folder(name)
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False  # no cache in training
+    if options.fix_position_embedding:
+        freeze_position_embeddings(model)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
     dataset = ICLDataset(

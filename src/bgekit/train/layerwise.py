@@ -35,7 +35,14 @@ from . import lora, losses
 from .data import Group, GroupSampler, TrainRecord, load_train_data, with_teacher_scores
 from .llm_reranker import ids_by_prompt, pair_prompts
 from .reranker import RerankerOptions, write_reranker_metadata
-from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume
+from .trainer import (
+    BgekitTrainer,
+    EpochCallback,
+    GroupDataset,
+    ThroughputCallback,
+    distillation_records,
+    resolve_resume,
+)
 
 # files of the model folder that are not weights or tokenizer and must travel with the weights
 FOLDER_FILES = (
@@ -185,7 +192,7 @@ def finetune_layerwise(
 
     options = as_layerwise_options(options)
     if records is None:
-        records = load_train_data(options.train_data)
+        records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
     options.check_lora()
     if options.additional_special_tokens:
         raise InputError("additional_special_tokens is not supported for layerwise rerankers (a fixed vocabulary)")

@@ -110,10 +110,12 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
     from transformers import AutoModelForCausalLM
 
     options.check_lora()
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
     use_cache, model.config.use_cache = model.config.use_cache, False  # no key/value cache while training
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = training_tokenizer(hf_tokenizer)
     yes_loc = yes_token_id(tokenizer, options.model_name_or_path)
     if options.use_lora:

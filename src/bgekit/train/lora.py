@@ -85,9 +85,20 @@ class LoraOptions:
     target_modules: list[str] | None = None
     additional_special_tokens: list[str] | None = None
     save_merged_lora_model: bool = True
+    #: an adapter folder to go on training (FlagEmbedding's ``from_peft``): loaded trainable over the base,
+    #: its own rank, alpha, targets and saved modules rule (the options above are not used); implies use_lora
+    from_peft: str | None = None
+    #: modules trained whole and saved in the adapter beside the LoRA weights (peft's ``modules_to_save``,
+    #: e.g. embed_tokens): for added tokens whose embedding rows must learn
+    modules_to_save: list[str] | None = None
 
     def check_lora(self) -> None:
         """Reject bad LoRA settings before any model loads."""
+        if self.from_peft is not None:
+            self.from_peft = str(adapter_to_continue(self.from_peft))
+            self.use_lora = True  # the run trains and saves an adapter, as a --lora run
+        elif self.modules_to_save and not self.use_lora:
+            raise InputError("modules_to_save is a LoRA setting: pass use_lora (--lora) with it")
         if not self.use_lora:
             return
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
@@ -100,6 +111,8 @@ class LoraOptions:
             not self.target_modules or not all(isinstance(t, str) and t.strip() for t in self.target_modules)
         ):
             raise InputError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        if self.modules_to_save is not None and not all(isinstance(m, str) and m.strip() for m in self.modules_to_save):
+            raise InputError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         require_peft()
 
     def base_dtype(self, bf16: bool) -> torch.dtype:
@@ -118,13 +131,37 @@ def require_peft():
     return peft
 
 
-def add_special_tokens(hf_tokenizer, model: torch.nn.Module, tokens: list[str] | None) -> bool:
-    """Add ``tokens`` as special tokens and grow the model's embeddings to match; True if it grew."""
-    if not tokens:
+def adapter_to_continue(path: str | Path) -> Path:
+    """``from_peft`` checked to be a LoRA adapter folder; a bgekit run's ``OUT`` stands for its ``OUT/adapter``."""
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").exists() and (folder / ADAPTER_DIR / "adapter_config.json").exists():
+        folder = folder / ADAPTER_DIR
+    if not (folder / "adapter_config.json").exists():
+        raise InputError(f"from_peft {path}: no adapter_config.json there, so it is not a LoRA adapter folder")
+    return folder.resolve()
+
+
+def tokenizer_folder(model_folder: Path, options: LoraOptions) -> Path:
+    """Where training's tokenizer comes from: a ``from_peft`` adapter's folder when it holds one (bgekit's
+    adapters carry theirs, with the special tokens added when they trained), else the model's."""
+    if options.from_peft and (Path(options.from_peft) / "tokenizer_config.json").exists():
+        return Path(options.from_peft)
+    return model_folder
+
+
+def add_special_tokens(
+    hf_tokenizer, model: torch.nn.Module, tokens: list[str] | None, *, from_adapter: bool = False
+) -> bool:
+    """Add ``tokens`` as special tokens and grow the model's embeddings to match; True if it grew.
+    ``from_adapter``: the tokenizer is a ``from_peft`` adapter's, whose added tokens grow the embeddings too
+    (its saved embedding rows then load over them)."""
+    if not tokens and not from_adapter:
         return False
-    added = hf_tokenizer.add_special_tokens(
-        {"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False
-    )
+    added = 0
+    if tokens:
+        added = hf_tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False
+        )
     rows = model.get_input_embeddings().weight.shape[0]
     if added == 0 and len(hf_tokenizer) <= rows:
         return False
@@ -165,23 +202,56 @@ def target_modules_for(model: torch.nn.Module, wanted: list[str] | None) -> list
     return list(wanted)
 
 
+def modules_to_save_for(model: torch.nn.Module, wanted: list[str] | None) -> list[str] | None:
+    """``wanted`` (module names trained whole) checked against the model: peft would skip a name that
+    matches nothing, and the run would train less than asked without a word."""
+    if not wanted:
+        return None
+    names = [name for name, _ in model.named_modules()]
+    unknown = [m for m in wanted if not any(n == m or n.endswith("." + m) for n in names)]
+    if unknown:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
+        raise InputError(f"modules_to_save {unknown} are not modules of this model; choose from {suffixes}")
+    return list(wanted)
+
+
 def wrap(model: torch.nn.Module, options: LoraOptions, *, gradient_checkpointing: bool, task_type: str | None = None):
-    """``model`` as a peft LoRA model whose adapter (and nothing else, save a classifier head) trains."""
+    """``model`` as a peft LoRA model whose adapter (and nothing else, save a classifier head and
+    ``modules_to_save``) trains; with ``from_peft`` that adapter, loaded trainable, goes on training."""
     peft = require_peft()
-    targets = target_modules_for(model, options.target_modules)
     if gradient_checkpointing:  # frozen embeddings give checkpointed blocks no input that needs grad
         model.enable_input_require_grads()
-    config = peft.LoraConfig(
-        r=options.lora_rank,
-        lora_alpha=options.lora_alpha,
-        lora_dropout=options.lora_dropout,
-        target_modules=targets,
-        task_type=task_type,
-        inference_mode=False,
-    )
-    wrapped = peft.get_peft_model(model, config)
+    if options.from_peft:
+        wrapped = continue_adapter(model, options.from_peft)
+    else:
+        targets = target_modules_for(model, options.target_modules)
+        config = peft.LoraConfig(
+            r=options.lora_rank,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout,
+            target_modules=targets,
+            modules_to_save=modules_to_save_for(model, options.modules_to_save),
+            task_type=task_type,
+            inference_mode=False,
+        )
+        wrapped = peft.get_peft_model(model, config)
     trainable, total = wrapped.get_nb_trainable_parameters()
+    targets = sorted(wrapped.peft_config["default"].target_modules or [])
     logger.info("LoRA on %s: %d of %d parameters train (%.2f%%)", targets, trainable, total, 100 * trainable / total)
+    return wrapped
+
+
+def continue_adapter(model: torch.nn.Module, folder: str | Path):
+    """The adapter in ``folder`` over ``model``, trainable (FlagEmbedding's ``from_peft``); a clear error
+    when it was trained over another architecture."""
+    from peft import PeftModel
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except Exception as exc:  # peft raises many kinds on a mismatched adapter
+        raise InputError(f"from_peft {folder} does not fit this model ({type(exc).__name__}: {exc})") from exc
+    # the adapter now sits over this run's base: record that one, not the one it first trained over
+    wrapped.peft_config["default"].base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return wrapped
 
 

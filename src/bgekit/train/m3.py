@@ -33,7 +33,9 @@ from .trainer import (
     LossPartsLogging,
     OwnFolderLayout,
     ThroughputCallback,
+    distillation_records,
     fit_lengths,
+    freeze_position_embeddings,
     resolve_resume,
     with_current_names,
 )
@@ -305,6 +307,7 @@ def finetune_m3(options: M3Options) -> Path:
     """
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
     records = load_train_data(options.train_data)  # validated before any model loads
+    records = distillation_records(records, options.knowledge_distillation)
     heads = resolve_heads(options)
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
@@ -328,6 +331,8 @@ def finetune_m3(options: M3Options) -> Path:
     hf_tokenizer = load_hf_tokenizer(folder)
     tokenizer = TextTokenizer(hf_tokenizer)
     model = load_m3_for_training(folder, options, heads, hf_tokenizer)
+    if options.fix_position_embedding:
+        freeze_position_embeddings(model)
     fit_lengths(options, model.encoder.config, "query_max_len", "passage_max_len")
     dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
     throughput = ThroughputCallback()

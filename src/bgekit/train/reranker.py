@@ -25,6 +25,7 @@ from .trainer import (
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
+    distillation_records,
     fit_lengths,
     resolve_resume,
 )
@@ -46,6 +47,8 @@ class RerankerOptions(TrainOptions, lora.LoraOptions):
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
     prompt: str | None = None
+    #: distil from the records' teacher scores: None when they carry them, False never, True (they must)
+    knowledge_distillation: bool | None = None
 
 
 class RerankerCollator:
@@ -99,7 +102,7 @@ def finetune_reranker(options: RerankerOptions) -> Path:
 
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
-    records = load_train_data(options.train_data)
+    records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
     folder = hub.model_folder(options.model_name_or_path)
     kind = options.model_class or hub.describe_folder(folder, registry.RERANKERS, for_reranker=True).kind
     if kind == registry.LAYERWISE_RERANKER:  # a score head per layer
@@ -113,10 +116,12 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     options.check_lora()
     if options.prompt is not None:
         raise InputError("prompt is the question an LLM reranker answers; a cross-encoder has none (leave it out)")
-    hf_tokenizer = load_hf_tokenizer(folder)
+    hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
     fit_lengths(options, model.config, "query_max_len", "max_len")
-    resized = lora.add_special_tokens(hf_tokenizer, model, options.additional_special_tokens)
+    resized = lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    )
     tokenizer = TextTokenizer(hf_tokenizer)
     if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing, task_type="SEQ_CLS")

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import InputError
 from ..io import check_output_folder
 from ..models.tokenization import TextTokenizer
-from .data import GroupSampler
+from .data import GroupSampler, TrainRecord
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,43 @@ def fit_lengths(options: Any, config: Any, *names: str) -> None:
         if value > limit:
             logger.warning("%s=%d is beyond the model's %d positions; training with %d", name, value, limit, limit)
             setattr(options, name, limit)
+
+
+def distillation_records(records: list[TrainRecord], knowledge_distillation: bool | None) -> list[TrainRecord]:
+    """The records as ``knowledge_distillation`` has them train. None (bgekit's default): teacher scores are
+    distilled when the records carry them (a file ``bgekit score`` wrote is scored to be distilled from).
+    False (FlagEmbedding 1.4.2's default): they are ignored. True: they must be there; FlagEmbedding then
+    fails on the first record without them with a KeyError, bgekit names the file and line."""
+    if knowledge_distillation is None:
+        return records
+    if knowledge_distillation:
+        missing = next((r for r in records if r.pos_scores is None), None)
+        if missing is not None:
+            raise InputError(
+                "knowledge_distillation needs teacher scores (pos_scores, neg_scores) on every record; "
+                f"{missing.source} has none (add them with bgekit score, or leave knowledge_distillation unset)"
+            )
+        return records
+    if any(r.pos_scores is not None for r in records):
+        logger.info("knowledge_distillation off: the records' teacher scores are not used")
+    return [replace(r, pos_scores=None, neg_scores=None) for r in records]
+
+
+def freeze_position_embeddings(model: torch.nn.Module) -> list[str]:
+    """``fix_position_embedding``: stop every parameter whose name holds ``position_embeddings`` from
+    training (FlagEmbedding's rule, for encoder embedders and BGE-M3): a long-context model's
+    position table then keeps the positions short training texts never reach. Returns the names
+    frozen; a model with none (rotary positions) is told in the log and trains as it would."""
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if "position_embeddings" in name:
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    if frozen:
+        logger.info("fix_position_embedding: frozen %s", ", ".join(frozen))
+    else:
+        logger.warning("fix_position_embedding: the model has no position_embeddings parameters; nothing frozen")
+    return frozen
 
 
 def training_tokenizer(hf_tokenizer) -> TextTokenizer:
