@@ -222,7 +222,7 @@ def evaluate_retrieval(
 
     tick = time.perf_counter()
     downloads = None if cache_dir is None else Path(cache_dir) / "datasets"
-    forums = None if isinstance(dataset, RetrievalDataset) else cqadupstack_forums(dataset, cache_dir=downloads)
+    forums = cqadupstack_forums(dataset, cache_dir=downloads)  # None for one dataset
     if forums:  # CQADupStack as a whole: each forum in its own corpus, the score their mean
         from .averaged import evaluate_forums
 

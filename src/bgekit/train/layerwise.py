@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -253,7 +254,7 @@ def finetune_layerwise(
             resized=False,
             write_extra=lambda target: save_folder_files(folder, target, options),
             model=module,
-            describe_adapter=lambda target: write_reranker_metadata(target, registry.LAYERWISE_RERANKER, options),
+            describe_adapter=partial(write_reranker_metadata, kind=registry.LAYERWISE_RERANKER, options=options),
         )
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
