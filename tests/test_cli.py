@@ -1,17 +1,14 @@
 """Check 6 (and the CLI half of check 4): ``bgekit embed`` / ``rerank`` / ``models`` end to end.
 
-The commands run as real subprocesses through the installed ``bgekit`` entry point,
-on the real all-MiniLM-L6-v2 model (offline) and on a tiny cross-encoder.
+The commands run on the real all-MiniLM-L6-v2 model (offline) and on a tiny cross-encoder, in the
+test process (:func:`tests.cli.run`); the first test and the pipe test run the installed ``bgekit``
+entry point as a real subprocess.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +16,13 @@ import pytest
 
 from bgekit import Embedder
 
-BGEKIT = shutil.which("bgekit", path=str(Path(sys.executable).parent)) or "bgekit"
+from .cli import run, run_process
+
 PASSAGES = [
     {"_id": "d1", "title": "Pandas", "text": "The giant panda is a bear native to China that eats bamboo."},
     {"_id": "d2", "title": "", "text": "Paris is the capital of France."},
     {"_id": "d3", "text": "Dense retrieval ranks passages by the similarity of their vectors to the query."},
 ]
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([BGEKIT, *args], capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.fixture()
@@ -44,7 +34,7 @@ def passages_file(tmp_path) -> Path:
 
 def test_embed_jsonl_to_npy_matches_library(tmp_path, passages_file, minilm_dir):
     out = tmp_path / "out" / "vectors.npy"
-    result = run("embed", "--model", str(minilm_dir), "--input", str(passages_file), "--output", str(out))
+    result = run_process("embed", "--model", str(minilm_dir), "--input", str(passages_file), "--output", str(out))
     assert "3 x 384" in result.stderr
     vectors = np.load(out)
     texts = [(p.get("title", "") + " " + p["text"]).strip() for p in PASSAGES]
@@ -307,16 +297,7 @@ def test_embed_reads_a_pipe_once_and_writes_gzipped_jsonl(tmp_path, minilm_dir):
     lines = [f"sentence number {i}" for i in range(1, 1501)]
     lines[9] = ""  # a blank line 10
     out = tmp_path / "piped.jsonl.gz"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [BGEKIT, "embed", "-m", str(minilm_dir), "-i", "/dev/stdin", "-o", str(out)],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    run_process("embed", "-m", str(minilm_dir), "-i", "/dev/stdin", "-o", str(out), input="\n".join(lines) + "\n")
     with gzip.open(out, "rt") as handle:
         rows = [json.loads(line) for line in handle]
     assert [r["id"] for r in rows] == [str(i) for i in range(1, 1501) if i != 10]

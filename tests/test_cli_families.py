@@ -10,7 +10,7 @@ import pytest
 
 from bgekit import BGEM3FlagModel, FlagICLModel
 
-from .test_cli import run
+from .cli import run
 
 TEXTS = ["hello world", "BGE M3 gives dense, sparse and multi-vector outputs", "Zürich café 北京"]
 
@@ -137,7 +137,7 @@ def test_a_full_disk_is_one_line_and_every_old_output_stays(tmp_path, golden_dir
     import signal
     import subprocess
 
-    from .test_cli import BGEKIT
+    from .cli import BGEKIT
 
     folder = str(golden_dir / "models" / "xlmr-m3")
     texts = tmp_path / "texts.txt"

@@ -269,7 +269,7 @@ def test_failed_start_does_not_block_the_rerun_and_worker_errors_keep_their_fiel
 
 
 def test_ray_cli_checks_model_and_output_before_starting(tmp_path):
-    from .test_cli import run
+    from .cli import run
 
     texts = tmp_path / "in.txt"
     texts.write_text("hello\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .test_cli import BGEKIT, run
+from .cli import BGEKIT, run
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "examples" / "data" / "scifact-mini"

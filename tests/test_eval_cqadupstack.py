@@ -19,7 +19,7 @@ from bgekit.errors import InputError
 from bgekit.eval.datasets import CQADUPSTACK_FORUMS, load_retrieval_dataset
 from bgekit.eval.retrieval import RetrievalResult, evaluate_retrieval
 
-from .test_cli import run
+from .cli import run
 from .test_eval_retrieval import ForwardCounter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
+from .cli import BGEKIT
 from .conftest import require_shared
-from .test_cli import BGEKIT
 
 # MTEB results store, sentence-transformers__all-MiniLM-L6-v2, SciFact.json, test split (REFERENCE_SCORES.md)
 PUBLISHED = {"ndcg_at_10": 0.64508, "map_at_10": 0.59593, "recall_at_100": 0.925, "mrr_at_10": 0.60472}

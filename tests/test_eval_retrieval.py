@@ -24,7 +24,7 @@ from bgekit.eval.datasets import load_retrieval_dataset
 from bgekit.eval.metrics import evaluate_run, ranked, read_trec_run
 from bgekit.eval.retrieval import evaluate_retrieval
 
-from .test_cli import BGEKIT
+from .cli import BGEKIT
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "examples" / "data" / "scifact-mini"

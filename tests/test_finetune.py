@@ -16,7 +16,7 @@ import torch
 
 from bgekit import Embedder, FlagReranker, Reranker
 
-from .test_cli import BGEKIT, run
+from .cli import BGEKIT, run
 
 
 @pytest.fixture(scope="module")

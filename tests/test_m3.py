@@ -116,7 +116,7 @@ def test_pooling_method_is_honoured_as_flagembedding_does(m3_dir, pooling_method
 
 
 def test_cli_pooling_method_reaches_m3(tmp_path, m3_dir):
-    from .test_cli import run
+    from .cli import run
 
     (tmp_path / "in.txt").write_text("\n".join(PASSAGES) + "\n")
     run("embed", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.npy"), "-m", str(m3_dir),

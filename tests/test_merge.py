@@ -14,7 +14,7 @@ from bgekit import Embedder
 from bgekit.errors import InputError
 from bgekit.train.merge import merge_models, read_state_dict
 
-from .test_cli import run
+from .cli import run
 
 RECORDS = [
     ("what do pandas eat?", "The giant panda eats bamboo almost exclusively.", "Paris is the capital of France."),

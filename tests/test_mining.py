@@ -16,7 +16,7 @@ from bgekit.eval.index import gpu_count
 from bgekit.train.data import TrainRecord
 from bgekit.train.mining import MiningOptions, mine_hard_negatives
 
-from .test_cli import run
+from .cli import run
 
 POOL = [f"passage {i} about topic {i % 7} with words {'x ' * (i % 5)}and more {i * 13 % 17}" for i in range(40)]
 QUERY = "which passage talks about topic 3?"

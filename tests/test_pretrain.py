@@ -11,8 +11,8 @@ import torch
 from bgekit import Embedder
 from bgekit.errors import InputError
 
+from .cli import run
 from .conftest import require_shared
-from .test_cli import run
 
 
 @pytest.fixture(scope="module")

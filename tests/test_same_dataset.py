@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bgekit import DataFormatError, InputError
 
-from .test_cli import run
+from .cli import run
 
 
 def write(path: Path, name: str, count: int, **extra) -> Path:

@@ -11,7 +11,7 @@ from bgekit import FlagReranker, InputError, LayerWiseFlagLLMReranker
 from bgekit.train.data import TrainRecord
 from bgekit.train.teacher import score_records
 
-from .test_cli import run
+from .cli import run
 
 RECORDS = [
     {"query": "what is a panda?", "pos": ["The giant panda is a bear. " * 60], "neg": ["Paris is in France.", "x"]},

@@ -111,7 +111,7 @@ def test_beir_to_train_cli_never_writes_over_the_dataset(tmp_path):
     is one of the dataset's files is now refused before anything is read, one written beside them is fine."""
     from bgekit.eval.datasets import RetrievalDataset, write_beir
 
-    from .test_cli import run
+    from .cli import run
 
     dataset = RetrievalDataset.from_dicts(
         corpus={"d1": {"title": "T", "text": "one"}, "d2": {"text": "two"}},

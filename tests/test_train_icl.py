@@ -17,7 +17,7 @@ from bgekit.train.data import GroupSampler, load_train_data
 from bgekit.train.embedder import EmbedderOptions, finetune_embedder
 from bgekit.train.icl import ExamplePicker, ICLCollator, ICLDataset, ICLGroup, ICLOptions, check_icl_options
 
-from .test_cli import run
+from .cli import run
 
 INSTRUCTION = "Given a question about an item, find what it does."
 LONG = " ".join(["doors"] * 200)

@@ -16,7 +16,7 @@ from bgekit.train.data import Group
 from bgekit.train.layerwise import LayerwiseCollator, LayerwiseOptions, finetune_layerwise, layerwise_loss
 from bgekit.train.reranker import RerankerOptions, finetune_reranker
 
-from .test_cli import run
+from .cli import run
 
 GROUP = 3
 

@@ -16,7 +16,7 @@ from bgekit.errors import InputError
 from bgekit.models.m3 import colbert_score, lexical_score, token_weight_dict
 from bgekit.train import losses
 
-from .test_cli import run
+from .cli import run
 
 
 @pytest.fixture(scope="module")

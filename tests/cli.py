@@ -1,0 +1,60 @@
+"""Running the ``bgekit`` command in tests.
+
+:func:`run` calls the real command (``bgekit.cli.app``, every option parsed by typer) inside the test
+process: a fresh ``bgekit`` process spends seconds importing torch and transformers, and the suite runs
+hundreds of commands. What only a process shows (the installed entry point, a pipe on stdin, a kill,
+exit on a signal) is tested with :func:`run_process`, a real subprocess of the installed entry point.
+Both return a :class:`subprocess.CompletedProcess` with text stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+BGEKIT = shutil.which("bgekit", path=str(Path(sys.executable).parent)) or "bgekit"
+
+
+def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """``bgekit ARGS`` in this process: exit status, stdout and stderr as the process would give them.
+
+    An exception the command lets out is written to stderr as its traceback with exit status 1, as
+    Python would, so a test that checks for one clear line still fails on it. The root logger's
+    handlers (pytest's) are set aside while the command runs, so its ``logging.basicConfig`` writes
+    its log to the command's stderr as it does in a process.
+    """
+    from typer.testing import CliRunner
+
+    from bgekit.cli import app
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = []
+    try:
+        result = CliRunner().invoke(app, list(args), input=input, prog_name="bgekit", env={"HF_HUB_OFFLINE": "1"})
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    completed = subprocess.CompletedProcess(["bgekit", *args], result.exit_code, result.stdout, stderr)
+    if check:
+        assert completed.returncode == 0, completed.stderr
+    return completed
+
+
+def run_process(
+    *args: str, check: bool = True, input: str | None = None, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``bgekit ARGS`` as a real subprocess of the installed entry point."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    result = subprocess.run([BGEKIT, *args], capture_output=True, text=True, env=env, input=input, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
