@@ -1,5 +1,6 @@
-"""``bgekit eval retrieval | sts``, ``bgekit index build`` and ``bgekit search`` end to end, as real
-subprocesses of the installed entry point on the real all-MiniLM-L6-v2 (offline) and the fixture."""
+"""``bgekit eval retrieval | sts``, ``bgekit index build`` and ``bgekit search`` end to end, the command run
+in the test process (:func:`tests.cli.run`; one run from another working directory is a real subprocess),
+on the real all-MiniLM-L6-v2 (offline) and the fixture."""
 
 from __future__ import annotations
 
