@@ -429,12 +429,56 @@ def test_an_embedder_reranker_states_its_own_limits(server):
     one = post(server, "/v1/rerank", {**body, "documents": ["a", "word " * 255]})
     assert one.status_code == 413 and error_of(one)["param"] == "documents"
     message = error_of(one)["message"]
-    assert message.startswith("1 of 2 (query, document) pairs are too long for this model: documents[1] has 255 "
-                              f"tokens, the query 1; {limits}"), message  # fmt: skip
+    assert message.startswith("1 of 2 (query, document) pairs are too long for model 'bi-encoder': documents[1] "
+                              f"has 255 tokens, the query 1; {limits}"), message  # fmt: skip
     every = post(server, "/v1/rerank", {**body, "query": "word " * 255, "documents": ["a", "b"]})
     assert every.status_code == 413  # a cut query cuts every pair
-    assert error_of(every)["message"].startswith("2 of 2 (query, document) pairs are too long for this model: "
+    assert error_of(every)["message"].startswith("2 of 2 (query, document) pairs are too long for model 'bi-encoder': "
                                                  f"documents[0] has 1 tokens, the query 255; {limits}")  # fmt: skip
+
+
+def test_413_names_the_max_length_option_and_the_models_own_limit(server, tmp_path, tiny_bert, tiny_xlmr_reranker):
+    """The 413 said 'the server's --max-length sets them' whatever set the limit. It names the option and its
+    env var, says whether the limit is the model's default, the server's --max-length or the most the model
+    reads (its position table), and how far --max-length can move it."""
+    long_text = "pandas eat bamboo " * 400
+    off = {"truncate": False}
+    minilm = error_of(post(server, "/v1/embeddings", {"model": "minilm", "input": long_text, **off}))["message"]
+    assert (
+        "longer than model 'minilm' reads: 256 tokens, special tokens included (256 is the model's default; the "
+        in minilm
+    )
+    assert "--max-length (env BGEKIT_MAX_LENGTH) sets it, up to the model's 512 positions)" in minilm, minilm
+    assert "truncate=true (or start the server with --truncate, env BGEKIT_TRUNCATE=true)" in minilm
+    tiny = error_of(post(server, "/v1/embeddings", {"model": "tiny", "input": long_text, **off}))["message"]
+    ceiling = "128 is the most the model reads (its position table): --max-length / BGEKIT_MAX_LENGTH cannot raise it"
+    assert ceiling in tiny, tiny
+    query = error_of(
+        post(server, "/v1/embeddings", {"model": "tiny", "input": long_text, "input_type": "query", **off})
+    )
+    assert "reads: 128 tokens a query," in query["message"]
+    rerank = error_of(post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], **off}))
+    assert "These follow from its max length: 64 is the most the model reads (its position table)" in rerank["message"]
+    assert rerank["message"].endswith("; the query's limit is 3/4 of it. Shorten them, or send truncate=true (or start "
+                                      "the server with --truncate, env BGEKIT_TRUNCATE=true) to cut them")  # fmt: skip
+    bi = error_of(post(server, "/v1/rerank", {"model": "bi-encoder", "query": "q", "documents": [long_text], **off}))
+    assert (
+        "from its max length: 256 is the model's default; the server's --max-length (env BGEKIT_MAX_LENGTH)"
+        in bi["message"]
+    )
+    args = ["--model", str(tiny_bert), "--reranker", str(tiny_xlmr_reranker), "--max-length", "16"]
+    with running_server(args, tmp_path / "server.log", env={"BGEKIT_SERVED_MODEL_NAME": "e\nr"}) as small:
+        embedded = post(small, "/v1/embeddings", {"input": long_text, **off}, headers={})
+        message = error_of(embedded)["message"]
+        assert (
+            embedded.status_code == 413 and "model 'e' reads: 16 tokens, special tokens included (16 is the " in message
+        )
+        assert "server's --max-length 16 (env BGEKIT_MAX_LENGTH), up to the model's 128 positions)" in message, message
+        reranked = error_of(post(small, "/v1/rerank", {"query": "q", "documents": [long_text], **off}, headers={}))
+        assert (
+            "16 is the server's --max-length 16 (env BGEKIT_MAX_LENGTH), up to the model's 64 positions; the "
+            in (reranked["message"])
+        )
 
 
 def test_too_many_inputs_is_413(server):
