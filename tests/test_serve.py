@@ -322,7 +322,6 @@ def test_unknown_model_and_wrong_task_are_400(server, client):
     [
         ({"model": "minilm"}, "input"),
         ({"model": "minilm", "input": 5}, "input"),
-        ({"model": "minilm", "input": [1, 2, 3]}, "input"),  # token arrays are not accepted
         ({"model": "minilm", "input": []}, "input"),
         ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"model": "minilm", "input": "x", "dimensions": 0}, "dimensions"),
@@ -337,6 +336,39 @@ def test_bad_schema_is_422_in_openai_shape(server, body, param):
     assert response.status_code == 422, response.text
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == "invalid_schema"
+
+
+def test_token_id_inputs_are_refused_naming_why_and_a_null_encoding_format_is_float(server, client, minilm):
+    """OpenAI takes token arrays (LangChain's OpenAIEmbeddings sends tiktoken ids by default); they got
+    'input[0]: Input should be a valid string'. They are refused saying why and what to send. LiteLLM sends
+    encoding_format null (so the openai client does not ask for base64): that was a 422, it is float."""
+    for tokens in ([1, 2, 3], [[1, 2], [3]]):
+        response = post(server, "/v1/embeddings", {"model": "minilm", "input": tokens})
+        assert response.status_code == 422, response.text
+        error = error_of(response)
+        assert error["param"] == "input" and error["code"] == "invalid_schema"
+        assert error["message"].startswith("input: token ids (integers) are not accepted; this server embeds text")
+    with pytest.raises(openai.UnprocessableEntityError, match="check_embedding_ctx_length=False"):
+        client.embeddings.create(model="minilm", input=[[101, 2023]])
+    mixed = error_of(post(server, "/v1/embeddings", {"model": "minilm", "input": ["a", 3]}))
+    assert mixed["message"].startswith("input[1]: Input should be a valid string")  # a stray number: as before
+    null = post(server, "/v1/embeddings", {"model": "minilm", "input": TEXTS, "encoding_format": None})
+    assert null.status_code == 200, null.text
+    got = np.array([d["embedding"] for d in null.json()["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, minilm.encode(TEXTS), atol=1e-5)
+
+
+def test_rerank_top_n_past_the_documents_and_empty_documents(server, tiny_xlmr_reranker):
+    """Cohere / Jina clients send top_n larger than the document count and empty strings among documents
+    (already right; kept so): all results, and the library's scores for the empty ones."""
+    body = {"model": "rr", "query": "q", "documents": ["", "pandas eat bamboo", ""], "top_n": 10}
+    response = post(server, "/v1/rerank", body)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    library = Reranker.from_pretrained(str(tiny_xlmr_reranker))
+    expected = library.compute_score([("q", d) for d in body["documents"]], normalize=True)
+    np.testing.assert_allclose([r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])], expected)
 
 
 def test_bad_rerank_schema_and_non_json_body_are_422(server):
