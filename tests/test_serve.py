@@ -483,14 +483,17 @@ def test_413_names_the_max_length_option_and_the_models_own_limit(server, tmp_pa
     assert "--max-length (env BGEKIT_MAX_LENGTH) sets it, up to the model's 512 positions)" in minilm, minilm
     assert "truncate=true (or start the server with --truncate, env BGEKIT_TRUNCATE=true)" in minilm
     tiny = error_of(post(server, "/v1/embeddings", {"model": "tiny", "input": long_text, **off}))["message"]
-    ceiling = "128 is the most the model reads (its position table): --max-length / BGEKIT_MAX_LENGTH cannot raise it"
+    ceiling = "128 is the size of the model's position table, the most it reads: --max-length / BGEKIT_MAX_LENGTH "
+    ceiling += "cannot raise it)"
     assert ceiling in tiny, tiny
     query = error_of(
         post(server, "/v1/embeddings", {"model": "tiny", "input": long_text, "input_type": "query", **off})
     )
     assert "reads: 128 tokens a query," in query["message"]
     rerank = error_of(post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], **off}))
-    assert "These follow from its max length: 64 is the most the model reads (its position table)" in rerank["message"]
+    assert (
+        "These follow from its max length: 64 is the size of the model's position table, the most" in rerank["message"]
+    )
     assert rerank["message"].endswith("; the query's limit is 3/4 of it. Shorten them, or send truncate=true (or start "
                                       "the server with --truncate, env BGEKIT_TRUNCATE=true) to cut them")  # fmt: skip
     bi = error_of(post(server, "/v1/rerank", {"model": "bi-encoder", "query": "q", "documents": [long_text], **off}))

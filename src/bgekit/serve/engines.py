@@ -46,8 +46,8 @@ def length_source(limit: int, ceiling: int | None, option: int | None) -> str:
     reading it can tell a setting the operator can raise from the model's hard limit."""
     if ceiling is not None and limit >= ceiling:
         return (
-            f"{limit} is the most the model reads (its position table): --max-length / BGEKIT_MAX_LENGTH cannot "
-            "raise it"
+            f"{limit} is the size of the model's position table, the most it reads: --max-length / "
+            "BGEKIT_MAX_LENGTH cannot raise it"
         )
     if option is None:
         origin = f"{limit} is the model's default; the server's --max-length (env BGEKIT_MAX_LENGTH) sets it"
