@@ -215,6 +215,77 @@ def test_model_name_keyword_and_bad_arguments(tiny_bert, model, golden_dir):
         MtebEncoder()
     with pytest.raises(InputError, match="model_prompts must map prompt names"):
         MtebEncoder(model, model_prompts={"SciFact": 3})
-    with pytest.raises(InputError, match="model_prompts cannot be used with FlagICLModel"):
+    with pytest.raises(InputError, match="task_examples are for in-context-learning embedders"):
+        MtebEncoder(model, task_examples={"SciFact": [{"query": "q", "response": "r"}]})
+    with pytest.raises(InputError, match=r"task_examples\['SciFact'\]: examples_for_task\[0\] is missing"):
         icl = golden_dir / "models" / "mistral-icl"
-        MtebEncoder(str(icl), model_prompts={"query": "q: "}, device="cpu", model_class="decoder-only-icl")
+        MtebEncoder(str(icl), task_examples={"SciFact": [{"query": "q"}]}, device="cpu", model_class="decoder-only-icl")
+
+
+ICL_INSTRUCTION = "Given a web search query, retrieve relevant passages."
+ICL_EXAMPLES = [{"query": "what is a panda?", "response": "A bear."}]  # no instruct: takes the instruction
+SCIFACT = "Given a scientific claim, retrieve documents that support or refute the claim."
+SCIFACT_EXAMPLES = [
+    {"instruct": SCIFACT, "query": "Pandas eat meat.", "response": "Giant pandas eat bamboo."},
+    {"query": "Paris is in Spain.", "response": "Paris is the capital of France."},
+]
+STS = "Retrieve semantically similar text."
+
+
+@pytest.fixture(scope="module")
+def icl_path(golden_dir):
+    return str(golden_dir / "models" / "mistral-icl")
+
+
+def flag_icl(path, instruction, examples):
+    """FlagICLModel set up for one task, as FlagEmbedding's MTEB runner sets it (set_instruction, set_examples)."""
+    from bgekit import FlagICLModel
+
+    return FlagICLModel(
+        path, query_instruction_for_retrieval=instruction, examples_for_task=examples, devices="cpu", use_fp16=False
+    )
+
+
+def test_icl_models_take_each_tasks_instruction_and_examples(icl_path):
+    """FlagEmbedding's MTEB runner gives bge-en-icl each task's instruction (and examples where it has them);
+    MtebEncoder refused model_prompts for ICL models, so every task ran with the model's one instruction."""
+    model = flag_icl(icl_path, ICL_INSTRUCTION, ICL_EXAMPLES)
+    encoder = MtebEncoder(
+        model,
+        # "-query": the instruction is the queries' (FlagEmbedding's set_instruction); a bare task name is for
+        # the documents too, in the passage format (mteb's lookup), which bge-en-icl does not want
+        model_prompts={
+            "SciFact-query": SCIFACT,
+            "STS": STS,
+            "FiQA2018-query": "Given a financial question, find answers.",
+        },
+        task_examples={"SciFact": SCIFACT_EXAMPLES, "STS12": []},
+    )
+    kwargs = {"hf_split": "test", "hf_subset": "default"}
+
+    def queries(name, task_type, prompt_type=PromptType.query):
+        task = TaskMetadata(name, task_type)
+        return encoder.encode(loader(TEXTS), task_metadata=task, prompt_type=prompt_type, **kwargs)
+
+    # the task's instruction and examples (an example without instruct takes the task's instruction)
+    scifact = flag_icl(icl_path, SCIFACT, SCIFACT_EXAMPLES).encode_queries(TEXTS)
+    np.testing.assert_allclose(queries("SciFact", "Retrieval"), scifact, atol=1e-5)
+    # an instruction and no examples: the model's examples, their missing instruct the task's
+    fiqa = flag_icl(icl_path, "Given a financial question, find answers.", ICL_EXAMPLES).encode_queries(TEXTS)
+    np.testing.assert_allclose(queries("FiQA2018", "Retrieval"), fiqa, atol=1e-5)
+    # neither: the model's own
+    np.testing.assert_allclose(queries("NFCorpus", "Retrieval"), model.encode_queries(TEXTS), atol=1e-5)
+    # documents: plain (no examples, and no prompt for SciFact's documents)
+    documents = queries("SciFact", "Retrieval", PromptType.document)
+    np.testing.assert_allclose(documents, model.encode_corpus(TEXTS), atol=1e-5)
+    # a symmetric task: its texts as queries, with its type's instruction and its own (empty) examples list
+    sts = flag_icl(icl_path, STS, []).encode_queries(TEXTS)
+    np.testing.assert_allclose(queries("STS12", "STS", None), sts, atol=1e-5)
+    assert not np.allclose(scifact, model.encode_queries(TEXTS), atol=1e-3)
+    assert not np.allclose(fiqa, model.encode_queries(TEXTS), atol=1e-3)
+    # mteb 1.x's encode_queries reads the "query" keys; the library call takes the same per-call settings
+    typed = MtebEncoder(model, model_prompts={"query": SCIFACT}, task_examples={"query": SCIFACT_EXAMPLES})
+    np.testing.assert_allclose(typed.encode_queries(TEXTS), scifact, atol=1e-5)
+    direct = model.encode_queries(TEXTS, instruction=SCIFACT, examples_for_task=SCIFACT_EXAMPLES)
+    np.testing.assert_allclose(direct, scifact, atol=1e-5)
+    assert model.query_instruction_for_retrieval == ICL_INSTRUCTION  # per call: the model is left as it was

@@ -322,7 +322,6 @@ def test_unknown_model_and_wrong_task_are_400(server, client):
     [
         ({"model": "minilm"}, "input"),
         ({"model": "minilm", "input": 5}, "input"),
-        ({"model": "minilm", "input": [1, 2, 3]}, "input"),  # token arrays are not accepted
         ({"model": "minilm", "input": []}, "input"),
         ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"model": "minilm", "input": "x", "dimensions": 0}, "dimensions"),
@@ -337,6 +336,39 @@ def test_bad_schema_is_422_in_openai_shape(server, body, param):
     assert response.status_code == 422, response.text
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == "invalid_schema"
+
+
+def test_token_id_inputs_are_refused_naming_why_and_a_null_encoding_format_is_float(server, client, minilm):
+    """OpenAI takes token arrays (LangChain's OpenAIEmbeddings sends tiktoken ids by default); they got
+    'input[0]: Input should be a valid string'. They are refused saying why and what to send. LiteLLM sends
+    encoding_format null (so the openai client does not ask for base64): that was a 422, it is float."""
+    for tokens in ([1, 2, 3], [[1, 2], [3]]):
+        response = post(server, "/v1/embeddings", {"model": "minilm", "input": tokens})
+        assert response.status_code == 422, response.text
+        error = error_of(response)
+        assert error["param"] == "input" and error["code"] == "invalid_schema"
+        assert error["message"].startswith("input: token ids (integers) are not accepted; this server embeds text")
+    with pytest.raises(openai.UnprocessableEntityError, match="check_embedding_ctx_length=False"):
+        client.embeddings.create(model="minilm", input=[[101, 2023]])
+    mixed = error_of(post(server, "/v1/embeddings", {"model": "minilm", "input": ["a", 3]}))
+    assert mixed["message"].startswith("input[1]: Input should be a valid string")  # a stray number: as before
+    null = post(server, "/v1/embeddings", {"model": "minilm", "input": TEXTS, "encoding_format": None})
+    assert null.status_code == 200, null.text
+    got = np.array([d["embedding"] for d in null.json()["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, minilm.encode(TEXTS), atol=1e-5)
+
+
+def test_rerank_top_n_past_the_documents_and_empty_documents(server, tiny_xlmr_reranker):
+    """Cohere / Jina clients send top_n larger than the document count and empty strings among documents
+    (already right; kept so): all results, and the library's scores for the empty ones."""
+    body = {"model": "rr", "query": "q", "documents": ["", "pandas eat bamboo", ""], "top_n": 10}
+    response = post(server, "/v1/rerank", body)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    library = Reranker.from_pretrained(str(tiny_xlmr_reranker))
+    expected = library.compute_score([("q", d) for d in body["documents"]], normalize=True)
+    np.testing.assert_allclose([r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])], expected)
 
 
 def test_bad_rerank_schema_and_non_json_body_are_422(server):
@@ -429,12 +461,59 @@ def test_an_embedder_reranker_states_its_own_limits(server):
     one = post(server, "/v1/rerank", {**body, "documents": ["a", "word " * 255]})
     assert one.status_code == 413 and error_of(one)["param"] == "documents"
     message = error_of(one)["message"]
-    assert message.startswith("1 of 2 (query, document) pairs are too long for this model: documents[1] has 255 "
-                              f"tokens, the query 1; {limits}"), message  # fmt: skip
+    assert message.startswith("1 of 2 (query, document) pairs are too long for model 'bi-encoder': documents[1] "
+                              f"has 255 tokens, the query 1; {limits}"), message  # fmt: skip
     every = post(server, "/v1/rerank", {**body, "query": "word " * 255, "documents": ["a", "b"]})
     assert every.status_code == 413  # a cut query cuts every pair
-    assert error_of(every)["message"].startswith("2 of 2 (query, document) pairs are too long for this model: "
+    assert error_of(every)["message"].startswith("2 of 2 (query, document) pairs are too long for model 'bi-encoder': "
                                                  f"documents[0] has 1 tokens, the query 255; {limits}")  # fmt: skip
+
+
+def test_413_names_the_max_length_option_and_the_models_own_limit(server, tmp_path, tiny_bert, tiny_xlmr_reranker):
+    """The 413 said 'the server's --max-length sets them' whatever set the limit. It names the option and its
+    env var, says whether the limit is the model's default, the server's --max-length or the most the model
+    reads (its position table), and how far --max-length can move it."""
+    long_text = "pandas eat bamboo " * 400
+    off = {"truncate": False}
+    minilm = error_of(post(server, "/v1/embeddings", {"model": "minilm", "input": long_text, **off}))["message"]
+    assert (
+        "longer than model 'minilm' reads: 256 tokens, special tokens included (256 is the model's default; the "
+        in minilm
+    )
+    assert "--max-length (env BGEKIT_MAX_LENGTH) sets it, up to the model's 512 positions)" in minilm, minilm
+    assert "truncate=true (or start the server with --truncate, env BGEKIT_TRUNCATE=true)" in minilm
+    tiny = error_of(post(server, "/v1/embeddings", {"model": "tiny", "input": long_text, **off}))["message"]
+    ceiling = "128 is the size of the model's position table, the most it reads: --max-length / BGEKIT_MAX_LENGTH "
+    ceiling += "cannot raise it)"
+    assert ceiling in tiny, tiny
+    query = error_of(
+        post(server, "/v1/embeddings", {"model": "tiny", "input": long_text, "input_type": "query", **off})
+    )
+    assert "reads: 128 tokens a query," in query["message"]
+    rerank = error_of(post(server, "/v1/rerank", {"model": "rr", "query": "q", "documents": [long_text], **off}))
+    assert (
+        "These follow from its max length: 64 is the size of the model's position table, the most" in rerank["message"]
+    )
+    assert rerank["message"].endswith("; the query's limit is 3/4 of it. Shorten them, or send truncate=true (or start "
+                                      "the server with --truncate, env BGEKIT_TRUNCATE=true) to cut them")  # fmt: skip
+    bi = error_of(post(server, "/v1/rerank", {"model": "bi-encoder", "query": "q", "documents": [long_text], **off}))
+    assert (
+        "from its max length: 256 is the model's default; the server's --max-length (env BGEKIT_MAX_LENGTH)"
+        in bi["message"]
+    )
+    args = ["--model", str(tiny_bert), "--reranker", str(tiny_xlmr_reranker), "--max-length", "16"]
+    with running_server(args, tmp_path / "server.log", env={"BGEKIT_SERVED_MODEL_NAME": "e\nr"}) as small:
+        embedded = post(small, "/v1/embeddings", {"input": long_text, **off}, headers={})
+        message = error_of(embedded)["message"]
+        assert (
+            embedded.status_code == 413 and "model 'e' reads: 16 tokens, special tokens included (16 is the " in message
+        )
+        assert "server's --max-length 16 (env BGEKIT_MAX_LENGTH), up to the model's 128 positions)" in message, message
+        reranked = error_of(post(small, "/v1/rerank", {"query": "q", "documents": [long_text], **off}, headers={}))
+        assert (
+            "16 is the server's --max-length 16 (env BGEKIT_MAX_LENGTH), up to the model's 64 positions; the "
+            in (reranked["message"])
+        )
 
 
 def test_too_many_inputs_is_413(server):

@@ -27,8 +27,14 @@ wrappers do (``AbsEncoder.get_prompt_name``): ``"{task name}-{prompt type}"``, t
 ``"{task type}-{prompt type}"``, the task type, then the prompt type (``"query"`` / ``"document"``).
 The prompt found is that call's instruction, in place of the model's: queries and symmetric texts
 get it in the model's query format, documents in its passage format (an empty prompt: no
-instruction). Calls no key matches embed as described above. mteb itself is not a dependency of
-bgekit: nothing here imports it except ``mteb_model_meta``.
+instruction). Calls no key matches embed as described above.
+
+In-context-learning models (bge-en-icl) also take ``task_examples``: each task's few-shot examples, keyed and
+looked up as ``model_prompts``. A task's queries are embedded as a ``FlagICLModel`` set up with that task's
+prompt as its query instruction and its examples would embed them (FlagEmbedding's MTEB runner calls
+``set_instruction`` and ``set_examples`` per task): an example without ``instruct`` takes the task's
+instruction; without task examples the model's own examples stay. Documents never get examples.
+mteb itself is not a dependency of bgekit: nothing here imports it except ``mteb_model_meta``.
 
 Example:
     >>> import mteb                                                          # doctest: +SKIP
@@ -81,6 +87,25 @@ def _check_prompts(model_prompts: Any) -> dict[str, str] | None:
     return dict(model_prompts)
 
 
+def _check_task_examples(task_examples: Any) -> dict[str, list[dict[str, str]]] | None:
+    if task_examples is None:
+        return None
+    from ..models.llm import check_examples
+
+    if not isinstance(task_examples, Mapping) or not all(isinstance(k, str) for k in task_examples):
+        raise InputError(
+            "task_examples must map prompt names (as model_prompts: a task name or type, ...) to lists of "
+            f"{{'instruct', 'query', 'response'}} examples, got {task_examples!r}"
+        )
+    checked = {}
+    for key, examples in task_examples.items():
+        try:
+            checked[key] = check_examples(examples)
+        except InputError as exc:
+            raise InputError(f"task_examples[{key!r}]: {exc}") from None
+    return checked
+
+
 def _texts_from_inputs(inputs: Any) -> list[str]:
     """Strings from a list of strings, a list of corpus dicts, or an iterable of batches."""
     if isinstance(inputs, str):
@@ -110,6 +135,23 @@ def _batch_texts(batch: Mapping[str, Any]) -> list[str]:
     return [str(v) for v in values]
 
 
+def _lookup(table: Mapping[str, Any] | None, task_metadata: Any, prompt_type: Any, task_name: str | None) -> str | None:
+    """The key of ``table`` for a call, in mteb's prompt-name order (see ``MtebEncoder.get_prompt_name``)."""
+    if not table:
+        return None
+    name = getattr(task_metadata, "name", None) or task_name
+    task_type = getattr(task_metadata, "type", None)
+    kind = _prompt_type_value(prompt_type)
+    candidates = [
+        f"{name}-{kind}" if name and kind else None,
+        name,
+        f"{task_type}-{kind}" if task_type and kind else None,
+        task_type,
+        kind,
+    ]
+    return next((key for key in candidates if key and key in table), None)
+
+
 class MtebEncoder:
     """A bgekit :class:`~bgekit.Embedder` behind mteb's encoder protocol.
 
@@ -122,6 +164,8 @@ class MtebEncoder:
         symmetric: how calls without a prompt type (STS, classification, clustering) embed their
             texts: ``"auto"``, ``"query"`` or ``"plain"`` (see the module docstring).
         model_prompts: per-task instructions by mteb prompt name (see the module docstring).
+        task_examples: in-context-learning models: per-task examples (lists of ``{"instruct", "query",
+            "response"}`` dicts) by the same names, for that task's queries (see the module docstring).
         options: more ``Embedder.from_pretrained`` options.
     """
 
@@ -135,6 +179,7 @@ class MtebEncoder:
         batch_size: int | None = None,
         symmetric: str = "auto",
         model_prompts: Mapping[str, str] | None = None,
+        task_examples: Mapping[str, list[dict[str, str]]] | None = None,
         **options: Any,
     ):
         if (model is None) == (model_name is None):
@@ -146,6 +191,7 @@ class MtebEncoder:
         if symmetric not in SYMMETRIC_MODES:
             raise InputError(f"symmetric must be one of {', '.join(SYMMETRIC_MODES)}, got {symmetric!r}")
         self.model_prompts = _check_prompts(model_prompts)
+        self.task_examples = _check_task_examples(task_examples)
         if isinstance(model, (str, Path)):
             from ..models.embedder import Embedder
 
@@ -156,10 +202,10 @@ class MtebEncoder:
             raise InputError("device and options apply only when MtebEncoder loads the model by name")
         if not hasattr(model, "encode_queries") or not hasattr(model, "encode_corpus"):
             raise InputError(f"MtebEncoder needs a bgekit Embedder, got {type(model).__name__}")
-        if self.model_prompts and hasattr(model, "examples_for_task"):
+        if self.task_examples and not hasattr(model, "examples_for_task"):
             raise InputError(
-                f"model_prompts cannot be used with {type(model).__name__}: an in-context-learning model's "
-                "instruction is also its examples'; give each task's instruction and examples to the model instead"
+                f"task_examples are for in-context-learning embedders (FlagICLModel, bge-en-icl); "
+                f"{type(model).__name__} reads no examples"
             )
         self.model = model
         self.revision = revision
@@ -186,30 +232,28 @@ class MtebEncoder:
         """The ``model_prompts`` key for a call, in mteb's order: task name + prompt type, task name,
         task type + prompt type, task type, prompt type; None when none is there. ``task_name``
         stands in for mteb 1.x calls, which pass no metadata."""
-        if not self.model_prompts:
-            return None
-        name = getattr(task_metadata, "name", None) or task_name
-        task_type = getattr(task_metadata, "type", None)
-        kind = _prompt_type_value(prompt_type)
-        candidates = [
-            f"{name}-{kind}" if name and kind else None,
-            name,
-            f"{task_type}-{kind}" if task_type and kind else None,
-            task_type,
-            kind,
-        ]
-        return next((key for key in candidates if key and key in self.model_prompts), None)
+        return _lookup(self.model_prompts, task_metadata, prompt_type, task_name)
 
-    def _run(self, texts: list[str], kind: str | None, batch_size: int | None, prompt: str | None = None) -> np.ndarray:
-        """Embed ``texts`` as ``kind``; a ``prompt`` (from ``model_prompts``) replaces the instruction."""
+    def _run(
+        self,
+        texts: list[str],
+        kind: str | None,
+        batch_size: int | None,
+        prompt: str | None = None,
+        examples: list[dict[str, str]] | None = None,
+    ) -> np.ndarray:
+        """Embed ``texts`` as ``kind``; a ``prompt`` (from ``model_prompts``) replaces the instruction and
+        ``examples`` (from ``task_examples``) an in-context-learning model's examples."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         batch_size = batch_size or self.batch_size
-        instruction = {} if prompt is None else {"instruction": prompt or None}
+        options: dict[str, Any] = {} if prompt is None else {"instruction": prompt or None}
         if kind == "document":
-            output = self.model.encode_corpus(texts, batch_size=batch_size, **instruction)
-        elif kind == "query" or prompt is not None:  # a symmetric task's prompt is for every text
-            output = self.model.encode_queries(texts, batch_size=batch_size, **instruction)
+            output = self.model.encode_corpus(texts, batch_size=batch_size, **options)
+        elif kind == "query" or prompt is not None or examples is not None:  # a symmetric task's prompt: every text
+            if examples is not None:
+                options["examples_for_task"] = examples
+            output = self.model.encode_queries(texts, batch_size=batch_size, **options)
         else:
             output = self.model.encode(texts, batch_size=batch_size)
         if isinstance(output, dict):  # M3: the dense vectors
@@ -234,16 +278,27 @@ class MtebEncoder:
         """Vectors ``(n, dim)`` float32 for the inputs, in order (see the module docstring)."""
         kind = _prompt_kind(prompt_type) if prompt_type is not None else self.symmetric_kind()
         return self._run(
-            _texts_from_inputs(inputs), kind, batch_size, self._prompt(task_metadata, prompt_type, task_name)
+            _texts_from_inputs(inputs),
+            kind,
+            batch_size,
+            self._prompt(task_metadata, prompt_type, task_name),
+            None if kind == "document" else self._examples(task_metadata, prompt_type, task_name),
         )
 
     def _prompt(self, task_metadata: Any, prompt_type: Any, task_name: str | None = None) -> str | None:
         key = self.get_prompt_name(task_metadata, prompt_type, task_name)
         return None if key is None else self.model_prompts[key]  # type: ignore[index]
 
+    def _examples(self, task_metadata: Any, prompt_type: Any, task_name: str | None = None) -> list | None:
+        key = _lookup(self.task_examples, task_metadata, prompt_type, task_name)
+        return None if key is None else self.task_examples[key]  # type: ignore[index]
+
     def encode_queries(self, queries: Iterable[str], *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
-        """mteb 1.x / BEIR: queries with the query instruction (``model_prompts["query"]`` if given)."""
-        return self._run(_texts_from_inputs(queries), "query", batch_size, self._prompt(None, "query"))
+        """mteb 1.x / BEIR: queries with the query instruction (``model_prompts["query"]`` if given) and, for
+        an in-context-learning model, ``task_examples["query"]`` if given."""
+        return self._run(
+            _texts_from_inputs(queries), "query", batch_size, self._prompt(None, "query"), self._examples(None, "query")
+        )
 
     def encode_corpus(self, corpus: Any, *, batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
         """mteb 1.x / BEIR: documents (dicts with ``title`` / ``text``, or strings); ``model_prompts["document"]``

@@ -22,6 +22,7 @@ from .tokenization import TextTokenizer, Tokenized
 ICL_QUERY_FORMAT = "<instruct>{}\n<query>{}"
 ICL_EXAMPLE_FORMAT = "<instruct>{}\n<query>{}\n<response>{}"
 ICL_SUFFIX = "\n<response>"
+_MODELS = object()  # "the model's own": an instruction argument left out (None means no instruction)
 
 
 class FlagLLMModel(FlagModel):
@@ -249,12 +250,15 @@ class FlagICLModel(FlagLLMModel):
         self.suffix = suffix  # after each query, as written (FlagEmbedding does not unescape it)
         self.prefix = self.examples_prefix(self.examples_for_task)
 
-    def examples_prefix(self, examples: list[dict[str, str]] | None) -> str:
+    def examples_prefix(self, examples: list[dict[str, str]] | None, default_instruction: Any = _MODELS) -> str:
         """``"\\n\\n".join(formatted examples) + "\\n\\n"``; ``""`` for ``None``. An empty list gives
-        ``"\\n\\n"``, as FlagEmbedding 1.4.2's ``set_examples`` does (it joins nothing, then adds the separator)."""
+        ``"\\n\\n"``, as FlagEmbedding 1.4.2's ``set_examples`` does (it joins nothing, then adds the separator).
+        An example without ``instruct`` takes ``default_instruction`` (by default the model's query instruction)."""
         if examples is not None and len(examples) == 0:
             return "\n\n"
-        return icl_examples_prefix(examples, self.query_instruction_for_retrieval, self.examples_instruction_format)
+        if default_instruction is _MODELS:
+            default_instruction = self.query_instruction_for_retrieval
+        return icl_examples_prefix(examples, default_instruction, self.examples_instruction_format)
 
     def stop_self_query_pool(self) -> None:
         """FlagEmbedding's name for :meth:`close` (queries and passages share one pool here)."""
@@ -266,10 +270,16 @@ class FlagICLModel(FlagLLMModel):
             self.examples_for_task = check_examples(examples_for_task)
         self.prefix = self.examples_prefix(self.examples_for_task)
 
-    def tokenize_queries(self, queries: list[str], max_length: int, prefix: str | None = None) -> Tokenized:
-        """Token ids of the query prompts (see :func:`icl_query_tokens`), special tokens included."""
+    def tokenize_queries(
+        self, queries: list[str], max_length: int, prefix: str | None = None, instruction: Any = _MODELS
+    ) -> Tokenized:
+        """Token ids of the query prompts (see :func:`icl_query_tokens`), special tokens included;
+        ``instruction`` replaces the model's query instruction (None: none)."""
         prefix = self.prefix if prefix is None else prefix
-        queries = self.prompted(queries, "query")
+        if instruction is _MODELS:
+            queries = self.prompted(queries, "query")
+        elif instruction is not None:
+            queries = [self.query_instruction_format.format(instruction, q) for q in queries]
         return icl_query_tokens(self.tokenizer, queries, [prefix] * len(queries), max_length, self.suffix)
 
     def prompted(self, texts: list[str], input_type: str | None) -> list[str]:
@@ -313,17 +323,27 @@ class FlagICLModel(FlagLLMModel):
         convert_to_numpy: bool | None = None,
         *,
         examples_for_task: list[dict[str, str]] | None = None,
+        instruction: Any = _MODELS,
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool | None = None,
         **kwargs: Any,
     ):
-        """Embed queries behind the in-context examples (``examples_for_task`` overrides for this call)."""
+        """Embed queries behind the in-context examples. For this call, ``examples_for_task`` replaces the
+        examples and ``instruction`` the query instruction (None: none); examples without ``instruct`` take
+        the call's instruction, as they take the instruction set before FlagEmbedding's ``set_examples``."""
         if kwargs:
             raise InputError(f"encode_queries() got unexpected options {sorted(kwargs)}")
+        if instruction is not _MODELS and instruction is not None and not isinstance(instruction, str):
+            raise InputError(f"instruction must be a string or None, got {instruction!r}")
         texts, single = as_text_list(queries, "queries")
         max_length = self.host.clamp_length(max_length, self.query_max_length)
-        prefix = self.prefix if examples_for_task is None else self.examples_prefix(check_examples(examples_for_task))
-        tokenized = self.tokenize_queries(texts, max_length, prefix)
+        if examples_for_task is not None:
+            prefix = self.examples_prefix(check_examples(examples_for_task), instruction)
+        elif instruction is not _MODELS and self.examples_for_task is not None:
+            prefix = self.examples_prefix(self.examples_for_task, instruction)
+        else:
+            prefix = self.prefix
+        tokenized = self.tokenize_queries(texts, max_length, prefix, instruction)
         self.host.log_truncation(tokenized, max_length, "queries")
         pooled = self.host.run(
             tokenized,

@@ -404,7 +404,8 @@ def create_app(
             )
         truncate = config.truncate if request.truncate is None else request.truncate
         work, result = await run(engine, (texts, request.input_type, truncate, options), "input", http)
-        return await render(engine.render, work, result, encoding_format=request.encoding_format, dimensions=dimensions)
+        encoding_format = request.encoding_format or "float"  # null: float, as OpenAI's default
+        return await render(engine.render, work, result, encoding_format=encoding_format, dimensions=dimensions)
 
     @router.post(
         "/rerank",

@@ -429,11 +429,11 @@ def register(app: typer.Typer) -> None:
         for name, source, runs_on in zip(names, sources, backends, strict=True):
             if len(embedders) < len(models):
                 loaded = Embedder.from_pretrained(source, **embed_options, **families[len(embedders)], **runs_on)
-                engine = EmbeddingEngine(name, source, loaded, 1)
+                engine = EmbeddingEngine(name, source, loaded, 1, max_length_option=max_length)
                 embedders.append(engine)
             else:
                 loaded = Reranker.from_pretrained(source, **options, **runs_on, **layer_options, max_length=max_length)
-                engine = RerankEngine(name, source, loaded, 1)
+                engine = RerankEngine(name, source, loaded, 1, max_length_option=max_length)
                 scorers.append(engine)
             engine.max_batch_tokens = budget(engine.devices)
             engine.warm_up()

@@ -38,6 +38,24 @@ class InputTooLong(InputError):
     """Inputs longer than the model's limit while truncation is off (HTTP 413)."""
 
 
+CUT_THEM = "send truncate=true (or start the server with --truncate, env BGEKIT_TRUNCATE=true) to cut them"
+
+
+def length_source(limit: int, ceiling: int | None, option: int | None) -> str:
+    """Where a 413's token limit comes from, and how far the server's --max-length moves it: the client
+    reading it can tell a setting the operator can raise from the model's hard limit."""
+    if ceiling is not None and limit >= ceiling:
+        return (
+            f"{limit} is the size of the model's position table, the most it reads: --max-length / "
+            "BGEKIT_MAX_LENGTH cannot raise it"
+        )
+    if option is None:
+        origin = f"{limit} is the model's default; the server's --max-length (env BGEKIT_MAX_LENGTH) sets it"
+    else:
+        origin = f"{limit} is the server's --max-length {option} (env BGEKIT_MAX_LENGTH)"
+    return origin if ceiling is None else f"{origin}, up to the model's {ceiling} positions"
+
+
 def run_chunks(lengths: Sequence[int], max_tokens: int, run: Callable[[list[int]], Sequence[Any]], beat: Beat) -> list:
     """Run items in length-sorted chunks of at most ``max_tokens`` padded tokens; one result per
     item in input order. ``run(indices)`` returns one result per index; ``beat()`` follows each chunk."""
@@ -109,9 +127,12 @@ class EmbeddingEngine:
 
     task = "embeddings"
 
-    def __init__(self, name: str, source: str, model: Any, max_batch_tokens: int):
+    def __init__(
+        self, name: str, source: str, model: Any, max_batch_tokens: int, *, max_length_option: int | None = None
+    ):
         self.name, self.source, self.model = name, source, model
         self.max_batch_tokens = max_batch_tokens
+        self.max_length_option = max_length_option  # the server's --max-length, for the 413 message
         self.is_m3 = hasattr(model, "encode_tokenized")
         # settle the limits once (clamped to the position table), not on every request
         model.query_max_length = model.host.clamp_length(None, model.query_max_length)
@@ -144,10 +165,12 @@ class EmbeddingEngine:
     def prepare(self, texts: list[str], input_type: str | None, truncate: bool, options: EmbedOptions) -> Work:
         tokenized = self.model.tokenize(texts, input_type)
         if tokenized.truncated and not truncate:
+            limit = self.max_length(input_type)
+            source = length_source(limit, self.model.host.max_positions, self.max_length_option)
             raise InputTooLong(
-                f"{tokenized.truncated} of {len(texts)} inputs are longer than this model's limit of "
-                f"{self.max_length(input_type)} tokens; shorten them, or send truncate=true (or start the server "
-                "with --truncate) to cut them"
+                f"{tokenized.truncated} of {len(texts)} inputs are longer than model {self.name!r} reads: {limit} "
+                f"tokens{' a query' if input_type == 'query' else ''}, special tokens included ({source}); shorten "
+                f"them, or {CUT_THEM}"
             )
         lengths = [len(row) for row in tokenized.ids]
         return Work(lengths, (tokenized, options), sum(lengths), tokenized.truncated)
@@ -250,9 +273,12 @@ class RerankEngine:
     outputs = ("scores",)
     dimensions = None
 
-    def __init__(self, name: str, source: str, model: Any, max_batch_tokens: int):
+    def __init__(
+        self, name: str, source: str, model: Any, max_batch_tokens: int, *, max_length_option: int | None = None
+    ):
         self.name, self.source, self.model = name, source, model
         self.max_batch_tokens = max_batch_tokens
+        self.max_length_option = max_length_option  # the server's --max-length, for the 413 message
         self.tokenized_scoring = _scores_tokenized(model)
         self.host = getattr(model, "host", None) or model.embedder.host
         model.max_length = self.host.clamp_length(None, model.max_length)
@@ -358,19 +384,19 @@ class RerankEngine:
         if together is not None:
             limits.append(f"both together at most {together}")
         each = "" if together is not None else ", each on its own"
+        source = length_source(self.max_length(), self.host.max_positions, self.max_length_option)
+        query_rule = "the query's limit is 3/4 of it" if self._pairs and self.model.query_max_length is None else ""
         return (
-            f"{cut} of {len(documents)} (query, document) pairs are too long for this model{found} it reads "
-            f"{', '.join(limits[:-1])} and {limits[-1]}{each} (tokens of the texts sent, the model's rerank "
-            "instructions included; the server's --max-length sets them)"
+            f"{cut} of {len(documents)} (query, document) pairs are too long for model {self.name!r}{found} it "
+            f"reads {', '.join(limits[:-1])} and {limits[-1]}{each} (tokens of the texts sent, the model's rerank "
+            f"instructions included). These follow from its max length: {source}"
+            + (f"; {query_rule}" if query_rule else "")
         )
 
     def prepare(self, query: str, documents: list[str], truncate: bool) -> Work:
         tokenized, n_tokens = self._tokenize(query, documents)
         if tokenized.truncated and not truncate:
-            raise InputTooLong(
-                f"{self._too_long(query, documents, tokenized.truncated)}; shorten them, or send truncate=true "
-                "(or start the server with --truncate) to cut them"
-            )
+            raise InputTooLong(f"{self._too_long(query, documents, tokenized.truncated)}. Shorten them, or {CUT_THEM}")
         payload = tokenized if self.tokenized_scoring else [(query, d) for d in documents]
         return Work([len(row) for row in tokenized.ids], payload, n_tokens, tokenized.truncated)
 

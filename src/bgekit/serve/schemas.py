@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Request(BaseModel):
@@ -35,16 +36,34 @@ class ErrorResponse(BaseModel):
 
 
 # -- embeddings -----------------------------------------------------------------------------
+TOKEN_IDS_REFUSED = (
+    "token ids (integers) are not accepted; this server embeds text, and ids from a client's tokenizer (tiktoken) are "
+    "not this model's tokens: send the texts as strings (LangChain's OpenAIEmbeddings sends token ids unless "
+    "check_embedding_ctx_length=False)"
+)
+
+
+def _is_token_ids(value: object) -> bool:
+    """OpenAI's token-array inputs: a list of ints, or a list of lists of ints."""
+    if not isinstance(value, list) or not value:
+        return False
+    items = [x for row in value for x in row] if all(isinstance(row, list) for row in value) else value
+    return bool(items) and all(isinstance(x, int) and not isinstance(x, bool) for x in items)
+
+
 class EmbeddingRequest(_Request):
     input: str | list[str] = Field(
-        description="One text or a list of texts (at most --max-client-batch-size). Token arrays are not accepted.",
+        description="One text or a list of texts (at most --max-client-batch-size). Token arrays (OpenAI's lists "
+        "of ints) are refused with 422: ids from a client's tokenizer are not the served model's.",
         examples=["The giant panda is a bear native to China."],
     )
     model: str | None = Field(
         None, description="A served model name (GET /v1/models); default: the first embedding model."
     )
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded."
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float",
+        description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded. null is float "
+        "(LiteLLM sends null to keep the openai client from asking for base64).",
     )
     dimensions: int | None = Field(
         None,
@@ -55,6 +74,14 @@ class EmbeddingRequest(_Request):
         "return_dense=false (M3) it is ignored.",
     )
     user: str | None = Field(None, description="Accepted for OpenAI compatibility and ignored.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _refuse_token_ids(cls, value: object) -> object:
+        if _is_token_ids(value):
+            raise PydanticCustomError("token_ids", TOKEN_IDS_REFUSED)
+        return value
+
     input_type: Literal["query", "passage"] | None = Field(
         None,
         description="Extension. query: add the model's query instruction (encode_queries); passage: the passage "
