@@ -133,6 +133,10 @@ def test_input_type_applies_the_prompt_rules(server, tiny_prompted):
     np.testing.assert_allclose(got["passage"], library.encode_corpus(TEXTS), atol=1e-5)
     np.testing.assert_allclose(got[None], library.encode(TEXTS), atol=1e-5)
     assert not np.allclose(got["query"], got[None])
+    # "document" (Voyage's and mteb's name) is the passage rule; it was a 422
+    document = post(server, "/v1/embeddings", {"model": "tiny", "input": TEXTS, "input_type": "document"})
+    assert document.status_code == 200, document.text
+    np.testing.assert_allclose([d["embedding"] for d in document.json()["data"]], got["passage"], atol=1e-6)
 
 
 def test_dimensions_and_routes_without_v1(server, minilm, minilm_dir):
@@ -325,7 +329,7 @@ def test_unknown_model_and_wrong_task_are_400(server, client):
         ({"model": "minilm", "input": []}, "input"),
         ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"model": "minilm", "input": "x", "dimensions": 0}, "dimensions"),
-        ({"model": "minilm", "input": "x", "input_type": "document"}, "input_type"),
+        ({"model": "minilm", "input": "x", "input_type": "doc"}, "input_type"),
         ({"model": "minilm", "input": "x", "dimensions": True}, "dimensions"),  # no lax coercions
         ({"model": "minilm", "input": "x", "truncate": "yes"}, "truncate"),
         ({"model": "m3", "input": "x", "return_sparse": "true"}, "return_sparse"),

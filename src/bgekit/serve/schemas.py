@@ -84,9 +84,15 @@ class EmbeddingRequest(_Request):
 
     input_type: Literal["query", "passage"] | None = Field(
         None,
-        description="Extension. query: add the model's query instruction (encode_queries); passage: the passage "
-        "rule (encode_corpus); omitted: the texts as they are (encode).",
+        description="Extension. query: add the model's query instruction (encode_queries); passage (or document, "
+        "as Voyage and mteb name it): the passage rule (encode_corpus); omitted: the texts as they are (encode).",
     )
+
+    @field_validator("input_type", mode="before")
+    @classmethod
+    def _document_is_passage(cls, value: object) -> object:
+        return "passage" if value == "document" else value
+
     truncate: bool | None = Field(
         None,
         strict=True,
