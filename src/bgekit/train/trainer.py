@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import InputError
 from ..io import check_output_folder
 from ..models.tokenization import TextTokenizer
-from .data import GroupSampler, TrainRecord
+from .data import GroupSampler, TrainRecord, load_train_files
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,15 @@ def _checkpointing_argument() -> str:
 
 
 _CHECKPOINTING = _checkpointing_argument()
+
+
+def training_data(options: Any) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
+    """``options.train_data`` file by file, validated, with teacher scores as ``knowledge_distillation``
+    says (checked before any model loads)."""
+    return [
+        (path, folder, distillation_records(records, options.knowledge_distillation))
+        for path, folder, records in load_train_files(options.train_data)
+    ]
 
 
 def fit_lengths(options: Any, config: Any, *names: str) -> None:
@@ -362,6 +371,15 @@ class BgekitTrainer(Trainer):
         if state is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._issue_warnings_after_load(target.load_state_dict(state, False))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """A same-dataset plan is read in order: its items are whole batches, already shuffled."""
+        from .same_dataset import SameSetDataset
+
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, SameSetDataset):
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def count_tokens(self, *batches: dict[str, torch.Tensor]) -> None:
         self.throughput.tokens += int(sum(b["attention_mask"].sum() for b in batches))
