@@ -127,6 +127,18 @@ SmallThreshold = Annotated[
 DropThreshold = Annotated[
     int, typer.Option(min=0, help="With --same-dataset-within-batch: ... unless they hold under N records in all.")
 ]
+MaxExamples = Annotated[
+    int | None,
+    typer.Option(min=1, help="Train on at most N records of each training file, drawn at random (seeded)."),
+]
+ShuffleRatio = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Augmentation: this share of positives (over 100 characters) cut in 3 pieces at word breaks and shuffled.",
+    ),
+]
 SaveMerged = Annotated[
     bool,
     typer.Option("--save-merged-model/--no-save-merged-model", help="With --lora, also save the merged model in OUT."),
@@ -224,6 +236,8 @@ def finetune_embedder_cmd(
     drop_threshold: DropThreshold = 0,
     fix_position_embedding: FixPositionEmbedding = False,
     knowledge_distillation: KnowledgeDistillation = None,
+    max_example_num_per_dataset: MaxExamples = None,
+    shuffle_ratio: ShuffleRatio = 0.0,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
 
@@ -275,6 +289,8 @@ def finetune_embedder_cmd(
         drop_threshold=drop_threshold,
         fix_position_embedding=fix_position_embedding,
         knowledge_distillation=knowledge_distillation,
+        max_example_num_per_dataset=max_example_num_per_dataset,
+        shuffle_ratio=shuffle_ratio,
         **_lora(
             use_lora,
             lora_rank,
@@ -341,6 +357,8 @@ def finetune_reranker_cmd(
         str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
     ] = None,
     knowledge_distillation: KnowledgeDistillation = None,
+    max_example_num_per_dataset: MaxExamples = None,
+    shuffle_ratio: ShuffleRatio = 0.0,
 ) -> None:
     """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives; LoRA with --lora).
 
@@ -379,6 +397,8 @@ def finetune_reranker_cmd(
         start_layer=start_layer,
         cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
         knowledge_distillation=knowledge_distillation,
+        max_example_num_per_dataset=max_example_num_per_dataset,
+        shuffle_ratio=shuffle_ratio,
         **_lora(
             use_lora,
             lora_rank,
@@ -605,6 +625,8 @@ def finetune_m3_cmd(
     same_dataset_within_batch: SameDataset = False,
     small_threshold: SmallThreshold = 0,
     drop_threshold: DropThreshold = 0,
+    max_example_num_per_dataset: MaxExamples = None,
+    shuffle_ratio: ShuffleRatio = 0.0,
 ) -> None:
     """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
     from .m3 import M3Options, finetune_m3
@@ -651,6 +673,8 @@ def finetune_m3_cmd(
         same_dataset_within_batch=same_dataset_within_batch,
         small_threshold=small_threshold,
         drop_threshold=drop_threshold,
+        max_example_num_per_dataset=max_example_num_per_dataset,
+        shuffle_ratio=shuffle_ratio,
     )
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 

@@ -26,6 +26,7 @@ from .data import SYMMETRIC_TYPES, Group, GroupSampler, with_teacher_scores
 from .same_dataset import SameSetCollator, same_set_dataset
 from .trainer import (
     BgekitTrainer,
+    DataOptions,
     EpochCallback,
     GroupDataset,
     ThroughputCallback,
@@ -43,7 +44,7 @@ KD_LOSSES = ("kl_div", "m3_kd_loss")
 
 
 @dataclass
-class EmbedderOptions(TrainOptions, lora.LoraOptions):
+class EmbedderOptions(TrainOptions, DataOptions, lora.LoraOptions):
     """What to train and how; see ``bgekit finetune embedder --help``."""
 
     model_name_or_path: str = ""
@@ -291,7 +292,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     if decoder:
         decoder_prompts(options, spec, pooling_method)
     args = options.training_arguments()
-    sampler = GroupSampler(records, options.train_group_size, options.seed)
+    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
     if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
         dataset = same_set_dataset(files, sampler, options, args)
     else:

@@ -332,7 +332,7 @@ def finetune_m3(options: M3Options) -> Path:
     if len(heads) < len(HEADS) or options.fix_encoder:  # DDP must not wait for heads that get no gradient
         options.extra.setdefault("ddp_find_unused_parameters", True)
     args = options.training_arguments()
-    sampler = GroupSampler(records, options.train_group_size, options.seed)
+    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
     if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
         dataset = same_set_dataset(files, sampler, options, args)
     else:
