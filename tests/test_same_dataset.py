@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bgekit import DataFormatError, InputError
+from bgekit.train.data import GroupSampler
 
 from .cli import run
 
@@ -250,24 +251,176 @@ def test_cross_device_batches_share_one_file_and_no_in_batch_neg_gathers_nothing
     assert sorted(files) == ["alpha"] * 2 + ["beta"] * 2 + ["pairs"] * 2
 
 
-def test_icl_and_m3_training_refuse_the_mode_before_loading(tmp_path, tiny_bert):
-    from bgekit.train.embedder import EmbedderOptions, finetune_embedder
-    from bgekit.train.m3 import M3Options, finetune_m3
+def three_files(folder: Path) -> Path:
+    """8 records each: plain retrieval, symmetric (batch of half size), no in-batch negatives."""
+    write(folder / "alpha.jsonl", "alpha", 8)
+    write(folder / "beta.jsonl", "beta", 8, type="symmetric_sts")
+    write(folder / "gamma_no_in_batch_neg.jsonl", "gamma", 8)
+    return folder
 
-    data = [str(write(tmp_path / "a.jsonl", "a", 4))]
-    icl = EmbedderOptions(
-        output_dir=str(tmp_path / "icl"),
-        model_name_or_path=str(tiny_bert),
-        model_class="decoder-only-icl",
-        train_data=data,
+
+def test_icl_batches_and_their_examples_come_from_one_file(tmp_path, golden_dir):
+    """ICL embedders (bge-en-icl) in this mode: each batch's queries, and the in-context examples put in
+    front of them, are records of one file, in the very token ids the model gets; the CLI trains the
+    plan's number of steps (8 // 4 + 8 // 2 + 8 // 4, not 24 // 4)."""
+    from bgekit.models.tokenization import load_hf_tokenizer
+    from bgekit.train.icl import ExamplePicker, ICLCollator, ICLOptions, ICLSameSetDataset, check_icl_options
+    from bgekit.train.same_dataset import SameSetCollator, same_set_dataset
+    from bgekit.train.trainer import training_data, training_tokenizer
+
+    icl_dir = golden_dir / "models" / "mistral-icl"
+    folder = three_files(tmp_path / "data")
+    options = ICLOptions(
+        output_dir=str(tmp_path / "unused"),
+        train_data=[str(folder)],
+        per_device_train_batch_size=4,
+        query_instruction_for_retrieval="Find it.",
+        query_max_len=200,
+        max_examples=5,
+    )
+    options = check_icl_options(options, None)
+    files = training_data(options)
+    records = [r for _, _, rs in files for r in rs]
+    tokenizer = training_tokenizer(load_hf_tokenizer(icl_dir))
+    picker = ExamplePicker(records, tokenizer, options)
+    sampler = GroupSampler(records, 2, options.seed)
+    dataset = same_set_dataset(
+        files, sampler, options, options.training_arguments(), ICLSameSetDataset, picker=picker, options=options
+    )
+    collate = SameSetCollator(ICLCollator(tokenizer, options))
+    names, examples = [], 0
+    for epoch in (0, 1):
+        dataset.epoch = epoch
+        for i in range(len(dataset)):
+            item = dataset[i]
+            (name,) = {source(g.query) for g in item.groups}
+            names.append(name)
+            for group in item.groups:
+                examples += len(group.examples)
+                assert all(source(e["query"]) == name for e in group.examples), (name, group.examples)
+            batch = collate([item])
+            prompts = tokenizer.hf.batch_decode(batch["query"]["input_ids"], skip_special_tokens=True)
+            for prompt in prompts:  # what the model reads: no other file's record anywhere in the prompt
+                assert name in prompt and not [o for o in ("alpha", "beta", "gamma") if o != name and o in prompt]
+    assert sorted(names) == sorted(["alpha", "alpha", "beta", "beta", "beta", "beta", "gamma", "gamma"] * 2)
+    assert examples > 0, "queries get examples"
+
+    out = tmp_path / "out"
+    run(
+        "finetune",
+        "embedder",
+        "--model",
+        str(icl_dir),
+        "--model-class",
+        "decoder-only-icl",
+        "--train-data",
+        str(folder),
+        "--output-dir",
+        str(out),
+        "--per-device-train-batch-size",
+        "4",
+        "--query-instruction-for-retrieval",
+        "Find it.",
+        "--query-max-len",
+        "64",
+        "--passage-max-len",
+        "16",
+        "--same-dataset-within-batch",
+        "--save-steps",
+        "100",
+    )
+    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["global_step"] == 2 + 4 + 2
+    assert json.loads((out / "bgekit.json").read_text())["model_class"] == "decoder-only-icl"
+
+
+def test_m3_batches_come_from_one_file_with_its_group_size_and_negatives(tmp_path, tiny_xlmr):
+    """BGE-M3 in this mode, read back through the M3 Trainer's own data loader: every batch of one file;
+    an ``only_1neg`` file's batches have 2 passages a query whatever ``train_group_size``, and a
+    ``no_in_batch_neg`` file's loss (every head's, and the ensemble's) is the loss of each query against
+    its own passages only, as ``--no-inbatch-neg`` gives it."""
+    from dataclasses import replace
+
+    from bgekit.models.tokenization import load_hf_tokenizer
+    from bgekit.train.embedder import EmbedderCollator
+    from bgekit.train.m3 import M3Options, M3Trainer, load_m3_for_training, resolve_heads
+    from bgekit.train.same_dataset import SameSetCollator, same_set_dataset
+    from bgekit.train.trainer import ThroughputCallback, training_data, training_tokenizer
+
+    write(tmp_path / "data" / "alpha.jsonl", "alpha", 6)
+    write(tmp_path / "data" / "pairs_no_in_batch_neg.jsonl", "pairs", 6, type="only_1neg")
+    options = M3Options(
+        output_dir=str(tmp_path / "out"),
+        train_data=[str(tmp_path / "data")],
+        train_group_size=3,
+        per_device_train_batch_size=3,
+        temperature=0.5,
         same_dataset_within_batch=True,
     )
-    with pytest.raises(InputError, match="same_dataset_within_batch is not supported for ICL"):
-        finetune_embedder(icl)
-    m3 = M3Options(output_dir=str(tmp_path / "m3"), model_name_or_path=str(tiny_bert), train_data=data)
-    m3.same_dataset_within_batch = True
-    with pytest.raises(InputError, match="same_dataset_within_batch not supported for M3"):
-        finetune_m3(m3)
+    heads = resolve_heads(options)
+    hf_tokenizer = load_hf_tokenizer(tiny_xlmr)
+    model = load_m3_for_training(tiny_xlmr, options, heads, hf_tokenizer)
+    model.eval()  # no dropout: both losses see the same vectors
+    files = training_data(options)
+    args = options.training_arguments()
+    sampler = GroupSampler([r for _, _, rs in files for r in rs], 3, options.seed)
+    tokenizer = training_tokenizer(hf_tokenizer)
+    trainer = M3Trainer(
+        model=model,
+        args=args,
+        train_dataset=same_set_dataset(files, sampler, options, args),
+        data_collator=SameSetCollator(EmbedderCollator(tokenizer, options)),
+        processing_class=hf_tokenizer,
+        text_tokenizer=tokenizer,
+        throughput=ThroughputCallback(),
+        options=options,
+        heads=heads,
+    )
+    loader = trainer.get_train_dataloader()
+    assert len(loader) == 2 + 2
+    seen = []
+    for batch in loader:
+        queries = hf_tokenizer.batch_decode(batch["query"]["input_ids"], skip_special_tokens=True)
+        (name,) = {q.split(":")[0].strip() for q in queries}
+        seen.append(name)
+        group = 2 if name == "pairs" else 3
+        assert batch["group_size"] == group and batch["passage"]["input_ids"].shape[0] == 3 * group
+        assert batch["in_batch"] == (name != "pairs")
+        plain = {k: v for k, v in batch.items() if k not in ("group_size", "in_batch")}
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, batch).item()
+            trainer.options = replace(options, train_group_size=group, use_inbatch_neg=batch["in_batch"])
+            want = trainer.compute_loss(model, plain).item()
+            trainer.options = replace(options, train_group_size=group, use_inbatch_neg=not batch["in_batch"])
+            other = trainer.compute_loss(model, plain).item()
+            trainer.options = options
+        assert loss == pytest.approx(want, rel=1e-6) and abs(loss - other) > 1e-4
+    assert sorted(seen) == ["alpha", "alpha", "pairs", "pairs"]
+
+
+def test_m3_cli_trains_one_file_per_batch(tmp_path, tiny_xlmr):
+    folder = three_files(tmp_path / "data")
+    out = tmp_path / "m3"
+    run(
+        "finetune",
+        "m3",
+        "--model",
+        str(tiny_xlmr),
+        "--train-data",
+        str(folder),
+        "--output-dir",
+        str(out),
+        "--per-device-train-batch-size",
+        "4",
+        "--passage-max-len",
+        "16",
+        "--same-dataset-within-batch",
+        "--save-steps",
+        "100",
+    )
+    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["global_step"] == 2 + 4 + 2, "one epoch: 8 // 4 + 8 // 2 + 8 // 4 batches"
+    assert (out / "sparse_linear.pt").exists() and (out / "colbert_linear.pt").exists()
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_bert):

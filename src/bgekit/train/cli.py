@@ -114,6 +114,31 @@ FixPositionEmbedding = Annotated[
         help="Freeze the position embeddings (parameters named position_embeddings), as FlagEmbedding's option.",
     ),
 ]
+SameDataset = Annotated[
+    bool,
+    typer.Option(
+        help="Every batch from one training file (its own batch size; no in-batch negatives for "
+        "*no_in_batch_neg files), as FlagEmbedding's option."
+    ),
+]
+SmallThreshold = Annotated[
+    int, typer.Option(min=0, help="With --same-dataset-within-batch: a folder's files under N records merge.")
+]
+DropThreshold = Annotated[
+    int, typer.Option(min=0, help="With --same-dataset-within-batch: ... unless they hold under N records in all.")
+]
+MaxExamples = Annotated[
+    int | None,
+    typer.Option(min=1, help="Train on at most N records of each training file, drawn at random (seeded)."),
+]
+ShuffleRatio = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Augmentation: this share of positives (over 100 characters) cut in 3 pieces at word breaks and shuffled.",
+    ),
+]
 SaveMerged = Annotated[
     bool,
     typer.Option("--save-merged-model/--no-save-merged-model", help="With --lora, also save the merged model in OUT."),
@@ -206,21 +231,13 @@ def finetune_embedder_cmd(
     ] = True,
     icl_suffix_str: Annotated[str, typer.Option(help="ICL: what ends each query (FlagICLModel's).")] = "\\n<response>",
     max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
-    same_dataset_within_batch: Annotated[
-        bool,
-        typer.Option(
-            help="Every batch from one training file (its own batch size; no in-batch negatives for "
-            "*no_in_batch_neg files), as FlagEmbedding's option."
-        ),
-    ] = False,
-    small_threshold: Annotated[
-        int, typer.Option(min=0, help="With --same-dataset-within-batch: a folder's files under N records merge.")
-    ] = 0,
-    drop_threshold: Annotated[
-        int, typer.Option(min=0, help="With --same-dataset-within-batch: ... unless they hold under N records in all.")
-    ] = 0,
+    same_dataset_within_batch: SameDataset = False,
+    small_threshold: SmallThreshold = 0,
+    drop_threshold: DropThreshold = 0,
     fix_position_embedding: FixPositionEmbedding = False,
     knowledge_distillation: KnowledgeDistillation = None,
+    max_example_num_per_dataset: MaxExamples = None,
+    shuffle_ratio: ShuffleRatio = 0.0,
 ) -> None:
     """Fine-tune an embedder (InfoNCE with in-batch + hard negatives, optional distillation; LoRA with --lora).
 
@@ -272,6 +289,8 @@ def finetune_embedder_cmd(
         drop_threshold=drop_threshold,
         fix_position_embedding=fix_position_embedding,
         knowledge_distillation=knowledge_distillation,
+        max_example_num_per_dataset=max_example_num_per_dataset,
+        shuffle_ratio=shuffle_ratio,
         **_lora(
             use_lora,
             lora_rank,
@@ -338,6 +357,8 @@ def finetune_reranker_cmd(
         str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
     ] = None,
     knowledge_distillation: KnowledgeDistillation = None,
+    max_example_num_per_dataset: MaxExamples = None,
+    shuffle_ratio: ShuffleRatio = 0.0,
 ) -> None:
     """Fine-tune a reranker (group cross-entropy: 1 positive vs negatives; LoRA with --lora).
 
@@ -376,6 +397,8 @@ def finetune_reranker_cmd(
         start_layer=start_layer,
         cutoff_layers=int_list(cutoff_layers, "--cutoff-layers"),
         knowledge_distillation=knowledge_distillation,
+        max_example_num_per_dataset=max_example_num_per_dataset,
+        shuffle_ratio=shuffle_ratio,
         **_lora(
             use_lora,
             lora_rank,
@@ -599,6 +622,11 @@ def finetune_m3_cmd(
     overwrite_output_dir: Overwrite = False,
     fix_position_embedding: FixPositionEmbedding = False,
     knowledge_distillation: KnowledgeDistillation = None,
+    same_dataset_within_batch: SameDataset = False,
+    small_threshold: SmallThreshold = 0,
+    drop_threshold: DropThreshold = 0,
+    max_example_num_per_dataset: MaxExamples = None,
+    shuffle_ratio: ShuffleRatio = 0.0,
 ) -> None:
     """Fine-tune BGE-M3: dense + sparse + ColBERT InfoNCE, ensemble loss, optional self-distillation."""
     from .m3 import M3Options, finetune_m3
@@ -642,6 +670,11 @@ def finetune_m3_cmd(
         overwrite_output_dir=overwrite_output_dir,
         fix_position_embedding=fix_position_embedding,
         knowledge_distillation=knowledge_distillation,
+        same_dataset_within_batch=same_dataset_within_batch,
+        small_threshold=small_threshold,
+        drop_threshold=drop_threshold,
+        max_example_num_per_dataset=max_example_num_per_dataset,
+        shuffle_ratio=shuffle_ratio,
     )
     typer.echo(f"saved {finetune_m3(options)}", err=True)
 

@@ -11,9 +11,12 @@ starts, and every error names the file and line.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +232,51 @@ def write_records(path: str | Path, records: Iterable[TrainRecord]) -> None:
     write_jsonl(path, rows())
 
 
+def keep_per_file(
+    files: list[tuple[Path, Path | None, list[TrainRecord]]], limit: int | None, seed: int
+) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
+    """FlagEmbedding's ``max_example_num_per_dataset``: a file with more than ``limit`` records trains on
+    ``limit`` of them drawn at random (each file on its own, a folder's files too, before small files
+    merge; not its first ``limit``). The draw depends on ``seed`` and the file's place alone, so a resumed
+    run keeps the same records; they stay in file order."""
+    if limit is None:
+        return files
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InputError(f"max_example_num_per_dataset must be a positive number of records, got {limit!r}")
+    kept = []
+    for number, (path, folder, records) in enumerate(files):
+        if len(records) > limit:
+            chosen = sorted(random.Random(f"{seed}:{number}").sample(range(len(records)), limit))
+            records = [records[i] for i in chosen]
+        kept.append((path, folder, records))
+    return kept
+
+
+#: FlagEmbedding 1.4.2 leaves passages of up to this many characters as they are under shuffle_ratio
+SHUFFLE_MIN_CHARS = 100
+
+
+def shuffle_text(text: str, rng: random.Random) -> str:
+    """``text`` cut in three pieces of about a third of its characters, put back in a random order:
+    FlagEmbedding's ``shuffle_ratio`` augmentation of positives, except that the cuts fall between
+    words (FlagEmbedding cuts at exact thirds of the characters, splitting words in two and joining
+    the halves with a space). A text of fewer than three words (Chinese, Japanese) is cut between
+    characters and put back without spaces."""
+    starts = [m.start() for m in re.finditer(r"\S+", text)]
+    if len(starts) < 3:
+        size = len(text) // 3 + 1
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        rng.shuffle(pieces)
+        return "".join(pieces)
+    # cut before the first word starting past a third (two thirds) of the text, leaving 3 non-empty pieces
+    first = min(max(bisect.bisect_left(starts, len(text) / 3), 1), len(starts) - 2)
+    second = min(max(bisect.bisect_left(starts, 2 * len(text) / 3), first + 1), len(starts) - 1)
+    cuts = [0, starts[first], starts[second], len(text)]
+    pieces = [text[a:b].strip() for a, b in itertools.pairwise(cuts)]
+    rng.shuffle(pieces)
+    return " ".join(pieces)
+
+
 @dataclass
 class Group:
     """What one record contributes to a batch: a query, 1 positive + negatives, teacher scores."""
@@ -247,17 +295,28 @@ class GroupSampler:
     Negatives are drawn without replacement; when there are too few, from the list repeated
     (FlagEmbedding's way: each one appears about equally often), and from other records' passages
     when a record has none. Those random passages get a teacher score of ``-inf``: the teacher's
-    distribution gives them no weight, the student learns to score them low.
+    distribution gives them no weight, the student learns to score them low. With ``shuffle_ratio``
+    a positive of over 100 characters is, with that probability, :func:`shuffle_text`-ed
+    (FlagEmbedding's augmentation). Every draw depends on the seed, epoch and record alone.
     """
 
     def __init__(
-        self, records: list[TrainRecord], group_size: int, seed: int = 42, corpus: Sequence[str] | None = None
+        self,
+        records: list[TrainRecord],
+        group_size: int,
+        seed: int = 42,
+        corpus: Sequence[str] | None = None,
+        *,
+        shuffle_ratio: float = 0.0,
     ):
         if group_size < 1:
             raise InputError(f"train_group_size must be >= 1, got {group_size}")
+        if not 0.0 <= shuffle_ratio <= 1.0:  # NaN too
+            raise InputError(f"shuffle_ratio must be between 0 and 1, got {shuffle_ratio}")
         self.records = records
         self.group_size = group_size
         self.seed = seed
+        self.shuffle_ratio = shuffle_ratio
         self._pool = list(corpus) if corpus else [p for r in records for p in r.pos + r.neg]
 
     def __len__(self) -> int:
@@ -269,6 +328,10 @@ class GroupSampler:
         rng = random.Random(hash((self.seed, epoch, index)))
         p = rng.randrange(len(record.pos))
         passages, scores = [record.pos[p]], [record.pos_scores[p]] if record.pos_scores else None
+        if self.shuffle_ratio and len(record.pos[p]) > SHUFFLE_MIN_CHARS:  # its own draws: the rest stay as they were
+            shuffler = random.Random(hash((self.seed, epoch, index, 2)))
+            if shuffler.random() < self.shuffle_ratio:
+                passages[0] = shuffle_text(record.pos[p], shuffler)
         wanted = (self.group_size if group_size is None else group_size) - 1
         if wanted:
             if record.neg:

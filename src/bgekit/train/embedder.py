@@ -22,18 +22,19 @@ from ..models.embedder import unescape_format
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
-from .data import SYMMETRIC_TYPES, Group, GroupSampler, load_train_files, with_teacher_scores
-from .same_dataset import SameSetCollator, SameSetDataset, training_sets
+from .data import SYMMETRIC_TYPES, Group, GroupSampler, with_teacher_scores
+from .same_dataset import SameSetCollator, same_set_dataset
 from .trainer import (
     BgekitTrainer,
+    DataOptions,
     EpochCallback,
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
-    distillation_records,
     fit_lengths,
     freeze_position_embeddings,
     resolve_resume,
+    training_data,
     training_tokenizer,
 )
 
@@ -43,7 +44,7 @@ KD_LOSSES = ("kl_div", "m3_kd_loss")
 
 
 @dataclass
-class EmbedderOptions(TrainOptions, lora.LoraOptions):
+class EmbedderOptions(TrainOptions, DataOptions, lora.LoraOptions):
     """What to train and how; see ``bgekit finetune embedder --help``."""
 
     model_name_or_path: str = ""
@@ -136,13 +137,6 @@ class EmbedderTrainer(BgekitTrainer):
         hidden = model(**inputs, return_dict=True).last_hidden_state
         vectors = pool(hidden, inputs["attention_mask"], self.pooling_method)
         return F.normalize(vectors, dim=-1) if self.options.normalize_embeddings else vectors
-
-    def _get_train_sampler(self, train_dataset=None):
-        """A same-dataset plan is read in order: its items are whole batches, already shuffled."""
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if isinstance(dataset, SameSetDataset):
-            return torch.utils.data.SequentialSampler(dataset)
-        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(inputs["query"], inputs["passage"])
@@ -261,10 +255,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
 
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
-    files = [  # validated before any model loads
-        (path, folder, distillation_records(file_records, options.knowledge_distillation))
-        for path, folder, file_records in load_train_files(options.train_data)
-    ]
+    files = training_data(options)  # validated before any model loads
     records = [r for _, _, file_records in files for r in file_records]
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
@@ -295,24 +286,15 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     if spec is not None and spec.kind == registry.ICL:  # bge-en-icl: examples in the queries
         from .icl import finetune_icl
 
-        return finetune_icl(options, records, name, spec)
+        return finetune_icl(options, files, name, spec)
     pooling_method = check_pooling(options.sentence_pooling_method or (spec.pooling_method if spec else None) or "cls")
     decoder = spec is not None and spec.kind == registry.DECODER
     if decoder:
         decoder_prompts(options, spec, pooling_method)
     args = options.training_arguments()
-    sampler = GroupSampler(records, options.train_group_size, options.seed)
+    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
     if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
-        sets = training_sets(
-            files,
-            options.per_device_train_batch_size,
-            small_threshold=options.small_threshold,
-            drop_threshold=options.drop_threshold,
-        )
-        if args.n_gpu > 1:  # DataParallel would stack several items (batches of several files) into one
-            raise InputError("same_dataset_within_batch runs one process per device: start it with torchrun")
-        dataset = SameSetDataset(sampler, sets, options.seed, processes=args.world_size)
-        args.per_device_train_batch_size = 1
+        dataset = same_set_dataset(files, sampler, options, args)
     else:
         dataset = GroupDataset(sampler)
     folder = hub.model_folder(name)

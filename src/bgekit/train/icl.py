@@ -45,15 +45,16 @@ from ..models.llm import (
 )
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import lora
-from .data import SYMMETRIC_TYPES, Group, GroupSampler, TrainRecord, load_train_data
+from .data import SYMMETRIC_TYPES, Group, GroupSampler, TrainRecord
 from .embedder import EmbedderCollator, EmbedderOptions, EmbedderTrainer
+from .same_dataset import SameSetCollator, SameSetDataset, same_set_dataset
 from .trainer import (
     EpochCallback,
     GroupDataset,
     ThroughputCallback,
-    distillation_records,
     freeze_position_embeddings,
     resolve_resume,
+    training_data,
     training_tokenizer,
 )
 
@@ -89,9 +90,11 @@ def as_icl_options(options: EmbedderOptions) -> ICLOptions:
 
 
 class ExamplePicker:
-    """Draws a record's demonstrations from other records of its task (file and prompt)."""
+    """Draws a record's demonstrations from other records of its task (file and prompt).
 
-    def __init__(self, records: list[TrainRecord], tokenizer: TextTokenizer, options: ICLOptions):
+    ``tokenizer`` (which cuts the examples) may be set after the records are checked, once it is loaded."""
+
+    def __init__(self, records: list[TrainRecord], tokenizer: TextTokenizer | None, options: ICLOptions):
         self.records = records
         self.tokenizer = tokenizer
         self.options = options
@@ -162,9 +165,27 @@ class ICLDataset(GroupDataset):
         self.options = options
 
     def __getitem__(self, index: int) -> ICLGroup:
-        group = super().__getitem__(index)
-        instruction = query_instruction(group, self.options)
-        return ICLGroup(**vars(group), examples=self.picker.pick(index, self.epoch, instruction))
+        return with_examples(super().__getitem__(index), index, self.epoch, self.picker, self.options)
+
+
+class ICLSameSetDataset(SameSetDataset):
+    """``same_dataset_within_batch`` for ICL embedders: every batch from one training file, each query
+    with examples from other records of its file and prompt (FlagEmbedding takes them from the query's
+    own batch, of one file too)."""
+
+    def __init__(self, *args, picker: ExamplePicker, options: ICLOptions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.picker = picker
+        self.options = options
+
+    def make_group(self, index: int, group_size: int) -> ICLGroup:
+        return with_examples(super().make_group(index, group_size), index, self.epoch, self.picker, self.options)
+
+
+def with_examples(group: Group, index: int, epoch: int, picker: ExamplePicker, options: ICLOptions) -> ICLGroup:
+    """Record ``index``'s group with its examples for ``epoch``."""
+    instruction = query_instruction(group, options)
+    return ICLGroup(**vars(group), examples=picker.pick(index, epoch, instruction))
 
 
 def query_instruction(group: Group, options: ICLOptions) -> str | None:
@@ -311,7 +332,7 @@ def write_metadata(folder: Path, options: ICLOptions) -> None:
 
 def finetune_icl(
     options: EmbedderOptions,
-    records: list[TrainRecord] | None = None,
+    files: list[tuple[Path, Path | None, list[TrainRecord]]] | None = None,
     name: str | None = None,
     spec: registry.ModelSpec | None = None,
 ) -> Path:
@@ -324,16 +345,22 @@ def finetune_icl(
     from transformers import AutoModel, TrainerCallback
 
     options = as_icl_options(options)
-    if getattr(options, "same_dataset_within_batch", False):
-        raise InputError("same_dataset_within_batch is not supported for ICL embedders (bge-en-icl) yet; leave it off")
-    if records is None:
-        records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
+    if files is None:
+        files = training_data(options)
+    records = [r for _, _, file_records in files for r in file_records]
     if name is None:
         name, spec = hub.resolve(options.model_name_or_path, registry.EMBEDDERS, options.model_class or registry.ICL)
     options = check_icl_options(options, spec)
     options.check_lora()
     if options.query_instruction_for_retrieval is None and not any(r.prompt for r in records):
         logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
+    args = options.training_arguments()
+    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+    picker = ExamplePicker(records, None, options)  # checks the records; cuts examples once the tokenizer loads
+    if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
+        dataset = same_set_dataset(files, sampler, options, args, ICLSameSetDataset, picker=picker, options=options)
+    else:
+        dataset = ICLDataset(sampler, picker, options)
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
@@ -346,11 +373,8 @@ def finetune_icl(
         freeze_position_embeddings(model)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
-    dataset = ICLDataset(
-        GroupSampler(records, options.train_group_size, options.seed),
-        ExamplePicker(records, tokenizer, options),
-        options,
-    )
+    picker.tokenizer = tokenizer
+    collator = ICLCollator(tokenizer, options)
     throughput = ThroughputCallback()
     output = Path(options.output_dir)
 
@@ -362,9 +386,9 @@ def finetune_icl(
 
     trainer = EmbedderTrainer(
         model=model,
-        args=options.training_arguments(),
+        args=args,
         train_dataset=dataset,
-        data_collator=ICLCollator(tokenizer, options),
+        data_collator=SameSetCollator(collator) if options.same_dataset_within_batch else collator,
         processing_class=hf_tokenizer,
         callbacks=[EpochCallback(dataset), throughput, SaveMetadata()],
         text_tokenizer=tokenizer,

@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..models.layerwise_reranker import LayerWiseFlagLLMReranker, check_cutoff_layers
 from ..models.llm_reranker import PAD_TO_MULTIPLE_OF
 from . import lora, losses
-from .data import Group, GroupSampler, TrainRecord, load_train_data, with_teacher_scores
+from .data import Group, GroupSampler, TrainRecord, with_teacher_scores
 from .llm_reranker import ids_by_prompt, pair_prompts
 from .reranker import RerankerOptions, write_reranker_metadata
 from .trainer import (
@@ -41,8 +41,8 @@ from .trainer import (
     EpochCallback,
     GroupDataset,
     ThroughputCallback,
-    distillation_records,
     resolve_resume,
+    training_records,
 )
 
 # files of the model folder that are not weights or tokenizer and must travel with the weights
@@ -193,7 +193,7 @@ def finetune_layerwise(
 
     options = as_layerwise_options(options)
     if records is None:
-        records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
+        records = training_records(options)
     options.check_lora()
     if options.additional_special_tokens:
         raise InputError("additional_special_tokens is not supported for layerwise rerankers (a fixed vocabulary)")
@@ -217,7 +217,9 @@ def finetune_layerwise(
     cutoffs = training_layers(options, module.config)
     if options.use_lora:  # the adapter trains; the score heads and the rest stay as they are
         module = lora.wrap(module, options, gradient_checkpointing=False)
-    dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
+    dataset = GroupDataset(
+        GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+    )
     throughput = ThroughputCallback()
     output = Path(options.output_dir)
 

@@ -24,8 +24,9 @@ from ..models.m3 import M3Module, load_head
 from ..models.pooling import pool
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import losses
-from .data import GroupSampler, load_train_data
+from .data import GroupSampler
 from .embedder import KD_LOSSES, EmbedderCollator, EmbedderOptions
+from .same_dataset import SameSetCollator, same_set_dataset
 from .trainer import (
     BgekitTrainer,
     EpochCallback,
@@ -33,10 +34,10 @@ from .trainer import (
     LossPartsLogging,
     OwnFolderLayout,
     ThroughputCallback,
-    distillation_records,
     fit_lengths,
     freeze_position_embeddings,
     resolve_resume,
+    training_data,
     with_current_names,
 )
 
@@ -196,20 +197,23 @@ class M3Trainer(LossPartsLogging, OwnFolderLayout, BgekitTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(inputs["query"], inputs["passage"])
-        opts, group = self.options, self.options.train_group_size
+        opts = self.options
+        # a same-dataset batch brings its group size, and in_batch=False for a no_in_batch_neg file
+        group = inputs.get("group_size", opts.train_group_size)
+        in_batch = opts.use_inbatch_neg and inputs.get("in_batch", True)
         q = {**model(**inputs["query"]), "ids": inputs["query"]["input_ids"]}
         p = {**model(**inputs["passage"]), "ids": inputs["passage"]["input_ids"]}
         scores = self.score_matrices(q, p)
-        if not opts.use_inbatch_neg:
+        if not in_batch:
             scores = {name: losses.own_group(value, group) for name, value in scores.items()}
         teacher = inputs.get("teacher_scores")  # FlagEmbedding's teacher terms go into every head's loss
 
         def head_loss(value: torch.Tensor) -> torch.Tensor:
-            first = losses.first_columns(value, group, opts.use_inbatch_neg)
+            first = losses.first_columns(value, group, in_batch)
             return losses.scores_loss(value, first, group, opts.temperature, teacher, opts.kd_loss_type)
 
         head_losses = {name: head_loss(value) for name, value in scores.items()}
-        if "dense" in scores and opts.negatives_cross_device and opts.use_inbatch_neg:
+        if "dense" in scores and opts.negatives_cross_device and in_batch:
             head_losses["dense"] = losses.embedding_loss(
                 q["dense"], p["dense"], group, opts.temperature, teacher, opts.kd_loss_type, cross_device=True
             )
@@ -306,8 +310,8 @@ def finetune_m3(options: M3Options) -> Path:
     ``trainer_state.json`` in the output folder.
     """
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
-    records = load_train_data(options.train_data)  # validated before any model loads
-    records = distillation_records(records, options.knowledge_distillation)
+    files = training_data(options)  # validated before any model loads
+    records = [r for _, _, file_records in files for r in file_records]
     heads = resolve_heads(options)
     if options.kd_loss_type not in KD_LOSSES:
         raise InputError(f"kd_loss_type must be one of {KD_LOSSES}, got {options.kd_loss_type!r}")
@@ -317,7 +321,7 @@ def finetune_m3(options: M3Options) -> Path:
     if options.sentence_pooling_method not in (None, "cls"):
         raise InputError("BGE-M3's dense vector is the CLS state; sentence_pooling_method must be 'cls'")
     # embedder options this trainer does not implement (getattr: not every version has them)
-    names = ("matryoshka_dims", "sub_batch_size", "use_lora", "model_class", "same_dataset_within_batch")
+    names = ("matryoshka_dims", "sub_batch_size", "use_lora", "model_class")
     unsupported = [name for name in names if getattr(options, name, None)]
     if unsupported:
         raise InputError(f"{', '.join(unsupported)} not supported for M3 fine-tuning; leave them unset")
@@ -327,6 +331,12 @@ def finetune_m3(options: M3Options) -> Path:
         options.extra.setdefault("dataloader_drop_last", True)
     if len(heads) < len(HEADS) or options.fix_encoder:  # DDP must not wait for heads that get no gradient
         options.extra.setdefault("ddp_find_unused_parameters", True)
+    args = options.training_arguments()
+    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+    if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
+        dataset = same_set_dataset(files, sampler, options, args)
+    else:
+        dataset = GroupDataset(sampler)
     folder = hub.model_folder(options.model_name_or_path)
     hf_tokenizer = load_hf_tokenizer(folder)
     tokenizer = TextTokenizer(hf_tokenizer)
@@ -334,13 +344,13 @@ def finetune_m3(options: M3Options) -> Path:
     if options.fix_position_embedding:
         freeze_position_embeddings(model)
     fit_lengths(options, model.encoder.config, "query_max_len", "passage_max_len")
-    dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
+    collator = EmbedderCollator(tokenizer, options)
     throughput = ThroughputCallback()
     trainer = M3Trainer(
         model=model,
-        args=options.training_arguments(),
+        args=args,
         train_dataset=dataset,
-        data_collator=EmbedderCollator(tokenizer, options),
+        data_collator=SameSetCollator(collator) if options.same_dataset_within_batch else collator,
         processing_class=hf_tokenizer,
         callbacks=[EpochCallback(dataset), throughput],
         text_tokenizer=tokenizer,

@@ -18,21 +18,22 @@ from .. import hub, registry
 from ..errors import InputError
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
-from .data import Group, GroupSampler, load_train_data, with_teacher_scores
+from .data import Group, GroupSampler, with_teacher_scores
 from .trainer import (
     BgekitTrainer,
+    DataOptions,
     EpochCallback,
     GroupDataset,
     ThroughputCallback,
     TrainOptions,
-    distillation_records,
     fit_lengths,
     resolve_resume,
+    training_records,
 )
 
 
 @dataclass
-class RerankerOptions(TrainOptions, lora.LoraOptions):
+class RerankerOptions(TrainOptions, DataOptions, lora.LoraOptions):
     """What to train and how; see ``bgekit finetune reranker --help``."""
 
     model_name_or_path: str = ""
@@ -102,7 +103,7 @@ def finetune_reranker(options: RerankerOptions) -> Path:
 
     resume = resolve_resume(options.resume_from_checkpoint, options.output_dir, options.overwrite_output_dir)
 
-    records = distillation_records(load_train_data(options.train_data), options.knowledge_distillation)
+    records = training_records(options)
     folder = hub.model_folder(options.model_name_or_path)
     kind = options.model_class or hub.describe_folder(folder, registry.RERANKERS, for_reranker=True).kind
     if kind == registry.LAYERWISE_RERANKER:  # a score head per layer
@@ -125,7 +126,8 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     tokenizer = TextTokenizer(hf_tokenizer)
     if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing, task_type="SEQ_CLS")
-    dataset = GroupDataset(GroupSampler(records, options.train_group_size, options.seed))
+    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+    dataset = GroupDataset(sampler)
     throughput = ThroughputCallback()
     trainer = RerankerTrainer(
         model=model,

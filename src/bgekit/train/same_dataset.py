@@ -198,8 +198,12 @@ class SameSetDataset(torch.utils.data.Dataset):
         group_size = self.group_size(chosen, self.sampler.records[indices[0]])
         share = len(indices) // self.processes
         mine = indices[(item % self.processes) * share :][:share]
-        groups = [self.sampler.group(i, self.epoch, group_size) for i in mine]
+        groups = [self.make_group(i, group_size) for i in mine]
         return SameSetBatch(groups, group_size, chosen.in_batch)
+
+    def make_group(self, index: int, group_size: int) -> Group:
+        """Record ``index``'s group for this epoch (the ICL dataset adds its examples here)."""
+        return self.sampler.group(index, self.epoch, group_size)
 
     def group_size(self, chosen: TrainingSet, first: TrainRecord) -> int:
         """The batch's passages per query: from its first record (of the whole batch, so every process
@@ -209,6 +213,30 @@ class SameSetDataset(torch.utils.data.Dataset):
         if chosen.type == SYMMETRIC_CLASS:
             return min(len(first.neg) + 1, self.sampler.group_size)
         return self.sampler.group_size
+
+
+def same_set_dataset(
+    files: list[tuple[Path, Path | None, list[TrainRecord]]],
+    sampler: GroupSampler,
+    options,
+    args,
+    dataset_class: type[SameSetDataset] = SameSetDataset,
+    /,
+    **kwargs,
+) -> SameSetDataset:
+    """The plan for ``options`` (batch size, thresholds, seed) over ``files``, checked before any model
+    loads; sets ``args.per_device_train_batch_size`` to 1, as one item is a whole batch."""
+    sets = training_sets(
+        files,
+        options.per_device_train_batch_size,
+        small_threshold=options.small_threshold,
+        drop_threshold=options.drop_threshold,
+    )
+    if args.n_gpu > 1:  # DataParallel would stack several items (batches of several files) into one
+        raise InputError("same_dataset_within_batch runs one process per device: start it with torchrun")
+    dataset = dataset_class(sampler, sets, options.seed, processes=args.world_size, **kwargs)
+    args.per_device_train_batch_size = 1
+    return dataset
 
 
 class SameSetCollator:

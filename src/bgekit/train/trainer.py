@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import InputError
 from ..io import check_output_folder
 from ..models.tokenization import TextTokenizer
-from .data import GroupSampler, TrainRecord
+from .data import GroupSampler, TrainRecord, keep_per_file, load_train_files
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,33 @@ def _checkpointing_argument() -> str:
 
 
 _CHECKPOINTING = _checkpointing_argument()
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    """FlagEmbedding's data options shared by the trainers that read query / pos / neg records."""
+
+    #: train on at most this many records of each file, drawn at random (None: all)
+    max_example_num_per_dataset: int | None = None
+    #: the share of positives (over 100 characters) cut in three and shuffled, as augmentation
+    shuffle_ratio: float = 0.0
+
+
+def training_data(options: Any) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
+    """``options.train_data`` file by file, validated, as the options have them train: at most
+    ``max_example_num_per_dataset`` records of each file, teacher scores as ``knowledge_distillation``
+    says (checked before any model loads)."""
+    if not 0.0 <= options.shuffle_ratio <= 1.0:  # NaN too
+        raise InputError(f"shuffle_ratio must be between 0 and 1, got {options.shuffle_ratio}")
+    files = keep_per_file(load_train_files(options.train_data), options.max_example_num_per_dataset, options.seed)
+    return [
+        (path, folder, distillation_records(records, options.knowledge_distillation)) for path, folder, records in files
+    ]
+
+
+def training_records(options: Any) -> list[TrainRecord]:
+    """:func:`training_data`'s records, all files together."""
+    return [r for _, _, records in training_data(options) for r in records]
 
 
 def fit_lengths(options: Any, config: Any, *names: str) -> None:
@@ -362,6 +389,15 @@ class BgekitTrainer(Trainer):
         if state is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._issue_warnings_after_load(target.load_state_dict(state, False))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """A same-dataset plan is read in order: its items are whole batches, already shuffled."""
+        from .same_dataset import SameSetDataset
+
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, SameSetDataset):
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def count_tokens(self, *batches: dict[str, torch.Tensor]) -> None:
         self.throughput.tokens += int(sum(b["attention_mask"].sum() for b in batches))
