@@ -255,7 +255,8 @@ def cqadupstack_forums(name_or_path: str | Path, *, cache_dir: str | Path | None
 
 _WHOLE_CQADUPSTACK = (
     "evaluate_retrieval (bgekit eval retrieval) takes the whole of it, evaluates each forum in its own corpus and "
-    "reports their mean, the CQADupStack score of BEIR and MTEB"
+    "reports their mean, the CQADupStack score of BEIR and MTEB; bgekit data beir-to-train and bgekit mine --corpus "
+    "take it too (one training file a forum, each forum mined in its own corpus)"
 )
 
 
