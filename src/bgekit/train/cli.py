@@ -614,6 +614,13 @@ def beir_to_train(
         return
     io.check_outputs(output, inputs=dataset_files(dataset, split))  # not over the queries it reads
     records = beir_to_records(load_retrieval_dataset(dataset, split))
+    if not records:  # an empty training file would fail only at finetune, far from its cause
+        from ..errors import InputError
+
+        raise InputError(
+            f"no judged query of {dataset} ({split}) has a relevant document (score > 0) in the corpus: "
+            "no training records to write"
+        )
     write_records(output, records)
     typer.echo(f"wrote {output}: {len(records)} records", err=True)
 
