@@ -165,6 +165,14 @@ def remove_other_runs(stem: Path, written: Iterable[str]) -> None:
                 path.unlink(missing_ok=True)
 
 
+def check_cache_folder(root: Path) -> None:
+    """An :class:`InputError` when the corpus cache cannot go under ``root`` (a file there or above it,
+    a folder this process may not write in)."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"cache folder {root} is a file: pass a folder as cache_dir (--cache-dir), or --no-cache")
+    io.check_creatable_under(root, f"cache folder {root} (--cache-dir)")
+
+
 def report_stem(output: str | Path) -> Path:
     """``OUT`` for ``OUT.json`` or ``OUT``: the name the report's files share."""
     output = Path(output)
@@ -238,6 +246,9 @@ def evaluate_retrieval(
     require_faiss()  # a missing eval extra is named now, not after the corpus is encoded
     metrics_mod.require_pytrec_eval()
 
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
+    if use_cache:  # said before a model loads, not as a traceback when the first vectors are cached
+        check_cache_folder(root)
     tick = time.perf_counter()
     downloads = None if cache_dir is None else Path(cache_dir) / "datasets"
     forums = cqadupstack_forums(dataset, cache_dir=downloads)  # None for one dataset
@@ -263,7 +274,6 @@ def evaluate_retrieval(
     timings["load_models_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
     corpus_vectors, cache = embed_corpus(
         embedder,
         dataset,
