@@ -130,6 +130,15 @@ def test_a_forum_without_the_split_is_named_before_any_is_embedded(tmp_path):
         evaluate_retrieval("no/such-model", folder)  # the model is not even loaded
 
 
+def test_a_forum_without_its_queries_is_named_before_any_is_embedded(tmp_path):
+    """A forum folder missing queries.jsonl was found only when its turn came, after the forums before it
+    were embedded; every forum's files are now checked before the model loads."""
+    folder = write_forums(tmp_path / "cqadupstack", ("android", "gis"))
+    (folder / "gis" / "queries.jsonl").unlink()
+    with pytest.raises(InputError, match=r"dataset folder .*gis is missing queries\.jsonl"):
+        evaluate_retrieval("no/such-model", folder)  # the model is not even loaded
+
+
 def test_the_name_cqadupstack_is_the_downloaded_archive(tiny, tmp_path):
     """Online, ``cqadupstack`` is BEIR's archive (downloaded once into the cache): all its forums."""
     write_forums(tmp_path / "cache" / "datasets" / "cqadupstack", ("android", "gis"))

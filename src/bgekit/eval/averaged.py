@@ -21,7 +21,7 @@ from typing import Any
 from .. import __version__, io
 from ..errors import InputError
 from . import metrics as metrics_mod
-from .datasets import CQADUPSTACK_FORUMS, available_splits
+from .datasets import CQADUPSTACK_FORUMS, available_splits, required_files
 from .retrieval import (
     RetrievalResult,
     evaluate_retrieval,
@@ -192,6 +192,7 @@ def evaluate_forums(
             raise InputError(
                 f"forum {folder} has no judgments for split {split!r} (splits found: {', '.join(splits) or 'none'})"
             )
+        required_files(folder, split)  # a forum without its queries file, likewise
     tick = time.perf_counter()
     embedder = load_embedder(model, query_instruction, model_options)
     rerank_model = load_reranker(reranker, reranker_options) if reranker is not None else None

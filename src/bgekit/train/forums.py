@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import io
 from ..errors import InputError
-from ..eval.datasets import CQADUPSTACK_FORUMS, available_splits, load_local_dataset, read_corpus
+from ..eval.datasets import CQADUPSTACK_FORUMS, available_splits, load_local_dataset, read_corpus, required_files
 from .beir import beir_to_records
 from .data import TrainRecord, record_rows, training_files
 
@@ -32,6 +32,7 @@ def forum_records(forums: list[Path], split: str) -> dict[str, list[TrainRecord]
             raise InputError(
                 f"forum {folder} has no judgments for split {split!r} (splits found: {', '.join(splits) or 'none'})"
             )
+        required_files(folder, split)
     return {folder.name: beir_to_records(load_local_dataset(folder, split)) for folder in forums}
 
 
