@@ -32,6 +32,7 @@ def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.
 
     from bgekit.cli import app
 
+    _library_logs_to_current_stderr()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     root.handlers = []
@@ -47,6 +48,30 @@ def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.
     if check:
         assert completed.returncode == 0, completed.stderr
     return completed
+
+
+class _CurrentStderr:
+    """A stream that is whatever ``sys.stderr`` is at each write (the running command's, as in a process)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _library_logs_to_current_stderr() -> None:
+    """transformers logs through a handler of its own, made with the ``sys.stderr`` of the moment it was
+    first used: inside :func:`run` that is one command's captured stderr, closed when it ends, and every
+    later command's log (transformers 5's load report) became a "--- Logging error ---" traceback there."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.get_logger()  # makes the handler if no command has yet
+    handler = getattr(hf_logging, "_default_handler", None)
+    if isinstance(handler, logging.StreamHandler) and not isinstance(handler.stream, _CurrentStderr):
+        handler.setStream(_CurrentStderr())
 
 
 def run_process(

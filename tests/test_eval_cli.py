@@ -257,3 +257,18 @@ def test_eval_cli_errors_are_one_clear_line(tmp_path, minilm_dir, args, message)
     assert result.returncode == 2, result.stderr
     assert re.search(message, result.stderr), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
+    """--cache-dir naming a file was a NotADirectoryError traceback once the model had loaded; the unknown model
+    here would be the error if the cache folder were checked later."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder\n")
+    result = run("eval", "retrieval", "-m", "nobody/unknown", "-d", str(MINI), "--cache-dir", str(cache), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"cache folder {cache} is a file" in result.stderr and "--no-cache" in result.stderr
+    under = run(
+        "eval", "retrieval", "-m", "nobody/unknown", "-d", str(MINI), "--cache-dir", str(cache / "sub"), check=False
+    )  # fmt: skip
+    assert under.returncode == 2 and "cannot be created" in under.stderr and "is a file" in under.stderr
+    assert "nobody/unknown" not in result.stderr + under.stderr

@@ -130,6 +130,15 @@ def test_a_forum_without_the_split_is_named_before_any_is_embedded(tmp_path):
         evaluate_retrieval("no/such-model", folder)  # the model is not even loaded
 
 
+def test_a_forum_without_its_queries_is_named_before_any_is_embedded(tmp_path):
+    """A forum folder missing queries.jsonl was found only when its turn came, after the forums before it
+    were embedded; every forum's files are now checked before the model loads."""
+    folder = write_forums(tmp_path / "cqadupstack", ("android", "gis"))
+    (folder / "gis" / "queries.jsonl").unlink()
+    with pytest.raises(InputError, match=r"dataset folder .*gis is missing queries\.jsonl"):
+        evaluate_retrieval("no/such-model", folder)  # the model is not even loaded
+
+
 def test_the_name_cqadupstack_is_the_downloaded_archive(tiny, tmp_path):
     """Online, ``cqadupstack`` is BEIR's archive (downloaded once into the cache): all its forums."""
     write_forums(tmp_path / "cache" / "datasets" / "cqadupstack", ("android", "gis"))
@@ -155,3 +164,30 @@ def test_cli_reports_the_mean_and_each_forum(tiny_bert, cqadupstack, tmp_path):
     assert report["metrics"]["ndcg_at_10"] == pytest.approx(statistics.fmean(per_forum))
     assert "on cqadupstack (test), mean over 12 forums" in result.stdout
     assert "| wordpress | " in result.stdout and "Corpus embeddings by forum: 12 miss." in result.stdout
+
+
+def test_a_later_run_over_fewer_forums_leaves_no_earlier_forum_files(tiny, tmp_path):
+    """OUT.FORUM.trec of a forum the new run did not evaluate passed for part of it; the output set is now
+    the new run's alone, and files that are not a CQADupStack run of OUT stay."""
+    all_three = write_forums(tmp_path / "three" / "cqadupstack", ("android", "gis", "tex"))
+    two = write_forums(tmp_path / "two" / "cqadupstack", ("android", "gis"))
+    out = tmp_path / "out"
+    evaluate_retrieval(tiny, all_three, use_cache=False, output=out / "cqa.json")
+    assert (out / "cqa.tex.trec").exists()
+    unrelated = [out / "cqa.tex.notes.txt", out / "cqa.nosuchforum.trec", out / "other.tex.trec"]
+    for path in unrelated:
+        path.write_text("mine\n")
+    (out / "cqa.wordpress.json").write_text("{}\n")  # a report of its own (-o cqa.wordpress.json): its run stays
+    (out / "cqa.wordpress.trec").write_text("mine\n")
+    result = evaluate_retrieval(tiny, two, use_cache=False, output=out / "cqa.json")
+    trec = sorted(p.name for p in out.glob("cqa.*trec"))
+    assert trec == ["cqa.android.trec", "cqa.gis.trec", "cqa.nosuchforum.trec", "cqa.wordpress.trec"]
+    assert sorted(Path(p).name for p in result.files.values()) == [
+        "cqa.android.trec", "cqa.gis.trec", "cqa.json", "cqa.md",
+    ]  # fmt: skip
+    assert all(path.read_text() == "mine\n" for path in unrelated)
+    # one dataset's report over the same OUT: no forum's run file of the earlier report is left beside it
+    evaluate_retrieval(tiny, two / "gis", use_cache=False, output=out / "cqa.json")
+    assert sorted(p.name for p in out.glob("cqa.*trec")) == ["cqa.nosuchforum.trec", "cqa.trec", "cqa.wordpress.trec"]
+    evaluate_retrieval(tiny, two, use_cache=False, output=out / "cqa.json")  # and the other way round
+    assert not (out / "cqa.trec").exists()

@@ -5,6 +5,7 @@ and fusion follows its definition."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +259,42 @@ def test_m3_sparse_hybrid_and_dense_pipeline(golden_dir):
     result = evaluate_retrieval(m3, subset, use_cache=False, k_values=(10,), max_length=128)
     for q in query_ids:
         assert list(result.run[q]) == list(dense_run[q])[:10]
+
+
+def test_a_damaged_index_folder_is_one_clear_error(tmp_path, vectors):
+    """A cut-short index.faiss, an index.json without its fields or not an object, an ids.json that is not a
+    list: faiss's C++ assertion, a KeyError or an AttributeError came out as a traceback of `bgekit search`."""
+    import shutil
+
+    from .cli import run
+
+    docs, _ = vectors
+    DenseIndex.build(docs[:5], [f"d{i}" for i in range(5)]).save(tmp_path / "good", extra={"model": "some/model"})
+
+    def damaged(name: str, file: str, text: str | bytes | None = None, drop: str | None = None) -> Path:
+        folder = shutil.copytree(tmp_path / "good", tmp_path / name)
+        if drop is not None:
+            meta = json.loads((folder / "index.json").read_text())
+            del meta[drop]
+            text = json.dumps(meta)
+        if isinstance(text, bytes):
+            (folder / file).write_bytes(text)
+        else:
+            (folder / file).write_text(text)
+        return folder
+
+    cases = {
+        damaged("cut", "index.faiss", (tmp_path / "good" / "index.faiss").read_bytes()[:100]): (
+            r"index\.faiss cannot be read by faiss: the file is damaged or incomplete"
+        ),
+        damaged("empty", "index.faiss", b""): r"index\.faiss cannot be read by faiss",
+        damaged("nodim", "index.json", drop="dim"): r"index\.json lacks 'dim': rebuild the index",
+        damaged("list", "index.json", "[]"): r"index\.json is not a bgekit index description",
+        damaged("idsjson", "ids.json", "[1,"): r"ids\.json is not valid JSON",
+        damaged("idsdict", "ids.json", '{"a": 1}'): r"ids\.json must hold a JSON list of document ids, got dict",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            DenseIndex.load(folder)
+    result = run("search", "-i", str(tmp_path / "cut"), "-q", "hello", check=False)
+    assert result.returncode == 2 and "cannot be read by faiss" in result.stderr and "Traceback" not in result.stderr

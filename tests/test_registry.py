@@ -140,6 +140,39 @@ def test_hub_ids_with_stray_whitespace_or_trailing_slash_are_hub_ids(tmp_path, m
         FlagModel("my-org/missing/", devices="cpu")
 
 
+def test_every_class_built_directly_names_the_model_as_the_cli_does(tiny_bert, tiny_bert_reranker, monkeypatch):
+    """``FlagModel("org/name/")`` (or a folder given with a trailing slash) built directly kept the slash in
+    ``model_name_or_path`` while ``from_pretrained`` and the CLI dropped it: one rule (``hub.model_name``)
+    for every class."""
+    from bgekit import AbsEmbedder, BGEM3FlagModel, FlagLLMModel
+    from bgekit.eval.cli import _absolute_if_local
+    from bgekit.hub import model_name
+
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    for given in (f"{hub_id}/", f" {hub_id} ", f"{hub_id}/\n"):
+        assert model_name(given) == hub_id == _absolute_if_local(given)
+        assert FlagModel(given, devices="cpu").model_name_or_path == hub_id
+    for given in (f"{tiny_bert}/", f" {tiny_bert}/ "):
+        assert FlagModel(given, devices="cpu").model_name_or_path == str(tiny_bert)
+        assert Embedder.from_pretrained(given, devices="cpu").model_name_or_path == str(tiny_bert)
+        assert _absolute_if_local(given) == str(tiny_bert.resolve())
+    assert FlagReranker(f"{tiny_bert_reranker}/", devices="cpu").model_name_or_path == str(tiny_bert_reranker)
+    monkeypatch.chdir(tiny_bert.parent)  # a relative folder stays relative; the CLI records it absolute
+    assert FlagModel(f"./{tiny_bert.name}/", devices="cpu").model_name_or_path == tiny_bert.name
+    assert _absolute_if_local(f"./{tiny_bert.name}/") == str(tiny_bert.resolve())
+
+    class Custom(AbsEmbedder):  # FlagEmbedding's abstract base, as a user subclasses it
+        def encode_single_device(self, *args, **kwargs):
+            raise NotImplementedError
+
+    assert Custom(f"{hub_id}/").model_name_or_path == hub_id
+    # offline, a hub id that is not here is named without the slash or spaces, by every class
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for cls in (FlagModel, FlagReranker, BGEM3FlagModel, FlagLLMModel):
+        with pytest.raises(ModelNotFoundError, match=r"could not get model 'my-org/not-here' from the Hugging Face"):
+            cls(" my-org/not-here/ ", devices="cpu")
+
+
 def test_model_class_override_for_unknown_hub_id():
     name, spec = resolve("my-org/my-model", registry.EMBEDDERS, "encoder-only-base")
     assert name == "my-org/my-model" and spec.kind == registry.ENCODER

@@ -89,6 +89,16 @@ def test_save_and_load_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(InputError, match=r"sharded\.json"):
         ShardedIndex.load(tmp_path)
+    # a damaged sharded.json: a JSONDecodeError, AttributeError or KeyError came out of load
+    meta = tmp_path / "idx" / "sharded.json"
+    for text, message in [
+        ("{", r"sharded\.json is not valid JSON"),
+        ("[]", r"sharded\.json is not a sharded bgekit index description"),
+        ('{"format": "bgekit-sharded-index/1"}', r"must list its shard folders under 'shards'"),
+    ]:
+        meta.write_text(text)
+        with pytest.raises(InputError, match=message):
+            ShardedIndex.load(tmp_path / "idx")
 
 
 def test_bad_shards_are_refused():

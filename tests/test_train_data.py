@@ -138,6 +138,23 @@ def test_beir_to_train_cli_never_writes_over_the_dataset(tmp_path):
     assert json.loads((folder / "train.jsonl").read_text()) == {"query": "first", "pos": ["T one"], "neg": []}
 
 
+def test_beir_to_train_refuses_a_split_without_relevant_documents(tmp_path):
+    """Judgments that are all 0 (or name documents the corpus lacks) wrote an empty training file, "wrote ...:
+    0 records", which fine-tuning refused later; it is now an error naming the dataset and split."""
+    from bgekit.eval.datasets import RetrievalDataset, write_beir
+
+    from .cli import run
+
+    dataset = RetrievalDataset.from_dicts(
+        corpus={"d1": {"text": "one"}}, queries={"q1": "first"}, qrels={"q1": {"d1": 0}}
+    )
+    folder = write_beir(dataset, tmp_path / "ds")
+    out = tmp_path / "train.jsonl"
+    result = run("data", "beir-to-train", "--dataset", str(folder), "--split", "test", "-o", str(out), check=False)
+    assert result.returncode == 2 and "no judged query of" in result.stderr and "(test) has a relevant" in result.stderr
+    assert not out.exists() and "Traceback" not in result.stderr
+
+
 def test_short_negative_lists_and_random_negatives_under_a_teacher(tmp_path):
     two = TrainRecord("q", ["p"], ["n0", "n1"])
     sampler = GroupSampler([two], group_size=4, seed=0)

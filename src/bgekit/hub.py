@@ -47,6 +47,18 @@ def clean_name(name_or_path: str | Path) -> str:
     return name
 
 
+def model_name(name_or_path: str | Path) -> str:
+    """The one name a model goes by, whoever loads it (every model class's ``model_name_or_path``, the
+    CLI's records): a hub id or known short name as :func:`clean_name` gives it (``"org/name/"`` is
+    ``"org/name"``), an existing local folder without a trailing slash (``"out/model/"`` is
+    ``"out/model"``); anything else as given, so a missing folder is named as typed (and a value that is
+    no name at all, which loading refuses, unchanged)."""
+    if not isinstance(name_or_path, (str, Path)):
+        return name_or_path
+    name = clean_name(name_or_path)
+    return str(Path(name)) if name.strip() and Path(name).expanduser().exists() else name
+
+
 def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
     """Return a local folder holding the model's files, downloading it if needed."""
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():

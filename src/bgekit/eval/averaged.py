@@ -21,8 +21,15 @@ from typing import Any
 from .. import __version__, io
 from ..errors import InputError
 from . import metrics as metrics_mod
-from .datasets import CQADUPSTACK_FORUMS, available_splits
-from .retrieval import RetrievalResult, evaluate_retrieval, load_embedder, load_reranker, report_stem
+from .datasets import CQADUPSTACK_FORUMS, available_splits, required_files
+from .retrieval import (
+    RetrievalResult,
+    evaluate_retrieval,
+    load_embedder,
+    load_reranker,
+    remove_other_runs,
+    report_stem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +155,7 @@ class AveragedRetrievalResult:
         files = {"json": str(json_path), "markdown": str(stem.with_name(stem.name + ".md"))}
         for forum, result in self.per_forum.items():
             files.update(result.save_runs(stem.with_name(f"{stem.name}.{forum}"), prefix=f"{forum}."))
+        remove_other_runs(stem, files.values())  # an earlier run's forums that this one did not evaluate
         self.files = files
         io.write_with(files["markdown"], lambda tmp: tmp.write_text(self.to_markdown(), encoding="utf-8"))
         text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"
@@ -184,6 +192,7 @@ def evaluate_forums(
             raise InputError(
                 f"forum {folder} has no judgments for split {split!r} (splits found: {', '.join(splits) or 'none'})"
             )
+        required_files(folder, split)  # a forum without its queries file, likewise
     tick = time.perf_counter()
     embedder = load_embedder(model, query_instruction, model_options)
     rerank_model = load_reranker(reranker, reranker_options) if reranker is not None else None

@@ -242,7 +242,7 @@ def _absolute_if_local(name: str) -> str:
     the stray whitespace or trailing slash it accepts: ``"org/name/"`` is ``"org/name"``)."""
     from .. import hub
 
-    name = hub.clean_name(name)
+    name = hub.model_name(name)  # the library's own normalisation, so the CLI and every class agree
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
 

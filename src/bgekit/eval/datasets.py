@@ -217,16 +217,8 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
         raise InputError(
             f"{folder} holds {len(nested)} datasets, not one ({', '.join(nested)}); pass one of their folders{whole}"
         )
-    if layout == "custom":
-        corpus_path = _require(folder, ["corpus.jsonl", "corpus.jsonl.gz"], split, layout)
-        queries_path = _require(folder, [f"{split}_queries.jsonl", f"{split}_queries.jsonl.gz"], split, layout)
-        qrels_path = _require(folder, [f"{split}_qrels.jsonl", f"{split}_qrels.jsonl.gz"], split, layout)
-        qrels = read_qrels_jsonl(qrels_path)
-    else:
-        corpus_path = _require(folder, ["corpus.jsonl", "corpus.jsonl.gz"], split, layout)
-        queries_path = _require(folder, ["queries.jsonl", "queries.jsonl.gz"], split, layout)
-        qrels_path = _require(folder, [f"qrels/{split}.tsv", f"qrels/{split}.tsv.gz"], split, layout)
-        qrels = read_qrels_tsv(qrels_path)
+    corpus_path, queries_path, qrels_path = required_files(folder, split, layout)
+    qrels = read_qrels_jsonl(qrels_path) if layout == "custom" else read_qrels_tsv(qrels_path)
     ids, texts = read_corpus(corpus_path)
     queries = read_queries(queries_path)
     return assemble(folder.name, split, ids, texts, queries, qrels, folder, layout, qrels_path)
@@ -255,7 +247,8 @@ def cqadupstack_forums(name_or_path: str | Path, *, cache_dir: str | Path | None
 
 _WHOLE_CQADUPSTACK = (
     "evaluate_retrieval (bgekit eval retrieval) takes the whole of it, evaluates each forum in its own corpus and "
-    "reports their mean, the CQADupStack score of BEIR and MTEB"
+    "reports their mean, the CQADupStack score of BEIR and MTEB; bgekit data beir-to-train and bgekit mine --corpus "
+    "take it too (one training file a forum, each forum mined in its own corpus)"
 )
 
 
@@ -316,6 +309,20 @@ def assemble(
         dataset.n_judgments,
     )
     return dataset
+
+
+def required_files(folder: Path, split: str, layout: str | None = None) -> tuple[Path, Path, Path]:
+    """The corpus, queries and qrels files of a dataset folder, or the :class:`InputError` naming the one
+    missing, without reading them (CQADupStack's forums are all checked before any is embedded)."""
+    layout = layout or detect_layout(folder, split)
+    if layout == "custom":
+        queries, qrels = f"{split}_queries.jsonl", f"{split}_qrels.jsonl"
+    else:
+        queries, qrels = "queries.jsonl", f"qrels/{split}.tsv"
+    corpus_path, queries_path, qrels_path = (
+        _require(folder, [name, f"{name}.gz"], split, layout) for name in ("corpus.jsonl", queries, qrels)
+    )
+    return corpus_path, queries_path, qrels_path
 
 
 def _require(folder: Path, candidates: list[str], split: str, layout: str) -> Path:

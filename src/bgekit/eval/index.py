@@ -304,8 +304,18 @@ class DenseIndex:
         path = folder / "index.faiss"
         if not path.exists():
             raise InputError(f"index folder {folder} is missing index.faiss")
+        lacking = [key for key in ("dim", "kind", "quantization") if key not in meta]
+        if lacking or not isinstance(meta.get("vector_space", {}), dict):
+            what = f"lacks {', '.join(map(repr, lacking))}" if lacking else "has a 'vector_space' that is not an object"
+            raise InputError(f"{folder / 'index.json'} {what}: rebuild the index with `bgekit index build`")
         reader = faiss.read_index_binary if meta["quantization"] == "binary" else faiss.read_index
-        index = reader(str(path))
+        try:
+            index = reader(str(path))
+        except RuntimeError:  # faiss's C++ assertion text for a damaged or cut-short file says no more than this
+            raise InputError(
+                f"{path} cannot be read by faiss: the file is damaged or incomplete; rebuild the index with "
+                "`bgekit index build`"
+            ) from None
         ids = _read_ids(folder)
         if len(ids) != index.ntotal:
             raise InputError(f"{folder}: ids.json has {len(ids)} ids but the index {index.ntotal} vectors")
@@ -330,7 +340,8 @@ def read_index_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise InputError(f"{path} is not valid JSON ({exc})") from None
-    if meta.get("format") != _FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise InputError(f"{path} is not a bgekit index description (format {meta.get('format')!r})")
     return meta
 
@@ -339,7 +350,13 @@ def _read_ids(folder: Path) -> list[str]:
     path = folder / "ids.json"
     if not path.exists():
         raise InputError(f"index folder {folder} is missing ids.json")
-    return [str(i) for i in json.loads(path.read_text(encoding="utf-8"))]
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); rebuild the index with `bgekit index build`") from None
+    if not isinstance(ids, list):
+        raise InputError(f"{path} must hold a JSON list of document ids, got {type(ids).__name__}")
+    return [str(i) for i in ids]
 
 
 class SparseIndex:
@@ -442,6 +459,8 @@ class SparseIndex:
         meta = read_index_meta(folder)
         if meta.get("type") != "sparse":
             raise InputError(f"{folder} holds a dense index, not a sparse one")
+        if not (folder / "sparse.npz").is_file():
+            raise InputError(f"index folder {folder} is missing sparse.npz")
         matrix = sparse.load_npz(folder / "sparse.npz").tocsr()
         ids = _read_ids(folder)
         if len(ids) != matrix.shape[0]:

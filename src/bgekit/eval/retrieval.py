@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from ..errors import InputError
 from ..runtime.devices import resolve_dtype
 from . import metrics as metrics_mod
 from .datasets import (
+    CQADUPSTACK_FORUMS,
     RetrievalDataset,
     cqadupstack_forums,
     dataset_json,
@@ -124,6 +125,7 @@ class RetrievalResult:
         json_path = stem.with_name(stem.name + ".json")
         files = {"json": str(json_path), "markdown": str(stem.with_name(stem.name + ".md"))}
         files.update(self.save_runs(stem))
+        remove_other_runs(stem, files.values())
         self.files = files
         io.write_with(files["markdown"], lambda tmp: tmp.write_text(self.to_markdown(), encoding="utf-8"))
         text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"
@@ -145,6 +147,30 @@ class RetrievalResult:
             if prefix + key not in files:  # an earlier report's run file must not pass for this one's
                 path.unlink(missing_ok=True)
         return files
+
+
+def remove_other_runs(stem: Path, written: Iterable[str]) -> None:
+    """Remove the run files an earlier report saved under ``stem`` that this one did not write, so the
+    files named ``STEM.*`` are one report's: ``STEM.trec`` / ``STEM.retrieval.trec`` of one dataset,
+    ``STEM.FORUM.trec`` / ``STEM.FORUM.retrieval.trec`` of each CQADupStack forum (a later run over fewer
+    forums left the others' behind, passing for part of it). Only these names go, and not a forum's
+    run beside its own report (``STEM.FORUM.json``: that report's, ``-o STEM.FORUM.json``)."""
+    keep = {Path(p).resolve() for p in written}
+    for name in ("", *(f".{forum}" for forum in CQADUPSTACK_FORUMS)):
+        if name and stem.with_name(f"{stem.name}{name}.json").exists():
+            continue
+        for suffix in (".trec", ".retrieval.trec"):
+            path = stem.with_name(f"{stem.name}{name}{suffix}")
+            if path.resolve() not in keep:
+                path.unlink(missing_ok=True)
+
+
+def check_cache_folder(root: Path) -> None:
+    """An :class:`InputError` when the corpus cache cannot go under ``root`` (a file there or above it,
+    a folder this process may not write in)."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"cache folder {root} is a file: pass a folder as cache_dir (--cache-dir), or --no-cache")
+    io.check_creatable_under(root, f"cache folder {root} (--cache-dir)")
 
 
 def report_stem(output: str | Path) -> Path:
@@ -220,6 +246,9 @@ def evaluate_retrieval(
     require_faiss()  # a missing eval extra is named now, not after the corpus is encoded
     metrics_mod.require_pytrec_eval()
 
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
+    if use_cache:  # said before a model loads, not as a traceback when the first vectors are cached
+        check_cache_folder(root)
     tick = time.perf_counter()
     downloads = None if cache_dir is None else Path(cache_dir) / "datasets"
     forums = cqadupstack_forums(dataset, cache_dir=downloads)  # None for one dataset
@@ -245,7 +274,6 @@ def evaluate_retrieval(
     timings["load_models_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
     corpus_vectors, cache = embed_corpus(
         embedder,
         dataset,

@@ -118,10 +118,16 @@ class ShardedIndex:
         path = folder / "sharded.json"
         if not path.exists():
             raise InputError(f"{folder} has no sharded.json: not a sharded bgekit index, or its save did not finish")
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if meta.get("format") != _FORMAT:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise InputError(f"{path} is not a sharded bgekit index description")
-        return cls([DenseIndex.load(folder / name, use_gpu=use_gpu) for name in meta["shards"]])
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or not shards or not all(isinstance(name, str) for name in shards):
+            raise InputError(f"{path} must list its shard folders under 'shards'")
+        return cls([DenseIndex.load(folder / name, use_gpu=use_gpu) for name in shards])
 
 
 def build_ivf_from_shards(

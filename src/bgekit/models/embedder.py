@@ -56,7 +56,7 @@ class Embedder(EmbedderPoolMethods):
         truncate_dim: int | None = None,
         **kwargs: Any,
     ):
-        self.model_name_or_path = str(model_name_or_path)
+        self.model_name_or_path = hub.model_name(model_name_or_path)  # as the CLI and every class name it
         self.normalize_embeddings = normalize_embeddings
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import hub
 from ..runtime.devices import resolve_devices
 from .embedder import call_instruction, unescape_format, with_instruction
 from .flag_pool import DevicePoolMethods, PoolHandle, joined, spread_over_devices
@@ -56,7 +57,7 @@ class AbsEmbedder(DevicePoolMethods, ABC):
         truncate_dim: int | None = None,
         **kwargs: Any,
     ):
-        self.model_name_or_path = model_name_or_path
+        self.model_name_or_path = hub.model_name(model_name_or_path)  # as the CLI and every class name it
         self.normalize_embeddings = normalize_embeddings
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
@@ -191,7 +192,7 @@ class AbsReranker(DevicePoolMethods, ABC):
         normalize: bool = False,
         **kwargs: Any,
     ):
-        self.model_name_or_path = model_name_or_path
+        self.model_name_or_path = hub.model_name(model_name_or_path)  # as the CLI and every class name it
         self.use_fp16, self.use_bf16 = use_fp16, False  # FlagEmbedding takes use_bf16 as an extra option
         self.query_instruction_for_rerank = query_instruction_for_rerank
         for name, fmt in (("query", query_instruction_format), ("passage", passage_instruction_format)):

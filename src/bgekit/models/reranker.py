@@ -66,7 +66,7 @@ class Reranker(RerankerPoolMethods):
         use_bf16: bool = False,
         **kwargs: Any,
     ):
-        self.model_name_or_path = str(model_name_or_path)
+        self.model_name_or_path = hub.model_name(model_name_or_path)  # as the CLI and every class name it
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         self.query_instruction_for_rerank = query_instruction_for_rerank
         self.query_instruction_format = unescape_format(query_instruction_format, what="query_instruction_format")

@@ -423,7 +423,9 @@ def mine(
         typer.Option(
             "--corpus",
             "--candidate-pool",
-            help="Candidate passages (JSONL with text/title, or text); default: every pos and neg of --input.",
+            help="Candidate passages (JSONL with text/title, or text, or a BEIR folder's corpus); default: every "
+            "pos and neg of --input. CQADupStack's folder: each forum's --input file (FORUM.jsonl in a folder) "
+            "is mined in its own forum's corpus, into --output/FORUM.jsonl.",
         ),
     ] = None,
     range_for_sampling: Annotated[
@@ -464,7 +466,9 @@ def mine(
     from .mining import MiningOptions, mine_hard_negatives, parse_range
 
     require_faiss()  # before the data is read and the model loaded
-    io.check_outputs(output, inputs=[input, corpus, examples])
+    forums = _corpus_forums(corpus)
+    if forums is None:
+        io.check_outputs(output, inputs=[input, corpus, examples])
     mining = MiningOptions(
         parse_range(range_for_sampling),
         negative_number,
@@ -476,16 +480,56 @@ def mine(
         use_gpu_for_searching,
     )
     mining.check()  # a bad --margin found before the data is read and the model loaded, not after
-    records = load_train_data(input, read_scores=False)  # its scores are replaced or dropped
-    pool = [r.text for r in io.read_texts(corpus)] if corpus is not None else None
+    if forums is not None:  # CQADupStack: each forum's training file mined in its own corpus
+        from .forums import check_forum_output, forum_corpus, forum_training_files
+
+        files = forum_training_files(input, forums)
+        check_forum_output(output, inputs=(input,))
+        by_forum = {forum: load_train_data(path, read_scores=False) for forum, path in files.items()}
+        pools = {forum.name: forum_corpus(forum) for forum in forums if forum.name in files}
+    else:
+        records = load_train_data(input, read_scores=False)  # its scores are replaced or dropped
+        pool = [r.text for r in io.read_texts(_corpus_file(corpus))] if corpus is not None else None
     _, options = family_options(model, model_class, pooling_method, query_instruction_for_retrieval, examples)
     if query_instruction_format is not None:
         options["query_instruction_format"] = query_instruction_format
     options.update(query_max_length=query_max_length, passage_max_length=passage_max_length)
     embedder = Embedder.from_pretrained(model, **precision_options(fp16, bf16), **options)
+    if forums is not None:
+        from .forums import write_forum_files
+
+        mined_by_forum = {}
+        for forum, forum_records in by_forum.items():
+            mined_by_forum[forum], stats = mine_hard_negatives(forum_records, embedder, pools[forum], mining)
+            typer.echo(f"{forum}: {len(forum_records)} records; {stats}", err=True)
+        written = write_forum_files(output, mined_by_forum)
+        typer.echo(f"wrote {output}: {len(written)} forum files ({', '.join(p.name for p in written)})", err=True)
+        return
     mined, stats = mine_hard_negatives(records, embedder, pool, mining)
     write_records(output, mined)
     typer.echo(f"wrote {output}: {len(mined)} records; {stats}", err=True)
+
+
+def _corpus_forums(corpus: Path | None) -> list[Path] | None:
+    """CQADupStack's forum folders when ``--corpus`` is its folder (each forum mined in its own corpus)."""
+    from ..eval.datasets import cqadupstack_forums
+
+    return cqadupstack_forums(corpus) if corpus is not None and corpus.is_dir() else None
+
+
+def _corpus_file(corpus: Path) -> Path:
+    """``--corpus`` as a file: a BEIR dataset folder is its ``corpus.jsonl``."""
+    from ..errors import InputError
+
+    if not corpus.is_dir():
+        return corpus
+    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+        if (corpus / name).is_file():
+            return corpus / name
+    raise InputError(
+        f"--corpus {corpus} is a folder without corpus.jsonl: pass a text or JSONL file, a BEIR dataset folder "
+        "or CQADupStack's folder (its forums as subfolders)"
+    )
 
 
 def score(
@@ -563,18 +607,43 @@ def _check_reranker_flags(name: str, model_class: str | None, **given: object) -
 
 @data_app.command("beir-to-train")
 def beir_to_train(
-    dataset: Annotated[Path, typer.Option(help="BEIR-layout folder (corpus, queries, qrels/<split>.tsv).")],
-    output: Annotated[Path, typer.Option("--output", "-o")],
+    dataset: Annotated[
+        Path,
+        typer.Option(
+            help="BEIR-layout folder (corpus, queries, qrels/<split>.tsv). CQADupStack's folder (its forums as "
+            "subfolders): one training file a forum, OUT/FORUM.jsonl."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The JSONL file (for CQADupStack, the folder of FORUM.jsonl).")
+    ],
     split: Annotated[str, typer.Option()] = "train",
 ) -> None:
     """Turn a retrieval dataset's judgements into training records (query + positives)."""
     from .. import io
-    from ..eval.datasets import dataset_files, load_retrieval_dataset
+    from ..eval.datasets import cqadupstack_forums, dataset_files, load_retrieval_dataset
     from .beir import beir_to_records
     from .data import write_records
 
+    forums = cqadupstack_forums(dataset)
+    if forums is not None:  # CQADupStack: one training file a forum, each forum's data its own
+        from .forums import check_forum_output, forum_records, write_forum_files
+
+        check_forum_output(output)
+        by_forum = forum_records(forums, split)
+        written = write_forum_files(output, by_forum)
+        total = sum(len(records) for records in by_forum.values())
+        typer.echo(f"wrote {output}: {total} records in {len(written)} forum files (FORUM.jsonl)", err=True)
+        return
     io.check_outputs(output, inputs=dataset_files(dataset, split))  # not over the queries it reads
     records = beir_to_records(load_retrieval_dataset(dataset, split))
+    if not records:  # an empty training file would fail only at finetune, far from its cause
+        from ..errors import InputError
+
+        raise InputError(
+            f"no judged query of {dataset} ({split}) has a relevant document (score > 0) in the corpus: "
+            "no training records to write"
+        )
     write_records(output, records)
     typer.echo(f"wrote {output}: {len(records)} records", err=True)
 

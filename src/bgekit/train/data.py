@@ -222,14 +222,16 @@ def write_records(path: str | Path, records: Iterable[TrainRecord]) -> None:
     changed differ, and a field set to None (stale teacher scores after mining) is dropped."""
     from ..io import write_jsonl
 
-    def rows():
-        for r in records:
-            ours = {key: getattr(r, key) for key in SCHEMA_FIELDS}
-            row = {key: ours.get(key, value) for key, value in (r.raw or {}).items()}
-            row.update(ours)  # new fields go last; fields already there keep their place
-            yield {key: value for key, value in row.items() if value is not None or key not in ours}
+    write_jsonl(path, record_rows(records))
 
-    write_jsonl(path, rows())
+
+def record_rows(records: Iterable[TrainRecord]) -> Iterator[dict[str, Any]]:
+    """The JSON objects :func:`write_records` writes, one a record."""
+    for r in records:
+        ours = {key: getattr(r, key) for key in SCHEMA_FIELDS}
+        row = {key: ours.get(key, value) for key, value in (r.raw or {}).items()}
+        row.update(ours)  # new fields go last; fields already there keep their place
+        yield {key: value for key, value in row.items() if value is not None or key not in ours}
 
 
 def keep_per_file(
