@@ -46,7 +46,7 @@ test-oldest: $(OLDEST_STAMP)
 test: lint
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 --output-sync=target test-newest test-oldest
 
-# The slow checks, by hand (about 12 minutes on 2 cores): full SciFact against MTEB's published numbers,
+# The slow checks, by hand (about 6 minutes on 2 cores): full SciFact against MTEB's published numbers,
 # ranx's first compile, Ray encoding 2,000 documents, LoRA on more architectures. Not part of `make test`.
 test-slow: $(STAMP)
 	BGEKIT_SLOW=1 $(BIN)/python -m pytest -q -m slow
