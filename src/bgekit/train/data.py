@@ -321,6 +321,11 @@ class GroupSampler:
         self.shuffle_ratio = shuffle_ratio
         self._pool = list(corpus) if corpus else [p for r in records for p in r.pos + r.neg]
 
+    @classmethod
+    def from_options(cls, records: list[TrainRecord], options) -> GroupSampler:
+        """The sampler a trainer's options ask for: their group size, seed and shuffle ratio."""
+        return cls(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+
     def __len__(self) -> int:
         return len(self.records)
 

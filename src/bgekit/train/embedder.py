@@ -22,13 +22,12 @@ from ..models.embedder import unescape_format
 from ..models.pooling import check_pooling, pool
 from ..models.tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 from . import grad_cache, lora, losses
-from .data import SYMMETRIC_TYPES, Group, GroupSampler, with_teacher_scores
-from .same_dataset import SameSetCollator, same_set_dataset
+from .data import SYMMETRIC_TYPES, Group, with_teacher_scores
+from .same_dataset import SameSetCollator, group_dataset
 from .trainer import (
     BgekitTrainer,
     DataOptions,
     EpochCallback,
-    GroupDataset,
     ThroughputCallback,
     TrainOptions,
     fit_lengths,
@@ -292,11 +291,7 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     if decoder:
         decoder_prompts(options, spec, pooling_method)
     args = options.training_arguments()
-    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
-    if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
-        dataset = same_set_dataset(files, sampler, options, args)
-    else:
-        dataset = GroupDataset(sampler)
+    dataset = group_dataset(records, files, options, args)  # checked before the model loads
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
     model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))

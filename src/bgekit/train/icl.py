@@ -355,7 +355,7 @@ def finetune_icl(
     if options.query_instruction_for_retrieval is None and not any(r.prompt for r in records):
         logger.warning("no query instruction and no record prompts: examples will read '<instruct>None'")
     args = options.training_arguments()
-    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+    sampler = GroupSampler.from_options(records, options)
     picker = ExamplePicker(records, None, options)  # checks the records; cuts examples once the tokenizer loads
     if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
         dataset = same_set_dataset(files, sampler, options, args, ICLSameSetDataset, picker=picker, options=options)

@@ -217,9 +217,7 @@ def finetune_layerwise(
     cutoffs = training_layers(options, module.config)
     if options.use_lora:  # the adapter trains; the score heads and the rest stay as they are
         module = lora.wrap(module, options, gradient_checkpointing=False)
-    dataset = GroupDataset(
-        GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
-    )
+    dataset = GroupDataset(GroupSampler.from_options(records, options))
     throughput = ThroughputCallback()
     output = Path(options.output_dir)
 

@@ -120,9 +120,7 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
     yes_loc = yes_token_id(tokenizer, options.model_name_or_path)
     if options.use_lora:
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing)
-    dataset = GroupDataset(
-        GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
-    )
+    dataset = GroupDataset(GroupSampler.from_options(records, options))
     throughput = ThroughputCallback()
     trainer = LLMRerankerTrainer(
         model=model,

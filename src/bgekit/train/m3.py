@@ -24,13 +24,11 @@ from ..models.m3 import M3Module, load_head
 from ..models.pooling import pool
 from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import losses
-from .data import GroupSampler
 from .embedder import KD_LOSSES, EmbedderCollator, EmbedderOptions
-from .same_dataset import SameSetCollator, same_set_dataset
+from .same_dataset import SameSetCollator, group_dataset
 from .trainer import (
     BgekitTrainer,
     EpochCallback,
-    GroupDataset,
     LossPartsLogging,
     OwnFolderLayout,
     ThroughputCallback,
@@ -332,11 +330,7 @@ def finetune_m3(options: M3Options) -> Path:
     if len(heads) < len(HEADS) or options.fix_encoder:  # DDP must not wait for heads that get no gradient
         options.extra.setdefault("ddp_find_unused_parameters", True)
     args = options.training_arguments()
-    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
-    if options.same_dataset_within_batch:  # one item is one batch, of one file; checked before the model loads
-        dataset = same_set_dataset(files, sampler, options, args)
-    else:
-        dataset = GroupDataset(sampler)
+    dataset = group_dataset(records, files, options, args)  # checked before the model loads
     folder = hub.model_folder(options.model_name_or_path)
     hf_tokenizer = load_hf_tokenizer(folder)
     tokenizer = TextTokenizer(hf_tokenizer)

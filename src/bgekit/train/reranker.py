@@ -126,7 +126,7 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     tokenizer = TextTokenizer(hf_tokenizer)
     if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)
         model = lora.wrap(model, options, gradient_checkpointing=options.gradient_checkpointing, task_type="SEQ_CLS")
-    sampler = GroupSampler(records, options.train_group_size, options.seed, shuffle_ratio=options.shuffle_ratio)
+    sampler = GroupSampler.from_options(records, options)
     dataset = GroupDataset(sampler)
     throughput = ThroughputCallback()
     trainer = RerankerTrainer(

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import DataFormatError, InputError
 from .data import Group, GroupSampler, TrainRecord
+from .trainer import GroupDataset
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,17 @@ def same_set_dataset(
     dataset = dataset_class(sampler, sets, options.seed, processes=args.world_size, **kwargs)
     args.per_device_train_batch_size = 1
     return dataset
+
+
+def group_dataset(
+    records: list[TrainRecord], files: list[tuple[Path, Path | None, list[TrainRecord]]], options, args
+) -> torch.utils.data.Dataset:
+    """An embedder's training items: one record's group each, or with ``same_dataset_within_batch`` one
+    file's whole batch each (:func:`same_set_dataset`, its plan checked before any model loads)."""
+    sampler = GroupSampler.from_options(records, options)
+    if options.same_dataset_within_batch:
+        return same_set_dataset(files, sampler, options, args)
+    return GroupDataset(sampler)
 
 
 class SameSetCollator:
