@@ -251,6 +251,40 @@ def test_cross_device_batches_share_one_file_and_no_in_batch_neg_gathers_nothing
     assert sorted(files) == ["alpha"] * 2 + ["beta"] * 2 + ["pairs"] * 2
 
 
+def test_icl_and_m3_under_torchrun_share_each_batch_of_one_file(tmp_path, golden_dir, tiny_xlmr):
+    """The ICL and M3 trainers under torchrun (2 CPU processes), trained for real: at every step both ranks
+    take their share (different records) of one batch of one file, with that file's group size and
+    in-batch rule; ICL examples come from the query's file too; one epoch is the plan's steps."""
+    from .test_distributed import SCRIPTS, torchrun
+
+    folder = tmp_path / "data"
+    write(folder / "alpha.jsonl", "alpha", 8)
+    write(folder / "beta.jsonl", "beta", 8, type="symmetric_sts")  # half the batch size: 1 a rank
+    write(folder / "pairs_no_in_batch_neg.jsonl", "pairs", 8, type="only_1neg")  # 2 passages a query
+    prefix = tmp_path / "seen"
+    icl = golden_dir / "models" / "mistral-icl"
+    torchrun(str(SCRIPTS / "same_dataset_trainers.py"), str(icl), str(tiny_xlmr), str(folder), str(prefix))
+    for kind in ("icl", "m3"):
+        ranks = [json.loads(Path(f"{prefix}.{kind}.{r}").read_text()) for r in range(2)]
+        assert len(ranks[0]) == len(ranks[1]) == 2 + 4 + 2, kind
+        files = []
+        for a, b in zip(*ranks, strict=True):
+            (name,) = {source(q) for q in a["queries"] + b["queries"]}
+            per_rank = 1 if name == "beta" else 2
+            assert len(a["queries"]) == len(b["queries"]) == per_rank, (kind, a, b)
+            assert not set(a["queries"]) & set(b["queries"]), "each rank its own records"
+            group = 2 if name == "pairs" else 3
+            assert a["group_size"] == b["group_size"] == group and set(a["passages"] + b["passages"]) == {group}
+            assert a["in_batch"] == b["in_batch"] == (name != "pairs")
+            assert {source(q) for q in a["examples"] + b["examples"]} <= {name}, (kind, a, b)
+            files.append(name)
+        assert sorted(files) == ["alpha"] * 2 + ["beta"] * 4 + ["pairs"] * 2, kind
+        if kind == "icl":
+            assert any(step["examples"] for step in ranks[0] + ranks[1]), "ICL queries get examples"
+        state = json.loads((Path(f"{prefix}.{kind}.out") / "checkpoint-8" / "trainer_state.json").read_text())
+        assert state["global_step"] == 8
+
+
 def three_files(folder: Path) -> Path:
     """8 records each: plain retrieval, symmetric (batch of half size), no in-batch negatives."""
     write(folder / "alpha.jsonl", "alpha", 8)
