@@ -40,7 +40,7 @@ def queries(files) -> dict[str, list[str]]:
 def test_max_example_num_keeps_a_seeded_random_sample_of_each_file(tmp_path):
     """FlagEmbedding's rule: a file with more records than the limit keeps that many, drawn at random (not
     its first ones); each file of a folder on its own; smaller files whole. bgekit draws from the seed
-    and the file's place, so the same run keeps the same records (and a resumed run), in file order."""
+    and the file's name, so the same run keeps the same records (and a resumed run), in file order."""
     write(tmp_path / "data" / "a.jsonl", "a", 30)
     write(tmp_path / "data" / "b.jsonl", "b", 3)
     write(tmp_path / "data" / "c.jsonl", "c", 30)
@@ -59,6 +59,53 @@ def test_max_example_num_keeps_a_seeded_random_sample_of_each_file(tmp_path):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(InputError, match="max_example_num_per_dataset must be a positive number of records"):
             keep_per_file(files, bad, seed=42)
+    assert queries(load_train_files([str(tmp_path / "data")], max_per_file=5, seed=42)) == kept, "read capped"
+
+
+def test_a_files_sample_does_not_change_when_another_file_joins_the_folder(tmp_path):
+    """The draw depends on the seed and the file alone: a file added before ``b.jsonl`` in the folder (or
+    after it) leaves ``b.jsonl``'s records as they were (FlagEmbedding's global generator would not)."""
+    folder = tmp_path / "data"
+    write(folder / "b.jsonl", "b", 40)
+    before = queries(load_train_files([str(folder)], max_per_file=6, seed=3))["b.jsonl"]
+    write(folder / "a.jsonl", "a", 40)
+    write(folder / "c.jsonl", "c", 40)
+    after = queries(load_train_files([str(folder)], max_per_file=6, seed=3))
+    assert list(after) == ["a.jsonl", "b.jsonl", "c.jsonl"] and after["b.jsonl"] == before
+    assert queries(keep_per_file(load_train_files([str(folder)]), 6, seed=3))["b.jsonl"] == before
+    assert queries(load_train_files([str(folder / "b.jsonl")], max_per_file=6, seed=3))["b.jsonl"] == before
+
+
+def test_only_the_sampled_records_are_parsed_and_checked(tmp_path):
+    """With a cap the sample is drawn first and only its records are read: every line left out may be
+    malformed (bad JSON, bad bytes, a bad record) and the file still loads, its kept records with their
+    own line numbers (blank lines counted). A malformed line that is drawn is an error naming the line."""
+    from bgekit import DataFormatError
+    from bgekit.train.data import sample_positions
+
+    path = tmp_path / "big.jsonl"
+    chosen = set(sample_positions(30, 4, 42, path))
+    malformed = [b"{not json", b'{"query": "q", "pos": "not a list"}', b"[1, 2]", b"\xff\xfe not utf-8"]
+    lines, kept = [], []
+    for position in range(30):
+        lines.append(b"")  # a blank line before every record: line numbers are not positions
+        if position in chosen:
+            lines.append(json.dumps({"query": f"q{position}", "pos": ["p"], "neg": ["n"]}).encode())
+            kept.append((f"q{position}", len(lines)))
+        else:
+            lines.append(malformed[position % len(malformed)])
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    ((_, _, records),) = load_train_files([str(path)], max_per_file=4, seed=42)
+    assert [(r.query, r.source) for r in records] == [(q, f"{path}:{line}") for q, line in kept]
+    with pytest.raises(DataFormatError):
+        load_train_files([str(path)])  # uncapped, every line is checked
+
+    bad_position = min(chosen)
+    bad_line = 2 * bad_position + 2
+    lines[bad_line - 1] = b'{"query": "cut short", "pos": ['
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataFormatError, match=f"{path.name}, line {bad_line}: not valid JSON"):
+        load_train_files([str(path)], max_per_file=4, seed=42)
 
 
 def test_shuffle_text_cuts_three_runs_of_words(tmp_path):
@@ -188,3 +235,17 @@ def test_bad_values_fail_before_any_model_loads(tmp_path, options, message):
         finetune_reranker(
             RerankerOptions(output_dir=str(tmp_path / "o"), model_name_or_path=never, train_data=data, **options)
         )
+
+
+def test_a_json_array_file_checks_only_its_sampled_records(tmp_path):
+    """A ``.json`` array is parsed whole (its JSON must be valid), but only the drawn records are checked."""
+    from bgekit.train.data import sample_positions
+
+    path = tmp_path / "big.json"
+    chosen = sample_positions(12, 3, 42, path)
+    rows = [
+        {"query": f"q{i}", "pos": ["p"]} if i in chosen else {"query": f"q{i}", "pos": "not a list"} for i in range(12)
+    ]
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    ((_, _, records),) = load_train_files([str(path)], max_per_file=3, seed=42)
+    assert [(r.query, r.source) for r in records] == [(f"q{i}", f"{path}:{i + 2}") for i in chosen]

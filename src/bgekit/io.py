@@ -37,11 +37,18 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line_number, line)`` of a UTF-8 text file (gzipped if it ends in ``.gz``), read once from
     start to end, so a pipe or ``/dev/stdin`` works too; a leading byte-order mark is dropped. Bytes
     that are not UTF-8 and a broken gzip file are errors that name the file (and the line)."""
+    for number, raw in numbered_raw_lines(path):
+        yield number, line_text(path, number, raw)
+
+
+def numbered_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """:func:`numbered_lines` as bytes, not yet decoded (nor the byte-order mark dropped): for readers
+    that look at only some lines (a sample of a training file) and decode those alone."""
     number = 0
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                yield number, line_text(path, number, raw)
+                yield number, raw
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         where = f", after line {number}" if number else ""
         raise InputError(f"{path} is not a readable gzip file ({exc}{where})") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataFormatError, InputError
-from ..io import read_jsonl
+from ..io import line_text, numbered_raw_lines, parse_json_line, read_jsonl
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,12 +159,16 @@ def read_json_array(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _records_of(path: Path) -> Iterator[tuple[int, dict]]:
     """A file's records: JSON Lines, or one JSON array in a ``.json`` file."""
-    if path.suffix == ".json" and path.is_file():
-        with path.open("rb") as handle:
-            head = handle.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-        if head.startswith("["):
-            return read_json_array(path)
+    if path.suffix == ".json" and path.is_file() and _is_json_array(path):
+        return read_json_array(path)
     return read_jsonl(path)
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether a ``.json`` file holds one JSON array (else it is read as JSON Lines)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
 
 
 def training_files(paths: str | Path | Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
@@ -193,12 +200,24 @@ def load_train_data(paths: str | Path | Sequence[str | Path], *, read_scores: bo
 
 
 def load_train_files(
-    paths: str | Path | Sequence[str | Path], *, read_scores: bool = True
+    paths: str | Path | Sequence[str | Path],
+    *,
+    read_scores: bool = True,
+    max_per_file: int | None = None,
+    seed: int = 42,
 ) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
-    """:func:`load_train_data` file by file: ``(file, folder it was found in or None, its records)``."""
+    """:func:`load_train_data` file by file: ``(file, folder it was found in or None, its records)``.
+
+    ``max_per_file`` (FlagEmbedding's ``max_example_num_per_dataset``): a file with more records keeps
+    that many, drawn by :func:`sample_positions`, and only those are parsed and checked; see
+    :func:`sampled_records` for what that means for the lines left out."""
+    check_max_per_file(max_per_file)
     loaded = []
     for path, folder in training_files(paths):
-        records = [_parse(obj, path, line, read_scores) for line, obj in _records_of(path)]
+        if max_per_file is None:
+            records = [_parse(obj, path, line, read_scores) for line, obj in _records_of(path)]
+        else:
+            records = sampled_records(path, max_per_file, seed, read_scores)
         if not records:
             raise InputError(f"training file {path} holds no records")
         loaded.append((path, folder, records))
@@ -234,23 +253,81 @@ def record_rows(records: Iterable[TrainRecord]) -> Iterator[dict[str, Any]]:
         yield {key: value for key, value in row.items() if value is not None or key not in ours}
 
 
+def check_max_per_file(limit: int | None) -> None:
+    """``max_example_num_per_dataset`` is None or a positive number of records."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InputError(f"max_example_num_per_dataset must be a positive number of records, got {limit!r}")
+
+
+def sample_positions(count: int, limit: int, seed: int, path: Path) -> list[int] | None:
+    """The positions (0-based, in file order) of the ``limit`` records a file of ``count`` records trains
+    on, or None when it has no more than ``limit`` (all of them).
+
+    The draw depends on ``seed`` and the file's name alone: adding, removing or renaming another file of
+    the folder leaves this file's records as they were, and a resumed run keeps the same ones.
+    FlagEmbedding 1.4.2 (``AbsEmbedderTrainDataset._load_dataset``) draws each file's
+    ``random.sample`` from Python's one global generator, seeded once before the files are read in
+    ``os.listdir`` order: a file's records there change with every file read before it (and that order
+    is the file system's). Two files of the same name and size (in two folders) draw the same positions;
+    their records differ. FlagEmbedding also trains on the records in the drawn order; here they stay in
+    file order (the batches are shuffled anyway)."""
+    if count <= limit:
+        return None
+    return sorted(random.Random(f"{seed}:{path.name}").sample(range(count), limit))
+
+
+def sampled_records(path: Path, limit: int, seed: int, read_scores: bool = True) -> list[TrainRecord]:
+    """A file's records under ``max_example_num_per_dataset``: the sample is drawn first, and only its
+    records are parsed and checked, so a large file with a small cap costs about a line count (not the
+    whole file's validation). A kept record's error names its file and line, as without the cap.
+
+    A JSON Lines file is read as raw lines: a line is a record when it is not blank, whatever it holds.
+    A malformed line (not JSON, not UTF-8, not a record) that is not drawn is not read, so it is neither
+    trained on nor reported; one that is drawn is an error (it is not replaced by another record: the
+    sample stays a function of the seed and the file). Check a whole file by loading it without the cap
+    (``bgekit.train.data.load_train_data``). A ``.json`` array is parsed whole to find its records (its
+    JSON must be valid throughout); only the drawn records are then checked."""
+    if path.suffix == ".json" and path.is_file() and _is_json_array(path):
+        entries = list(read_json_array(path))
+        return [_parse(obj, path, line, read_scores) for line, obj in _sample(entries, limit, seed, path)]
+    if not path.exists():
+        raise InputError(f"input file {path} does not exist")
+    lines = [(number, raw) for number, raw in numbered_raw_lines(path) if _not_blank(raw, number)]
+    lines = _sample(lines, limit, seed, path)
+    return [
+        _parse(parse_json_line(path, number, line_text(path, number, raw)), path, number, read_scores)
+        for number, raw in lines
+    ]
+
+
+def _sample(items: list, limit: int, seed: int, path: Path) -> list:
+    chosen = sample_positions(len(items), limit, seed, path)
+    if chosen is None:
+        return items
+    logger.info("%s: training on %d of its %d records (max_example_num_per_dataset)", path, limit, len(items))
+    return [items[i] for i in chosen]
+
+
+def _not_blank(raw: bytes, number: int) -> bool:
+    """Whether a raw line holds a record, as :func:`bgekit.io.read_jsonl` decides (it skips blank lines)."""
+    text = raw.decode("utf-8", errors="replace")
+    return bool((text.removeprefix("\ufeff") if number == 1 else text).strip())
+
+
 def keep_per_file(
     files: list[tuple[Path, Path | None, list[TrainRecord]]], limit: int | None, seed: int
 ) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
-    """FlagEmbedding's ``max_example_num_per_dataset``: a file with more than ``limit`` records trains on
-    ``limit`` of them drawn at random (each file on its own, a folder's files too, before small files
-    merge; not its first ``limit``). The draw depends on ``seed`` and the file's place alone, so a resumed
-    run keeps the same records; they stay in file order."""
+    """FlagEmbedding's ``max_example_num_per_dataset`` over files already read: a file with more than
+    ``limit`` records keeps ``limit`` of them drawn at random (:func:`sample_positions`: the seed and the
+    file's name decide), in file order. Training draws the same records before it reads them
+    (``load_train_files(..., max_per_file=limit)``); this is for records already in memory."""
+    check_max_per_file(limit)
     if limit is None:
         return files
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InputError(f"max_example_num_per_dataset must be a positive number of records, got {limit!r}")
     kept = []
-    for number, (path, folder, records) in enumerate(files):
-        if len(records) > limit:
-            chosen = sorted(random.Random(f"{seed}:{number}").sample(range(len(records)), limit))
-            records = [records[i] for i in chosen]
-        kept.append((path, folder, records))
+    for path, folder, records in files:
+        chosen = sample_positions(len(records), limit, seed, path)
+        kept.append((path, folder, records if chosen is None else [records[i] for i in chosen]))
     return kept
 
 

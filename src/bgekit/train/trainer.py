@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import InputError
 from ..io import check_output_folder
 from ..models.tokenization import TextTokenizer
-from .data import GroupSampler, TrainRecord, keep_per_file, load_train_files
+from .data import GroupSampler, TrainRecord, load_train_files
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,11 @@ class DataOptions:
 
 def training_data(options: Any) -> list[tuple[Path, Path | None, list[TrainRecord]]]:
     """``options.train_data`` file by file, validated, as the options have them train: at most
-    ``max_example_num_per_dataset`` records of each file, teacher scores as ``knowledge_distillation``
-    says (checked before any model loads)."""
+    ``max_example_num_per_dataset`` records of each file (drawn first: only those are parsed and checked),
+    teacher scores as ``knowledge_distillation`` says (checked before any model loads)."""
     if not 0.0 <= options.shuffle_ratio <= 1.0:  # NaN too
         raise InputError(f"shuffle_ratio must be between 0 and 1, got {options.shuffle_ratio}")
-    files = keep_per_file(load_train_files(options.train_data), options.max_example_num_per_dataset, options.seed)
+    files = load_train_files(options.train_data, max_per_file=options.max_example_num_per_dataset, seed=options.seed)
     return [
         (path, folder, distillation_records(records, options.knowledge_distillation)) for path, folder, records in files
     ]
