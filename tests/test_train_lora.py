@@ -607,3 +607,119 @@ def test_bad_from_peft_and_modules_to_save_are_clear_errors(tmp_path, tiny_llms,
     options = common_options(tmp_path / "bad", tiny_llms["qwen3"], train_file, max_steps=1)
     with pytest.raises(InputError, match=message):
         finetune_embedder(EmbedderOptions(**{**options, **overrides}))
+
+
+def flag_embedding_run(folder: Path, base: Path, extra_tokens: list[str]) -> torch.Tensor:
+    """A folder as FlagEmbedding's decoder-only fine-tuning leaves it when it added tokens: a LoRA adapter
+    (random, non-zero B; without embedding layers, so only emb.pth holds the new rows), the tokenizer with
+    the tokens, and ``embedding/emb.pth``, the resized input embedding module saved whole with
+    ``torch.save``. Returns that module's weight."""
+    import peft
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.add_special_tokens({"additional_special_tokens": extra_tokens}, replace_extra_special_tokens=False)
+    model = AutoModel.from_pretrained(str(base))
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(3)
+    embedding = torch.nn.Embedding(len(tokenizer), model.config.hidden_size)
+    model.set_input_embeddings(embedding)
+    (folder / "embedding").mkdir(parents=True)
+    torch.save(embedding, folder / "embedding" / "emb.pth")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(str(folder), save_embedding_layers=False)
+    tokenizer.save_pretrained(str(folder))
+    return embedding.weight.detach().clone()
+
+
+def merged_by_peft(base: Path, adapter: Path, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What FlagEmbedding's raw_peft makes of ``base``: emb.pth as input embeddings, the adapter merged."""
+    import peft
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(base))
+    model.resize_token_embeddings(embedding.shape[0])
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(embedding)
+    return peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_raw_peft_merges_a_flag_embedding_adapter_and_its_embeddings_before_training(
+    tmp_path, tiny_llms, train_file, lora
+):
+    """``raw_peft`` (FlagEmbedding's): the adapter is merged into the base before training, after its
+    folder's ``embedding/emb.pth`` replaced the input embeddings (two added tokens). With learning rate 0
+    the saved model is exactly that merged base, with the adapter folder's tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    base = tiny_llms["mistral"]
+    fe_run = tmp_path / "fe-run"
+    embedding = flag_embedding_run(fe_run, base, ["<a1>", "<a2>"])
+    want = merged_by_peft(base, fe_run, embedding)
+    options = common_options(tmp_path / "out", base, train_file, max_steps=1, learning_rate=0.0, use_lora=lora)
+    out = finetune_embedder(EmbedderOptions(**options, raw_peft=[str(fe_run)]))
+    got = AutoModel.from_pretrained(str(out)).state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    start = AutoModel.from_pretrained(str(base)).state_dict()
+    assert not torch.equal(got["layers.0.self_attn.q_proj.weight"], start["layers.0.self_attn.q_proj.weight"])
+    assert "<a2>" in AutoTokenizer.from_pretrained(str(out)).get_vocab()
+
+
+def test_from_peft_loads_a_flag_embedding_runs_saved_embeddings(tmp_path, tiny_llms, train_file):
+    """``from_peft`` of a FlagEmbedding run's folder: its ``embedding/emb.pth`` (the token embeddings it
+    resized for added tokens) is loaded under the adapter, as FlagEmbedding does; before, the added
+    tokens' rows were fresh ones and the run trained another model than the one it continued."""
+    from transformers import AutoModel
+
+    base = tiny_llms["mistral"]
+    fe_run = tmp_path / "fe-run"
+    embedding = flag_embedding_run(fe_run, base, ["<b1>"])
+    options = common_options(tmp_path / "out", base, train_file, max_steps=1, learning_rate=0.0, use_lora=False)
+    out = finetune_embedder(EmbedderOptions(**options, from_peft=str(fe_run)))
+    got = AutoModel.from_pretrained(str(out)).state_dict()
+    want = merged_by_peft(base, fe_run, embedding)
+    torch.testing.assert_close(got["embed_tokens.weight"], embedding, rtol=0, atol=0)
+    torch.testing.assert_close(got["layers.1.self_attn.v_proj.weight"], want["layers.1.self_attn.v_proj.weight"])
+
+
+def test_raw_peft_errors_are_clear(tmp_path, tiny_llms, train_file):
+    options = common_options(tmp_path / "bad", tiny_llms["mistral"], train_file, max_steps=1)
+    with pytest.raises(InputError, match=r"raw_peft nowhere: no adapter_config\.json"):
+        finetune_embedder(EmbedderOptions(**options, raw_peft=["nowhere"]))
+    fe_run = tmp_path / "fe-run"
+    flag_embedding_run(fe_run, tiny_llms["mistral"], ["<c1>"])
+    with pytest.raises(InputError, match="keep save_merged_lora_model"):
+        finetune_embedder(EmbedderOptions(**options, raw_peft=[str(fe_run)], save_merged_lora_model=False))
+    (fe_run / "embedding" / "emb.pth").write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match=r"emb\.pth: not a saved embedding module"):
+        finetune_embedder(EmbedderOptions(**{**options, "use_lora": False}, raw_peft=[str(fe_run)]))
+
+
+def test_use_flash_attn_without_flash_attn_is_one_clear_line(tmp_path, tiny_llms, train_file):
+    """``--use-flash-attn`` (FlagEmbedding's option) on a machine without the flash-attn package: one line
+    naming it, before any model loads; the reranker command takes the option too."""
+    import importlib.util
+
+    from .cli import run
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    for command in ("embedder", "reranker"):
+        result = run(
+            "finetune",
+            command,
+            "--model",
+            str(tiny_llms["mistral"]),
+            "--train-data",
+            str(train_file),
+            "--output-dir",
+            str(tmp_path / command),
+            "--use-flash-attn",
+            check=False,
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (line,) = [ln for ln in result.stderr.splitlines() if "flash" in ln]
+        assert "needs the flash-attn package" in line

@@ -95,6 +95,20 @@ FromPeft = Annotated[
         help="Go on training this LoRA adapter (a folder, or a --lora run's OUT), with its own rank; implies --lora."
     ),
 ]
+RawPeft = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Merge this LoRA adapter folder into the base before training (repeat for more, merged in order; "
+        "a FlagEmbedding run's embedding/emb.pth is loaded too), as FlagEmbedding's raw_peft."
+    ),
+]
+UseFlashAttn = Annotated[
+    bool,
+    typer.Option(
+        "--use-flash-attn",
+        help="Load the model with flash attention 2 (the flash-attn package, CUDA), as FlagEmbedding's option.",
+    ),
+]
 ModulesToSave = Annotated[
     str | None,
     typer.Option(help="With --lora: comma-separated modules trained whole, saved in the adapter (e.g. embed_tokens)."),
@@ -155,10 +169,12 @@ def _lora(
     save_merged_model: bool,
     from_peft: str | None = None,
     modules_to_save: str | None = None,
+    raw_peft: list[str] | None = None,
 ) -> dict:
     """The LoRA options (FlagEmbedding's names) as keyword arguments."""
     return {
         "from_peft": from_peft,
+        "raw_peft": list(raw_peft) if raw_peft else None,
         "modules_to_save": [m.strip() for m in modules_to_save.split(",") if m.strip()] if modules_to_save else None,
         "use_lora": use_lora,
         "lora_rank": lora_rank,
@@ -218,6 +234,8 @@ def finetune_embedder_cmd(
     save_merged_model: SaveMerged = True,
     from_peft: FromPeft = None,
     modules_to_save: ModulesToSave = None,
+    raw_peft: RawPeft = None,
+    use_flash_attn: UseFlashAttn = False,
     model_class: Annotated[
         str | None, typer.Option(help="The model's family, e.g. decoder-only-icl (default: the registry's/folder's).")
     ] = None,
@@ -301,7 +319,9 @@ def finetune_embedder_cmd(
             save_merged_model,
             from_peft,
             modules_to_save,
+            raw_peft,
         ),
+        use_flash_attn=use_flash_attn,
     )
     typer.echo(f"saved {finetune_embedder(options)}", err=True)
 
@@ -346,6 +366,8 @@ def finetune_reranker_cmd(
     save_merged_model: SaveMerged = True,
     from_peft: FromPeft = None,
     modules_to_save: ModulesToSave = None,
+    raw_peft: RawPeft = None,
+    use_flash_attn: UseFlashAttn = False,
     model_class: Annotated[
         str | None,
         typer.Option(help="The model's family, e.g. decoder-only-layerwise (default: the registry's or folder's)."),
@@ -409,7 +431,9 @@ def finetune_reranker_cmd(
             save_merged_model,
             from_peft,
             modules_to_save,
+            raw_peft,
         ),
+        use_flash_attn=use_flash_attn,
     )
     typer.echo(f"saved {finetune_reranker(options)}", err=True)
 

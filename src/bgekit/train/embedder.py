@@ -32,6 +32,7 @@ from .trainer import (
     TrainOptions,
     fit_lengths,
     freeze_position_embeddings,
+    load_pretrained,
     resolve_resume,
     training_data,
     training_tokenizer,
@@ -294,13 +295,14 @@ def finetune_embedder(options: EmbedderOptions) -> Path:
     dataset = group_dataset(records, files, options, args)  # checked before the model loads
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
-    model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
+    model = load_pretrained(AutoModel, folder, options, dtype=options.base_dtype(options.bf16))
+    model, changed = lora.prepare_base(model, options)  # raw_peft adapters merged; saved embeddings loaded
     fit_lengths(options, model.config, "query_max_len", "passage_max_len")
     width = getattr(model.config, "hidden_size", None)
     if options.matryoshka_dims and width and max(options.matryoshka_dims) > width:
         raise InputError(f"matryoshka_dims {options.matryoshka_dims} go past the model's {width} dimensions")
-    resized = lora.add_special_tokens(
-        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    resized = changed | lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft or options.raw_peft)
     )
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache = getattr(model.config, "use_cache", None)

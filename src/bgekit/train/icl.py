@@ -53,6 +53,7 @@ from .trainer import (
     GroupDataset,
     ThroughputCallback,
     freeze_position_embeddings,
+    load_pretrained,
     resolve_resume,
     training_data,
     training_tokenizer,
@@ -363,9 +364,10 @@ def finetune_icl(
         dataset = ICLDataset(sampler, picker, options)
     folder = hub.model_folder(name)
     hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
-    model = AutoModel.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
-    resized = lora.add_special_tokens(
-        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    model = load_pretrained(AutoModel, folder, options, dtype=options.base_dtype(options.bf16))
+    model, changed = lora.prepare_base(model, options)  # raw_peft adapters merged; saved embeddings loaded
+    resized = changed | lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft or options.raw_peft)
     )
     tokenizer = training_tokenizer(hf_tokenizer)  # after any added tokens, the same ids inference sees
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False  # no cache in training

@@ -199,6 +199,9 @@ def finetune_layerwise(
         raise InputError("additional_special_tokens is not supported for layerwise rerankers (a fixed vocabulary)")
     if options.gradient_checkpointing:
         raise InputError("gradient_checkpointing is not supported for layerwise rerankers (bgekit's own architecture)")
+    for name in ("raw_peft", "use_flash_attn"):
+        if getattr(options, name):
+            raise InputError(f"{name} is not supported for layerwise rerankers (bgekit's own architecture)")
     folder = hub.model_folder(options.model_name_or_path) if folder is None else Path(folder)
     # the inference class loads the module (float32 on the CPU) and lays out the pairs
     reranker = LayerWiseFlagLLMReranker(

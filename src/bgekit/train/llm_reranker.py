@@ -24,7 +24,15 @@ from ..models.tokenization import TextTokenizer, load_hf_tokenizer
 from . import lora, losses
 from .data import Group, GroupSampler, TrainRecord, with_teacher_scores
 from .reranker import write_reranker_metadata
-from .trainer import BgekitTrainer, EpochCallback, GroupDataset, ThroughputCallback, resolve_resume, training_tokenizer
+from .trainer import (
+    BgekitTrainer,
+    EpochCallback,
+    GroupDataset,
+    ThroughputCallback,
+    load_pretrained,
+    resolve_resume,
+    training_tokenizer,
+)
 
 if TYPE_CHECKING:
     from .reranker import RerankerOptions
@@ -111,10 +119,11 @@ def finetune_llm_reranker(options: RerankerOptions, records: list[TrainRecord], 
 
     options.check_lora()
     hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=options.base_dtype(options.bf16))
+    model = load_pretrained(AutoModelForCausalLM, folder, options, dtype=options.base_dtype(options.bf16))
+    model, changed = lora.prepare_base(model, options)  # raw_peft adapters merged; saved embeddings loaded
     use_cache, model.config.use_cache = model.config.use_cache, False  # no key/value cache while training
-    resized = lora.add_special_tokens(
-        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    resized = changed | lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft or options.raw_peft)
     )
     tokenizer = training_tokenizer(hf_tokenizer)
     yes_loc = yes_token_id(tokenizer, options.model_name_or_path)

@@ -18,6 +18,12 @@ With ``save_merged_lora_model=False`` only ``OUT/adapter/`` (and the checkpoints
 Added special tokens grow the embedding matrix; the adapter then carries the resized
 embeddings, and ``peft_path`` loading resizes the base model to the adapter's tokenizer first.
 peft is the optional ``lora`` extra and is imported only when LoRA is asked for.
+
+``raw_peft`` (FlagEmbedding's option) merges LoRA adapters into the base before training starts,
+with or without a new LoRA run on top; ``OUT/adapter`` of such a run applies over the base with
+those adapters merged, so such a run always writes the merged model ``OUT`` as well. FlagEmbedding
+saves the token embeddings it resized for added tokens as ``embedding/emb.pth`` beside its adapter;
+``raw_peft`` and ``from_peft`` load that file when the folder has one (:func:`load_saved_embeddings`).
 """
 
 from __future__ import annotations
@@ -91,9 +97,17 @@ class LoraOptions:
     #: modules trained whole and saved in the adapter beside the LoRA weights (peft's ``modules_to_save``,
     #: e.g. embed_tokens): for added tokens whose embedding rows must learn
     modules_to_save: list[str] | None = None
+    #: LoRA adapter folders merged into the base, in order, before training (FlagEmbedding's ``raw_peft``;
+    #: a FlagEmbedding run's ``embedding/emb.pth`` is loaded first when there is one)
+    raw_peft: list[str] | None = None
 
     def check_lora(self) -> None:
         """Reject bad LoRA settings before any model loads."""
+        if isinstance(self.raw_peft, (str, Path)):  # FlagEmbedding's embedder takes one folder
+            self.raw_peft = [str(self.raw_peft)]
+        if self.raw_peft:
+            self.raw_peft = [str(adapter_folder(path, "raw_peft")) for path in self.raw_peft]
+            require_peft()
         if self.from_peft is not None:
             self.from_peft = str(adapter_to_continue(self.from_peft))
             self.use_lora = True  # the run trains and saves an adapter, as a --lora run
@@ -113,6 +127,11 @@ class LoraOptions:
             raise InputError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.modules_to_save is not None and not all(isinstance(m, str) and m.strip() for m in self.modules_to_save):
             raise InputError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.raw_peft and not self.save_merged_lora_model:
+            raise InputError(
+                "raw_peft with LoRA: the new adapter applies over the base with the raw_peft adapters merged, "
+                "which is not saved alone; keep save_merged_lora_model (--save-merged-model)"
+            )
         require_peft()
 
     def base_dtype(self, bf16: bool) -> torch.dtype:
@@ -133,20 +152,98 @@ def require_peft():
 
 def adapter_to_continue(path: str | Path) -> Path:
     """``from_peft`` checked to be a LoRA adapter folder; a bgekit run's ``OUT`` stands for its ``OUT/adapter``."""
+    return adapter_folder(path, "from_peft")
+
+
+def adapter_folder(path: str | Path, option: str) -> Path:
+    """``path`` checked to be a LoRA adapter folder (``option`` names it in the error); a bgekit run's
+    ``OUT`` stands for its ``OUT/adapter``."""
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").exists() and (folder / ADAPTER_DIR / "adapter_config.json").exists():
         folder = folder / ADAPTER_DIR
     if not (folder / "adapter_config.json").exists():
-        raise InputError(f"from_peft {path}: no adapter_config.json there, so it is not a LoRA adapter folder")
+        raise InputError(f"{option} {path}: no adapter_config.json there, so it is not a LoRA adapter folder")
     return folder.resolve()
 
 
 def tokenizer_folder(model_folder: Path, options: LoraOptions) -> Path:
     """Where training's tokenizer comes from: a ``from_peft`` adapter's folder when it holds one (bgekit's
-    adapters carry theirs, with the special tokens added when they trained), else the model's."""
-    if options.from_peft and (Path(options.from_peft) / "tokenizer_config.json").exists():
-        return Path(options.from_peft)
+    adapters carry theirs, with the special tokens added when they trained; a FlagEmbedding run's folder
+    too), else the last ``raw_peft`` folder that holds one, else the model's."""
+    for folder in [options.from_peft, *reversed(options.raw_peft or [])]:
+        if folder and (Path(folder) / "tokenizer_config.json").exists():
+            return Path(folder)
     return model_folder
+
+
+#: where FlagEmbedding's decoder-only fine-tuning saves token embeddings it resized, beside its adapter
+SAVED_EMBEDDINGS = Path("embedding") / "emb.pth"
+
+
+def load_saved_embeddings(model: torch.nn.Module, folder: str | Path) -> bool:
+    """A FlagEmbedding run's ``embedding/emb.pth`` in ``folder`` (the whole input embedding module it saved
+    with ``torch.save`` when it added tokens) as ``model``'s input embeddings, the model resized to its
+    rows first; True if there was one. Read with ``weights_only`` (only an ``nn.Embedding``, a tensor or a
+    state dict is accepted), so a file from elsewhere runs no code."""
+    path = Path(folder) / SAVED_EMBEDDINGS
+    if not path.is_file():
+        return False
+    torch.serialization.add_safe_globals([torch.nn.Embedding])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle and torch raise many kinds
+        raise InputError(f"{path}: not a saved embedding module ({type(exc).__name__}: {exc})") from None
+    weight = saved.weight if isinstance(saved, torch.nn.Embedding) else saved
+    if isinstance(weight, dict):
+        weight = weight.get("weight")
+    current = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != current.shape[1]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise InputError(f"{path}: embeddings of shape {shape} do not fit this model's width {current.shape[1]}")
+    if weight.shape[0] != current.shape[0]:
+        model.resize_token_embeddings(weight.shape[0])
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(weight)
+    logger.info("loaded the token embeddings %s (%d rows)", path, weight.shape[0])
+    return True
+
+
+def prepare_base(model: torch.nn.Module, options: LoraOptions) -> tuple[torch.nn.Module, bool]:
+    """The loaded base as training starts from it: each ``raw_peft`` adapter merged into it in order (its
+    folder's ``embedding/emb.pth`` loaded first, as FlagEmbedding does; the model resized to the
+    adapter's tokenizer when that is larger), and a ``from_peft`` folder's ``embedding/emb.pth``
+    loaded. Returns the model and whether its token embeddings now differ from the base's (a new
+    adapter must then carry them)."""
+    changed = False
+    for folder in options.raw_peft or []:
+        changed |= load_saved_embeddings(model, folder) or _fit_adapter_vocabulary(model, folder)
+        from peft import PeftModel
+
+        trains = {name: p.requires_grad for name, p in model.named_parameters()}
+        try:
+            model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        except Exception as exc:  # peft raises many kinds on a mismatched adapter
+            raise InputError(f"raw_peft {folder} does not fit this model ({type(exc).__name__}: {exc})") from None
+        for name, parameter in model.named_parameters():  # peft froze the base to load an adapter for inference
+            parameter.requires_grad_(trains.get(name, True))
+        logger.info("raw_peft: merged %s into the base", folder)
+    if options.from_peft:
+        changed |= load_saved_embeddings(model, options.from_peft)
+    return model, changed
+
+
+def _fit_adapter_vocabulary(model: torch.nn.Module, folder: str | Path) -> bool:
+    """Grow ``model``'s embeddings to the adapter folder's tokenizer (an adapter trained with added tokens
+    carries their rows); True if they grew."""
+    if not (Path(folder) / "tokenizer_config.json").exists():
+        return False
+    from ..models.tokenization import load_hf_tokenizer
+
+    size = len(load_hf_tokenizer(Path(folder)))
+    if size <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(size)
+    return True
 
 
 def add_special_tokens(

@@ -34,6 +34,7 @@ from .trainer import (
     ThroughputCallback,
     fit_lengths,
     freeze_position_embeddings,
+    load_pretrained,
     resolve_resume,
     training_data,
     with_current_names,
@@ -270,7 +271,7 @@ def load_m3_for_training(folder: Path, options: M3Options, heads: tuple[str, ...
     """The encoder with the folder's heads, or fresh heads when it has none (a plain encoder)."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    encoder = load_pretrained(AutoModel, folder, options, dtype=torch.float32)
     hidden = encoder.config.hidden_size
     if (folder / "colbert_linear.pt").exists():
         colbert = load_head(folder / "colbert_linear.pt", options.colbert_dim if options.colbert_dim > 0 else None)
@@ -319,7 +320,7 @@ def finetune_m3(options: M3Options) -> Path:
     if options.sentence_pooling_method not in (None, "cls"):
         raise InputError("BGE-M3's dense vector is the CLS state; sentence_pooling_method must be 'cls'")
     # embedder options this trainer does not implement (getattr: not every version has them)
-    names = ("matryoshka_dims", "sub_batch_size", "use_lora", "model_class")
+    names = ("matryoshka_dims", "sub_batch_size", "use_lora", "from_peft", "raw_peft", "model_class")
     unsupported = [name for name in names if getattr(options, name, None)]
     if unsupported:
         raise InputError(f"{', '.join(unsupported)} not supported for M3 fine-tuning; leave them unset")

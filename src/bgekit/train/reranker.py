@@ -27,6 +27,7 @@ from .trainer import (
     ThroughputCallback,
     TrainOptions,
     fit_lengths,
+    load_pretrained,
     resolve_resume,
     training_records,
 )
@@ -118,10 +119,11 @@ def finetune_reranker(options: RerankerOptions) -> Path:
     if options.prompt is not None:
         raise InputError("prompt is the question an LLM reranker answers; a cross-encoder has none (leave it out)")
     hf_tokenizer = load_hf_tokenizer(lora.tokenizer_folder(folder, options))
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
+    model = load_pretrained(AutoModelForSequenceClassification, folder, options, num_labels=1, dtype=torch.float32)
+    model, changed = lora.prepare_base(model, options)  # raw_peft adapters merged; saved embeddings loaded
     fit_lengths(options, model.config, "query_max_len", "max_len")
-    resized = lora.add_special_tokens(
-        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft)
+    resized = changed | lora.add_special_tokens(
+        hf_tokenizer, model, options.additional_special_tokens, from_adapter=bool(options.from_peft or options.raw_peft)
     )
     tokenizer = TextTokenizer(hf_tokenizer)
     if options.use_lora:  # the new score head trains in full (peft's SEQ_CLS task)

@@ -52,11 +52,15 @@ class TrainOptions:
     dataloader_num_workers: int = 0
     #: start afresh in an ``output_dir`` that holds an earlier run (its checkpoints may be rotated away)
     overwrite_output_dir: bool = False
+    #: load the model with ``attn_implementation="flash_attention_2"`` (FlagEmbedding's option; the
+    #: flash-attn package and a CUDA device it supports)
+    use_flash_attn: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def training_arguments(self) -> TrainingArguments:
         if self.per_device_train_batch_size < 1 or self.train_group_size < 1:
             raise InputError("per_device_train_batch_size and train_group_size must be >= 1")
+        attention_options(self.use_flash_attn)  # a missing flash-attn found before any model loads
         # without an accelerator the Trainer only runs DDP (gloo) under torchrun when told it is on the CPU
         extra: dict[str, Any] = {}
         if not torch.cuda.is_available():
@@ -98,6 +102,36 @@ def _checkpointing_argument() -> str:
 
 
 _CHECKPOINTING = _checkpointing_argument()
+
+
+def attention_options(use_flash_attn: bool) -> dict[str, str]:
+    """``from_pretrained`` keywords for ``use_flash_attn``: FlagEmbedding's ``use_flash_attention_2=True``
+    is transformers 5's ``attn_implementation="flash_attention_2"``. Without the flash-attn package it is
+    a one-line error naming it (transformers would fail later, deep in the model's loading)."""
+    if not use_flash_attn:
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise InputError(
+            "use_flash_attn (--use-flash-attn) needs the flash-attn package, which is not installed: "
+            "pip install flash-attn (CUDA only), or leave the option out"
+        )
+    return {"attn_implementation": "flash_attention_2"}
+
+
+def load_pretrained(auto_class: Any, folder: str | Path, options: Any, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(folder, **kwargs)`` with the attention ``options.use_flash_attn`` asks
+    for; what transformers refuses about it (no CUDA device, an architecture without flash attention)
+    becomes a one-line error."""
+    attention = attention_options(getattr(options, "use_flash_attn", False))
+    try:
+        return auto_class.from_pretrained(str(folder), **attention, **kwargs)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        if not attention:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"use_flash_attn: {first}") from None
 
 
 @dataclass(kw_only=True)
