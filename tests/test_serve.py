@@ -864,3 +864,21 @@ def test_an_embedder_reranker_413_counts_its_rerank_instruction(minilm_dir):
     with pytest.raises(InputTooLong, match=r"documents\[0\] has 1 tokens, the query 15; it reads a query of at most "
                                            r"14 tokens and a document of at most 14, each on its own"):  # fmt: skip
         engine.prepare("word " * 13, ["a"], False)
+
+
+def test_v1_embeddings_takes_cohere_input_type_names(server, tiny_prompted):
+    """search_query / search_document (Cohere's names) are query / passage on /v1/embeddings; an unknown value
+    is a 422 that lists what is accepted."""
+    library = Embedder.from_pretrained(str(tiny_prompted))
+    for alias, want in (
+        ("search_query", library.encode_queries(TEXTS)),
+        ("search_document", library.encode_corpus(TEXTS)),
+    ):
+        response = post(server, "/v1/embeddings", {"model": "tiny", "input": TEXTS, "input_type": alias})
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose([d["embedding"] for d in response.json()["data"]], want, atol=1e-5)
+    refused = post(server, "/v1/embeddings", {"model": "tiny", "input": "x", "input_type": "classification"})
+    assert refused.status_code == 422
+    message = error_of(refused)["message"]
+    assert message.startswith("input_type: must be query or passage (also accepted: document for passage, ")
+    assert "search_query for query" in message and "got 'classification'" in message

@@ -51,6 +51,10 @@ def _is_token_ids(value: object) -> bool:
     return bool(items) and all(isinstance(x, int) and not isinstance(x, bool) for x in items)
 
 
+# other APIs' names for the two prompt rules: Voyage's and mteb's, Cohere's
+INPUT_TYPE_ALIASES = {"document": "passage", "search_query": "query", "search_document": "passage"}
+
+
 class EmbeddingRequest(_Request):
     input: str | list[str] = Field(
         description="One text or a list of texts (at most --max-client-batch-size). Token arrays (OpenAI's lists "
@@ -84,14 +88,23 @@ class EmbeddingRequest(_Request):
 
     input_type: Literal["query", "passage"] | None = Field(
         None,
-        description="Extension. query: add the model's query instruction (encode_queries); passage (or document, "
-        "as Voyage and mteb name it): the passage rule (encode_corpus); omitted: the texts as they are (encode).",
+        description="Extension. query (or search_query, Cohere's name): add the model's query instruction "
+        "(encode_queries); passage (or document, as Voyage and mteb name it, or search_document, Cohere's): the "
+        "passage rule (encode_corpus); omitted: the texts as they are (encode).",
     )
 
     @field_validator("input_type", mode="before")
     @classmethod
-    def _document_is_passage(cls, value: object) -> object:
-        return "passage" if value == "document" else value
+    def _input_type_aliases(cls, value: object) -> object:
+        if value is None or value in ("query", "passage"):
+            return value
+        if isinstance(value, str) and value in INPUT_TYPE_ALIASES:
+            return INPUT_TYPE_ALIASES[value]
+        raise PydanticCustomError(
+            "input_type",
+            "must be query or passage (also accepted: {aliases}), got {value}",
+            {"aliases": ", ".join(f"{k} for {v}" for k, v in INPUT_TYPE_ALIASES.items()), "value": repr(value)},
+        )
 
     truncate: bool | None = Field(
         None,
