@@ -1063,3 +1063,5 @@ def test_cohere_v2_routes_are_documented_and_counted(server):
     assert post(server, "/v2/rerank", {"model": "rr", "query": "q", "documents": ["d"]}).status_code == 200
     assert metric_value(server, "bgekit_requests_total", labels) == before + 1
     assert post(server, "/v2/rerank", {"query": "q", "documents": ["d"]}, headers={}).status_code == 401
+    wrong = post(server, "/v2/embed", {"model": "rr", "texts": ["x"], "input_type": "search_query"})
+    assert wrong.status_code == 400 and error_of(wrong)["message"] == "model 'rr' is a rerank model: use /v2/rerank"

@@ -287,7 +287,9 @@ def create_app(
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
 
-    def pick(requested: str | None, task: str) -> EmbeddingEngine | RerankEngine:
+    def pick(requested: str | None, task: str, api: str = "v1") -> EmbeddingEngine | RerankEngine:
+        """The engine serving ``requested`` (default: the first of ``task``); a wrong-task 400 names the
+        route for it in the same API (``v1``: OpenAI / Cohere v1, ``v2``: Cohere v2)."""
         if requested is None:
             engine = next((e for e in engines.values() if e.task == task), None)
             if engine is None:
@@ -302,7 +304,12 @@ def create_app(
                 code="model_not_found",
             )
         if engine.task != task:
-            route = "/v1/rerank" if engine.task == "rerank" else "/v1/embeddings"
+            route = {
+                ("v1", "rerank"): "/v1/rerank",
+                ("v1", "embeddings"): "/v1/embeddings",
+                ("v2", "rerank"): "/v2/rerank",
+                ("v2", "embeddings"): "/v2/embed",
+            }[api, engine.task]
             raise ApiError(
                 400,
                 f"model {requested!r} is {'an embedding' if engine.task == 'embeddings' else 'a rerank'} model: "
@@ -553,7 +560,7 @@ def create_app(
 
         ``max_tokens_per_doc`` cuts each document to its first N tokens before it is paired with the query;
         pairs past the model's limit are cut as ``compute_score`` cuts them (the server's ``--truncate``)."""
-        engine = pick(request.model, "rerank")
+        engine = pick(request.model, "rerank", "v2")
         work, scores = await rerank_documents(
             engine,
             request.query,
@@ -597,7 +604,7 @@ def create_app(
                 code="unsupported_embedding_type",
             )
         input_type = COHERE_INPUT_TYPES[request.input_type]
-        engine = pick(request.model, "embeddings")
+        engine = pick(request.model, "embeddings", "v2")
         truncate = request.truncate or ("END" if config.truncate else "NONE")
         side = {"START": "left", "END": "right", "NONE": None}[truncate]
         if side == "left" and (problem := engine.model.start_cut_problem(input_type)):
@@ -676,7 +683,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         problem = first.get("msg", "invalid value")
         schema = COHERE_SCHEMAS.get(request.url.path)
         if first.get("type") == "extra_forbidden" and schema is not None:
-            problem = f"{request.url.path} has no such field (Cohere's v2 schema: {', '.join(schema.model_fields)})"
+            problem = f"{request.url.path} has no such field (it takes {', '.join(schema.model_fields)})"
         message = f"{path}: {problem}{more}"
         return ApiError(422, message, param=str(loc[0]), code="invalid_schema").response()
 
