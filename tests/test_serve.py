@@ -980,6 +980,13 @@ def test_cohere_v2_embed_binary_types_and_output_dimension(server, minilm, minil
     assert too_wide.status_code == 400 and error_of(too_wide)["param"] == "output_dimension"
 
 
+def test_cohere_v2_embed_serves_m3_dense_vectors(server, golden_dir):
+    library = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"))
+    response = post(server, "/v2/embed", {"model": "m3", "texts": TEXTS, "input_type": "search_document"})
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["embeddings"]["float"], library.encode(TEXTS)["dense_vecs"], atol=1e-5)
+
+
 def test_cohere_v2_embed_truncate_modes(server, minilm_dir):
     """END cuts a long text's end (the library's cut), START its start, NONE answers 413; max_tokens cuts each
     text to its own first (END) or last (START) N tokens. START where the model's instruction comes first
