@@ -864,3 +864,211 @@ def test_an_embedder_reranker_413_counts_its_rerank_instruction(minilm_dir):
     with pytest.raises(InputTooLong, match=r"documents\[0\] has 1 tokens, the query 15; it reads a query of at most "
                                            r"14 tokens and a document of at most 14, each on its own"):  # fmt: skip
         engine.prepare("word " * 13, ["a"], False)
+
+
+# -- Cohere v2: /v2/rerank, /v2/embed, and Cohere's input_type names on /v1/embeddings ----------
+@pytest.mark.parametrize("name", ["rr", "llm-rr"])
+def test_cohere_v2_rerank_matches_the_library(server, name, tiny_xlmr_reranker, golden_dir):
+    """cohere.ClientV2 (and LangChain / LlamaIndex on it) posts /v2/rerank: it was a 404. The scores are the
+    library's compute_score(normalize=True) on the same pairs, best first, in Cohere's v2 shape."""
+    source = tiny_xlmr_reranker if name == "rr" else golden_dir / "models" / "gemma-llm-reranker"
+    library = Reranker.from_pretrained(str(source))
+    query = "which animal eats bamboo?"
+    pairs = [(query, t) for t in TEXTS]
+    expected = library.compute_score(pairs, normalize=True)
+    response = post(server, "/v2/rerank", {"model": name, "query": query, "documents": TEXTS})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"id", "results", "meta"} and body["id"]
+    assert [r["index"] for r in body["results"]] == sorted(range(3), key=lambda i: -expected[i])
+    np.testing.assert_allclose(
+        [r["relevance_score"] for r in body["results"]], sorted(expected, reverse=True), atol=1e-5
+    )
+    assert all(set(r) == {"index", "relevance_score"} for r in body["results"])
+    tokens = sum(len(ids) for ids in library.tokenize_pairs(pairs).ids)
+    assert body["meta"]["api_version"]["version"] == "2" and body["meta"]["tokens"]["input_tokens"] == tokens
+    top = post(server, "/v2/rerank", {"model": name, "query": query, "documents": TEXTS, "top_n": 2}).json()
+    assert [r["index"] for r in top["results"]] == [r["index"] for r in body["results"][:2]]
+    with_text = post(
+        server, "/v2/rerank", {"model": name, "query": query, "documents": TEXTS, "return_documents": True}
+    )
+    assert [r["document"]["text"] for r in with_text.json()["results"]] == [TEXTS[r["index"]] for r in body["results"]]
+
+
+def test_cohere_v2_rerank_max_tokens_per_doc_cuts_each_document(server, minilm_dir):
+    """max_tokens_per_doc cuts each document to its first N tokens (the model's tokens of the document as sent)
+    before it meets the query; Cohere's default 4096 is past the model's own limit and changes nothing."""
+    library = Reranker.from_pretrained(str(minilm_dir))  # served as "bi-encoder"
+    head = "Paris is the"
+    n = len(library.embedder.tokenizer.plain_ids([head])[0][0])
+    documents = [head + " capital of France, on the Seine.", "bamboo"]  # the second is short: whole
+    body = {"model": "bi-encoder", "query": "where is Paris?", "documents": documents}
+    want_cut = library.compute_score([("where is Paris?", head), ("where is Paris?", documents[1])], normalize=True)
+    want_whole = library.compute_score([("where is Paris?", d) for d in documents], normalize=True)
+    assert abs(want_cut[0] - want_whole[0]) > 1e-4  # the cut matters to this model
+    for max_tokens_per_doc, want in ((n, want_cut), (4096, want_whole)):
+        response = post(server, "/v2/rerank", {**body, "max_tokens_per_doc": max_tokens_per_doc})
+        assert response.status_code == 200, response.text
+        got = sorted(response.json()["results"], key=lambda r: r["index"])
+        np.testing.assert_allclose([r["relevance_score"] for r in got], want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"query": "q", "documents": []}, "documents", "at least 1"),
+        ({"documents": ["d"]}, "query", "required"),
+        ({"query": "q", "documents": [{"text": "d"}]}, "documents", "valid string"),  # v2 takes strings only
+        ({"query": "q", "documents": ["d"], "top_n": 0}, "top_n", "greater than or equal to 1"),
+        ({"query": "q", "documents": ["d"], "max_tokens_per_doc": "5"}, "max_tokens_per_doc", "valid integer"),
+        ({"query": "q", "documents": ["d"], "rank_fields": ["text"]}, "rank_fields", "/v2/rerank has no such field"),
+    ],
+)
+def test_cohere_v2_rerank_bad_input_is_422_naming_the_field(server, body, param, says):
+    response = post(server, "/v2/rerank", {"model": "rr", **body})
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["param"] == param and error["code"] == "invalid_schema" and says in error["message"], error
+
+
+def test_cohere_v2_embed_applies_the_input_types_as_the_library(server, tiny_prompted):
+    """search_query is encode_queries (the model's query prompt), search_document encode_corpus,
+    classification and clustering encode (no prompt); in Cohere's v2 shape."""
+    library = Embedder.from_pretrained(str(tiny_prompted))
+    expected = {
+        "search_query": library.encode_queries(TEXTS),
+        "search_document": library.encode_corpus(TEXTS),
+        "classification": library.encode(TEXTS),
+        "clustering": library.encode(TEXTS),
+    }
+    for input_type, want in expected.items():
+        response = post(server, "/v2/embed", {"model": "tiny", "texts": TEXTS, "input_type": input_type})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"id", "embeddings", "texts", "meta", "response_type"}
+        assert body["response_type"] == "embeddings_by_type" and body["texts"] == TEXTS
+        assert set(body["embeddings"]) == {"float"}
+        np.testing.assert_allclose(body["embeddings"]["float"], want, atol=1e-5)
+        rule = {"search_query": "query", "search_document": "passage"}.get(input_type)
+        tokens = sum(len(ids) for ids in library.tokenize(TEXTS, rule).ids)
+        assert body["meta"]["tokens"]["input_tokens"] == tokens
+    assert not np.allclose(expected["search_query"], expected["search_document"])
+
+
+def test_cohere_v2_embed_binary_types_and_output_dimension(server, minilm, minilm_dir):
+    body = {"model": "minilm", "texts": TEXTS, "input_type": "search_document"}
+    response = post(server, "/v2/embed", {**body, "embedding_types": ["ubinary", "float", "binary"]})
+    assert response.status_code == 200, response.text
+    embeddings = response.json()["embeddings"]
+    vectors = minilm.encode_corpus(TEXTS)
+    np.testing.assert_allclose(embeddings["float"], vectors, atol=1e-5)
+    bits = (vectors > 0).astype(np.uint8)  # sign bits, first dimension in the high bit of the first byte
+    ubinary = [[int("".join(map(str, row[i : i + 8])), 2) for i in range(0, 384, 8)] for row in bits]
+    assert embeddings["ubinary"] == ubinary and len(ubinary[0]) == 384 // 8
+    assert embeddings["binary"] == [[b - 128 for b in row] for row in ubinary]
+    narrow = post(server, "/v2/embed", {**body, "output_dimension": 64}).json()["embeddings"]["float"]
+    np.testing.assert_allclose(
+        narrow, Embedder.from_pretrained(str(minilm_dir), truncate_dim=64).encode(TEXTS), atol=1e-5
+    )
+    for kinds in (["int8"], ["float", "uint8"], ["base64"]):
+        refused = post(server, "/v2/embed", {**body, "embedding_types": kinds})
+        assert refused.status_code == 400, refused.text
+        error = error_of(refused)
+        assert error["param"] == "embedding_types" and error["code"] == "unsupported_embedding_type"
+        assert str([k for k in kinds if k != "float"]) in error["message"]
+    too_wide = post(server, "/v2/embed", {**body, "output_dimension": 4096})
+    assert too_wide.status_code == 400 and error_of(too_wide)["param"] == "output_dimension"
+
+
+def test_cohere_v2_embed_serves_m3_dense_vectors(server, golden_dir):
+    library = BGEM3FlagModel(str(golden_dir / "models" / "xlmr-m3"))
+    response = post(server, "/v2/embed", {"model": "m3", "texts": TEXTS, "input_type": "search_document"})
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["embeddings"]["float"], library.encode(TEXTS)["dense_vecs"], atol=1e-5)
+
+
+def test_cohere_v2_embed_truncate_modes(server, minilm_dir):
+    """END cuts a long text's end (the library's cut), START its start, NONE answers 413; max_tokens cuts each
+    text to its own first (END) or last (START) N tokens. START where the model's instruction comes first
+    (the prompted model's "query: ") is a 400: it would cut the instruction."""
+    library = Embedder.from_pretrained(str(minilm_dir))
+    long_text = "the cat sat on the mat " * 10 + "the dog ate food " * 200  # one token a word
+    body = {"model": "minilm", "texts": [long_text, TEXTS[0]], "input_type": "search_document"}
+    got = {}
+    for mode in ("END", "START"):
+        response = post(server, "/v2/embed", {**body, "truncate": mode})
+        assert response.status_code == 200, response.text
+        got[mode] = np.array(response.json()["embeddings"]["float"])
+        assert response.json()["meta"]["tokens"]["input_tokens"] == 256 + len(library.tokenize([TEXTS[0]]).ids[0])
+    np.testing.assert_allclose(got["END"], library.encode_corpus([long_text, TEXTS[0]]), atol=1e-5)
+    library.tokenizer.truncation_side = "left"  # the library cutting the start instead
+    np.testing.assert_allclose(got["START"], library.encode_corpus([long_text, TEXTS[0]]), atol=1e-5)
+    library.tokenizer.truncation_side = "right"
+    assert not np.allclose(got["START"][0], got["END"][0])
+    np.testing.assert_allclose(got["START"][1], got["END"][1], atol=1e-6)  # a short text is not cut
+    refused = post(server, "/v2/embed", {**body, "truncate": "NONE"})
+    assert refused.status_code == 413 and error_of(refused)["code"] == "input_too_long"
+    assert '"truncate": "END"' in error_of(refused)["message"]
+    assert post(server, "/v2/embed", {**body, "texts": [TEXTS[0]], "truncate": "NONE"}).status_code == 200
+    for mode, expected in (("END", "the cat sat"), ("START", "dog ate food")):
+        clipped = post(server, "/v2/embed", {**body, "truncate": mode, "max_tokens": 3, "texts": [long_text, "a b"]})
+        np.testing.assert_allclose(
+            clipped.json()["embeddings"]["float"], library.encode_corpus([expected, "a b"]), atol=1e-5
+        )
+    over = post(server, "/v2/embed", {**body, "texts": ["the cat sat on"], "truncate": "NONE", "max_tokens": 3})
+    assert over.status_code == 413 and "max_tokens=3" in error_of(over)["message"]
+    start = post(
+        server, "/v2/embed", {"model": "tiny", "texts": ["x"], "input_type": "search_query", "truncate": "START"}
+    )
+    assert start.status_code == 400, start.text
+    error = error_of(start)
+    assert error["param"] == "truncate" and "'query: ' comes before the text" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"texts": ["x"]}, "input_type", "required"),
+        ({"texts": ["x"], "input_type": "image"}, "input_type", "'search_query', 'search_document'"),
+        ({"texts": "x", "input_type": "search_query"}, "texts", "valid list"),
+        ({"texts": [], "input_type": "search_query"}, "texts", "at least 1"),
+        ({"texts": ["x"], "input_type": "search_query", "truncate": "end"}, "truncate", "'NONE', 'START' or 'END'"),
+        ({"texts": ["x"], "input_type": "search_query", "embedding_types": ["bits"]}, "embedding_types", "'float'"),
+        ({"texts": ["x"], "input_type": "search_query", "images": ["data:,"]}, "images", "no such field"),
+    ],
+)
+def test_cohere_v2_embed_bad_input_is_422_naming_the_field(server, body, param, says):
+    response = post(server, "/v2/embed", {"model": "minilm", **body})
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["param"] == param and error["code"] == "invalid_schema" and says in error["message"], error
+
+
+def test_v1_embeddings_takes_cohere_input_type_names(server, tiny_prompted):
+    """search_query / search_document (Cohere's names) are query / passage on /v1/embeddings; an unknown value
+    is a 422 that lists what is accepted."""
+    library = Embedder.from_pretrained(str(tiny_prompted))
+    for alias, want in (
+        ("search_query", library.encode_queries(TEXTS)),
+        ("search_document", library.encode_corpus(TEXTS)),
+    ):
+        response = post(server, "/v1/embeddings", {"model": "tiny", "input": TEXTS, "input_type": alias})
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose([d["embedding"] for d in response.json()["data"]], want, atol=1e-5)
+    refused = post(server, "/v1/embeddings", {"model": "tiny", "input": "x", "input_type": "classification"})
+    assert refused.status_code == 422
+    message = error_of(refused)["message"]
+    assert message.startswith("input_type: must be query or passage (also accepted: document for passage, ")
+    assert "search_query for query" in message and "got 'classification'" in message
+
+
+def test_cohere_v2_routes_are_documented_and_counted(server):
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    assert {"/v2/rerank", "/v2/embed"} <= set(schema["paths"])
+    labels = {"route": "/v2/rerank", "status": "200"}
+    before = metric_value(server, "bgekit_requests_total", labels)
+    assert post(server, "/v2/rerank", {"model": "rr", "query": "q", "documents": ["d"]}).status_code == 200
+    assert metric_value(server, "bgekit_requests_total", labels) == before + 1
+    assert post(server, "/v2/rerank", {"query": "q", "documents": ["d"]}, headers={}).status_code == 401
+    wrong = post(server, "/v2/embed", {"model": "rr", "texts": ["x"], "input_type": "search_query"})
+    assert wrong.status_code == 400 and error_of(wrong)["message"] == "model 'rr' is a rerank model: use /v2/rerank"

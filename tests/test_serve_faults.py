@@ -100,6 +100,11 @@ def test_env_vars_configure_the_server(server):
         f"{server.url}/v1/embeddings", json={"input": long_text, "truncate": True}, headers=AUTH, timeout=30
     )
     assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 16
+    # /v2/embed without truncate follows the server too (NONE here); Cohere's END cuts on request
+    cohere = {"texts": [long_text], "input_type": "search_document"}
+    assert httpx.post(f"{server.url}/v2/embed", json=cohere, headers=AUTH, timeout=30).status_code == 413
+    end = httpx.post(f"{server.url}/v2/embed", json={**cohere, "truncate": "END"}, headers=AUTH, timeout=30)
+    assert end.status_code == 200 and end.json()["meta"]["tokens"]["input_tokens"] == 16
     # no BGEKIT_CORS_ORIGIN: no CORS headers, so browsers keep other sites' pages from calling the server
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(f"{server.url}/v1/embeddings", headers=preflight).headers

@@ -55,6 +55,34 @@ def test_side_change_after_first_use_is_honoured(golden_dir):
     assert right[1:-1] != left[1:-1] and right[0] == left[0] and right[-1] == left[-1]
 
 
+@pytest.mark.parametrize("folder", ["bert-cls", "xlmr-m3", "mistral-llm"])
+def test_a_call_can_cut_the_other_side(golden_dir, folder):
+    """``truncation_side`` on one call cuts that side (the HF call with that side), leaving the tokenizer's own
+    side for the next call: the server cuts a request's texts from the start without touching the model."""
+    hf = load_hf_tokenizer(golden_dir / "models" / folder)
+    tokenizer = TextTokenizer(hf)
+    assert tokenizer.truncation_side == "right"
+    left = tokenizer.encode(TEXTS, 16, truncation_side="left")
+    hf.truncation_side = "left"
+    assert left.ids == hf(TEXTS, truncation=True, max_length=16)["input_ids"] and left.truncated == 2
+    hf.truncation_side = "right"
+    assert tokenizer.encode(TEXTS, 16).ids == hf(TEXTS, truncation=True, max_length=16)["input_ids"]
+    with pytest.raises(InputError, match="truncation_side must be 'left' or 'right'"):
+        tokenizer.encode(TEXTS, 16, truncation_side="start")
+
+
+def test_clip_texts_cuts_at_token_boundaries_of_the_text(golden_dir, minilm_dir):
+    tokenizer = TextTokenizer(load_hf_tokenizer(minilm_dir))
+    texts = ["The giant panda eats bamboo every day.", "short", ""]
+    assert tokenizer.clip_texts(texts, 3) == (["The giant panda", "short", ""], 1)
+    assert tokenizer.clip_texts(texts, 3, from_start=True) == (["every day.", "short", ""], 1)
+    xlmr = TextTokenizer(load_hf_tokenizer(golden_dir / "models" / "xlmr-m3"))
+    (cut,), n = xlmr.clip_texts([TEXTS[4]], 5)
+    assert n == 1 and TEXTS[4].startswith(cut) and xlmr.plain_ids([cut])[0][0] == xlmr.plain_ids([TEXTS[4]])[0][0][:5]
+    with pytest.raises(InputError, match="not valid Unicode"):
+        tokenizer.clip_texts(["ok", "bad \ud800"], 3)
+
+
 def test_max_length_without_room_for_text_is_an_input_error(golden_dir):
     tokenizer = TextTokenizer(load_hf_tokenizer(golden_dir / "models" / "bert-cls"))
     with pytest.raises(InputError, match="max_length=2"):

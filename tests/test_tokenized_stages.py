@@ -76,3 +76,34 @@ def test_layerwise_reranker_has_no_tokenized_scoring(golden_dir):
     tokenized = model.tokenize_pairs(PAIRS)  # the layout is the base LLM reranker's
     with pytest.raises(NotImplementedError, match="compute_score"):
         model.score_tokenized(tokenized)
+
+
+@pytest.mark.parametrize(
+    ("cls", "folder", "options", "input_type", "problem"),
+    [
+        (FlagModel, "bert-cls", {"query_instruction_for_retrieval": "query: "}, "query", "instruction 'query: '"),
+        (FlagModel, "bert-cls", {"query_instruction_for_retrieval": "query: "}, "passage", None),
+        (FlagModel, "bert-cls", {"passage_instruction_for_retrieval": "p: "}, "passage", "instruction 'p: '"),
+        (FlagLLMModel, "mistral-llm", {"query_instruction_for_retrieval": "Find it."}, "query", "Find it"),
+        (FlagLLMModel, "mistral-llm", {"query_instruction_for_retrieval": "Find it."}, None, None),
+        (FlagICLModel, "mistral-icl", {}, "query", "prompt template"),
+        (FlagICLModel, "mistral-icl", {}, "passage", None),
+    ],
+)
+def test_tokenize_cuts_the_start_only_where_that_cuts_only_the_text(golden_dir, cls, folder, options, input_type,
+                                                                     problem):  # fmt: skip
+    """``tokenize(..., truncation_side="left")`` keeps a long text's end; where the model's prompt comes before
+    the text it would be cut first, so that is an InputError naming the prompt (the server's truncate=START)."""
+    model = cls(str(golden_dir / "models" / folder), devices="cpu", **options)
+    long_text = "pandas eat bamboo " * 100 + "the end"
+    assert (model.start_cut_problem(input_type) is None) == (problem is None)
+    if problem is not None:
+        with pytest.raises(InputError, match=problem):
+            model.tokenize([long_text], input_type, max_length=16, truncation_side="left")
+        return
+    left = model.tokenize([long_text], input_type, max_length=16, truncation_side="left")
+    right = model.tokenize([long_text], input_type, max_length=16)
+    assert left.truncated == right.truncated == 1 and len(left.ids[0]) == len(right.ids[0]) == 16
+    end = model.tokenizer.plain_ids(["the end"])[0][0]
+    tail = left.ids[0][-len(end) - model.tokenizer.n_special_single :]
+    assert all(i in tail for i in end) and left.ids[0] != right.ids[0]

@@ -211,22 +211,45 @@ class Embedder(EmbedderPoolMethods):
         to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
         return embeddings.numpy() if to_numpy else embeddings
 
-    def tokenize(self, texts: str | list[str], input_type: str | None = None, max_length: int | None = None):
+    def tokenize(
+        self,
+        texts: str | list[str],
+        input_type: str | None = None,
+        max_length: int | None = None,
+        truncation_side: str | None = None,
+    ):
         """Token ids of ``texts`` exactly as the model reads them, for callers that run the
         stages themselves (the server tokenizes off its event loop, then batches).
 
         ``input_type`` picks the prompt rule: ``"query"`` as :meth:`encode_queries`, ``"passage"``
         as :meth:`encode_corpus`, ``None`` as :meth:`encode` (no instruction). ``max_length``
-        defaults to the matching ``query_max_length`` / ``passage_max_length``. Returns a
+        defaults to the matching ``query_max_length`` / ``passage_max_length``. A text past it loses
+        its end, as in the library's encode calls (the tokenizer's side), or with
+        ``truncation_side="left"`` its start: an :class:`InputError` where the model's prompt comes
+        before the text (:meth:`start_cut_problem`). Returns a
         :class:`~bgekit.models.tokenization.Tokenized` (``truncated`` counts inputs cut);
         ``embed_tokenized`` turns it into pooled vectors.
         """
         texts, _ = as_text_list(texts, "texts")
+        if truncation_side == "left" and (problem := self.start_cut_problem(input_type)):
+            raise InputError(f"cannot cut the start of these texts: {problem}")
         texts = self.prompted(texts, input_type)
         default = self.query_max_length if input_type == "query" else self.passage_max_length
         # every concrete embedder sets ``tokenizer`` (TextTokenizer) and ``host`` (ModelHost)
         max_length = self.host.clamp_length(max_length, default)
-        return self.tokenizer.encode(texts, max_length)
+        return self.tokenizer.encode(texts, max_length, truncation_side=truncation_side)
+
+    def start_cut_problem(self, input_type: str | None) -> str | None:
+        """Why cutting a long text's start (``tokenize(..., truncation_side="left")``) would cut more than
+        the text for ``input_type``: the model's instruction comes before it and would go first. None when
+        only the text's own start is cut."""
+        probe = "\x1f"  # a character no instruction holds
+        (prompted,) = self.prompted([probe], input_type)
+        if prompted.startswith(probe):
+            return None
+        kind = "query" if input_type == "query" else "passage" if input_type == "passage" else "encode"
+        before = prompted[: prompted.find(probe)] if probe in prompted else prompted
+        return f"the model's {kind} instruction {before!r} comes before the text and would be cut first"
 
     def prompted(self, texts: list[str], input_type: str | None) -> list[str]:
         """``texts`` as :meth:`tokenize` reads them for ``input_type``: with the query or passage

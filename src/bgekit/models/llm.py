@@ -295,10 +295,25 @@ class FlagICLModel(FlagLLMModel):
             return super().text_budget(input_type, max_length)
         return icl_query_budget(self.tokenizer, max_length, self.suffix)
 
-    def tokenize(self, texts: str | list[str], input_type: str | None = None, max_length: int | None = None):
+    def start_cut_problem(self, input_type: str | None) -> str | None:
+        """As :meth:`Embedder.start_cut_problem`; a query is read through its prompt template (examples,
+        instruction), which would be cut first."""
+        if input_type == "query":
+            return "the model reads queries through its prompt template (instruction, examples), which comes first"
+        return super().start_cut_problem(input_type)
+
+    def tokenize(
+        self,
+        texts: str | list[str],
+        input_type: str | None = None,
+        max_length: int | None = None,
+        truncation_side: str | None = None,
+    ):
         """As :meth:`Embedder.tokenize`; queries get the in-context examples, as :meth:`encode_queries`."""
         if input_type != "query":
-            return super().tokenize(texts, input_type, max_length)
+            return super().tokenize(texts, input_type, max_length, truncation_side)
+        if truncation_side == "left":
+            raise InputError(f"cannot cut the start of these texts: {self.start_cut_problem(input_type)}")
         texts, _ = as_text_list(texts, "queries")
         return self.tokenize_queries(texts, self.host.clamp_length(max_length, self.query_max_length))
 

@@ -208,15 +208,16 @@ class TextTokenizer:
         enc.truncate(max(limit, 0), direction=self.truncation_side)
         return True
 
-    def _truncating(self, max_length: int) -> _Pipeline:
+    def _truncating(self, max_length: int, side: str | None = None) -> _Pipeline:
         """A copy of the backend that truncates to ``max_length`` itself (special tokens counted,
-        on :attr:`truncation_side`): one parallel Rust call then does what a per-text Python loop of
-        truncate + post-process did (a quarter of a GPU encode's host time). Cached per length."""
-        key = (max_length, self.truncation_side)
+        on ``side``, default :attr:`truncation_side`): one parallel Rust call then does what a per-text
+        Python loop of truncate + post-process did (a quarter of a GPU encode's host time). Cached per
+        length and side."""
+        key = (max_length, side or self.truncation_side)
         backend = self._truncating_backends.get(key)
         if backend is None:
             cutting = Tokenizer.from_str(self.backend.to_str())
-            cutting.enable_truncation(max_length, direction=self.truncation_side)
+            cutting.enable_truncation(max_length, direction=key[1])
             backend = _Pipeline(cutting, self.ascii_shortcut)
             if len(self._truncating_backends) >= 8:  # a few query / passage lengths in practice
                 self._truncating_backends.pop(next(iter(self._truncating_backends)))
@@ -245,13 +246,24 @@ class TextTokenizer:
     def __len__(self) -> int:
         return len(self.hf)
 
-    def encode(self, texts: list[str] | str, max_length: int | None = None, add_special_tokens: bool = True, **kwargs):
-        """Token ids of each text, truncated to ``max_length`` tokens special tokens included.
+    def encode(
+        self,
+        texts: list[str] | str,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        truncation_side: str | None = None,
+        **kwargs,
+    ):
+        """Token ids of each text, truncated to ``max_length`` tokens special tokens included: the end
+        of a text is cut (``truncation_side="right"``) or its start (``"left"``); default: the
+        tokenizer's :attr:`truncation_side`. The special tokens are added after the cut, so they stay.
 
         One ``str`` is the Hugging Face tokenizer's ``encode`` (a list of ids, its keyword options)."""
         if isinstance(texts, str):
             options = kwargs if max_length is None else {"max_length": max_length, **kwargs}
             return self.hf.encode(texts, add_special_tokens=add_special_tokens, **options)
+        if truncation_side not in (None, "left", "right"):
+            raise InputError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
         if max_length is None or kwargs:
             raise InputError(
                 "TextTokenizer.encode(texts, max_length) takes a list of texts and a length; "
@@ -260,7 +272,7 @@ class TextTokenizer:
         special = self.n_special_single if add_special_tokens else 0
         if max_length <= special:
             raise InputError(f"max_length={max_length} leaves no room for text after {special} special tokens")
-        encodings = self._truncating(max_length)(texts, add_special_tokens=add_special_tokens)
+        encodings = self._truncating(max_length, truncation_side)(texts, add_special_tokens=add_special_tokens)
         ids = [enc.ids for enc in encodings]
         type_ids = None
         if self.uses_type_ids and not self._single_types_are_zero(add_special_tokens):
@@ -375,6 +387,28 @@ class TextTokenizer:
             ids.append(enc.ids)
             type_ids.append(enc.type_ids)
         return Tokenized(ids, type_ids if self.uses_type_ids else None, truncated)
+
+    def clip_texts(self, texts: list[str], max_tokens: int, from_start: bool = False) -> tuple[list[str], int]:
+        """Each text longer than ``max_tokens`` tokens (no special tokens) cut, as text, to its first
+        ``max_tokens`` tokens (``from_start``: its last), at a token boundary of the original string
+        (the tokenizer's character offsets): the model then reads the shorter text with its own prompt
+        and special tokens. Also how many texts were cut."""
+        if max_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+        try:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)  # with offsets
+        except TypeError:  # a lone surrogate, as in _Pipeline
+            _raise_if_not_unicode(texts)
+            raise
+        out, cut = [], 0
+        for text, enc in zip(texts, encodings, strict=True):
+            offsets = enc.offsets
+            if len(offsets) <= max_tokens:
+                out.append(text)
+                continue
+            cut += 1
+            out.append(text[offsets[-max_tokens][0] :] if from_start else text[: offsets[max_tokens - 1][1]])
+        return out, cut
 
     def plain_ids(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
         """Ids without special tokens, each cut to ``max_length``; also how many were cut."""

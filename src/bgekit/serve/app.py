@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -27,9 +28,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InputError
 from .batcher import Batcher, ModelFailure, Overloaded, WorkerUnavailable
-from .engines import EmbeddingEngine, EmbedOptions, InputTooLong, RerankEngine
+from .engines import (
+    CUT_THEM_V2_EMBED,
+    CUT_THEM_V2_RERANK,
+    EMBEDDING_TYPES,
+    EmbeddingEngine,
+    EmbedOptions,
+    InputTooLong,
+    RerankEngine,
+)
 from .metrics import ServeMetrics
 from .schemas import (
+    CohereEmbedRequest,
+    CohereEmbedResponse,
+    CohereRerankRequest,
+    CohereRerankResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
@@ -47,7 +60,10 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset(
     ["/health", "/v1/health", "/metrics", "/v1/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"]
 )
-ROUTES = {"/embeddings", "/rerank", "/models", "/health", "/metrics"}
+ROUTES = {"/embeddings", "/rerank", "/models", "/health", "/metrics", "/v2/rerank", "/v2/embed"}
+# Cohere's v2 input types -> the prompt rule (encode_queries, encode_corpus, or encode: no instruction)
+COHERE_INPUT_TYPES = {"search_query": "query", "search_document": "passage", "classification": None, "clustering": None}
+COHERE_SCHEMAS = {"/v2/rerank": CohereRerankRequest, "/v2/embed": CohereEmbedRequest}
 # pydantic names the member of a union field it tried (input: str | list[str]); not part of the path
 _UNION_TAGS = {"str", "list[str]", "RerankDocument"}
 
@@ -271,7 +287,9 @@ def create_app(
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="The server's --api-key, if it was started with one.")
 
-    def pick(requested: str | None, task: str) -> EmbeddingEngine | RerankEngine:
+    def pick(requested: str | None, task: str, api: str = "v1") -> EmbeddingEngine | RerankEngine:
+        """The engine serving ``requested`` (default: the first of ``task``); a wrong-task 400 names the
+        route for it in the same API (``v1``: OpenAI / Cohere v1, ``v2``: Cohere v2)."""
         if requested is None:
             engine = next((e for e in engines.values() if e.task == task), None)
             if engine is None:
@@ -286,7 +304,12 @@ def create_app(
                 code="model_not_found",
             )
         if engine.task != task:
-            route = "/v1/rerank" if engine.task == "rerank" else "/v1/embeddings"
+            route = {
+                ("v1", "rerank"): "/v1/rerank",
+                ("v1", "embeddings"): "/v1/embeddings",
+                ("v2", "rerank"): "/v2/rerank",
+                ("v2", "embeddings"): "/v2/embed",
+            }[api, engine.task]
             raise ApiError(
                 400,
                 f"model {requested!r} is {'an embedding' if engine.task == 'embeddings' else 'a rerank'} model: "
@@ -307,11 +330,12 @@ def create_app(
                 code="too_many_inputs",
             )
 
-    async def run(engine, prepare_args: tuple, param: str, http: Request) -> tuple[Any, Any]:
+    async def run(engine, prepare_args: tuple, param: str, http: Request, **prepare_options) -> tuple[Any, Any]:
         """Tokenize, queue and run one request; errors become OpenAI-shaped responses. If the
         client goes away first, its work is dropped from the queue (or its result discarded)."""
         batcher = batchers[engine.name]
-        submitted = asyncio.ensure_future(batcher.submit(engine.prepare, *prepare_args))
+        prepare = functools.partial(engine.prepare, **prepare_options) if prepare_options else engine.prepare
+        submitted = asyncio.ensure_future(batcher.submit(prepare, *prepare_args))
         watcher = asyncio.ensure_future(_disconnected(http))
         try:
             await asyncio.wait({submitted, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -358,6 +382,42 @@ def create_app(
         body = await asyncio.get_running_loop().run_in_executor(render_pool, lambda: fn(*args, **kwargs))
         return Response(body, media_type="application/json")
 
+    async def embed(
+        engine: EmbeddingEngine,
+        texts: list[str],
+        input_type: str | None,
+        truncate: bool,
+        http: Request,
+        *,
+        param: str,
+        options: EmbedOptions | None = None,
+        dimensions: int | None = None,
+        dimensions_param: str = "dimensions",
+        **prepare_options,
+    ) -> tuple[Any, Any]:
+        """What /v1/embeddings and /v2/embed share: the request's size, ``dimensions`` against the
+        model's, then tokenize, batch and run. Returns ``(work, result)``."""
+        if not texts:
+            raise ApiError(422, f"{param} is an empty list; send at least one text", param=param, code="invalid_schema")
+        check_count(len(texts), param)
+        if dimensions is not None and engine.dimensions is not None and dimensions > engine.dimensions:
+            raise ApiError(
+                400,
+                f"{dimensions_param}={dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
+                param=dimensions_param,
+                code="invalid_dimensions",
+            )
+        options = options or EmbedOptions()
+        return await run(engine, (texts, input_type, truncate, options), param, http, **prepare_options)
+
+    async def rerank_documents(
+        engine: RerankEngine, query: str, documents: list[str], truncate: bool, http: Request, **prepare_options
+    ) -> tuple[Any, Any]:
+        """What /v1/rerank and /v2/rerank share: the request's size, then tokenize, batch and score.
+        Returns ``(work, raw scores)``."""
+        check_count(len(documents), "documents")
+        return await run(engine, (query, documents, truncate), "documents", http, **prepare_options)
+
     router = APIRouter()
 
     @router.post(
@@ -374,9 +434,6 @@ def create_app(
         """
         engine = pick(request.model, "embeddings")
         texts = [request.input] if isinstance(request.input, str) else request.input
-        if not texts:
-            raise ApiError(422, "input is an empty list; send at least one text", param="input", code="invalid_schema")
-        check_count(len(texts), "input")
         options = EmbedOptions(request.return_dense, request.return_sparse, request.return_colbert_vecs)
         if (options.sparse or options.colbert or not options.dense) and not engine.is_m3:
             raise ApiError(
@@ -395,15 +452,17 @@ def create_app(
         # dimensions shapes the dense embedding only (sparse weights and ColBERT vectors are never cut):
         # checked, and applied, when one is returned; with return_dense=false there is nothing to shape
         dimensions = request.dimensions if options.dense else None
-        if dimensions is not None and engine.dimensions is not None and dimensions > engine.dimensions:
-            raise ApiError(
-                400,
-                f"dimensions={dimensions} is more than model {engine.name!r} has ({engine.dimensions})",
-                param="dimensions",
-                code="invalid_dimensions",
-            )
         truncate = config.truncate if request.truncate is None else request.truncate
-        work, result = await run(engine, (texts, request.input_type, truncate, options), "input", http)
+        work, result = await embed(
+            engine,
+            texts,
+            request.input_type,
+            truncate,
+            http,
+            param="input",
+            options=options,
+            dimensions=dimensions,
+        )
         encoding_format = request.encoding_format or "float"  # null: float, as OpenAI's default
         return await render(engine.render, work, result, encoding_format=encoding_format, dimensions=dimensions)
 
@@ -421,11 +480,10 @@ def create_app(
         Scores are the library's ``compute_score``: sigmoid-normalized unless ``raw_scores``.
         Cross-encoders and LLM rerankers (bge-reranker-v2-gemma, layerwise, lightweight) are all served.
         """
-        engine = pick(request.model, "rerank")
         documents = [d.text if isinstance(d, RerankDocument) else d for d in request.documents]
-        check_count(len(documents), "documents")
         truncate = config.truncate if request.truncate is None else request.truncate
-        work, scores = await run(engine, (request.query, documents, truncate), "documents", http)
+        engine = pick(request.model, "rerank")
+        work, scores = await rerank_documents(engine, request.query, documents, truncate, http)
         return await render(
             engine.render,
             work,
@@ -486,8 +544,102 @@ def create_app(
         body, content_type = metrics.render(http.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
+    cohere = APIRouter(prefix="/v2")
+
+    @cohere.post(
+        "/rerank",
+        response_model=CohereRerankResponse,
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        summary="Rerank documents for a query (Cohere v2 schema)",
+        dependencies=[Security(bearer)],
+    )
+    async def rerank_v2(request: CohereRerankRequest, http: Request) -> Response:
+        """Cohere's v2 rerank (``cohere.ClientV2().rerank``): results best first, scores in (0, 1) as the
+        library's ``compute_score(..., normalize=True)``.
+
+        ``max_tokens_per_doc`` cuts each document to its first N tokens before it is paired with the query;
+        pairs past the model's limit are cut as ``compute_score`` cuts them (the server's ``--truncate``)."""
+        engine = pick(request.model, "rerank", "v2")
+        work, scores = await rerank_documents(
+            engine,
+            request.query,
+            request.documents,
+            config.truncate,
+            http,
+            max_tokens_per_doc=request.max_tokens_per_doc,
+            cut_hint=CUT_THEM_V2_RERANK,
+        )
+        return await render(
+            engine.render_cohere,
+            work,
+            scores,
+            documents=request.documents,
+            top_n=request.top_n,
+            return_documents=request.return_documents,
+        )
+
+    @cohere.post(
+        "/embed",
+        response_model=CohereEmbedResponse,
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        summary="Create embeddings (Cohere v2 schema)",
+        dependencies=[Security(bearer)],
+    )
+    async def embed_v2(request: CohereEmbedRequest, http: Request) -> Response:
+        """Cohere's v2 embed (``cohere.ClientV2().embed``): ``search_query`` texts get the model's query
+        instruction (``encode_queries``), ``search_document`` its passage rule (``encode_corpus``),
+        ``classification`` and ``clustering`` none (``encode``). ``embedding_types``: float, binary, ubinary."""
+        embedding_types = list(dict.fromkeys(request.embedding_types or ["float"]))
+        unsupported = [kind for kind in embedding_types if kind not in EMBEDDING_TYPES]
+        if unsupported:
+            raise ApiError(
+                400,
+                f"embedding_types {unsupported} are not supported here; this server returns {list(EMBEDDING_TYPES)} "
+                "(int8 / uint8 need a calibration range per dimension the model does not come with: computed from the "
+                "request, a text's codes would change with the other texts sent; base64: use /v1/embeddings' "
+                "encoding_format=base64)",
+                param="embedding_types",
+                code="unsupported_embedding_type",
+            )
+        input_type = COHERE_INPUT_TYPES[request.input_type]
+        engine = pick(request.model, "embeddings", "v2")
+        truncate = request.truncate or ("END" if config.truncate else "NONE")
+        side = {"START": "left", "END": "right", "NONE": None}[truncate]
+        if side == "left" and (problem := engine.model.start_cut_problem(input_type)):
+            raise ApiError(
+                400,
+                f"truncate=START cuts the start of each text, but for model {engine.name!r} {problem}; send truncate "
+                "END (cut the end) or NONE (413 on a text too long)",
+                param="truncate",
+                code="unsupported_truncate",
+            )
+        work, result = await embed(
+            engine,
+            request.texts,
+            input_type,
+            truncate != "NONE",
+            http,
+            param="texts",
+            dimensions=request.output_dimension,
+            dimensions_param="output_dimension",
+            truncation_side=side,
+            max_tokens=request.max_tokens,
+            cut_hint=CUT_THEM_V2_EMBED,
+        )
+        return await render(
+            engine.render_cohere,
+            work,
+            result,
+            texts=request.texts,
+            embedding_types=embedding_types,
+            dimensions=request.output_dimension,
+        )
+
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)
+    app.include_router(cohere)
     return app
 
 
@@ -528,7 +680,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         fields = sorted({str(e["loc"][1]) for e in errors if len(e.get("loc", ())) > 1} - {str(loc[0])})
         more = f" (also check: {', '.join(fields)})" if fields else ""
-        message = f"{path}: {first.get('msg', 'invalid value')}{more}"
+        problem = first.get("msg", "invalid value")
+        schema = COHERE_SCHEMAS.get(request.url.path)
+        if first.get("type") == "extra_forbidden" and schema is not None:
+            problem = f"{request.url.path} has no such field (it takes {', '.join(schema.model_fields)})"
+        message = f"{path}: {problem}{more}"
         return ApiError(422, message, param=str(loc[0]), code="invalid_schema").response()
 
     @app.exception_handler(StarletteHTTPException)

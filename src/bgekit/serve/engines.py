@@ -39,6 +39,29 @@ class InputTooLong(InputError):
 
 
 CUT_THEM = "send truncate=true (or start the server with --truncate, env BGEKIT_TRUNCATE=true) to cut them"
+# /v2 (Cohere's schema): embed takes truncate END | START | NONE; rerank has no per-request switch
+CUT_THEM_V2_EMBED = 'send "truncate": "END" (cut the end) or "START" (cut the start) to cut them'
+CUT_THEM_V2_RERANK = "start the server with --truncate (env BGEKIT_TRUNCATE=true) to cut them"
+# Cohere's embedding_types this server computes (binary / ubinary: sign bits packed 8 to a byte)
+EMBEDDING_TYPES = ("float", "binary", "ubinary")
+
+
+def cohere_meta(n_tokens: int) -> dict:
+    """Cohere's ``meta``: the API version and the tokens the model read (nothing is billed here)."""
+    return {
+        "api_version": {"version": "2"},
+        "billed_units": {"input_tokens": n_tokens},
+        "tokens": {"input_tokens": n_tokens},
+    }
+
+
+def packed_signs(vectors: np.ndarray, signed: bool) -> np.ndarray:
+    """Cohere's (and sentence-transformers') binary embeddings: one bit per dimension, 1 where the value
+    is positive, packed 8 to a byte, first dimension in the high bit; a vector whose size is not a
+    multiple of 8 is padded with 0 bits. ``ubinary``: the bytes (0..255); ``binary``: the bytes less 128
+    (-128..127)."""
+    packed = np.packbits(vectors > 0, axis=-1)
+    return packed.astype(np.int16) - 128 if signed else packed
 
 
 def length_source(limit: int, ceiling: int | None, option: int | None) -> str:
@@ -162,15 +185,35 @@ class EmbeddingEngine:
         }
 
     # stage 1: tokenize (tokenizer pool)
-    def prepare(self, texts: list[str], input_type: str | None, truncate: bool, options: EmbedOptions) -> Work:
-        tokenized = self.model.tokenize(texts, input_type)
+    def prepare(
+        self,
+        texts: list[str],
+        input_type: str | None,
+        truncate: bool,
+        options: EmbedOptions,
+        *,
+        truncation_side: str | None = None,
+        max_tokens: int | None = None,
+        cut_hint: str = CUT_THEM,
+    ) -> Work:
+        """Tokenized ``texts``. A text past the model's limit loses its end (the library's cut), or its
+        start with ``truncation_side="left"``; with ``truncate=False`` it is a 413 instead. ``max_tokens``
+        (Cohere's) first cuts each text to that many tokens of its own, on the same side."""
+        if max_tokens is not None:
+            texts, over = self.model.tokenizer.clip_texts(texts, max_tokens, from_start=truncation_side == "left")
+            if over and not truncate:
+                raise InputTooLong(
+                    f"{over} of {len(texts)} inputs are longer than max_tokens={max_tokens} tokens; shorten "
+                    f"them, or {cut_hint}"
+                )
+        tokenized = self.model.tokenize(texts, input_type, truncation_side=truncation_side)
         if tokenized.truncated and not truncate:
             limit = self.max_length(input_type)
             source = length_source(limit, self.model.host.max_positions, self.max_length_option)
             raise InputTooLong(
                 f"{tokenized.truncated} of {len(texts)} inputs are longer than model {self.name!r} reads: {limit} "
                 f"tokens{' a query' if input_type == 'query' else ''}, special tokens included ({source}); shorten "
-                f"them, or {CUT_THEM}"
+                f"them, or {cut_hint}"
             )
         lengths = [len(row) for row in tokenized.ids]
         return Work(lengths, (tokenized, options), sum(lengths), tokenized.truncated)
@@ -258,6 +301,27 @@ class EmbeddingEngine:
             data.append(item)
         usage = {"prompt_tokens": work.n_tokens, "total_tokens": work.n_tokens}
         return to_json({"object": "list", "data": data, "model": self.name, "usage": usage})
+
+    def render_cohere(
+        self, work: Work, result: Any, *, texts: list[str], embedding_types: Sequence[str], dimensions: int | None
+    ) -> bytes:
+        """Cohere's v2 embed response: one list of vectors per requested type (``EMBEDDING_TYPES``)."""
+        dense = self._dense(result, dimensions)
+        embeddings: dict[str, list] = {}
+        for kind in embedding_types:
+            if kind == "float":
+                embeddings[kind] = dense.tolist()
+            else:
+                embeddings[kind] = packed_signs(dense, signed=kind == "binary").tolist()
+        return to_json(
+            {
+                "id": str(uuid.uuid4()),
+                "embeddings": embeddings,
+                "texts": texts,
+                "meta": cohere_meta(work.n_tokens),
+                "response_type": "embeddings_by_type",
+            }
+        )
 
 
 def _scores_tokenized(model: Any) -> bool:
@@ -393,10 +457,25 @@ class RerankEngine:
             + (f"; {query_rule}" if query_rule else "")
         )
 
-    def prepare(self, query: str, documents: list[str], truncate: bool) -> Work:
+    def prepare(
+        self,
+        query: str,
+        documents: list[str],
+        truncate: bool,
+        *,
+        max_tokens_per_doc: int | None = None,
+        cut_hint: str = CUT_THEM,
+    ) -> Work:
+        """Tokenized pairs; a pair past the model's limits is cut as ``compute_score`` cuts it, or with
+        ``truncate=False`` a 413. ``max_tokens_per_doc`` (Cohere's) first cuts each document to its first
+        that many tokens (of the document as sent, the model's own tokens), as text; at or above
+        :meth:`max_length` it cannot change what the model reads and nothing is done."""
+        if max_tokens_per_doc is not None and max_tokens_per_doc < self.max_length():
+            tokenizer = self.model.tokenizer if self._pairs else self.model.embedder.tokenizer
+            documents, _ = tokenizer.clip_texts(documents, max_tokens_per_doc)
         tokenized, n_tokens = self._tokenize(query, documents)
         if tokenized.truncated and not truncate:
-            raise InputTooLong(f"{self._too_long(query, documents, tokenized.truncated)}. Shorten them, or {CUT_THEM}")
+            raise InputTooLong(f"{self._too_long(query, documents, tokenized.truncated)}. Shorten them, or {cut_hint}")
         payload = tokenized if self.tokenized_scoring else [(query, d) for d in documents]
         return Work([len(row) for row in tokenized.ids], payload, n_tokens, tokenized.truncated)
 
@@ -435,6 +514,34 @@ class RerankEngine:
         return_documents: bool,
         raw_scores: bool,
     ) -> bytes:
+        results = self._results(
+            scores, documents=documents, top_n=top_n, return_documents=return_documents, raw_scores=raw_scores
+        )
+        usage = {"prompt_tokens": work.n_tokens, "total_tokens": work.n_tokens}
+        return to_json(
+            {
+                "object": "rerank",
+                "id": f"rerank-{uuid.uuid4().hex}",
+                "model": self.name,
+                "results": results,
+                "usage": usage,
+            }
+        )
+
+    def render_cohere(
+        self, work: Work, scores: list[float], *, documents: list[str], top_n: int | None, return_documents: bool
+    ) -> bytes:
+        """Cohere's v2 rerank response: ``id``, ``results`` best first (sigmoid scores), ``meta``."""
+        results = self._results(
+            scores, documents=documents, top_n=top_n, return_documents=return_documents, raw_scores=False
+        )
+        return to_json({"id": str(uuid.uuid4()), "results": results, "meta": cohere_meta(work.n_tokens)})
+
+    @staticmethod
+    def _results(
+        scores: list[float], *, documents: list[str], top_n: int | None, return_documents: bool, raw_scores: bool
+    ) -> list[dict[str, Any]]:
+        """``[{index, relevance_score[, document]}]`` best first, at most ``top_n``."""
         from ..models.reranker import sigmoid
 
         values = [float(s) for s in scores] if raw_scores else sigmoid(scores)
@@ -446,13 +553,4 @@ class RerankEngine:
             if return_documents:
                 result["document"] = {"text": documents[index]}
             results.append(result)
-        usage = {"prompt_tokens": work.n_tokens, "total_tokens": work.n_tokens}
-        return to_json(
-            {
-                "object": "rerank",
-                "id": f"rerank-{uuid.uuid4().hex}",
-                "model": self.name,
-                "results": results,
-                "usage": usage,
-            }
-        )
+        return results

@@ -1,8 +1,10 @@
 """Request and response models of the HTTP API: the single source of truth for the routes,
 their validation (a request that does not fit gets a 422) and the OpenAPI docs.
 
-``/v1/embeddings`` follows OpenAI's schema, ``/v1/rerank`` Cohere's and Jina's; fields
-marked *extension* are bgekit's own and every OpenAI / Cohere client simply ignores them.
+``/v1/embeddings`` follows OpenAI's schema, ``/v1/rerank`` Cohere's v1 and Jina's, ``/v2/rerank`` and
+``/v2/embed`` Cohere's v2; fields marked *extension* are bgekit's own and every OpenAI / Cohere client
+simply ignores them. The /v1 requests ignore fields they do not know (any client's extras pass); the
+/v2 ones take Cohere's fields only and answer 422 to others.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def _is_token_ids(value: object) -> bool:
     return bool(items) and all(isinstance(x, int) and not isinstance(x, bool) for x in items)
 
 
+# other APIs' names for the two prompt rules: Voyage's and mteb's, Cohere's
+INPUT_TYPE_ALIASES = {"document": "passage", "search_query": "query", "search_document": "passage"}
+
+
 class EmbeddingRequest(_Request):
     input: str | list[str] = Field(
         description="One text or a list of texts (at most --max-client-batch-size). Token arrays (OpenAI's lists "
@@ -84,14 +90,23 @@ class EmbeddingRequest(_Request):
 
     input_type: Literal["query", "passage"] | None = Field(
         None,
-        description="Extension. query: add the model's query instruction (encode_queries); passage (or document, "
-        "as Voyage and mteb name it): the passage rule (encode_corpus); omitted: the texts as they are (encode).",
+        description="Extension. query (or search_query, Cohere's name): add the model's query instruction "
+        "(encode_queries); passage (or document, as Voyage and mteb name it, or search_document, Cohere's): the "
+        "passage rule (encode_corpus); omitted: the texts as they are (encode).",
     )
 
     @field_validator("input_type", mode="before")
     @classmethod
-    def _document_is_passage(cls, value: object) -> object:
-        return "passage" if value == "document" else value
+    def _input_type_aliases(cls, value: object) -> object:
+        if value is None or value in ("query", "passage"):
+            return value
+        if isinstance(value, str) and value in INPUT_TYPE_ALIASES:
+            return INPUT_TYPE_ALIASES[value]
+        raise PydanticCustomError(
+            "input_type",
+            "must be query or passage (also accepted: {aliases}), got {value}",
+            {"aliases": ", ".join(f"{k} for {v}" for k, v in INPUT_TYPE_ALIASES.items()), "value": repr(value)},
+        )
 
     truncate: bool | None = Field(
         None,
@@ -171,6 +186,100 @@ class RerankResponse(BaseModel):
     model: str
     results: list[RerankResult] = Field(description="Best first.")
     usage: Usage
+
+
+# -- Cohere v2: /v2/rerank and /v2/embed -----------------------------------------------------
+class _CohereRequest(BaseModel):
+    # Cohere's schema exactly: a field it does not have is a 422 naming it, not silently dropped
+    model_config = ConfigDict(extra="forbid")
+
+
+class CohereMeta(BaseModel):
+    api_version: dict[str, str] = Field(examples=[{"version": "2"}])
+    billed_units: dict[str, int] = Field(description="input_tokens: tokens the model read (nothing is billed).")
+    tokens: dict[str, int] = Field(description="input_tokens: tokens the model read, special tokens included.")
+
+
+class CohereRerankRequest(_CohereRequest):
+    model: str | None = Field(None, description="A served reranker name; default: the first reranker.")
+    query: str = Field(examples=["what do pandas eat?"])
+    documents: list[str] = Field(
+        min_length=1,
+        description="Texts to score against the query; at most --max-client-batch-size.",
+        examples=[["Pandas eat bamboo.", "Paris is in France."]],
+    )
+    top_n: int | None = Field(None, ge=1, strict=True, description="Return only the best N results.")
+    max_tokens_per_doc: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Cut each document to its first N tokens (the model's tokens of the document as sent) before "
+        "it is paired with the query. The model still cuts each pair to its own limit (its max_length); at or "
+        "above that limit this changes nothing. Cohere's default, 4096, is above every BGE reranker's limit.",
+    )
+    return_documents: bool = Field(
+        False, strict=True, description="Include each document's text (older Cohere v2 clients send it)."
+    )
+
+
+class CohereRerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(description="The library's compute_score(..., normalize=True), in (0, 1).")
+    document: RerankDocument | None = Field(None, description="Only with return_documents.")
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereRerankResult] = Field(description="Best first.")
+    meta: CohereMeta
+
+
+class CohereEmbedRequest(_CohereRequest):
+    model: str | None = Field(None, description="A served embedding model name; default: the first one.")
+    texts: list[str] = Field(
+        min_length=1,
+        description="Texts to embed (at most --max-client-batch-size).",
+        examples=[["The giant panda eats bamboo."]],
+    )
+    input_type: Literal["search_query", "search_document", "classification", "clustering"] = Field(
+        description="search_query: the model's query instruction (encode_queries); search_document: its passage "
+        "rule (encode_corpus); classification, clustering: the texts as they are (encode)."
+    )
+    embedding_types: list[Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]] | None = Field(
+        None,
+        min_length=1,
+        description="float (default), binary, ubinary (sign bits, 8 to a byte). int8, uint8 and base64 get a 400.",
+    )
+    truncate: Literal["NONE", "START", "END"] | None = Field(
+        None,
+        description="Inputs past the model's limit: END cuts their end (as the library does), START their start "
+        "(400 where the model's instruction comes before the text), NONE answers 413. Default: END, as Cohere's "
+        "(NONE on a server started with --no-truncate).",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Cut each text to N tokens of its own (END: its first, START: its last; NONE: 413 if longer) "
+        "before the model reads it.",
+    )
+    output_dimension: int | None = Field(
+        None, ge=1, strict=True, description="Keep the first N dimensions, then re-normalize (as dimensions)."
+    )
+
+
+class CohereEmbeddings(BaseModel):
+    float_: list[list[float]] | None = Field(None, alias="float")
+    binary: list[list[int]] | None = Field(None, description="Packed sign bits less 128: -128..127.")
+    ubinary: list[list[int]] | None = Field(None, description="Packed sign bits: 0..255.")
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: CohereEmbeddings
+    texts: list[str]
+    meta: CohereMeta
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
 
 
 # -- models and health ----------------------------------------------------------------------
