@@ -423,9 +423,10 @@ def mine(
         typer.Option(
             "--corpus",
             "--candidate-pool",
-            help="Candidate passages (JSONL with text/title, or text, or a BEIR folder's corpus); default: every "
-            "pos and neg of --input. CQADupStack's folder: each forum's --input file (FORUM.jsonl in a folder) "
-            "is mined in its own forum's corpus, into --output/FORUM.jsonl.",
+            help="Candidate passages (JSONL with text/title, or text, or a BEIR folder's corpus; online also a "
+            "dataset name, as eval retrieval --dataset); default: every pos and neg of --input. CQADupStack's "
+            "folder (or name): each forum's --input file (FORUM.jsonl in a folder) is mined in its own forum's "
+            "corpus, into --output/FORUM.jsonl.",
         ),
     ] = None,
     range_for_sampling: Annotated[
@@ -466,6 +467,7 @@ def mine(
     from .mining import MiningOptions, mine_hard_negatives, parse_range
 
     require_faiss()  # before the data is read and the model loaded
+    corpus = _corpus_dataset(corpus)
     forums = _corpus_forums(corpus)
     if forums is None:
         io.check_outputs(output, inputs=[input, corpus, examples])
@@ -508,6 +510,17 @@ def mine(
     mined, stats = mine_hard_negatives(records, embedder, pool, mining)
     write_records(output, mined)
     typer.echo(f"wrote {output}: {len(mined)} records; {stats}", err=True)
+
+
+def _corpus_dataset(corpus: Path | None) -> Path | None:
+    """``--corpus`` named as ``eval retrieval --dataset`` names a dataset (``cqadupstack``, ``scifact``,
+    ``cqadupstack/gis``, ``mteb/scifact``) is that dataset's folder, resolved (downloaded once, or the
+    offline error naming it) by the code evaluation uses; a path here, or anything else, as given."""
+    from ..eval.datasets import is_dataset_name, resolve_dataset
+
+    if corpus is None or not is_dataset_name(corpus):
+        return corpus
+    return resolve_dataset(corpus)
 
 
 def _corpus_forums(corpus: Path | None) -> list[Path] | None:
