@@ -232,6 +232,9 @@ def test_sts_columns_by_header_name(tmp_path):
         ("sentence1\tsentence2\tscore\na\tb\t1\na cat\ta dog\tNaN\n", DataFormatError,
          r"bad\.tsv, line 3: score 'NaN' is not a finite number"),
         ("sentence1\tsentence2\tscore\n", InputError, r"bad\.tsv holds no sentence pairs"),
+        # the only row, with a bad score: it was taken for a header (other names) and the file said "no pairs"
+        ("a cat\ta dog\tfive\n", DataFormatError, r"bad\.tsv, line 1: score 'five' is not a number \(the only line"),
+        ("\n\nA man plays.\tA man is playing.\t4,5\n", DataFormatError, r"bad\.tsv, line 3: score '4,5' is not a numb"),
     ],
 )  # fmt: skip
 def test_bad_sts_files(tmp_path, content, error, message):

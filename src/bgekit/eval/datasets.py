@@ -544,6 +544,7 @@ def load_sts(path: str | Path) -> StsDataset:
     if path.is_dir():
         raise InputError(f"{path} is a folder; pass a sentence1<TAB>sentence2<TAB>score file")
     columns = (0, 1, 2)
+    unnamed_header: str | None = None  # line 1's score when it was taken for a header with other names
     first1: list[str] = []
     first2: list[str] = []
     scores: list[float] = []
@@ -558,6 +559,7 @@ def load_sts(path: str | Path) -> StsDataset:
                 columns = (header.index("sentence1"), header.index("sentence2"), header.index("score"))
                 continue
             if len(parts) == 3 and not _is_number(parts[2]):
+                unnamed_header = parts[2].strip()
                 continue  # a header with other names: columns taken in order
         if len(parts) <= max(columns):
             raise DataFormatError(
@@ -574,6 +576,13 @@ def load_sts(path: str | Path) -> StsDataset:
         first2.append(parts[columns[1]])
         scores.append(float(value))
     if not scores:
+        if unnamed_header is not None:  # its only line: a pair with a bad score, not a header of nothing
+            raise DataFormatError(
+                path,
+                1,
+                f"score {unnamed_header!r} is not a number (the only line, so not a header: a header names its "
+                "columns sentence1, sentence2, score)",
+            )
         raise InputError(f"{path} holds no sentence pairs")
     return StsDataset(first1, first2, scores, path, path.stem)
 
