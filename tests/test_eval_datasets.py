@@ -103,7 +103,7 @@ def test_beir_zip_download_code_path(tmp_path):
     assert folder == tmp_path / "cache" / "tiny"
     assert load_retrieval_dataset(folder).qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
     assert download_beir("tiny", cache_dir=tmp_path / "cache", url="file:///nowhere.zip") == folder  # cached
-    with pytest.raises(InputError, match="could not download BEIR dataset 'other'"):
+    with pytest.raises(InputError, match=r"BEIR dataset 'other' is not in .*cache/other and could not be downlo"):
         download_beir("other", cache_dir=tmp_path / "cache", url=(tmp_path / "missing.zip").as_uri())
 
 
@@ -232,6 +232,9 @@ def test_sts_columns_by_header_name(tmp_path):
         ("sentence1\tsentence2\tscore\na\tb\t1\na cat\ta dog\tNaN\n", DataFormatError,
          r"bad\.tsv, line 3: score 'NaN' is not a finite number"),
         ("sentence1\tsentence2\tscore\n", InputError, r"bad\.tsv holds no sentence pairs"),
+        # the only row, with a bad score: it was taken for a header (other names) and the file said "no pairs"
+        ("a cat\ta dog\tfive\n", DataFormatError, r"bad\.tsv, line 1: score 'five' is not a number \(the only line"),
+        ("\n\nA man plays.\tA man is playing.\t4,5\n", DataFormatError, r"bad\.tsv, line 3: score '4,5' is not a numb"),
     ],
 )  # fmt: skip
 def test_bad_sts_files(tmp_path, content, error, message):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
 from bgekit.eval.mteb import MtebEncoder
+
+STS_MINI = Path(__file__).resolve().parents[1] / "examples" / "data" / "stsb-test-mini.tsv"
 
 
 class PromptType(StrEnum):
@@ -289,3 +292,73 @@ def test_icl_models_take_each_tasks_instruction_and_examples(icl_path):
     direct = model.encode_queries(TEXTS, instruction=SCIFACT, examples_for_task=SCIFACT_EXAMPLES)
     np.testing.assert_allclose(direct, scifact, atol=1e-5)
     assert model.query_instruction_for_retrieval == ICL_INSTRUCTION  # per call: the model is left as it was
+
+
+CLASSIFICATION = TaskMetadata("Banking77Classification", "Classification")
+
+
+def test_normalize_for_classification_is_flagembeddings_runner_as_an_option(model, tiny_bert):
+    """FlagEmbedding 1.4.2's MTEB runner embeds Classification tasks unnormalized (set_normalize_embeddings
+    False); MtebEncoder kept the model's setting with no way to ask for that. ``normalize_for_classification``
+    is that choice; None (the default) keeps the model's own, other task types always do."""
+    from bgekit import AbsEmbedder, Embedder
+    from bgekit.errors import InputError
+
+    kwargs = {"hf_split": "test", "hf_subset": "default"}
+    raw = model.encode(TEXTS, normalize_embeddings=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)  # the model normalizes: a real change
+    default = MtebEncoder(model).encode(loader(TEXTS), task_metadata=CLASSIFICATION, **kwargs)
+    np.testing.assert_allclose(default, model.encode(TEXTS), atol=1e-6)
+    flag = MtebEncoder(model, normalize_for_classification=False)
+    np.testing.assert_allclose(flag.encode(loader(TEXTS), task_metadata=CLASSIFICATION, **kwargs), raw, atol=1e-5)
+    for other in (TaskMetadata("STS12", "STS"), TaskMetadata("RedditClustering", "Clustering")):
+        np.testing.assert_allclose(
+            flag.encode(loader(TEXTS), task_metadata=other, **kwargs), model.encode(TEXTS), atol=1e-6
+        )
+    assert model.normalize_embeddings is True  # set for the call, not on the model
+
+    unnormalized = Embedder.from_pretrained(str(tiny_bert), normalize_embeddings=False)
+    on = MtebEncoder(unnormalized, normalize_for_classification=True)
+    np.testing.assert_allclose(
+        on.encode(loader(TEXTS), task_metadata=CLASSIFICATION, **kwargs), model.encode(TEXTS), atol=1e-5
+    )
+
+    class Counts(AbsEmbedder):  # a custom FlagEmbedding model reads the attribute FlagEmbedding's runner sets
+        def encode_single_device(self, sentences, **options):
+            rows = np.array([[len(s), s.count(" ") + 1.0] for s in sentences], dtype=np.float32)
+            return rows / np.linalg.norm(rows, axis=1, keepdims=True) if self.normalize_embeddings else rows
+
+    counts = Counts("none", devices="cpu")
+    got = MtebEncoder(counts, normalize_for_classification=False).encode(TEXTS, task_metadata=CLASSIFICATION)
+    assert got[0].tolist() == [16.0, 4.0] and counts.normalize_embeddings is True
+    with pytest.raises(InputError, match="normalize_for_classification must be True, False or None"):
+        MtebEncoder(model, normalize_for_classification="off")
+
+
+def test_normalize_for_classification_under_mteb(model, tiny_bert):
+    """The installed mteb package runs its own Classification evaluator (logistic regression on the vectors) on
+    local data: with ``normalize_for_classification=False`` a normalizing model scores as the same weights
+    without normalization do, and the default as the model itself; mteb 1.x's ``task_name`` alone finds the
+    task's type through mteb."""
+    mteb = pytest.importorskip("mteb")
+    from datasets import Dataset
+
+    from bgekit import Embedder
+
+    sentences = [line.split("\t")[0] for line in STS_MINI.read_text().splitlines()[1:49]]
+    labels = [i % 3 for i in range(len(sentences))]
+
+    def scores(encoder):
+        task = mteb.get_task("Banking77Classification")
+        split = {"text": sentences[:24], "label": labels[:24]}, {"text": sentences[24:], "label": labels[24:]}
+        task.dataset = {"default": {"train": Dataset.from_dict(split[0]), "test": Dataset.from_dict(split[1])}}
+        task.data_loaded = True
+        result = mteb.evaluate(encoder, [task], cache=None, overwrite_strategy="always")
+        return result.task_results[0].scores["test"][0]
+
+    unnormalized = Embedder.from_pretrained(str(tiny_bert), normalize_embeddings=False)
+    flag = scores(MtebEncoder(model, normalize_for_classification=False))
+    assert flag == scores(MtebEncoder(unnormalized))
+    assert scores(MtebEncoder(model)) != flag  # the model's own (normalized) vectors score otherwise
+    raw = MtebEncoder(model, normalize_for_classification=False).encode(TEXTS, task_name="Banking77Classification")
+    np.testing.assert_allclose(raw, model.encode(TEXTS, normalize_embeddings=False), atol=1e-5)

@@ -173,6 +173,44 @@ def test_every_class_built_directly_names_the_model_as_the_cli_does(tiny_bert, t
             cls(" my-org/not-here/ ", devices="cpu")
 
 
+class _TextPath:
+    """An ``os.PathLike`` that is not a ``pathlib.Path`` (as ``py.path`` or a user's own path class)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def test_model_name_is_always_a_str_or_a_clear_type_error(tiny_bert):
+    """``hub.model_name`` is annotated ``-> str`` but returned a non-string argument unchanged, so
+    ``FlagModel(None).model_name_or_path`` was None and the class failed only when it loaded; a value that is
+    no name is now the TypeError saying so, wherever a model is named (the classes, ``from_pretrained``)."""
+    import os
+
+    from bgekit import AbsEmbedder, FlagLLMModel
+    from bgekit.hub import model_name
+
+    assert model_name(Path("org/name/")) == "org/name" and isinstance(model_name(tiny_bert), str)
+    assert model_name(_TextPath(f"{tiny_bert}{os.sep}")) == str(tiny_bert)
+    for value in (None, 3, b"BAAI/bge-m3", ["BAAI/bge-m3"]):
+        with pytest.raises(
+            TypeError, match=rf"must be a hub id or a folder path \(str or os\.PathLike\), got {type(value).__name__}"
+        ):
+            model_name(value)
+        for load in (FlagModel, FlagReranker, FlagLLMModel, Embedder.from_pretrained, Reranker.from_pretrained):
+            with pytest.raises(TypeError, match="must be a hub id or a folder path"):
+                load(value)
+    assert FlagModel(_TextPath(str(tiny_bert)), devices="cpu").model_name_or_path == str(tiny_bert)
+
+    class Custom(AbsEmbedder):  # FlagEmbedding's base stores what a custom subclass passes: None stays None
+        def encode_single_device(self, sentences, **kwargs):
+            raise NotImplementedError
+
+    assert Custom(None).model_name_or_path is None and Custom("org/name/").model_name_or_path == "org/name"
+
+
 def test_model_class_override_for_unknown_hub_id():
     name, spec = resolve("my-org/my-model", registry.EMBEDDERS, "encoder-only-base")
     assert name == "my-org/my-model" and spec.kind == registry.ENCODER

@@ -101,6 +101,44 @@ def test_mine_searches_each_forum_in_its_own_corpus(cqadupstack, tmp_path, tiny_
     assert one[0] == one[1] == rows(mined / "gis.jsonl")
 
 
+def test_mine_resolves_a_dataset_name_as_eval_does(cqadupstack, tmp_path, tiny_bert, monkeypatch):
+    """``--corpus cqadupstack`` was read as a file named so ("input file cqadupstack does not exist"), where
+    ``eval retrieval --dataset cqadupstack`` takes the name; both now go through the same resolver: offline
+    and not downloaded yet, one line naming the dataset, where it was looked for and what to pass instead."""
+    train = tmp_path / "train"
+    run("data", "beir-to-train", "--dataset", str(cqadupstack), "--split", "test", "-o", str(train))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BGEKIT_CACHE", str(cache))  # run() sets HF_HUB_OFFLINE=1: no download is tried
+    mined = tmp_path / "mined"
+    args = ("-m", "nobody/unknown", "-i", str(train), "-o", str(mined))
+    result = run("mine", *args, "--corpus", "cqadupstack", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    looked = cache / "datasets" / "cqadupstack"
+    assert lines[0].startswith(f"error: BEIR dataset 'cqadupstack' is not in {looked}, and HF_HUB_OFFLINE is set")
+    assert "pass the dataset's folder (the unpacked cqadupstack.zip) instead of its name" in lines[0]
+    evaluated = run("eval", "retrieval", "-m", "nobody/unknown", "-d", "cqadupstack", check=False)
+    assert evaluated.returncode == 2 and evaluated.stderr.strip().splitlines() == lines  # the same code
+    assert not mined.exists()
+    one = run("mine", *args, "--corpus", "cqadupstack/gis", check=False).stderr
+    assert f"BEIR dataset 'cqadupstack' is not in {looked}" in one  # a forum is looked for in the same archive
+    wrong = run("mine", *args, "--corpus", "cqadupstack/gsi", check=False).stderr
+    assert "cqadupstack has no forum 'gsi': cqadupstack/FORUM names one, FORUM one of android," in wrong
+
+    # once the archive is in the cache (downloaded once, online), the name mines as its folder does
+    write_forums(looked, FORUMS)
+    run("mine", "-m", str(tiny_bert), "-i", str(train), "--corpus", "cqadupstack", "-o", str(mined), *FAST)
+    local = tmp_path / "local"
+    run("mine", "-m", str(tiny_bert), "-i", str(train), "--corpus", str(cqadupstack), "-o", str(local), *FAST)
+    assert sorted(p.name for p in mined.iterdir()) == ["android.jsonl", "gis.jsonl", "tex.jsonl"]
+    for forum in FORUMS:
+        assert rows(mined / f"{forum}.jsonl") == rows(local / f"{forum}.jsonl")
+    gis = tmp_path / "gis.jsonl"
+    run("mine", "-m", str(tiny_bert), "-i", str(train / "gis.jsonl"), "--corpus", "cqadupstack/gis", "-o", str(gis),
+        *FAST)  # fmt: skip
+    assert rows(gis) == rows(local / "gis.jsonl")
+
+
 def test_mine_over_the_forums_refuses_what_it_cannot_pair(cqadupstack, tmp_path):
     """Each refusal is one line, before the model (unknown here) is loaded."""
     train = tmp_path / "train"

@@ -27,6 +27,7 @@ from .cli_options import (
     backend_options,
     family_options,
     packing_options,
+    path_value,
     precision_options,
 )
 from .errors import BgekitError, InputError
@@ -137,10 +138,14 @@ PackedOpt = Annotated[
 @friendly_errors
 def embed(
     input: Annotated[
-        Path, typer.Option("--input", "-i", help="Text file (one item a line) or JSONL with 'text' [+ 'title'].")
+        Path,
+        typer.Option(
+            "--input", "-i", help="Text file (one item a line) or JSONL with 'text' [+ 'title'].", parser=path_value
+        ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Where to write: .npy (rows in input order) or .jsonl.")
+        Path,
+        typer.Option("--output", "-o", help="Where to write: .npy (rows in input order) or .jsonl.", parser=path_value),
     ],
     model: ModelOpt = None,
     queries: Annotated[bool, typer.Option("--queries", help="Inputs are queries: add the query instruction.")] = False,
@@ -162,7 +167,8 @@ def embed(
         Path | None,
         typer.Option(
             help="In-context examples for ICL models (bge-en-icl): JSON list or JSONL of "
-            "{'instruct', 'query', 'response'}; used with --queries."
+            "{'instruct', 'query', 'response'}; used with --queries.",
+            parser=path_value,
         ),
     ] = None,
     model_class: Annotated[
@@ -176,11 +182,15 @@ def embed(
     backend: BackendOpt = Backend.torch,
     sparse: Annotated[
         Path | None,
-        typer.Option(help="M3 models: also write lexical weights here as JSONL {'id', 'lexical_weights'}."),
+        typer.Option(
+            help="M3 models: also write lexical weights here as JSONL {'id', 'lexical_weights'}.", parser=path_value
+        ),
     ] = None,
     colbert: Annotated[
         Path | None,
-        typer.Option(help="M3 models: also write ColBERT vectors here (.npz: vectors, offsets, ids)."),
+        typer.Option(
+            help="M3 models: also write ColBERT vectors here (.npz: vectors, offsets, ids).", parser=path_value
+        ),
     ] = None,
     ray: Annotated[
         bool,
@@ -321,12 +331,15 @@ def _colbert_writer(ids: list[str], per_text: list):
 @friendly_errors
 def rerank(
     query: Annotated[str, typer.Option("--query", "-q", help="The query to score passages against.")],
-    input: Annotated[Path, typer.Option("--input", "-i", help="Passages: text file or JSONL with 'text' [+ 'title'].")],
+    input: Annotated[
+        Path,
+        typer.Option("--input", "-i", help="Passages: text file or JSONL with 'text' [+ 'title'].", parser=path_value),
+    ],
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Reranker hub id or folder (cross-encoder).")
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write JSONL scores (input order) here.")
+        Path | None, typer.Option("--output", "-o", help="Write JSONL scores (input order) here.", parser=path_value)
     ] = None,
     top_k: Annotated[int | None, typer.Option(min=1, help="Print only the best K.")] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="Sigmoid scores into (0, 1).")] = False,

@@ -25,6 +25,21 @@ Bf16Opt = Annotated[
 ]
 
 
+def path_value(text: str) -> Path:
+    """A file or folder option's value (typer's ``parser=``). An empty value is refused, naming the option:
+    ``Path("")`` is the current folder, so ``-d "$UNSET"`` read (or wrote, or trained into) whatever folder the
+    command ran in; ``.`` still names it."""
+    return Path(path_text(text))
+
+
+def path_text(text: str) -> str:
+    """:func:`path_value` for options that take a path or a name (``--dataset scifact``,
+    ``--resume-from-checkpoint auto``): the text itself, an empty one refused."""
+    if text == "":
+        raise typer.BadParameter("empty: name a file or folder ('.' for the current folder)")
+    return text
+
+
 def precision_options(fp16: bool, bf16: bool) -> dict[str, bool]:
     """``--fp16`` / ``--bf16`` as the library's ``use_fp16`` / ``use_bf16`` (bf16 wins where both are on)."""
     return {"use_fp16": fp16, "use_bf16": bf16}

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -47,23 +48,41 @@ def clean_name(name_or_path: str | Path) -> str:
     return name
 
 
-def model_name(name_or_path: str | Path) -> str:
+def model_name(name_or_path: str | os.PathLike[str]) -> str:
     """The one name a model goes by, whoever loads it (every model class's ``model_name_or_path``, the
     CLI's records): a hub id or known short name as :func:`clean_name` gives it (``"org/name/"`` is
     ``"org/name"``), an existing local folder without a trailing slash (``"out/model/"`` is
-    ``"out/model"``); anything else as given, so a missing folder is named as typed (and a value that is
-    no name at all, which loading refuses, unchanged)."""
-    if not isinstance(name_or_path, (str, Path)):
-        return name_or_path
-    name = clean_name(name_or_path)
+    ``"out/model"``); any other string as given, so a missing folder is named as typed. Always a ``str``
+    (a ``Path`` or other ``os.PathLike`` too); a value that is no name at all (``None``, a number, bytes, a
+    model object) is a :class:`TypeError` saying so, raised where the value is given (a class built with
+    it), not later inside a load. ``AbsEmbedder`` / ``AbsReranker``, which store what a custom subclass
+    passes as FlagEmbedding does, only clean a name; they call this for a ``str`` or path alone."""
+    _check_name(name_or_path)
+    name = clean_name(os.fspath(name_or_path))
     return str(Path(name)) if name.strip() and Path(name).expanduser().exists() else name
+
+
+def is_model_name(value: object) -> bool:
+    """True for what :func:`model_name` takes: a ``str`` or a text ``os.PathLike`` (a ``Path``)."""
+    return isinstance(value, str) or (isinstance(value, os.PathLike) and isinstance(os.fspath(value), str))
+
+
+def _check_name(value: object) -> None:
+    """The :class:`TypeError` for a model given as something that is no name (``None``, a number, bytes)."""
+    if not is_model_name(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."  # a model object's repr is long
+        raise TypeError(
+            f"model_name_or_path must be a hub id or a folder path (str or os.PathLike), got {type(value).__name__} "
+            f"{shown}"
+        )
 
 
 def model_folder(name_or_path: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
     """Return a local folder holding the model's files, downloading it if needed."""
-    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+    _check_name(name_or_path)
+    if not str(name_or_path).strip():
         raise ModelNotFoundError(f"model must be a hub id or a folder path, got {name_or_path!r}")
-    given = str(name_or_path)
+    given = os.fspath(name_or_path)
     name = clean_name(given)
     path = Path(name).expanduser()
     if path.exists():
@@ -206,9 +225,8 @@ def resolve(
     ``model_class`` (a FlagEmbedding class string such as ``"encoder-only-base"``)
     overrides whatever the name or folder says.
     """
-    if not isinstance(name_or_path, (str, Path)):
-        raise ModelNotFoundError(f"model must be a hub id or a folder path, got {type(name_or_path).__name__}")
-    name = clean_name(name_or_path)
+    _check_name(name_or_path)
+    name = clean_name(os.fspath(name_or_path))
     kinds = registry.RERANKER_KINDS if for_reranker else registry.EMBEDDER_KINDS
     if model_class is not None and model_class not in kinds:
         raise UnknownModelError(f"model_class must be one of {sorted(set(kinds))}, got {model_class!r}")

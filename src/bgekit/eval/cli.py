@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import Bf16Opt, Fp16Opt, precision_options
+from ..cli_options import Bf16Opt, Fp16Opt, path_text, path_value, precision_options
 
 
 class IndexKind(StrEnum):
@@ -72,6 +72,7 @@ def eval_retrieval(
             "-d",
             help="Dataset folder (BEIR or custom layout); online also a BEIR name or hub id. CQADupStack's folder "
             "(or name): every forum in its own corpus, the score their mean.",
+            parser=path_text,
         ),
     ],
     model: ModelOpt = None,
@@ -84,7 +85,10 @@ def eval_retrieval(
         int | None, typer.Option(min=1, help="Documents retrieved per query (default: the largest k).")
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the JSON report here (+ .md and TREC .trec run files).")
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write the JSON report here (+ .md and TREC .trec run files).", parser=path_value
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     max_length: Annotated[int | None, typer.Option(min=1, help="Token limit (default: the model's).")] = None,
@@ -100,7 +104,8 @@ def eval_retrieval(
         Path | None,
         typer.Option(
             help="Cache folder: corpus vectors in DIR/corpus, downloads in DIR/datasets (default: "
-            "$BGEKIT_CACHE, or ~/.cache/bgekit: vectors under eval/corpus, downloads under datasets)."
+            "$BGEKIT_CACHE, or ~/.cache/bgekit: vectors under eval/corpus, downloads under datasets).",
+            parser=path_value,
         ),
     ] = None,
     chunk_size: Annotated[
@@ -147,9 +152,14 @@ def eval_retrieval(
 
 
 def eval_sts(
-    data: Annotated[Path, typer.Option("--data", help="TSV: sentence1<TAB>sentence2<TAB>score (header optional).")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="TSV: sentence1<TAB>sentence2<TAB>score (header optional).", parser=path_value),
+    ],
     model: ModelOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here (+ .md).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the JSON report here (+ .md).", parser=path_value)
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     max_length: Annotated[int | None, typer.Option(min=1)] = None,
     device: DevicesOpt = None,
@@ -177,9 +187,10 @@ def eval_sts(
 
 def index_build(
     corpus: Annotated[
-        Path, typer.Option("--corpus", "-c", help="Text file or JSONL with 'text' [+ 'title'] and '_id'.")
+        Path,
+        typer.Option("--corpus", "-c", help="Text file or JSONL with 'text' [+ 'title'] and '_id'.", parser=path_value),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.", parser=path_value)],
     model: ModelOpt = None,
     index_type: Annotated[IndexKind, typer.Option("--index-type", help="flat (exact), ivf or hnsw.")] = IndexKind.flat,
     quantization: Annotated[Quantization, typer.Option(help="none, int8 or binary codes.")] = Quantization.none,
@@ -248,7 +259,9 @@ def _absolute_if_local(name: str) -> str:
 
 
 def search(
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder from `bgekit index build`.")],
+    index: Annotated[
+        Path, typer.Option("--index", "-i", help="Index folder from `bgekit index build`.", parser=path_value)
+    ],
     query: Annotated[
         str | None, typer.Argument(metavar="QUERY", help="The query text (or give it as -q/--query).")
     ] = None,

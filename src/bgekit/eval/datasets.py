@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -165,28 +166,64 @@ def load_retrieval_dataset(
 
     Online, ``name_or_path`` may also be a BEIR dataset name (``"scifact"``: the official zip,
     downloaded once into ``cache_dir``) or a Hugging Face dataset id holding BEIR files
-    (``"mteb/scifact"``; pin ``revision`` to reproduce a published number).
+    (``"mteb/scifact"``; pin ``revision`` to reproduce a published number); see :func:`resolve_dataset`.
     """
+    if _names_whole_cqadupstack(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise InputError(  # refused before the archive is downloaded
+            f"cqadupstack is {len(CQADUPSTACK_FORUMS)} datasets, one a forum: load one as cqadupstack/FORUM, "
+            f"FORUM one of {', '.join(CQADUPSTACK_FORUMS)}; {_WHOLE_CQADUPSTACK}"
+        )
+    return load_local_dataset(resolve_dataset(name_or_path, cache_dir=cache_dir, revision=revision), split)
+
+
+def resolve_dataset(
+    name_or_path: str | Path, *, cache_dir: str | Path | None = None, revision: str | None = None
+) -> Path:
+    """The local folder of a dataset as every command names one (``bgekit eval retrieval --dataset``,
+    ``bgekit data beir-to-train --dataset``, ``bgekit mine --corpus``): an existing path as it is; else a
+    BEIR dataset name (``"scifact"``), ``"cqadupstack"`` (the archive, its forums as subfolders) or
+    ``"cqadupstack/FORUM"`` (one forum), downloaded once into ``cache_dir`` (default
+    ``$BGEKIT_CACHE/datasets``), or a Hugging Face dataset id holding BEIR files (``"mteb/scifact"``).
+    Anything else, or a download that fails (offline: ``HF_HUB_OFFLINE=1``, or no network), is an
+    :class:`InputError` naming the dataset, where it was looked for and what to pass instead."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return load_local_dataset(path, split)
+        return path
     name = str(name_or_path)
-    parent, _, forum = name.lower().partition("/")
+    parent, _, forum = name.strip().rstrip("/").lower().partition("/")
     if parent == "cqadupstack":
-        if forum not in CQADUPSTACK_FORUMS:
+        if forum and forum not in CQADUPSTACK_FORUMS:
             raise InputError(
-                f"cqadupstack is {len(CQADUPSTACK_FORUMS)} datasets, one a forum: load one as cqadupstack/FORUM, "
-                f"FORUM one of {', '.join(CQADUPSTACK_FORUMS)}; {_WHOLE_CQADUPSTACK}"
+                f"cqadupstack has no forum {forum!r}: cqadupstack/FORUM names one, FORUM one of "
+                f"{', '.join(CQADUPSTACK_FORUMS)}; cqadupstack alone is all of them"
             )
-        return load_local_dataset(download_beir("cqadupstack", cache_dir=cache_dir) / forum, split)
+        archive = download_beir("cqadupstack", cache_dir=cache_dir)
+        return archive / forum if forum else archive
     if name.lower() in BEIR_DATASETS:
-        return load_local_dataset(download_beir(name.lower(), cache_dir=cache_dir), split)
-    if _HF_ID.match(name) and not path.parent.is_dir():  # `data/scifactt` under an existing `data/` is a typo
-        return load_local_dataset(download_hf_dataset(name, revision=revision, cache_dir=cache_dir), split)
+        return download_beir(name.lower(), cache_dir=cache_dir)
+    if is_dataset_name(name):
+        return download_hf_dataset(name, revision=revision, cache_dir=cache_dir)
     raise InputError(
         f"dataset {name!r} is not a folder here, a BEIR dataset name ({', '.join(BEIR_DATASETS)}) "
         "or a Hugging Face dataset id like 'mteb/scifact'"
     )
+
+
+def is_dataset_name(name: str | Path) -> bool:
+    """True when ``name`` (not an existing path) reads as a dataset :func:`resolve_dataset` fetches: a BEIR
+    dataset name, ``cqadupstack[/FORUM]``, or a Hugging Face dataset id (``org/name``) whose first part is not
+    a folder here (``data/scifactt`` under an existing ``data/`` is a mistyped folder, not a download)."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        return False
+    if text.strip().rstrip("/").lower().partition("/")[0] == "cqadupstack" or text.lower() in BEIR_DATASETS:
+        return True
+    return bool(_HF_ID.match(text)) and not path.parent.is_dir()
+
+
+def _names_whole_cqadupstack(name_or_path: str | Path) -> bool:
+    return str(name_or_path).strip().rstrip("/").lower() == "cqadupstack"
 
 
 def detect_layout(folder: Path, split: str) -> str:
@@ -236,9 +273,9 @@ def cqadupstack_forums(name_or_path: str | Path, *, cache_dir: str | Path | None
         return None
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        if str(name_or_path).strip().rstrip("/").lower() != "cqadupstack":
+        if not _names_whole_cqadupstack(name_or_path):
             return None
-        path = download_beir("cqadupstack", cache_dir=cache_dir)
+        path = resolve_dataset(name_or_path, cache_dir=cache_dir)
     nested = _nested_datasets(path)
     if not nested or not set(nested) <= set(CQADUPSTACK_FORUMS):
         return None
@@ -507,6 +544,7 @@ def load_sts(path: str | Path) -> StsDataset:
     if path.is_dir():
         raise InputError(f"{path} is a folder; pass a sentence1<TAB>sentence2<TAB>score file")
     columns = (0, 1, 2)
+    unnamed_header: str | None = None  # line 1's score when it was taken for a header with other names
     first1: list[str] = []
     first2: list[str] = []
     scores: list[float] = []
@@ -521,6 +559,7 @@ def load_sts(path: str | Path) -> StsDataset:
                 columns = (header.index("sentence1"), header.index("sentence2"), header.index("score"))
                 continue
             if len(parts) == 3 and not _is_number(parts[2]):
+                unnamed_header = parts[2].strip()
                 continue  # a header with other names: columns taken in order
         if len(parts) <= max(columns):
             raise DataFormatError(
@@ -537,6 +576,13 @@ def load_sts(path: str | Path) -> StsDataset:
         first2.append(parts[columns[1]])
         scores.append(float(value))
     if not scores:
+        if unnamed_header is not None:  # its only line: a pair with a bad score, not a header of nothing
+            raise DataFormatError(
+                path,
+                1,
+                f"score {unnamed_header!r} is not a number (the only line, so not a header: a header names its "
+                "columns sentence1, sentence2, score)",
+            )
         raise InputError(f"{path} holds no sentence pairs")
     return StsDataset(first1, first2, scores, path, path.stem)
 
@@ -550,13 +596,18 @@ def default_cache_dir() -> Path:
 def download_beir(name: str, cache_dir: str | Path | None = None, url: str | None = None) -> Path:
     """Download and unpack a BEIR zip once; returns the dataset folder (``<cache>/datasets/<name>``).
 
-    ``url`` overrides the official address (any URL ``urllib`` opens, ``file://`` included).
+    ``url`` overrides the official address (any URL ``urllib`` opens, ``file://`` included). With
+    ``HF_HUB_OFFLINE`` set, only what the cache already holds (or a ``file://`` URL) is read.
     """
     root = Path(cache_dir or default_cache_dir() / "datasets").expanduser()
     target = root / name
     if _has_corpus(target) or _nested_datasets(target):
         return target
     url = url or BEIR_URL.format(name=name)
+    missing = f"BEIR dataset {name!r} is not in {target}"
+    instead = f"pass the dataset's folder (the unpacked {name}.zip) instead of its name"
+    if _offline() and urllib.parse.urlparse(url).scheme not in ("", "file"):
+        raise InputError(f"{missing}, and HF_HUB_OFFLINE is set: no download from {url}; {instead}")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.") as tmp:
         archive = Path(tmp) / f"{name}.zip"
@@ -564,9 +615,7 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
             with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
                 shutil.copyfileobj(response, out)
         except OSError as exc:
-            raise InputError(
-                f"could not download BEIR dataset {name!r} from {url} ({exc}); offline, pass a local dataset folder"
-            ) from None
+            raise InputError(f"{missing} and could not be downloaded from {url} ({exc}); {instead}") from None
         try:
             with zipfile.ZipFile(archive) as bundle:
                 bundle.extractall(Path(tmp) / "unpacked")
@@ -579,6 +628,12 @@ def download_beir(name: str, cache_dir: str | Path | None = None, url: str | Non
         os.replace(inner, target)
     logger.info("downloaded BEIR dataset %s to %s", name, target)
     return target
+
+
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` set (as huggingface_hub reads it), read at each call: no dataset downloads either,
+    as in Hugging Face's ``datasets`` (a BEIR zip is fetched from its own site, not the hub)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def download_hf_dataset(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -653,8 +708,10 @@ __all__ = [
     "dataset_json",
     "download_beir",
     "download_hf_dataset",
+    "is_dataset_name",
     "load_local_dataset",
     "load_retrieval_dataset",
     "load_sts",
+    "resolve_dataset",
     "write_beir",
 ]

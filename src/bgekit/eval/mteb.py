@@ -29,6 +29,15 @@ The prompt found is that call's instruction, in place of the model's: queries an
 get it in the model's query format, documents in its passage format (an empty prompt: no
 instruction). Calls no key matches embed as described above.
 
+Normalization: by default every call keeps the model's own ``normalize_embeddings`` (as mteb's own
+wrappers and bgekit's evaluation do: BGE families normalize). FlagEmbedding 1.4.2's MTEB runner turns it
+off for Classification tasks (``set_normalize_embeddings(False)``; BGE's published MTEB runs embedded every
+task unnormalized, "normalize embedding will harm the performance of classification task"), where mteb fits a
+logistic regression on the vectors themselves, so the two give different Classification scores.
+``normalize_for_classification=False`` does what FlagEmbedding's runner does for those tasks (``True``
+normalizes them whatever the model does); other task types keep the model's setting. A call's task type is
+its ``task_metadata.type`` (mteb 2.x); mteb 1.x passes only ``task_name``, looked up with ``mteb.get_task``.
+
 In-context-learning models (bge-en-icl) also take ``task_examples``: each task's few-shot examples, keyed and
 looked up as ``model_prompts``. A task's queries are embedded as a ``FlagICLModel`` set up with that task's
 prompt as its query instruction and its examples would embed them (FlagEmbedding's MTEB runner calls
@@ -45,6 +54,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -166,6 +177,8 @@ class MtebEncoder:
         model_prompts: per-task instructions by mteb prompt name (see the module docstring).
         task_examples: in-context-learning models: per-task examples (lists of ``{"instruct", "query",
             "response"}`` dicts) by the same names, for that task's queries (see the module docstring).
+        normalize_for_classification: L2-normalize the vectors of Classification tasks or not; None (the
+            default) keeps the model's ``normalize_embeddings``, ``False`` is FlagEmbedding 1.4.2's MTEB runner.
         options: more ``Embedder.from_pretrained`` options.
     """
 
@@ -180,6 +193,7 @@ class MtebEncoder:
         symmetric: str = "auto",
         model_prompts: Mapping[str, str] | None = None,
         task_examples: Mapping[str, list[dict[str, str]]] | None = None,
+        normalize_for_classification: bool | None = None,
         **options: Any,
     ):
         if (model is None) == (model_name is None):
@@ -190,6 +204,11 @@ class MtebEncoder:
         model = model if model is not None else model_name
         if symmetric not in SYMMETRIC_MODES:
             raise InputError(f"symmetric must be one of {', '.join(SYMMETRIC_MODES)}, got {symmetric!r}")
+        if normalize_for_classification not in (None, True, False):
+            raise InputError(
+                "normalize_for_classification must be True, False or None (the model's own setting), "
+                f"got {normalize_for_classification!r}"
+            )
         self.model_prompts = _check_prompts(model_prompts)
         self.task_examples = _check_task_examples(task_examples)
         if isinstance(model, (str, Path)):
@@ -211,6 +230,7 @@ class MtebEncoder:
         self.revision = revision
         self.batch_size = batch_size
         self.symmetric = symmetric
+        self.normalize_for_classification = normalize_for_classification
         self._model_meta: Any = None
 
     @property
@@ -241,26 +261,30 @@ class MtebEncoder:
         batch_size: int | None,
         prompt: str | None = None,
         examples: list[dict[str, str]] | None = None,
+        normalize: bool | None = None,
     ) -> np.ndarray:
-        """Embed ``texts`` as ``kind``; a ``prompt`` (from ``model_prompts``) replaces the instruction and
-        ``examples`` (from ``task_examples``) an in-context-learning model's examples."""
+        """Embed ``texts`` as ``kind``; a ``prompt`` (from ``model_prompts``) replaces the instruction,
+        ``examples`` (from ``task_examples``) an in-context-learning model's examples and ``normalize`` (not
+        None) the model's ``normalize_embeddings``, for this call."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         batch_size = batch_size or self.batch_size
         options: dict[str, Any] = {} if prompt is None else {"instruction": prompt or None}
-        if kind == "document":
-            output = self.model.encode_corpus(texts, batch_size=batch_size, **options)
-        elif kind == "query" or prompt is not None or examples is not None:  # a symmetric task's prompt: every text
-            if examples is not None:
-                options["examples_for_task"] = examples
-            output = self.model.encode_queries(texts, batch_size=batch_size, **options)
-        else:
-            output = self.model.encode(texts, batch_size=batch_size)
+        with _normalizing(self.model, normalize, options):
+            if kind == "document":
+                output = self.model.encode_corpus(texts, batch_size=batch_size, **options)
+            elif kind == "query" or prompt is not None or examples is not None:  # a symmetric task's prompt
+                if examples is not None:
+                    options["examples_for_task"] = examples
+                output = self.model.encode_queries(texts, batch_size=batch_size, **options)
+            else:
+                output = self.model.encode(texts, batch_size=batch_size, **options)
         if isinstance(output, dict):  # M3: the dense vectors
             output = output["dense_vecs"]
         if hasattr(output, "detach"):
             output = output.detach().cpu().numpy()
-        return np.asarray(output, dtype=np.float32)
+        output = np.asarray(output, dtype=np.float32)
+        return _unit(output) if normalize else output  # a custom model may not read the setting
 
     # -- the protocol -----------------------------------------------------------------------
     def encode(
@@ -283,7 +307,14 @@ class MtebEncoder:
             batch_size,
             self._prompt(task_metadata, prompt_type, task_name),
             None if kind == "document" else self._examples(task_metadata, prompt_type, task_name),
+            self._normalize(task_metadata, task_name),
         )
+
+    def _normalize(self, task_metadata: Any, task_name: str | None) -> bool | None:
+        """``normalize_for_classification`` for a Classification task's call, else None (the model's own)."""
+        if self.normalize_for_classification is None:
+            return None
+        return self.normalize_for_classification if _task_type(task_metadata, task_name) == "Classification" else None
 
     def _prompt(self, task_metadata: Any, prompt_type: Any, task_name: str | None = None) -> str | None:
         key = self.get_prompt_name(task_metadata, prompt_type, task_name)
@@ -355,6 +386,51 @@ class MtebEncoder:
 
     def __repr__(self) -> str:
         return f"MtebEncoder({self.model!r})"
+
+
+def _task_type(task_metadata: Any, task_name: str | None) -> str | None:
+    """mteb's task type of a call: its metadata's (mteb 2.x), else the named task's (mteb 1.x, which passes the
+    name alone; None where mteb does not know it)."""
+    task_type = getattr(task_metadata, "type", None)
+    if task_type is not None or not task_name:
+        return task_type
+    return _named_task_type(task_name)
+
+
+@functools.lru_cache(maxsize=256)
+def _named_task_type(task_name: str) -> str | None:
+    try:
+        import mteb
+
+        return mteb.get_task(task_name).metadata.type
+    except Exception:  # mteb missing, or a name it does not know: the model's own setting
+        return None
+
+
+@contextlib.contextmanager
+def _normalizing(model: Any, normalize: bool | None, options: dict[str, Any]):
+    """One call with ``normalize_embeddings=normalize``: a bgekit :class:`~bgekit.Embedder` takes it as an
+    option of the call; another model (an ``AbsEmbedder`` subclass, whose ``encode_single_device`` reads
+    the attribute, as FlagEmbedding's runner sets it) has the attribute set for the call and put back."""
+    from ..models.embedder import Embedder
+
+    if normalize is None or getattr(model, "normalize_embeddings", None) == normalize:
+        yield
+        return
+    if isinstance(model, Embedder):
+        options["normalize_embeddings"] = normalize
+        yield
+        return
+    had = "normalize_embeddings" in vars(model)
+    before = getattr(model, "normalize_embeddings", None)
+    model.normalize_embeddings = normalize
+    try:
+        yield
+    finally:
+        if had:
+            model.normalize_embeddings = before
+        else:
+            del model.normalize_embeddings
 
 
 def _unit(vectors: Any) -> np.ndarray:

@@ -57,7 +57,10 @@ class AbsEmbedder(DevicePoolMethods, ABC):
         truncate_dim: int | None = None,
         **kwargs: Any,
     ):
-        self.model_name_or_path = hub.model_name(model_name_or_path)  # as the CLI and every class name it
+        # a name as the CLI and every class give it; anything else (a custom subclass's None) kept, as FlagEmbedding
+        self.model_name_or_path = (
+            hub.model_name(model_name_or_path) if hub.is_model_name(model_name_or_path) else model_name_or_path
+        )
         self.normalize_embeddings = normalize_embeddings
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
@@ -192,7 +195,10 @@ class AbsReranker(DevicePoolMethods, ABC):
         normalize: bool = False,
         **kwargs: Any,
     ):
-        self.model_name_or_path = hub.model_name(model_name_or_path)  # as the CLI and every class name it
+        # a name as the CLI and every class give it; anything else (a custom subclass's None) kept, as FlagEmbedding
+        self.model_name_or_path = (
+            hub.model_name(model_name_or_path) if hub.is_model_name(model_name_or_path) else model_name_or_path
+        )
         self.use_fp16, self.use_bf16 = use_fp16, False  # FlagEmbedding takes use_bf16 as an extra option
         self.query_instruction_for_rerank = query_instruction_for_rerank
         for name, fmt in (("query", query_instruction_format), ("passage", passage_instruction_format)):

@@ -13,15 +13,19 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from ..cli_options import Bf16Opt, Fp16Opt, family_options, int_list, precision_options
+from ..cli_options import Bf16Opt, Fp16Opt, family_options, int_list, path_text, path_value, precision_options
 
 finetune_app = typer.Typer(
     help="Fine-tune embedders and rerankers (transformers Trainer; torchrun for several devices)."
 )
 data_app = typer.Typer(help="Prepare training data.")
 
-TrainData = Annotated[list[Path], typer.Option("--train-data", help="Training JSONL file(s) or folder(s).")]
-OutputDir = Annotated[Path, typer.Option("--output-dir", help="Where checkpoints and the final model go.")]
+TrainData = Annotated[
+    list[Path], typer.Option("--train-data", help="Training JSONL file(s) or folder(s).", parser=path_value)
+]
+OutputDir = Annotated[
+    Path, typer.Option("--output-dir", help="Where checkpoints and the final model go.", parser=path_value)
+]
 Overwrite = Annotated[
     bool,
     typer.Option(
@@ -72,8 +76,10 @@ BatchSize = Annotated[int, typer.Option("--per-device-train-batch-size", min=1, 
 GroupSize = Annotated[int, typer.Option(min=1, help="Passages per query: 1 positive + negatives.")]
 GradAccum = Annotated[int, typer.Option("--gradient-accumulation-steps", min=1)]
 Flag = Annotated[bool, typer.Option()]
-Deepspeed = Annotated[str | None, typer.Option(help="DeepSpeed config file, passed to the Trainer.")]
-Resume = Annotated[str | None, typer.Option(help="A checkpoint folder, or 'auto' for the newest in --output-dir.")]
+Deepspeed = Annotated[str | None, typer.Option(help="DeepSpeed config file, passed to the Trainer.", parser=path_text)]
+Resume = Annotated[
+    str | None, typer.Option(help="A checkpoint folder, or 'auto' for the newest in --output-dir.", parser=path_text)
+]
 UseLora = Annotated[
     bool,
     typer.Option(
@@ -92,7 +98,8 @@ SpecialTokens = Annotated[
 FromPeft = Annotated[
     str | None,
     typer.Option(
-        help="Go on training this LoRA adapter (a folder, or a --lora run's OUT), with its own rank; implies --lora."
+        help="Go on training this LoRA adapter (a folder, or a --lora run's OUT), with its own rank; implies --lora.",
+        parser=path_text,
     ),
 ]
 RawPeft = Annotated[
@@ -440,16 +447,20 @@ def finetune_reranker_cmd(
 
 def mine(
     model: Model,
-    input: Annotated[Path, typer.Option("--input", "-i", help="Training JSONL whose queries get negatives.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where the mined JSONL goes.")],
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="Training JSONL whose queries get negatives.", parser=path_value)
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the mined JSONL goes.", parser=path_value)],
     corpus: Annotated[
         Path | None,
         typer.Option(
             "--corpus",
             "--candidate-pool",
-            help="Candidate passages (JSONL with text/title, or text, or a BEIR folder's corpus); default: every "
-            "pos and neg of --input. CQADupStack's folder: each forum's --input file (FORUM.jsonl in a folder) "
-            "is mined in its own forum's corpus, into --output/FORUM.jsonl.",
+            help="Candidate passages (JSONL with text/title, or text, or a BEIR folder's corpus; online also a "
+            "dataset name, as eval retrieval --dataset); default: every pos and neg of --input. CQADupStack's "
+            "folder (or name): each forum's --input file (FORUM.jsonl in a folder) is mined in its own forum's "
+            "corpus, into --output/FORUM.jsonl.",
+            parser=path_value,
         ),
     ] = None,
     range_for_sampling: Annotated[
@@ -471,7 +482,7 @@ def mine(
     ] = None,
     pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
     examples: Annotated[
-        Path | None, typer.Option(help="In-context examples for ICL models: JSON list or JSONL.")
+        Path | None, typer.Option(help="In-context examples for ICL models: JSON list or JSONL.", parser=path_value)
     ] = None,
     query_max_length: Annotated[int, typer.Option(min=1)] = 512,
     passage_max_length: Annotated[int, typer.Option(min=1)] = 512,
@@ -490,6 +501,7 @@ def mine(
     from .mining import MiningOptions, mine_hard_negatives, parse_range
 
     require_faiss()  # before the data is read and the model loaded
+    corpus = _corpus_dataset(corpus)
     forums = _corpus_forums(corpus)
     if forums is None:
         io.check_outputs(output, inputs=[input, corpus, examples])
@@ -534,6 +546,17 @@ def mine(
     typer.echo(f"wrote {output}: {len(mined)} records; {stats}", err=True)
 
 
+def _corpus_dataset(corpus: Path | None) -> Path | None:
+    """``--corpus`` named as ``eval retrieval --dataset`` names a dataset (``cqadupstack``, ``scifact``,
+    ``cqadupstack/gis``, ``mteb/scifact``) is that dataset's folder, resolved (downloaded once, or the
+    offline error naming it) by the code evaluation uses; a path here, or anything else, as given."""
+    from ..eval.datasets import is_dataset_name, resolve_dataset
+
+    if corpus is None or not is_dataset_name(corpus):
+        return corpus
+    return resolve_dataset(corpus)
+
+
 def _corpus_forums(corpus: Path | None) -> list[Path] | None:
     """CQADupStack's forum folders when ``--corpus`` is its folder (each forum mined in its own corpus)."""
     from ..eval.datasets import cqadupstack_forums
@@ -558,8 +581,8 @@ def _corpus_file(corpus: Path) -> Path:
 
 def score(
     reranker: Annotated[str, typer.Option("--reranker", "-r", help="Teacher reranker: hub id or folder.")],
-    input: Annotated[Path, typer.Option("--input", "-i")],
-    output: Annotated[Path, typer.Option("--output", "-o")],
+    input: Annotated[Path, typer.Option("--input", "-i", parser=path_value)],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=path_value)],
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens per pair (passages are cut to fit).")] = 512,
     query_max_length: Annotated[
@@ -635,11 +658,15 @@ def beir_to_train(
         Path,
         typer.Option(
             help="BEIR-layout folder (corpus, queries, qrels/<split>.tsv). CQADupStack's folder (its forums as "
-            "subfolders): one training file a forum, OUT/FORUM.jsonl."
+            "subfolders): one training file a forum, OUT/FORUM.jsonl.",
+            parser=path_value,
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="The JSONL file (for CQADupStack, the folder of FORUM.jsonl).")
+        Path,
+        typer.Option(
+            "--output", "-o", help="The JSONL file (for CQADupStack, the folder of FORUM.jsonl).", parser=path_value
+        ),
     ],
     split: Annotated[str, typer.Option()] = "train",
 ) -> None:
@@ -825,13 +852,17 @@ def merge(
         typer.Option("--weights", help="One weight per model, in their order: --weights 0.7 0.3. Or --example-data."),
     ] = None,
     example_data: Annotated[
-        Path | None, typer.Option(help="A few training JSONL records; each model's loss on them sets its weight.")
+        Path | None,
+        typer.Option(
+            help="A few training JSONL records; each model's loss on them sets its weight.", parser=path_value
+        ),
     ] = None,
     examples: Annotated[
         Path | None,
         typer.Option(
             help="ICL embedders (bge-en-icl): their in-context examples for --example-data, JSON list or JSONL "
-            "(as encode --examples); the queries are scored behind them, as FlagICLModel embeds them."
+            "(as encode --examples); the queries are scored behind them, as FlagICLModel embeds them.",
+            parser=path_value,
         ),
     ] = None,
     model_type: Annotated[str, typer.Option(help="auto | embedder | reranker (for --example-data)")] = "auto",
@@ -869,7 +900,9 @@ def merge(
 
 def pretrain(
     model: Model,
-    train_data: Annotated[list[Path], typer.Option("--train-data", help="Text or JSONL corpus file(s).")],
+    train_data: Annotated[
+        list[Path], typer.Option("--train-data", help="Text or JSONL corpus file(s).", parser=path_value)
+    ],
     output_dir: OutputDir,
     num_train_epochs: Epochs = 1.0,
     max_steps: MaxSteps = -1,
