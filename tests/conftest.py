@@ -72,6 +72,7 @@ def tiny_xlmr_reranker(tmp_path_factory, golden_dir) -> Path:
 # and running these twice cost half of CI's time.
 AROUND_THE_MODELS = {
     "test_cli.py",
+    "test_cli_empty_paths.py",
     "test_cli_families.py",
     "test_distributed_ray.py",
     "test_eval_cli.py",
