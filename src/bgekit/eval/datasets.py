@@ -173,23 +173,40 @@ def load_retrieval_dataset(
             f"cqadupstack is {len(CQADUPSTACK_FORUMS)} datasets, one a forum: load one as cqadupstack/FORUM, "
             f"FORUM one of {', '.join(CQADUPSTACK_FORUMS)}; {_WHOLE_CQADUPSTACK}"
         )
-    return load_local_dataset(resolve_dataset(name_or_path, cache_dir=cache_dir, revision=revision), split)
+    dataset = load_local_dataset(
+        resolve_dataset(name_or_path, cache_dir=cache_dir, revision=revision, split=split), split
+    )
+    named = None if Path(name_or_path).expanduser().exists() else _named(name_or_path)
+    if named is not None:  # "mldr/de", not the folder's "de"
+        dataset.name = named.name
+    return dataset
 
 
 def resolve_dataset(
-    name_or_path: str | Path, *, cache_dir: str | Path | None = None, revision: str | None = None
+    name_or_path: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    split: str | None = None,
 ) -> Path:
     """The local folder of a dataset as every command names one (``bgekit eval retrieval --dataset``,
     ``bgekit data beir-to-train --dataset``, ``bgekit mine --corpus``): an existing path as it is; else a
     BEIR dataset name (``"scifact"``), ``"cqadupstack"`` (the archive, its forums as subfolders) or
     ``"cqadupstack/FORUM"`` (one forum), downloaded once into ``cache_dir`` (default
-    ``$BGEKIT_CACHE/datasets``), or a Hugging Face dataset id holding BEIR files (``"mteb/scifact"``).
+    ``$BGEKIT_CACHE/datasets``), one of FlagEmbedding's named sets (``"miracl/LANG"``, ``"mldr/LANG"``,
+    ``"msmarco-passage"``: fetched and converted once into its layout there, the corpus and, when given,
+    ``split``; see :mod:`bgekit.eval.named`), or a Hugging Face dataset id holding BEIR files (``"mteb/scifact"``).
     Anything else, or a download that fails (offline: ``HF_HUB_OFFLINE=1``, or no network), is an
     :class:`InputError` naming the dataset, where it was looked for and what to pass instead."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = str(name_or_path)
+    named = _named(name)
+    if named is not None:
+        from .named import resolve_named
+
+        return resolve_named(named, Path(cache_dir or default_cache_dir() / "datasets").expanduser(), split)
     parent, _, forum = name.strip().rstrip("/").lower().partition("/")
     if parent == "cqadupstack":
         if forum and forum not in CQADUPSTACK_FORUMS:
@@ -204,9 +221,16 @@ def resolve_dataset(
     if is_dataset_name(name):
         return download_hf_dataset(name, revision=revision, cache_dir=cache_dir)
     raise InputError(
-        f"dataset {name!r} is not a folder here, a BEIR dataset name ({', '.join(BEIR_DATASETS)}) "
-        "or a Hugging Face dataset id like 'mteb/scifact'"
+        f"dataset {name!r} is not a folder here, a BEIR dataset name ({', '.join(BEIR_DATASETS)}), "
+        "miracl/LANG, mldr/LANG, msmarco-passage or a Hugging Face dataset id like 'mteb/scifact'"
     )
+
+
+def _named(name: str | Path) -> Any:
+    """FlagEmbedding's named set ``name`` reads as (:func:`bgekit.eval.named.named_dataset`), or None."""
+    from .named import named_dataset
+
+    return named_dataset(name)
 
 
 def is_dataset_name(name: str | Path) -> bool:
@@ -219,6 +243,8 @@ def is_dataset_name(name: str | Path) -> bool:
         return False
     if text.strip().rstrip("/").lower().partition("/")[0] == "cqadupstack" or text.lower() in BEIR_DATASETS:
         return True
+    if text.strip().rstrip("/").lower().partition("/")[0] in ("miracl", "mldr", "msmarco", "msmarco-passage"):
+        return True  # FlagEmbedding's named sets (a language it lacks is resolve_dataset's error)
     return bool(_HF_ID.match(text)) and not path.parent.is_dir()
 
 
