@@ -219,7 +219,7 @@ def test_unknown_language_missing_split_and_offline_are_one_line(tmp_path, monke
     looked = tmp_path / "cache" / "datasets" / "mldr" / "de"
     assert offline.returncode == 2 and len(lines) == 1, offline.stderr
     assert lines[0] == (
-        f"error: dataset 'mldr/de (test)' is not in {looked}, and HF_HUB_OFFLINE is set: no download from "
+        f"error: dataset 'mldr/de' (split test) is not in {looked}, and HF_HUB_OFFLINE is set: no download from "
         "https://huggingface.co/datasets/Shitao/MLDR/resolve/main/mldr-v1.0-de/corpus.jsonl.gz; pass the "
         "dataset's folder (corpus.jsonl, test_queries.jsonl, test_qrels.jsonl: FlagEmbedding's layout) instead "
         "of its name"

@@ -194,7 +194,7 @@ def resolve_named(dataset: NamedDataset, root: Path, split: str | None = None) -
     if not needed:
         return folder
     what = f"{dataset.name} ({split})" if split else dataset.name
-    missing = f"dataset {what!r} is not in {folder}"
+    missing = f"dataset {dataset.name!r}{f' (split {split})' if split else ''} is not in {folder}"
     layout = f"corpus.jsonl, {split or 'SPLIT'}_queries.jsonl, {split or 'SPLIT'}_qrels.jsonl"
     instead = f"pass the dataset's folder ({layout}: FlagEmbedding's layout) instead of its name"
     absent = [remote for remote in needed if not remote.local(root).is_file()]
