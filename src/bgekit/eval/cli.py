@@ -70,7 +70,8 @@ def eval_retrieval(
         typer.Option(
             "--dataset",
             "-d",
-            help="Dataset folder (BEIR or custom layout); online also a BEIR name or hub id. CQADupStack's folder "
+            help="Dataset folder (BEIR or custom layout); online also a BEIR name, FlagEmbedding's miracl/LANG, "
+            "mldr/LANG or msmarco-passage (--split dev|dl19|dl20), or a hub id. CQADupStack's folder "
             "(or name): every forum in its own corpus, the score their mean.",
             parser=path_text,
         ),

@@ -12,7 +12,8 @@ Retrieval layouts (detected from the files in the folder):
 
 Documents are embedded as ``(title + " " + text).strip()``, as MTEB and BEIR do. Only the
 queries judged in the split are kept. Online, :func:`load_retrieval_dataset` also takes a
-BEIR dataset name (the official zip) or a Hugging Face dataset id (``mteb/scifact``).
+BEIR dataset name (the official zip), FlagEmbedding's ``miracl/LANG``, ``mldr/LANG`` or ``msmarco-passage``
+(:mod:`bgekit.eval.named`) or a Hugging Face dataset id (``mteb/scifact``).
 
 STS files are ``sentence1<TAB>sentence2<TAB>score`` lines with an optional header, read with
 CSV quoting off (some sentences hold unbalanced double quotes).

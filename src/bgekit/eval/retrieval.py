@@ -212,8 +212,9 @@ def evaluate_retrieval(
     Args:
         model: an :class:`~bgekit.Embedder` or a name / folder for ``Embedder.from_pretrained``
             (with ``model_options``).
-        dataset: a dataset folder (BEIR or custom layout), a BEIR name or hub id (online), or a
-            :class:`RetrievalDataset`. CQADupStack as a whole (BEIR's ``cqadupstack`` folder of forum
+        dataset: a dataset folder (BEIR or custom layout), a BEIR name, one of FlagEmbedding's named sets
+            (``"miracl/LANG"``, ``"mldr/LANG"``, ``"msmarco-passage"``: :mod:`bgekit.eval.named`) or a hub id
+            (online), or a :class:`RetrievalDataset`. CQADupStack as a whole (BEIR's ``cqadupstack`` folder of forum
             folders, or online the name ``cqadupstack``) gives an
             :class:`~bgekit.eval.averaged.AveragedRetrievalResult`: each forum evaluated in its own
             corpus, ``metrics`` the mean over the forums (BEIR's and MTEB's CQADupStack score).
