@@ -246,3 +246,23 @@ def test_mine_corpus_takes_the_name_and_converts_the_corpus_only(tmp_path, offli
     assert sorted(p.name for p in folder.iterdir()) == ["corpus.jsonl"]
     assert (root / ".downloads" / "Shitao" / "MLDR" / "mldr-v1.0-de" / "test.jsonl.gz").exists()
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_beir_to_train_and_mine_take_the_names(tiny_bert, tmp_path, monkeypatch):
+    """``data beir-to-train --dataset mldr/de`` and ``mine --corpus mldr/de`` resolve the name as ``eval`` does;
+    MLDR's negatives (judged 0) are not positives."""
+    monkeypatch.setenv("BGEKIT_CACHE", str(tmp_path / "cache"))
+    write_mldr(tmp_path / "cache" / "datasets")
+    out = tmp_path / "train.jsonl"
+    run("data", "beir-to-train", "--dataset", "mldr/de", "--split", "test", "-o", str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["query"], r["pos"]) for r in records] == [
+        ("Was ist die Hauptstadt? ", ["Berlin ist die Hauptstadt Deutschlands."]),
+        ("Wohin fließt der Rhein?", ["Der Rhein fließt in die Nordsee."]),
+        ("Welcher Berg ist am höchsten?", ["Die Zugspitze ist der höchste Berg."]),
+    ]
+    mined = tmp_path / "mined.jsonl"
+    run("mine", "-m", str(tiny_bert), "-i", str(out), "--corpus", "mldr/de", "-o", str(mined),
+        "--range-for-sampling", "0-4", "--negative-number", "1", "--margin", "0")  # fmt: skip
+    negatives = {n for line in mined.read_text().splitlines() for n in json.loads(line)["neg"]}
+    assert negatives and negatives <= set(MLDR_EXPECTED["corpus_texts"])  # mined among MLDR's documents
