@@ -45,6 +45,7 @@ from typing import Any
 
 from .. import io
 from ..errors import DataFormatError, InputError
+from .datasets import _offline  # HF_HUB_OFFLINE read as for BEIR names (datasets imports this module lazily)
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +219,6 @@ def resolve_named(dataset: NamedDataset, root: Path, split: str | None = None) -
         _remove(files)
     logger.info("%s is in %s", what, folder)
     return folder
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _download(remote: Remote, root: Path, failed: str, instead: str) -> None:
