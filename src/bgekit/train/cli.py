@@ -187,6 +187,25 @@ SaveMerged = Annotated[
 ]
 
 
+def _train(run, options) -> None:
+    """``run(options)``, a trainer, then ``saved OUT`` on stderr, once: under torchrun (or another launcher
+    that sets ``RANK``) only rank 0 prints it, and the other ranks log bgekit's errors only and show no
+    model-loading progress bars, so a 2-process run's output is not every line twice. The Trainer's own
+    logs and bars are rank 0's already (``log_level_replica``)."""
+    import logging
+    import os
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger("bgekit").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
+    output = run(options)
+    if main:
+        typer.echo(f"saved {output}", err=True)
+
+
 def _lora(
     use_lora: bool,
     lora_rank: int,
@@ -360,7 +379,7 @@ def finetune_embedder_cmd(
         ),
         use_flash_attn=use_flash_attn,
     )
-    typer.echo(f"saved {finetune_embedder(options)}", err=True)
+    _train(finetune_embedder, options)
 
 
 @finetune_app.command("reranker")
@@ -478,7 +497,7 @@ def finetune_reranker_cmd(
         ),
         use_flash_attn=use_flash_attn,
     )
-    typer.echo(f"saved {finetune_reranker(options)}", err=True)
+    _train(finetune_reranker, options)
 
 
 def mine(
@@ -854,7 +873,7 @@ def finetune_m3_cmd(
         max_example_num_per_dataset=max_example_num_per_dataset,
         shuffle_ratio=shuffle_ratio,
     )
-    typer.echo(f"saved {finetune_m3(options)}", err=True)
+    _train(finetune_m3, options)
 
 
 def spread_values(args: list[str], names: tuple[str, ...]) -> list[str]:
@@ -1012,7 +1031,7 @@ def pretrain(
         resume_from_checkpoint=resume_from_checkpoint,
         overwrite_output_dir=overwrite_output_dir,
     )
-    typer.echo(f"saved {run_pretrain(options)}", err=True)
+    _train(run_pretrain, options)
 
 
 def register(app: typer.Typer) -> None:
