@@ -54,7 +54,7 @@ def test_torchrun_trains_a_tiny_embedder(tmp_path, tiny_bert):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "model"
-    torchrun(
+    result = torchrun(
         "-m",
         "bgekit.train",
         "finetune",
@@ -76,3 +76,6 @@ def test_torchrun_trains_a_tiny_embedder(tmp_path, tiny_bert):
     # 16 records, 2 per device on 2 ranks: 4 steps per epoch under DDP (8 if each rank trained alone)
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
     assert Embedder.from_pretrained(str(out)).encode(["hello"]).shape == (1, 32)
+    # each line once, not once per rank: the result, and bgekit's own warnings (the tiny BERT has 128 positions)
+    assert result.stderr.count(f"saved {out}") == 1, result.stderr[-3000:]
+    assert result.stderr.count("passage_max_len=256 is beyond the model's 128 positions") == 1, result.stderr[-3000:]

@@ -71,6 +71,28 @@ def test_a_call_can_cut_the_other_side(golden_dir, folder):
         tokenizer.encode(TEXTS, 16, truncation_side="start")
 
 
+@pytest.mark.parametrize("folder", ["bert-cls", "mistral-llm"])
+def test_one_text_honours_a_calls_truncation_side(golden_dir, folder):
+    """One ``str`` went to the Hugging Face ``encode``, which has no per-call side: ``truncation_side="left"``
+    was ignored and the end was cut. It is cut as a list of one text is (the HF call with that side), and is
+    still a list of ids; without a side, the HF ``encode`` as before."""
+    hf = load_hf_tokenizer(golden_dir / "models" / folder)
+    tokenizer = TextTokenizer(hf)
+    text = TEXTS[3]
+    left = tokenizer.encode(text, 16, truncation_side="left")
+    assert left == tokenizer.encode([text], 16, truncation_side="left").ids[0]
+    hf.truncation_side = "left"
+    assert left == hf(text, truncation=True, max_length=16)["input_ids"]
+    hf.truncation_side = "right"
+    assert left != tokenizer.encode(text, 16, truncation_side="right")
+    assert tokenizer.encode(text, 16, truncation_side="right") == hf.encode(text, truncation=True, max_length=16)
+    assert tokenizer.encode(text) == hf.encode(text) and tokenizer.truncation_side == hf.truncation_side == "right"
+    with pytest.raises(InputError, match="truncation_side must be 'left' or 'right'"):
+        tokenizer.encode(text, 16, truncation_side="start")
+    with pytest.raises(InputError, match="takes no Hugging Face options"):
+        tokenizer.encode(text, 16, truncation_side="left", return_tensors="pt")
+
+
 def test_clip_texts_cuts_at_token_boundaries_of_the_text(golden_dir, minilm_dir):
     tokenizer = TextTokenizer(load_hf_tokenizer(minilm_dir))
     texts = ["The giant panda eats bamboo every day.", "short", ""]

@@ -609,17 +609,21 @@ def test_bad_from_peft_and_modules_to_save_are_clear_errors(tmp_path, tiny_llms,
         finetune_embedder(EmbedderOptions(**{**options, **overrides}))
 
 
-def flag_embedding_run(folder: Path, base: Path, extra_tokens: list[str]) -> torch.Tensor:
+def flag_embedding_run(
+    folder: Path, base: Path, extra_tokens: list[str], auto_class: str = "AutoModel"
+) -> torch.Tensor:
     """A folder as FlagEmbedding's decoder-only fine-tuning leaves it when it added tokens: a LoRA adapter
     (random, non-zero B; without embedding layers, so only emb.pth holds the new rows), the tokenizer with
     the tokens, and ``embedding/emb.pth``, the resized input embedding module saved whole with
-    ``torch.save``. Returns that module's weight."""
+    ``torch.save``. Returns that module's weight. ``auto_class``: the model the adapter is for (an
+    embedder's ``AutoModel``, an LLM reranker's ``AutoModelForCausalLM``)."""
     import peft
-    from transformers import AutoModel, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     tokenizer.add_special_tokens({"additional_special_tokens": extra_tokens}, replace_extra_special_tokens=False)
-    model = AutoModel.from_pretrained(str(base))
+    model = getattr(transformers, auto_class).from_pretrained(str(base))
     model.resize_token_embeddings(len(tokenizer))
     torch.manual_seed(3)
     embedding = torch.nn.Embedding(len(tokenizer), model.config.hidden_size)
@@ -632,16 +636,23 @@ def flag_embedding_run(folder: Path, base: Path, extra_tokens: list[str]) -> tor
     return embedding.weight.detach().clone()
 
 
-def merged_by_peft(base: Path, adapter: Path, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What FlagEmbedding's raw_peft makes of ``base``: emb.pth as input embeddings, the adapter merged."""
+def merged_by_peft(
+    base: Path, adapter: Path, embedding: torch.Tensor, auto_class: str = "AutoModel", save_to: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """What FlagEmbedding's raw_peft makes of ``base``: emb.pth as input embeddings, the adapter merged
+    (saved in ``save_to`` with the adapter's tokenizer, when given)."""
     import peft
-    from transformers import AutoModel
+    import transformers
 
-    model = AutoModel.from_pretrained(str(base))
+    model = getattr(transformers, auto_class).from_pretrained(str(base))
     model.resize_token_embeddings(embedding.shape[0])
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(embedding)
-    return peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if save_to is not None:
+        merged.save_pretrained(str(save_to))
+        transformers.AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(save_to))
+    return merged.state_dict()
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -683,6 +694,32 @@ def test_from_peft_loads_a_flag_embedding_runs_saved_embeddings(tmp_path, tiny_l
     want = merged_by_peft(base, fe_run, embedding)
     torch.testing.assert_close(got["embed_tokens.weight"], embedding, rtol=0, atol=0)
     torch.testing.assert_close(got["layers.1.self_attn.v_proj.weight"], want["layers.1.self_attn.v_proj.weight"])
+
+
+def test_peft_path_of_a_flag_embedding_run_loads_its_saved_embeddings(tmp_path, tiny_llms):
+    """``FlagLLMModel(BASE, peft_path=RUN)`` and ``FlagLLMReranker(BASE, peft_path=RUN)`` of a FlagEmbedding
+    run that added tokens: its ``embedding/emb.pth`` becomes the input embeddings before the adapter merges,
+    as training's raw_peft / from_peft load it; before, inference kept the base's rows (fresh random ones for
+    the added tokens) and gave another model's vectors and scores than the run's merged model."""
+    base = tiny_llms["mistral"]
+    texts = ["what opens <t1> door?", "key <t2> opens it", "a plain sentence"]
+    embedder_run, embedder_merged = tmp_path / "fe-embedder", tmp_path / "embedder-merged"
+    embedding = flag_embedding_run(embedder_run, base, ["<t1>", "<t2>"])
+    merged_by_peft(base, embedder_run, embedding, save_to=embedder_merged)
+    options = {"use_fp16": False, "devices": "cpu"}
+    want = FlagLLMModel(str(embedder_merged), **options).encode(texts)
+    got = FlagLLMModel(str(base), peft_path=str(embedder_run), **options).encode(texts)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    by_name = Embedder.from_pretrained(str(base), peft_path=str(embedder_run), **options).encode(texts)
+    np.testing.assert_allclose(by_name, want, atol=1e-5)
+
+    reranker_run, reranker_merged = tmp_path / "fe-reranker", tmp_path / "reranker-merged"
+    embedding = flag_embedding_run(reranker_run, base, ["<t1>", "<t2>"], auto_class="AutoModelForCausalLM")
+    merged_by_peft(base, reranker_run, embedding, auto_class="AutoModelForCausalLM", save_to=reranker_merged)
+    pairs = [(texts[0], texts[1]), (texts[0], texts[2])]
+    want = FlagLLMReranker(str(reranker_merged), **options).compute_score(pairs)
+    got = FlagLLMReranker(str(base), peft_path=str(reranker_run), **options).compute_score(pairs)
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_raw_peft_errors_are_clear(tmp_path, tiny_llms, train_file):

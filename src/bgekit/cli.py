@@ -26,9 +26,11 @@ from .cli_options import (
     Packing,
     backend_options,
     family_options,
+    model_text,
     packing_options,
     path_value,
     precision_options,
+    text_value,
 )
 from .errors import BgekitError, InputError
 
@@ -118,11 +120,15 @@ def _verbose_everywhere(group: typer.Typer) -> None:
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Hub id or local folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2."
+        "--model",
+        "-m",
+        help="Hub id or local folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2.",
+        parser=model_text,
     ),
 ]
 DevicesOpt = Annotated[
-    list[str] | None, typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.")
+    list[str] | None,
+    typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.", parser=text_value),
 ]
 BackendOpt = Annotated[Backend, typer.Option(help=BACKEND_HELP)]
 PackedOpt = Annotated[
@@ -149,11 +155,14 @@ def embed(
     ],
     model: ModelOpt = None,
     queries: Annotated[bool, typer.Option("--queries", help="Inputs are queries: add the query instruction.")] = False,
-    query_instruction: Annotated[str | None, typer.Option(help="Query instruction (overrides the model's).")] = None,
+    query_instruction: Annotated[
+        str | None, typer.Option(help="Query instruction (overrides the model's; '' for none).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     max_length: Annotated[int | None, typer.Option(min=1, help="Token limit; longer texts are truncated.")] = None,
     text_field: Annotated[
-        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+        str | None,
+        typer.Option(help="JSONL field holding the text (default: text); JSONL input only.", parser=text_value),
     ] = None,
     output_format: Annotated[
         OutputFormat | None, typer.Option("--format", help="npy or jsonl; default from the suffix.")
@@ -175,10 +184,13 @@ def embed(
         str | None,
         typer.Option(
             help="Family override: encoder-only-base, encoder-only-m3, decoder-only-base, decoder-only-icl, "
-            "decoder-only-pseudo_moe."
+            "decoder-only-pseudo_moe.",
+            parser=text_value,
         ),
     ] = None,
-    pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
+    pooling_method: Annotated[
+        str | None, typer.Option(help="Pooling override: cls, mean or last_token.", parser=text_value)
+    ] = None,
     backend: BackendOpt = Backend.torch,
     sparse: Annotated[
         Path | None,
@@ -201,7 +213,8 @@ def embed(
         ),
     ] = False,
     address: Annotated[
-        str | None, typer.Option(help="With --ray: the Ray cluster to join (default: start a local one).")
+        str | None,
+        typer.Option(help="With --ray: the Ray cluster to join (default: start a local one).", parser=text_value),
     ] = None,
     num_workers: Annotated[
         int | None, typer.Option(min=1, help="With --ray: model copies (default: one per GPU, else per CPU).")
@@ -330,13 +343,16 @@ def _colbert_writer(ids: list[str], per_text: list):
 @app.command()
 @friendly_errors
 def rerank(
-    query: Annotated[str, typer.Option("--query", "-q", help="The query to score passages against.")],
+    query: Annotated[
+        str, typer.Option("--query", "-q", help="The query to score passages against.", parser=text_value)
+    ],
     input: Annotated[
         Path,
         typer.Option("--input", "-i", help="Passages: text file or JSONL with 'text' [+ 'title'].", parser=path_value),
     ],
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Reranker hub id or folder (cross-encoder).")
+        str | None,
+        typer.Option("--model", "-m", help="Reranker hub id or folder (cross-encoder).", parser=model_text),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write JSONL scores (input order) here.", parser=path_value)
@@ -346,7 +362,8 @@ def rerank(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     max_length: Annotated[int, typer.Option(min=8)] = 512,
     text_field: Annotated[
-        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+        str | None,
+        typer.Option(help="JSONL field holding the text (default: text); JSONL input only.", parser=text_value),
     ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,

@@ -40,6 +40,24 @@ def path_text(text: str) -> str:
     return text
 
 
+def model_text(text: str) -> str:
+    """A model option's value (``-m``, ``-r``, ``--models``: a hub id or folder; typer's ``parser=``). An empty
+    (or blank) value is refused, naming the option: ``-m "$UNSET"`` ran the default model, or the index's,
+    or no reranker at all, without a word."""
+    if not text.strip():
+        raise typer.BadParameter("empty: name a model (a hub id or folder), or leave the option out")
+    return text
+
+
+def text_value(text: str) -> str:
+    """Any other text option's value where an empty one would silently mean something else (the default
+    field, device, layers or modules; no API key; every network interface): refused, naming the option.
+    Options where ``''`` means "none" (``--query-instruction ''``) do not use this and say so in their help."""
+    if text == "":
+        raise typer.BadParameter("empty: give a value, or leave the option out")
+    return text
+
+
 def precision_options(fp16: bool, bf16: bool) -> dict[str, bool]:
     """``--fp16`` / ``--bf16`` as the library's ``use_fp16`` / ``use_bf16`` (bf16 wins where both are on)."""
     return {"use_fp16": fp16, "use_bf16": bf16}
@@ -107,6 +125,10 @@ def family_options(
     from . import hub, io, registry
     from .errors import InputError
 
+    # serve's NAME= (or BGEKIT_EXAMPLES='') reaches here empty: the folder it ran in, and the family the registry's
+    for flag, value in (("--model-class", model_class), ("--examples", examples)):
+        if isinstance(value, str) and value == "":
+            raise InputError(f"{flag} is empty: give a value, or leave it out")
     kind = hub.resolve(name, registry.EMBEDDERS, model_class)[1].kind
     options: dict[str, Any] = {} if model_class is None else {"model_class": model_class}
     if query_instruction is not None:

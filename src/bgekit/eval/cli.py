@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_options import Bf16Opt, Fp16Opt, path_text, path_value, precision_options
+from ..cli_options import Bf16Opt, Fp16Opt, model_text, path_text, path_value, precision_options, text_value
 
 
 class IndexKind(StrEnum):
@@ -36,14 +36,21 @@ class ScoreFunction(StrEnum):
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Embedder hub id or folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2."
+        "--model",
+        "-m",
+        help="Embedder hub id or folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2.",
+        parser=model_text,
     ),
 ]
 RerankerOpt = Annotated[
-    str | None, typer.Option("--reranker", "-r", help="Rerank the top candidates with this model (hub id or folder).")
+    str | None,
+    typer.Option(
+        "--reranker", "-r", help="Rerank the top candidates with this model (hub id or folder).", parser=model_text
+    ),
 ]
 DevicesOpt = Annotated[
-    list[str] | None, typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.")
+    list[str] | None,
+    typer.Option("--device", help="Device(s), e.g. cpu or cuda:0; repeat for several.", parser=text_value),
 ]
 QueryInstructionOpt = Annotated[
     str | None, typer.Option(help="Query instruction (overrides the model's; '' for none).")
@@ -77,11 +84,11 @@ def eval_retrieval(
         ),
     ],
     model: ModelOpt = None,
-    split: Annotated[str, typer.Option(help="Which qrels split to evaluate.")] = "test",
+    split: Annotated[str, typer.Option(help="Which qrels split to evaluate.", parser=text_value)] = "test",
     reranker: RerankerOpt = None,
     rerank_top_k: Annotated[int, typer.Option(min=1, help="How many retrieved documents to rerank per query.")] = 100,
     query_instruction: QueryInstructionOpt = None,
-    k: Annotated[str, typer.Option("--k", help="Metric cutoffs, comma-separated.")] = "1,3,5,10,100",
+    k: Annotated[str, typer.Option("--k", help="Metric cutoffs, comma-separated.", parser=text_value)] = "1,3,5,10,100",
     top_k: Annotated[
         int | None, typer.Option(min=1, help="Documents retrieved per query (default: the largest k).")
     ] = None,
@@ -198,7 +205,8 @@ def index_build(
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     max_length: Annotated[int | None, typer.Option(min=1)] = None,
     text_field: Annotated[
-        str | None, typer.Option(help="JSONL field holding the text (default: text); JSONL input only.")
+        str | None,
+        typer.Option(help="JSONL field holding the text (default: text); JSONL input only.", parser=text_value),
     ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
@@ -267,7 +275,8 @@ def search(
         str | None, typer.Argument(metavar="QUERY", help="The query text (or give it as -q/--query).")
     ] = None,
     query_option: Annotated[
-        str | None, typer.Option("--query", "-q", help="The query text, as `bgekit rerank` takes it.")
+        str | None,
+        typer.Option("--query", "-q", help="The query text, as `bgekit rerank` takes it.", parser=text_value),
     ] = None,
     top_k: Annotated[
         int, typer.Option(min=1, help="How many results to print (with a reranker, of the reranked candidates).")
@@ -277,7 +286,8 @@ def search(
         int | None, typer.Option(min=1, help="Candidates to rerank (default: max(top-k, 100)).")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Query encoder (default: the index's model).")
+        str | None,
+        typer.Option("--model", "-m", help="Query encoder (default: the index's model).", parser=model_text),
     ] = None,
     query_instruction: QueryInstructionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines: id, score, rank, text.")] = False,

@@ -258,12 +258,21 @@ class TextTokenizer:
         of a text is cut (``truncation_side="right"``) or its start (``"left"``); default: the
         tokenizer's :attr:`truncation_side`. The special tokens are added after the cut, so they stay.
 
-        One ``str`` is the Hugging Face tokenizer's ``encode`` (a list of ids, its keyword options)."""
-        if isinstance(texts, str):
-            options = kwargs if max_length is None else {"max_length": max_length, **kwargs}
-            return self.hf.encode(texts, add_special_tokens=add_special_tokens, **options)
+        One ``str`` is the Hugging Face tokenizer's ``encode`` (a list of ids, its keyword options); with a
+        ``truncation_side``, which that call has no per-call option for, it is cut as a list of one text is
+        and its list of ids returned."""
         if truncation_side not in (None, "left", "right"):
             raise InputError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+        if isinstance(texts, str):
+            if truncation_side is not None and max_length is not None:
+                if kwargs:
+                    raise InputError(
+                        "TextTokenizer.encode(text, max_length, truncation_side=...) takes no Hugging Face options "
+                        f"({', '.join(sorted(kwargs))}); set model.tokenizer.hf.truncation_side for those"
+                    )
+                return self.encode([texts], max_length, add_special_tokens, truncation_side).ids[0]
+            options = kwargs if max_length is None else {"max_length": max_length, **kwargs}
+            return self.hf.encode(texts, add_special_tokens=add_special_tokens, **options)
         if max_length is None or kwargs:
             raise InputError(
                 "TextTokenizer.encode(texts, max_length) takes a list of texts and a length; "

@@ -18,7 +18,9 @@ from ..cli_options import (
     backend_options,
     family_options,
     int_list,
+    model_text,
     packing_options,
+    text_value,
 )
 
 logger = logging.getLogger("bgekit.serve")
@@ -201,6 +203,7 @@ def register(app: typer.Typer) -> None:
                 envvar="BGEKIT_MODEL",
                 help="Embedding model (hub id or folder) for /v1/embeddings; repeat for several "
                 "(env: space-separated).",
+                parser=model_text,
             ),
         ] = None,
         reranker: Annotated[
@@ -210,6 +213,7 @@ def register(app: typer.Typer) -> None:
                 "-r",
                 envvar="BGEKIT_RERANKER",
                 help="Reranker (cross-encoder or LLM reranker) for /v1/rerank; repeat for several.",
+                parser=model_text,
             ),
         ] = None,
         model_class: Annotated[
@@ -217,6 +221,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 help="Embedders: family override, as for `bgekit embed`. With several --model, NAME=VALUE "
                 "(NAME: a served name), once per model it is for (env BGEKIT_MODEL_CLASS: one value a line).",
+                parser=text_value,
             ),
         ] = None,
         pooling_method: Annotated[
@@ -224,6 +229,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 help="Embedders: pooling override (cls, mean, last_token); NAME=VALUE as for --model-class "
                 "(env BGEKIT_POOLING_METHOD).",
+                parser=text_value,
             ),
         ] = None,
         query_instruction: Annotated[
@@ -238,6 +244,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 help="In-context examples for ICL embedders (bge-en-icl), a JSON list or JSONL file, put before "
                 "every query; NAME=FILE as for --model-class (env BGEKIT_EXAMPLES).",
+                parser=text_value,
             ),
         ] = None,
         cutoff_layers: Annotated[
@@ -245,6 +252,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 envvar="BGEKIT_CUTOFF_LAYERS",
                 help="Layerwise / lightweight rerankers: the layer whose score is served (e.g. 28; default the last).",
+                parser=text_value,
             ),
         ] = None,
         compress_ratio: Annotated[
@@ -253,7 +261,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         compress_layers: Annotated[
             str | None,
-            typer.Option(envvar="BGEKIT_COMPRESS_LAYERS", help="Lightweight rerankers: compressing layers (24,40)."),
+            typer.Option(
+                envvar="BGEKIT_COMPRESS_LAYERS",
+                help="Lightweight rerankers: compressing layers (24,40).",
+                parser=text_value,
+            ),
         ] = None,
         served_model_name: Annotated[
             list[str] | None,
@@ -261,13 +273,23 @@ def register(app: typer.Typer) -> None:
                 envvar="BGEKIT_SERVED_MODEL_NAME",
                 help="Name clients use in 'model', one per model in order (every --model, then every "
                 "--reranker); default: the model argument.",
+                parser=text_value,
             ),
         ] = None,
-        host: Annotated[str, typer.Option(envvar="BGEKIT_HOST", help="Address to bind.")] = "127.0.0.1",
+        host: Annotated[
+            str,
+            typer.Option(
+                envvar="BGEKIT_HOST", help="Address to bind (0.0.0.0: every IPv4 interface).", parser=text_value
+            ),
+        ] = "127.0.0.1",
         port: Annotated[int, typer.Option(envvar="BGEKIT_PORT", min=1, max=65535)] = 8000,
         api_key: Annotated[
             str | None,
-            typer.Option(envvar="BGEKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on the API routes."),
+            typer.Option(
+                envvar="BGEKIT_API_KEY",
+                help="Require 'Authorization: Bearer KEY' on the API routes.",
+                parser=text_value,
+            ),
         ] = None,
         cors_origin: Annotated[
             list[str] | None,
@@ -276,6 +298,7 @@ def register(app: typer.Typer) -> None:
                 envvar="BGEKIT_CORS_ORIGIN",
                 help="Let web pages from this origin (scheme://host[:port], or '*' for any) call the API from a "
                 "browser; repeat for several (env: space-separated). Default: no CORS headers.",
+                parser=text_value,
             ),
         ] = None,
         max_batch_tokens: Annotated[
@@ -321,7 +344,12 @@ def register(app: typer.Typer) -> None:
         ] = DType.auto,
         device: Annotated[
             list[str] | None,
-            typer.Option("--device", envvar="BGEKIT_DEVICE", help="Device, e.g. cpu or cuda:0 (default: auto)."),
+            typer.Option(
+                "--device",
+                envvar="BGEKIT_DEVICE",
+                help="Device, e.g. cpu or cuda:0 (default: auto).",
+                parser=text_value,
+            ),
         ] = None,
         packed: Annotated[
             Packing,

@@ -13,7 +13,17 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from ..cli_options import Bf16Opt, Fp16Opt, family_options, int_list, path_text, path_value, precision_options
+from ..cli_options import (
+    Bf16Opt,
+    Fp16Opt,
+    family_options,
+    int_list,
+    model_text,
+    path_text,
+    path_value,
+    precision_options,
+    text_value,
+)
 
 finetune_app = typer.Typer(
     help="Fine-tune embedders and rerankers (transformers Trainer; torchrun for several devices)."
@@ -33,7 +43,10 @@ Overwrite = Annotated[
         help="Start afresh in an --output-dir that holds an earlier run (else refused: resume it, or pick another).",
     ),
 ]
-Model = Annotated[str, typer.Option("--model", "--model-name-or-path", "-m", help="Hub id or folder to start from.")]
+Model = Annotated[
+    str,
+    typer.Option("--model", "--model-name-or-path", "-m", help="Hub id or folder to start from.", parser=model_text),
+]
 
 
 def _common(
@@ -90,10 +103,14 @@ LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
 LoraAlpha = Annotated[float, typer.Option(help="LoRA scaling alpha.")]
 LoraDropout = Annotated[float, typer.Option(help="Dropout on the LoRA input.")]
 TargetModules = Annotated[
-    str | None, typer.Option(help="Comma-separated LoRA module names (default: the architecture's, e.g. q_proj,...)")
+    str | None,
+    typer.Option(
+        help="Comma-separated LoRA module names (default: the architecture's, e.g. q_proj,...)", parser=text_value
+    ),
 ]
 SpecialTokens = Annotated[
-    list[str] | None, typer.Option(help="Add this special token to the tokenizer (repeat the option for more).")
+    list[str] | None,
+    typer.Option(help="Add this special token to the tokenizer (repeat the option for more).", parser=text_value),
 ]
 FromPeft = Annotated[
     str | None,
@@ -106,7 +123,8 @@ RawPeft = Annotated[
     list[str] | None,
     typer.Option(
         help="Merge this LoRA adapter folder into the base before training (repeat for more, merged in order; "
-        "a FlagEmbedding run's embedding/emb.pth is loaded too), as FlagEmbedding's raw_peft."
+        "a FlagEmbedding run's embedding/emb.pth is loaded too), as FlagEmbedding's raw_peft.",
+        parser=path_text,
     ),
 ]
 UseFlashAttn = Annotated[
@@ -118,7 +136,10 @@ UseFlashAttn = Annotated[
 ]
 ModulesToSave = Annotated[
     str | None,
-    typer.Option(help="With --lora: comma-separated modules trained whole, saved in the adapter (e.g. embed_tokens)."),
+    typer.Option(
+        help="With --lora: comma-separated modules trained whole, saved in the adapter (e.g. embed_tokens).",
+        parser=text_value,
+    ),
 ]
 KnowledgeDistillation = Annotated[
     bool | None,
@@ -166,6 +187,25 @@ SaveMerged = Annotated[
 ]
 
 
+def _train(run, options) -> None:
+    """``run(options)``, a trainer, then ``saved OUT`` on stderr, once: under torchrun (or another launcher
+    that sets ``RANK``) only rank 0 prints it, and the other ranks log bgekit's errors only and show no
+    model-loading progress bars, so a 2-process run's output is not every line twice. The Trainer's own
+    logs and bars are rank 0's already (``log_level_replica``)."""
+    import logging
+    import os
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger("bgekit").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
+    output = run(options)
+    if main:
+        typer.echo(f"saved {output}", err=True)
+
+
 def _lora(
     use_lora: bool,
     lora_rank: int,
@@ -208,17 +248,21 @@ def finetune_embedder_cmd(
     passage_max_len: Annotated[int, typer.Option(min=4)] = 256,
     temperature: Annotated[float, typer.Option(min=1e-4, help="0.05 suits MiniLM/e5; BGE recipes use 0.02.")] = 0.05,
     sentence_pooling_method: Annotated[
-        str | None, typer.Option(help="cls | mean | last_token (default: the model's)")
+        str | None, typer.Option(help="cls | mean | last_token (default: the model's)", parser=text_value)
     ] = None,
-    query_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
-    query_instruction_format: Annotated[str, typer.Option()] = "{}{}",
-    passage_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
+    query_instruction_for_retrieval: Annotated[str | None, typer.Option(help="'' for none.")] = None,
+    query_instruction_format: Annotated[
+        str, typer.Option(help="Two {} slots: instruction, query.", parser=text_value)
+    ] = "{}{}",
+    passage_instruction_for_retrieval: Annotated[str | None, typer.Option(help="'' for none.")] = None,
     use_inbatch_neg: Annotated[bool, typer.Option("--use-inbatch-neg/--no-inbatch-neg")] = True,
     negatives_cross_device: Flag = False,
     kd_loss_type: Annotated[
-        str, typer.Option(help="kl_div | m3_kd_loss (used when records carry teacher scores)")
+        str, typer.Option(help="kl_div | m3_kd_loss (used when records carry teacher scores)", parser=text_value)
     ] = "kl_div",
-    matryoshka_dims: Annotated[str | None, typer.Option(help="Comma-separated dims, e.g. 384,256,128")] = None,
+    matryoshka_dims: Annotated[
+        str | None, typer.Option(help="Comma-separated dims, e.g. 384,256,128", parser=text_value)
+    ] = None,
     sub_batch_size: Annotated[
         int | None,
         typer.Option(min=1, help="Gradient cache: embed this many sequences at a time (same gradients, less memory)."),
@@ -244,7 +288,10 @@ def finetune_embedder_cmd(
     raw_peft: RawPeft = None,
     use_flash_attn: UseFlashAttn = False,
     model_class: Annotated[
-        str | None, typer.Option(help="The model's family, e.g. decoder-only-icl (default: the registry's/folder's).")
+        str | None,
+        typer.Option(
+            help="The model's family, e.g. decoder-only-icl (default: the registry's/folder's).", parser=text_value
+        ),
     ] = None,
     example_query_max_len: Annotated[int, typer.Option(min=1, help="ICL: tokens of an example's query.")] = 64,
     example_passage_max_len: Annotated[int, typer.Option(min=1, help="ICL: tokens of an example's response.")] = 96,
@@ -254,7 +301,9 @@ def finetune_embedder_cmd(
             "--retrieval-use-examples/--no-retrieval-use-examples", help="ICL: examples for retrieval records too."
         ),
     ] = True,
-    icl_suffix_str: Annotated[str, typer.Option(help="ICL: what ends each query (FlagICLModel's).")] = "\\n<response>",
+    icl_suffix_str: Annotated[
+        str, typer.Option(help="ICL: what ends each query (FlagICLModel's; '' for none).")
+    ] = "\\n<response>",
     max_examples: Annotated[int, typer.Option(min=0, help="ICL: up to this many examples per query (0..N drawn).")] = 5,
     same_dataset_within_batch: SameDataset = False,
     small_threshold: SmallThreshold = 0,
@@ -330,7 +379,7 @@ def finetune_embedder_cmd(
         ),
         use_flash_attn=use_flash_attn,
     )
-    typer.echo(f"saved {finetune_embedder(options)}", err=True)
+    _train(finetune_embedder, options)
 
 
 @finetune_app.command("reranker")
@@ -356,13 +405,15 @@ def finetune_reranker_cmd(
     resume_from_checkpoint: Resume = None,
     overwrite_output_dir: Overwrite = False,
     query_instruction_for_rerank: Annotated[
-        str | None, typer.Option(help="Query prefix (LLM rerankers' default 'A: '; cross-encoders: none).")
+        str | None, typer.Option(help="Query prefix (LLM rerankers' default 'A: '; cross-encoders: none; '' for none).")
     ] = None,
     passage_instruction_for_rerank: Annotated[
-        str | None, typer.Option(help="Passage prefix (LLM rerankers' default 'B: '; cross-encoders: none).")
+        str | None,
+        typer.Option(help="Passage prefix (LLM rerankers' default 'B: '; cross-encoders: none; '' for none)."),
     ] = None,
     prompt: Annotated[
-        str | None, typer.Option(help="LLM rerankers: the question after the pair (default: FlagEmbedding's).")
+        str | None,
+        typer.Option(help="LLM rerankers: the question after the pair (default: FlagEmbedding's; '' for none)."),
     ] = None,
     use_lora: UseLora = False,
     lora_rank: LoraRank = 64,
@@ -377,13 +428,17 @@ def finetune_reranker_cmd(
     use_flash_attn: UseFlashAttn = False,
     model_class: Annotated[
         str | None,
-        typer.Option(help="The model's family, e.g. decoder-only-layerwise (default: the registry's or folder's)."),
+        typer.Option(
+            help="The model's family, e.g. decoder-only-layerwise (default: the registry's or folder's).",
+            parser=text_value,
+        ),
     ] = None,
     start_layer: Annotated[
         int | None, typer.Option(help="Layerwise: train every layer from this one on (default: the model's).")
     ] = None,
     cutoff_layers: Annotated[
-        str | None, typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.")
+        str | None,
+        typer.Option(help="Layerwise: comma-separated layers to train instead, e.g. 28,40.", parser=text_value),
     ] = None,
     knowledge_distillation: KnowledgeDistillation = None,
     max_example_num_per_dataset: MaxExamples = None,
@@ -442,7 +497,7 @@ def finetune_reranker_cmd(
         ),
         use_flash_attn=use_flash_attn,
     )
-    typer.echo(f"saved {finetune_reranker(options)}", err=True)
+    _train(finetune_reranker, options)
 
 
 def mine(
@@ -464,7 +519,10 @@ def mine(
         ),
     ] = None,
     range_for_sampling: Annotated[
-        str, typer.Option(help="Search ranks to sample from, 0-based, end excluded: 2-200 skips the top 2.")
+        str,
+        typer.Option(
+            help="Search ranks to sample from, 0-based, end excluded: 2-200 skips the top 2.", parser=text_value
+        ),
     ] = "2-200",
     negative_number: Annotated[
         int, typer.Option(min=1, help="Negatives per query; topped up with random pool passages when short.")
@@ -473,14 +531,18 @@ def mine(
         float, typer.Option(help="Drop candidates scoring above margin x the positive's score; 0 = off.")
     ] = 0.95,
     max_score: Annotated[float | None, typer.Option(help="Drop candidates scoring above this.")] = None,
-    query_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
+    query_instruction_for_retrieval: Annotated[str | None, typer.Option(help="'' for none.")] = None,
     query_instruction_format: Annotated[
-        str | None, typer.Option(help="Two {} slots: instruction, query (default: the model's).")
+        str | None,
+        typer.Option(help="Two {} slots: instruction, query (default: the model's).", parser=text_value),
     ] = None,
     model_class: Annotated[
-        str | None, typer.Option(help="Embedder family override (e.g. decoder-only-base, decoder-only-icl).")
+        str | None,
+        typer.Option(help="Embedder family override (e.g. decoder-only-base, decoder-only-icl).", parser=text_value),
     ] = None,
-    pooling_method: Annotated[str | None, typer.Option(help="Pooling override: cls, mean or last_token.")] = None,
+    pooling_method: Annotated[
+        str | None, typer.Option(help="Pooling override: cls, mean or last_token.", parser=text_value)
+    ] = None,
     examples: Annotated[
         Path | None, typer.Option(help="In-context examples for ICL models: JSON list or JSONL.", parser=path_value)
     ] = None,
@@ -580,7 +642,9 @@ def _corpus_file(corpus: Path) -> Path:
 
 
 def score(
-    reranker: Annotated[str, typer.Option("--reranker", "-r", help="Teacher reranker: hub id or folder.")],
+    reranker: Annotated[
+        str, typer.Option("--reranker", "-r", help="Teacher reranker: hub id or folder.", parser=model_text)
+    ],
     input: Annotated[Path, typer.Option("--input", "-i", parser=path_value)],
     output: Annotated[Path, typer.Option("--output", "-o", parser=path_value)],
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
@@ -590,13 +654,19 @@ def score(
     ] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="Sigmoid scores into (0, 1); default raw.")] = False,
     model_class: Annotated[
-        str | None, typer.Option(help="The reranker's family, overriding the registry (e.g. decoder-only-layerwise).")
+        str | None,
+        typer.Option(
+            help="The reranker's family, overriding the registry (e.g. decoder-only-layerwise).", parser=text_value
+        ),
     ] = None,
-    query_instruction_for_rerank: Annotated[str | None, typer.Option()] = None,
-    passage_instruction_for_rerank: Annotated[str | None, typer.Option()] = None,
-    prompt: Annotated[str | None, typer.Option(help="LLM rerankers' prompt (default: the family's).")] = None,
+    query_instruction_for_rerank: Annotated[str | None, typer.Option(help="'' for none.")] = None,
+    passage_instruction_for_rerank: Annotated[str | None, typer.Option(help="'' for none.")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="LLM rerankers' prompt (default: the family's; '' for none).")
+    ] = None,
     cutoff_layers: Annotated[
-        str | None, typer.Option(help="Layerwise / lightweight rerankers: the one layer that scores.")
+        str | None,
+        typer.Option(help="Layerwise / lightweight rerankers: the one layer that scores.", parser=text_value),
     ] = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
@@ -668,7 +738,7 @@ def beir_to_train(
             "--output", "-o", help="The JSONL file (for CQADupStack, the folder of FORUM.jsonl).", parser=path_value
         ),
     ],
-    split: Annotated[str, typer.Option()] = "train",
+    split: Annotated[str, typer.Option(parser=text_value)] = "train",
 ) -> None:
     """Turn a retrieval dataset's judgements into training records (query + positives)."""
     from .. import io
@@ -719,18 +789,25 @@ def finetune_m3_cmd(
     self_distill_start_step: Annotated[int, typer.Option()] = -1,
     fix_encoder: Annotated[bool, typer.Option(help="Train only the heads; the encoder stays as it is.")] = False,
     heads: Annotated[
-        str | None, typer.Option(help="Heads to train, e.g. dense,sparse,colbert (overrides --unified-finetuning).")
+        str | None,
+        typer.Option(
+            help="Heads to train, e.g. dense,sparse,colbert (overrides --unified-finetuning).", parser=text_value
+        ),
     ] = None,
     colbert_dim: Annotated[int, typer.Option(help="Output size of a new ColBERT head (-1: hidden size).")] = -1,
     sparse_loss_weight: Annotated[float, typer.Option(min=0)] = 0.1,
     sparse_floor: Annotated[
         float, typer.Option(min=0, help="Keep each text's strongest sparse weight above this (0: off).")
     ] = 0.05,
-    query_instruction_for_retrieval: Annotated[str | None, typer.Option()] = None,
-    query_instruction_format: Annotated[str, typer.Option()] = "{}{}",
+    query_instruction_for_retrieval: Annotated[str | None, typer.Option(help="'' for none.")] = None,
+    query_instruction_format: Annotated[
+        str, typer.Option(help="Two {} slots: instruction, query.", parser=text_value)
+    ] = "{}{}",
     use_inbatch_neg: Annotated[bool, typer.Option("--use-inbatch-neg/--no-inbatch-neg")] = True,
     negatives_cross_device: Flag = False,
-    kd_loss_type: Annotated[str, typer.Option(help="kl_div | m3_kd_loss (records with teacher scores)")] = "m3_kd_loss",
+    kd_loss_type: Annotated[
+        str, typer.Option(help="kl_div | m3_kd_loss (records with teacher scores)", parser=text_value)
+    ] = "m3_kd_loss",
     gradient_checkpointing: Flag = False,
     bf16: Flag = False,
     fp16: Flag = False,
@@ -796,7 +873,7 @@ def finetune_m3_cmd(
         max_example_num_per_dataset=max_example_num_per_dataset,
         shuffle_ratio=shuffle_ratio,
     )
-    typer.echo(f"saved {finetune_m3(options)}", err=True)
+    _train(finetune_m3, options)
 
 
 def spread_values(args: list[str], names: tuple[str, ...]) -> list[str]:
@@ -844,6 +921,7 @@ def merge(
             "--models",
             help="The models to merge, hub ids or folders, all of one architecture: --models A B [C ...] "
             "(or --models A --models B).",
+            parser=model_text,
         ),
     ],
     output_dir: OutputDir,
@@ -865,7 +943,9 @@ def merge(
             parser=path_value,
         ),
     ] = None,
-    model_type: Annotated[str, typer.Option(help="auto | embedder | reranker (for --example-data)")] = "auto",
+    model_type: Annotated[
+        str, typer.Option(help="auto | embedder | reranker (for --example-data)", parser=text_value)
+    ] = "auto",
     temperature: Annotated[float, typer.Option(help="Weights = softmax(-loss / temperature).")] = 5.0,
     max_examples: Annotated[int, typer.Option(min=1)] = 32,
     group_size: Annotated[int, typer.Option(min=1, help="Passages per example query.")] = 4,
@@ -951,7 +1031,7 @@ def pretrain(
         resume_from_checkpoint=resume_from_checkpoint,
         overwrite_output_dir=overwrite_output_dir,
     )
-    typer.echo(f"saved {run_pretrain(options)}", err=True)
+    _train(run_pretrain, options)
 
 
 def register(app: typer.Typer) -> None:

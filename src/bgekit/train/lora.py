@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..models.adapters import SAVED_EMBEDDINGS, load_saved_embeddings  # noqa: F401  (SAVED_EMBEDDINGS: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -174,38 +175,6 @@ def tokenizer_folder(model_folder: Path, options: LoraOptions) -> Path:
         if folder and (Path(folder) / "tokenizer_config.json").exists():
             return Path(folder)
     return model_folder
-
-
-#: where FlagEmbedding's decoder-only fine-tuning saves token embeddings it resized, beside its adapter
-SAVED_EMBEDDINGS = Path("embedding") / "emb.pth"
-
-
-def load_saved_embeddings(model: torch.nn.Module, folder: str | Path) -> bool:
-    """A FlagEmbedding run's ``embedding/emb.pth`` in ``folder`` (the whole input embedding module it saved
-    with ``torch.save`` when it added tokens) as ``model``'s input embeddings, the model resized to its
-    rows first; True if there was one. Read with ``weights_only`` (only an ``nn.Embedding``, a tensor or a
-    state dict is accepted), so a file from elsewhere runs no code."""
-    path = Path(folder) / SAVED_EMBEDDINGS
-    if not path.is_file():
-        return False
-    torch.serialization.add_safe_globals([torch.nn.Embedding])
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle and torch raise many kinds
-        raise InputError(f"{path}: not a saved embedding module ({type(exc).__name__}: {exc})") from None
-    weight = saved.weight if isinstance(saved, torch.nn.Embedding) else saved
-    if isinstance(weight, dict):
-        weight = weight.get("weight")
-    current = model.get_input_embeddings().weight
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != current.shape[1]:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise InputError(f"{path}: embeddings of shape {shape} do not fit this model's width {current.shape[1]}")
-    if weight.shape[0] != current.shape[0]:
-        model.resize_token_embeddings(weight.shape[0])
-    with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(weight)
-    logger.info("loaded the token embeddings %s (%d rows)", path, weight.shape[0])
-    return True
 
 
 def prepare_base(model: torch.nn.Module, options: LoraOptions) -> tuple[torch.nn.Module, bool]:
