@@ -1,7 +1,7 @@
-"""The mteb adapter, tested against mteb's documented encoder protocol (mteb itself is not
-installed in bgekit's environments: it pulls datasets, pyarrow and polars, and its tasks download
-their data from the hub). Inputs are built the way mteb builds them: a torch DataLoader over rows
-with a "text" column (mteb 2.x), or plain lists of strings (mteb 1.x)."""
+"""The mteb adapter, tested against mteb's documented encoder protocol. Inputs are built the way mteb
+builds them: a torch DataLoader over rows with a "text" column (mteb 2.x), or plain lists of strings
+(mteb 1.x). The dev extra installs mteb (``bgekit[mteb]``), so the tests that run mteb's own evaluators
+run in CI; its tasks download their data from the hub, so those tests give the tasks local data."""
 
 from __future__ import annotations
 
