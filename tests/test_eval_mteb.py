@@ -362,3 +362,12 @@ def test_normalize_for_classification_under_mteb(model, tiny_bert):
     assert scores(MtebEncoder(model)) != flag  # the model's own (normalized) vectors score otherwise
     raw = MtebEncoder(model, normalize_for_classification=False).encode(TEXTS, task_name="Banking77Classification")
     np.testing.assert_allclose(raw, model.encode(TEXTS, normalize_embeddings=False), atol=1e-5)
+
+
+def test_model_meta_names_a_local_folder_by_its_last_two_parts(tiny_bert):
+    """mteb's results layout has a folder per model name; a local folder's whole path made that
+    ``__tmp__pytest-of-...__bert``. Its last two parts name it (a hub id as it is)."""
+    pytest.importorskip("mteb")
+    meta = MtebEncoder(str(tiny_bert), device="cpu").mteb_model_meta
+    assert meta.name == f"{tiny_bert.parent.name}/{tiny_bert.name}"
+    assert meta.similarity_fn_name == "cosine" and meta.embed_dim == 32
