@@ -125,6 +125,39 @@ def test_special_instructions_are_the_tasks_own(tmp_path, tiny_bert, local_tasks
     assert summary["tasks"][0]["score"] == prompted.get_score()
     assert prompted.get_score() != plain.get_score()  # the instruction reached the queries
 
+    # a prompts file wins over the task's own; --overwrite runs the task again with it
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"SciFact-query": "", "STS": "Retrieve semantically similar text."}))
+    run(
+        "eval", "mteb", "-m", str(tiny_bert), "--tasks", "SciFact", "-o", str(out), "--device", "cpu",
+        "--batch-size", "8", "--use-special-instructions", "--model-prompts", str(prompts), "--overwrite",
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["model_prompts"] == {"SciFact-query": "", "STS": "Retrieve semantically similar text."}
+    unprompted = direct(tiny_bert, ["SciFact"], query_instruction_for_retrieval="")["SciFact"]
+    assert summary["tasks"][0]["score"] == unprompted.get_score() != prompted.get_score()
+
+
+def test_task_examples_reach_an_in_context_learning_model(tmp_path, golden_dir, local_tasks):
+    """--examples-path (FlagEmbedding's folder of TASK.json): SciFact's queries get its examples, as
+    MtebEncoder(task_examples=...) gives them."""
+    icl = golden_dir / "models" / "mistral-icl"
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    given = [{"instruct": SCIFACT_PROMPT, "query": "Pandas eat meat.", "response": "Giant pandas eat bamboo."}]
+    (examples / "SciFact.json").write_text(json.dumps(given))
+    out = tmp_path / "results"
+    run(
+        "eval", "mteb", "-m", str(icl), "-t", "SciFact", "--examples_path", str(examples), "-o", str(out),
+        "--device", "cpu", "--batch-size", "8",
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["task_examples"] == ["SciFact"]
+    options = {"model_class": "decoder-only-icl", "use_fp16": False}
+    with_examples = direct(icl, ["SciFact"], task_examples={"SciFact": given}, **options)["SciFact"]
+    assert summary["tasks"][0]["score"] == with_examples.get_score()
+    assert with_examples.get_score() != direct(icl, ["SciFact"], **options)["SciFact"].get_score()
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
