@@ -167,6 +167,7 @@ def test_task_examples_reach_an_in_context_learning_model(tmp_path, golden_dir, 
         ([], "no tasks chosen: name them with --tasks"),
         (["--tasks", "SciFact", "--task-types", "STS"], "no MTEB task matches tasks SciFact, task types STS"),
         (["--languages", "xyz"], "--languages: Invalid language code: xyz"),
+        (["--tasks", "CUB200I2IRetrieval"], "bgekit embeds text; CUB200I2IRetrieval needs other modalities"),
         (["--tasks", "SciFact", "--use-special-examples"], "FlagEmbedding's bundled examples are not shipped"),
     ],
 )
