@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,18 +62,17 @@ def select_tasks(
     selects them; with names and types both, the named tasks of those types. Unknown names and types, and a
     selection that holds no task, are :class:`InputError` s."""
     mteb = require_mteb()
-    from mteb.get_tasks import _TASKS_REGISTRY
-
     names, types, langs = _split(tasks), _split(task_types), _split(languages)
     if not (names or types or langs):
         raise InputError("no tasks chosen: name them with --tasks (e.g. SciFact), or pick --task-types / --languages")
-    unknown = [name for name in names if name not in _TASKS_REGISTRY]
-    if unknown:
-        raise InputError("; ".join(_unknown("task", name, _TASKS_REGISTRY) for name in unknown))
+    known_names = _task_names()
+    unknown = [name for name in names if known_names is not None and name not in known_names]
+    if unknown:  # every one at once, with mteb's close matches
+        raise InputError("; ".join(_unknown("task", name, known_names or ()) for name in unknown))
     known_types = _task_types()
-    bad_types = [t for t in types if t not in known_types]
+    bad_types = [t for t in types if known_types is not None and t not in known_types]
     if bad_types:
-        raise InputError("; ".join(_unknown("task type", t, known_types) for t in bad_types))
+        raise InputError("; ".join(_unknown("task type", t, known_types or ()) for t in bad_types))
     try:
         if names:
             selected = list(mteb.get_tasks(tasks=names, languages=langs or None))
@@ -88,6 +87,8 @@ def select_tasks(
                     exclusive_modality_filter=True,
                 )
             )
+    except KeyError as exc:  # an unknown name, where mteb's registry was not readable above
+        raise InputError(str(exc.args[0] if exc.args else exc)) from None
     except ValueError as exc:  # an unknown language code
         raise InputError(f"--languages: {exc}") from None
     not_text = [task.metadata.name for task in selected if set(task.metadata.modalities) != {"text"}]
@@ -109,12 +110,25 @@ def _unknown(what: str, name: str, known: Iterable[str]) -> str:
     return f"unknown MTEB {what} {name!r}{hint}"
 
 
-def _task_types() -> list[str]:
+def _task_names() -> Collection[str] | None:
+    """The names mteb's registry knows (its private table: None where a release moved it; mteb's own
+    KeyError then names an unknown task)."""
+    try:
+        from mteb.get_tasks import _TASKS_REGISTRY
+    except ImportError:
+        return None
+    return _TASKS_REGISTRY
+
+
+def _task_types() -> list[str] | None:
+    """mteb's task types (``TaskType``'s values), or None where this mteb does not list them."""
     import typing
 
-    from mteb.abstasks.task_metadata import TaskType
-
-    return list(typing.get_args(TaskType))
+    try:
+        from mteb.abstasks.task_metadata import TaskType
+    except ImportError:
+        return None
+    return list(typing.get_args(TaskType)) or None
 
 
 def task_instructions(tasks: Iterable[Any]) -> dict[str, str]:
