@@ -191,3 +191,16 @@ def test_examples_need_an_in_context_learning_model(tmp_path, tiny_bert):
     )  # fmt: skip
     assert result.returncode == 2 and "--examples-path needs an in-context-learning model" in result.stderr
     assert not out.exists()
+
+
+def test_a_task_whose_data_cannot_load_is_named_and_the_results_before_it_kept(tmp_path, tiny_bert, local_tasks):
+    """STS12 has no local data and there is no hub (HF_HUB_OFFLINE=1): datasets' ConnectionError was a
+    traceback; it is one line naming the task, and SciFact's results, run before it, stay."""
+    out = tmp_path / "results"
+    result = run(
+        "eval", "mteb", "-m", str(tiny_bert), "-t", "SciFact,STS12", "-o", str(out), "--device", "cpu", check=False
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: MTEB task STS12: its data could not be loaded" in result.stderr
+    assert f"the results of SciFact are in {out}" in result.stderr and "Traceback" not in result.stderr
+    assert list(out.glob("results/*/*/SciFact.json")) and not (out / "summary.json").exists()

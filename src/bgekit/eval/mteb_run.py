@@ -284,18 +284,27 @@ def evaluate_mteb(
     loaded = time.perf_counter()
     cache = mteb.ResultCache(output_folder)
     encode_kwargs = {"batch_size": batch_size or encoder.model.batch_size, "show_progress_bar": show_progress_bar}
-    result = mteb.evaluate(
-        encoder,
-        chosen,
-        cache=cache,
-        overwrite_strategy="always" if overwrite else "only-missing",
-        encode_kwargs=encode_kwargs,
-        show_progress_bar=show_progress_bar,
-    )
+    task_results = []
+    for task in chosen:  # one at a time: a task whose data cannot be loaded is named, those before it kept
+        try:
+            result = mteb.evaluate(
+                encoder,
+                [task],
+                cache=cache,
+                overwrite_strategy="always" if overwrite else "only-missing",
+                encode_kwargs=encode_kwargs,
+                show_progress_bar=show_progress_bar,
+            )
+        except ConnectionError as exc:  # datasets' download error (HF_HUB_OFFLINE=1 among others)
+            kept = f"; the results of {', '.join(r.task_name for r in task_results)} are in {output_folder}"
+            raise InputError(
+                f"MTEB task {task.metadata.name}: its data could not be loaded ({exc}){kept if task_results else ''}"
+            ) from None
+        task_results.extend(result.task_results)
     meta = encoder.mteb_model_meta
     by_name = {task.metadata.name: task for task in chosen}
     scores = []
-    for task_result in result.task_results:
+    for task_result in task_results:
         task = by_name.get(task_result.task_name)
         metadata = task.metadata if task is not None else None
         path = cache.get_task_result_path(task_result.task_name, meta)
