@@ -224,12 +224,16 @@ class MtebRun:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        width = max([len("task"), *(len(t.task) for t in self.tasks)])
-        lines = [f"| {'task':<{width}} | type | main score | score |", f"|{'-' * (width + 2)}|---|---|---|"]
-        lines += [f"| {t.task:<{width}} | {t.type} | {t.main_score} | {t.score:.5f} |" for t in self.tasks]
+        rows = [[t.task, t.type, t.main_score, f"{t.score:.5f}"] for t in self.tasks]
         if self.average is not None and len(self.tasks) > 1:
-            lines.append(f"| {'average':<{width}} | | | {self.average:.5f} |")
-        return "\n".join(lines) + "\n"
+            rows.append(["average", "", "", f"{self.average:.5f}"])
+        header = ["task", "type", "main score", "score"]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+        def line(cells: list[str]) -> str:
+            return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+        return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]) + "\n"
 
     def save(self, path: str | Path) -> None:
         from .. import io
