@@ -81,6 +81,7 @@ AROUND_THE_MODELS = {
     "test_eval_index.py",
     "test_eval_metrics.py",
     "test_eval_mteb.py",
+    "test_eval_mteb_cli.py",
     "test_eval_named.py",
     "test_eval_retrieval.py",
     "test_eval_sts.py",

@@ -51,8 +51,8 @@ def test_import_bgekit_eval_and_its_cli_help_are_light():
     code = (
         "import bgekit.eval\nbgekit.eval.__all__\n"
         "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
-        "for args in (['eval', '--help'], ['eval', 'retrieval', '--help'], ['index', 'build', '--help'], "
-        "['search', '--help']):\n"
+        "for args in (['eval', '--help'], ['eval', 'retrieval', '--help'], ['eval', 'mteb', '--help'], "
+        "['index', 'build', '--help'], ['search', '--help']):\n"
         "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
     )
     assert loaded_after(code) == []

@@ -193,6 +193,165 @@ def eval_sts(
         typer.echo(f"wrote {', '.join(result.files.values())}", err=True)
 
 
+class Symmetric(StrEnum):
+    auto = "auto"
+    query = "query"
+    plain = "plain"
+
+
+def eval_mteb(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "--embedder-name-or-path",
+            "-m",
+            help="Embedder hub id or folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2.",
+        ),
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", "-t", help="MTEB task names (repeat, or separate with commas), e.g. SciFact,STS12."),
+    ] = None,
+    task_types: Annotated[
+        list[str] | None, typer.Option(help="MTEB task types: Retrieval, STS, Classification, Clustering, ...")
+    ] = None,
+    languages: Annotated[
+        list[str] | None, typer.Option(help="ISO 639-3 language codes (eng, deu, ...); multilingual tasks keep these.")
+    ] = None,
+    output_folder: Annotated[
+        Path,
+        typer.Option(
+            "--output-folder",
+            "--output-dir",
+            "-o",
+            help="Results in mteb's layout: FOLDER/results/MODEL/REVISION/TASK.json (as `mteb run` writes them).",
+            parser=path_value,
+        ),
+    ] = Path("results"),
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            "--eval-output-path",
+            help="The summary JSON (each task's main score). Default: OUTPUT-FOLDER/summary.json.",
+            parser=path_value,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Run tasks again whose results are in the output folder (else they are reused).")
+    ] = False,
+    query_instruction: Annotated[
+        str | None,
+        typer.Option(
+            "--query-instruction",
+            "--query-instruction-for-retrieval",
+            help="Query instruction (overrides the model's; '' for none).",
+        ),
+    ] = None,
+    use_special_instructions: Annotated[
+        bool,
+        typer.Option(help="Each task's own instruction (mteb's task definitions) for its queries, as FlagEmbedding."),
+    ] = False,
+    model_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON object of per-task instructions by MtebEncoder prompt name ('SciFact-query', 'STS'); wins "
+            "over --use-special-instructions.",
+            parser=path_value,
+        ),
+    ] = None,
+    examples_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--examples-path",
+            "--task-examples",
+            help="In-context examples (bge-en-icl): a folder of TASK.json files, or one JSON object of task to list.",
+            parser=path_value,
+        ),
+    ] = None,
+    use_special_examples: Annotated[
+        bool,
+        typer.Option(help="FlagEmbedding's bundled examples: not shipped with bgekit; give them with --examples-path."),
+    ] = False,
+    model_class: Annotated[
+        str | None,
+        typer.Option(
+            "--model-class", "--embedder-model-class", help="encoder-only-base, encoder-only-m3, decoder-only-base..."
+        ),
+    ] = None,
+    pooling_method: Annotated[str | None, typer.Option(help="cls, mean or last_token (overrides the model's).")] = None,
+    symmetric: Annotated[
+        Symmetric,
+        typer.Option(help="STS / classification / clustering texts: auto, query (FlagEmbedding's runner) or plain."),
+    ] = Symmetric.auto,
+    normalize_for_classification: Annotated[
+        bool | None,
+        typer.Option(
+            "--normalize-for-classification/--no-normalize-for-classification",
+            help="L2-normalize Classification tasks' vectors or not (FlagEmbedding's runner: not). Default: model's.",
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "--embedder-batch-size", min=1)] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=1, help="Token limit of queries and documents (default: the model's).")
+    ] = None,
+    device: Annotated[
+        list[str] | None,
+        typer.Option("--device", "--devices", help="Device(s), e.g. cpu or cuda:0; repeat for several."),
+    ] = None,
+    fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
+) -> None:
+    """Run an embedder on MTEB tasks with the mteb package (the mteb extra); print each task's main score.
+
+    FlagEmbedding's spellings work too: --task_types, --embedder_name_or_path, --output_dir...
+    """
+    from .. import hub, io
+    from ..cli_options import family_options
+    from ..errors import InputError
+    from .mteb_run import evaluate_mteb, read_model_prompts, read_task_examples, select_tasks
+
+    if use_special_examples and examples_path is None:
+        raise InputError(
+            "--use-special-examples: FlagEmbedding's bundled examples are not shipped with bgekit; give examples "
+            "with --examples-path (a folder of TASK.json files, or one JSON object of task name to examples)"
+        )
+    selected = select_tasks(tasks, task_types, languages)  # mteb missing, or a bad name, before the model loads
+    summary_path = summary if summary is not None else output_folder / "summary.json"
+    io.check_output_folder(output_folder)
+    io.check_outputs(summary_path, inputs=[model_prompts, examples_path])
+    prompts = read_model_prompts(model_prompts) if model_prompts is not None else None
+    examples = read_task_examples(examples_path, selected) if examples_path is not None else None
+    name = model or hub.default_model()
+    kind, options = family_options(name, model_class, pooling_method, query_instruction)
+    if max_length is not None:
+        options.update(query_max_length=max_length, passage_max_length=max_length)
+    if examples:  # a decoder given examples runs as an ICL model, as `embed --examples` has it
+        from .. import registry
+
+        if kind not in (registry.ICL, registry.DECODER):
+            raise InputError(f"--examples-path needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
+        options["model_class"] = registry.ICL
+    run = evaluate_mteb(
+        name,
+        selected=selected,
+        output_folder=output_folder,
+        summary=summary_path,
+        overwrite=overwrite,
+        use_special_instructions=use_special_instructions,
+        model_prompts=prompts,
+        task_examples=examples,
+        batch_size=batch_size,
+        symmetric=symmetric.value,
+        normalize_for_classification=normalize_for_classification,
+        model_options={**_model_options(device, fp16, bf16), **options},
+        show_progress_bar=sys.stderr.isatty(),
+    )
+    typer.echo(run.to_markdown())
+    typer.echo(f"wrote {run.files['results']}, {run.files['summary']}", err=True)
+
+
 def index_build(
     corpus: Annotated[
         Path,
@@ -392,13 +551,20 @@ def _check_query_model(embedder, dense, index: Path, other_model: bool) -> None:
     typer.echo(f"note: {what}; searching anyway (--other-model)", err=True)
 
 
+def _dashes(token: str) -> str:
+    """An option name with underscores for dashes (click normalizes option names with it)."""
+    return token.replace("_", "-")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``eval``, ``index`` and ``search`` to the ``bgekit`` app."""
     from ..cli import friendly_errors
 
-    eval_app = typer.Typer(help="Evaluate models: retrieval (BEIR layout) and STS.", no_args_is_help=True)
+    eval_app = typer.Typer(help="Evaluate models: retrieval (BEIR layout), STS and MTEB.", no_args_is_help=True)
     eval_app.command("retrieval")(friendly_errors(eval_retrieval))
     eval_app.command("sts")(friendly_errors(eval_sts))
+    # FlagEmbedding's spellings (--task_types, --output_dir) as well as bgekit's (--task-types)
+    eval_app.command("mteb", context_settings={"token_normalize_func": _dashes})(friendly_errors(eval_mteb))
     index_app = typer.Typer(help="Build vector indexes for `bgekit search`.", no_args_is_help=True)
     index_app.command("build")(friendly_errors(index_build))
     app.add_typer(eval_app, name="eval")
