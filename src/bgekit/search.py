@@ -262,7 +262,9 @@ class SearchIndex:
         with its own model). With a ``reranker`` (a :class:`~bgekit.Reranker` or a name / folder), the
         first ``max(k, rerank_top_k)`` documents are retrieved, the first ``rerank_top_k`` of them scored
         by the reranker, and the best ``k`` of those returned with the reranker's scores (fewer than
-        ``k`` when ``rerank_top_k < k``); ties keep the retrieval order.
+        ``k`` when ``rerank_top_k < k``); ties keep the retrieval order. A reranker given by
+        name loads on each call: load it once (``Reranker.from_pretrained``) for many searches. ``batch_size``
+        is the queries' encode batch size, ``reranker_batch_size`` the reranker's.
 
         Example:
             >>> index.search("what do pandas eat?", k=3, reranker=reranker, rerank_top_k=50)   # doctest: +SKIP
