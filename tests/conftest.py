@@ -90,6 +90,7 @@ AROUND_THE_MODELS = {
     "test_mining.py",
     "test_missing_extras.py",
     "test_readme.py",
+    "test_search.py",
     "test_serve.py",
     "test_serve_batcher.py",
     "test_serve_faults.py",

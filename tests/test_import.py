@@ -38,6 +38,11 @@ def test_import_bgekit_is_light():
     assert loaded_after("import bgekit; bgekit.__version__; bgekit.InputError") == []
 
 
+def test_search_names_are_light():
+    """``bgekit.SearchIndex`` and ``bgekit.Hit`` resolve without torch or faiss (they load when an index is built)."""
+    assert loaded_after("import bgekit; bgekit.SearchIndex; bgekit.Hit") == []
+
+
 def test_cli_help_and_models_are_light():
     code = (
         "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"

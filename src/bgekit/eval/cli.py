@@ -375,55 +375,43 @@ def index_build(
     from .. import hub, io
     from ..errors import InputError
     from ..models.embedder import Embedder
-    from .index import DenseIndex, require_faiss
-    from .retrieval import normalize_rows, vector_space
+    from ..search import SearchIndex
+    from .index import require_faiss
 
     require_faiss()  # before the corpus is read and embedded
     io.check_outputs(out / "docs.jsonl")  # before the corpus is embedded: a file in the way, no write access
     records = io.read_texts(corpus, field=text_field)
-    ids = [r.id for r in records]
     seen: set[str] = set()
-    for r in records:
+    for r in records:  # said with the file's name, before the model loads
         if r.id in seen:
             raise InputError(f"{corpus}: duplicate id {r.id!r}; every document needs its own id")
         seen.add(r.id)
     name = model or hub.default_model()
     embedder = Embedder.from_pretrained(name, **_model_options(device, fp16, bf16))
-    vectors = embedder.encode_corpus(
-        [r.text for r in records], batch_size=batch_size, max_length=max_length, show_progress_bar=sys.stderr.isatty()
+    built = SearchIndex.build(
+        embedder,
+        [r.text for r in records],
+        [r.id for r in records],
+        kind=index_type.value,
+        quantization=quantization.value,
+        batch_size=batch_size,
+        max_length=max_length,
+        show_progress_bar=sys.stderr.isatty(),
+        meta={"corpus": str(corpus.resolve())},
     )
-    if isinstance(vectors, dict):
-        vectors = vectors["dense_vecs"]
-    built = DenseIndex.build(normalize_rows(vectors), ids, kind=index_type.value, quantization=quantization.value)
-    io.write_jsonl(out / "docs.jsonl", ({"id": r.id, "text": r.text} for r in records))
-    recorded = _absolute_if_local(embedder.model_name_or_path)
-    built.save(
-        out,
-        extra={
-            "type": "dense",
-            # a local folder by its absolute path: `search` may run from another directory
-            "model": recorded,
-            "vector_space": vector_space(embedder),  # `search` refuses a query model of another space
-            "query_instruction": embedder.query_instruction_for_retrieval,
-            "score_function": "cosine",
-            "max_length": max_length,
-            "corpus": str(corpus.resolve()),
-        },
-    )
+    built.save(out)
     typer.echo(
-        f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) from {recorded}",
+        f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) "
+        f"from {built.meta['model']}",
         err=True,
     )
 
 
 def _absolute_if_local(name: str) -> str:
-    """A model folder that exists here as its absolute path; a hub id as the loader reads it (without
-    the stray whitespace or trailing slash it accepts: ``"org/name/"`` is ``"org/name"``)."""
-    from .. import hub
+    """:func:`bgekit.search.absolute_if_local` (the name this module gave it first)."""
+    from ..search import absolute_if_local
 
-    name = hub.model_name(name)  # the library's own normalisation, so the CLI and every class agree
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
+    return absolute_if_local(name)
 
 
 def search(
@@ -462,11 +450,9 @@ def search(
     bf16: Bf16Opt = False,
 ) -> None:
     """Search an index for QUERY; optionally rerank the candidates. Prints rank, score, id, text."""
-    from .. import io
-    from ..errors import InputError
     from ..models.embedder import Embedder
-    from .index import DenseIndex
-    from .retrieval import encode_queries, load_reranker, normalize_rows
+    from ..search import SearchIndex
+    from .retrieval import load_reranker
 
     if query is not None and query_option is not None:
         raise typer.BadParameter("give the query once: as QUERY or as -q/--query, not both", param_hint="QUERY")
@@ -475,80 +461,38 @@ def search(
         raise typer.BadParameter("no query: bgekit search -i INDEX -q 'query text'", param_hint="QUERY")
     if not query.strip():
         raise typer.BadParameter("the query is empty", param_hint="QUERY")
-    dense = DenseIndex.load(index)
-    name = model or dense.meta.get("model")
-    if not name:
-        raise typer.BadParameter("the index does not name its model; pass --model", param_hint="--model")
     options = _model_options(device, fp16, bf16)
-    instruction = query_instruction
-    if instruction is None and model is None:
-        instruction = dense.meta.get("query_instruction") or ""
-    if reranker:  # a reranker that cannot load is said before the query is embedded and searched
-        from .. import hub, registry
 
-        hub.resolve(reranker, registry.RERANKERS, for_reranker=True)
-    embedder = Embedder.from_pretrained(name, **options)
-    _check_query_model(embedder, dense, index, other_model)
-    vector = normalize_rows(encode_queries(embedder, [query], instruction, None, dense.meta.get("max_length")))
-    if vector.shape[1] != dense.dim:
-        raise InputError(f"{name} gives {vector.shape[1]}-dimensional vectors; the index at {index} holds {dense.dim}")
-    depth = max(top_k, rerank_top_k or 100) if reranker else top_k
-    scores, rows = dense.search(vector, depth)
-    hits = [(dense.ids[i], float(s)) for s, i in zip(scores[0], rows[0], strict=True) if i >= 0]
-    texts = {}
-    docs_path = index / "docs.jsonl"
-    if docs_path.exists():
-        wanted = {doc_id for doc_id, _ in hits}
-        for _, obj in io.read_jsonl(docs_path):
-            if str(obj.get("id")) in wanted:
-                texts[str(obj["id"])] = obj.get("text", "")
-    if reranker:
-        rerank_model = load_reranker(reranker, options)
-        candidates = hits[: rerank_top_k or depth]
-        if len(candidates) < top_k:  # as eval's rerank stage: the result list is the reranked candidates
-            typer.echo(f"note: {len(candidates)} results, the reranked candidates (--rerank-top-k)", err=True)
-        new_scores = rerank_model.compute_score([(query, texts.get(d, "")) for d, _ in candidates])
-        hits = sorted(zip((d for d, _ in candidates), map(float, new_scores), strict=True), key=lambda h: -h[1])
-    for rank, (doc_id, score) in enumerate(hits[:top_k], start=1):
-        text = texts.get(doc_id, "")
-        if as_json:
-            typer.echo(json.dumps({"rank": rank, "id": doc_id, "score": score, "text": text}, ensure_ascii=False))
-        else:
-            typer.echo(f"{rank}\t{score:.6f}\t{doc_id}\t{text.replace(chr(10), ' ')[:100]}")
+    def model_for(meta: dict):
+        name = model or meta.get("model")
+        if not name:
+            raise typer.BadParameter("the index does not name its model; pass --model", param_hint="--model")
+        if reranker:  # a reranker that cannot load is said before the query is embedded and searched
+            from .. import hub, registry
 
+            hub.resolve(reranker, registry.RERANKERS, for_reranker=True)
+        return Embedder.from_pretrained(name, **options)
 
-def _check_query_model(embedder, dense, index: Path, other_model: bool) -> None:
-    """Refuse a query model whose vectors are not the index's: its scores would be silently wrong."""
-    from ..errors import InputError
-    from .retrieval import space_differences, vector_space
-
-    built = dense.meta.get("vector_space")
-    if built is None:  # an index of an older bgekit: only its model's name to go by
-        same = _absolute_if_local(embedder.model_name_or_path) == dense.meta.get("model")  # as build records it
-        if not same and not other_model:
-            typer.echo(
-                f"warning: {index} records no model identity (built by an older bgekit); searching it with "
-                f"{embedder.model_name_or_path}, which cannot be checked against {dense.meta.get('model')}",
-                err=True,
-            )
-        return
-    differences = space_differences(built, vector_space(embedder))
-    if not differences:
-        return
-    if differences == ["file_times"]:  # a copy, a new download, or weights retrained in place
-        typer.echo(
-            f"warning: the files of {embedder.model_name_or_path} have the names and sizes of those {index} "
-            "was built with but other modification times; if the model was retrained, rebuild the index",
-            err=True,
-        )
-        return
-    what = (
-        f"{embedder.model_name_or_path} does not give the vectors of the model {index} was built with "
-        f"({dense.meta.get('model')}): {', '.join(differences)} differ"
+    searcher = SearchIndex._open(
+        index,
+        model_for,
+        query_instruction=query_instruction,
+        recorded_instruction=model is None,  # the index's own model: the instruction it was built with
+        other_model=other_model,
+        keep_texts=False,  # one query: only its hits' texts are read from docs.jsonl
+        option="--other-model",
+        say=lambda level, message: typer.echo(f"{level}: {message}", err=True),
     )
-    if not other_model:
-        raise InputError(f"{what}; rebuild the index with this model, or pass --other-model to search anyway")
-    typer.echo(f"note: {what}; searching anyway (--other-model)", err=True)
+    rerank_model = load_reranker(reranker, options) if reranker else None
+    hits = searcher.search(query, top_k, reranker=rerank_model, rerank_top_k=rerank_top_k or max(top_k, 100))
+    if rerank_model is not None and len(hits) < top_k:  # as eval's rerank stage: the reranked candidates
+        typer.echo(f"note: {len(hits)} results, the reranked candidates (--rerank-top-k)", err=True)
+    for hit in hits:
+        if as_json:
+            typer.echo(json.dumps({"rank": hit.rank, "id": hit.id, "score": hit.score, "text": hit.text},
+                                  ensure_ascii=False))  # fmt: skip
+        else:
+            typer.echo(f"{hit.rank}\t{hit.score:.6f}\t{hit.id}\t{hit.text.replace(chr(10), ' ')[:100]}")
 
 
 def _dashes(token: str) -> str:
