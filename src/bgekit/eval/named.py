@@ -1,9 +1,10 @@
-"""FlagEmbedding's named evaluation sets: MIRACL, MLDR, MS MARCO passage ranking and BRIGHT, by name.
+"""FlagEmbedding's named evaluation sets: MIRACL, MLDR, MS MARCO passage ranking, MKQA and BRIGHT, by name.
 
-``miracl/LANG``, ``mldr/LANG``, ``msmarco-passage`` (``msmarco/passage`` too), ``bright/TASK`` and
+``miracl/LANG``, ``mldr/LANG``, ``msmarco-passage`` (``msmarco/passage`` too), ``mkqa/LANG``, ``bright/TASK`` and
 ``bright-long/TASK`` name the datasets that FlagEmbedding 1.4.2's runners evaluate (``python -m
 FlagEmbedding.evaluation.miracl --dataset_names LANG --splits dev``, ``...mldr``, ``...msmarco --dataset_names
-passage --splits dev dl19 dl20``, ``...bright --task_type short|long --dataset_names TASK --splits examples``),
+passage --splits dev dl19 dl20``, ``...mkqa --dataset_names LANG --splits test``, ``...bright --task_type
+short|long --dataset_names TASK --splits examples``),
 from the same sources:
 
 - **MIRACL** (18 languages; splits ``dev``, and ``train`` except for ``de`` and ``yo``): the corpus is the
@@ -19,6 +20,13 @@ from the same sources:
   (``BeIR/msmarco``, ``queries.jsonl.gz``) with BEIR's dev judgments (``BeIR/msmarco-qrels``, ``dev.tsv``);
   ``dl19`` / ``dl20`` are the TREC Deep Learning 2019 / 2020 test queries (MS MARCO's
   ``msmarco-test20YY-queries.tsv.gz``) with NIST's graded judgments (``20YYqrels-pass.txt``).
+- **MKQA** (26 languages, ``zh_cn``, ``zh_hk``, ``zh_tw`` among them; split ``test``): the corpus is BEIR's
+  Natural Questions (``BeIR/nq``, ``corpus.jsonl.gz``: ``_id``, ``title``, ``text``), each text normalized as
+  FlagEmbedding's ``normalize_text`` (dashes, quotes, primes, slashes unified, control characters dropped) and
+  lower-cased, converted once into ``mkqa/corpus.jsonl`` and linked into each language's folder; the queries and
+  their answer strings are ``LANG.jsonl`` in ``Shitao/bge-m3-data``'s ``MKQA_test-data.zip`` (``id``,
+  ``question``, ``answers``), written as FlagEmbedding's ``{"qid", "answers"}`` qrels. MKQA is scored by
+  ``qa_recall_at_k`` (:func:`bgekit.eval.metrics.evaluate_answers`), not by judged documents.
 - **BRIGHT** (12 tasks; ``bright-long``: the 8 with long documents; splits ``examples`` and the five
   ``MODEL_reason`` query sets): the ``xlangai/BRIGHT`` hub dataset's parquet files, ``documents/TASK-*.parquet``
   (or ``long_documents/``: ``id``, ``content``) and ``SPLIT/TASK-*.parquet`` (``id``, ``query``, ``gold_ids``
@@ -47,6 +55,7 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +106,23 @@ BRIGHT_SPLITS = (
     "examples", "Gemini-1.0_reason", "claude-3-opus_reason", "gpt4_reason", "grit_reason", "llama3-70b_reason",
 )  # fmt: skip
 _BRIGHT_REPO = "xlangai/BRIGHT"  # FlagEmbedding spells it xlangai/bright: the same hub repository
+#: MKQA's languages (FlagEmbedding's ``MKQAEvalDataLoader``): each a query set over one English corpus
+MKQA_LANGUAGES = (
+    "en", "ar", "fi", "ja", "ko", "ru", "es", "sv", "he", "th", "da", "de", "fr", "it", "nl", "pl", "pt", "hu", "vi",
+    "ms", "km", "no", "tr", "zh_cn", "zh_hk", "zh_tw",
+)  # fmt: skip
+#: FlagEmbedding's MKQA corpus text normalization (its ``normalize_text``, after chemdataextractor): dropped
+#: control characters, unified dashes, quotes, primes, slashes; applied before lower-casing
+_MKQA_CHARS = str.maketrans({
+    **dict.fromkeys("\u0001\u0002\u0003\u0004\u0005\u0006\u0007\u0008\u000e\u000f\u0011\u0012\u0013\u0014"
+                    "\u0015\u0016\u0017\u0018\u0019\u001a\u001b\u00ad", ""),
+    **dict.fromkeys("\u000b\u000c\u0085", " "),
+    **dict.fromkeys("-\u2010\u2011\u2043\u2012\u2013\u2014\u2015\u2212\uff0d\u207b", "-"),
+    **dict.fromkeys('"\u201c\u201d\u201e\u201f', '"'),
+    **dict.fromkeys("'\u2018\u2019\u201a\u201b\u055a\ua78b\ua78c\uff07`\u00b4\u2032\u2035", "'"),
+    "\u2033": "''", "\u2036": "''", "\u2034": "'''", "\u2037": "'''", "\u2057": "''''", "\u2026": "...",
+    **dict.fromkeys("/\u2044\u2215", "/"),
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,11 @@ class NamedDataset:
     def bright(self) -> bool:
         return self.family in ("bright", "bright-long")
 
+    def shared_corpus(self, root: Path) -> Path | None:
+        """Where a corpus every language shares is converted once (MKQA's: ``mkqa/corpus.jsonl``, FlagEmbedding's
+        ``--dataset_dir`` layout); each language's folder gets a link to it. None for the others."""
+        return root / "mkqa" / "corpus.jsonl" if self.family == "mkqa" else None
+
     @property
     def query_instruction(self) -> str | None:
         """The query instruction FlagEmbedding's runner sets for this dataset (BRIGHT's per task), else None."""
@@ -166,6 +197,8 @@ class NamedDataset:
             return ("test", "dev", "train")
         if self.bright:
             return BRIGHT_SPLITS
+        if self.family == "mkqa":
+            return ("test",)
         return MSMARCO_PASSAGE_SPLITS
 
     def folder(self, root: Path) -> Path:
@@ -183,6 +216,8 @@ class NamedDataset:
         if self.bright:
             config = "documents" if self.family == "bright" else "long_documents"
             return [Remote(_BRIGHT_REPO, f"{config}/{lang}-*.parquet")]
+        if self.family == "mkqa":  # BEIR's Natural Questions corpus, as the bge-m3 paper's MKQA runs
+            return [Remote("BeIR/nq", "corpus.jsonl.gz")]
         return [Remote("Tevatron/msmarco-passage-corpus", "corpus.jsonl.gz")]
 
     def split_sources(self, split: str) -> list[Remote]:
@@ -190,6 +225,8 @@ class NamedDataset:
         lang = self.language
         if self.bright:
             return [Remote(_BRIGHT_REPO, f"{split}/{lang}-*.parquet")]
+        if self.family == "mkqa":  # every language's LANG.jsonl in one zip, kept for the other languages
+            return [Remote("Shitao/bge-m3-data", "MKQA_test-data.zip")]
         if self.family == "miracl":
             stem = f"miracl-v1.0-{lang}"
             return [
@@ -211,19 +248,28 @@ class NamedDataset:
             for path, row, obj in _parquet_rows(files, ["id", "content"]):
                 yield _document(_field(obj, "id", path, row), "", _text(obj, "content", path, row))
             return
+        if self.family == "mkqa":  # BEIR's {"_id", "title", "text"}, normalized and lower-cased as FlagEmbedding
+            for path in files:
+                for line, obj in io.read_jsonl(path):
+                    title, text = (_mkqa_normalize(_text(obj, key, path, line, "")) for key in ("title", "text"))
+                    yield _document(_field(obj, "_id", path, line), title, text)
+            return
         for path in files:
             for line, obj in io.read_jsonl(path):
                 doc_id = _field(obj, "docid", path, line)
                 yield _document(doc_id, _text(obj, "title", path, line, ""), _text(obj, "text", path, line))
 
     def read_split(
-        self, files: list[Path], split: str
-    ) -> tuple[dict[str, str], dict[str, dict[str, int]], dict[str, list[str]]]:
-        """Queries, judgments and (BRIGHT) each query's excluded documents of one split as FlagEmbedding's
-        loaders read them (ids as strings, a later judgment of the same pair replacing an earlier one, as
-        its dicts do). ``files`` are each source's files (:meth:`Remote.files`), in :meth:`split_sources` order."""
+        self, files: list[list[Path]], split: str
+    ) -> tuple[dict[str, str], dict[str, Any], dict[str, list[str]]]:
+        """Queries, judgments (MKQA: each query's answer strings) and (BRIGHT) each query's excluded documents
+        of one split as FlagEmbedding's loaders read them (ids as strings, a later judgment of the same pair
+        replacing an earlier one, as its dicts do). ``files`` are each source's files (:meth:`Remote.files`), in
+        :meth:`split_sources` order."""
         if self.bright:
             return _read_bright_split(files[0], split, long=self.family == "bright-long")
+        if self.family == "mkqa":
+            return (*_read_mkqa_split(files[0][0], self.language), {})
         first = files[0][0]
         if self.family == "mldr":
             return (*_read_mldr_split(first), {})
@@ -252,7 +298,8 @@ def named_dataset(name: str | Path) -> NamedDataset | None:
         )
     family = {"bright_long": "bright-long"}.get(family, family)
     languages = {
-        "miracl": MIRACL_LANGUAGES, "mldr": MLDR_LANGUAGES, "bright": BRIGHT_TASKS, "bright-long": BRIGHT_LONG_TASKS,
+        "miracl": MIRACL_LANGUAGES, "mldr": MLDR_LANGUAGES, "mkqa": MKQA_LANGUAGES, "bright": BRIGHT_TASKS,
+        "bright-long": BRIGHT_LONG_TASKS,
     }.get(family)  # fmt: skip
     if languages is None:
         return None
@@ -271,13 +318,18 @@ def resolve_named(dataset: NamedDataset, root: Path, split: str | None = None) -
     """The folder of ``dataset`` in FlagEmbedding's layout with its corpus and, when given, ``split``:
     fetched and converted the first time, read as it is after that."""
     if split is not None and split not in dataset.splits:
-        default = {"miracl": "dev", "mldr": "test", "msmarco-passage": "dev"}.get(dataset.family, "examples")
+        default = {"miracl": "dev", "mldr": "test", "msmarco-passage": "dev", "mkqa": "test"}.get(
+            dataset.family, "examples"
+        )
         raise InputError(
             f"{dataset.name} has no split {split!r}; its splits: {', '.join(dataset.splits)} (FlagEmbedding "
             f"evaluates {dataset.family} on {default}: --split {default})"
         )
     folder = dataset.folder(root)
-    corpus = folder / "corpus.jsonl"
+    shared = dataset.shared_corpus(root)
+    if shared is not None and shared.is_file() and not (folder / "corpus.jsonl").is_file():
+        _link(shared, folder / "corpus.jsonl")
+    corpus = shared or folder / "corpus.jsonl"
     split_files = [folder / f"{split}_queries.jsonl", folder / f"{split}_qrels.jsonl"] if split else []
     needed = ([] if corpus.is_file() else dataset.corpus_sources()) + (
         dataset.split_sources(split) if split and not all(p.is_file() for p in split_files) else []
@@ -298,10 +350,15 @@ def resolve_named(dataset: NamedDataset, root: Path, split: str | None = None) -
         logger.info("converting the %s corpus into %s", dataset.name, corpus)
         io.write_jsonl(corpus, dataset.read_corpus(files))
         _remove(files)
+        if shared is not None:
+            _link(shared, folder / "corpus.jsonl")
     if split and not all(p.is_file() for p in split_files):
         sources = [remote.files(root) for remote in dataset.split_sources(split)]
         queries, qrels, excluded = dataset.read_split(sources, split)
-        rows = [{"qid": q, "docid": d, "relevance": r} for q, docs in qrels.items() for d, r in docs.items()]
+        if dataset.family == "mkqa":  # FlagEmbedding's MKQA qrels: each query's answers
+            rows = [{"qid": q, "answers": answers} for q, answers in qrels.items()]
+        else:
+            rows = [{"qid": q, "docid": d, "relevance": r} for q, docs in qrels.items() for d, r in docs.items()]
         writes = [
             (split_files[0], io.jsonl_writer(split_files[0], ({"id": q, "text": t} for q, t in queries.items()))),
             (split_files[1], io.jsonl_writer(split_files[1], rows)),
@@ -310,9 +367,22 @@ def resolve_named(dataset: NamedDataset, root: Path, split: str | None = None) -
             target = folder / f"{split}_excluded.jsonl"
             writes.append((target, io.jsonl_writer(target, _excluded_rows(excluded))))
         io.write_together(writes)
-        _remove(path for files in sources for path in files)
+        if dataset.family != "mkqa":  # MKQA's zip holds every language's queries
+            _remove(path for files in sources for path in files)
     logger.info("%s is in %s", what, folder)
     return folder
+
+
+def _link(shared: Path, target: Path) -> None:
+    """``target`` as a hard link to ``shared`` (a copy where links cannot be made), put in place atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        staged = Path(tmp) / target.name
+        try:
+            os.link(shared, staged)
+        except OSError:
+            shutil.copyfile(shared, staged)
+        os.replace(staged, target)
 
 
 def _excluded_rows(excluded: dict[str, list[str]]) -> Iterator[dict[str, str]]:
@@ -464,6 +534,38 @@ def _parquet_rows(files: list[Path], columns: list[str]) -> Iterator[tuple[Path,
             raise DataFormatError(path, None, f"not a readable parquet file ({exc})") from None
 
 
+def _mkqa_normalize(text: str) -> str:
+    """FlagEmbedding's MKQA corpus text: its ``normalize_text``, then lower-cased."""
+    return text.translate(_MKQA_CHARS).replace(" . . . ", " ... ").lower()
+
+
+def _read_mkqa_split(archive: Path, language: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """``LANG.jsonl`` of FlagEmbedding's MKQA zip (``{"id", "question", "answers"}``): the queries and each
+    one's answer strings (MKQA is judged by answers found in the retrieved text, not by document ids)."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = [n for n in bundle.namelist() if n.rsplit("/", 1)[-1] == f"{language}.jsonl"]
+            if not members:
+                raise DataFormatError(archive, None, f"holds no {language}.jsonl")
+            lines = bundle.read(min(members, key=len)).decode("utf-8").splitlines()
+    except zipfile.BadZipFile:
+        raise DataFormatError(archive, None, "not a zip archive") from None
+    where = archive / min(members, key=len)
+    queries: dict[str, str] = {}
+    answers: dict[str, list[str]] = {}
+    for line, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        obj = io.parse_json_line(where, line, raw)
+        query_id = _field(obj, "id", where, line)
+        queries[query_id] = _text(obj, "question", where, line)
+        given = obj.get("answers")
+        if not isinstance(given, list) or not all(isinstance(a, str) for a in given):
+            raise DataFormatError(where, line, f"'answers' must be a list of strings, got {given!r}")
+        answers[query_id] = given
+    return queries, answers
+
+
 def _read_bright_split(
     files: list[Path], split: str, long: bool
 ) -> tuple[dict[str, str], dict[str, dict[str, int]], dict[str, list[str]]]:
@@ -502,6 +604,7 @@ __all__ = [
     "BRIGHT_SPLITS",
     "BRIGHT_TASKS",
     "MIRACL_LANGUAGES",
+    "MKQA_LANGUAGES",
     "MLDR_LANGUAGES",
     "MSMARCO_PASSAGE_SPLITS",
     "NamedDataset",
