@@ -71,9 +71,9 @@ def eval_retrieval(
             "--dataset",
             "-d",
             help="Dataset folder (BEIR or custom layout); online also a BEIR name, FlagEmbedding's miracl/LANG, "
-            "mldr/LANG, msmarco-passage (--split dev|dl19|dl20), bright/TASK or bright-long/TASK (--split "
-            "examples|gpt4_reason|...), or a hub id. CQADupStack's folder (or name): every forum in its own corpus, "
-            "the score their mean.",
+            "mldr/LANG, msmarco-passage (--split dev|dl19|dl20), mkqa/LANG (QA recall), bright/TASK or "
+            "bright-long/TASK (--split examples|gpt4_reason|...), or a hub id. CQADupStack's folder (or name): "
+            "every forum in its own corpus, the score their mean.",
             parser=path_text,
         ),
     ],

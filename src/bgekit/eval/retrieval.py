@@ -82,7 +82,7 @@ class RetrievalResult:
             "split": self.split,
             "metrics": self.metrics,
             "k_values": self.k_values,
-            "main_score": self.metrics.get("ndcg_at_10"),
+            "main_score": metrics_mod.main_score(self.metrics),
             "reranker": self.reranker,
             "rerank_top_k": self.rerank_top_k,
             "retrieval_metrics": self.retrieval_metrics,
@@ -100,7 +100,9 @@ class RetrievalResult:
         lines = [
             f"## Retrieval: {self.model} on {info['name']} ({self.split})",
             "",
-            f"{info['queries']} queries, {info['documents']} documents, {info['judgments']} judgments; "
+            f"{info['queries']} queries, {info['documents']} documents, "
+            + (f"{info['answers']} answers" if "answers" in info else f"{info['judgments']} judgments")
+            + "; "
             f"search: {self.settings.get('index', 'flat')} {self.settings.get('score_function', 'cosine')}"
             + (f"; reranked top {self.rerank_top_k} with {self.reranker}" if self.reranker else ""),
             "",
@@ -213,8 +215,8 @@ def evaluate_retrieval(
         model: an :class:`~bgekit.Embedder` or a name / folder for ``Embedder.from_pretrained``
             (with ``model_options``).
         dataset: a dataset folder (BEIR or custom layout), a BEIR name, one of FlagEmbedding's named sets
-            (``"miracl/LANG"``, ``"mldr/LANG"``, ``"msmarco-passage"``, ``"bright/TASK"``, ``"bright-long/TASK"``:
-            :mod:`bgekit.eval.named`) or a hub id
+            (``"miracl/LANG"``, ``"mldr/LANG"``, ``"msmarco-passage"``, ``"mkqa/LANG"``: ``qa_recall_at_k`` metrics,
+            ``"bright/TASK"``, ``"bright-long/TASK"``: :mod:`bgekit.eval.named`) or a hub id
             (online), or a :class:`RetrievalDataset`. CQADupStack as a whole (BEIR's ``cqadupstack`` folder of forum
             folders, or online the name ``cqadupstack``) gives an
             :class:`~bgekit.eval.averaged.AveragedRetrievalResult`: each forum evaluated in its own
@@ -339,11 +341,16 @@ def evaluate_retrieval(
         timings["rerank_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    final_metrics = metrics_mod.evaluate_run(dataset.qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
+    texts = dict(zip(dataset.corpus_ids, dataset.corpus_texts, strict=True)) if dataset.answers else {}
+
+    def evaluate(ranking: dict[str, dict[str, float]]) -> dict[str, float]:
+        if dataset.answers:  # MKQA: judged by the answers in the retrieved texts, as FlagEmbedding's evaluator
+            return metrics_mod.evaluate_answers(dataset.answers, ranking, texts, k_values)
+        return metrics_mod.evaluate_run(dataset.qrels, ranking, k_values, ignore_identical_ids=ignore_identical_ids)
+
+    final_metrics = evaluate(run)
     if retrieval_run is not None:
-        retrieval_metrics = metrics_mod.evaluate_run(
-            dataset.qrels, retrieval_run, k_values, ignore_identical_ids=ignore_identical_ids
-        )
+        retrieval_metrics = evaluate(retrieval_run)
     timings["evaluate_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
 
