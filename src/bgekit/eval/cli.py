@@ -78,8 +78,9 @@ def eval_retrieval(
             "--dataset",
             "-d",
             help="Dataset folder (BEIR or custom layout); online also a BEIR name, FlagEmbedding's miracl/LANG, "
-            "mldr/LANG or msmarco-passage (--split dev|dl19|dl20), or a hub id. CQADupStack's folder "
-            "(or name): every forum in its own corpus, the score their mean.",
+            "mldr/LANG, msmarco-passage (--split dev|dl19|dl20), mkqa/LANG (QA recall), bright/TASK or "
+            "bright-long/TASK (--split examples|gpt4_reason|...), or a hub id. CQADupStack's folder (or name): "
+            "every forum in its own corpus, the score their mean.",
             parser=path_text,
         ),
     ],
@@ -87,7 +88,10 @@ def eval_retrieval(
     split: Annotated[str, typer.Option(help="Which qrels split to evaluate.", parser=text_value)] = "test",
     reranker: RerankerOpt = None,
     rerank_top_k: Annotated[int, typer.Option(min=1, help="How many retrieved documents to rerank per query.")] = 100,
-    query_instruction: QueryInstructionOpt = None,
+    query_instruction: Annotated[
+        str | None,
+        typer.Option(help="Query instruction (overrides the model's, and bright/TASK's per-task one; '' for none)."),
+    ] = None,
     k: Annotated[str, typer.Option("--k", help="Metric cutoffs, comma-separated.", parser=text_value)] = "1,3,5,10,100",
     top_k: Annotated[
         int | None, typer.Option(min=1, help="Documents retrieved per query (default: the largest k).")
