@@ -26,21 +26,23 @@ def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.
     An exception the command lets out is written to stderr as its traceback with exit status 1, as
     Python would, so a test that checks for one clear line still fails on it. The root logger's
     handlers (pytest's) are set aside while the command runs, so its ``logging.basicConfig`` writes
-    its log to the command's stderr as it does in a process.
+    its log to the command's stderr as it does in a process. The levels a command sets (the root's,
+    ``bgekit``'s: ``serve --log-level``) end with it, as they would with its process.
     """
     from typer.testing import CliRunner
 
     from bgekit.cli import app
 
     _library_logs_to_current_stderr()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, ours = logging.getLogger(), logging.getLogger("bgekit")
+    handlers, level, our_level = root.handlers[:], root.level, ours.level
     root.handlers = []
     try:
         result = CliRunner().invoke(app, list(args), input=input, prog_name="bgekit", env={"HF_HUB_OFFLINE": "1"})
     finally:
         root.handlers = handlers
         root.setLevel(level)
+        ours.setLevel(our_level)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))

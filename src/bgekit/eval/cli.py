@@ -211,17 +211,27 @@ def eval_mteb(
             "--embedder-name-or-path",
             "-m",
             help="Embedder hub id or folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2.",
+            parser=model_text,
         ),
     ] = None,
     tasks: Annotated[
         list[str] | None,
-        typer.Option("--tasks", "-t", help="MTEB task names (repeat, or separate with commas), e.g. SciFact,STS12."),
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="MTEB task names (repeat, or separate with commas), e.g. SciFact,STS12.",
+            parser=text_value,
+        ),
     ] = None,
     task_types: Annotated[
-        list[str] | None, typer.Option(help="MTEB task types: Retrieval, STS, Classification, Clustering, ...")
+        list[str] | None,
+        typer.Option(help="MTEB task types: Retrieval, STS, Classification, Clustering, ...", parser=text_value),
     ] = None,
     languages: Annotated[
-        list[str] | None, typer.Option(help="ISO 639-3 language codes (eng, deu, ...); multilingual tasks keep these.")
+        list[str] | None,
+        typer.Option(
+            help="ISO 639-3 language codes (eng, deu, ...); multilingual tasks keep these.", parser=text_value
+        ),
     ] = None,
     output_folder: Annotated[
         Path,
@@ -281,10 +291,15 @@ def eval_mteb(
     model_class: Annotated[
         str | None,
         typer.Option(
-            "--model-class", "--embedder-model-class", help="encoder-only-base, encoder-only-m3, decoder-only-base..."
+            "--model-class",
+            "--embedder-model-class",
+            help="encoder-only-base, encoder-only-m3, decoder-only-base...",
+            parser=text_value,
         ),
     ] = None,
-    pooling_method: Annotated[str | None, typer.Option(help="cls, mean or last_token (overrides the model's).")] = None,
+    pooling_method: Annotated[
+        str | None, typer.Option(help="cls, mean or last_token (overrides the model's).", parser=text_value)
+    ] = None,
     symmetric: Annotated[
         Symmetric,
         typer.Option(help="STS / classification / clustering texts: auto, query (FlagEmbedding's runner) or plain."),
@@ -302,7 +317,9 @@ def eval_mteb(
     ] = None,
     device: Annotated[
         list[str] | None,
-        typer.Option("--device", "--devices", help="Device(s), e.g. cpu or cuda:0; repeat for several."),
+        typer.Option(
+            "--device", "--devices", help="Device(s), e.g. cpu or cuda:0; repeat for several.", parser=text_value
+        ),
     ] = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
