@@ -1,0 +1,595 @@
+"""The docs say what the code does: every ``bgekit ...`` command in README.md and docs/*.md names a real
+command and real options, every ``bgekit`` name their Python uses exists (with the keyword arguments it is
+given), every repository file they point at is there, and docs/serving.md's request fields are the
+server's. Nothing runs and no model loads: commands are parsed by the real typer app's click tree (as the
+shell would hand them to it), Python blocks are read with :mod:`ast` and their names looked up."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from bgekit.cli import app
+
+from .conftest import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SHELL = {"", "sh", "bash", "shell", "console", "zsh"}
+PYTHON = {"python", "py"}
+CLI = typer.main.get_command(app)
+
+
+@dataclass
+class Snippet:
+    doc: Path
+    line: int  # 1-based, in doc
+    lang: str
+    text: str
+    inline: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc.relative_to(ROOT)}:{self.line}"
+
+
+def fenced_blocks(doc: Path) -> Iterator[Snippet]:
+    lines = doc.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"\s*(`{3,})\s*([\w+-]*)", lines[i])
+        if not fence:
+            i += 1
+            continue
+        start, body = i, []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith(fence.group(1)):
+            body.append(lines[i])
+            i += 1
+        indent = min((len(b) - len(b.lstrip()) for b in body if b.strip()), default=0)
+        yield Snippet(doc, start + 2, fence.group(2).lower(), "\n".join(b[indent:] for b in body))
+        i += 1
+
+
+def inline_spans(doc: Path) -> Iterator[Snippet]:
+    """Inline code spans outside fenced blocks (prose: `bgekit embed --bf16`, `bgekit.eval.index`)."""
+    in_fence = False
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        if re.match(r"\s*```", line):
+            in_fence = not in_fence
+            continue
+        if not in_fence:
+            for span in re.findall(r"`([^`]+)`", line):
+                yield Snippet(doc, number, "inline", span, inline=True)
+
+
+# ---- shell: which bgekit commands a block runs -------------------------------------------------------
+
+
+def shell_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line offset, logical line): continuations joined, heredoc bodies left out."""
+    lines, i = text.splitlines(), 0
+    while i < len(lines):
+        start, line = i, lines[i]
+        while line.rstrip().endswith("\\") and i + 1 < len(lines):
+            i += 1
+            line = line.rstrip()[:-1] + " " + lines[i]
+        heredoc = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", line)
+        i += 1
+        if heredoc:
+            while i < len(lines) and lines[i].strip() != heredoc.group(1):
+                i += 1
+            i += 1
+        yield start, line
+
+
+def split_words(line: str) -> list[str]:
+    """The shell's words of one line, comments dropped; ``a|b`` between words (a placeholder's
+    alternatives, ``--packed auto|on|off``) stays one word, as does ``<placeholder>``."""
+    line = re.sub(r"(?<=[\w\-\]])\|(?=[\w\-\[])", "/", line)
+    line = re.sub(r"<([\w.\-]+)>", r"\1", line)
+    line = re.sub(r"(?<![^\s\[])(\.\.\.|…)(?=[\s\]]|$)", " ", line)  # "and so on"; a quoted "..." is a value
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def bgekit_args(words: list[str]) -> Iterator[list[str]]:
+    """The arguments of each ``bgekit`` run on one line (``a && bgekit ... | head`` ...)."""
+    segment: list[str] = []
+    for word in [*words, ";"]:
+        if word and set(word) <= set(";&|"):
+            yield from _invocation(segment)
+            segment = []
+        else:
+            segment.append(word)
+
+
+def _invocation(words: list[str]) -> Iterator[list[str]]:
+    cleaned, skip = [], False
+    for word in words:  # redirections: `> out.txt`, `2>&1`
+        if skip:
+            skip = False
+        elif set(word) <= set("<>&") or re.fullmatch(r"\d?[<>]+&?\d*", word):
+            skip = not word.endswith(("&1", "&2"))
+        else:
+            cleaned.append(word)
+    words = cleaned
+    start = 0
+    while start < len(words) and re.fullmatch(r"[A-Za-z_]\w*=.*", words[start]):  # ENV=value bgekit ...
+        start += 1
+    if start < len(words) and (words[start] == "bgekit" or words[start].endswith("/bgekit")):
+        yield _placeholders(words[start + 1 :])
+    for i, word in enumerate(words[:-1]):  # python -m bgekit.train ..., torchrun ... -m bgekit.train ...
+        if word == "-m" and words[i + 1] in ("bgekit.train", "bgekit.cli"):
+            yield _placeholders(words[i + 2 :])
+
+
+def _placeholders(args: list[str]) -> list[str]:
+    """``[--opt X]`` is an optional ``--opt X``."""
+    out = []
+    for arg in args:
+        arg = arg.lstrip("[").rstrip("]") if arg.startswith("[") or arg.endswith("]") else arg
+        if arg:
+            out.append(arg)
+    return out
+
+
+def shell_commands(snippet: Snippet) -> Iterator[tuple[int, list[str]]]:
+    lines = list(shell_lines(snippet.text))
+    while lines:
+        offset, line = lines.pop(0)
+        while True:
+            try:
+                words = split_words(line)
+                break
+            except ValueError as exc:  # a quote closes on a later line (curl -d '{...\n...}'), or never
+                if not lines:
+                    yield offset, ["<unparsable>", f"{exc}: {line.strip()}"]
+                    words = []
+                    break
+                line += "\n" + lines.pop(0)[1]
+        for args in bgekit_args(words):
+            yield offset, args
+
+
+# ---- the CLI: does it take these arguments? ------------------------------------------------------------
+
+
+def _usage_error(exc: Exception) -> str:
+    """click's (or typer's own copy of click's) usage error as its message; anything else is a bug here."""
+    if not any(cls.__name__ == "UsageError" for cls in type(exc).__mro__):
+        raise exc
+    return exc.format_message()
+
+
+def _choices(param) -> list[str] | None:
+    """The values an option takes, when it takes a fixed set (an Enum: ``--dtype``, ``--packed``)."""
+    choices = getattr(getattr(param, "type", None), "choices", None)  # click
+    if choices is not None:
+        return [str(getattr(c, "value", c)) for c in choices]
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)  # typer >= 0.26
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return [str(member.value) for member in annotation]
+    return None
+
+
+def _parse(command, name: str, args: list[str]) -> tuple[dict, list[str]]:
+    """click's own parse of ``args`` for ``command``: the options' raw values and what is left over
+    (a group's command and its arguments; a command's extra arguments). Values are not converted, no
+    callback runs; an unknown option or one missing its value raises click's usage error."""
+    if hasattr(command, "spread"):  # `merge --models A B`: its parse_args spreads them first
+        from bgekit.train.cli import spread_values
+
+        args = spread_values(list(args), command.spread)
+    ctx = command.context_class(command, info_name=name)
+    values, rest, _ = command.make_parser(ctx).parse_args(list(args))
+    return values, rest
+
+
+def check_args(args: list[str]) -> str | None:
+    """Why ``bgekit ARGS`` is not a valid command line (None when it is): an unknown command or option,
+    an option without its value, an extra argument (a flag given a value), a value outside an option's
+    choices. Placeholders such as ``M`` or ``N`` stand in for values; nothing runs."""
+    if args[:1] == ["<unparsable>"]:
+        return args[1]
+    command = CLI
+    path = ["bgekit"]
+    try:
+        while hasattr(command, "commands"):  # a group (typer may bring its own copy of click)
+            _, rest = _parse(command, " ".join(path), args)
+            if not rest:
+                return None if "--help" in args else f"{' '.join(path)}: no command given"
+            if rest[0] not in command.commands:
+                return f"{' '.join(path)}: no such command {rest[0]!r}"
+            command, args = command.commands[rest[0]], rest[1:]
+            path.append(rest[0])
+        name = " ".join(path)
+        values, extra = _parse(command, name, args)
+    except Exception as exc:
+        return f"{' '.join(path)}: {_usage_error(exc)}"
+    if extra:
+        return f"{name}: unexpected extra arguments {extra}"
+    for param in command.params:
+        choices = _choices(param)
+        if choices and param.name in values:
+            given = values[param.name]
+            for value in given if isinstance(given, list) else [given]:
+                if isinstance(value, str) and not _placeholder(value) and value not in choices:
+                    return f"{name}: {param.opts[0]} {value!r} is not one of {choices}"
+    return None
+
+
+def _placeholder(value: str) -> bool:
+    return value.isupper() or "/" in value or value in ("X", "N")
+
+
+def doc_commands() -> list[tuple[str, list[str]]]:
+    """(where, arguments) of every ``bgekit`` command in the docs' shell blocks and inline code. Prose
+    may name an option without its value (`bgekit mine --corpus`): there a placeholder value is added."""
+    found = []
+    for doc in DOCS:
+        for snippet in fenced_blocks(doc):
+            if snippet.lang in SHELL:
+                found += [
+                    (f"{snippet.doc.relative_to(ROOT)}:{snippet.line + o}", a) for o, a in shell_commands(snippet)
+                ]
+        for span in inline_spans(doc):
+            if re.match(r"(\w+=\S+ )*bgekit [a-z-]", span.text):
+                for _, args in shell_commands(span):
+                    if "requires an argument" in (check_args(args) or ""):
+                        args = [*args, "X"]
+                    found.append((span.where, args))
+    return found
+
+
+COMMANDS = doc_commands()
+
+
+def test_the_docs_hold_commands_of_every_group():
+    """The extraction finds what is there (a parser that found nothing would pass everything)."""
+    firsts = {args[0] for _, args in COMMANDS if args}
+    assert {"embed", "rerank", "eval", "index", "search", "serve", "finetune", "mine", "merge", "data"} <= firsts
+    assert len(COMMANDS) > 80
+
+
+def test_the_check_refuses_what_the_cli_refuses():
+    assert check_args(["embed", "--no-such-option", "x"]) and check_args(["evaluate", "retrieval"])
+    assert check_args(["eval", "retrieval", "--json", "x"]) and check_args(["eval"])  # a flag given a value
+    assert check_args(["serve", "--dtype", "float8"])
+    assert check_args(["eval", "retrieval", "-m", "M", "-d", "DIR", "--split", "test"]) is None
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_command_in_the_docs_runs_on_the_cli(doc):
+    name = str(doc.relative_to(ROOT))
+    problems = [
+        f"{where}: bgekit {' '.join(args)}\n    {why}"
+        for where, args in COMMANDS
+        if where.startswith(name + ":") and (why := check_args(args))
+    ]
+    assert not problems, "\n".join(problems)
+
+
+# ---- Python: do the names and keywords exist? -------------------------------------------------------------
+
+
+def resolve(dotted: str):
+    """The object ``bgekit.a.b.C.d`` names: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            if exc.name and not exc.name.startswith("bgekit"):
+                pytest.skip(f"{exc.name} is not installed (needed for {dotted})")
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)  # AttributeError: the docs name something that is not there
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None
+
+
+def python_problems(snippet: Snippet) -> list[str]:
+    try:
+        tree = ast.parse(snippet.text)
+    except SyntaxError as exc:
+        return [f"{snippet.doc.relative_to(ROOT)}:{snippet.line + (exc.lineno or 1) - 1}: not Python: {exc.msg}"]
+    bound: dict[str, str] = {}  # local name -> the bgekit name it stands for
+    problems = []
+
+    def where(node):
+        return f"{snippet.doc.relative_to(ROOT)}:{snippet.line + node.lineno - 1}"
+
+    def lookup(node, dotted):
+        try:
+            return resolve(dotted)
+        except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+            problems.append(f"{where(node)}: {dotted} does not exist ({type(exc).__name__}: {exc})")
+            return None
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bgekit":
+            for alias in node.names:
+                bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "bgekit":
+                    # `import bgekit.eval` binds bgekit; `import bgekit.eval as ev` binds ev to bgekit.eval
+                    bound[alias.asname or "bgekit"] = alias.name if alias.asname else "bgekit"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            names = [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for dotted in names:
+                if dotted.split(".")[0] == "bgekit":
+                    lookup(node, dotted)
+        elif isinstance(node, ast.Attribute | ast.Name) and not isinstance(getattr(node, "ctx", None), ast.Store):
+            dotted = _dotted(node)
+            if dotted and dotted.split(".")[0] in bound and "." in dotted:
+                head, _, tail = dotted.partition(".")
+                lookup(node, f"{bound[head]}.{tail}")
+        if isinstance(node, ast.Call) and node.keywords and (dotted := _dotted(node.func)):
+            head, _, tail = dotted.partition(".")
+            if head not in bound:
+                continue
+            target = lookup(node, ".".join(filter(None, [bound[head], tail])))
+            if target is None:
+                continue
+            try:
+                signature = inspect.signature(target)
+            except (TypeError, ValueError):
+                continue
+            params = signature.parameters.values()
+            if any(p.kind is p.VAR_KEYWORD for p in params):
+                continue
+            names = {p.name for p in params}
+            for keyword in node.keywords:
+                if keyword.arg is not None and keyword.arg not in names:
+                    problems.append(f"{where(node)}: {dotted}() takes no keyword {keyword.arg!r}")
+    return problems
+
+
+def inline_name_problems(snippet: Snippet) -> list[str]:
+    """`bgekit.eval.index`, `bgekit.train.merge.merge_models([...])`, `bgekit.InputError` in prose."""
+    problems = []
+    for dotted in re.findall(r"(?<![\w/.])bgekit(?:\.\w+)+", snippet.text):
+        if dotted.rsplit(".", 1)[1] in ("json", "py", "md", "toml", "txt"):  # a file: OUT/bgekit.json
+            continue
+        try:
+            resolve(dotted)
+        except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+            problems.append(f"{snippet.where}: {dotted} does not exist ({type(exc).__name__}: {exc})")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_bgekit_name_in_the_docs_exists(doc):
+    problems = []
+    for snippet in fenced_blocks(doc):
+        if snippet.lang in PYTHON:
+            problems += python_problems(snippet)
+    for span in inline_spans(doc):
+        problems += inline_name_problems(span)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_python_check_finds_a_missing_name_and_keyword():
+    snippet = Snippet(
+        DOCS[0],
+        1,
+        "python",
+        "from bgekit import Embedder, NoSuchThing\nfrom bgekit.eval import evaluate_retrieval\n"
+        "Embedder.no_such_method()\nevaluate_retrieval('m', 'd', no_such_keyword=1)\n",
+    )
+    problems = "\n".join(python_problems(snippet))
+    assert "bgekit.NoSuchThing" in problems and "Embedder.no_such_method" in problems
+    assert "no_such_keyword" in problems
+
+
+# ---- files the docs point at ----------------------------------------------------------------------------------
+
+
+def pointed_files(doc: Path) -> Iterator[tuple[str, str]]:
+    """(where, path) of repository files named in code (`tests/test_packed.py`, `bgekit/serve/schemas.py`,
+    `python benchmarks/speed.py`) or linked ([RESULTS.md](benchmarks/RESULTS.md#speed))."""
+    rel = doc.relative_to(ROOT)
+    # a file with its extension (not "docs/s"), or a folder of examples/
+    pattern = r"(?<![\w/.$~-])((?:(?:tests|benchmarks|docs|src|bgekit)/[\w./-]*\.\w+|examples/[\w./-]*\w)(?:::\w+)?)"
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        for path in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", line):
+            yield f"{rel}:{number}", str((doc.parent / path).resolve().relative_to(ROOT))
+        for span in re.findall(r"`([^`]+)`", line) if "`" in line else [line]:
+            for path in re.findall(pattern, span):
+                yield f"{rel}:{number}", path
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_file_the_docs_name_exists(doc):
+    problems = []
+    for where, path in pointed_files(doc):
+        path, _, test = path.partition("::")
+        file = ROOT / "src" / path if path.startswith("bgekit/") else ROOT / path
+        if not file.exists() and not (path.startswith("bgekit/") and file.with_suffix(".py").exists()):
+            problems.append(f"{where}: {path} does not exist")
+        elif test and f"def {test}(" not in file.read_text():
+            problems.append(f"{where}: {path} has no {test}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_make_target_in_the_docs_exists():
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    named = {
+        (span.where, target)
+        for doc in DOCS
+        for span in [*fenced_blocks(doc), *inline_spans(doc)]
+        for target in re.findall(r"(?:^|\n|`)make ([\w-]+)", span.text if not span.inline else "`" + span.text)
+    }
+    assert {t for _, t in named} >= {"demo", "test"}
+    missing = [f"{where}: make {target}" for where, target in named if target not in targets]
+    assert not missing, missing
+
+
+# ---- docs/serving.md against the server's schemas -----------------------------------------------------------------
+
+
+def route_tables(doc: Path) -> dict[str, set[str]]:
+    """``METHOD /path`` -> the request fields its ``| field | type | |`` table lists."""
+    tables: dict[str, set[str]] = {}
+    route = None
+    in_table = False
+    for line in doc.read_text().splitlines():
+        heading = re.match(r"#+ `(GET|POST) (\S+)`", line)
+        if heading:
+            route = f"{heading.group(1)} {heading.group(2)}"
+            continue
+        if line.startswith("#"):
+            route = None
+        if re.match(r"\| field \|", line):
+            in_table = True
+            continue
+        if in_table and line.startswith("|"):
+            cell = line.split("|")[1]
+            if route and not set(cell.strip()) <= set("- "):
+                tables.setdefault(route, set()).update(re.findall(r"`(\w+)`", cell))
+        else:
+            in_table = False
+    return tables
+
+
+def app_routes() -> dict[str, str | None]:
+    """``METHOD /path`` -> the name of its request schema (None without a body), read from the route
+    functions in bgekit/serve/app.py (building the app needs a loaded model)."""
+    tree = ast.parse((ROOT / "src" / "bgekit" / "serve" / "app.py").read_text())
+    routes = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.AsyncFunctionDef):
+            continue
+        for decorator in fn.decorator_list:
+            if not (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)):
+                continue
+            router, verb = _dotted(decorator.func.value), decorator.func.attr
+            if router not in ("router", "cohere") or verb not in ("get", "post", "api_route"):
+                continue
+            methods = [verb.upper()]
+            for keyword in decorator.keywords:
+                if keyword.arg == "methods":
+                    methods = [m.value for m in keyword.value.elts]
+            path = ("/v1" if router == "router" else "/v2") + decorator.args[0].value
+            path = re.sub(r"\{(\w+)(:\w+)?\}", "{}", path)
+            request = next((a.annotation.id for a in fn.args.args if a.arg == "request"), None)
+            for method in methods:
+                routes[f"{method} {path}"] = request
+    return routes
+
+
+def test_serving_docs_routes_and_request_fields_are_the_servers():
+    """Each route docs/serving.md names is one the app has (``/health`` being ``/v1/health`` unprefixed),
+    each route of the app is documented, and each route's ``| field | type | |`` table lists exactly its
+    request schema's fields (bgekit/serve/schemas.py)."""
+    from bgekit.serve import schemas
+
+    routes = app_routes()
+    assert {"POST /v1/embeddings", "POST /v2/embed", "GET /v1/models/{}", "HEAD /v1/health"} <= set(routes)
+    text = (ROOT / "docs" / "serving.md").read_text()
+    named = re.findall(r"`(GET|POST|HEAD) (/[\w/{}]+)`", text)
+    documented = {method + " " + re.sub(r"[{]\w+[}]", "{}", path) for method, path in named}
+
+    def known(route):
+        method, path = route.split()
+        return route in routes or f"{method} /v1{path}" in routes
+
+    assert all(known(r) for r in documented), sorted(r for r in documented if not known(r))
+    undocumented = {r for r in routes if r not in documented and r.replace(" /v1/", " /", 1) not in documented}
+    assert undocumented <= {"HEAD /v1/health", "HEAD /v1/metrics"}, sorted(undocumented)
+    assert "`HEAD` works too" in text
+    tables = route_tables(ROOT / "docs" / "serving.md")
+    requests = {route: name for route, name in routes.items() if name}
+    assert set(tables) == set(requests), "a route with a body has no field table, or a table names no route"
+    for route, name in requests.items():
+        fields = set(getattr(schemas, name).model_fields)
+        assert tables[route] == fields, (
+            f"{route}: documented but not taken {sorted(tables[route] - fields)}, "
+            f"taken but not documented {sorted(fields - tables[route])}"
+        )
+
+
+# ---- options named in prose -----------------------------------------------------------------------------------
+
+
+def _all_options() -> set[str]:
+    def commands(command):
+        yield command
+        for sub in getattr(command, "commands", {}).values():
+            yield from commands(sub)
+
+    return {opt for c in commands(CLI) for p in c.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+def test_every_option_named_in_prose_exists():
+    """An option named in inline code (`--range-for-sampling`, `--fp16/--no-fp16`) is one of some bgekit
+    command (or of the benchmark script it is given to). FlagEmbedding's own options are spelled with
+    underscores (`--knowledge_distillation True`) and are left alone."""
+    options = _all_options()
+    scripts = "\n".join(p.read_text() for p in (ROOT / "benchmarks").glob("*.py"))
+    problems = []
+    for doc in DOCS:
+        for span in inline_spans(doc):
+            if re.match(r"(python|torchrun|pip|cp|ray) ", span.text) and "bgekit" not in span.text:
+                continue
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?![\w*])", span.text):
+                if flag not in options and f'"{flag}"' not in scripts:
+                    problems.append(f"{span.where}: {flag} is no option of any bgekit command ({span.text!r})")
+    assert not problems, "\n".join(problems)
+
+
+def test_serving_options_table_is_the_serve_command():
+    """docs/serving.md's options table lists every `bgekit serve` option once, with its environment
+    variable and (where it gives a literal) its default."""
+    from bgekit.serve.cli import FAMILY_FLAGS
+
+    serve = CLI.commands["serve"]
+    params = {opt: p for p in serve.params for opt in (*p.opts, *p.secondary_opts)}
+    text = (ROOT / "docs" / "serving.md").read_text()
+    table = text.split("### Options and environment variables", 1)[1].split("\n## ", 1)[0]
+    listed, problems, compared = set(), [], []
+    for row in re.findall(r"^\| (`-.*)$", table, re.M):
+        cells = [c.strip() for c in row.split(" | ")]
+        flags = list(dict.fromkeys(re.findall(r"(--?[a-z][\w-]*)", cells[0])))
+        listed.update(flags)
+        problems += [f"{flag}: no such option of bgekit serve" for flag in flags if flag not in params]
+        primaries = [f for f in flags if f.startswith("--") and not f.startswith("--no-")]
+        for flag, env in zip(primaries, re.findall(r"`(BGEKIT_\w+)`", cells[1]), strict=False):
+            reads = params[flag].envvar or FAMILY_FLAGS.get(flag) if flag in params else env
+            if env != reads:
+                problems.append(f"{flag}: the table says {env}, the option reads {reads}")
+        literal = re.fullmatch(r"`([^`]+)`", cells[2])
+        param = params.get(primaries[0]) if primaries else None
+        if literal and param is not None and param.default is not None:
+            default = f"{param.default:g}" if isinstance(param.default, float) else param.default
+            compared.append(primaries[0])
+            if str(getattr(default, "value", default)) != literal.group(1):
+                problems.append(f"{primaries[0]}: the table says default {literal.group(1)}, the option has {default}")
+    unlisted = {p.opts[0] for p in serve.params if not listed & {*p.opts, *p.secondary_opts}} - {"--verbose"}
+    assert len(compared) >= 10, compared
+    assert not unlisted, f"bgekit serve options missing from docs/serving.md's table: {sorted(unlisted)}"
+    assert not problems, "\n".join(problems)
