@@ -370,9 +370,11 @@ def python_problems(snippet: Snippet) -> list[str]:
 
 
 def inline_name_problems(snippet: Snippet) -> list[str]:
-    """`bgekit.eval.index`, `bgekit.train.merge.merge_models([...])`, `bgekit.InputError` in prose."""
+    """`bgekit.eval.index`, `bgekit.train.merge.merge_models([...])`, `from bgekit import FlagModel` in prose."""
     problems = []
-    for dotted in re.findall(r"(?<![\w/.])bgekit(?:\.\w+)+", snippet.text):
+    imports = re.findall(r"from (bgekit[\w.]*) import ([\w, ]+)", snippet.text)
+    names = [f"{module}.{name.strip()}" for module, listed in imports for name in listed.split(",") if name.strip()]
+    for dotted in names + re.findall(r"(?<![\w/.])bgekit(?:\.\w+)+", snippet.text):
         if dotted.rsplit(".", 1)[1] in ("json", "py", "md", "toml", "txt"):  # a file: OUT/bgekit.json
             continue
         try:
@@ -590,6 +592,23 @@ def test_serving_options_table_is_the_serve_command():
             if str(getattr(default, "value", default)) != literal.group(1):
                 problems.append(f"{primaries[0]}: the table says default {literal.group(1)}, the option has {default}")
     unlisted = {p.opts[0] for p in serve.params if not listed & {*p.opts, *p.secondary_opts}} - {"--verbose"}
+    problems += [f"{flag}: a bgekit serve option missing from the table" for flag in sorted(unlisted)]
     assert len(compared) >= 10, compared
-    assert not unlisted, f"bgekit serve options missing from docs/serving.md's table: {sorted(unlisted)}"
+    assert not problems, "\n".join(problems)
+
+
+def test_benchmark_commands_take_their_options():
+    """`python benchmarks/speed.py --backends ...` in the docs: the script exists and declares each option."""
+    problems, seen = [], 0
+    for doc in DOCS:
+        snippets = [*[b for b in fenced_blocks(doc) if b.lang in SHELL], *inline_spans(doc)]
+        for snippet in snippets:
+            for _, line in shell_lines(snippet.text):
+                for script, args in re.findall(r"(?:python|bash) (benchmarks/[\w.]+)([^#`;|&]*)", line):
+                    seen += 1
+                    source = (ROOT / script).read_text() if (ROOT / script).exists() else ""
+                    for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", args):
+                        if f'"{flag}"' not in source:
+                            problems.append(f"{snippet.where}: {script} declares no {flag}")
+    assert seen >= 5
     assert not problems, "\n".join(problems)
