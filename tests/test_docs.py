@@ -336,6 +336,27 @@ def python_problems(snippet: Snippet) -> list[str]:
                 if alias.name.split(".")[0] == "bgekit":
                     # `import bgekit.eval` binds bgekit; `import bgekit.eval as ev` binds ev to bgekit.eval
                     bound[alias.asname or "bgekit"] = alias.name if alias.asname else "bgekit"
+    instances = {}  # `m3 = BGEM3FlagModel(...)`, `index = ShardedIndex.build(...)`: local name -> its class
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            made = _dotted(node.value.func) if isinstance(node.value, ast.Call) else None
+            head, _, tail = (made or "").partition(".")
+            if head in bound and tail in ("", "from_pretrained", "from_finetuned", "build", "load"):
+                cls = lookup(node, bound[head])
+                if inspect.isclass(cls):
+                    instances[node.targets[0].id] = cls
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in instances:
+            cls = instances[node.value.id]
+            if not _has_attribute(cls, node.attr):
+                problems.append(
+                    f"{where(node)}: {cls.__name__} has no attribute {node.attr!r} ({node.value.id}.{node.attr})"
+                )
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.keywords:
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id in instances:
+                method = getattr(instances[owner.id], node.func.attr, None)
+                problems += _keyword_problems(node, method, f"{owner.id}.{node.func.attr}", where)
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom | ast.Import):
             names = [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
@@ -353,20 +374,39 @@ def python_problems(snippet: Snippet) -> list[str]:
             if head not in bound:
                 continue
             target = lookup(node, ".".join(filter(None, [bound[head], tail])))
-            if target is None:
-                continue
-            try:
-                signature = inspect.signature(target)
-            except (TypeError, ValueError):
-                continue
-            params = signature.parameters.values()
-            if any(p.kind is p.VAR_KEYWORD for p in params):
-                continue
-            names = {p.name for p in params}
-            for keyword in node.keywords:
-                if keyword.arg is not None and keyword.arg not in names:
-                    problems.append(f"{where(node)}: {dotted}() takes no keyword {keyword.arg!r}")
+            problems += _keyword_problems(node, target, dotted, where)
     return problems
+
+
+def _keyword_problems(call: ast.Call, target, name: str, where) -> list[str]:
+    """The keywords of ``call`` that ``target``'s signature has no parameter for (none when it takes
+    ``**kwargs`` or has no signature)."""
+    if target is None:
+        return []
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    names = {p.name for p in params}
+    return [
+        f"{where(call)}: {name}() takes no keyword {k.arg!r}" for k in call.keywords if k.arg and k.arg not in names
+    ]
+
+
+def _has_attribute(cls: type, attr: str) -> bool:
+    """A class attribute or method, or an instance attribute its code sets (``self.attr = ...``)."""
+    if hasattr(cls, attr) or attr in getattr(cls, "__annotations__", {}):
+        return True
+    for klass in cls.__mro__:
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"self\.{attr}\b\s*(?::[^=]*)?=", source):
+            return True
+    return False
 
 
 def inline_name_problems(snippet: Snippet) -> list[str]:
@@ -401,11 +441,14 @@ def test_the_python_check_finds_a_missing_name_and_keyword():
         1,
         "python",
         "from bgekit import Embedder, NoSuchThing\nfrom bgekit.eval import evaluate_retrieval\n"
-        "Embedder.no_such_method()\nevaluate_retrieval('m', 'd', no_such_keyword=1)\n",
+        "Embedder.no_such_method()\nevaluate_retrieval('m', 'd', no_such_keyword=1)\n"
+        "from bgekit.eval.index import DenseIndex\nindex = DenseIndex.build(x, ids)\nindex.searchh(q, 10)\n"
+        "index.search(q, k=10, kk=1)\n",
     )
     problems = "\n".join(python_problems(snippet))
     assert "bgekit.NoSuchThing" in problems and "Embedder.no_such_method" in problems
     assert "no_such_keyword" in problems
+    assert "DenseIndex has no attribute 'searchh'" in problems and "index.search() takes no keyword 'kk'" in problems
 
 
 # ---- files the docs point at ----------------------------------------------------------------------------------
