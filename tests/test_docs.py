@@ -61,15 +61,19 @@ def fenced_blocks(doc: Path) -> Iterator[Snippet]:
 
 
 def inline_spans(doc: Path) -> Iterator[Snippet]:
-    """Inline code spans outside fenced blocks (prose: `bgekit embed --bf16`, `bgekit.eval.index`)."""
-    in_fence = False
-    for number, line in enumerate(doc.read_text().splitlines(), 1):
+    """Inline code spans outside fenced blocks (prose: `bgekit embed --bf16`, `bgekit.eval.index`), also
+    those that wrap onto the next line (read with the line break as a space)."""
+    prose, in_fence = [], False
+    for line in doc.read_text().splitlines():
         if re.match(r"\s*```", line):
             in_fence = not in_fence
-            continue
-        if not in_fence:
-            for span in re.findall(r"`([^`]+)`", line):
-                yield Snippet(doc, number, "inline", span, inline=True)
+            line = ""
+        prose.append("" if in_fence else line)
+    text = "\n".join(prose)
+    for paragraph in re.finditer(r"(?:[^\n]+\n?)+", text):
+        for span in re.finditer(r"`([^`]+)`", paragraph.group()):
+            number = text.count("\n", 0, paragraph.start() + span.start()) + 1
+            yield Snippet(doc, number, "inline", " ".join(span.group(1).split("\n")), inline=True)
 
 
 # ---- shell: which bgekit commands a block runs -------------------------------------------------------
