@@ -428,12 +428,25 @@ def inline_name_problems(snippet: Snippet) -> list[str]:
     return problems
 
 
+def python_heredocs(snippet: Snippet) -> Iterator[Snippet]:
+    """The Python of ``python - <<'PY' ... PY`` in a shell block."""
+    lines = snippet.text.splitlines()
+    for i, line in enumerate(lines):
+        heredoc = re.search(r"python\S* - <<-?\s*['\"]?(\w+)['\"]?", line)
+        if heredoc:
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == heredoc.group(1)), len(lines))
+            yield Snippet(snippet.doc, snippet.line + i + 1, "python", "\n".join(lines[i + 1 : end]))
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
 def test_every_bgekit_name_in_the_docs_exists(doc):
     problems = []
     for snippet in fenced_blocks(doc):
         if snippet.lang in PYTHON:
             problems += python_problems(snippet)
+        elif snippet.lang in SHELL:
+            for python in python_heredocs(snippet):
+                problems += python_problems(python)
     for span in inline_spans(doc):
         problems += inline_name_problems(span)
     assert not problems, "\n".join(problems)
