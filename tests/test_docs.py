@@ -672,3 +672,19 @@ def test_benchmark_commands_take_their_options():
                             problems.append(f"{snippet.where}: {script} declares no {flag}")
     assert seen >= 5
     assert not problems, "\n".join(problems)
+
+
+def test_serving_docs_error_codes_are_the_servers():
+    """Each `code` in docs/serving.md's errors table is one the server's code gives (a string literal in
+    bgekit/serve)."""
+    text = (ROOT / "docs" / "serving.md").read_text()
+    table = text.split("\n## Errors", 1)[1].split("\n## ", 1)[0]
+    source = "\n".join(p.read_text() for p in (ROOT / "src" / "bgekit" / "serve").glob("*.py"))
+    codes = [
+        (status, code)
+        for status, cell in re.findall(r"^\| (\d{3}) \| ([^|]+) \|", table, re.M)
+        for code in re.findall(r"`(\w+)`", cell)
+    ]
+    assert len(codes) >= 15, codes
+    missing = [f"{status} {code}" for status, code in codes if f'"{code}"' not in source]
+    assert not missing, f"error codes docs/serving.md names that bgekit/serve never gives: {missing}"
