@@ -688,3 +688,15 @@ def test_serving_docs_error_codes_are_the_servers():
     assert len(codes) >= 15, codes
     missing = [f"{status} {code}" for status, code in codes if f'"{code}"' not in source]
     assert not missing, f"error codes docs/serving.md names that bgekit/serve never gives: {missing}"
+
+
+def test_every_extra_the_docs_install_exists():
+    """`pip install 'bgekit[eval]'` names an extra pyproject.toml declares."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {
+        e for doc in DOCS for group in re.findall(r"bgekit\[([\w,-]+)\]", doc.read_text()) for e in group.split(",")
+    }
+    assert {"eval", "serve"} <= named
+    assert named <= extras, sorted(named - extras)
