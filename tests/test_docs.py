@@ -123,8 +123,10 @@ def _invocation(words: list[str]) -> Iterator[list[str]]:
     for word in words:  # redirections: `> out.txt`, `2>&1`
         if skip:
             skip = False
-        elif set(word) <= set("<>&") or re.fullmatch(r"\d?[<>]+&?\d*", word):
-            skip = not word.endswith(("&1", "&2"))
+        elif set(word) <= set("<>&"):
+            if cleaned and cleaned[-1].isdigit():  # the 2 of 2>&1 (or of 2> err.log)
+                cleaned.pop()
+            skip = True
         else:
             cleaned.append(word)
     words = cleaned
@@ -264,6 +266,27 @@ def test_the_docs_hold_commands_of_every_group():
     firsts = {args[0] for _, args in COMMANDS if args}
     assert {"embed", "rerank", "eval", "index", "search", "serve", "finetune", "mine", "merge", "data"} <= firsts
     assert len(COMMANDS) > 80
+
+
+def test_the_extraction_reads_commands_as_the_shell_does():
+    def args(line):
+        return list(bgekit_args(split_words(line)))
+
+    assert args("HF_HUB_OFFLINE=1 bgekit eval sts -m M --data F 2>&1 | tee log  # a comment") == [
+        ["eval", "sts", "-m", "M", "--data", "F"]
+    ]
+    assert args("bgekit index build -c C -o I && bgekit search -i I 'a query' > hits.txt") == [
+        ["index", "build", "-c", "C", "-o", "I"],
+        ["search", "-i", "I", "a query"],
+    ]
+    assert args("torchrun --nproc_per_node 2 -m bgekit.train finetune embedder [--bf16] ...") == [
+        ["finetune", "embedder", "--bf16"]
+    ]
+    assert args("pip install bgekit") == [] and args("bgekit serve --packed auto|on|off") == [
+        ["serve", "--packed", "auto/on/off"]
+    ]
+    lines = list(shell_lines("bgekit embed \\\n  -i x.txt\npython - <<'PY'\nbgekit embed --nope\nPY\n"))
+    assert [line.split() for _, line in lines] == [["bgekit", "embed", "-i", "x.txt"], ["python", "-", "<<'PY'"]]
 
 
 def test_the_check_refuses_what_the_cli_refuses():
