@@ -723,3 +723,31 @@ def test_every_extra_the_docs_install_exists():
     }
     assert {"eval", "serve"} <= named
     assert named <= extras, sorted(named - extras)
+
+
+def test_api_lists_name_real_functions_and_parameters():
+    """A bullet such as ``- `bgekit.eval.metrics`: `evaluate_run(qrels, run, k_values, ignore_identical_ids=False)` ``
+    names functions of that module (``.search(...)``: a method of the class named before it) with their own
+    parameter names."""
+    problems, checked = [], 0
+    for doc in DOCS:
+        bullets = re.findall(r"^- `(bgekit[\w.]*)`: (.*?)(?=^\S|^- |\Z)", doc.read_text(), re.M | re.S)
+        for module, body in bullets:
+            owner = None
+            for name, args in re.findall(r"`(\.?[A-Za-z_][\w.]*)\(([^`]*)\)`", " ".join(body.split())):
+                dotted = f"{owner}{name}" if name.startswith(".") and owner else f"{module}.{name}"
+                owner = dotted.rsplit(".", 1)[0] if "." in name.lstrip(".") or name.startswith(".") else owner
+                try:
+                    target = resolve(dotted)
+                except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+                    problems.append(f"{doc.name}: {dotted} does not exist ({exc})")
+                    continue
+                checked += 1
+                params = inspect.signature(target).parameters
+                if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                    continue
+                for arg in re.findall(r"(?:^|,)\s*([A-Za-z_]\w*)\s*(?==|,|$)", args):
+                    if arg not in params:
+                        problems.append(f"{doc.name}: {dotted}({args}): no parameter {arg!r}")
+    assert checked >= 10, checked
+    assert not problems, "\n".join(problems)
