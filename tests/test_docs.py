@@ -336,12 +336,14 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
-def python_problems(snippet: Snippet) -> list[str]:
+def python_problems(snippet: Snippet, known: dict[str, str] | None = None) -> list[str]:
+    """What in a Python snippet names no real bgekit object, attribute or keyword; ``known`` binds names
+    the snippet does not import (inline code: `MtebEncoder(model, symmetric="query")`)."""
     try:
         tree = ast.parse(snippet.text)
     except SyntaxError as exc:
         return [f"{snippet.doc.relative_to(ROOT)}:{snippet.line + (exc.lineno or 1) - 1}: not Python: {exc.msg}"]
-    bound: dict[str, str] = {}  # local name -> the bgekit name it stands for
+    bound: dict[str, str] = dict(known or {})  # local name -> the bgekit name it stands for
     problems = []
 
     def where(node):
@@ -459,6 +461,37 @@ def python_heredocs(snippet: Snippet) -> Iterator[Snippet]:
         if heredoc:
             end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == heredoc.group(1)), len(lines))
             yield Snippet(snippet.doc, snippet.line + i + 1, "python", "\n".join(lines[i + 1 : end]))
+
+
+def imported_names() -> dict[str, str]:
+    """Every name the docs' Python imports from bgekit, and bgekit's own exports: what a bare
+    `FlagModel(...)` or `evaluate_run(...)` in prose stands for."""
+    import bgekit
+
+    known = {name: f"bgekit.{name}" for name in bgekit.__all__}
+    for doc in DOCS:
+        for module, names in re.findall(r"from (bgekit[\w.]*) import ([\w, ]+)", doc.read_text()):
+            known.update({n.strip(): f"{module}.{n.strip()}" for n in names.split(",") if n.strip()})
+        for module, body in re.findall(r"^- `(bgekit[\w.]*)`: (.*?)(?=^\S|^- |\Z)", doc.read_text(), re.M | re.S):
+            known.update({n: f"{module}.{n}" for n in re.findall(r"`([A-Za-z_]\w*)[.(]", body)})
+    return known
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_bgekit_call_in_prose_is_real(doc):
+    """Inline code that is a Python call (`MtebEncoder(model, symmetric="query")`,
+    `ShardedIndex.build(..., quantization="int8")`) uses real attributes and keywords."""
+    known = imported_names()
+    problems = []
+    for span in inline_spans(doc):
+        if "(" not in span.text or re.match(r"(\w+=\S+ )*bgekit ", span.text):
+            continue
+        try:
+            ast.parse(span.text)
+        except SyntaxError:
+            continue
+        problems += python_problems(span, known)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
