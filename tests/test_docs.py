@@ -236,7 +236,8 @@ def check_args(args: list[str]) -> str | None:
 
 
 def _placeholder(value: str) -> bool:
-    return value.isupper() or "/" in value or value in ("X", "N")
+    """``M``, ``DIR``, ``auto|on|off`` (read as ``auto/on/off``): no value to check."""
+    return value.isupper() or "/" in value
 
 
 def doc_commands() -> list[tuple[str, list[str]]]:
@@ -291,8 +292,10 @@ def test_the_extraction_reads_commands_as_the_shell_does():
 
 def test_the_check_refuses_what_the_cli_refuses():
     assert check_args(["embed", "--no-such-option", "x"]) and check_args(["evaluate", "retrieval"])
-    assert check_args(["eval", "retrieval", "--json", "x"]) and check_args(["eval"])  # a flag given a value
-    assert check_args(["serve", "--dtype", "float8"])
+    assert "unexpected extra arguments ['x']" in check_args(["models", "--json", "x"])  # a flag given a value
+    assert "requires an argument" in check_args(["embed", "-i"]) and check_args(["eval"])
+    assert "not one of" in check_args(["serve", "--dtype", "float8"])
+    assert check_args(["merge", "--models", "A", "B", "--weights", "1", "1", "--output-dir", "O"]) is None
     assert check_args(["eval", "retrieval", "-m", "M", "-d", "DIR", "--split", "test"]) is None
 
 
