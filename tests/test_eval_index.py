@@ -128,6 +128,23 @@ def test_save_and_load_give_the_same_results(tmp_path, vectors, kind, quantizati
     assert not list((tmp_path / "idx").glob(".*tmp*"))
 
 
+@pytest.mark.parametrize("quantization", [None, "binary"])  # (int8 codes depend on the vectors it was trained on)
+def test_add_appends_as_one_build(tmp_path, vectors, quantization):
+    """Vectors added to a flat index search as if built at once; ids continue (default) or are checked new."""
+    docs, queries = vectors
+    whole = DenseIndex.build(docs, quantization=quantization)
+    grown = DenseIndex.build(docs[:400], quantization=quantization).add(docs[400:])
+    assert grown.ids == whole.ids and grown.index.ntotal == len(docs)
+    np.testing.assert_array_equal(grown.search(queries, 7)[1], whole.search(queries, 7)[1])
+    with pytest.raises(InputError, match="document id '3' is already in the index"):
+        grown.add(docs[:2], ids=["new", "3"])
+    with pytest.raises(InputError, match="the vectors have dimension 60, the index 64"):
+        grown.add(docs[:2, :60])
+    assert len(grown) == grown.index.ntotal == len(docs)  # a refused add adds nothing
+    loaded = DenseIndex.load(grown.save(tmp_path / "idx"))
+    assert loaded.ids == whole.ids and loaded.index.ntotal == len(docs)
+
+
 def test_index_errors(tmp_path, vectors):
     docs, queries = vectors
     with pytest.raises(InputError, match="index kind must be one of"):

@@ -1,7 +1,7 @@
-"""The mteb adapter, tested against mteb's documented encoder protocol (mteb itself is not
-installed in bgekit's environments: it pulls datasets, pyarrow and polars, and its tasks download
-their data from the hub). Inputs are built the way mteb builds them: a torch DataLoader over rows
-with a "text" column (mteb 2.x), or plain lists of strings (mteb 1.x)."""
+"""The mteb adapter, tested against mteb's documented encoder protocol. Inputs are built the way mteb
+builds them: a torch DataLoader over rows with a "text" column (mteb 2.x), or plain lists of strings
+(mteb 1.x). The dev extra installs mteb (``bgekit[mteb]``), so the tests that run mteb's own evaluators
+run in CI; its tasks download their data from the hub, so those tests give the tasks local data."""
 
 from __future__ import annotations
 
@@ -362,3 +362,12 @@ def test_normalize_for_classification_under_mteb(model, tiny_bert):
     assert scores(MtebEncoder(model)) != flag  # the model's own (normalized) vectors score otherwise
     raw = MtebEncoder(model, normalize_for_classification=False).encode(TEXTS, task_name="Banking77Classification")
     np.testing.assert_allclose(raw, model.encode(TEXTS, normalize_embeddings=False), atol=1e-5)
+
+
+def test_model_meta_names_a_local_folder_by_its_last_two_parts(tiny_bert):
+    """mteb's results layout has a folder per model name; a local folder's whole path made that
+    ``__tmp__pytest-of-...__bert``. Its last two parts name it (a hub id as it is)."""
+    pytest.importorskip("mteb")
+    meta = MtebEncoder(str(tiny_bert), device="cpu").mteb_model_meta
+    assert meta.name == f"{tiny_bert.parent.name}/{tiny_bert.name}"
+    assert meta.similarity_fn_name == "cosine" and meta.embed_dim == 32

@@ -38,6 +38,11 @@ def test_import_bgekit_is_light():
     assert loaded_after("import bgekit; bgekit.__version__; bgekit.InputError") == []
 
 
+def test_search_names_are_light():
+    """``bgekit.SearchIndex`` and ``bgekit.Hit`` resolve without torch or faiss (they load when an index is built)."""
+    assert loaded_after("import bgekit; bgekit.SearchIndex; bgekit.Hit") == []
+
+
 def test_cli_help_and_models_are_light():
     code = (
         "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
@@ -51,8 +56,8 @@ def test_import_bgekit_eval_and_its_cli_help_are_light():
     code = (
         "import bgekit.eval\nbgekit.eval.__all__\n"
         "from typer.testing import CliRunner\nfrom bgekit.cli import app\n"
-        "for args in (['eval', '--help'], ['eval', 'retrieval', '--help'], ['index', 'build', '--help'], "
-        "['search', '--help']):\n"
+        "for args in (['eval', '--help'], ['eval', 'retrieval', '--help'], ['eval', 'mteb', '--help'], "
+        "['index', 'build', '--help'], ['search', '--help']):\n"
         "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
     )
     assert loaded_after(code) == []

@@ -135,3 +135,24 @@ def test_embed_backend_onnx_without_the_onnx_extra(tmp_path, tiny_bert, monkeypa
     )  # fmt: skip
     assert_names_the_extra(result, "onnx", "onnx")
     assert not out.exists()
+
+
+def test_eval_mteb_without_the_mteb_extra(tmp_path):
+    """Named before the model is looked up and before the output folder is made."""
+    out = tmp_path / "results"
+    result = cli(["mteb"], "eval", "mteb", "-t", "SciFact", "-m", str(tmp_path / "no-model"), "-o", str(out))
+    assert_names_the_extra(result, "mteb", "mteb")
+    assert not out.exists()
+    library = without(
+        ["mteb"],
+        """
+        from bgekit.errors import InputError
+        from bgekit.eval.mteb_run import evaluate_mteb
+        try:
+            evaluate_mteb("no-model", tasks=["SciFact"])
+        except InputError as exc:
+            print("refused:", exc)
+        """,
+    )
+    refused = "refused: MTEB evaluation needs the mteb package: pip install 'bgekit[mteb]'"
+    assert refused in library.stdout, library.stderr[-3000:]

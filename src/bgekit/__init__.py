@@ -44,6 +44,8 @@ _LAZY = {
     "FlagAutoReranker": "bgekit.compat",
     "EmbedderModelClass": "bgekit.registry",
     "RerankerModelClass": "bgekit.registry",
+    "SearchIndex": "bgekit.search",
+    "Hit": "bgekit.search",
 }
 
 __all__ = [
@@ -63,12 +65,14 @@ __all__ = [
     "FlagModel",
     "FlagPseudoMoEModel",
     "FlagReranker",
+    "Hit",
     "InputError",
     "LayerWiseFlagLLMReranker",
     "LightWeightFlagLLMReranker",
     "ModelNotFoundError",
     "Reranker",
     "RerankerModelClass",
+    "SearchIndex",
     "UnknownModelError",
     "__version__",
 ]
@@ -78,6 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.embedder import Embedder
     from .models.encoder import FlagModel
     from .models.reranker import FlagReranker, Reranker
+    from .search import Hit, SearchIndex
 
 
 def __getattr__(name: str):

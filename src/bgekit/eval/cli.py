@@ -78,8 +78,9 @@ def eval_retrieval(
             "--dataset",
             "-d",
             help="Dataset folder (BEIR or custom layout); online also a BEIR name, FlagEmbedding's miracl/LANG, "
-            "mldr/LANG or msmarco-passage (--split dev|dl19|dl20), or a hub id. CQADupStack's folder "
-            "(or name): every forum in its own corpus, the score their mean.",
+            "mldr/LANG, msmarco-passage (--split dev|dl19|dl20), mkqa/LANG (QA recall), bright/TASK or "
+            "bright-long/TASK (--split examples|gpt4_reason|...), or a hub id. CQADupStack's folder (or name): "
+            "every forum in its own corpus, the score their mean.",
             parser=path_text,
         ),
     ],
@@ -87,7 +88,10 @@ def eval_retrieval(
     split: Annotated[str, typer.Option(help="Which qrels split to evaluate.", parser=text_value)] = "test",
     reranker: RerankerOpt = None,
     rerank_top_k: Annotated[int, typer.Option(min=1, help="How many retrieved documents to rerank per query.")] = 100,
-    query_instruction: QueryInstructionOpt = None,
+    query_instruction: Annotated[
+        str | None,
+        typer.Option(help="Query instruction (overrides the model's, and bright/TASK's per-task one; '' for none)."),
+    ] = None,
     k: Annotated[str, typer.Option("--k", help="Metric cutoffs, comma-separated.", parser=text_value)] = "1,3,5,10,100",
     top_k: Annotated[
         int | None, typer.Option(min=1, help="Documents retrieved per query (default: the largest k).")
@@ -193,6 +197,165 @@ def eval_sts(
         typer.echo(f"wrote {', '.join(result.files.values())}", err=True)
 
 
+class Symmetric(StrEnum):
+    auto = "auto"
+    query = "query"
+    plain = "plain"
+
+
+def eval_mteb(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "--embedder-name-or-path",
+            "-m",
+            help="Embedder hub id or folder. Default: BAAI/bge-small-en-v1.5, offline all-MiniLM-L6-v2.",
+        ),
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", "-t", help="MTEB task names (repeat, or separate with commas), e.g. SciFact,STS12."),
+    ] = None,
+    task_types: Annotated[
+        list[str] | None, typer.Option(help="MTEB task types: Retrieval, STS, Classification, Clustering, ...")
+    ] = None,
+    languages: Annotated[
+        list[str] | None, typer.Option(help="ISO 639-3 language codes (eng, deu, ...); multilingual tasks keep these.")
+    ] = None,
+    output_folder: Annotated[
+        Path,
+        typer.Option(
+            "--output-folder",
+            "--output-dir",
+            "-o",
+            help="Results in mteb's layout: FOLDER/results/MODEL/REVISION/TASK.json (as `mteb run` writes them).",
+            parser=path_value,
+        ),
+    ] = Path("results"),
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            "--eval-output-path",
+            help="The summary JSON (each task's main score). Default: OUTPUT-FOLDER/summary.json.",
+            parser=path_value,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Run tasks again whose results are in the output folder (else they are reused).")
+    ] = False,
+    query_instruction: Annotated[
+        str | None,
+        typer.Option(
+            "--query-instruction",
+            "--query-instruction-for-retrieval",
+            help="Query instruction (overrides the model's; '' for none).",
+        ),
+    ] = None,
+    use_special_instructions: Annotated[
+        bool,
+        typer.Option(help="Each task's own instruction (mteb's task definitions) for its queries, as FlagEmbedding."),
+    ] = False,
+    model_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON object of per-task instructions by MtebEncoder prompt name ('SciFact-query', 'STS'); wins "
+            "over --use-special-instructions.",
+            parser=path_value,
+        ),
+    ] = None,
+    examples_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--examples-path",
+            "--task-examples",
+            help="In-context examples (bge-en-icl): a folder of TASK.json files, or one JSON object of task to list.",
+            parser=path_value,
+        ),
+    ] = None,
+    use_special_examples: Annotated[
+        bool,
+        typer.Option(help="FlagEmbedding's bundled examples: not shipped with bgekit; give them with --examples-path."),
+    ] = False,
+    model_class: Annotated[
+        str | None,
+        typer.Option(
+            "--model-class", "--embedder-model-class", help="encoder-only-base, encoder-only-m3, decoder-only-base..."
+        ),
+    ] = None,
+    pooling_method: Annotated[str | None, typer.Option(help="cls, mean or last_token (overrides the model's).")] = None,
+    symmetric: Annotated[
+        Symmetric,
+        typer.Option(help="STS / classification / clustering texts: auto, query (FlagEmbedding's runner) or plain."),
+    ] = Symmetric.auto,
+    normalize_for_classification: Annotated[
+        bool | None,
+        typer.Option(
+            "--normalize-for-classification/--no-normalize-for-classification",
+            help="L2-normalize Classification tasks' vectors or not (FlagEmbedding's runner: not). Default: model's.",
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "--embedder-batch-size", min=1)] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=1, help="Token limit of queries and documents (default: the model's).")
+    ] = None,
+    device: Annotated[
+        list[str] | None,
+        typer.Option("--device", "--devices", help="Device(s), e.g. cpu or cuda:0; repeat for several."),
+    ] = None,
+    fp16: Fp16Opt = True,
+    bf16: Bf16Opt = False,
+) -> None:
+    """Run an embedder on MTEB tasks with the mteb package (the mteb extra); print each task's main score.
+
+    FlagEmbedding's spellings work too: --task_types, --embedder_name_or_path, --output_dir...
+    """
+    from .. import hub, io
+    from ..cli_options import family_options
+    from ..errors import InputError
+    from .mteb_run import evaluate_mteb, read_model_prompts, read_task_examples, select_tasks
+
+    if use_special_examples and examples_path is None:
+        raise InputError(
+            "--use-special-examples: FlagEmbedding's bundled examples are not shipped with bgekit; give examples "
+            "with --examples-path (a folder of TASK.json files, or one JSON object of task name to examples)"
+        )
+    selected = select_tasks(tasks, task_types, languages)  # mteb missing, or a bad name, before the model loads
+    summary_path = summary if summary is not None else output_folder / "summary.json"
+    io.check_output_folder(output_folder)
+    io.check_outputs(summary_path, inputs=[model_prompts, examples_path])
+    prompts = read_model_prompts(model_prompts) if model_prompts is not None else None
+    examples = read_task_examples(examples_path, selected) if examples_path is not None else None
+    name = model or hub.default_model()
+    kind, options = family_options(name, model_class, pooling_method, query_instruction)
+    if max_length is not None:
+        options.update(query_max_length=max_length, passage_max_length=max_length)
+    if examples:  # a decoder given examples runs as an ICL model, as `embed --examples` has it
+        from .. import registry
+
+        if kind not in (registry.ICL, registry.DECODER):
+            raise InputError(f"--examples-path needs an in-context-learning model such as BAAI/bge-en-icl, not {name}")
+        options["model_class"] = registry.ICL
+    run = evaluate_mteb(
+        name,
+        selected=selected,
+        output_folder=output_folder,
+        summary=summary_path,
+        overwrite=overwrite,
+        use_special_instructions=use_special_instructions,
+        model_prompts=prompts,
+        task_examples=examples,
+        batch_size=batch_size,
+        symmetric=symmetric.value,
+        normalize_for_classification=normalize_for_classification,
+        model_options={**_model_options(device, fp16, bf16), **options},
+        show_progress_bar=sys.stderr.isatty(),
+    )
+    typer.echo(run.to_markdown())
+    typer.echo(f"wrote {run.files['results']}, {run.files['summary']}", err=True)
+
+
 def index_build(
     corpus: Annotated[
         Path,
@@ -216,55 +379,43 @@ def index_build(
     from .. import hub, io
     from ..errors import InputError
     from ..models.embedder import Embedder
-    from .index import DenseIndex, require_faiss
-    from .retrieval import normalize_rows, vector_space
+    from ..search import SearchIndex
+    from .index import require_faiss
 
     require_faiss()  # before the corpus is read and embedded
     io.check_outputs(out / "docs.jsonl")  # before the corpus is embedded: a file in the way, no write access
     records = io.read_texts(corpus, field=text_field)
-    ids = [r.id for r in records]
     seen: set[str] = set()
-    for r in records:
+    for r in records:  # said with the file's name, before the model loads
         if r.id in seen:
             raise InputError(f"{corpus}: duplicate id {r.id!r}; every document needs its own id")
         seen.add(r.id)
     name = model or hub.default_model()
     embedder = Embedder.from_pretrained(name, **_model_options(device, fp16, bf16))
-    vectors = embedder.encode_corpus(
-        [r.text for r in records], batch_size=batch_size, max_length=max_length, show_progress_bar=sys.stderr.isatty()
+    built = SearchIndex.build(
+        embedder,
+        [r.text for r in records],
+        [r.id for r in records],
+        kind=index_type.value,
+        quantization=quantization.value,
+        batch_size=batch_size,
+        max_length=max_length,
+        show_progress_bar=sys.stderr.isatty(),
+        meta={"corpus": str(corpus.resolve())},
     )
-    if isinstance(vectors, dict):
-        vectors = vectors["dense_vecs"]
-    built = DenseIndex.build(normalize_rows(vectors), ids, kind=index_type.value, quantization=quantization.value)
-    io.write_jsonl(out / "docs.jsonl", ({"id": r.id, "text": r.text} for r in records))
-    recorded = _absolute_if_local(embedder.model_name_or_path)
-    built.save(
-        out,
-        extra={
-            "type": "dense",
-            # a local folder by its absolute path: `search` may run from another directory
-            "model": recorded,
-            "vector_space": vector_space(embedder),  # `search` refuses a query model of another space
-            "query_instruction": embedder.query_instruction_for_retrieval,
-            "score_function": "cosine",
-            "max_length": max_length,
-            "corpus": str(corpus.resolve()),
-        },
-    )
+    built.save(out)
     typer.echo(
-        f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) from {recorded}",
+        f"wrote {out}: {len(built)} documents x {built.dim} ({index_type.value}, {quantization.value}) "
+        f"from {built.meta['model']}",
         err=True,
     )
 
 
 def _absolute_if_local(name: str) -> str:
-    """A model folder that exists here as its absolute path; a hub id as the loader reads it (without
-    the stray whitespace or trailing slash it accepts: ``"org/name/"`` is ``"org/name"``)."""
-    from .. import hub
+    """:func:`bgekit.search.absolute_if_local` (the name this module gave it first)."""
+    from ..search import absolute_if_local
 
-    name = hub.model_name(name)  # the library's own normalisation, so the CLI and every class agree
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
+    return absolute_if_local(name)
 
 
 def search(
@@ -303,11 +454,9 @@ def search(
     bf16: Bf16Opt = False,
 ) -> None:
     """Search an index for QUERY; optionally rerank the candidates. Prints rank, score, id, text."""
-    from .. import io
-    from ..errors import InputError
     from ..models.embedder import Embedder
-    from .index import DenseIndex
-    from .retrieval import encode_queries, load_reranker, normalize_rows
+    from ..search import SearchIndex
+    from .retrieval import load_reranker
 
     if query is not None and query_option is not None:
         raise typer.BadParameter("give the query once: as QUERY or as -q/--query, not both", param_hint="QUERY")
@@ -316,89 +465,54 @@ def search(
         raise typer.BadParameter("no query: bgekit search -i INDEX -q 'query text'", param_hint="QUERY")
     if not query.strip():
         raise typer.BadParameter("the query is empty", param_hint="QUERY")
-    dense = DenseIndex.load(index)
-    name = model or dense.meta.get("model")
-    if not name:
-        raise typer.BadParameter("the index does not name its model; pass --model", param_hint="--model")
     options = _model_options(device, fp16, bf16)
-    instruction = query_instruction
-    if instruction is None and model is None:
-        instruction = dense.meta.get("query_instruction") or ""
-    if reranker:  # a reranker that cannot load is said before the query is embedded and searched
-        from .. import hub, registry
 
-        hub.resolve(reranker, registry.RERANKERS, for_reranker=True)
-    embedder = Embedder.from_pretrained(name, **options)
-    _check_query_model(embedder, dense, index, other_model)
-    vector = normalize_rows(encode_queries(embedder, [query], instruction, None, dense.meta.get("max_length")))
-    if vector.shape[1] != dense.dim:
-        raise InputError(f"{name} gives {vector.shape[1]}-dimensional vectors; the index at {index} holds {dense.dim}")
-    depth = max(top_k, rerank_top_k or 100) if reranker else top_k
-    scores, rows = dense.search(vector, depth)
-    hits = [(dense.ids[i], float(s)) for s, i in zip(scores[0], rows[0], strict=True) if i >= 0]
-    texts = {}
-    docs_path = index / "docs.jsonl"
-    if docs_path.exists():
-        wanted = {doc_id for doc_id, _ in hits}
-        for _, obj in io.read_jsonl(docs_path):
-            if str(obj.get("id")) in wanted:
-                texts[str(obj["id"])] = obj.get("text", "")
-    if reranker:
-        rerank_model = load_reranker(reranker, options)
-        candidates = hits[: rerank_top_k or depth]
-        if len(candidates) < top_k:  # as eval's rerank stage: the result list is the reranked candidates
-            typer.echo(f"note: {len(candidates)} results, the reranked candidates (--rerank-top-k)", err=True)
-        new_scores = rerank_model.compute_score([(query, texts.get(d, "")) for d, _ in candidates])
-        hits = sorted(zip((d for d, _ in candidates), map(float, new_scores), strict=True), key=lambda h: -h[1])
-    for rank, (doc_id, score) in enumerate(hits[:top_k], start=1):
-        text = texts.get(doc_id, "")
-        if as_json:
-            typer.echo(json.dumps({"rank": rank, "id": doc_id, "score": score, "text": text}, ensure_ascii=False))
-        else:
-            typer.echo(f"{rank}\t{score:.6f}\t{doc_id}\t{text.replace(chr(10), ' ')[:100]}")
+    def model_for(meta: dict):
+        name = model or meta.get("model")
+        if not name:
+            raise typer.BadParameter("the index does not name its model; pass --model", param_hint="--model")
+        if reranker:  # a reranker that cannot load is said before the query is embedded and searched
+            from .. import hub, registry
 
+            hub.resolve(reranker, registry.RERANKERS, for_reranker=True)
+        return Embedder.from_pretrained(name, **options)
 
-def _check_query_model(embedder, dense, index: Path, other_model: bool) -> None:
-    """Refuse a query model whose vectors are not the index's: its scores would be silently wrong."""
-    from ..errors import InputError
-    from .retrieval import space_differences, vector_space
-
-    built = dense.meta.get("vector_space")
-    if built is None:  # an index of an older bgekit: only its model's name to go by
-        same = _absolute_if_local(embedder.model_name_or_path) == dense.meta.get("model")  # as build records it
-        if not same and not other_model:
-            typer.echo(
-                f"warning: {index} records no model identity (built by an older bgekit); searching it with "
-                f"{embedder.model_name_or_path}, which cannot be checked against {dense.meta.get('model')}",
-                err=True,
-            )
-        return
-    differences = space_differences(built, vector_space(embedder))
-    if not differences:
-        return
-    if differences == ["file_times"]:  # a copy, a new download, or weights retrained in place
-        typer.echo(
-            f"warning: the files of {embedder.model_name_or_path} have the names and sizes of those {index} "
-            "was built with but other modification times; if the model was retrained, rebuild the index",
-            err=True,
-        )
-        return
-    what = (
-        f"{embedder.model_name_or_path} does not give the vectors of the model {index} was built with "
-        f"({dense.meta.get('model')}): {', '.join(differences)} differ"
+    searcher = SearchIndex._open(
+        index,
+        model_for,
+        query_instruction=query_instruction,
+        recorded_instruction=model is None,  # the index's own model: the instruction it was built with
+        other_model=other_model,
+        keep_texts=False,  # one query: only its hits' texts are read from docs.jsonl
+        option="--other-model",
+        say=lambda level, message: typer.echo(f"{level}: {message}", err=True),
     )
-    if not other_model:
-        raise InputError(f"{what}; rebuild the index with this model, or pass --other-model to search anyway")
-    typer.echo(f"note: {what}; searching anyway (--other-model)", err=True)
+    rerank_model = load_reranker(reranker, options) if reranker else None
+    hits = searcher.search(query, top_k, reranker=rerank_model, rerank_top_k=rerank_top_k or max(top_k, 100))
+    if rerank_model is not None and len(hits) < top_k:  # as eval's rerank stage: the reranked candidates
+        typer.echo(f"note: {len(hits)} results, the reranked candidates (--rerank-top-k)", err=True)
+    for hit in hits:
+        if as_json:
+            typer.echo(json.dumps({"rank": hit.rank, "id": hit.id, "score": hit.score, "text": hit.text},
+                                  ensure_ascii=False))  # fmt: skip
+        else:
+            typer.echo(f"{hit.rank}\t{hit.score:.6f}\t{hit.id}\t{hit.text.replace(chr(10), ' ')[:100]}")
+
+
+def _dashes(token: str) -> str:
+    """An option name with underscores for dashes (click normalizes option names with it)."""
+    return token.replace("_", "-")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``eval``, ``index`` and ``search`` to the ``bgekit`` app."""
     from ..cli import friendly_errors
 
-    eval_app = typer.Typer(help="Evaluate models: retrieval (BEIR layout) and STS.", no_args_is_help=True)
+    eval_app = typer.Typer(help="Evaluate models: retrieval (BEIR layout), STS and MTEB.", no_args_is_help=True)
     eval_app.command("retrieval")(friendly_errors(eval_retrieval))
     eval_app.command("sts")(friendly_errors(eval_sts))
+    # FlagEmbedding's spellings (--task_types, --output_dir) as well as bgekit's (--task-types)
+    eval_app.command("mteb", context_settings={"token_normalize_func": _dashes})(friendly_errors(eval_mteb))
     index_app = typer.Typer(help="Build vector indexes for `bgekit search`.", no_args_is_help=True)
     index_app.command("build")(friendly_errors(index_build))
     app.add_typer(eval_app, name="eval")

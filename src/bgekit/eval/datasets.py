@@ -8,12 +8,15 @@ Retrieval layouts (detected from the files in the folder):
   ``qid 0 docid rel`` are read too).
 - **custom** (FlagEmbedding's local layout): ``corpus.jsonl`` with ``{"id", "title", "text"}``,
   ``<split>_queries.jsonl`` with ``{"id", "text"}``, ``<split>_qrels.jsonl`` with
-  ``{"qid", "docid", "relevance"}``.
+  ``{"qid", "docid", "relevance"}``, and optionally ``<split>_excluded.jsonl`` with ``{"qid", "docid"}``:
+  documents never ranked for that query (BRIGHT's ``excluded_ids``). A qrels file of ``{"qid", "answers"}``
+  instead (FlagEmbedding's MKQA layout) judges each query by its answer strings found in the retrieved text.
 
 Documents are embedded as ``(title + " " + text).strip()``, as MTEB and BEIR do. Only the
 queries judged in the split are kept. Online, :func:`load_retrieval_dataset` also takes a
-BEIR dataset name (the official zip), FlagEmbedding's ``miracl/LANG``, ``mldr/LANG`` or ``msmarco-passage``
-(:mod:`bgekit.eval.named`) or a Hugging Face dataset id (``mteb/scifact``).
+BEIR dataset name (the official zip), FlagEmbedding's ``miracl/LANG``, ``mldr/LANG``, ``msmarco-passage``,
+``mkqa/LANG``, ``bright/TASK`` or ``bright-long/TASK`` (:mod:`bgekit.eval.named`) or a Hugging Face dataset id
+(``mteb/scifact``).
 
 STS files are ``sentence1<TAB>sentence2<TAB>score`` lines with an optional header, read with
 CSV quoting off (some sentences hold unbalanced double quotes).
@@ -75,6 +78,8 @@ CQADUPSTACK_FORUMS = (
     "webmasters",
     "wordpress",
 )
+#: the first part of FlagEmbedding's named sets (:mod:`bgekit.eval.named`)
+_NAMED_FAMILIES = ("miracl", "mldr", "msmarco", "msmarco-passage", "mkqa", "bright", "bright-long", "bright_long")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -85,7 +90,10 @@ class RetrievalDataset:
     ``corpus_texts[i]`` is the text to embed for ``corpus_ids[i]`` (title and text joined);
     ``queries`` maps query id to text for the judged queries only; ``qrels`` maps query id to
     ``{doc_id: relevance}`` (ints, as pytrec_eval wants); ``problems`` counts what was wrong
-    but not fatal (judgments naming unknown documents or queries).
+    but not fatal (judgments naming unknown documents or queries); ``excluded`` maps a query id to the
+    documents never ranked for it (BRIGHT's); ``query_instruction`` is the dataset's own query
+    instruction (BRIGHT's per task), used when none is given; ``answers`` maps a query id to its answer
+    strings when the dataset is judged by answers (MKQA) rather than ``qrels`` (then empty).
     """
 
     name: str
@@ -97,6 +105,9 @@ class RetrievalDataset:
     path: Path | None = None
     layout: str = "beir"
     problems: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, set[str]] = field(default_factory=dict)
+    query_instruction: str | None = None
+    answers: dict[str, list[str]] = field(default_factory=dict)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +191,7 @@ def load_retrieval_dataset(
     named = None if Path(name_or_path).expanduser().exists() else _named(name_or_path)
     if named is not None:  # "mldr/de", not the folder's "de"
         dataset.name = named.name
+        dataset.query_instruction = named.query_instruction
     return dataset
 
 
@@ -195,8 +207,9 @@ def resolve_dataset(
     BEIR dataset name (``"scifact"``), ``"cqadupstack"`` (the archive, its forums as subfolders) or
     ``"cqadupstack/FORUM"`` (one forum), downloaded once into ``cache_dir`` (default
     ``$BGEKIT_CACHE/datasets``), one of FlagEmbedding's named sets (``"miracl/LANG"``, ``"mldr/LANG"``,
-    ``"msmarco-passage"``: fetched and converted once into its layout there, the corpus and, when given,
-    ``split``; see :mod:`bgekit.eval.named`), or a Hugging Face dataset id holding BEIR files (``"mteb/scifact"``).
+    ``"msmarco-passage"``, ``"mkqa/LANG"``, ``"bright/TASK"``, ``"bright-long/TASK"``: fetched and converted
+    once into its layout there, the corpus and, when given, ``split``; see :mod:`bgekit.eval.named`), or a
+    Hugging Face dataset id holding BEIR files (``"mteb/scifact"``).
     Anything else, or a download that fails (offline: ``HF_HUB_OFFLINE=1``, or no network), is an
     :class:`InputError` naming the dataset, where it was looked for and what to pass instead."""
     path = Path(name_or_path).expanduser()
@@ -223,7 +236,9 @@ def resolve_dataset(
         return download_hf_dataset(name, revision=revision, cache_dir=cache_dir)
     raise InputError(
         f"dataset {name!r} is not a folder here, a BEIR dataset name ({', '.join(BEIR_DATASETS)}), "
-        "miracl/LANG, mldr/LANG, msmarco-passage or a Hugging Face dataset id like 'mteb/scifact'"
+        "miracl/LANG, mldr/LANG, msmarco-passage, mkqa/LANG, bright/TASK, bright-long/TASK or a Hugging Face "
+        "dataset id like "
+        "'mteb/scifact'"
     )
 
 
@@ -244,7 +259,7 @@ def is_dataset_name(name: str | Path) -> bool:
         return False
     if text.strip().rstrip("/").lower().partition("/")[0] == "cqadupstack" or text.lower() in BEIR_DATASETS:
         return True
-    if text.strip().rstrip("/").lower().partition("/")[0] in ("miracl", "mldr", "msmarco", "msmarco-passage"):
+    if text.strip().rstrip("/").lower().partition("/")[0] in _NAMED_FAMILIES:
         return True  # FlagEmbedding's named sets (a language it lacks is resolve_dataset's error)
     return bool(_HF_ID.match(text)) and not path.parent.is_dir()
 
@@ -268,6 +283,7 @@ def dataset_files(folder: str | Path, split: str = "test") -> list[Path]:
     command can refuse to write its output over one of them before it reads them."""
     folder = Path(folder).expanduser()
     names = ["corpus.jsonl", "queries.jsonl", f"{split}_queries.jsonl", f"{split}_qrels.jsonl", f"qrels/{split}.tsv"]
+    names.append(f"{split}_excluded.jsonl")
     return [folder / f"{name}{gz}" for name in names for gz in ("", ".gz") if (folder / f"{name}{gz}").is_file()]
 
 
@@ -282,10 +298,65 @@ def load_local_dataset(folder: str | Path, split: str = "test") -> RetrievalData
             f"{folder} holds {len(nested)} datasets, not one ({', '.join(nested)}); pass one of their folders{whole}"
         )
     corpus_path, queries_path, qrels_path = required_files(folder, split, layout)
+    if layout == "custom" and _holds_answers(qrels_path):
+        return _answers_dataset(folder, split, corpus_path, queries_path, qrels_path)
     qrels = read_qrels_jsonl(qrels_path) if layout == "custom" else read_qrels_tsv(qrels_path)
     ids, texts = read_corpus(corpus_path)
     queries = read_queries(queries_path)
-    return assemble(folder.name, split, ids, texts, queries, qrels, folder, layout, qrels_path)
+    dataset = assemble(folder.name, split, ids, texts, queries, qrels, folder, layout, qrels_path)
+    excluded_path = folder / f"{split}_excluded.jsonl"
+    if layout == "custom" and excluded_path.is_file():
+        dataset.excluded = {q: docs for q, docs in read_excluded(excluded_path).items() if q in dataset.queries}
+    return dataset
+
+
+def _holds_answers(path: Path) -> bool:
+    """A custom-layout qrels file of ``{"qid", "answers"}`` (FlagEmbedding's MKQA layout)."""
+    for _, obj in io.read_jsonl(path):
+        return "answers" in obj and "docid" not in obj
+    return False
+
+
+def read_answers(path: Path) -> dict[str, list[str]]:
+    """``{"qid", "answers": [...]}`` one a line: each query's answer strings (a later line replaces an earlier)."""
+    answers: dict[str, list[str]] = {}
+    for line, obj in io.read_jsonl(path):
+        query_id = _record_id(obj, path, line, ("qid",))
+        given = obj.get("answers")
+        if not isinstance(given, list) or not all(isinstance(a, str) for a in given):
+            raise DataFormatError(path, line, f"'answers' must be a list of strings, got {given!r}")
+        answers[query_id] = given
+    if not answers:
+        raise InputError(f"{path} holds no answers")
+    return answers
+
+
+def _answers_dataset(
+    folder: Path, split: str, corpus_path: Path, queries_path: Path, answers_path: Path
+) -> RetrievalDataset:
+    answers = read_answers(answers_path)
+    ids, texts = read_corpus(corpus_path)
+    queries = read_queries(queries_path)
+    kept = {q: text for q, text in queries.items() if q in answers}
+    if not kept:
+        raise InputError(f"none of the {len(answers)} queries answered in {answers_path} is in the queries file")
+    unknown = sum(1 for q in answers if q not in queries)
+    if unknown:
+        logger.warning("%s: %d answered query id(s) are not in the queries file; left out", answers_path, unknown)
+    dataset = RetrievalDataset(
+        folder.name, split, ids, texts, kept, {}, folder, "custom", {"answers_unknown_queries": unknown}
+    )
+    dataset.answers = {q: answers[q] for q in kept}
+    return dataset
+
+
+def read_excluded(path: Path) -> dict[str, set[str]]:
+    """``{"qid", "docid"}`` one a line: the documents never ranked for each query."""
+    excluded: dict[str, set[str]] = {}
+    for line, obj in io.read_jsonl(path):
+        query_id = _record_id(obj, path, line, ("qid",))
+        excluded.setdefault(query_id, set()).add(_record_id(obj, path, line, ("docid",)))
+    return excluded
 
 
 def cqadupstack_forums(name_or_path: str | Path, *, cache_dir: str | Path | None = None) -> list[Path] | None:
@@ -722,6 +793,8 @@ def dataset_json(dataset: RetrievalDataset) -> dict[str, Any]:
         "judgments": dataset.n_judgments,
         "problems": dict(dataset.problems),
         "corpus_sha256": dataset.fingerprint(),
+        **({"excluded": sum(len(docs) for docs in dataset.excluded.values())} if dataset.excluded else {}),
+        **({"answers": sum(len(a) for a in dataset.answers.values())} if dataset.answers else {}),
     }
 
 

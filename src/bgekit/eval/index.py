@@ -200,6 +200,23 @@ class DenseIndex:
         logger.info("built %r (faiss %s)", built, description)
         return built
 
+    def add(self, vectors: Any, ids: Sequence[str] | None = None) -> DenseIndex:
+        """Append ``vectors`` (``(n, dim)``) with their ``ids`` (default: their row numbers, ``len(self)``
+        on); ids must be new. An IVF index keeps the clusters it was trained on (rebuild it after a large
+        share of new vectors)."""
+        matrix = _as_matrix(vectors)
+        if matrix.shape[1] != self.dim:
+            raise InputError(f"the vectors have dimension {matrix.shape[1]}, the index {self.dim}")
+        n = len(matrix)
+        ids = [str(len(self) + i) for i in range(n)] if ids is None else _check_ids(ids, n)
+        existing = set(self.ids)
+        clash = next((i for i in ids if i in existing), None)
+        if clash is not None:
+            raise InputError(f"document id {clash!r} is already in the index; every document needs its own id")
+        self.index.add(np.packbits(matrix > 0, axis=1) if self.quantization == "binary" else matrix)
+        self.ids.extend(ids)
+        return self
+
     def _apply_search_options(self) -> None:
         faiss = _faiss()
         options = self.meta.get("options", {})

@@ -368,12 +368,18 @@ class MtebEncoder:
             dim = int(self._run(["dimension probe"], None, 1).shape[1])
         except Exception:  # metadata only
             dim = None
+        try:
+            from mteb.models.model_meta import ScoringFunction
+
+            cosine: Any = ScoringFunction.COSINE
+        except ImportError:  # older mteb: a string
+            cosine = "cosine"
         fields = {
-            "name": self.model_name if "/" in self.model_name else f"bgekit/{self.model_name}",
+            "name": _meta_name(self.model_name),
             "revision": self.revision,
             "embed_dim": dim,
             "max_tokens": getattr(self.model, "passage_max_length", None),
-            "similarity_fn_name": "cosine",
+            "similarity_fn_name": cosine,
             "use_instructions": bool(getattr(self.model, "query_instruction_for_retrieval", None)),
             "framework": ["PyTorch"],
         }
@@ -386,6 +392,17 @@ class MtebEncoder:
 
     def __repr__(self) -> str:
         return f"MtebEncoder({self.model!r})"
+
+
+def _meta_name(model_name: str) -> str:
+    """mteb's ``organization/model`` name for a model: a hub id as it is; a local folder by its last two path
+    parts (``/ckpt/run3/checkpoint-500``: ``run3/checkpoint-500``), not its whole path, which became one long
+    folder name of the results layout; a bare name as ``bgekit/NAME``."""
+    path = Path(model_name).expanduser()
+    if path.is_dir() or path.is_absolute():
+        parts = path.resolve().parts[-2:]
+        return "/".join(parts) if len(parts) == 2 and parts[0] != path.anchor else f"bgekit/{parts[-1]}"
+    return model_name if "/" in model_name else f"bgekit/{model_name}"
 
 
 def _task_type(task_metadata: Any, task_name: str | None) -> str | None:

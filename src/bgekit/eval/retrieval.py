@@ -82,7 +82,7 @@ class RetrievalResult:
             "split": self.split,
             "metrics": self.metrics,
             "k_values": self.k_values,
-            "main_score": self.metrics.get("ndcg_at_10"),
+            "main_score": metrics_mod.main_score(self.metrics),
             "reranker": self.reranker,
             "rerank_top_k": self.rerank_top_k,
             "retrieval_metrics": self.retrieval_metrics,
@@ -100,7 +100,9 @@ class RetrievalResult:
         lines = [
             f"## Retrieval: {self.model} on {info['name']} ({self.split})",
             "",
-            f"{info['queries']} queries, {info['documents']} documents, {info['judgments']} judgments; "
+            f"{info['queries']} queries, {info['documents']} documents, "
+            + (f"{info['answers']} answers" if "answers" in info else f"{info['judgments']} judgments")
+            + "; "
             f"search: {self.settings.get('index', 'flat')} {self.settings.get('score_function', 'cosine')}"
             + (f"; reranked top {self.rerank_top_k} with {self.reranker}" if self.reranker else ""),
             "",
@@ -213,7 +215,8 @@ def evaluate_retrieval(
         model: an :class:`~bgekit.Embedder` or a name / folder for ``Embedder.from_pretrained``
             (with ``model_options``).
         dataset: a dataset folder (BEIR or custom layout), a BEIR name, one of FlagEmbedding's named sets
-            (``"miracl/LANG"``, ``"mldr/LANG"``, ``"msmarco-passage"``: :mod:`bgekit.eval.named`) or a hub id
+            (``"miracl/LANG"``, ``"mldr/LANG"``, ``"msmarco-passage"``, ``"mkqa/LANG"``: ``qa_recall_at_k`` metrics,
+            ``"bright/TASK"``, ``"bright-long/TASK"``: :mod:`bgekit.eval.named`) or a hub id
             (online), or a :class:`RetrievalDataset`. CQADupStack as a whole (BEIR's ``cqadupstack`` folder of forum
             folders, or online the name ``cqadupstack``) gives an
             :class:`~bgekit.eval.averaged.AveragedRetrievalResult`: each forum evaluated in its own
@@ -223,7 +226,8 @@ def evaluate_retrieval(
         k_values: cutoffs for every metric (``ndcg_at_10``, ``map_at_10``, ``recall_at_100``...).
         top_k: how many documents to retrieve per query (default: the largest k, or
             ``rerank_top_k`` when reranking, whichever is larger).
-        query_instruction: overrides the model's query instruction (``""`` for none).
+        query_instruction: overrides the model's query instruction (``""`` for none). Without it a dataset's own
+            instruction is used where it has one (``bright/TASK``: FlagEmbedding's per-task instruction).
         score_function: ``"cosine"`` (MTEB's; vectors are normalized before the inner product)
             or ``"dot"``.
         index / quantization: :class:`~bgekit.eval.index.DenseIndex` options (exact ``flat`` by default).
@@ -267,6 +271,8 @@ def evaluate_retrieval(
         )  # fmt: skip
     if not isinstance(dataset, RetrievalDataset):
         dataset = load_retrieval_dataset(dataset, split, cache_dir=downloads)
+    if query_instruction is None and dataset.query_instruction is not None:  # BRIGHT's per task, as FlagEmbedding
+        query_instruction = dataset.query_instruction
     timings["load_dataset_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -309,9 +315,12 @@ def evaluate_retrieval(
             depth, max(k_values), max(k_values), depth,
         )  # fmt: skip
     tick = time.perf_counter()
-    # one deeper when a query's own document is to be skipped, so every query keeps ``depth`` others
-    scores, rows = dense_index.search(query_vectors, depth + 1 if ignore_identical_ids else depth)
+    # deeper by what is to be skipped (a query's own document, its excluded ones), so each keeps ``depth`` others
+    extra = (1 if ignore_identical_ids else 0) + max((len(d) for d in dataset.excluded.values()), default=0)
+    scores, rows = dense_index.search(query_vectors, depth + extra)
     run = to_run(query_ids, scores, rows, dataset.corpus_ids)
+    if dataset.excluded:  # BRIGHT's excluded_ids: dropped from the results, as FlagEmbedding's BRIGHT searcher does
+        run = without_excluded(run, dataset.excluded, depth + (1 if ignore_identical_ids else 0))
     if ignore_identical_ids:  # before reranking and the TREC file: BEIR's and MTEB's search drop it there
         run = without_self_hits(run, depth)
     timings["search_s"] = time.perf_counter() - tick
@@ -332,11 +341,16 @@ def evaluate_retrieval(
         timings["rerank_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    final_metrics = metrics_mod.evaluate_run(dataset.qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
+    texts = dict(zip(dataset.corpus_ids, dataset.corpus_texts, strict=True)) if dataset.answers else {}
+
+    def evaluate(ranking: dict[str, dict[str, float]]) -> dict[str, float]:
+        if dataset.answers:  # MKQA: judged by the answers in the retrieved texts, as FlagEmbedding's evaluator
+            return metrics_mod.evaluate_answers(dataset.answers, ranking, texts, k_values)
+        return metrics_mod.evaluate_run(dataset.qrels, ranking, k_values, ignore_identical_ids=ignore_identical_ids)
+
+    final_metrics = evaluate(run)
     if retrieval_run is not None:
-        retrieval_metrics = metrics_mod.evaluate_run(
-            dataset.qrels, retrieval_run, k_values, ignore_identical_ids=ignore_identical_ids
-        )
+        retrieval_metrics = evaluate(retrieval_run)
     timings["evaluate_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - started
 
@@ -360,6 +374,7 @@ def evaluate_retrieval(
             "top_k": depth,
             "query_instruction": effective_query_instruction(embedder, query_instruction),
             "ignore_identical_ids": ignore_identical_ids,
+            "excluded_documents": bool(dataset.excluded),
             "max_length": max_length,
         },
     )
@@ -375,6 +390,17 @@ def without_self_hits(run: Mapping[str, Mapping[str, float]], depth: int) -> dic
         query_id: dict([(doc_id, score) for doc_id, score in docs.items() if doc_id != query_id][:depth])
         for query_id, docs in run.items()
     }
+
+
+def without_excluded(
+    run: Mapping[str, Mapping[str, float]], excluded: Mapping[str, Iterable[str]], depth: int
+) -> dict[str, dict[str, float]]:
+    """Each query's ranking without the documents ``excluded`` names for it, cut to ``depth``."""
+    kept = {}
+    for query_id, docs in run.items():
+        skip = set(excluded.get(query_id, ()))
+        kept[query_id] = dict([(doc_id, score) for doc_id, score in docs.items() if doc_id not in skip][:depth])
+    return kept
 
 
 def load_embedder(model: Any, query_instruction: str | None, options: Mapping[str, Any] | None):

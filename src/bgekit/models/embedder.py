@@ -24,11 +24,12 @@ from ..errors import InputError, UnknownModelError
 from .flag_pool import EmbedderPoolMethods
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
+from .scoring import SimilarityMethods
 
 logger = logging.getLogger(__name__)
 
 
-class Embedder(EmbedderPoolMethods):
+class Embedder(SimilarityMethods, EmbedderPoolMethods):
     """Base class of bgekit's embedders. Build one with :meth:`from_pretrained`.
 
     Example:

@@ -34,9 +34,10 @@ from ..runtime.devices import resolve_devices
 from .embedder import call_instruction, unescape_format, with_instruction
 from .flag_pool import DevicePoolMethods, PoolHandle, joined, spread_over_devices
 from .inputs import as_pair_list, as_text_list
+from .scoring import RankMethods, SimilarityMethods
 
 
-class AbsEmbedder(DevicePoolMethods, ABC):
+class AbsEmbedder(SimilarityMethods, DevicePoolMethods, ABC):
     """FlagEmbedding 1.4.2's ``AbsEmbedder``: same constructor (unknown options become attributes),
     same ``encode`` / ``encode_queries`` / ``encode_corpus``; subclasses implement
     :meth:`encode_single_device`."""
@@ -176,7 +177,7 @@ class AbsEmbedder(DevicePoolMethods, ABC):
         no worker process, so it never runs."""
 
 
-class AbsReranker(DevicePoolMethods, ABC):
+class AbsReranker(RankMethods, DevicePoolMethods, ABC):
     """FlagEmbedding 1.4.2's ``AbsReranker``: same constructor, instructions and ``compute_score``;
     subclasses implement :meth:`compute_score_single_gpu`."""
 

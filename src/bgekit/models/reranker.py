@@ -29,6 +29,7 @@ from .embedder import Embedder, unescape_format
 from .flag_pool import RerankerPoolMethods
 from .inputs import as_pair_list
 from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
+from .scoring import RankMethods
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def sigmoid(scores: Sequence[float]) -> list[float]:
     return (1.0 / (1.0 + np.exp(-values))).tolist()
 
 
-class Reranker(RerankerPoolMethods):
+class Reranker(RankMethods, RerankerPoolMethods):
     """Base class of bgekit's rerankers. Build one with :meth:`from_pretrained`.
 
     Example:

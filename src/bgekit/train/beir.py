@@ -7,6 +7,13 @@ from .data import TrainRecord
 
 def beir_to_records(dataset) -> list[TrainRecord]:
     """One record per judged query: its relevant documents (score > 0) as ``pos``, no negatives yet."""
+    if getattr(dataset, "answers", None) and not dataset.qrels:
+        from ..errors import InputError
+
+        raise InputError(
+            f"{dataset.name} ({dataset.split}) is judged by answer strings (MKQA), not by documents: it names no "
+            "positive passages to train on"
+        )
     texts = dict(zip(dataset.corpus_ids, dataset.corpus_texts, strict=True))
     records = []
     for query_id, judged in dataset.qrels.items():
