@@ -1,8 +1,18 @@
-"""The docs say what the code does: every ``bgekit ...`` command in README.md and docs/*.md names a real
-command and real options, every ``bgekit`` name their Python uses exists (with the keyword arguments it is
-given), every repository file they point at is there, and docs/serving.md's request fields are the
-server's. Nothing runs and no model loads: commands are parsed by the real typer app's click tree (as the
-shell would hand them to it), Python blocks are read with :mod:`ast` and their names looked up."""
+"""The docs say what the code does. For README.md and docs/*.md:
+
+- every ``bgekit ...`` command (fenced shell blocks and inline code) names a real command, real options
+  with their values, no extra argument and enum values among the choices: parsed by the real typer app's
+  own click parser, as the shell would hand it the words (continuations, comments, pipes, ``[optional]``
+  parts, ``...`` and placeholders handled);
+- every bgekit name their Python uses exists (imports, attributes, attributes of instances made from bgekit
+  classes), and keyword arguments are in the signatures; the same for Python calls in inline code and for
+  API bullet lists (``- `bgekit.eval.metrics`: `evaluate_run(qrels, ...)` ``);
+- options named in prose exist on some command; files, make targets, extras and benchmark-script options
+  the docs name exist;
+- docs/serving.md's routes, request-field tables, options table (flags, environment variables, defaults) and
+  error codes are the server's.
+
+Nothing runs and no model loads."""
 
 from __future__ import annotations
 
