@@ -75,6 +75,7 @@ AROUND_THE_MODELS = {
     "test_cli_empty_paths.py",
     "test_cli_families.py",
     "test_distributed_ray.py",
+    "test_docs.py",
     "test_eval_cli.py",
     "test_eval_cqadupstack.py",
     "test_eval_datasets.py",

@@ -265,7 +265,7 @@ class FlagICLModel(FlagLLMModel):
         self.close()
 
     def set_examples(self, examples_for_task: list[dict[str, str]] | None = None) -> None:
-        """Replace the in-context examples (``None`` keeps the constructor's)."""
+        """Replace the in-context examples (``None`` keeps the current ones: the last given, else the constructor's)."""
         if examples_for_task is not None:
             self.examples_for_task = check_examples(examples_for_task)
         self.prefix = self.examples_prefix(self.examples_for_task)
