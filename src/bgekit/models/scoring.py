@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,12 @@ def check_top_k(top_k: Any, name: str = "top_k") -> None:
     """An :class:`InputError` unless ``top_k`` is ``None`` or a positive int."""
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InputError(f"{name} must be a positive integer or None, got {top_k!r}")
+
+
+def sigmoid(scores: Sequence[float]) -> list[float]:
+    """``1 / (1 + exp(-x))`` in float64, as FlagEmbedding's ``normalize=True``."""
+    values = np.asarray(scores, dtype=np.float64)
+    return (1.0 / (1.0 + np.exp(-values))).tolist()
 
 
 def score_list(scores: Any, count: int) -> list[float]:
@@ -53,10 +60,26 @@ def score_list(scores: Any, count: int) -> list[float]:
     return [float(s) for s in scores]
 
 
-def order_by_score(scores: Sequence[float]) -> list[int]:
-    """Positions of ``scores``, best first; ties keep input order (``sorted`` is stable), as
-    sentence-transformers' ``rank``."""
-    return sorted(range(len(scores)), key=lambda i: -scores[i])
+def ranking(scores: Sequence[float], top_k: int | None = None) -> list[tuple[int, float]]:
+    """``(position, score)`` pairs of ``scores``, best first, at most ``top_k``: score descending, ties in
+    input order (as sentence-transformers' ``rank``), a NaN score last. The one ordering rule of
+    :meth:`~RankMethods.rank`, :meth:`~bgekit.SearchIndex.search`, ``bgekit rerank`` and the server's rerank
+    routes. Rank raw scores (logits): a sigmoid turns every logit above ~37 into 1.0 and would tie them."""
+    values = [float(s) for s in scores]
+    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i]))
+    return [(i, values[i]) for i in order[:top_k]]
+
+
+def raw_and_shown(reranker: Any, pairs: list[tuple[str, str]], **options: Any) -> tuple[list[float], list[float]]:
+    """``(raw, shown)`` scores of ``pairs``: the raw scores to rank by and the scores to show, which are their
+    sigmoid when ``normalize`` (the option, else the reranker's own setting) asks for it, as
+    ``compute_score(normalize=True)`` gives them."""
+    asked = options.pop("normalize", None)
+    normalize = bool(getattr(reranker, "normalize", False)) if asked is None else bool(asked)
+    if asked is not None or hasattr(reranker, "normalize"):  # a custom compute_score may take no normalize
+        options["normalize"] = False
+    raw = score_list(reranker.compute_score(pairs, **options), len(pairs)) if pairs else []
+    return raw, sigmoid(raw) if normalize else raw
 
 
 def rank_documents(
@@ -77,11 +100,10 @@ def rank_documents(
     check_top_k(top_k)
     if not isinstance(return_documents, bool):
         raise InputError(f"return_documents must be True or False, got {return_documents!r}")
-    raw = reranker.compute_score([(query, text) for text in texts], **score_options)
-    scores = score_list(raw, len(texts))
+    raw, shown = raw_and_shown(reranker, [(query, text) for text in texts], **score_options)
     results = []
-    for i in order_by_score(scores)[:top_k]:
-        result: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
+    for i, _ in ranking(raw, top_k):
+        result: dict[str, Any] = {"corpus_id": i, "score": shown[i]}
         if return_documents:
             result["text"] = texts[i]
         results.append(result)

@@ -6,7 +6,7 @@ Nothing here re-implements the encode path. Tokenization is the model's own
 ``encode_tokenized`` / ``score_tokenized`` (the same pooling and heads, through the same
 :class:`~bgekit.models.base.ModelHost` with its OOM back-off), and post-processing is the
 model's ``postprocess`` (``dimensions`` as ``truncate_dim``, then normalization) or
-:func:`~bgekit.models.reranker.sigmoid`. So a served vector equals the library's vector for
+:func:`~bgekit.models.scoring.sigmoid`. So a served vector equals the library's vector for
 the same text, up to float rounding from a different batch padding.
 
 Rerankers without a tokenized scoring path (layerwise / lightweight LLM rerankers, and
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..models.scoring import ranking, sigmoid
 from ..models.tokenization import Tokenized
 from ..runtime.batching import length_sorted_batches
 from .batcher import Beat, Work
@@ -542,13 +543,9 @@ class RerankEngine:
         scores: list[float], *, documents: list[str], top_n: int | None, return_documents: bool, raw_scores: bool
     ) -> list[dict[str, Any]]:
         """``[{index, relevance_score[, document]}]`` best first, at most ``top_n``."""
-        from ..models.reranker import sigmoid
-
         values = [float(s) for s in scores] if raw_scores else sigmoid(scores)
-        # by the raw score: the sigmoid rounds every logit above ~37 to 1.0, and their order with it
-        order = sorted(range(len(values)), key=lambda i: -float(scores[i]))
         results = []
-        for index in order[:top_n]:
+        for index, _ in ranking(scores, top_n):  # by the raw score, as Reranker.rank and `bgekit rerank`
             result: dict[str, Any] = {"index": index, "relevance_score": values[index]}
             if return_documents:
                 result["document"] = {"text": documents[index]}
