@@ -57,8 +57,15 @@ def test_llm_rerankers_rank(golden_dir):
     layerwise = LayerWiseFlagLLMReranker(str(golden_dir / "models" / "minicpm-layerwise"), devices="cpu")
     check_rank(layerwise)  # one cutoff layer (the last, by default): one score a document
     check_rank(layerwise, cutoff_layers=[1])
-    with pytest.raises(InputError, match=r"scores for 2 layers; ranking needs one score a document"):
+    several = r"scores for 2 layers \(cutoff_layers=\[1, 2\]\); ranking needs one score a document"
+    with pytest.raises(InputError, match=several):
         layerwise.rank(QUERY, DOCS, cutoff_layers=[1, 2])
+    built = LayerWiseFlagLLMReranker(
+        str(golden_dir / "models" / "minicpm-layerwise"), devices="cpu", cutoff_layers=[1, 2]
+    )
+    with pytest.raises(InputError, match=several):
+        built.rank(QUERY, DOCS)
+    check_rank(built, cutoff_layers=[2])  # one layer in the call: fine
 
 
 class Overlap(AbsReranker):

@@ -280,7 +280,7 @@ class SearchIndex:
         _check_positive("k", k)
         _check_positive("rerank_top_k", rerank_top_k)
         if reranker is not None:
-            reranker = load_reranker(reranker, None)
+            reranker = load_reranker(reranker, None)  # refuses one set to score several layers
         embedder = self._query_model()
         vectors = normalize_rows(encode_queries(embedder, texts, self.query_instruction, batch_size, self.max_length))
         if vectors.shape[1] != self.dim:

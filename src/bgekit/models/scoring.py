@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,25 @@ def sigmoid(scores: Sequence[float]) -> list[float]:
     return (1.0 / (1.0 + np.exp(-values))).tolist()
 
 
+def _several_layers(count: int, layers: Any = None) -> InputError:
+    asked = f" (cutoff_layers={list(layers)})" if layers is not None else ""
+    return InputError(
+        f"the reranker gives scores for {count} layers{asked}; ranking needs one score a document: "
+        "use one cutoff layer (cutoff_layers=[N], when building the reranker or in the call)"
+    )
+
+
+def check_one_layer(reranker: Any, options: Mapping[str, Any] | None = None) -> None:
+    """An :class:`InputError` when ``reranker`` (a layerwise or lightweight LLM reranker) is set to score
+    several cutoff layers, by ``options["cutoff_layers"]`` or its own ``cutoff_layers``: a ranking needs one
+    score a document. Checked before any scoring, so a long job fails at once, not after the forward."""
+    layers = (options or {}).get("cutoff_layers")
+    if layers is None:
+        layers = getattr(reranker, "cutoff_layers", None)
+    if isinstance(layers, Sequence) and not isinstance(layers, str) and len(layers) > 1:
+        raise _several_layers(len(layers), layers)
+
+
 def score_list(scores: Any, count: int) -> list[float]:
     """What a reranker's ``compute_score`` returned for ``count`` pairs, as ``count`` floats: a list, a numpy
     array, a tensor or (a custom model's, for one pair) a bare number. Scores for several layers (a layerwise
@@ -51,10 +70,7 @@ def score_list(scores: Any, count: int) -> list[float]:
         scores = [scores]
     scores = list(scores)
     if scores and isinstance(scores[0], (list, tuple)):
-        raise InputError(
-            f"the reranker returned scores for {len(scores)} layers; ranking needs one score a document: "
-            "build it with one cutoff layer (cutoff_layers=[N])"
-        )
+        raise _several_layers(len(scores))
     if len(scores) != count:
         raise InputError(f"the reranker returned {len(scores)} scores for {count} documents")
     return [float(s) for s in scores]
@@ -74,6 +90,7 @@ def raw_and_shown(reranker: Any, pairs: list[tuple[str, str]], **options: Any) -
     """``(raw, shown)`` scores of ``pairs``: the raw scores to rank by and the scores to show, which are their
     sigmoid when ``normalize`` (the option, else the reranker's own setting) asks for it, as
     ``compute_score(normalize=True)`` gives them."""
+    check_one_layer(reranker, options)
     asked = options.pop("normalize", None)
     normalize = bool(getattr(reranker, "normalize", False)) if asked is None else bool(asked)
     if asked is not None or hasattr(reranker, "normalize"):  # a custom compute_score may take no normalize

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..models.scoring import ranking, sigmoid
+from ..models.scoring import check_one_layer, ranking, score_list, sigmoid
 from ..models.tokenization import Tokenized
 from ..runtime.batching import length_sorted_batches
 from .batcher import Beat, Work
@@ -341,6 +341,7 @@ class RerankEngine:
     def __init__(
         self, name: str, source: str, model: Any, max_batch_tokens: int, *, max_length_option: int | None = None
     ):
+        check_one_layer(model)  # a ranking needs one score a document
         self.name, self.source, self.model = name, source, model
         self.max_batch_tokens = max_batch_tokens
         self.max_length_option = max_length_option  # the server's --max-length, for the 413 message
@@ -494,9 +495,7 @@ class RerankEngine:
 
             def run(indices: list[int]) -> list[float]:
                 scores = self.model.compute_score([pairs[i] for i in indices], batch_size=len(indices), normalize=False)
-                if scores and isinstance(scores[0], list):  # layerwise with several cutoffs: the last layer
-                    scores = scores[-1]
-                return scores
+                return score_list(scores, len(indices))  # one layer: `bgekit serve` refuses several
 
         return split(run_chunks(lengths, self.max_batch_tokens, run, beat), works)
 
