@@ -95,6 +95,39 @@ def test_rerank_with_a_cross_encoder(tmp_path, passages_file, tiny_xlmr_reranker
     assert [float(p[1]) for p in printed] == sorted((float(p[1]) for p in printed), reverse=True)
 
 
+def test_rerank_normalize_orders_by_the_logits(tmp_path, tiny_xlmr_reranker):
+    """Logits above ~37 all have a sigmoid of 1.0: --normalize prints them in the logits' order (as
+    Reranker.rank and the server), not in input order, and writes the sigmoids."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from bgekit import FlagReranker
+
+    saturated = tmp_path / "saturated"
+    shutil.copytree(tiny_xlmr_reranker, saturated)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_xlmr_reranker))
+    with torch.no_grad():
+        model.classifier.out_proj.bias += 100.0  # every logit near 100
+    model.save_pretrained(saturated)
+    texts = ["bamboo forests", "the moon", "pandas eat bamboo", "Paris", "a red bus", "giant pandas"]
+    source = tmp_path / "p.txt"
+    source.write_text("\n".join(texts) + "\n")
+    logits = FlagReranker(str(saturated)).compute_score([("bamboo", t) for t in texts])
+    assert min(logits) > 40 and len(set(logits)) == len(texts)
+    by_logit = sorted(range(len(texts)), key=lambda i: -logits[i])
+    assert by_logit != list(range(len(texts)))  # the test can tell the logits' order from input order
+    out = tmp_path / "scores.jsonl"
+    printed = run("rerank", "-m", str(saturated), "-q", "bamboo", "-i", str(source), "--normalize", "-o", str(out))
+    rows = [line.split("\t") for line in printed.stdout.strip().splitlines()]
+    assert [r[3] for r in rows] == [texts[i] for i in by_logit]
+    assert {r[1] for r in rows} == {"1.000000"}
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["score"] for r in written] == [1.0] * len(texts)
+    assert [r["rank"] for r in written] == [by_logit.index(i) + 1 for i in range(len(texts))]
+
+
 @pytest.mark.parametrize("packed", ["on", "off"])
 def test_embed_packed_option_reaches_the_model(tmp_path, passages_file, minilm_dir, packed):
     """``--packed on`` packs even on the CPU (the padded-grid attention), ``off`` pads; both give the

@@ -131,6 +131,30 @@ def text_of(dataset, doc_id):
     return dataset.corpus_texts[dataset.corpus_ids.index(doc_id)]
 
 
+def test_rerank_with_several_layers_is_refused_before_any_work(golden_dir, tiny, dataset, tmp_path):
+    """A layerwise reranker set to score several cutoff layers: one clear error (FlagEmbedding's evaluation
+    fails on float() of a list; bgekit used the last layer without a word), before the corpus is embedded."""
+    from bgekit import InputError, LayerWiseFlagLLMReranker
+    from bgekit.eval.retrieval import rerank_run
+
+    folder = str(golden_dir / "models" / "minicpm-layerwise")
+    several = r"scores for 2 layers \(cutoff_layers=\[1, 2\]\); ranking needs one score a document"
+    query_id = next(iter(dataset.queries))
+    run = {query_id: {d: 1.0 / (i + 1) for i, d in enumerate(dataset.corpus_ids[:3])}}
+    built = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[1, 2])
+    with pytest.raises(InputError, match=several):
+        rerank_run(built, dataset, run, 3)
+    with pytest.raises(InputError, match=several):
+        evaluate_retrieval(tiny, MINI, reranker=built, cache_dir=tmp_path)
+    with pytest.raises(InputError, match=several):
+        evaluate_retrieval(tiny, MINI, reranker=folder, reranker_options={"cutoff_layers": [1, 2]}, cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.npy"))  # refused before the corpus was embedded
+    one = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[1])  # one layer: its scores
+    reranked = rerank_run(one, dataset, run, 3)
+    expected = one.compute_score([(dataset.queries[query_id], text_of(dataset, d)) for d in run[query_id]])
+    np.testing.assert_allclose([reranked[query_id][d] for d in run[query_id]], expected, atol=1e-6)
+
+
 def test_identity_like_reranker_leaves_metrics_unchanged(minilm, minilm_dir, shared_cache, dataset, caplog):
     from bgekit import Reranker
 

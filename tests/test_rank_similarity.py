@@ -57,8 +57,15 @@ def test_llm_rerankers_rank(golden_dir):
     layerwise = LayerWiseFlagLLMReranker(str(golden_dir / "models" / "minicpm-layerwise"), devices="cpu")
     check_rank(layerwise)  # one cutoff layer (the last, by default): one score a document
     check_rank(layerwise, cutoff_layers=[1])
-    with pytest.raises(InputError, match=r"scores for 2 layers; ranking needs one score a document"):
+    several = r"scores for 2 layers \(cutoff_layers=\[1, 2\]\); ranking needs one score a document"
+    with pytest.raises(InputError, match=several):
         layerwise.rank(QUERY, DOCS, cutoff_layers=[1, 2])
+    built = LayerWiseFlagLLMReranker(
+        str(golden_dir / "models" / "minicpm-layerwise"), devices="cpu", cutoff_layers=[1, 2]
+    )
+    with pytest.raises(InputError, match=several):
+        built.rank(QUERY, DOCS)
+    check_rank(built, cutoff_layers=[2])  # one layer in the call: fine
 
 
 class Overlap(AbsReranker):
@@ -74,6 +81,47 @@ def test_a_custom_abs_reranker_ranks():
     ranked = check_rank(Overlap("custom", devices="cpu"))
     assert ranked[0]["corpus_id"] == 1 and ranked[0]["score"] == 2.0  # giant, pandas
     assert [r["corpus_id"] for r in ranked] == [1, 3, 0, 2, 4]  # three tied at 0: in input order
+
+
+class Fixed(AbsReranker):
+    """A custom reranker with given logits, normalized as FlagEmbedding does (sigmoid in float64)."""
+
+    def __init__(self, logits, **options):
+        super().__init__("fixed", devices="cpu", **options)
+        self.logits = logits
+
+    def compute_score_single_gpu(self, sentence_pairs, batch_size=256, query_max_length=None, max_length=512,
+                                 normalize=False, device=None, **kwargs):  # fmt: skip
+        logits = np.asarray(self.logits[: len(sentence_pairs)], dtype=np.float64)
+        return (1 / (1 + np.exp(-logits))).tolist() if normalize else logits.tolist()
+
+
+def test_normalized_ranks_follow_the_logits_where_the_sigmoid_ties_them():
+    """Every logit above ~37 is a sigmoid of 1.0: rank(normalize=True) orders them by the logits (as the
+    server and ``bgekit rerank --normalize``), not in input order; the scores shown are the sigmoids."""
+    logits = [40.0, 55.0, 38.0, -2.0, 55.0]
+    model = Fixed(logits)
+    assert model.compute_score([(QUERY, d) for d in DOCS], normalize=True)[:3] == [1.0, 1.0, 1.0]
+    raw = model.rank(QUERY, DOCS)
+    assert [r["corpus_id"] for r in raw] == [1, 4, 0, 2, 3]  # 55 and 55 tie: input order
+    normalized = model.rank(QUERY, DOCS, normalize=True)
+    assert [r["corpus_id"] for r in normalized] == [1, 4, 0, 2, 3]
+    assert [r["score"] for r in normalized] == [1.0, 1.0, 1.0, 1.0, pytest.approx(1 / (1 + np.exp(2.0)))]
+    # the reranker's own normalize=True setting, and normalize=False overriding it
+    assert model.rank(QUERY, DOCS) == model.rank(QUERY, DOCS, normalize=False)
+    own = Fixed(logits, normalize=True)
+    assert own.rank(QUERY, DOCS) == normalized
+    assert own.rank(QUERY, DOCS, normalize=False) == raw
+
+
+def test_ranking_rule():
+    from bgekit.models.scoring import ranking
+
+    assert ranking([0.5, 2.0, 0.5, 3.0]) == [(3, 3.0), (1, 2.0), (0, 0.5), (2, 0.5)]  # ties in input order
+    assert ranking([0.5, 2.0, 0.5, 3.0], top_k=2) == [(3, 3.0), (1, 2.0)]
+    nan = float("nan")
+    assert [i for i, _ in ranking([nan, 1.0, nan, -1.0, nan])] == [1, 3, 0, 2, 4]  # NaN last, in input order
+    assert ranking([]) == [] and ranking(np.array([1, 3], dtype=np.float32), top_k=1) == [(1, 3.0)]
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,19 @@ def test_rerank_orders_the_candidates_by_compute_score(index, reranker):
     assert len(index.search(QUERIES[0], k=4, reranker=reranker, rerank_top_k=2)) == 2
 
 
+def test_a_reranker_set_to_several_layers_is_refused(index, golden_dir):
+    from bgekit import LayerWiseFlagLLMReranker
+
+    folder = str(golden_dir / "models" / "minicpm-layerwise")
+    several = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[1, 2])
+    with pytest.raises(InputError, match=r"scores for 2 layers \(cutoff_layers=\[1, 2\]\); ranking needs one"):
+        index.search(QUERIES[0], k=2, reranker=several, rerank_top_k=3)
+    one = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[2])
+    hits = index.search(QUERIES[0], k=2, reranker=one, rerank_top_k=3)
+    expected = one.compute_score([(QUERIES[0], h.text) for h in hits])
+    np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-6)
+
+
 def test_save_load_round_trip_and_the_cli_reads_it(tmp_path, embedder, index):
     folder = index.save(tmp_path / "lib-index")
     assert {p.name for p in folder.iterdir()} == {"index.faiss", "ids.json", "docs.jsonl", "index.json"}

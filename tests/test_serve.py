@@ -854,6 +854,27 @@ def test_rerank_order_follows_the_raw_scores(tiny_xlmr_reranker):
     assert [r["index"] for r in results] == [1, 0, 2] and {r["relevance_score"] for r in results} == {1.0}
 
 
+def test_rerank_serves_one_layer_several_cutoff_layers_are_refused(golden_dir):
+    """A served reranker gives one score a document: --cutoff-layers 1,2 is refused before anything loads (it
+    served the last layer without a word), as is an engine around a model set to several layers."""
+    from bgekit import InputError, LayerWiseFlagLLMReranker
+    from bgekit.serve.engines import RerankEngine
+
+    from .serving import BGEKIT
+
+    folder = str(golden_dir / "models" / "minicpm-layerwise")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGEKIT_")}
+    # a subprocess with a time limit: a server that starts instead of refusing fails the test, not hangs it
+    args = [BGEKIT, "serve", "--reranker", folder, "--cutoff-layers", "1,2"]
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "--cutoff-layers 1,2: a served reranker gives one score a document" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    several = LayerWiseFlagLLMReranker(folder, devices="cpu", cutoff_layers=[1, 2])
+    with pytest.raises(InputError, match=r"scores for 2 layers \(cutoff_layers=\[1, 2\]\)"):
+        RerankEngine("lw", folder, several, 1024)
+
+
 def test_an_embedder_reranker_413_counts_its_rerank_instruction(minilm_dir):
     """The query's tokens in the 413 are those the model reads: the rerank instruction included."""
     from bgekit.serve.engines import InputTooLong, RerankEngine

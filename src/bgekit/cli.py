@@ -376,6 +376,7 @@ def rerank(
     --top-k prints the best K only; -o also writes every score as JSONL in input order."""
     from . import hub, io
     from .models.reranker import Reranker
+    from .models.scoring import ranking, sigmoid
 
     if not query.strip():
         raise typer.BadParameter("the query is empty", param_hint="--query")
@@ -384,14 +385,16 @@ def rerank(
     name = model or hub.default_model("reranker")
     options = {**packing_options(packed), **backend_options(backend, name, reranker=True)}
     reranker = Reranker.from_pretrained(name, **precision_options(fp16, bf16), devices=device or None, **options)
-    scores = reranker.compute_score(
+    raw = reranker.compute_score(
         [(query, r.text) for r in records],
         batch_size=batch_size,
         max_length=max_length,
-        normalize=normalize,
+        normalize=False,
         show_progress_bar=sys.stderr.isatty(),
     )
-    ranked = sorted(range(len(records)), key=lambda i: -scores[i])
+    scores = sigmoid(raw) if normalize else raw
+    # ranked by the raw score, as Reranker.rank and the server: a sigmoid ties every logit above ~37 at 1.0
+    ranked = [index for index, _ in ranking(raw)]
     rank_of = {index: rank for rank, index in enumerate(ranked, start=1)}
     if output is not None:
         io.write_jsonl(

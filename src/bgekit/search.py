@@ -271,7 +271,7 @@ class SearchIndex:
             [Hit(id='d1', score=7.1, text='Pandas They eat bamboo.', rank=1), ...]
         """
         from .eval.retrieval import encode_queries, load_reranker, normalize_rows
-        from .models.scoring import order_by_score, score_list
+        from .models.scoring import ranking, raw_and_shown
 
         texts, single = as_text_list(queries, "queries")
         for i, text in enumerate(texts):
@@ -280,7 +280,7 @@ class SearchIndex:
         _check_positive("k", k)
         _check_positive("rerank_top_k", rerank_top_k)
         if reranker is not None:
-            reranker = load_reranker(reranker, None)
+            reranker = load_reranker(reranker, None)  # refuses one set to score several layers
         embedder = self._query_model()
         vectors = normalize_rows(encode_queries(embedder, texts, self.query_instruction, batch_size, self.max_length))
         if vectors.shape[1] != self.dim:
@@ -300,12 +300,12 @@ class SearchIndex:
             options = {} if reranker_batch_size is None else {"batch_size": reranker_batch_size}
             if show_progress_bar is not None:
                 options["show_progress_bar"] = show_progress_bar
-            new = score_list(reranker.compute_score(pairs, **options), len(pairs)) if pairs else []
+            raw, shown = raw_and_shown(reranker, pairs, **options)
             reranked, start = [], 0
             for hits in found:
-                own = new[start : start + len(hits)]
+                own = range(start, start + len(hits))
                 start += len(hits)
-                reranked.append([(hits[i][0], own[i]) for i in order_by_score(own)])
+                reranked.append([(hits[i][0], shown[own[i]]) for i, _ in ranking(raw[own.start : own.stop])])
             found = reranked
         results = [
             [Hit(self.ids[r], s, doc_texts[r], rank) for rank, (r, s) in enumerate(hits[:k], start=1)] for hits in found

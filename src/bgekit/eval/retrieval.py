@@ -418,12 +418,18 @@ def load_embedder(model: Any, query_instruction: str | None, options: Mapping[st
 
 
 def load_reranker(reranker: Any, options: Mapping[str, Any] | None):
+    """``reranker``, loaded when it is a name or folder; one set to score several cutoff layers is refused
+    (reranking needs one score a document), before the model loads and before any retrieval runs."""
+    from ..models.scoring import check_one_layer
+
     if isinstance(reranker, (str, Path)):
         from ..models.reranker import Reranker
 
+        check_one_layer(None, options)
         return Reranker.from_pretrained(str(reranker), **dict(options or {}))
     if not hasattr(reranker, "compute_score"):
         raise InputError(f"reranker must be a bgekit Reranker or a model name / folder, got {type(reranker).__name__}")
+    check_one_layer(reranker)
     return reranker
 
 
@@ -770,7 +776,11 @@ def rerank_run(
     show_progress_bar: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score each query's top ``top_n`` (query text, document text) pairs with ``reranker``;
-    the reranked run holds those documents with the reranker's scores."""
+    the reranked run holds those documents with the reranker's scores. A layerwise reranker set to score
+    several cutoff layers is refused (:class:`~bgekit.InputError`): a run needs one score a document."""
+    from ..models.scoring import check_one_layer, score_list
+
+    check_one_layer(reranker)
     texts = dict(zip(dataset.corpus_ids, dataset.corpus_texts, strict=True))
     owners: list[tuple[str, str]] = []
     pairs: list[tuple[str, str]] = []
@@ -783,10 +793,7 @@ def rerank_run(
     scores = reranker.compute_score(
         pairs, batch_size=batch_size, max_length=max_length, show_progress_bar=show_progress_bar
     )
-    scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)  # a custom model's numpy array too
-    if scores and isinstance(scores[0], list):  # layerwise rerankers: one list per cutoff layer
-        logger.info("the reranker returned scores for %d layers; using the last", len(scores))
-        scores = scores[-1]
+    scores = score_list(scores, len(pairs))  # a custom model's numpy array too; several layers are refused
     reranked: dict[str, dict[str, float]] = {q: {} for q in run}
     for (query_id, doc_id), score in zip(owners, scores, strict=True):
         reranked[query_id][doc_id] = float(score)

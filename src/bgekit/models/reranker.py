@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import hub, registry
@@ -29,16 +28,10 @@ from .embedder import Embedder, unescape_format
 from .flag_pool import RerankerPoolMethods
 from .inputs import as_pair_list
 from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
-from .scoring import RankMethods
+from .scoring import RankMethods, sigmoid
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def sigmoid(scores: Sequence[float]) -> list[float]:
-    """``1 / (1 + exp(-x))`` in float64, as FlagEmbedding's ``normalize=True``."""
-    values = np.asarray(scores, dtype=np.float64)
-    return (1.0 / (1.0 + np.exp(-values))).tolist()
 
 
 class Reranker(RankMethods, RerankerPoolMethods):

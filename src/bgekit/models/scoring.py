@@ -15,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,31 @@ def check_top_k(top_k: Any, name: str = "top_k") -> None:
         raise InputError(f"{name} must be a positive integer or None, got {top_k!r}")
 
 
+def sigmoid(scores: Sequence[float]) -> list[float]:
+    """``1 / (1 + exp(-x))`` in float64, as FlagEmbedding's ``normalize=True``."""
+    values = np.asarray(scores, dtype=np.float64)
+    return (1.0 / (1.0 + np.exp(-values))).tolist()
+
+
+def _several_layers(count: int, layers: Any = None) -> InputError:
+    asked = f" (cutoff_layers={list(layers)})" if layers is not None else ""
+    return InputError(
+        f"the reranker gives scores for {count} layers{asked}; ranking needs one score a document: "
+        "use one cutoff layer (cutoff_layers=[N], when building the reranker or in the call)"
+    )
+
+
+def check_one_layer(reranker: Any, options: Mapping[str, Any] | None = None) -> None:
+    """An :class:`InputError` when ``reranker`` (a layerwise or lightweight LLM reranker) is set to score
+    several cutoff layers, by ``options["cutoff_layers"]`` or its own ``cutoff_layers``: a ranking needs one
+    score a document. Checked before any scoring, so a long job fails at once, not after the forward."""
+    layers = (options or {}).get("cutoff_layers")
+    if layers is None:
+        layers = getattr(reranker, "cutoff_layers", None)
+    if isinstance(layers, Sequence) and not isinstance(layers, str) and len(layers) > 1:
+        raise _several_layers(len(layers), layers)
+
+
 def score_list(scores: Any, count: int) -> list[float]:
     """What a reranker's ``compute_score`` returned for ``count`` pairs, as ``count`` floats: a list, a numpy
     array, a tensor or (a custom model's, for one pair) a bare number. Scores for several layers (a layerwise
@@ -44,19 +70,33 @@ def score_list(scores: Any, count: int) -> list[float]:
         scores = [scores]
     scores = list(scores)
     if scores and isinstance(scores[0], (list, tuple)):
-        raise InputError(
-            f"the reranker returned scores for {len(scores)} layers; ranking needs one score a document: "
-            "build it with one cutoff layer (cutoff_layers=[N])"
-        )
+        raise _several_layers(len(scores))
     if len(scores) != count:
         raise InputError(f"the reranker returned {len(scores)} scores for {count} documents")
     return [float(s) for s in scores]
 
 
-def order_by_score(scores: Sequence[float]) -> list[int]:
-    """Positions of ``scores``, best first; ties keep input order (``sorted`` is stable), as
-    sentence-transformers' ``rank``."""
-    return sorted(range(len(scores)), key=lambda i: -scores[i])
+def ranking(scores: Sequence[float], top_k: int | None = None) -> list[tuple[int, float]]:
+    """``(position, score)`` pairs of ``scores``, best first, at most ``top_k``: score descending, ties in
+    input order (as sentence-transformers' ``rank``), a NaN score last. The one ordering rule of
+    :meth:`~RankMethods.rank`, :meth:`~bgekit.SearchIndex.search`, ``bgekit rerank`` and the server's rerank
+    routes. Rank raw scores (logits): a sigmoid turns every logit above ~37 into 1.0 and would tie them."""
+    values = [float(s) for s in scores]
+    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i]))
+    return [(i, values[i]) for i in order[:top_k]]
+
+
+def raw_and_shown(reranker: Any, pairs: list[tuple[str, str]], **options: Any) -> tuple[list[float], list[float]]:
+    """``(raw, shown)`` scores of ``pairs``: the raw scores to rank by and the scores to show, which are their
+    sigmoid when ``normalize`` (the option, else the reranker's own setting) asks for it, as
+    ``compute_score(normalize=True)`` gives them."""
+    check_one_layer(reranker, options)
+    asked = options.pop("normalize", None)
+    normalize = bool(getattr(reranker, "normalize", False)) if asked is None else bool(asked)
+    if asked is not None or hasattr(reranker, "normalize"):  # a custom compute_score may take no normalize
+        options["normalize"] = False
+    raw = score_list(reranker.compute_score(pairs, **options), len(pairs)) if pairs else []
+    return raw, sigmoid(raw) if normalize else raw
 
 
 def rank_documents(
@@ -77,11 +117,10 @@ def rank_documents(
     check_top_k(top_k)
     if not isinstance(return_documents, bool):
         raise InputError(f"return_documents must be True or False, got {return_documents!r}")
-    raw = reranker.compute_score([(query, text) for text in texts], **score_options)
-    scores = score_list(raw, len(texts))
+    raw, shown = raw_and_shown(reranker, [(query, text) for text in texts], **score_options)
     results = []
-    for i in order_by_score(scores)[:top_k]:
-        result: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
+    for i, _ in ranking(raw, top_k):
+        result: dict[str, Any] = {"corpus_id": i, "score": shown[i]}
         if return_documents:
             result["text"] = texts[i]
         results.append(result)

@@ -168,11 +168,18 @@ def cors_origins(origins: list[str]) -> tuple[str, ...]:
 
 def reranker_layer_options(rerankers: list[str], **given: object) -> dict[str, object]:
     """``--cutoff-layers`` / ``--compress-*`` as reranker options, refused for a served reranker of a
-    family that has no such layers (before any model loads)."""
+    family that has no such layers, and several cutoff layers refused (a ranking needs one score a
+    document), before any model loads."""
     from .. import hub, registry
     from ..errors import InputError
 
     chosen = {key: value for key, value in given.items() if value is not None}
+    layers = chosen.get("cutoff_layers")
+    if isinstance(layers, list) and len(layers) > 1:
+        raise InputError(
+            f"--cutoff-layers {','.join(map(str, layers))}: a served reranker gives one score a document; "
+            f"give one layer (e.g. --cutoff-layers {layers[-1]})"
+        )
     if chosen and not rerankers:
         flags = ", ".join("--" + key.replace("_", "-") for key in sorted(chosen))
         raise InputError(f"{flags} set the served reranker's layers, but no --reranker is served")

@@ -6,7 +6,7 @@ Nothing here re-implements the encode path. Tokenization is the model's own
 ``encode_tokenized`` / ``score_tokenized`` (the same pooling and heads, through the same
 :class:`~bgekit.models.base.ModelHost` with its OOM back-off), and post-processing is the
 model's ``postprocess`` (``dimensions`` as ``truncate_dim``, then normalization) or
-:func:`~bgekit.models.reranker.sigmoid`. So a served vector equals the library's vector for
+:func:`~bgekit.models.scoring.sigmoid`. So a served vector equals the library's vector for
 the same text, up to float rounding from a different batch padding.
 
 Rerankers without a tokenized scoring path (layerwise / lightweight LLM rerankers, and
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..models.scoring import check_one_layer, ranking, score_list, sigmoid
 from ..models.tokenization import Tokenized
 from ..runtime.batching import length_sorted_batches
 from .batcher import Beat, Work
@@ -340,6 +341,7 @@ class RerankEngine:
     def __init__(
         self, name: str, source: str, model: Any, max_batch_tokens: int, *, max_length_option: int | None = None
     ):
+        check_one_layer(model)  # a ranking needs one score a document
         self.name, self.source, self.model = name, source, model
         self.max_batch_tokens = max_batch_tokens
         self.max_length_option = max_length_option  # the server's --max-length, for the 413 message
@@ -493,9 +495,7 @@ class RerankEngine:
 
             def run(indices: list[int]) -> list[float]:
                 scores = self.model.compute_score([pairs[i] for i in indices], batch_size=len(indices), normalize=False)
-                if scores and isinstance(scores[0], list):  # layerwise with several cutoffs: the last layer
-                    scores = scores[-1]
-                return scores
+                return score_list(scores, len(indices))  # one layer: `bgekit serve` refuses several
 
         return split(run_chunks(lengths, self.max_batch_tokens, run, beat), works)
 
@@ -542,13 +542,9 @@ class RerankEngine:
         scores: list[float], *, documents: list[str], top_n: int | None, return_documents: bool, raw_scores: bool
     ) -> list[dict[str, Any]]:
         """``[{index, relevance_score[, document]}]`` best first, at most ``top_n``."""
-        from ..models.reranker import sigmoid
-
         values = [float(s) for s in scores] if raw_scores else sigmoid(scores)
-        # by the raw score: the sigmoid rounds every logit above ~37 to 1.0, and their order with it
-        order = sorted(range(len(values)), key=lambda i: -float(scores[i]))
         results = []
-        for index in order[:top_n]:
+        for index, _ in ranking(scores, top_n):  # by the raw score, as Reranker.rank and `bgekit rerank`
             result: dict[str, Any] = {"index": index, "relevance_score": values[index]}
             if return_documents:
                 result["document"] = {"text": documents[index]}
