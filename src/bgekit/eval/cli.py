@@ -28,6 +28,27 @@ class Quantization(StrEnum):
     binary = "binary"
 
 
+class M3Modes(StrEnum):
+    dense = "dense"
+    sparse = "sparse"
+    dense_sparse = "dense+sparse"
+    all = "all"
+
+
+def parse_m3_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise typer.BadParameter(
+            f"expected three numbers dense,sparse,colbert, got {text!r}", param_hint="--m3-weights"
+        )
+    return values
+
+
 class ScoreFunction(StrEnum):
     cosine = "cosine"
     dot = "dot"
@@ -108,6 +129,17 @@ def eval_retrieval(
     score_function: Annotated[ScoreFunction, typer.Option(help="cosine (MTEB) or dot.")] = ScoreFunction.cosine,
     index: Annotated[IndexKind, typer.Option(help="flat (exact), ivf or hnsw.")] = IndexKind.flat,
     quantization: Annotated[Quantization, typer.Option(help="none, int8 or binary codes.")] = Quantization.none,
+    m3_modes: Annotated[
+        M3Modes | None,
+        typer.Option(
+            help="BGE-M3 only: retrieve by dense, sparse (lexical weights), dense+sparse (weighted sum) or all "
+            "(dense+sparse, then the top --rerank-top-k rescored with dense, sparse and ColBERT scores)."
+        ),
+    ] = None,
+    m3_weights: Annotated[
+        str | None,
+        typer.Option(help="Weights dense,sparse,colbert for --m3-modes (default 1,0.3,1, the bge-m3 paper's)."),
+    ] = None,
     ignore_identical_ids: Annotated[
         bool, typer.Option(help="Drop a retrieved document whose id equals the query id (ArguAna-style).")
     ] = False,
@@ -150,6 +182,8 @@ def eval_retrieval(
         ignore_identical_ids=ignore_identical_ids,
         index=index.value,
         quantization=quantization.value,
+        m3_modes=m3_modes.value if m3_modes is not None else None,
+        m3_weights=parse_m3_weights(m3_weights),
         cache_dir=cache_dir,
         use_cache=cache,
         chunk_size=chunk_size,

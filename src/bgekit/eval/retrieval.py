@@ -103,7 +103,7 @@ class RetrievalResult:
             f"{info['queries']} queries, {info['documents']} documents, "
             + (f"{info['answers']} answers" if "answers" in info else f"{info['judgments']} judgments")
             + "; "
-            f"search: {self.settings.get('index', 'flat')} {self.settings.get('score_function', 'cosine')}"
+            f"search: {self._search_words()}"
             + (f"; reranked top {self.rerank_top_k} with {self.reranker}" if self.reranker else ""),
             "",
             metrics_mod.metric_table(self.metrics, self.k_values),
@@ -117,8 +117,29 @@ class RetrievalResult:
             ]
         timing = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in self.timings.items())
         cache = _CACHE_WORDS.get(self.cache.get("status", "off"), self.cache.get("status"))
-        lines += ["", f"Timings: {timing}. Corpus embeddings: {cache}."]
+        what = "lexical weights" if self.cache.get("output") == "lexical_weights" else "embeddings"
+        cached = f"Corpus {what}: {cache}"
+        if isinstance(self.cache.get("lexical_weights"), dict):
+            status = self.cache["lexical_weights"].get("status", "off")
+            cached += f"; lexical weights: {_CACHE_WORDS.get(status, status)}"
+        lines += ["", f"Timings: {timing}. {cached}."]
         return "\n".join(lines) + "\n"
+
+    def _search_words(self) -> str:
+        """How the first stage searched (and, for M3's "all", how it was rescored), for the report."""
+        dense = f"{self.settings.get('index', 'flat')} {self.settings.get('score_function', 'cosine')}"
+        mode = self.settings.get("m3_modes")
+        if mode is None:
+            return dense
+        w_dense, w_sparse, w_colbert = (f"{w:g}" for w in self.settings["m3_weights"])
+        words = {
+            "dense": f"M3 dense ({dense})",
+            "sparse": "M3 sparse (lexical weights)",
+            "dense+sparse": f"M3 dense+sparse ({w_dense} * dense + {w_sparse} * sparse)",
+            "all": f"M3 dense+sparse ({w_dense} * dense + {w_sparse} * sparse), top {self.rerank_top_k} rescored "
+            f"by M3 all ({w_dense}:{w_sparse}:{w_colbert} dense:sparse:colbert)",
+        }
+        return words.get(mode, mode)
 
     def save(self, output: str | Path) -> dict[str, str]:
         """Write ``OUT.json``, ``OUT.md`` and TREC run files (``OUT.trec``; with a reranker also
@@ -200,6 +221,8 @@ def evaluate_retrieval(
     ignore_identical_ids: bool = False,
     index: str = "flat",
     quantization: str | None = None,
+    m3_modes: str | None = None,
+    m3_weights: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -231,6 +254,12 @@ def evaluate_retrieval(
         score_function: ``"cosine"`` (MTEB's; vectors are normalized before the inner product)
             or ``"dot"``.
         index / quantization: :class:`~bgekit.eval.index.DenseIndex` options (exact ``flat`` by default).
+        m3_modes: for a :class:`~bgekit.BGEM3FlagModel` only, which of its scores retrieve (the bge-m3
+            paper's rows): ``"dense"``, ``"sparse"`` (lexical weights, :class:`~bgekit.eval.index.SparseIndex`),
+            ``"dense+sparse"`` (``w_dense * dense + w_sparse * sparse`` over both lists,
+            :func:`~bgekit.eval.index.fuse_runs`) or ``"all"`` (that first stage, then each query's top
+            ``rerank_top_k`` rescored by ``compute_score``'s ``"colbert+sparse+dense"``). Default: dense.
+        m3_weights: ``[dense, sparse, colbert]`` for ``m3_modes`` (default ``[1, 0.3, 1]``, the paper's).
         cache_dir / use_cache / chunk_size: where corpus embeddings are cached (default
             ``$BGEKIT_CACHE`` or ``~/.cache/bgekit``, under ``eval/``), and in how many
             documents a chunk (the unit a killed run resumes from).
@@ -246,6 +275,7 @@ def evaluate_retrieval(
         raise InputError(f"rerank_top_k must be a positive integer, got {rerank_top_k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    weights = check_m3_modes(m3_modes, m3_weights, reranker)
     from .index import require_faiss
 
     require_faiss()  # a missing eval extra is named now, not after the corpus is encoded
@@ -267,7 +297,7 @@ def evaluate_retrieval(
             batch_size=batch_size, max_length=max_length, reranker_batch_size=reranker_batch_size,
             reranker_max_length=reranker_max_length, ignore_identical_ids=ignore_identical_ids, index=index,
             quantization=quantization, cache_dir=cache_dir, use_cache=use_cache, chunk_size=chunk_size,
-            show_progress_bar=show_progress_bar, on_chunk=on_chunk,
+            show_progress_bar=show_progress_bar, on_chunk=on_chunk, m3_modes=m3_modes, m3_weights=m3_weights,
         )  # fmt: skip
     if not isinstance(dataset, RetrievalDataset):
         dataset = load_retrieval_dataset(dataset, split, cache_dir=downloads)
@@ -280,45 +310,76 @@ def evaluate_retrieval(
     rerank_model = load_reranker(reranker, reranker_options) if reranker is not None else None
     timings["load_models_s"] = time.perf_counter() - tick
 
+    if m3_modes is not None:
+        check_m3_model(embedder)
+    use_dense, use_sparse = m3_modes in (None, "dense", "dense+sparse", "all"), m3_modes not in (None, "dense")
+    corpus_vectors = corpus_weights = None
+    cache: dict[str, Any] = {}
     tick = time.perf_counter()
-    corpus_vectors, cache = embed_corpus(
-        embedder,
-        dataset,
-        cache_root=root if use_cache else None,
-        chunk_size=chunk_size,
-        batch_size=batch_size,
-        max_length=max_length,
-        show_progress_bar=show_progress_bar,
-        on_chunk=on_chunk,
-    )
+    if use_dense:
+        corpus_vectors, cache = embed_corpus(
+            embedder,
+            dataset,
+            cache_root=root if use_cache else None,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+            max_length=max_length,
+            show_progress_bar=show_progress_bar,
+            on_chunk=on_chunk,
+        )
+    if use_sparse:
+        corpus_weights, sparse_cache = corpus_lexical_weights(
+            embedder,
+            dataset,
+            cache_root=root if use_cache else None,
+            batch_size=batch_size,
+            max_length=max_length,
+            show_progress_bar=show_progress_bar,
+        )
+        cache = (
+            {**cache, "lexical_weights": sparse_cache} if use_dense else {**sparse_cache, "output": "lexical_weights"}
+        )
     timings["encode_corpus_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     query_ids = list(dataset.queries)
-    query_vectors = encode_queries(
-        embedder, [dataset.queries[q] for q in query_ids], query_instruction, batch_size, max_length
-    )
+    query_texts = [dataset.queries[q] for q in query_ids]
+    if use_dense:
+        query_vectors = encode_queries(embedder, query_texts, query_instruction, batch_size, max_length)
+    if use_sparse:
+        query_weights = encode_query_weights(embedder, query_texts, query_instruction, batch_size, max_length)
     timings["encode_queries_s"] = time.perf_counter() - tick
 
-    from .index import DenseIndex, to_run
+    from .index import DenseIndex, SparseIndex, fuse_runs, to_run
 
-    tick = time.perf_counter()
-    if score_function == "cosine":
-        corpus_vectors = normalize_rows(corpus_vectors)
-        query_vectors = normalize_rows(query_vectors)
-    dense_index = DenseIndex.build(corpus_vectors, dataset.corpus_ids, kind=index, quantization=quantization)
-    timings["index_s"] = time.perf_counter() - tick
-    depth = top_k or max(max(k_values), rerank_top_k if rerank_model is not None else 0)
+    rescore = rerank_model is not None or m3_modes == "all"
+    depth = top_k or max(max(k_values), rerank_top_k if rescore else 0)
     if depth < max(k_values):
         logger.warning(
             "top_k=%d retrieves fewer documents than k=%d: metrics @%d count only the first %d",
             depth, max(k_values), max(k_values), depth,
         )  # fmt: skip
-    tick = time.perf_counter()
     # deeper by what is to be skipped (a query's own document, its excluded ones), so each keeps ``depth`` others
     extra = (1 if ignore_identical_ids else 0) + max((len(d) for d in dataset.excluded.values()), default=0)
-    scores, rows = dense_index.search(query_vectors, depth + extra)
-    run = to_run(query_ids, scores, rows, dataset.corpus_ids)
+    runs = []
+    tick = time.perf_counter()
+    if use_dense:
+        if score_function == "cosine":
+            corpus_vectors = normalize_rows(corpus_vectors)
+            query_vectors = normalize_rows(query_vectors)
+        dense_index = DenseIndex.build(corpus_vectors, dataset.corpus_ids, kind=index, quantization=quantization)
+    if use_sparse:
+        sparse_index = SparseIndex.build(corpus_weights, dataset.corpus_ids)
+    timings["index_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    if use_dense:
+        scores, rows = dense_index.search(query_vectors, depth + extra)
+        runs.append(to_run(query_ids, scores, rows, dataset.corpus_ids))
+    if use_sparse:
+        scores, rows = sparse_index.search(query_weights, depth + extra)
+        runs.append(to_run(query_ids, scores, rows, dataset.corpus_ids))
+    # two lists: the paper's Dense+Sparse, w_dense * s_dense + w_sparse * s_lex over the union of both
+    run = runs[0] if len(runs) == 1 else fuse_runs(runs, weights[:2], k=depth + extra)
     if dataset.excluded:  # BRIGHT's excluded_ids: dropped from the results, as FlagEmbedding's BRIGHT searcher does
         run = without_excluded(run, dataset.excluded, depth + (1 if ignore_identical_ids else 0))
     if ignore_identical_ids:  # before reranking and the TREC file: BEIR's and MTEB's search drop it there
@@ -337,6 +398,13 @@ def evaluate_retrieval(
             batch_size=reranker_batch_size,
             max_length=reranker_max_length,
             show_progress_bar=show_progress_bar,
+        )
+        timings["rerank_s"] = time.perf_counter() - tick
+    elif m3_modes == "all":
+        tick = time.perf_counter()
+        retrieval_run = run
+        run = m3_rescore_run(
+            embedder, dataset, retrieval_run, rerank_top_k, weights, batch_size=batch_size, max_length=max_length
         )
         timings["rerank_s"] = time.perf_counter() - tick
 
@@ -365,7 +433,7 @@ def evaluate_retrieval(
         retrieval_metrics=retrieval_metrics,
         retrieval_run=retrieval_run,
         reranker=rerank_model.model_name_or_path if rerank_model is not None else None,
-        rerank_top_k=rerank_top_k if rerank_model is not None else None,
+        rerank_top_k=rerank_top_k if rescore else None,
         cache=cache,
         settings={
             "score_function": score_function,
@@ -376,11 +444,142 @@ def evaluate_retrieval(
             "ignore_identical_ids": ignore_identical_ids,
             "excluded_documents": bool(dataset.excluded),
             "max_length": max_length,
+            **({"m3_modes": m3_modes, "m3_weights": list(weights)} if m3_modes is not None else {}),
         },
     )
     if output is not None:
         result.save(output)
     return result
+
+
+# -- BGE-M3's sparse and hybrid modes ---------------------------------------------------------------
+M3_MODES = ("dense", "sparse", "dense+sparse", "all")
+#: the bge-m3 paper's weights [dense, sparse, colbert]: Dense+Sparse is ``1 * dense + 0.3 * sparse``,
+#: All ``1 * dense + 0.3 * sparse + 1 * colbert`` (as FlagEmbedding's MIRACL/MLDR hybrid scripts)
+DEFAULT_M3_WEIGHTS = (1.0, 0.3, 1.0)
+
+
+def check_m3_modes(modes: str | None, weights: Sequence[float] | None, reranker: Any) -> tuple[float, float, float]:
+    """The ``[dense, sparse, colbert]`` weights for ``modes``, or an :class:`InputError` for a mode that is
+    none of :data:`M3_MODES`, weights that are not three finite numbers, weights without a mode, or
+    ``"all"`` with a reranker (both rescore the first stage)."""
+    from ..models.m3 import _mode_weights
+
+    if modes is None:
+        if weights is not None:
+            raise InputError("m3_weights (--m3-weights) only applies with m3_modes (--m3-modes)")
+        return DEFAULT_M3_WEIGHTS
+    if modes not in M3_MODES:
+        raise InputError(f"m3_modes (--m3-modes) must be one of {', '.join(M3_MODES)}; got {modes!r}")
+    if modes == "all" and reranker is not None:
+        raise InputError("m3_modes 'all' reranks with BGE-M3's own scores: it cannot be combined with a reranker")
+    try:
+        return _mode_weights(DEFAULT_M3_WEIGHTS if weights is None else weights)
+    except InputError as exc:
+        raise InputError(str(exc).replace("weights_for_different_modes", "m3_weights (--m3-weights)")) from None
+
+
+def check_m3_model(embedder: Any) -> None:
+    """An :class:`InputError` unless ``embedder`` is a BGE-M3 model (lexical weights and ColBERT vectors)."""
+    from ..models.m3 import BGEM3FlagModel
+
+    if not isinstance(embedder, BGEM3FlagModel):
+        raise InputError(
+            f"m3_modes (--m3-modes) needs a BGE-M3 model; {getattr(embedder, 'model_name_or_path', '')} "
+            f"loads as {type(embedder).__name__}, which has dense vectors only"
+        )
+
+
+def encode_query_weights(embedder: Any, texts: list[str], query_instruction: str | None, batch_size, max_length):
+    """M3's queries' lexical weights as a CSR matrix (the query instruction as :func:`encode_queries`)."""
+    out = _with_instruction(embedder, query_instruction).encode_queries(
+        texts, batch_size=batch_size, max_length=max_length, return_dense=False, return_sparse=True
+    )
+    return embedder.lexical_weights_to_csr(list(out["lexical_weights"]))
+
+
+def corpus_lexical_weights(
+    embedder: Any,
+    dataset: RetrievalDataset,
+    *,
+    cache_root: Path | None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    show_progress_bar: bool | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The corpus's M3 lexical weights as a CSR matrix ``(documents, vocabulary)``, from the cache where
+    possible: ``lexical_weights.npz`` under a key of its own (the dense key plus the output's name), so
+    dense vectors and lexical weights of one model and corpus are cached side by side. Written whole
+    when the corpus is done (no chunks to resume from). Returns ``(matrix, info)``."""
+    from scipy import sparse
+
+    texts, n = dataset.corpus_texts, len(dataset.corpus_texts)
+
+    def encode():
+        out = embedder.encode_corpus(
+            texts, batch_size=batch_size, max_length=max_length, return_dense=False, return_sparse=True,
+            show_progress_bar=show_progress_bar,
+        )  # fmt: skip
+        return embedder.lexical_weights_to_csr(list(out["lexical_weights"]))
+
+    if cache_root is None:
+        return encode(), {"status": "off", "cached_documents": 0, "embedded_documents": n}
+    key = cache_key(embedder, dataset, max_length, output="lexical_weights")
+    folder = cache_root / "corpus" / key[:32]
+    path = folder / "lexical_weights.npz"
+    info: dict[str, Any] = {"path": str(folder), "key": key}
+    if path.exists():
+        try:
+            matrix = sparse.load_npz(path).tocsr()
+        except (OSError, ValueError) as exc:
+            logger.warning("cached lexical weights %s are unreadable (%s); encoding again", path, exc)
+        else:
+            if matrix.shape[0] == n:
+                return matrix, {**info, "status": "hit", "cached_documents": n, "embedded_documents": 0}
+            logger.warning(
+                "cached lexical weights %s have %d rows, the corpus %d; encoding again", path, matrix.shape[0], n
+            )
+    matrix = encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_meta(folder / "meta.json", embedder, dataset, max_length)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            sparse.save_npz(handle, matrix)
+
+    io.write_with(path, write)
+    return matrix, {**info, "status": "miss", "cached_documents": 0, "embedded_documents": n}
+
+
+def m3_rescore_run(
+    embedder: Any,
+    dataset: RetrievalDataset,
+    run: Mapping[str, Mapping[str, float]],
+    top_n: int,
+    weights: Sequence[float],
+    *,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """The bge-m3 paper's "All": each query's top ``top_n`` rescored by ``compute_score``'s
+    ``"colbert+sparse+dense"`` with ``weights`` (its weighted mean: the weighted sum over the weights'
+    sum, so the same order), as FlagEmbedding's MIRACL / MLDR rerank scripts; queries without an
+    instruction, as ``compute_score`` (and FlagEmbedding) scores them."""
+    texts = dict(zip(dataset.corpus_ids, dataset.corpus_texts, strict=True))
+    owners = [(q, d) for q, docs in run.items() for d, _ in metrics_mod.ranked(docs)[:top_n]]
+    rescored: dict[str, dict[str, float]] = {q: {} for q in run}
+    if not owners:
+        return rescored
+    scores = embedder.compute_score(
+        [(dataset.queries[q], texts[d]) for q, d in owners],
+        batch_size=batch_size,
+        max_query_length=max_length,
+        max_passage_length=max_length,
+        weights_for_different_modes=list(weights),
+    )["colbert+sparse+dense"]
+    for (query_id, doc_id), score in zip(owners, scores, strict=True):
+        rescored[query_id][doc_id] = float(score)
+    return {query_id: dict(metrics_mod.ranked(docs)) for query_id, docs in rescored.items()}  # best first
 
 
 def without_self_hits(run: Mapping[str, Mapping[str, float]], depth: int) -> dict[str, dict[str, float]]:
@@ -448,12 +647,17 @@ def encode_queries(embedder: Any, texts: list[str], query_instruction: str | Non
     """Queries through the model's own query path (M3's dense vectors, ICL's examples); an instruction
     given for an Embedder instance replaces its own on a shallow copy (for a name it was set at load time)."""
     kwargs = {"batch_size": batch_size, "max_length": max_length}
+    return _dense(_with_instruction(embedder, query_instruction).encode_queries(texts, **kwargs))
+
+
+def _with_instruction(embedder: Any, query_instruction: str | None) -> Any:
+    """``embedder``, or a shallow copy of it with ``query_instruction`` in place of its own."""
     if query_instruction is not None and query_instruction != (embedder.query_instruction_for_retrieval or ""):
         embedder = copy.copy(embedder)  # shares the loaded model; the caller's keeps its instruction
         embedder.query_instruction_for_retrieval = query_instruction or None
         if hasattr(embedder, "set_examples"):  # ICL: the examples' default instruction changes with it
             embedder.set_examples()
-    return _dense(embedder.encode_queries(texts, **kwargs))
+    return embedder
 
 
 def _dense(output: Any) -> np.ndarray:
@@ -623,13 +827,17 @@ def cacheable(embedder: Any) -> bool:
     return bool(_folder_fingerprint(str(getattr(embedder, "model_name_or_path", "") or "")))
 
 
-def cache_key(embedder: Any, dataset: RetrievalDataset, max_length: int | None) -> str:
+def cache_key(embedder: Any, dataset: RetrievalDataset, max_length: int | None, output: str = "dense") -> str:
+    """The cache key of a model's ``output`` for a corpus: dense vectors' keys hold no output name (the
+    keys caches were written under before M3's lexical weights were cached), other outputs' do."""
     payload = {
         "version": CACHE_VERSION,
         "model": model_identity(embedder),
         "corpus": dataset.fingerprint(),
         "max_length": max_length,
     }
+    if output != "dense":
+        payload["output"] = output
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
