@@ -163,3 +163,54 @@ def test_refused_for_a_model_without_sparse_weights(tiny_bert, beir, tmp_path):
     assert "--m3-modes) needs a BGE-M3 model" in result.stderr
     with pytest.raises(InputError, match="needs a BGE-M3 model"):
         evaluate_retrieval(Embedder.from_pretrained(str(tiny_bert)), beir, m3_modes="all", use_cache=False)
+
+
+# -- SearchIndex ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def m3_index(m3):
+    from bgekit import SearchIndex
+
+    return SearchIndex.build(m3, [{"id": d, "title": t, "text": x} for d, (t, x) in DOCS.items()], m3_sparse=True)
+
+
+def hit_matrix(hits) -> np.ndarray:
+    return np.array([[{h.id: h.score for h in row}[d] for d in DOCS] for row in hits], dtype=np.float32)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "dense+sparse", "all"])
+def test_search_index_modes_score_as_the_model_does(m3_index, brute, mode):
+    hits = m3_index.search(list(QUERIES.values()), k=6, rerank_top_k=6, m3_modes=mode)
+    np.testing.assert_allclose(hit_matrix(hits), brute[mode], rtol=1e-5, atol=1e-5)
+    for row in hits:
+        assert [h.rank for h in row] == list(range(1, 7))
+        assert [h.score for h in row] == sorted((h.score for h in row), reverse=True)
+        assert all(h.text.endswith(DOCS[h.id][1]) for h in row)
+
+
+def test_search_index_keeps_lexical_weights_through_add_save_and_load(m3, m3_index, brute, tmp_path):
+    from bgekit import SearchIndex
+
+    records = [{"id": d, "title": t, "text": x} for d, (t, x) in DOCS.items()]
+    grown = SearchIndex.build(m3, records[:4], m3_sparse=True).add(records[4:])
+    grown.save(tmp_path / "idx")
+    assert (tmp_path / "idx" / "lexical_weights.npz").is_file()
+    loaded = SearchIndex.load(tmp_path / "idx", m3)
+    for index in (grown, loaded):
+        hits = index.search(list(QUERIES.values()), k=6, m3_modes="dense+sparse", m3_weights=[1, 0.3, 0])
+        np.testing.assert_allclose(hit_matrix(hits), brute["dense+sparse"], rtol=1e-5, atol=1e-5)
+    (tmp_path / "idx" / "lexical_weights.npz").unlink()
+    with pytest.raises(InputError, match=r"missing lexical_weights\.npz"):
+        SearchIndex.load(tmp_path / "idx", m3)
+
+
+def test_search_index_bad_m3_input(m3, m3_index, tiny_bert):
+    from bgekit import SearchIndex
+
+    dense_only = SearchIndex.build(m3, ["a", "b"])
+    with pytest.raises(InputError, match="build the index with m3_sparse=True"):
+        dense_only.search("a", m3_modes="sparse")
+    assert len(dense_only.search("a", k=2, m3_modes="dense")) == 2
+    with pytest.raises(InputError, match="must be one of dense, sparse, dense\\+sparse, all"):
+        m3_index.search("a", m3_modes="colbert")
+    with pytest.raises(InputError, match="m3_sparse needs a BGE-M3 model"):
+        SearchIndex.build(Embedder.from_pretrained(str(tiny_bert)), ["a"], m3_sparse=True)

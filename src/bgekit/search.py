@@ -33,6 +33,8 @@ from .models.inputs import _refuse_unordered, as_text_list
 logger = logging.getLogger(__name__)
 
 DOCS_FILE = "docs.jsonl"
+#: an M3 index's lexical weights (``SearchIndex.build(m3_sparse=True)``): a scipy CSR matrix, a row a document
+LEXICAL_FILE = "lexical_weights.npz"
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,11 @@ class SearchIndex:
         query_instruction: str | None = None,
         max_length: int | None = None,
         folder: str | Path | None = None,
+        sparse: Any = None,
     ):
         self.index = index
+        #: a BGE-M3 index's :class:`~bgekit.eval.index.SparseIndex` of lexical weights (``build(m3_sparse=True)``)
+        self.sparse = sparse
         self.embedder = embedder
         self._texts = texts
         #: the instruction queries get (``None``: the embedder's own; ``""``: none)
@@ -186,6 +191,7 @@ class SearchIndex:
         max_length: int | None = None,
         show_progress_bar: bool | None = None,
         meta: Mapping[str, Any] | None = None,
+        m3_sparse: bool = False,
         **index_options: Any,
     ) -> SearchIndex:
         """Embed ``documents`` with ``embedder`` (an :class:`~bgekit.Embedder` or a model name / folder) and
@@ -198,6 +204,9 @@ class SearchIndex:
         :meth:`DenseIndex.build <bgekit.eval.index.DenseIndex.build>` options (``nlist``, ``nprobe``,
         ``hnsw_m``, ``ef_search``, ``use_gpu``) pass through. ``max_length`` is the token limit of the
         documents (default: the model's) and later of the queries; ``meta`` adds fields to ``index.json``.
+        ``m3_sparse=True`` (a :class:`~bgekit.BGEM3FlagModel` only) keeps the documents' lexical weights too
+        (from the same forward pass), for :meth:`search`'s ``m3_modes`` ``"sparse"``, ``"dense+sparse"`` and
+        ``"all"``; :meth:`save` writes them to ``lexical_weights.npz``.
         """
         from .eval.index import DenseIndex, require_faiss
 
@@ -206,7 +215,12 @@ class SearchIndex:
         if max_length is not None:
             _check_positive("max_length", max_length)
         embedder = _embedder(embedder)
-        vectors = _embed_documents(embedder, texts, batch_size, max_length, show_progress_bar)
+        if m3_sparse:
+            from .eval.retrieval import check_m3_model
+
+            check_m3_model(embedder, "m3_sparse")
+        vectors, weights = _embed_documents(embedder, texts, batch_size, max_length, show_progress_bar, m3_sparse)
+        from .eval.index import SparseIndex
         from .eval.retrieval import vector_space
 
         record = {
@@ -217,10 +231,12 @@ class SearchIndex:
             "query_instruction": embedder.query_instruction_for_retrieval,
             "score_function": "cosine",
             "max_length": max_length,
+            **({"m3_sparse": LEXICAL_FILE} if m3_sparse else {}),
             **dict(meta or {}),
         }
         dense = DenseIndex.build(vectors, doc_ids, kind=kind, quantization=quantization, meta=record, **index_options)
-        return cls(dense, embedder, texts, max_length=max_length)
+        sparse = SparseIndex(weights, dense.ids) if m3_sparse else None
+        return cls(dense, embedder, texts, max_length=max_length, sparse=sparse)
 
     def add(
         self,
@@ -238,8 +254,16 @@ class SearchIndex:
         if clash is not None:
             raise InputError(f"document id {clash!r} is already in the index; every document needs its own id")
         current = self._all_texts()  # before the index grows: the texts stay aligned with the rows
-        vectors = _embed_documents(self._query_model(), texts, batch_size, self.max_length, show_progress_bar)
+        keep = self.sparse is not None
+        vectors, weights = _embed_documents(
+            self._query_model(), texts, batch_size, self.max_length, show_progress_bar, keep
+        )
         self.index.add(vectors, doc_ids)
+        if keep:
+            from scipy import sparse
+
+            self.sparse.matrix = sparse.vstack([self.sparse.matrix, weights], format="csr")
+            self.sparse.ids = self.index.ids
         self._texts = [*current, *texts]
         return self
 
@@ -254,6 +278,8 @@ class SearchIndex:
         batch_size: int | None = None,
         reranker_batch_size: int | None = None,
         show_progress_bar: bool | None = None,
+        m3_modes: str | None = None,
+        m3_weights: Sequence[float] | None = None,
     ) -> list[Hit] | list[list[Hit]]:
         """The best ``k`` documents for a query: a list of :class:`Hit`, best first (a list of such lists
         for a list of queries, in order).
@@ -266,11 +292,26 @@ class SearchIndex:
         name loads on each call: load it once (``Reranker.from_pretrained``) for many searches. ``batch_size``
         is the queries' encode batch size, ``reranker_batch_size`` the reranker's.
 
+        ``m3_modes`` (an index built with ``m3_sparse=True``), as ``bgekit eval retrieval --m3-modes``:
+        ``"dense"`` (the default), ``"sparse"`` (lexical weights), ``"dense+sparse"``
+        (``w_dense * dense + w_sparse * sparse`` over both lists, :func:`~bgekit.eval.index.fuse_runs`) or
+        ``"all"`` (that list's first ``max(k, rerank_top_k)``, the first ``rerank_top_k`` rescored by
+        ``compute_score``'s ``"colbert+sparse+dense"``); ``m3_weights`` ``[dense, sparse, colbert]``
+        (default ``[1, 0.3, 1]``). Scores are then those of the mode.
+
         Example:
             >>> index.search("what do pandas eat?", k=3, reranker=reranker, rerank_top_k=50)   # doctest: +SKIP
             [Hit(id='d1', score=7.1, text='Pandas They eat bamboo.', rank=1), ...]
         """
-        from .eval.retrieval import encode_queries, load_reranker, normalize_rows
+        from .eval.index import fuse_runs, to_run
+        from .eval.retrieval import (
+            check_m3_model,
+            check_m3_modes,
+            encode_queries,
+            encode_query_weights,
+            load_reranker,
+            normalize_rows,
+        )
         from .models.scoring import ranking, raw_and_shown
 
         texts, single = as_text_list(queries, "queries")
@@ -279,22 +320,56 @@ class SearchIndex:
                 raise InputError("the query is empty" if single else f"queries[{i}] is empty")
         _check_positive("k", k)
         _check_positive("rerank_top_k", rerank_top_k)
+        weights = check_m3_modes(m3_modes, m3_weights, reranker)
+        if m3_modes not in (None, "dense") and self.sparse is None:
+            raise InputError(
+                f"m3_modes={m3_modes!r} needs the documents' lexical weights: build the index with m3_sparse=True"
+            )
         if reranker is not None:
             reranker = load_reranker(reranker, None)  # refuses one set to score several layers
         embedder = self._query_model()
-        vectors = normalize_rows(encode_queries(embedder, texts, self.query_instruction, batch_size, self.max_length))
-        if vectors.shape[1] != self.dim:
-            where = f"the index at {self.folder}" if self.folder else "the index"
-            raise InputError(
-                f"{embedder.model_name_or_path} gives {vectors.shape[1]}-dimensional vectors; {where} holds {self.dim}"
-            )
-        depth = max(k, rerank_top_k) if reranker is not None else k
-        scores, rows = self.index.search(vectors, depth)
-        found = [[(int(r), float(s)) for s, r in zip(row_scores, row_rows, strict=True) if r >= 0]
-                 for row_scores, row_rows in zip(scores.tolist(), rows.tolist(), strict=True)]  # fmt: skip
-        if reranker is not None:
+        if m3_modes is not None:
+            check_m3_model(embedder)
+        rescore = reranker is not None or m3_modes == "all"
+        depth = max(k, rerank_top_k) if rescore else k
+        lists = []
+        if m3_modes != "sparse":
+            vectors = encode_queries(embedder, texts, self.query_instruction, batch_size, self.max_length)
+            vectors = normalize_rows(vectors)
+            if vectors.shape[1] != self.dim:
+                where = f"the index at {self.folder}" if self.folder else "the index"
+                raise InputError(
+                    f"{embedder.model_name_or_path} gives {vectors.shape[1]}-dimensional vectors; {where} holds "
+                    f"{self.dim}"
+                )
+            lists.append(self.index.search(vectors, depth))
+        if m3_modes not in (None, "dense"):
+            query_weights = encode_query_weights(embedder, texts, self.query_instruction, batch_size, self.max_length)
+            lists.append(self.sparse.search(query_weights, min(depth, len(self))))
+        if len(lists) == 1:
+            scores, rows = lists[0]
+            found = [[(int(r), float(s)) for s, r in zip(row_scores, row_rows, strict=True) if r >= 0]
+                     for row_scores, row_rows in zip(scores.tolist(), rows.tolist(), strict=True)]  # fmt: skip
+        else:  # rows as the runs' document ids: fused by score, ties by row
+            runs = [to_run(range(len(texts)), s, r, range(len(self))) for s, r in lists]
+            fused = fuse_runs(runs, weights[:2], k=depth)
+            found = [list(fused[str(q)].items()) for q in range(len(texts))]
+        if rescore:
             found = [hits[:rerank_top_k] for hits in found]
         doc_texts = self._texts_of({r for hits in found for r, _ in hits})
+        if m3_modes == "all":  # the bge-m3 paper's All: dense, sparse and ColBERT scores of each candidate
+            pairs = [(query, doc_texts[r]) for query, hits in zip(texts, found, strict=True) for r, _ in hits]
+            combined = embedder.compute_score(
+                pairs, batch_size=batch_size, max_query_length=self.max_length, max_passage_length=self.max_length,
+                weights_for_different_modes=list(weights),
+            )["colbert+sparse+dense"] if pairs else []  # fmt: skip
+            rescored, start = [], 0
+            for hits in found:
+                own = combined[start : start + len(hits)]
+                start += len(hits)
+                order = sorted(range(len(hits)), key=lambda i, own=own: -own[i])  # stable: ties keep retrieval order
+                rescored.append([(hits[i][0], float(own[i])) for i in order])
+            found = rescored
         if reranker is not None:
             pairs = [(query, doc_texts[r]) for query, hits in zip(texts, found, strict=True) for r, _ in hits]
             options = {} if reranker_batch_size is None else {"batch_size": reranker_batch_size}
@@ -361,6 +436,16 @@ class SearchIndex:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "index.json").unlink(missing_ok=True)
         io.write_jsonl(folder / DOCS_FILE, ({"id": i, "text": t} for i, t in zip(self.ids, texts, strict=True)))
+        if self.sparse is not None:
+            from scipy import sparse
+
+            def write_weights(tmp: Path) -> None:
+                with tmp.open("wb") as handle:
+                    sparse.save_npz(handle, self.sparse.matrix)
+
+            io.write_with(folder / LEXICAL_FILE, write_weights)
+        else:
+            (folder / LEXICAL_FILE).unlink(missing_ok=True)
         self.index.save(folder)
         return folder
 
@@ -419,7 +504,7 @@ class SearchIndex:
             query_instruction = dense.meta.get("query_instruction") or ""
         check_query_model(model, dense.meta, folder, other_model=other_model, option=option, say=say or _warn)
         loaded = cls(dense, model, None, query_instruction=query_instruction, max_length=dense.meta.get("max_length"),
-                     folder=folder)  # fmt: skip
+                     folder=folder, sparse=_load_lexical(folder, dense))  # fmt: skip
         if keep_texts:
             loaded._all_texts()
         return loaded
@@ -431,12 +516,36 @@ def _embedder(embedder: Any, options: Mapping[str, Any] | None = None):
     return load_embedder(embedder, None, options)
 
 
-def _embed_documents(embedder: Any, texts: list[str], batch_size, max_length, show_progress_bar):
+def _embed_documents(embedder: Any, texts: list[str], batch_size, max_length, show_progress_bar, sparse=False):
+    """``(normalized dense vectors, lexical weights as CSR or None)``: an M3 model's both from one pass."""
     from .eval.retrieval import _dense, normalize_rows
 
+    options = {"return_dense": True, "return_sparse": True} if sparse else {}
     output = embedder.encode_corpus(texts, batch_size=batch_size, max_length=max_length,
-                                    show_progress_bar=show_progress_bar)  # fmt: skip
-    return normalize_rows(_dense(output))
+                                    show_progress_bar=show_progress_bar, **options)  # fmt: skip
+    weights = embedder.lexical_weights_to_csr(list(output["lexical_weights"])) if sparse else None
+    return normalize_rows(_dense(output)), weights
+
+
+def _load_lexical(folder: Path, dense: Any):
+    """The :class:`~bgekit.eval.index.SparseIndex` an M3 index folder keeps (``None`` when it keeps none)."""
+    name = dense.meta.get("m3_sparse")
+    if not name:
+        return None
+    from scipy import sparse
+
+    from .eval.index import SparseIndex
+
+    path = folder / str(name)
+    if not path.is_file():
+        raise InputError(f"index folder {folder} is missing {name} (its lexical weights); rebuild the index")
+    try:
+        matrix = sparse.load_npz(path).tocsr()
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read ({exc}); rebuild the index") from None
+    if matrix.shape[0] != len(dense):
+        raise InputError(f"{path} has {matrix.shape[0]} rows but the index {len(dense)} documents; rebuild the index")
+    return SparseIndex(matrix, dense.ids)
 
 
 def _warn(level: str, message: str) -> None:

@@ -479,13 +479,13 @@ def check_m3_modes(modes: str | None, weights: Sequence[float] | None, reranker:
         raise InputError(str(exc).replace("weights_for_different_modes", "m3_weights (--m3-weights)")) from None
 
 
-def check_m3_model(embedder: Any) -> None:
+def check_m3_model(embedder: Any, option: str = "m3_modes (--m3-modes)") -> None:
     """An :class:`InputError` unless ``embedder`` is a BGE-M3 model (lexical weights and ColBERT vectors)."""
     from ..models.m3 import BGEM3FlagModel
 
     if not isinstance(embedder, BGEM3FlagModel):
         raise InputError(
-            f"m3_modes (--m3-modes) needs a BGE-M3 model; {getattr(embedder, 'model_name_or_path', '')} "
+            f"{option} needs a BGE-M3 model; {getattr(embedder, 'model_name_or_path', '')} "
             f"loads as {type(embedder).__name__}, which has dense vectors only"
         )
 
