@@ -214,3 +214,29 @@ def test_search_index_bad_m3_input(m3, m3_index, tiny_bert):
         m3_index.search("a", m3_modes="colbert")
     with pytest.raises(InputError, match="m3_sparse needs a BGE-M3 model"):
         SearchIndex.build(Embedder.from_pretrained(str(tiny_bert)), ["a"], m3_sparse=True)
+
+
+def test_cli_index_build_and_search_with_m3_modes(m3_dir, beir, brute, tmp_path):
+    out = tmp_path / "idx"
+    run(
+        "index",
+        "build",
+        "-c",
+        str(beir / "corpus.jsonl"),
+        "-o",
+        str(out),
+        "-m",
+        str(m3_dir),
+        "--m3-sparse",
+        "--no-fp16",
+    )
+    assert (out / "lexical_weights.npz").is_file()
+    result = run(
+        "search", "-i", str(out), "-q", QUERIES["q3"], "--top-k", "6", "--json", "--no-fp16",
+        "--m3-modes", "dense+sparse", "--m3-weights", "1,0.3,1",
+    )  # fmt: skip
+    hits = {h["id"]: h["score"] for h in map(json.loads, result.stdout.splitlines())}
+    np.testing.assert_allclose([hits[d] for d in DOCS], brute["dense+sparse"][2], rtol=1e-5, atol=1e-5)
+    refused = run("search", "-i", str(out), "-q", "x", "--m3-modes", "all", "-r", "y", check=False)
+    assert refused.returncode != 0 and "cannot be combined with a reranker" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -422,6 +422,10 @@ def index_build(
         str | None,
         typer.Option(help="JSONL field holding the text (default: text); JSONL input only.", parser=text_value),
     ] = None,
+    m3_sparse: Annotated[
+        bool,
+        typer.Option("--m3-sparse", help="BGE-M3 only: keep the lexical weights too, for `bgekit search --m3-modes`."),
+    ] = False,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
@@ -453,6 +457,7 @@ def index_build(
         max_length=max_length,
         show_progress_bar=sys.stderr.isatty(),
         meta={"corpus": str(corpus.resolve())},
+        m3_sparse=m3_sparse,
     )
     built.save(out)
     typer.echo(
@@ -500,6 +505,17 @@ def search(
             help="Search with a --model whose vectors differ from the index's (e.g. a separate query encoder).",
         ),
     ] = False,
+    m3_modes: Annotated[
+        M3Modes | None,
+        typer.Option(
+            help="BGE-M3 index built with --m3-sparse: dense, sparse, dense+sparse (weighted sum) or all "
+            "(dense+sparse, the top --rerank-top-k rescored with dense, sparse and ColBERT scores)."
+        ),
+    ] = None,
+    m3_weights: Annotated[
+        str | None,
+        typer.Option(help="Weights dense,sparse,colbert for --m3-modes (default 1,0.3,1, the bge-m3 paper's)."),
+    ] = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
@@ -507,7 +523,11 @@ def search(
     """Search an index for QUERY; optionally rerank the candidates. Prints rank, score, id, text."""
     from ..models.embedder import Embedder
     from ..search import SearchIndex
-    from .retrieval import load_reranker
+    from .retrieval import check_m3_modes, load_reranker
+
+    modes = m3_modes.value if m3_modes is not None else None
+    weights = parse_m3_weights(m3_weights)
+    check_m3_modes(modes, weights, reranker)  # said before the index and the model load
 
     if query is not None and query_option is not None:
         raise typer.BadParameter("give the query once: as QUERY or as -q/--query, not both", param_hint="QUERY")
@@ -539,7 +559,10 @@ def search(
         say=lambda level, message: typer.echo(f"{level}: {message}", err=True),
     )
     rerank_model = load_reranker(reranker, options) if reranker else None
-    hits = searcher.search(query, top_k, reranker=rerank_model, rerank_top_k=rerank_top_k or max(top_k, 100))
+    hits = searcher.search(
+        query, top_k, reranker=rerank_model, rerank_top_k=rerank_top_k or max(top_k, 100), m3_modes=modes,
+        m3_weights=weights,
+    )  # fmt: skip
     if rerank_model is not None and len(hits) < top_k:  # as eval's rerank stage: the reranked candidates
         typer.echo(f"note: {len(hits)} results, the reranked candidates (--rerank-top-k)", err=True)
     for hit in hits:
