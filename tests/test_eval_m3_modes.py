@@ -240,3 +240,14 @@ def test_cli_index_build_and_search_with_m3_modes(m3_dir, beir, brute, tmp_path)
     refused = run("search", "-i", str(out), "-q", "x", "--m3-modes", "all", "-r", "y", check=False)
     assert refused.returncode != 0 and "cannot be combined with a reranker" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_cqadupstack_forums_pass_the_modes_on(m3, beir, brute, tmp_path):
+    import shutil
+
+    for forum in ("android", "english"):  # two forums (a warning says the mean is not the published one)
+        shutil.copytree(beir, tmp_path / "cqadupstack" / forum)
+    result = evaluate_retrieval(m3, tmp_path / "cqadupstack", top_k=6, k_values=[3], m3_modes="sparse", use_cache=False)
+    for forum in result.per_forum.values():
+        np.testing.assert_allclose(as_matrix(forum.run), brute["sparse"], rtol=1e-5, atol=1e-5)
+    assert "search: M3 sparse (lexical weights)" in result.to_markdown()

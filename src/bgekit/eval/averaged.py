@@ -121,6 +121,7 @@ class AveragedRetrievalResult:
             f"{n} forums, each searched in its own corpus; {info['queries']} queries, {info['documents']} "
             f"documents, {info['judgments']} judgments in all"
             + (f"; reranked top {self.rerank_top_k} with {self.reranker}" if self.reranker else "")
+            + self._m3_words()
             + ".",
         ]
         if self.missing_forums:
@@ -143,6 +144,13 @@ class AveragedRetrievalResult:
         cache = ", ".join(f"{count} {status}" for status, count in self.cache["forums_by_status"].items())
         lines += ["", f"Total time {self.timings['total_s']:.1f}s. Corpus embeddings by forum: {cache}."]
         return "\n".join(lines) + "\n"
+
+    def _m3_words(self) -> str:
+        """``"; search: M3 MODE (...)"`` when the forums were searched with BGE-M3's ``m3_modes``."""
+        first = next(iter(self.per_forum.values()), None)
+        if first is None or first.settings.get("m3_modes") is None:
+            return ""
+        return f"; search: {first._search_words()}"
 
     def _table(self, metrics: Mapping[str, float]) -> str:
         return metrics_mod.metric_table(metrics, self.k_values)
