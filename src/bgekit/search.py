@@ -323,7 +323,8 @@ class SearchIndex:
         weights = check_m3_modes(m3_modes, m3_weights, reranker)
         if m3_modes not in (None, "dense") and self.sparse is None:
             raise InputError(
-                f"m3_modes={m3_modes!r} needs the documents' lexical weights: build the index with m3_sparse=True"
+                f"m3_modes={m3_modes!r} needs the documents' lexical weights: build the index with m3_sparse=True "
+                "(`bgekit index build --m3-sparse`)"
             )
         if reranker is not None:
             reranker = load_reranker(reranker, None)  # refuses one set to score several layers
