@@ -116,19 +116,32 @@ def test_dense_mode_is_plain_dense_retrieval(m3, beir):
     assert plain.run == dense.run and plain.metrics == dense.metrics
 
 
-def test_lexical_weights_are_cached_under_a_key_of_their_own(m3, beir, tmp_path):
-    first = evaluate_retrieval(m3, beir, top_k=6, k_values=[3], m3_modes="dense+sparse", cache_dir=tmp_path)
+def count_rows(m3, **options):
+    counter = ForwardCounter(m3.model.encoder)
+    try:
+        return evaluate_retrieval(m3, **options), counter.rows
+    finally:
+        counter.close()
+
+
+def test_lexical_weights_are_cached_under_a_key_of_their_own(m3, beir, brute, tmp_path):
+    first, rows = count_rows(m3, dataset=beir, top_k=6, k_values=[3], m3_modes="dense+sparse", cache_dir=tmp_path)
+    assert rows == len(DOCS) + 2 * len(QUERIES)  # one pass over the corpus gives both outputs
+    np.testing.assert_allclose(as_matrix(first.run), brute["dense+sparse"], rtol=1e-5, atol=1e-5)
     assert first.cache["status"] == "miss" and first.cache["lexical_weights"]["status"] == "miss"
     assert first.cache["key"] != first.cache["lexical_weights"]["key"]
     dense_only = evaluate_retrieval(m3, beir, top_k=6, k_values=[3], cache_dir=tmp_path)
     assert dense_only.cache["key"] == first.cache["key"] and dense_only.cache["status"] == "hit"
-    counter = ForwardCounter(m3.model.encoder)
-    try:
-        again = evaluate_retrieval(m3, beir, top_k=6, k_values=[3], m3_modes="sparse", cache_dir=tmp_path)
-    finally:
-        counter.close()
+    again, rows = count_rows(m3, dataset=beir, top_k=6, k_values=[3], m3_modes="sparse", cache_dir=tmp_path)
     assert again.cache["status"] == "hit" and again.cache["output"] == "lexical_weights"
-    assert counter.rows == len(QUERIES)  # the queries only: no document went through the model
+    assert rows == len(QUERIES)  # the queries only: no document went through the model
+    # dense vectors cached, lexical weights not: the corpus goes through the model once, for the weights
+    dense_first = tmp_path / "dense-first"
+    evaluate_retrieval(m3, beir, top_k=6, k_values=[3], cache_dir=dense_first)
+    hybrid, rows = count_rows(m3, dataset=beir, top_k=6, k_values=[3], m3_modes="dense+sparse", cache_dir=dense_first)
+    assert hybrid.cache["status"] == "hit" and hybrid.cache["lexical_weights"]["status"] == "miss"
+    np.testing.assert_allclose(as_matrix(hybrid.run), brute["dense+sparse"], rtol=1e-5, atol=1e-5)
+    assert rows == len(DOCS) + 2 * len(QUERIES)
     assert "Corpus lexical weights: from the cache" in again.to_markdown()
 
 

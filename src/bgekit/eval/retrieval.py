@@ -316,6 +316,11 @@ def evaluate_retrieval(
     corpus_vectors = corpus_weights = None
     cache: dict[str, Any] = {}
     tick = time.perf_counter()
+    # both outputs: lexical weights the cache lacks come from the dense pass's forward (one pass, not two)
+    lexical: dict[int, Any] | None = None
+    if use_dense and use_sparse and not has_cached_lexical_weights(embedder, dataset, root if use_cache else None,
+                                                                    max_length):  # fmt: skip
+        lexical = {}
     if use_dense:
         corpus_vectors, cache = embed_corpus(
             embedder,
@@ -326,6 +331,7 @@ def evaluate_retrieval(
             max_length=max_length,
             show_progress_bar=show_progress_bar,
             on_chunk=on_chunk,
+            lexical=lexical,
         )
     if use_sparse:
         corpus_weights, sparse_cache = corpus_lexical_weights(
@@ -335,6 +341,7 @@ def evaluate_retrieval(
             batch_size=batch_size,
             max_length=max_length,
             show_progress_bar=show_progress_bar,
+            known=lexical,
         )
         cache = (
             {**cache, "lexical_weights": sparse_cache} if use_dense else {**sparse_cache, "output": "lexical_weights"}
@@ -498,6 +505,16 @@ def encode_query_weights(embedder: Any, texts: list[str], query_instruction: str
     return embedder.lexical_weights_to_csr(list(out["lexical_weights"]))
 
 
+def has_cached_lexical_weights(
+    embedder: Any, dataset: RetrievalDataset, cache_root: Path | None, max_length: int | None
+) -> bool:
+    """Whether :func:`corpus_lexical_weights` would find the corpus's lexical weights in the cache."""
+    if cache_root is None or not cacheable(embedder):
+        return False
+    key = cache_key(embedder, dataset, max_length, output="lexical_weights")
+    return (cache_root / "corpus" / key[:32] / "lexical_weights.npz").is_file()
+
+
 def corpus_lexical_weights(
     embedder: Any,
     dataset: RetrievalDataset,
@@ -506,23 +523,30 @@ def corpus_lexical_weights(
     batch_size: int | None = None,
     max_length: int | None = None,
     show_progress_bar: bool | None = None,
+    known: Mapping[int, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The corpus's M3 lexical weights as a CSR matrix ``(documents, vocabulary)``, from the cache where
     possible: ``lexical_weights.npz`` under a key of its own (the dense key plus the output's name), so
     dense vectors and lexical weights of one model and corpus are cached side by side. Written whole
-    when the corpus is done (no chunks to resume from). Returns ``(matrix, info)``."""
+    when the corpus is done (no chunks to resume from). ``known``: weights by row already encoded
+    (:func:`embed_corpus`'s ``lexical``): only the other rows go through the model. Returns ``(matrix, info)``."""
     from scipy import sparse
 
     texts, n = dataset.corpus_texts, len(dataset.corpus_texts)
+    known = known or {}
 
     def encode():
-        out = embedder.encode_corpus(
-            texts, batch_size=batch_size, max_length=max_length, return_dense=False, return_sparse=True,
-            show_progress_bar=show_progress_bar,
-        )  # fmt: skip
-        return embedder.lexical_weights_to_csr(list(out["lexical_weights"]))
+        missing = [i for i in range(n) if i not in known]
+        weights = dict(known)
+        if missing:
+            out = embedder.encode_corpus(
+                [texts[i] for i in missing], batch_size=batch_size, max_length=max_length, return_dense=False,
+                return_sparse=True, show_progress_bar=show_progress_bar,
+            )  # fmt: skip
+            weights.update(zip(missing, out["lexical_weights"], strict=True))
+        return embedder.lexical_weights_to_csr([weights[i] for i in range(n)])
 
-    if cache_root is None:
+    if cache_root is None or not cacheable(embedder):
         return encode(), {"status": "off", "cached_documents": 0, "embedded_documents": n}
     key = cache_key(embedder, dataset, max_length, output="lexical_weights")
     folder = cache_root / "corpus" / key[:32]
@@ -851,20 +875,26 @@ def embed_corpus(
     max_length: int | None = None,
     show_progress_bar: bool | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    lexical: dict[int, Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Corpus vectors in corpus order, from the cache where possible. Returns ``(vectors, info)``."""
+    """Corpus vectors in corpus order, from the cache where possible. Returns ``(vectors, info)``.
+    ``lexical`` (a dict, BGE-M3): the lexical weights of the documents this call encodes go into it by
+    row, from the same forward pass (:func:`corpus_lexical_weights` then encodes only the others)."""
     texts = dataset.corpus_texts
     n = len(texts)
+    both = {"return_dense": True, "return_sparse": True} if lexical is not None else {}
 
-    def encode(batch: list[str]) -> np.ndarray:
-        return _dense(
-            embedder.encode_corpus(
-                batch, batch_size=batch_size, max_length=max_length, show_progress_bar=show_progress_bar
-            )
-        )
+    def encode(rows: Sequence[int]) -> np.ndarray:
+        output = embedder.encode_corpus(
+            [texts[i] for i in rows], batch_size=batch_size, max_length=max_length,
+            show_progress_bar=show_progress_bar, **both,
+        )  # fmt: skip
+        if lexical is not None:
+            lexical.update(zip(rows, output["lexical_weights"], strict=True))
+        return _dense(output)
 
     if cache_root is None:
-        vectors = encode(texts)
+        vectors = encode(range(n))
         return vectors, {"status": "off", "cached_documents": 0, "embedded_documents": n}
 
     if not cacheable(embedder):
@@ -873,7 +903,7 @@ def embed_corpus(
             "cache could not tell its vectors from another instance's (give it a model_name_or_path)",
             type(embedder).__name__,
         )
-        vectors = encode(texts)
+        vectors = encode(range(n))
         return vectors, {
             "status": "off",
             "reason": "unidentifiable model",
@@ -926,7 +956,7 @@ def embed_corpus(
             if block is not None and block.shape[0] != len(rows):
                 block = None
         if block is None:
-            block = encode([texts[i] for i in rows])
+            block = encode(rows.tolist())
             io.write_with(path, lambda tmp, b=block: _save_npy(tmp, b))
             embedded += len(rows)
         else:
