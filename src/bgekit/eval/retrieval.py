@@ -313,6 +313,11 @@ def evaluate_retrieval(
     if m3_modes is not None:
         check_m3_model(embedder)
     use_dense, use_sparse = m3_modes in (None, "dense", "dense+sparse", "all"), m3_modes not in (None, "dense")
+    if not use_dense and (index != "flat" or quantization not in (None, "none")):
+        logger.warning(
+            "index=%s, quantization=%s are dense-vector options: m3_modes 'sparse' searches the lexical weights "
+            "exactly", index, quantization,
+        )  # fmt: skip
     corpus_vectors = corpus_weights = None
     cache: dict[str, Any] = {}
     tick = time.perf_counter()
