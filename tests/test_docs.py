@@ -630,6 +630,15 @@ def app_routes() -> dict[str, str | None]:
             request = next((a.annotation.id for a in fn.args.args if a.arg == "request"), None)
             for method in methods:
                 routes[f"{method} {path}"] = request
+    for call in ast.walk(tree):  # router.add_api_route("/health", health, methods=["HEAD"], ...)
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+            continue
+        if call.func.attr != "add_api_route" or _dotted(call.func.value) not in ("router", "cohere"):
+            continue
+        path = ("/v1" if _dotted(call.func.value) == "router" else "/v2") + call.args[0].value
+        methods = next((k.value.elts for k in call.keywords if k.arg == "methods"), [])
+        for method in methods:
+            routes[f"{method.value} {path}"] = None
     return routes
 
 
