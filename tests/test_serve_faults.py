@@ -198,6 +198,8 @@ def test_full_queue_is_429_with_retry_after(server):
 
 CLIENT = f"""
 import sys, httpx
+if sys.argv[3:] == ["on-signal"]:
+    sys.stdin.readline()  # started (Python and httpx imported) ahead of time; posts when told
 httpx.post(sys.argv[1], json={{"input": sys.argv[2]}}, headers={{"Authorization": "Bearer {KEY}"}}, timeout=60)
 """
 
@@ -206,16 +208,20 @@ def test_killing_clients_mid_flight_does_not_break_the_server(server, library):
     wait_until_idle_and_healthy(server)
     batched_before = _sample(httpx.get(f"{server.url}/metrics", timeout=10).text, SERIES_BATCHED)
     url = f"{server.url}/v1/embeddings"
+    # the second client starts first and posts on a signal: a process start on a loaded machine could
+    # take longer than the stalled batch (STALL_SECONDS), and its request would then never queue
+    waiting = subprocess.Popen([sys.executable, "-c", CLIENT, url, GOOD, "on-signal"], stdin=subprocess.PIPE)
     in_flight = subprocess.Popen([sys.executable, "-c", CLIENT, url, "stall"])
     try:
         wait_for(lambda: worker(server)["status"] in ("busy", "stuck"), 20, what="the client's batch to start")
-        waiting = subprocess.Popen([sys.executable, "-c", CLIENT, url, GOOD])  # queued behind it
+        waiting.stdin.write(b"go\n")  # queued behind it
+        waiting.stdin.flush()
         wait_for(lambda: worker(server)["queued"] == 1, 10, what="the second client to queue")
     finally:
         in_flight.kill()  # its request is in the model
         in_flight.wait(timeout=10)
-    waiting.kill()  # its request waits in the queue: the server drops it without running it
-    waiting.wait(timeout=10)
+        waiting.kill()  # its request waits in the queue: the server drops it without running it
+        waiting.wait(timeout=10)
     wait_for(lambda: worker(server)["queued"] == 0, 5, what="the dead client's request to leave the queue")
     wait_until_idle_and_healthy(server)
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
