@@ -155,6 +155,27 @@ def test_rerank_with_several_layers_is_refused_before_any_work(golden_dir, tiny,
     np.testing.assert_allclose([reranked[query_id][d] for d in run[query_id]], expected, atol=1e-6)
 
 
+def test_reranker_is_checked_before_any_model_loads(golden_dir, tmp_path):
+    """A reranker that will be refused is said before the embedder loads (as `bgekit search` resolves its
+    --reranker before the query model): here the embedder is a folder that does not exist, so an error
+    about it would mean the embedder was loaded first."""
+    from bgekit import InputError, ModelNotFoundError
+
+    folder = str(golden_dir / "models" / "minicpm-layerwise")
+    no_embedder, cache = str(tmp_path / "no-such-embedder"), tmp_path / "cache"
+    several = r"scores for 2 layers \(cutoff_layers=\[1, 2\]\); ranking needs one score a document"
+    with pytest.raises(InputError, match=several):
+        evaluate_retrieval(
+            no_embedder, MINI, reranker=folder, reranker_options={"cutoff_layers": [1, 2]}, cache_dir=cache
+        )
+    with pytest.raises(InputError, match="reranker must be a bgekit Reranker or a model name / folder, got int"):
+        evaluate_retrieval(no_embedder, MINI, reranker=3, cache_dir=cache)
+    with pytest.raises(ModelNotFoundError, match="no-such-reranker"):
+        evaluate_retrieval(no_embedder, MINI, reranker=str(tmp_path / "no-such-reranker"), cache_dir=cache)
+    with pytest.raises(ModelNotFoundError, match="no-such-embedder"):  # a reranker that resolves: the embedder's turn
+        evaluate_retrieval(no_embedder, MINI, reranker=folder, cache_dir=cache)
+
+
 def test_identity_like_reranker_leaves_metrics_unchanged(minilm, minilm_dir, shared_cache, dataset, caplog):
     from bgekit import Reranker
 

@@ -73,3 +73,23 @@ def build_xlmr(target: Path, tokenizer_source: Path, *, reranker: bool = False) 
     model.save_pretrained(target)
     _copy_tokenizer(tokenizer_source, target)
     return target
+
+
+def poison_token(target: Path, source: Path, word: str, value: float = float("inf")) -> Path:
+    """Copy the model folder ``source`` to ``target`` with the input embedding of ``word``'s tokens set to
+    ``value`` (infinity by default): every text holding the word gives NaN outputs (the first layer norm
+    reads inf - inf), other texts the model's usual values. A stand-in for fp16 overflow on a long input."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    shutil.copytree(source, target)
+    for path in (target, *target.iterdir()):  # copies of read-only golden files
+        path.chmod(path.stat().st_mode | 0o200)
+    tokenizer = Tokenizer.from_file(str(target / "tokenizer.json"))
+    tokenizer.no_padding()
+    ids = tokenizer.encode(word, add_special_tokens=False).ids
+    weights = load_file(target / "model.safetensors")
+    (name,) = [key for key in weights if key.endswith("word_embeddings.weight")]
+    weights[name][ids] = value
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target

@@ -284,6 +284,8 @@ def evaluate_retrieval(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "eval"
     if use_cache:  # said before a model loads, not as a traceback when the first vectors are cached
         check_cache_folder(root)
+    if reranker is not None:  # a reranker that would be refused is said before the dataset and the embedder load
+        check_reranker(reranker, reranker_options)
     tick = time.perf_counter()
     downloads = None if cache_dir is None else Path(cache_dir) / "datasets"
     forums = cqadupstack_forums(dataset, cache_dir=downloads)  # None for one dataset
@@ -645,19 +647,32 @@ def load_embedder(model: Any, query_instruction: str | None, options: Mapping[st
     return model
 
 
-def load_reranker(reranker: Any, options: Mapping[str, Any] | None):
-    """``reranker``, loaded when it is a name or folder; one set to score several cutoff layers is refused
-    (reranking needs one score a document), before the model loads and before any retrieval runs."""
+def check_reranker(reranker: Any, options: Mapping[str, Any] | None) -> None:
+    """What can be said of ``reranker`` before any model loads, so a job that would refuse it fails at once,
+    not after the embedder loads (or the corpus is encoded): an instance that is not a reranker, or one
+    set to score several cutoff layers (reranking needs one score a document); a name or folder set to
+    several cutoff layers by ``options``, or that names no reranker the registry or the folder knows (as
+    ``bgekit search`` resolves its ``--reranker`` before the query model loads)."""
     from ..models.scoring import check_one_layer
 
     if isinstance(reranker, (str, Path)):
-        from ..models.reranker import Reranker
+        from .. import hub, registry
 
         check_one_layer(None, options)
-        return Reranker.from_pretrained(str(reranker), **dict(options or {}))
+        hub.resolve(str(reranker), registry.RERANKERS, (options or {}).get("model_class"), for_reranker=True)
+        return
     if not hasattr(reranker, "compute_score"):
         raise InputError(f"reranker must be a bgekit Reranker or a model name / folder, got {type(reranker).__name__}")
     check_one_layer(reranker)
+
+
+def load_reranker(reranker: Any, options: Mapping[str, Any] | None):
+    """``reranker``, loaded when it is a name or folder, after :func:`check_reranker`."""
+    check_reranker(reranker, options)
+    if isinstance(reranker, (str, Path)):
+        from ..models.reranker import Reranker
+
+        return Reranker.from_pretrained(str(reranker), **dict(options or {}))
     return reranker
 
 

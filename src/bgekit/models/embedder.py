@@ -24,7 +24,7 @@ from ..errors import InputError, UnknownModelError
 from .flag_pool import EmbedderPoolMethods
 from .inputs import as_text_list
 from .onnx_backend import refuse_backend
-from .scoring import SimilarityMethods
+from .scoring import SimilarityMethods, non_finite_rows, warn_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,10 @@ class Embedder(SimilarityMethods, EmbedderPoolMethods):
             max_length=self.passage_max_length if max_length is None else max_length,
             show_progress_bar=show_progress_bar,
         )
-        return self.postprocess(embeddings, single, convert_to_numpy, normalize_embeddings, in_place=True)
+        result = self.postprocess(embeddings, single, convert_to_numpy, normalize_embeddings, in_place=True)
+        bad = non_finite_rows(result[None] if single else result)
+        warn_non_finite(logger, bad, len(texts), self.model_name_or_path)
+        return result
 
     def postprocess(
         self,

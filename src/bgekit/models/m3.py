@@ -28,6 +28,7 @@ from .embedder import Embedder, with_instruction
 from .inputs import as_pair_list, as_text_list
 from .onnx_backend import check_backend, load_onnx_module
 from .pooling import check_pooling, pool, pool_packed
+from .scoring import non_finite_rows, warn_non_finite
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -285,9 +286,23 @@ class BGEM3FlagModel(Embedder):
             out["lexical_weights"] = [self._lexical(item) for item in items]
         if flags[2]:
             out["colbert_vecs"] = [item.colbert.numpy() if to_numpy else item.colbert for item in items]
+        warn_non_finite(logger, self._non_finite(items, out), len(items), self.model_name_or_path)
         if single:
             out = {key: None if value is None else value[0] for key, value in out.items()}  # type: ignore[assignment]
         return out
+
+    @staticmethod
+    def _non_finite(items: list[_Item], out: M3Output) -> set[int]:
+        """Positions of the inputs whose returned outputs hold NaN or infinite values."""
+        bad: set[int] = set()
+        if out["dense_vecs"] is not None:
+            bad.update(non_finite_rows(out["dense_vecs"]))
+        for i, item in enumerate(items):
+            if out["lexical_weights"] is not None and non_finite_rows(item.token_weights[None]):
+                bad.add(i)
+            if out["colbert_vecs"] is not None and non_finite_rows(item.colbert.reshape(1, -1)):
+                bad.add(i)
+        return bad
 
     def encode_single_device(
         self,

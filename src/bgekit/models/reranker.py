@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import hub, registry
@@ -28,7 +29,7 @@ from .embedder import Embedder, unescape_format
 from .flag_pool import RerankerPoolMethods
 from .inputs import as_pair_list
 from .onnx_backend import RowsForward, check_backend, load_onnx_module, refuse_backend
-from .scoring import RankMethods, sigmoid
+from .scoring import RankMethods, non_finite_rows, sigmoid, warn_non_finite
 from .tokenization import TextTokenizer, Tokenized, load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ class Reranker(RankMethods, RerankerPoolMethods):
             show_progress_bar=show_progress_bar,
             **kwargs,
         )
+        layers = scores if scores and isinstance(scores[0], list) else [scores]
+        bad = {i for layer in layers for i in non_finite_rows(np.asarray(layer, dtype=np.float64))}
+        warn_non_finite(logger, bad, len(pairs), self.model_name_or_path, "pairs")
         normalize = self.normalize if normalize is None else normalize
         if not normalize:
             return scores

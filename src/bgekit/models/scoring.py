@@ -39,6 +39,48 @@ def sigmoid(scores: Sequence[float]) -> list[float]:
     return (1.0 / (1.0 + np.exp(-values))).tolist()
 
 
+def non_finite_rows(values: Any) -> list[int]:
+    """Positions of the items of ``values`` that hold a NaN or an infinity: a 2-D array's (or CPU
+    tensor's) rows, a 1-D array's or a list's entries. A row sum comes first, so the usual all-finite
+    result costs one pass over host memory and no copy; only a non-finite sum is looked at element by
+    element (a sum of finite values that overflows is not reported)."""
+    if hasattr(values, "detach"):  # a CPU torch tensor (the library's own results are on the host already)
+        values = values.detach().float().numpy()
+    array = np.asarray(values)
+    if array.size == 0 or array.dtype.kind not in "fc":
+        return []
+    rows = array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(rows.sum(axis=1)).all():
+            return []
+    return np.flatnonzero(~np.isfinite(rows).all(axis=1)).tolist()
+
+
+def non_finite_message(bad: Sequence[int], total: int, what: str = "inputs") -> str:
+    """``"3 of 10 inputs (positions [0, 4, 7])"``: the positions listed, at most 10 of them."""
+    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    return f"{len(bad)} of {total} {what} (positions [{shown}])"
+
+
+#: what a non-finite result usually means, and what to do about it
+NON_FINITE_HINT = (
+    "in float16 a long input can overflow; load the model in float32 (use_fp16=False, `--dtype float32`) "
+    "or bfloat16, or check its weights"
+)
+
+
+def warn_non_finite(logger: Any, bad: Sequence[int], total: int, model: str, what: str = "inputs") -> None:
+    """One warning when some of ``total`` results (``bad``: their positions, from :func:`non_finite_rows`)
+    hold NaN or infinite values; nothing raised, as FlagEmbedding returns such values as they are."""
+    if bad:
+        logger.warning(
+            "model %s gave NaN or infinite values for %s: %s",
+            model,
+            non_finite_message(sorted(bad), total, what),
+            NON_FINITE_HINT,
+        )
+
+
 def _several_layers(count: int, layers: Any = None) -> InputError:
     asked = f" (cutoff_layers={list(layers)})" if layers is not None else ""
     return InputError(

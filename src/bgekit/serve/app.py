@@ -35,6 +35,7 @@ from .engines import (
     EmbeddingEngine,
     EmbedOptions,
     InputTooLong,
+    NonFiniteOutput,
     RerankEngine,
 )
 from .metrics import ServeMetrics
@@ -379,7 +380,16 @@ def create_app(
         return work, result
 
     async def render(fn, *args, **kwargs) -> Response:
-        body = await asyncio.get_running_loop().run_in_executor(render_pool, lambda: fn(*args, **kwargs))
+        """The response body, built off the event loop. Results holding NaN or infinity (JSON has no such
+        numbers) fail the request as a model failure does: 500, ``model_error``, the inputs named."""
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(render_pool, lambda: fn(*args, **kwargs))
+        except NonFiniteOutput as exc:
+            metrics.model_errors.labels(exc.model).inc()
+            logger.warning("%s", exc)
+            raise ApiError(
+                500, f"the model failed on this request: {exc}", type="server_error", code="model_error"
+            ) from None
         return Response(body, media_type="application/json")
 
     async def embed(

@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..models.scoring import check_one_layer, ranking, score_list, sigmoid
+from ..models.scoring import (
+    NON_FINITE_HINT,
+    check_one_layer,
+    non_finite_message,
+    non_finite_rows,
+    ranking,
+    score_list,
+    sigmoid,
+)
 from ..models.tokenization import Tokenized
 from ..runtime.batching import length_sorted_batches
 from .batcher import Beat, Work
@@ -37,6 +45,25 @@ WARM_UP_TEXT = "warm up"
 
 class InputTooLong(InputError):
     """Inputs longer than the model's limit while truncation is off (HTTP 413)."""
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model gave NaN or infinite values for some inputs of a request: JSON has no such numbers, and
+    a client's parser would fail on them (or, base64- or bit-packed, take them as real values). HTTP 500
+    with code ``model_error``, as a forward that raises."""
+
+    def __init__(self, model: str, bad: Sequence[int], total: int, what: str):
+        self.model = model
+        super().__init__(
+            f"model {model!r} gave NaN or infinite values for {non_finite_message(sorted(bad), total, what)}; "
+            f"{NON_FINITE_HINT}"
+        )
+
+
+def check_finite(model: str, bad: Sequence[int] | set[int], total: int, what: str = "inputs") -> None:
+    """A :class:`NonFiniteOutput` when ``bad`` (positions of results with NaN or infinite values) is not empty."""
+    if bad:
+        raise NonFiniteOutput(model, sorted(bad), total, what)
 
 
 CUT_THEM = "send truncate=true (or start the server with --truncate, env BGEKIT_TRUNCATE=true) to cut them"
@@ -231,7 +258,9 @@ class EmbeddingEngine:
             rows = run_chunks(lengths, self.max_batch_tokens, run, beat)
             return [self._stack(part) for part in split(rows, works)]
         wanted = EmbedOptions(
-            dense=any(w.payload[1].dense for w in works),
+            # always: the pooled row a text costs next to nothing and shows whether the model's outputs
+            # are finite (NaN sparse weights would be dropped as weights <= 0, not seen: _check_finite)
+            dense=True,
             sparse=any(w.payload[1].sparse for w in works),
             colbert=any(w.payload[1].colbert for w in works),
         )
@@ -281,6 +310,7 @@ class EmbeddingEngine:
     def render(self, work: Work, result: Any, *, encoding_format: str, dimensions: int | None) -> bytes:
         options: EmbedOptions = work.payload[1]
         dense = self._dense(result, dimensions) if options.dense else None
+        self._check_finite(result, dense, options, work.n_items)
         data = []
         for index in range(work.n_items):
             item: dict[str, Any] = {
@@ -303,11 +333,27 @@ class EmbeddingEngine:
         usage = {"prompt_tokens": work.n_tokens, "total_tokens": work.n_tokens}
         return to_json({"object": "list", "data": data, "model": self.name, "usage": usage})
 
+    def _check_finite(self, result: Any, dense: np.ndarray | None, options: EmbedOptions, n_items: int) -> None:
+        """A :class:`NonFiniteOutput` naming the inputs whose returned outputs hold NaN or infinity (checked
+        on the host copy, whatever the encoding: a base64 or bit-packed NaN is as wrong as a JSON one)."""
+        bad = set() if dense is None else set(non_finite_rows(dense))
+        if self.is_m3:
+            # an M3 forward always pools the dense row: a NaN there flags the text whatever it asked for
+            bad.update(non_finite_rows(np.stack([row[0] for row in result])))
+            for index in range(n_items):
+                _, lexical, colbert = result[index]
+                if options.sparse and non_finite_rows(np.fromiter(lexical.values(), np.float32, len(lexical))[None]):
+                    bad.add(index)
+                if options.colbert and non_finite_rows(np.asarray(colbert).reshape(1, -1)):
+                    bad.add(index)
+        check_finite(self.name, bad, n_items)
+
     def render_cohere(
         self, work: Work, result: Any, *, texts: list[str], embedding_types: Sequence[str], dimensions: int | None
     ) -> bytes:
         """Cohere's v2 embed response: one list of vectors per requested type (``EMBEDDING_TYPES``)."""
         dense = self._dense(result, dimensions)
+        self._check_finite(result, dense, EmbedOptions(), work.n_items)
         embeddings: dict[str, list] = {}
         for kind in embedding_types:
             if kind == "float":
@@ -514,6 +560,7 @@ class RerankEngine:
         return_documents: bool,
         raw_scores: bool,
     ) -> bytes:
+        check_finite(self.name, non_finite_rows(np.asarray(scores, dtype=np.float64)), len(scores), "documents")
         results = self._results(
             scores, documents=documents, top_n=top_n, return_documents=return_documents, raw_scores=raw_scores
         )
@@ -532,6 +579,7 @@ class RerankEngine:
         self, work: Work, scores: list[float], *, documents: list[str], top_n: int | None, return_documents: bool
     ) -> bytes:
         """Cohere's v2 rerank response: ``id``, ``results`` best first (sigmoid scores), ``meta``."""
+        check_finite(self.name, non_finite_rows(np.asarray(scores, dtype=np.float64)), len(scores), "documents")
         results = self._results(
             scores, documents=documents, top_n=top_n, return_documents=return_documents, raw_scores=False
         )
