@@ -49,6 +49,14 @@ def parse_m3_weights(text: str | None) -> list[float] | None:
     return values
 
 
+M3WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Weights dense,sparse,colbert for --m3-modes (default 1,0.3,1, the bge-m3 paper's).", parser=text_value
+    ),
+]
+
+
 class ScoreFunction(StrEnum):
     cosine = "cosine"
     dot = "dot"
@@ -136,10 +144,7 @@ def eval_retrieval(
             "(dense+sparse, then the top --rerank-top-k rescored with dense, sparse and ColBERT scores)."
         ),
     ] = None,
-    m3_weights: Annotated[
-        str | None,
-        typer.Option(help="Weights dense,sparse,colbert for --m3-modes (default 1,0.3,1, the bge-m3 paper's)."),
-    ] = None,
+    m3_weights: M3WeightsOpt = None,
     ignore_identical_ids: Annotated[
         bool, typer.Option(help="Drop a retrieved document whose id equals the query id (ArguAna-style).")
     ] = False,
@@ -512,10 +517,7 @@ def search(
             "(dense+sparse, the top --rerank-top-k rescored with dense, sparse and ColBERT scores)."
         ),
     ] = None,
-    m3_weights: Annotated[
-        str | None,
-        typer.Option(help="Weights dense,sparse,colbert for --m3-modes (default 1,0.3,1, the bge-m3 paper's)."),
-    ] = None,
+    m3_weights: M3WeightsOpt = None,
     device: DevicesOpt = None,
     fp16: Fp16Opt = True,
     bf16: Bf16Opt = False,
