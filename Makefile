@@ -35,16 +35,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test-newest: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-oldest: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('oldest supported transformers:', transformers.__version__)"
-	BGEKIT_TESTS=model $(OLDEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)
+	BGEKIT_TESTS=model $(OLDEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # One torch thread per test process: on 2 cores, two one-thread processes side by side beat one
 # two-thread process (torch's threads gain little on these tiny models). The oldest suite leaves out the
 # test files about bgekit's own code around the models (tests/conftest.py: AROUND_THE_MODELS).
-test: lint
+# Both environments are built side by side first (pip is mostly waiting on the disk).
+test:
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(OLDEST_STAMP)
+	$(MAKE) --no-print-directory lint
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory test-newest test-oldest
 
 # The slow checks, by hand (about 6 minutes on 2 cores): full SciFact against MTEB's published numbers,
