@@ -44,6 +44,7 @@ test-oldest: $(OLDEST_STAMP)
 # One torch thread per test process: on 2 cores, two one-thread processes side by side beat one
 # two-thread process (torch's threads gain little on these tiny models). The oldest suite leaves out the
 # test files about bgekit's own code around the models (tests/conftest.py: AROUND_THE_MODELS).
+# Fresh clone, 2 cores, at c26cb88: 13:14 in all (newest suite 461 s, oldest 173 s).
 # Both environments are built side by side first (pip is mostly waiting on the disk).
 test:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(OLDEST_STAMP)
