@@ -24,6 +24,12 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for one test, whatever the environment says (a download must not be tried)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return require_shared("golden")

@@ -93,11 +93,6 @@ def loaded(dataset) -> dict:
     }
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def test_bright_loads_as_flagembedding_with_exclusions(tmp_path, offline):
     root = tmp_path / "datasets"
     write_leetcode(root)

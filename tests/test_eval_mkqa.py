@@ -16,8 +16,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from bgekit.eval.datasets import is_dataset_name, load_retrieval_dataset
 from bgekit.eval.metrics import answer_tokens, evaluate_answers, main_score
 
@@ -59,11 +57,6 @@ CORPUS_TEXTS = [  # normalize_text, .lower(), then f"{title} {text}".strip()
     "berlin berlinhauptstadt: 3/4 of ''big'' 'spree'",
     "tokyo tokyo's population is 14 million.",
 ]
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def test_mkqa_loads_as_flagembedding_and_shares_the_corpus(tmp_path, offline):

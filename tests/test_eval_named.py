@@ -89,11 +89,6 @@ def loaded(dataset) -> dict:
     }
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def test_mldr_loads_as_flagembedding_and_converts_once(tmp_path, offline):
     root = tmp_path / "datasets"
     write_mldr(root)
