@@ -120,6 +120,12 @@ def record_id(obj: dict[str, Any], line: int) -> str:
     return str(line)
 
 
+def document_text(title: str, text: str) -> str:
+    """A document as every embedder reads it: ``(title + " " + text).strip()``, or the text alone without a
+    title (FlagEmbedding's corpus rule)."""
+    return f"{title} {text}".strip() if title else text
+
+
 def record_text(obj: dict[str, Any], path: Path, line: int, field: str = "text") -> str:
     """``(title + " " + text).strip()`` of one JSONL object (the field alone when it is ``title``), checked."""
     if field not in obj:
@@ -127,7 +133,7 @@ def record_text(obj: dict[str, Any], path: Path, line: int, field: str = "text")
     text, title = obj[field], "" if field == "title" else obj.get("title") or ""
     if not isinstance(text, str) or not isinstance(title, str):
         raise DataFormatError(path, line, f"{field!r} and 'title' must be strings")
-    return f"{title} {text}".strip() if title else text
+    return document_text(title, text)
 
 
 def read_texts(path: str | Path, field: str | None = None) -> list[TextRecord]:

@@ -95,7 +95,7 @@ def parse_documents(documents: Any, ids: Any = None, first_id: int = 0) -> tuple
             text, title = doc["text"], doc.get("title") or ""
             if not isinstance(text, str) or not isinstance(title, str):
                 raise InputError(f"documents[{i}]: 'text' and 'title' must be strings")
-            texts.append(f"{title} {text}".strip() if title else text)
+            texts.append(io.document_text(title, text))
             key = next((doc[k] for k in ("_id", "id") if doc.get(k) is not None), None)
             found.append(None if key is None else str(key))
         else:

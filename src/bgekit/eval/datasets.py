@@ -135,7 +135,7 @@ class RetrievalDataset:
             ids.append(str(doc_id))
             if isinstance(value, dict):
                 title, text = value.get("title") or "", value.get("text", "")
-                texts.append(f"{title} {text}".strip() if title else text)
+                texts.append(io.document_text(title, text))
             else:
                 texts.append(value)
         qrels = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import document_text
 
 #: how texts of calls without a prompt type are embedded (see the module docstring)
 SYMMETRIC_MODES = ("auto", "query", "plain")
@@ -129,8 +130,7 @@ def _texts_from_inputs(inputs: Any) -> list[str]:
             texts.append(item)
         elif isinstance(item, Mapping):
             if "text" in item and isinstance(item["text"], str):  # one corpus record
-                title = item.get("title") or ""
-                texts.append(f"{title} {item['text']}".strip() if title else item["text"])
+                texts.append(document_text(item.get("title") or "", item["text"]))
             else:
                 texts.extend(_batch_texts(item))
         else:
