@@ -259,3 +259,20 @@ def test_beir_to_train_and_mine_take_the_names(tiny_bert, tmp_path, monkeypatch)
         "--range-for-sampling", "0-4", "--negative-number", "1", "--margin", "0")  # fmt: skip
     negatives = {n for line in mined.read_text().splitlines() for n in json.loads(line)["neg"]}
     assert negatives and negatives <= set(MLDR_EXPECTED["corpus_texts"])  # mined among MLDR's documents
+
+
+def test_a_remote_file_is_fetched_whole_or_not_at_all(tmp_path):
+    """The non-hub fetch (MS MARCO's and NIST's files): the file lands where ``Remote.local`` says, and a
+    failed fetch is one InputError that leaves no partial file behind."""
+    from bgekit.eval import named
+
+    source = tmp_path / "queries.tsv"
+    source.write_text("1\twhat is a test\n")
+    root = tmp_path / "datasets"
+    remote = named.Remote(None, source.as_uri())
+    named._download(remote, root, "could not fetch it", "pass a folder")
+    assert remote.local(root).read_text() == "1\twhat is a test\n"
+    missing = named.Remote(None, (tmp_path / "gone.tsv").as_uri())
+    with pytest.raises(InputError, match=r"^could not fetch it \(.*\); pass a folder$"):
+        named._download(missing, root, "could not fetch it", "pass a folder")
+    assert sorted(p.name for p in remote.local(root).parent.iterdir()) == ["queries.tsv"]

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
-from ..errors import DataFormatError, InputError
+from ..errors import DataFormatError, InputError, OutputError
 from .datasets import _offline  # HF_HUB_OFFLINE read as for BEIR names (datasets imports this module lazily)
 
 logger = logging.getLogger(__name__)
@@ -411,15 +411,17 @@ def _download(remote: Remote, root: Path, failed: str, instead: str) -> None:
         if not remote.files(root):
             raise InputError(f"{failed} (no file in {remote.repo} matches {remote.path}); {instead}")
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        partial = Path(tmp) / target.name
-        try:
-            with urllib.request.urlopen(remote.url, timeout=60) as response, partial.open("wb") as out:
-                shutil.copyfileobj(response, out)
-        except OSError as exc:
-            raise InputError(f"{failed} ({exc}); {instead}") from None
-        os.replace(partial, target)
+    try:  # a full disk is io's OutputError naming the file; a network failure is an OSError
+        with (
+            io.atomic_path(target) as partial,
+            urllib.request.urlopen(remote.url, timeout=60) as response,
+            partial.open("wb") as out,
+        ):
+            shutil.copyfileobj(response, out)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"{failed} ({exc}); {instead}") from None
 
 
 def _remove(files: Iterable[Path]) -> None:
